@@ -1,0 +1,170 @@
+#pragma once
+// Engine: one training step of memory-bank instance discrimination (Wu et al., CVPR 2018).
+//
+// A user's training loop hands the engine L2-normalised features f (B x D) of a batch and their
+// instance ids y (B). The engine draws K noise ids per query (or K shared by the batch), scores
+// them against the pre-update bank, returns the loss and dL/df, and refreshes the bank rows of the
+// batch by momentum. Mathematics (s = v . f, tau the temperature, P_n the sampler's probability):
+//
+//   NCE:  P(j|f) = exp(s_j / tau) / Z,   h(j) = P(j|f) / (P(j|f) + K P_n(j))
+//         L = -(1/B) sum_i [ log h(y_i) + sum_k log(1 - h(j_ik)) ]
+//         dL/ds_pos = -(1 - h_pos) / (B tau),  dL/ds_neg = h_neg / (B tau),  dL/df_i = sum dL/ds v
+//   Z:    estimated as Zhat = mean_k exp(s_k/tau) / P_n(j_k) over the step's noise draws;
+//         first_batch: Zhat of the first step, then constant (Wu et al.); ema: Z <- a Z + (1-a) Zhat
+//         after each step (the first step uses its own Zhat); fixed: the user's value.
+//   InfoNCE: L = -(1/B) sum_i log softmax_j(s_ij / tau - log P_n(j))[pos] over the positive and its K
+//         negatives.
+//   Full softmax (exact reference): P(j|f) = exp(s_j/tau) / sum_{all N} exp(s/tau),
+//         L = -(1/B) sum_i log P(y_i|f_i), dL/df_i = (sum_j P(j|f_i) v_j - v_{y_i}) / (B tau).
+//
+// With exclude_positive, a query's negatives are drawn from P_n conditioned on j != y_i, and the
+// objective uses that conditional probability P_n(j) / (1 - P_n(y_i)) for them (shared negatives
+// exclude every id of the batch and condition on the rest). The positive's own term uses the
+// unconditional P_n(y_i).
+//
+// NCE and InfoNCE with per-sample negatives run forward and backward in one fused pass over the
+// sampled rows (no B x (K+1) x D buffer); the very first step of a first_batch / ema run makes one
+// extra pass to estimate Z. Shared negatives gather the K rows once and score them as two GEMMs.
+// Memory per step: O(B K) ids plus O(K D) for shared negatives.
+//
+// Randomness: the negatives of a step are a pure function of (seed, step counter, query row), so
+// results are bit-identical for any OpenMP thread count, and a run restored with the same step
+// counter and Z continues exactly.
+//
+// Thread safety: an Engine is not safe to call concurrently; const methods may run concurrently
+// with each other. Calls parallelise internally with OpenMP (the caller's thread setting applies).
+#include <membank/bank.hpp>
+#include <membank/sampler.hpp>
+#include <membank/types.hpp>
+
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace membank {
+
+enum class Objective { nce, info_nce, full_softmax };
+enum class NegativesMode { per_sample, shared };
+enum class ZPolicy { first_batch, ema, fixed };
+
+std::string to_string(Objective o);
+std::string to_string(NegativesMode m);
+std::string to_string(ZPolicy p);
+/// Parse the names printed by to_string; throw Error naming the value and the choices otherwise.
+Objective objective_from_string(const std::string& s);
+NegativesMode negatives_mode_from_string(const std::string& s);
+ZPolicy z_policy_from_string(const std::string& s);
+
+struct EngineConfig {
+  index_t k = 4096;                    ///< K, noise draws per query (NCE / InfoNCE); >= 1
+  double tau = 0.07;                   ///< temperature; > 0
+  double momentum = 0.5;               ///< m of the bank refresh; in [0, 1]
+  Objective objective = Objective::nce;
+  NegativesMode negatives = NegativesMode::per_sample;
+  bool exclude_positive = false;       ///< redraw a negative equal to its query's positive
+  ZPolicy z_policy = ZPolicy::first_batch;
+  double z_fixed = 0.0;                ///< Z for ZPolicy::fixed; finite and > 0
+  double z_ema = 0.99;                 ///< alpha of ZPolicy::ema; in [0, 1)
+  std::uint64_t seed = 0;              ///< keys every random draw of the run
+  /// false: features must already have unit norm (|‖f‖ - 1| <= unit_norm_tolerance).
+  /// true: the engine normalises each feature row and dL/df flows through the normalisation,
+  /// i.e. the gradient returned is with respect to the raw rows the caller passed.
+  bool normalize_features = false;
+  double unit_norm_tolerance = 1e-3;
+
+  /// Throws Error naming the first field out of range, its value and the allowed range. `n` is the
+  /// bank size (K >= N is refused with exclude_positive, as no K distinct... negatives remain).
+  void validate(index_t n) const;
+};
+
+/// Z state (kept in log space: exp(s/tau) overflows double long before log Z does).
+struct Partition {
+  ZPolicy policy = ZPolicy::first_batch;
+  bool initialised = false;  ///< false until the first NCE step (or always true for fixed)
+  double log_z = 0.0;        ///< log Z once initialised
+  double z() const;          ///< exp(log_z); NaN while not initialised
+};
+
+/// What a step reports besides the gradient.
+struct StepStats {
+  double loss = 0.0;            ///< L as defined above (mean over the batch)
+  double z = 0.0;               ///< Z used by this step (NCE); mean exact Z_i (full softmax); NaN otherwise
+  double z_estimate = 0.0;      ///< Zhat of this step's draws (NCE, InfoNCE); NaN for full softmax
+  double mean_p_positive = 0.0; ///< mean_i P(y_i|f_i): exp(s/tau)/Z (NCE), exact (full), softmax over K+1 (InfoNCE)
+  double negative_collision_fraction = 0.0;  ///< fraction of the B*K negatives equal to their query's positive
+  std::int64_t step = 0;        ///< the step counter value this step used (before it was incremented)
+};
+
+class Engine {
+ public:
+  /// Takes ownership of the bank and sampler. Throws Error if config.validate(bank.size()) fails,
+  /// the sampler is null or its size differs from the bank's.
+  Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig config);
+
+  /// One training step: draw negatives for step counter step(), compute loss and dL/df with the
+  /// pre-update rows, write dL/df into `grad` (B x D), then (if `update`) refresh the rows of `ids`
+  /// with `features` and increment the step counter. With update = false the counter is still
+  /// incremented and the caller may call update() itself.
+  /// Throws Error (and changes nothing: bank, Z, counter) on: B = 0; features not B x D with
+  /// B = ids.size(); grad not B x D; an id outside [0, N); NaN/Inf or zero-norm features; features
+  /// that are not unit-norm when normalize_features is false.
+  StepStats step(FeaturesRef features, IdsRef ids, GradRef grad, bool update = true);
+
+  /// The same step with caller-supplied negatives: B x K for per-sample mode, 1 x K for shared mode
+  /// (K may differ from config().k). Reproduces a step exactly, e.g. to compare implementations.
+  /// Also throws Error on negative ids out of range, or (with exclude_positive) a negative equal to
+  /// its positive.
+  StepStats step_with_negatives(FeaturesRef features, IdsRef ids, NegativesRef negatives,
+                                GradRef grad, bool update = true);
+
+  /// Loss and gradient only, never touching the bank, Z or the counter: what step_with_negatives()
+  /// would return now. While Z is not yet initialised it is estimated from these negatives (and
+  /// then depends on the features: use ZPolicy::fixed for gradient checks).
+  StepStats evaluate(FeaturesRef features, IdsRef ids, NegativesRef negatives, GradRef grad) const;
+
+  /// Momentum refresh of the rows of `ids` (the bank's momentum_update with config().momentum and
+  /// the step counter), normalising the features first if normalize_features is set.
+  void update(FeaturesRef features, IdsRef ids);
+
+  /// The negatives step() would draw at step counter `step` for these ids: B x K (per-sample) or
+  /// 1 x K (shared). Identical for any thread count.
+  RowMatrixi sample(IdsRef ids, std::int64_t step) const;
+
+  const Bank& bank() const { return bank_; }
+  const NoiseSampler& sampler() const { return *sampler_; }
+  const EngineConfig& config() const { return config_; }
+  const Partition& partition() const { return partition_; }
+  std::int64_t steps_done() const { return step_; }
+
+  /// Restore the Z state and the step counter (resume from a snapshot). Throws Error if the
+  /// policies differ or the values are not finite / negative.
+  void restore_state(const Partition& partition, std::int64_t step);
+
+ private:
+  struct Computed {
+    StepStats stats;
+    Partition partition;  ///< Z state after the step (initialised = false: no change)
+  };
+  /// Validate, then compute loss and gradient; changes nothing in the engine.
+  Computed compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const;
+  /// compute(), then commit Z, the bank rows (if update) and the counter.
+  StepStats run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
+                bool update);
+  void update_rows(FeaturesRef features, IdsRef ids);
+
+  Bank bank_;
+  std::unique_ptr<NoiseSampler> sampler_;
+  EngineConfig config_;
+  Partition partition_;
+  std::int64_t step_ = 0;
+};
+
+/// Exact non-parametric softmax over the whole bank (the reference objective). Streams the bank in
+/// fixed blocks with an online log-sum-exp: O(B N D) time, O(B D) extra memory, never a B x N
+/// matrix. Writes dL/df into grad (B x D) and returns L; `mean_z` and `mean_p_positive` receive
+/// mean_i Z_i and mean_i P(y_i|f_i) when non-null. Features must be B x D unit rows (validated).
+/// Bit-identical for any thread count (the bank is cut into blocks that do not depend on it).
+double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids, double tau,
+                         GradRef grad, double* mean_z = nullptr, double* mean_p_positive = nullptr);
+
+}  // namespace membank

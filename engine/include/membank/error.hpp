@@ -1,0 +1,35 @@
+#pragma once
+// The one exception type of membank, and the checks that raise it.
+//
+// Every caller error (wrong shape, id out of range, NaN feature, bad option, unreadable file ...)
+// throws membank::Error whose message names the argument, the offending value, what was expected,
+// and the function that checked it. An operation that throws leaves the engine and its bank as
+// they were before the call.
+#include <cstdint>
+#include <fmt/format.h>
+#include <stdexcept>
+#include <string>
+
+namespace membank {
+
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& what) : std::runtime_error(what) {}
+};
+
+namespace detail {
+[[noreturn]] void throw_error(const char* func, const std::string& msg);
+}  // namespace detail
+
+/// a * b, throwing Error (naming `what`) if the product does not fit in int64 or an operand is negative.
+std::int64_t mul_no_overflow(std::int64_t a, std::int64_t b, const char* what);
+
+}  // namespace membank
+
+/// Throw membank::Error with a fmt-formatted message when `cond` is false.
+#define MEMBANK_CHECK(cond, ...)                                                \
+  do {                                                                          \
+    if (!(cond)) ::membank::detail::throw_error(__func__, fmt::format(__VA_ARGS__)); \
+  } while (0)
+
+#define MEMBANK_THROW(...) ::membank::detail::throw_error(__func__, fmt::format(__VA_ARGS__))

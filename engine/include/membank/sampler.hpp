@@ -1,0 +1,106 @@
+#pragma once
+// Noise samplers: the distribution P_n that NCE draws its negatives from.
+//
+// A sampler over N instances draws ids j with probability P_n(j) and reports P_n(j) exactly; the
+// objectives take P_n(j) from here and never assume 1/N.
+//
+// Randomness is counter-based (Philox4x32-10): the draws of a stream are a pure function of
+// (seed, step, stream row, position), so they are identical for any thread count and a resumed
+// run draws exactly what an uninterrupted one would have.
+//
+// Thread safety: a constructed sampler is immutable; every method is const and may run
+// concurrently from any number of threads.
+#include <membank/types.hpp>
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace membank {
+
+enum class SamplerKind { uniform, alias };
+std::string to_string(SamplerKind kind);
+/// "uniform" or "alias"; throws Error otherwise.
+SamplerKind sampler_kind_from_string(const std::string& s);
+
+/// Names one random stream: draws for `row` (a query of the batch, or 0 for shared negatives) at
+/// training step `step` of a run seeded with `seed`. `purpose` separates independent uses.
+struct StreamKey {
+  std::uint64_t seed = 0;
+  std::int64_t step = 0;
+  std::uint32_t row = 0;
+  std::uint32_t purpose = 0;
+};
+
+class NoiseSampler {
+ public:
+  virtual ~NoiseSampler() = default;
+  virtual SamplerKind kind() const = 0;
+  /// N, the number of instances.
+  index_t size() const { return n_; }
+  /// P_n(j), the probability with which draw() returns j (the alias table realises it to within
+  /// 2^-24 relative: its thresholds are fp32). Throws Error if j is out of range.
+  virtual double prob(index_t j) const = 0;
+  /// Every P_n(j), j = 0..N-1 (O(N) memory).
+  virtual std::vector<double> probs() const = 0;
+  /// pn[k] = P_n(ids[k]) in fp32, for ids already checked to lie in [0, N). One virtual call a batch.
+  virtual void lookup(std::span<const index_t> ids, std::span<float> pn) const = 0;
+
+  /// Fill ids[0..K) with independent draws from P_n restricted to the complement of `excluded`
+  /// (a sorted list of ids; empty for plain draws): a draw that hits an excluded id is redrawn
+  /// from the same stream. pn[k] receives the unconditional P_n(ids[k]).
+  /// Preconditions (checked by the caller, Engine): ids.size() == pn.size(); the excluded ids carry
+  /// less than all of the mass. Throws Error if 10^6 consecutive draws all hit excluded ids.
+  /// Cost O(K) expected; one virtual call per stream, a templated loop inside.
+  virtual void draw(const StreamKey& key, std::span<const index_t> excluded,
+                    std::span<index_t> ids, std::span<float> pn) const = 0;
+
+ protected:
+  explicit NoiseSampler(index_t n) : n_(n) {}
+  index_t n_;
+};
+
+/// P_n(j) = 1/N.
+class UniformSampler final : public NoiseSampler {
+ public:
+  /// Throws Error if n < 1.
+  explicit UniformSampler(index_t n);
+  SamplerKind kind() const override { return SamplerKind::uniform; }
+  double prob(index_t j) const override;
+  std::vector<double> probs() const override;
+  void lookup(std::span<const index_t> ids, std::span<float> pn) const override;
+  void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+            std::span<float> pn) const override;
+};
+
+/// P_n(j) = w_j / sum(w), drawn in O(1) through a Vose alias table built in O(N).
+/// Memory: 16 bytes per instance (threshold, alias, and both cells' probabilities, so a draw and
+/// its probability cost one cache line).
+class AliasSampler final : public NoiseSampler {
+ public:
+  /// Throws Error (naming the first bad index and value) if weights is empty, has more than
+  /// 2^32 - 1 entries, or holds a negative, NaN or infinite weight, or if all weights are zero.
+  explicit AliasSampler(std::span<const double> weights);
+  SamplerKind kind() const override { return SamplerKind::alias; }
+  double prob(index_t j) const override;
+  std::vector<double> probs() const override;
+  void lookup(std::span<const index_t> ids, std::span<float> pn) const override;
+  void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+            std::span<float> pn) const override;
+  /// The weights the sampler was built from, normalised to sum 1 (double precision).
+  const std::vector<double>& normalized_weights() const { return p_; }
+
+  struct Cell {
+    float threshold;      ///< keep this cell when a uniform u in [0,1) falls below it
+    std::uint32_t alias;  ///< the other cell's id
+    float p_self;         ///< P_n(cell)
+    float p_alias;        ///< P_n(alias)
+  };
+
+ private:
+  std::vector<Cell> cells_;
+  std::vector<double> p_;
+};
+
+}  // namespace membank

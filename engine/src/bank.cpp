@@ -1,0 +1,192 @@
+#include <membank/bank.hpp>
+#include <membank/error.hpp>
+
+#include "detail/philox.hpp"
+#include "detail/simd.hpp"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <utility>
+
+namespace membank {
+
+namespace {
+
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+
+/// Row stride in floats: rows never straddle more cache lines than they must.
+index_t row_stride(index_t dim) {
+  if (dim % 16 == 0) return dim;
+  if (dim < 16) {
+    index_t s = 1;
+    while (s < dim) s *= 2;
+    return s;
+  }
+  return (dim + 15) / 16 * 16;
+}
+
+}  // namespace
+
+void check_ids(IdsRef ids, index_t n, const char* arg) {
+  for (std::size_t b = 0; b < ids.size(); ++b)
+    MEMBANK_CHECK(ids[b] >= 0 && ids[b] < n, "{}[{}] = {} is out of range: expected 0 <= id < N = {}",
+                  arg, b, ids[b], n);
+}
+
+void check_features(FeaturesRef f, index_t expected_rows, index_t dim, const char* arg) {
+  MEMBANK_CHECK(f.rows() >= 1, "{} is empty (0 rows): expected a batch of at least one row", arg);
+  MEMBANK_CHECK(f.rows() == expected_rows && f.cols() == dim,
+                "{} has shape {} x {}: expected {} x {} (B x D)", arg, f.rows(), f.cols(),
+                expected_rows, dim);
+  for (index_t b = 0; b < f.rows(); ++b) {
+    double sq = 0.0;
+    for (index_t c = 0; c < dim; ++c) {
+      const float x = f(b, c);
+      MEMBANK_CHECK(std::isfinite(x), "{}({}, {}) = {}: expected finite values", arg, b, c, x);
+      sq += static_cast<double>(x) * x;
+    }
+    MEMBANK_CHECK(sq > 0.0, "{} row {} has zero norm: expected a non-zero vector", arg, b);
+  }
+}
+
+void Bank::allocate(index_t n, index_t dim) {
+  MEMBANK_CHECK(n >= 1, "n = {}: expected at least one row", n);
+  MEMBANK_CHECK(dim >= 1, "dim = {}: expected at least one column", dim);
+  const index_t stride = row_stride(dim);
+  const auto floats = mul_no_overflow(n, stride, "bank N x stride");
+  const auto bytes = mul_no_overflow(floats, 4, "bank bytes");
+  const std::size_t rounded = (static_cast<std::size_t>(bytes) + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = std::aligned_alloc(kHugePage, rounded);
+  MEMBANK_CHECK(p != nullptr, "cannot allocate {} bytes for a {} x {} bank", rounded, n, dim);
+  madvise(p, rounded, MADV_HUGEPAGE);  // advisory: failure only costs speed
+  data_ = static_cast<float*>(p);
+  bytes_ = rounded;
+  n_ = n;
+  dim_ = dim;
+  stride_ = stride;
+  last_update_.assign(static_cast<std::size_t>(n), -1);
+}
+
+Bank::Bank(index_t n, index_t dim, std::uint64_t seed) {
+  allocate(n, dim);
+  // First touch in parallel (pages land near the threads that use them); one Philox stream per row.
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < n; ++i) {
+    float* v = data_ + i * stride_;
+    detail::Stream stream({seed, i >> 32, static_cast<std::uint32_t>(i), detail::purpose_bank_init});
+    for (index_t c = 0; c < dim; c += 2) {
+      const auto r = stream.next();
+      // Box-Muller: two independent standard normals from two uniforms.
+      const double u1 = detail::unit_double_open0(detail::join64(r.v[0], r.v[1]));
+      const double u2 = detail::unit_double_open0(detail::join64(r.v[2], r.v[3]));
+      const double rad = std::sqrt(-2.0 * std::log(u1));
+      v[c] = static_cast<float>(rad * std::cos(2.0 * M_PI * u2));
+      if (c + 1 < dim) v[c + 1] = static_cast<float>(rad * std::sin(2.0 * M_PI * u2));
+    }
+    const double inv = 1.0 / std::sqrt(detail::squared_norm_d(v, dim));
+    for (index_t c = 0; c < dim; ++c) v[c] = static_cast<float>(v[c] * inv);
+    for (index_t c = dim; c < stride_; ++c) v[c] = 0.0f;
+  }
+}
+
+Bank Bank::from_rows(FeaturesRef rows) {
+  MEMBANK_CHECK(rows.rows() >= 1 && rows.cols() >= 1, "rows has shape {} x {}: expected N x D with N, D >= 1",
+                rows.rows(), rows.cols());
+  check_features(rows, rows.rows(), rows.cols(), "rows");
+  Bank bank;
+  bank.allocate(rows.rows(), rows.cols());
+  const index_t dim = bank.dim_;
+#pragma omp parallel for schedule(static)
+  for (index_t i = 0; i < bank.n_; ++i) {
+    float* v = bank.data_ + i * bank.stride_;
+    double sq = 0.0;
+    for (index_t c = 0; c < dim; ++c) sq += static_cast<double>(rows(i, c)) * rows(i, c);
+    const double inv = 1.0 / std::sqrt(sq);
+    for (index_t c = 0; c < dim; ++c) v[c] = static_cast<float>(rows(i, c) * inv);
+    for (index_t c = dim; c < bank.stride_; ++c) v[c] = 0.0f;
+  }
+  return bank;
+}
+
+Bank::Bank(Bank&& o) noexcept
+    : data_(std::exchange(o.data_, nullptr)),
+      bytes_(std::exchange(o.bytes_, 0)),
+      n_(std::exchange(o.n_, 0)),
+      dim_(std::exchange(o.dim_, 0)),
+      stride_(std::exchange(o.stride_, 0)),
+      last_update_(std::move(o.last_update_)) {}
+
+Bank& Bank::operator=(Bank&& o) noexcept {
+  if (this != &o) {
+    std::free(data_);
+    data_ = std::exchange(o.data_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+    n_ = std::exchange(o.n_, 0);
+    dim_ = std::exchange(o.dim_, 0);
+    stride_ = std::exchange(o.stride_, 0);
+    last_update_ = std::move(o.last_update_);
+  }
+  return *this;
+}
+
+Bank::~Bank() { std::free(data_); }
+
+RowMatrixf Bank::to_matrix() const { return view().matrix(); }
+
+void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t step) {
+  MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
+  MEMBANK_CHECK(m >= 0.0 && m <= 1.0, "momentum m = {}: expected 0 <= m <= 1", m);
+  check_ids(ids, n_, "ids");
+  check_features(f, static_cast<index_t>(ids.size()), dim_, "features");
+
+  const auto batch = static_cast<index_t>(ids.size());
+  // Group equal ids; within a group keep batch order (stable sort), groups are independent.
+  std::vector<index_t> order(static_cast<std::size_t>(batch));
+  std::iota(order.begin(), order.end(), index_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) { return ids[a] < ids[b]; });
+  std::vector<index_t> group_start;
+  for (index_t p = 0; p < batch; ++p)
+    if (p == 0 || ids[order[p]] != ids[order[p - 1]]) group_start.push_back(p);
+  group_start.push_back(batch);
+  const auto groups = static_cast<index_t>(group_start.size()) - 1;
+
+  const float mf = static_cast<float>(m);
+  const float one_minus = static_cast<float>(1.0 - m);
+  const index_t dim = dim_;
+#pragma omp parallel
+  {
+    std::vector<float> tmp(static_cast<std::size_t>(dim));
+#pragma omp for schedule(static)
+    for (index_t g = 0; g < groups; ++g) {
+      const index_t id = ids[order[group_start[g]]];
+      float* v = data_ + id * stride_;
+      last_update_[id] = step;
+      if (m == 1.0) continue;  // normalise(v) of a unit row is the row: leave it bit-exact
+      for (index_t p = group_start[g]; p < group_start[g + 1]; ++p) {
+        const index_t b = order[p];
+        for (index_t c = 0; c < dim; ++c) tmp[c] = mf * v[c] + one_minus * f(b, c);
+        double sq = detail::squared_norm_d(tmp.data(), dim);
+        const float* src = tmp.data();
+        if (!(sq > 0.0)) {  // m v + (1 - m) f cancelled exactly: keep the new feature's direction
+          for (index_t c = 0; c < dim; ++c) tmp[c] = f(b, c);
+          sq = detail::squared_norm_d(tmp.data(), dim);
+        }
+        const double inv = 1.0 / std::sqrt(sq);
+        for (index_t c = 0; c < dim; ++c) v[c] = static_cast<float>(src[c] * inv);
+      }
+    }
+  }
+}
+
+void Bank::set_last_update(std::vector<std::int64_t> steps) {
+  MEMBANK_CHECK(static_cast<index_t>(steps.size()) == n_, "last_update has {} entries: expected N = {}",
+                steps.size(), n_);
+  last_update_ = std::move(steps);
+}
+
+}  // namespace membank

@@ -1,0 +1,55 @@
+#pragma once
+// Counter-based random streams on Random123's Philox4x32-10 (Salmon et al., SC'11).
+// A stream is identified by a StreamKey; block b of the stream is philox(counter = {b, row,
+// step_lo, step_hi | purpose << 24}, key = seed). Pure function of its inputs: no state, no locks.
+#include <membank/sampler.hpp>
+
+#include <Random123/philox.h>
+
+#include <cstdint>
+
+namespace membank::detail {
+
+enum Purpose : std::uint32_t {
+  purpose_bank_init = 1,
+  purpose_negatives = 2,
+  purpose_shared_negatives = 3,
+};
+
+class Stream {
+ public:
+  explicit Stream(const StreamKey& key) {
+    key_ = {{static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32)}};
+    const auto step = static_cast<std::uint64_t>(key.step);
+    ctr_ = {{0u, key.row, static_cast<std::uint32_t>(step),
+             static_cast<std::uint32_t>((step >> 32) & 0xFFFFFFu) | (key.purpose << 24)}};
+  }
+  /// Next 128 random bits as four 32-bit words.
+  r123::Philox4x32::ctr_type next() {
+    auto out = gen_(ctr_, key_);
+    ++ctr_.v[0];
+    return out;
+  }
+
+ private:
+  r123::Philox4x32 gen_;
+  r123::Philox4x32::ctr_type ctr_;
+  r123::Philox4x32::key_type key_;
+};
+
+inline std::uint64_t join64(std::uint32_t hi, std::uint32_t lo) {
+  return (static_cast<std::uint64_t>(hi) << 32) | lo;
+}
+/// floor(u * n / 2^64): an index in [0, n) with bias at most n / 2^64 (Lemire's multiply-shift).
+__extension__ typedef unsigned __int128 uint128_t;
+inline std::uint64_t scale_to(std::uint64_t u, std::uint64_t n) {
+  return static_cast<std::uint64_t>((static_cast<uint128_t>(u) * n) >> 64);
+}
+/// A float in [0, 1) with 24 random bits.
+inline float unit_float(std::uint32_t u) { return static_cast<float>(u >> 8) * 0x1.0p-24f; }
+/// A double in (0, 1] with 53 random bits (safe for log).
+inline double unit_double_open0(std::uint64_t u) {
+  return (static_cast<double>(u >> 11) + 1.0) * 0x1.0p-53;
+}
+
+}  // namespace membank::detail

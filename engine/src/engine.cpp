@@ -1,0 +1,686 @@
+#include <membank/engine.hpp>
+#include <membank/error.hpp>
+
+#include "detail/parallel.hpp"
+#include "detail/philox.hpp"
+#include "detail/simd.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace membank {
+
+// ---------------------------------------------------------------------------------------------
+// names and configuration
+
+std::string to_string(Objective o) {
+  switch (o) {
+    case Objective::nce: return "nce";
+    case Objective::info_nce: return "infonce";
+    case Objective::full_softmax: return "full";
+  }
+  return "?";
+}
+std::string to_string(NegativesMode m) { return m == NegativesMode::per_sample ? "per-sample" : "shared"; }
+std::string to_string(ZPolicy p) {
+  switch (p) {
+    case ZPolicy::first_batch: return "first_batch";
+    case ZPolicy::ema: return "ema";
+    case ZPolicy::fixed: return "fixed";
+  }
+  return "?";
+}
+Objective objective_from_string(const std::string& s) {
+  if (s == "nce") return Objective::nce;
+  if (s == "infonce") return Objective::info_nce;
+  if (s == "full") return Objective::full_softmax;
+  MEMBANK_THROW("objective = '{}': expected one of nce, infonce, full", s);
+}
+NegativesMode negatives_mode_from_string(const std::string& s) {
+  if (s == "per-sample") return NegativesMode::per_sample;
+  if (s == "shared") return NegativesMode::shared;
+  MEMBANK_THROW("negatives = '{}': expected per-sample or shared", s);
+}
+ZPolicy z_policy_from_string(const std::string& s) {
+  if (s == "first_batch") return ZPolicy::first_batch;
+  if (s == "ema") return ZPolicy::ema;
+  if (s == "fixed") return ZPolicy::fixed;
+  MEMBANK_THROW("z_policy = '{}': expected one of first_batch, ema, fixed", s);
+}
+
+void EngineConfig::validate(index_t n) const {
+  MEMBANK_CHECK(k >= 1, "config.k = {}: expected K >= 1 noise draws per query", k);
+  MEMBANK_CHECK(k <= (index_t{1} << 31), "config.k = {}: expected K <= 2^31", k);
+  MEMBANK_CHECK(!exclude_positive || k < n,
+                "config.k = {} with exclude_positive: expected K < N = {} (K >= N leaves too few "
+                "instances besides the positive)", k, n);
+  MEMBANK_CHECK(std::isfinite(tau) && tau > 0.0, "config.tau = {}: expected a finite temperature > 0", tau);
+  MEMBANK_CHECK(momentum >= 0.0 && momentum <= 1.0, "config.momentum = {}: expected 0 <= m <= 1", momentum);
+  MEMBANK_CHECK(z_policy != ZPolicy::fixed || (std::isfinite(z_fixed) && z_fixed > 0.0),
+                "config.z_fixed = {}: expected a finite Z > 0 with z_policy fixed", z_fixed);
+  MEMBANK_CHECK(z_ema >= 0.0 && z_ema < 1.0, "config.z_ema = {}: expected 0 <= alpha < 1", z_ema);
+  MEMBANK_CHECK(std::isfinite(unit_norm_tolerance) && unit_norm_tolerance > 0.0 && unit_norm_tolerance < 1.0,
+                "config.unit_norm_tolerance = {}: expected 0 < tolerance < 1", unit_norm_tolerance);
+}
+
+double Partition::z() const {
+  return initialised ? std::exp(log_z) : std::numeric_limits<double>::quiet_NaN();
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernels
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr index_t kPrefetchRows = 8;    // rows ahead of the one being scored
+constexpr index_t kSharedRowBlock = 16;
+constexpr index_t kRowBlock = 8;        // rows scored together in the per-sample kernel
+
+/// log(p) for a stream of probabilities that often repeat (always, for the uniform sampler).
+class LogCache {
+ public:
+  double operator()(float p) {
+    if (p != last_p_) {
+      last_p_ = p;
+      last_log_ = std::log(static_cast<double>(p));
+    }
+    return last_log_;
+  }
+
+ private:
+  float last_p_ = -1.0f;
+  double last_log_ = 0.0;
+}; // queries per GEMM block (fixed: results do not depend on threads)
+
+/// log(1 + e^a) and 1 / (1 + e^-a) from one exp, stable for any a.
+inline void softplus_sigmoid(double a, double& softplus, double& sigmoid, double& exp_a) {
+  const double e = std::exp(-std::fabs(a));
+  if (a > 0) {
+    softplus = a + std::log1p(e);
+    sigmoid = 1.0 / (1.0 + e);
+    exp_a = 1.0 / e;
+  } else {
+    softplus = std::log1p(e);
+    sigmoid = e / (1.0 + e);
+    exp_a = e;
+  }
+}
+
+/// Streaming log-sum-exp of a sequence of values.
+struct Lse {
+  double max = -std::numeric_limits<double>::infinity();
+  double sum = 0.0;
+  void add(double x) {
+    if (x > max) {
+      sum = sum * std::exp(max - x) + 1.0;
+      max = x;
+    } else {
+      sum += std::exp(x - max);
+    }
+  }
+  void merge(const Lse& o) {
+    if (o.sum == 0.0) return;
+    if (o.max > max) {
+      sum = sum * std::exp(max - o.max) + o.sum;
+      max = o.max;
+    } else {
+      sum += o.sum * std::exp(o.max - max);
+    }
+  }
+  double value() const { return max + std::log(sum); }
+};
+
+/// Everything one step's kernel needs, resolved and validated by the caller.
+struct StepInput {
+  const float* f;           // B x D features (unit rows)
+  index_t f_stride;
+  IdsRef ids;
+  const RowMatrixi* negatives;  // caller-supplied, or nullptr: draw them
+  std::int64_t step;
+  float* grad;              // B x D output
+  index_t g_stride;
+};
+
+/// Per-query results, combined serially in query order (thread-count independent).
+struct QueryOut {
+  double loss = 0.0;
+  double p_pos = 0.0;
+  double sum_exp_a = 0.0;  // NCE: sum_k exp(a_k) (gives Zhat = Z * sum / B); InfoNCE: sum_k exp(l_k)
+  index_t collisions = 0;
+};
+
+}  // namespace
+
+Engine::Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig config)
+    : bank_(std::move(bank)), sampler_(std::move(sampler)), config_(config) {
+  MEMBANK_CHECK(sampler_ != nullptr, "sampler is null: expected a NoiseSampler over the bank's N = {} rows",
+                bank_.size());
+  MEMBANK_CHECK(sampler_->size() == bank_.size(), "sampler has N = {}: expected the bank's N = {}",
+                sampler_->size(), bank_.size());
+  config_.validate(bank_.size());
+  partition_.policy = config_.z_policy;
+  if (config_.z_policy == ZPolicy::fixed) {
+    partition_.initialised = true;
+    partition_.log_z = std::log(config_.z_fixed);
+  }
+}
+
+void Engine::restore_state(const Partition& partition, std::int64_t step) {
+  MEMBANK_CHECK(partition.policy == config_.z_policy, "partition.policy = {}: expected the engine's {}",
+                to_string(partition.policy), to_string(config_.z_policy));
+  MEMBANK_CHECK(!partition.initialised || std::isfinite(partition.log_z),
+                "partition.log_z = {}: expected a finite value", partition.log_z);
+  MEMBANK_CHECK(step >= 0, "step = {}: expected a step counter >= 0", step);
+  partition_ = partition;
+  step_ = step;
+}
+
+namespace {
+
+/// The state a kernel reads: engine pieces plus the Z to use (log_z; NaN = estimate it first).
+struct KernelContext {
+  BankView bank;
+  const NoiseSampler* sampler;
+  const EngineConfig* cfg;
+  double log_z;
+  index_t k;  // noise draws per query
+};
+
+/// Sorted unique ids of the batch (the exclusion set of shared negatives) and their P_n mass.
+std::vector<index_t> unique_sorted(IdsRef ids) {
+  std::vector<index_t> u(ids.begin(), ids.end());
+  std::sort(u.begin(), u.end());
+  u.erase(std::unique(u.begin(), u.end()), u.end());
+  return u;
+}
+
+/// Negatives of query i into ids_buf/pn_buf: drawn, or copied from the caller's matrix.
+void query_negatives(const KernelContext& cx, const StepInput& in, index_t i, std::span<index_t> ids_buf,
+                     std::span<float> pn_buf) {
+  if (in.negatives) {
+    const index_t* row = in.negatives->data() + i * in.negatives->cols();
+    std::copy_n(row, cx.k, ids_buf.begin());
+    cx.sampler->lookup(ids_buf, pn_buf);
+  } else {
+    const index_t y = in.ids[static_cast<std::size_t>(i)];
+    const std::span<const index_t> excl = cx.cfg->exclude_positive ? std::span<const index_t>(&y, 1)
+                                                                   : std::span<const index_t>();
+    cx.sampler->draw({cx.cfg->seed, in.step, static_cast<std::uint32_t>(i), detail::purpose_negatives},
+                     excl, ids_buf, pn_buf);
+  }
+}
+
+/// log Zhat = log mean_{i,k} exp(s_ik / tau) / P_n(j_ik), per-sample negatives (one gather pass).
+double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, index_t batch) {
+  const index_t dim = cx.bank.dim;
+  const double inv_tau = 1.0 / cx.cfg->tau;
+  std::vector<Lse> per_query(static_cast<std::size_t>(batch));
+  detail::ExceptionCapture errors;
+#pragma omp parallel
+  {
+    std::vector<index_t> ids_buf(static_cast<std::size_t>(cx.k));
+    std::vector<float> pn_buf(static_cast<std::size_t>(cx.k));
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i = 0; i < batch; ++i) {
+      errors.run([&] {
+        query_negatives(cx, in, i, ids_buf, pn_buf);
+        const float* f = in.f + i * in.f_stride;
+        const index_t y = in.ids[static_cast<std::size_t>(i)];
+        const double log_excl =
+            cx.cfg->exclude_positive && !in.negatives ? std::log1p(-cx.sampler->prob(y)) : 0.0;
+        Lse lse;
+        LogCache log_pn;
+        for (index_t k = 0; k < cx.k; ++k) {
+          if (k + kPrefetchRows < cx.k) detail::prefetch_row(cx.bank.row(ids_buf[k + kPrefetchRows]), dim);
+          const double s = detail::dot(cx.bank.row(ids_buf[k]), f, dim);
+          lse.add(s * inv_tau - log_pn(pn_buf[k]) + log_excl);
+        }
+        per_query[static_cast<std::size_t>(i)] = lse;
+      });
+    }
+  }
+  errors.rethrow();
+  Lse total;
+  for (const auto& q : per_query) total.merge(q);
+  return total.value() - std::log(static_cast<double>(batch) * static_cast<double>(cx.k));
+}
+
+/// NCE or InfoNCE, per-sample negatives: one fused pass over each query's K + 1 rows.
+void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t batch,
+                       std::vector<QueryOut>& out) {
+  const index_t dim = cx.bank.dim;
+  const double tau = cx.cfg->tau;
+  const double inv_tau = 1.0 / tau;
+  const double coef_scale = 1.0 / (static_cast<double>(batch) * tau);
+  const double log_k = std::log(static_cast<double>(cx.k));
+  const bool info = cx.cfg->objective == Objective::info_nce;
+  detail::ExceptionCapture errors;
+#pragma omp parallel
+  {
+    std::vector<index_t> ids_buf(static_cast<std::size_t>(cx.k));
+    std::vector<float> pn_buf(static_cast<std::size_t>(cx.k));
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i = 0; i < batch; ++i) {
+      errors.run([&] {
+        query_negatives(cx, in, i, ids_buf, pn_buf);
+        for (index_t k = 0; k < std::min(kPrefetchRows, cx.k); ++k)
+          detail::prefetch_row(cx.bank.row(ids_buf[k]), dim);
+        const float* f = in.f + i * in.f_stride;
+        float* g = in.grad + i * in.g_stride;
+        const index_t y = in.ids[static_cast<std::size_t>(i)];
+        const float* vy = cx.bank.row(y);
+        const double p_y = cx.sampler->prob(y);
+        const double log_excl = cx.cfg->exclude_positive && !in.negatives ? std::log1p(-p_y) : 0.0;
+        const double s_pos = detail::dot(vy, f, dim);
+        QueryOut q;
+        for (index_t k = 0; k < cx.k; ++k) q.collisions += ids_buf[k] == y;
+
+        if (!info) {
+          // NCE: a = s/tau - log Z - log(K P_n); h = sigmoid(a).
+          std::fill_n(g, dim, 0.0f);
+          double sp, h, ea;
+          const double a_pos = s_pos * inv_tau - cx.log_z - log_k - std::log(p_y);
+          softplus_sigmoid(a_pos, sp, h, ea);
+          q.loss = sp - a_pos;  // -log h
+          q.p_pos = std::exp(s_pos * inv_tau - cx.log_z);
+          detail::axpy(static_cast<float>(-(1.0 - h) * coef_scale), vy, g, dim);
+          const double shift = -cx.log_z - log_k + log_excl;
+          LogCache log_pn;
+          for (index_t k0 = 0; k0 < cx.k; k0 += kRowBlock) {
+            // Scores of a block of rows first (independent dot products overlap), then their
+            // coefficients, then the gradient from the same rows while they are still in L1.
+            const index_t rows = std::min(kRowBlock, cx.k - k0);
+            float s[kRowBlock];
+            for (index_t r = 0; r < rows; ++r) {
+              const index_t k = k0 + r;
+              if (k + kPrefetchRows < cx.k) detail::prefetch_row(cx.bank.row(ids_buf[k + kPrefetchRows]), dim);
+              s[r] = detail::dot(cx.bank.row(ids_buf[k]), f, dim);
+            }
+            for (index_t r = 0; r < rows; ++r) {
+              const double a = s[r] * inv_tau + shift - log_pn(pn_buf[k0 + r]);
+              softplus_sigmoid(a, sp, h, ea);
+              q.loss += sp;  // -log(1 - h)
+              q.sum_exp_a += ea;
+              s[r] = static_cast<float>(h * coef_scale);
+            }
+            for (index_t r = 0; r < rows; ++r) detail::axpy(s[r], cx.bank.row(ids_buf[k0 + r]), g, dim);
+          }
+        } else {
+          // InfoNCE: online softmax over logits l = s/tau - log P_n; acc = sum_j w_j v_j, w_j = e^(l_j - m).
+          const double l_pos = s_pos * inv_tau - std::log(p_y);
+          double m = l_pos, total = 1.0, neg_total = 0.0;
+          LogCache log_pn;
+          std::copy_n(vy, dim, g);  // g holds acc until the end
+          for (index_t k = 0; k < cx.k; ++k) {
+            if (k + kPrefetchRows < cx.k) detail::prefetch_row(cx.bank.row(ids_buf[k + kPrefetchRows]), dim);
+            const float* v = cx.bank.row(ids_buf[k]);
+            const double l = detail::dot(v, f, dim) * inv_tau - log_pn(pn_buf[k]) + log_excl;
+            double w;
+            if (l > m) {
+              const double scale = std::exp(m - l);
+              for (index_t c = 0; c < dim; ++c) g[c] = static_cast<float>(g[c] * scale);
+              total *= scale;
+              neg_total *= scale;
+              m = l;
+              w = 1.0;
+            } else {
+              w = std::exp(l - m);
+            }
+            total += w;
+            neg_total += w;
+            detail::axpy(static_cast<float>(w), v, g, dim);
+          }
+          const double p_pos = std::exp(l_pos - m) / total;
+          q.loss = -std::log(p_pos);
+          q.p_pos = p_pos;
+          q.sum_exp_a = neg_total * std::exp(m);
+          const float a = static_cast<float>(coef_scale / total);
+          const float b = static_cast<float>(coef_scale);
+          for (index_t c = 0; c < dim; ++c) g[c] = a * g[c] - b * vy[c];
+        }
+        out[static_cast<std::size_t>(i)] = q;
+      });
+    }
+  }
+  errors.rethrow();
+}
+
+/// NCE or InfoNCE with one set of K negatives for the whole batch: gather once, two GEMMs.
+/// Returns the log Z it used (estimated from this batch when cx.log_z is NaN).
+double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch, std::vector<QueryOut>& out) {
+  const index_t dim = cx.bank.dim;
+  const index_t k = cx.k;
+  const double tau = cx.cfg->tau;
+  const double inv_tau = 1.0 / tau;
+  const double coef_scale = 1.0 / (static_cast<double>(batch) * tau);
+  const bool info = cx.cfg->objective == Objective::info_nce;
+
+  std::vector<index_t> neg(static_cast<std::size_t>(k));
+  std::vector<float> pn(static_cast<std::size_t>(k));
+  double log_excl = 0.0;
+  if (in.negatives) {
+    std::copy_n(in.negatives->data(), k, neg.begin());
+    cx.sampler->lookup(neg, pn);
+  } else {
+    std::vector<index_t> excluded;
+    if (cx.cfg->exclude_positive) {
+      excluded = unique_sorted(in.ids);
+      double mass = 0.0;
+      for (const auto j : excluded) mass += cx.sampler->prob(j);
+      MEMBANK_CHECK(mass < 1.0, "the batch's ids carry all of the noise mass ({}): nothing is left to draw "
+                    "shared negatives from with exclude_positive", mass);
+      log_excl = std::log1p(-mass);
+    }
+    cx.sampler->draw({cx.cfg->seed, in.step, 0u, detail::purpose_shared_negatives}, excluded, neg, pn);
+  }
+  // log(K P_n) per negative (conditional on the exclusion).
+  Eigen::VectorXd log_kpn(k);
+  for (index_t j = 0; j < k; ++j)
+    log_kpn[j] = std::log(static_cast<double>(k)) + std::log(static_cast<double>(pn[j])) - log_excl;
+
+  RowMatrixf vneg(k, dim);
+#pragma omp parallel for schedule(static)
+  for (index_t j = 0; j < k; ++j) std::copy_n(cx.bank.row(neg[j]), dim, vneg.row(j).data());
+
+  using ConstMap = Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>>;
+  using Map = Eigen::Map<RowMatrixf, 0, Eigen::OuterStride<>>;
+  RowMatrixf scores(batch, k);
+  const index_t blocks = (batch + kSharedRowBlock - 1) / kSharedRowBlock;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (index_t blk = 0; blk < blocks; ++blk) {
+    const index_t r0 = blk * kSharedRowBlock, rows = std::min(kSharedRowBlock, batch - r0);
+    ConstMap fb(in.f + r0 * in.f_stride, rows, dim, Eigen::OuterStride<>(in.f_stride));
+    scores.middleRows(r0, rows).noalias() = fb * vneg.transpose();
+  }
+
+  double log_z = cx.log_z;
+  if (!info && std::isnan(log_z)) {
+    Lse total;
+    for (index_t i = 0; i < batch; ++i)
+      for (index_t j = 0; j < k; ++j) total.add(scores(i, j) * inv_tau - (log_kpn[j] - std::log(double(k))));
+    log_z = total.value() - std::log(static_cast<double>(batch) * static_cast<double>(k));
+  }
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (index_t blk = 0; blk < blocks; ++blk) {
+    const index_t r0 = blk * kSharedRowBlock, rows = std::min(kSharedRowBlock, batch - r0);
+    for (index_t i = r0; i < r0 + rows; ++i) {
+      const float* f = in.f + i * in.f_stride;
+      const index_t y = in.ids[static_cast<std::size_t>(i)];
+      const float* vy = cx.bank.row(y);
+      const double p_y = cx.sampler->prob(y);
+      const double s_pos = detail::dot(vy, f, dim);
+      QueryOut q;
+      double coef_pos;
+      float* srow = scores.row(i).data();  // overwritten by dL/ds (times B tau) in place
+      for (index_t j = 0; j < k; ++j) q.collisions += neg[j] == y;
+      if (!info) {
+        double sp, h, ea;
+        const double a_pos = s_pos * inv_tau - log_z - std::log(static_cast<double>(k)) - std::log(p_y);
+        softplus_sigmoid(a_pos, sp, h, ea);
+        q.loss = sp - a_pos;
+        q.p_pos = std::exp(s_pos * inv_tau - log_z);
+        coef_pos = -(1.0 - h) * coef_scale;
+        for (index_t j = 0; j < k; ++j) {
+          const double a = srow[j] * inv_tau - log_z - log_kpn[j];
+          softplus_sigmoid(a, sp, h, ea);
+          q.loss += sp;
+          q.sum_exp_a += ea;
+          srow[j] = static_cast<float>(h * coef_scale);
+        }
+      } else {
+        const double l_pos = s_pos * inv_tau - std::log(p_y);
+        const double log_k = std::log(static_cast<double>(k));
+        double m = l_pos;
+        for (index_t j = 0; j < k; ++j) m = std::max(m, srow[j] * inv_tau - (log_kpn[j] - log_k));
+        double total = std::exp(l_pos - m), neg_total = 0.0;
+        for (index_t j = 0; j < k; ++j) {
+          const double w = std::exp(srow[j] * inv_tau - (log_kpn[j] - log_k) - m);
+          neg_total += w;
+          srow[j] = static_cast<float>(w);
+        }
+        total += neg_total;
+        const double p_pos = std::exp(l_pos - m) / total;
+        q.loss = -std::log(p_pos);
+        q.p_pos = p_pos;
+        q.sum_exp_a = neg_total * std::exp(m);
+        const float scale = static_cast<float>(coef_scale / total);
+        for (index_t j = 0; j < k; ++j) srow[j] *= scale;
+        coef_pos = (p_pos - 1.0) * coef_scale;
+      }
+      out[static_cast<std::size_t>(i)] = q;
+      float* g = in.grad + i * in.g_stride;
+      for (index_t c = 0; c < dim; ++c) g[c] = static_cast<float>(coef_pos * vy[c]);
+    }
+    Map gb(in.grad + r0 * in.g_stride, rows, dim, Eigen::OuterStride<>(in.g_stride));
+    gb.noalias() += scores.middleRows(r0, rows) * vneg;
+  }
+  return log_z;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Engine
+
+namespace {
+
+/// Validated, unit-norm view of the caller's features (a normalised copy when asked to normalise).
+struct PreparedFeatures {
+  RowMatrixf copy;           // used when normalising
+  std::vector<double> norms; // of the raw rows, when normalising
+  const float* data = nullptr;
+  index_t stride = 0;
+};
+
+PreparedFeatures prepare_features(FeaturesRef features, index_t batch, index_t dim, const EngineConfig& cfg) {
+  check_features(features, batch, dim, "features");
+  PreparedFeatures p;
+  if (cfg.normalize_features) {
+    p.copy.resize(batch, dim);
+    p.norms.resize(static_cast<std::size_t>(batch));
+    for (index_t b = 0; b < batch; ++b) {
+      double sq = 0.0;
+      for (index_t c = 0; c < dim; ++c) sq += static_cast<double>(features(b, c)) * features(b, c);
+      p.norms[static_cast<std::size_t>(b)] = std::sqrt(sq);
+      for (index_t c = 0; c < dim; ++c)
+        p.copy(b, c) = static_cast<float>(features(b, c) / p.norms[static_cast<std::size_t>(b)]);
+    }
+    p.data = p.copy.data();
+    p.stride = dim;
+  } else {
+    for (index_t b = 0; b < batch; ++b) {
+      double sq = 0.0;
+      for (index_t c = 0; c < dim; ++c) sq += static_cast<double>(features(b, c)) * features(b, c);
+      const double norm = std::sqrt(sq);
+      MEMBANK_CHECK(std::fabs(norm - 1.0) <= cfg.unit_norm_tolerance,
+                    "features row {} has norm {}: expected unit norm (|norm - 1| <= {}); normalise the "
+                    "features or set normalize_features", b, norm, cfg.unit_norm_tolerance);
+    }
+    p.data = features.data();
+    p.stride = features.outerStride();
+  }
+  return p;
+}
+
+/// dL/dx from dL/df for f = x / |x|: (g - f (f . g)) / |x|, in place.
+void backprop_normalisation(const PreparedFeatures& p, GradRef grad) {
+  for (index_t b = 0; b < grad.rows(); ++b) {
+    const float* f = p.data + b * p.stride;
+    double fg = 0.0;
+    for (index_t c = 0; c < grad.cols(); ++c) fg += static_cast<double>(f[c]) * grad(b, c);
+    const double inv = 1.0 / p.norms[static_cast<std::size_t>(b)];
+    for (index_t c = 0; c < grad.cols(); ++c)
+      grad(b, c) = static_cast<float>((grad(b, c) - f[c] * fg) * inv);
+  }
+}
+
+}  // namespace
+
+StepStats Engine::step(FeaturesRef features, IdsRef ids, GradRef grad, bool update) {
+  return run(features, ids, nullptr, grad, update);
+}
+
+StepStats Engine::step_with_negatives(FeaturesRef features, IdsRef ids, NegativesRef negatives, GradRef grad,
+                                      bool update) {
+  const RowMatrixi neg = negatives;
+  return run(features, ids, &neg, grad, update);
+}
+
+StepStats Engine::evaluate(FeaturesRef features, IdsRef ids, NegativesRef negatives, GradRef grad) const {
+  const RowMatrixi neg = negatives;
+  return compute(features, ids, &neg, grad).stats;
+}
+
+RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
+  MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
+  check_ids(ids, bank_.size(), "ids");
+  const auto batch = static_cast<index_t>(ids.size());
+  const index_t k = config_.k;
+  if (config_.negatives == NegativesMode::shared) {
+    RowMatrixi out(1, k);
+    std::vector<float> pn(static_cast<std::size_t>(k));
+    std::vector<index_t> excluded;
+    if (config_.exclude_positive) excluded = unique_sorted(ids);
+    sampler_->draw({config_.seed, step, 0u, detail::purpose_shared_negatives}, excluded,
+                   std::span<index_t>(out.data(), static_cast<std::size_t>(k)), pn);
+    return out;
+  }
+  RowMatrixi out(batch, k);
+  detail::ExceptionCapture errors;
+#pragma omp parallel
+  {
+    std::vector<float> pn(static_cast<std::size_t>(k));
+#pragma omp for schedule(static)
+    for (index_t i = 0; i < batch; ++i) {
+      errors.run([&] {
+        const index_t y = ids[static_cast<std::size_t>(i)];
+        const std::span<const index_t> excl =
+            config_.exclude_positive ? std::span<const index_t>(&y, 1) : std::span<const index_t>();
+        sampler_->draw({config_.seed, step, static_cast<std::uint32_t>(i), detail::purpose_negatives}, excl,
+                       std::span<index_t>(out.row(i).data(), static_cast<std::size_t>(k)), pn);
+      });
+    }
+  }
+  errors.rethrow();
+  return out;
+}
+
+void Engine::update(FeaturesRef features, IdsRef ids) {
+  MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
+  check_ids(ids, bank_.size(), "ids");
+  update_rows(features, ids);
+}
+
+void Engine::update_rows(FeaturesRef features, IdsRef ids) {
+  const PreparedFeatures p = prepare_features(features, static_cast<index_t>(ids.size()), bank_.dim(), config_);
+  Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> f(p.data, features.rows(), features.cols(),
+                                                         Eigen::OuterStride<>(p.stride));
+  bank_.momentum_update(ids, f, config_.momentum, step_);
+}
+
+Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const {
+  // ---- validation: nothing below it throws for a caller error after a mutation
+  MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id (B >= 1)");
+  const auto batch = static_cast<index_t>(ids.size());
+  const index_t dim = bank_.dim();
+  MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
+                grad.rows(), grad.cols(), batch, dim);
+  check_ids(ids, bank_.size(), "ids");
+  const PreparedFeatures prepared = prepare_features(features, batch, dim, config_);
+
+  const bool full = config_.objective == Objective::full_softmax;
+  const bool shared = config_.negatives == NegativesMode::shared;
+  if (negatives && !full) {
+    const index_t want_rows = shared ? 1 : batch;
+    MEMBANK_CHECK(negatives->rows() == want_rows && negatives->cols() >= 1,
+                  "negatives has shape {} x {}: expected {} x K with K >= 1 ({} negatives)", negatives->rows(),
+                  negatives->cols(), want_rows, to_string(config_.negatives));
+    for (index_t i = 0; i < negatives->rows(); ++i)
+      for (index_t j = 0; j < negatives->cols(); ++j) {
+        const index_t v = (*negatives)(i, j);
+        MEMBANK_CHECK(v >= 0 && v < bank_.size(), "negatives({}, {}) = {} is out of range: expected 0 <= id < N = {}",
+                      i, j, v, bank_.size());
+        MEMBANK_CHECK(!config_.exclude_positive || shared || v != ids[static_cast<std::size_t>(i)],
+                      "negatives({}, {}) = {} equals its query's positive, with exclude_positive set", i, j, v);
+      }
+  }
+
+  Computed result;
+  StepStats& stats = result.stats;
+  stats.step = step_;
+  if (full) {
+    // The exact reference needs no sampling and no Z state.
+    stats.loss = full_softmax_loss(bank_.view(),
+                                   Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>>(
+                                       prepared.data, batch, dim, Eigen::OuterStride<>(prepared.stride)),
+                                   ids, config_.tau, grad, &stats.z, &stats.mean_p_positive);
+    stats.z_estimate = kNaN;
+  } else {
+    KernelContext cx{bank_.view(), sampler_.get(), &config_, kNaN,
+                     negatives ? negatives->cols() : config_.k};
+    const bool nce = config_.objective == Objective::nce;
+    if (nce && partition_.initialised) cx.log_z = partition_.log_z;
+    StepInput in{prepared.data, prepared.stride, ids, negatives, step_, grad.data(), grad.outerStride()};
+    std::vector<QueryOut> out(static_cast<std::size_t>(batch));
+    double log_z_used = cx.log_z;
+    if (shared) {
+      log_z_used = shared_kernel(cx, in, batch, out);
+    } else {
+      if (nce && std::isnan(cx.log_z)) cx.log_z = estimate_log_z_per_sample(cx, in, batch);
+      log_z_used = cx.log_z;
+      per_sample_kernel(cx, in, batch, out);
+    }
+    double loss = 0.0, p_pos = 0.0, sum_exp = 0.0;
+    index_t collisions = 0;
+    for (const auto& q : out) {
+      loss += q.loss;
+      p_pos += q.p_pos;
+      sum_exp += q.sum_exp_a;
+      collisions += q.collisions;
+    }
+    stats.loss = loss / static_cast<double>(batch);
+    stats.mean_p_positive = p_pos / static_cast<double>(batch);
+    stats.negative_collision_fraction =
+        static_cast<double>(collisions) / (static_cast<double>(batch) * static_cast<double>(cx.k));
+    if (nce) {
+      // sum_k exp(a_k) = sum_k exp(s/tau) / (K P_n Z): Zhat = Z * sum / B.
+      const double log_z_hat = log_z_used + std::log(sum_exp / static_cast<double>(batch));
+      stats.z = std::exp(log_z_used);
+      stats.z_estimate = std::exp(log_z_hat);
+      // The Z state after this step.
+      result.partition.initialised = true;
+      result.partition.log_z = log_z_used;
+      if (partition_.initialised && config_.z_policy == ZPolicy::ema) {
+        const double a = config_.z_ema;
+        const double x = std::log(a) + partition_.log_z, yv = std::log1p(-a) + log_z_hat;
+        const double mx = std::max(x, yv);
+        result.partition.log_z = mx + std::log(std::exp(x - mx) + std::exp(yv - mx));
+      }
+    } else {
+      stats.z = kNaN;
+      stats.z_estimate = sum_exp / (static_cast<double>(batch) * static_cast<double>(cx.k));
+    }
+  }
+  if (config_.normalize_features) backprop_normalisation(prepared, grad);
+  return result;
+}
+
+StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad, bool update) {
+  Computed result = compute(features, ids, negatives, grad);
+  // ---- commit: Z, bank, counter (compute() validated everything these need)
+  if (result.partition.initialised) {
+    partition_.initialised = true;
+    partition_.log_z = result.partition.log_z;
+  }
+  if (update) update_rows(features, ids);
+  ++step_;
+  return result.stats;
+}
+
+}  // namespace membank

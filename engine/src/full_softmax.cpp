@@ -1,0 +1,105 @@
+#include <membank/engine.hpp>
+#include <membank/error.hpp>
+
+#include "detail/simd.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace membank {
+
+namespace {
+
+constexpr index_t kTile = 1024;            // bank rows per GEMM tile
+constexpr index_t kMinChunk = 16384;       // bank rows per independent partial result
+constexpr index_t kMaxChunks = 128;        // bounds the partials' memory: kMaxChunks x B x D floats
+
+/// Online softmax state of one chunk for every query: running max, sum of exp, and
+/// acc = sum_j exp(s_j/tau - max) v_j.
+struct Partial {
+  Eigen::VectorXd max, sum;
+  RowMatrixf acc;
+};
+
+}  // namespace
+
+double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids, double tau, GradRef grad,
+                         double* mean_z, double* mean_p_positive) {
+  MEMBANK_CHECK(std::isfinite(tau) && tau > 0.0, "tau = {}: expected a finite temperature > 0", tau);
+  MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id (B >= 1)");
+  const auto batch = static_cast<index_t>(ids.size());
+  const index_t dim = bank.dim, n = bank.rows;
+  check_features(features, batch, dim, "features");
+  check_ids(ids, n, "ids");
+  MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
+                grad.rows(), grad.cols(), batch, dim);
+
+  // Chunks depend only on N, never on the thread count: partials merge in chunk order.
+  const index_t chunk = std::max(kMinChunk, (n + kMaxChunks - 1) / kMaxChunks);
+  const index_t chunks = (n + chunk - 1) / chunk;
+  std::vector<Partial> partials(static_cast<std::size_t>(chunks));
+  const float inv_tau = static_cast<float>(1.0 / tau);
+  const RowMatrixf f = features;  // contiguous copy: the GEMM's left operand
+
+#pragma omp parallel
+  {
+    RowMatrixf s(batch, kTile);
+#pragma omp for schedule(dynamic, 1)
+    for (index_t c = 0; c < chunks; ++c) {
+      Partial& p = partials[static_cast<std::size_t>(c)];
+      p.max = Eigen::VectorXd::Constant(batch, -std::numeric_limits<double>::infinity());
+      p.sum = Eigen::VectorXd::Zero(batch);
+      p.acc = RowMatrixf::Zero(batch, dim);
+      const index_t end = std::min(n, (c + 1) * chunk);
+      for (index_t t0 = c * chunk; t0 < end; t0 += kTile) {
+        const index_t rows = std::min(kTile, end - t0);
+        Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> v(bank.row(t0), rows, dim,
+                                                               Eigen::OuterStride<>(bank.stride));
+        auto st = s.leftCols(rows);
+        st.noalias() = (f * v.transpose()) * inv_tau;
+        for (index_t i = 0; i < batch; ++i) {
+          const double m_new = std::max(p.max[i], static_cast<double>(st.row(i).maxCoeff()));
+          if (m_new > p.max[i]) {
+            const double scale = std::exp(p.max[i] - m_new);  // 0 on the first tile
+            p.sum[i] *= scale;
+            p.acc.row(i) *= static_cast<float>(scale);
+            p.max[i] = m_new;
+          }
+          st.row(i) = (st.row(i).array() - static_cast<float>(m_new)).exp();
+          p.sum[i] += st.row(i).template cast<double>().sum();
+        }
+        p.acc.noalias() += st * v;
+      }
+    }
+  }
+
+  // Merge in chunk order; loss_i = log Z_i - s_iy / tau, dL/df_i = (sum_j P_j v_j - v_y) / (B tau).
+  const double coef = 1.0 / (static_cast<double>(batch) * tau);
+  double loss = 0.0, z_total = 0.0, p_total = 0.0;
+  for (index_t i = 0; i < batch; ++i) {
+    double m = -std::numeric_limits<double>::infinity();
+    for (const auto& p : partials) m = std::max(m, p.max[i]);
+    double l = 0.0;
+    Eigen::VectorXd acc = Eigen::VectorXd::Zero(dim);
+    for (const auto& p : partials) {
+      const double w = std::exp(p.max[i] - m);
+      l += p.sum[i] * w;
+      acc += p.acc.row(i).transpose().cast<double>() * w;
+    }
+    const index_t y = ids[static_cast<std::size_t>(i)];
+    const float* vy = bank.row(y);
+    const double s_y = detail::dot(vy, f.row(i).data(), dim) * (1.0 / tau);
+    const double log_z = m + std::log(l);
+    loss += log_z - s_y;
+    z_total += std::exp(log_z);
+    p_total += std::exp(s_y - log_z);
+    for (index_t c = 0; c < dim; ++c) grad(i, c) = static_cast<float>(coef * (acc[c] / l - vy[c]));
+  }
+  if (mean_z) *mean_z = z_total / static_cast<double>(batch);
+  if (mean_p_positive) *mean_p_positive = p_total / static_cast<double>(batch);
+  return loss / static_cast<double>(batch);
+}
+
+}  // namespace membank

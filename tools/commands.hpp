@@ -1,0 +1,10 @@
+#pragma once
+// Subcommands of the `membank` command line. Each registers its options on a CLI11 subcommand and
+// runs when it is selected.
+#include <CLI/CLI.hpp>
+
+namespace membank::tools {
+
+void add_bench_step(CLI::App& bench);
+
+}  // namespace membank::tools
