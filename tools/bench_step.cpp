@@ -78,8 +78,8 @@ double floor_pass(const BankView& bank, const RowMatrixi& rows, const RowMatrixf
   return checksum;
 }
 
-void run_bench_step(const StepOptions& o) {
-  if (o.threads > 0) omp_set_num_threads(o.threads);
+/// One configuration: prints its figures, returns the median step time.
+double run_one(const StepOptions& o) {
   const int threads = omp_get_max_threads();
   std::mt19937_64 rng(o.seed);
 
@@ -164,7 +164,7 @@ void run_bench_step(const StepOptions& o) {
       {"git", git_revision()},    {"checksum", std::isfinite(checksum)}};
   if (o.json) {
     fmt::print("{}\n", row.dump());
-    return;
+    return step_med;
   }
   fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {} threads\n",
              o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.objective, threads);
@@ -174,6 +174,20 @@ void run_bench_step(const StepOptions& o) {
              gbytes / (floor_med * 1e-3));
   fmt::print("  step / floor = {:.2f}\n", step_med / floor_med);
   if (alias_build_ms > 0) fmt::print("  alias table built in {:.1f} ms\n", alias_build_ms);
+  return step_med;
+}
+
+void run_bench_step(StepOptions o) {
+  if (o.threads > 0) omp_set_num_threads(o.threads);
+  if (o.negatives != "both") {
+    run_one(o);
+    return;
+  }
+  o.negatives = "per-sample";
+  const double per_sample = run_one(o);
+  o.negatives = "shared";
+  const double shared = run_one(o);
+  if (!o.json) fmt::print("per-sample / shared step time = {:.2f}\n", per_sample / shared);
 }
 
 }  // namespace
@@ -189,9 +203,11 @@ void add_bench_step(CLI::App& bench) {
   cmd->add_option("--k", o->k, "noise draws per query K")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--batch", o->batch, "queries per step B")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--threads", o->threads, "OpenMP threads (0: the OpenMP default)")->capture_default_str();
-  cmd->add_option("--negatives", o->negatives, "per-sample (each query its own K) or shared (one K per step)")
+  cmd->add_option("--negatives", o->negatives,
+                  "per-sample (each query its own K), shared (one K per step), or both (one after the other "
+                  "in this run, with their ratio)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"per-sample", "shared"}));
+      ->check(CLI::IsMember({"per-sample", "shared", "both"}));
   cmd->add_option("--sampler", o->sampler, "noise distribution: uniform, or alias over random weights")
       ->capture_default_str()
       ->check(CLI::IsMember({"uniform", "alias"}));

@@ -399,12 +399,14 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   }
 
   double log_z = cx.log_z;
+  Eigen::ArrayXf shift_neg;  // log Z + log(K P_n(j)), per negative (NCE)
   if (!info && std::isnan(log_z)) {
     Lse total;
     for (index_t i = 0; i < batch; ++i)
       for (index_t j = 0; j < k; ++j) total.add(scores(i, j) * inv_tau - (log_kpn[j] - std::log(double(k))));
     log_z = total.value() - std::log(static_cast<double>(batch) * static_cast<double>(k));
   }
+  if (!info) shift_neg = (log_kpn.array() + log_z).cast<float>();
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (index_t blk = 0; blk < blocks; ++blk) {
@@ -426,13 +428,15 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
         q.loss = sp - a_pos;
         q.p_pos = std::exp(s_pos * inv_tau - log_z);
         coef_pos = -(1.0 - h) * coef_scale;
-        for (index_t j = 0; j < k; ++j) {
-          const double a = srow[j] * inv_tau - log_z - log_kpn[j];
-          softplus_sigmoid(a, sp, h, ea);
-          q.loss += sp;
-          q.sum_exp_a += ea;
-          srow[j] = static_cast<float>(h * coef_scale);
-        }
+        // Vectorised over the K negatives (fp32 Eigen packets): a = s/tau - log Z - log(K P_n),
+        // -log(1 - h) = softplus(a), h = sigmoid(a); both from one exp(-|a|).
+        Eigen::Map<Eigen::ArrayXf> srow_a(srow, k);
+        const Eigen::ArrayXf a = srow_a * static_cast<float>(inv_tau) - shift_neg;
+        const Eigen::ArrayXf e = (-a.abs()).exp();
+        const Eigen::ArrayXf softplus = a.max(0.0f) + e.log1p();
+        q.loss += softplus.cast<double>().sum();
+        q.sum_exp_a += (a > 0.0f).select(e.inverse(), e).cast<double>().sum();
+        srow_a = (a > 0.0f).select(1.0f / (1.0f + e), e / (1.0f + e)) * static_cast<float>(coef_scale);
       } else {
         const double l_pos = s_pos * inv_tau - std::log(p_y);
         const double log_k = std::log(static_cast<double>(k));

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# membank set-up on a fresh Debian (bookworm) machine: install what is missing, build, then
+#   bash scripts/setup.sh run    -> run the main job
+#   bash scripts/setup.sh test   -> run the whole test suite (what CI runs)
+# Non-interactive (CI=true, no standard input is fine). Uses apt-get as root, or sudo.
+set -euo pipefail
+mode=${1:-run}
+case "$mode" in run|test|build) ;; *) echo "usage: bash scripts/setup.sh [run|test|build]" >&2; exit 2 ;; esac
+cd "$(dirname "$0")/.."
+
+packages=(build-essential cmake pkg-config git libeigen3-dev libhdf5-dev hdf5-tools libfmt-dev doctest-dev
+          libcli11-dev nlohmann-json3-dev librandom123-dev libomp-dev dataset-fashion-mnist)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  echo "== installing: ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq || echo "(apt-get update failed; trying the existing package lists)"
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+fi
+
+echo "== building (build/, Release)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$(nproc)"
+
+case "$mode" in
+  run)
+    echo "== main job: membank bench step (N = 1,281,167, D = 128, K = 4096, B = 256)"
+    ./build/tools/membank bench step
+    ;;
+  test)
+    echo "== tests"
+    ctest --test-dir build --output-on-failure --timeout 900
+    ;;
+esac
