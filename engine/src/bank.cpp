@@ -54,6 +54,15 @@ void check_features(FeaturesRef f, index_t expected_rows, index_t dim, const cha
   }
 }
 
+void check_unit_norm(FeaturesRef f, double tolerance, const char* arg) {
+  for (index_t b = 0; b < f.rows(); ++b) {
+    const double norm = std::sqrt(f.row(b).cast<double>().squaredNorm());
+    MEMBANK_CHECK(std::fabs(norm - 1.0) <= tolerance,
+                  "{} row {} has norm {}: expected unit norm (|norm - 1| <= {}); normalise the rows, or let "
+                  "the engine do it (EngineConfig::normalize_features)", arg, b, norm, tolerance);
+  }
+}
+
 void Bank::allocate(index_t n, index_t dim) {
   MEMBANK_CHECK(n >= 1, "n = {}: expected at least one row", n);
   MEMBANK_CHECK(dim >= 1, "dim = {}: expected at least one column", dim);

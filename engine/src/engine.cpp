@@ -232,7 +232,7 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
         const float* f = in.f + i * in.f_stride;
         const index_t y = in.ids[static_cast<std::size_t>(i)];
         const double log_excl =
-            cx.cfg->exclude_positive && !in.negatives ? std::log1p(-cx.sampler->prob(y)) : 0.0;
+            cx.cfg->exclude_positive ? std::log1p(-cx.sampler->prob(y)) : 0.0;
         Lse lse;
         LogCache log_pn;
         for (index_t k = 0; k < cx.k; ++k) {
@@ -275,7 +275,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
         const index_t y = in.ids[static_cast<std::size_t>(i)];
         const float* vy = cx.bank.row(y);
         const double p_y = cx.sampler->prob(y);
-        const double log_excl = cx.cfg->exclude_positive && !in.negatives ? std::log1p(-p_y) : 0.0;
+        const double log_excl = cx.cfg->exclude_positive ? std::log1p(-p_y) : 0.0;
         const double s_pos = detail::dot(vy, f, dim);
         QueryOut q;
         for (index_t k = 0; k < cx.k; ++k) q.collisions += ids_buf[k] == y;
@@ -363,19 +363,19 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   std::vector<index_t> neg(static_cast<std::size_t>(k));
   std::vector<float> pn(static_cast<std::size_t>(k));
   double log_excl = 0.0;
+  std::vector<index_t> excluded;
+  if (cx.cfg->exclude_positive) {
+    excluded = unique_sorted(in.ids);
+    double mass = 0.0;
+    for (const auto j : excluded) mass += cx.sampler->prob(j);
+    MEMBANK_CHECK(mass < 1.0, "the batch's ids carry all of the noise mass ({}): nothing is left to draw "
+                  "shared negatives from with exclude_positive", mass);
+    log_excl = std::log1p(-mass);
+  }
   if (in.negatives) {
     std::copy_n(in.negatives->data(), k, neg.begin());
     cx.sampler->lookup(neg, pn);
   } else {
-    std::vector<index_t> excluded;
-    if (cx.cfg->exclude_positive) {
-      excluded = unique_sorted(in.ids);
-      double mass = 0.0;
-      for (const auto j : excluded) mass += cx.sampler->prob(j);
-      MEMBANK_CHECK(mass < 1.0, "the batch's ids carry all of the noise mass ({}): nothing is left to draw "
-                    "shared negatives from with exclude_positive", mass);
-      log_excl = std::log1p(-mass);
-    }
     cx.sampler->draw({cx.cfg->seed, in.step, 0u, detail::purpose_shared_negatives}, excluded, neg, pn);
   }
   // log(K P_n) per negative (conditional on the exclusion).
@@ -498,14 +498,7 @@ PreparedFeatures prepare_features(FeaturesRef features, index_t batch, index_t d
     p.data = p.copy.data();
     p.stride = dim;
   } else {
-    for (index_t b = 0; b < batch; ++b) {
-      double sq = 0.0;
-      for (index_t c = 0; c < dim; ++c) sq += static_cast<double>(features(b, c)) * features(b, c);
-      const double norm = std::sqrt(sq);
-      MEMBANK_CHECK(std::fabs(norm - 1.0) <= cfg.unit_norm_tolerance,
-                    "features row {} has norm {}: expected unit norm (|norm - 1| <= {}); normalise the "
-                    "features or set normalize_features", b, norm, cfg.unit_norm_tolerance);
-    }
+    check_unit_norm(features, cfg.unit_norm_tolerance, "features");
     p.data = features.data();
     p.stride = features.outerStride();
   }
@@ -612,6 +605,9 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
                       i, j, v, bank_.size());
         MEMBANK_CHECK(!config_.exclude_positive || shared || v != ids[static_cast<std::size_t>(i)],
                       "negatives({}, {}) = {} equals its query's positive, with exclude_positive set", i, j, v);
+        MEMBANK_CHECK(!config_.exclude_positive || !shared || std::find(ids.begin(), ids.end(), v) == ids.end(),
+                      "negatives(0, {}) = {} is an id of the batch, with exclude_positive set (shared negatives "
+                      "exclude every positive of the batch)", j, v);
       }
   }
 

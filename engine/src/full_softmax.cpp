@@ -32,6 +32,7 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
   const auto batch = static_cast<index_t>(ids.size());
   const index_t dim = bank.dim, n = bank.rows;
   check_features(features, batch, dim, "features");
+  check_unit_norm(features, 1e-3, "features");
   check_ids(ids, n, "ids");
   MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
                 grad.rows(), grad.cols(), batch, dim);

@@ -4,6 +4,8 @@
 #include "detail/philox.hpp"
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cmath>
 
 namespace membank {
@@ -147,13 +149,47 @@ void AliasSampler::draw(const StreamKey& key, std::span<const index_t> excluded,
                         std::span<float> pn) const {
   const auto n = static_cast<std::uint64_t>(n_);
   const Cell* cells = cells_.data();
-  draw_loop<1>(key, excluded, ids, pn, [n, cells](const auto& r, int, index_t& id, float& pj) {
-    const auto cell = detail::scale_to(detail::join64(r.v[0], r.v[1]), n);
-    const Cell& c = cells[cell];
-    const bool keep = detail::unit_float(r.v[2]) < c.threshold;
-    id = keep ? static_cast<index_t>(cell) : static_cast<index_t>(c.alias);
-    pj = keep ? c.p_self : c.p_alias;
-  });
+  // A draw = one Philox block: 64 bits pick a cell, 24 bits toss its coin. Blocks 0..K-1 serve the
+  // K draws in order; a draw rejected by the exclusion takes the next unused block (K, K+1, ...).
+  // Cells are prefetched a few draws ahead: the table does not fit in cache for large N.
+  constexpr std::size_t kAhead = 16;
+  const std::size_t k = ids.size();
+  detail::Stream stream(key);
+  std::array<std::pair<std::uint64_t, float>, kAhead> ring;  // (cell, coin) of draws in flight
+  const auto fresh = [&] {
+    const auto r = stream.next();
+    return std::pair{detail::scale_to(detail::join64(r.v[0], r.v[1]), n), detail::unit_float(r.v[2])};
+  };
+  const auto resolve = [&](std::pair<std::uint64_t, float> d, index_t& id, float& p) {
+    const Cell& c = cells[d.first];
+    const bool keep = d.second < c.threshold;
+    id = keep ? static_cast<index_t>(d.first) : static_cast<index_t>(c.alias);
+    p = keep ? c.p_self : c.p_alias;
+  };
+  for (std::size_t j = 0; j < std::min(k, kAhead); ++j) {
+    ring[j] = fresh();
+    __builtin_prefetch(cells + ring[j].first);
+  }
+  std::vector<std::pair<std::uint64_t, float>> unused;  // only with exclusions
+  for (std::size_t j = 0; j < k; ++j) {
+    const auto d = ring[j % kAhead];
+    if (j + kAhead < k) {
+      ring[j % kAhead] = fresh();
+      __builtin_prefetch(cells + ring[j % kAhead].first);
+    }
+    resolve(d, ids[j], pn[j]);
+  }
+  if (excluded.empty()) return;
+  // Redraws, in draw order, from blocks K, K+1, ... of the same stream.
+  for (std::size_t j = 0; j < k; ++j) {
+    int rejections = 0;
+    while (is_excluded(excluded, ids[j])) {
+      MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
+                    "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of "
+                    "the sampler's mass", rejections);
+      resolve(fresh(), ids[j], pn[j]);
+    }
+  }
 }
 
 }  // namespace membank

@@ -87,6 +87,8 @@ class Bank {
 /// Validation shared by every entry point that takes features: B x D with B = expected_rows,
 /// all values finite, every row non-zero. `arg` names the argument in the message.
 void check_features(FeaturesRef f, index_t expected_rows, index_t dim, const char* arg);
+/// |‖row‖ - 1| <= tolerance for every row (after check_features).
+void check_unit_norm(FeaturesRef f, double tolerance, const char* arg);
 /// ids[b] in [0, n) for every b; `arg` names the argument.
 void check_ids(IdsRef ids, index_t n, const char* arg);
 

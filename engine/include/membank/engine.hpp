@@ -112,8 +112,10 @@ class Engine {
 
   /// The same step with caller-supplied negatives: B x K for per-sample mode, 1 x K for shared mode
   /// (K may differ from config().k). Reproduces a step exactly, e.g. to compare implementations.
-  /// Also throws Error on negative ids out of range, or (with exclude_positive) a negative equal to
-  /// its positive.
+  /// With exclude_positive the caller's negatives are taken as draws from the same conditional P_n
+  /// as the engine's own (so step_with_negatives(sample(ids, s)) reproduces step()). Also throws
+  /// Error on negative ids out of range, or (with exclude_positive) a negative equal to its
+  /// positive (per-sample) or to any id of the batch (shared).
   StepStats step_with_negatives(FeaturesRef features, IdsRef ids, NegativesRef negatives,
                                 GradRef grad, bool update = true);
 
@@ -162,7 +164,8 @@ class Engine {
 /// Exact non-parametric softmax over the whole bank (the reference objective). Streams the bank in
 /// fixed blocks with an online log-sum-exp: O(B N D) time, O(B D) extra memory, never a B x N
 /// matrix. Writes dL/df into grad (B x D) and returns L; `mean_z` and `mean_p_positive` receive
-/// mean_i Z_i and mean_i P(y_i|f_i) when non-null. Features must be B x D unit rows (validated).
+/// mean_i Z_i and mean_i P(y_i|f_i) when non-null. Features must be B x D unit rows (validated,
+/// |‖f‖ - 1| <= 1e-3).
 /// Bit-identical for any thread count (the bank is cut into blocks that do not depend on it).
 double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids, double tau,
                          GradRef grad, double* mean_z = nullptr, double* mean_p_positive = nullptr);

@@ -1,0 +1,211 @@
+// Noise samplers: the distribution of the draws (chi-square), the reported probabilities,
+// exclusion, and the counter-based streams.
+#include "reference.hpp"
+
+#include <doctest/doctest.h>
+
+#include <membank/sampler.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+using namespace membank;
+using namespace mbtest;
+
+namespace {
+
+/// 0.999 quantile of chi-square with `df` degrees of freedom, Wilson-Hilferty approximation
+/// (accurate to ~0.1% here: df = 48 gives 84.12 vs the table's 84.04; df = 49: 85.43 vs 85.35).
+double chi2_q999(int df) {
+  const double z = 3.090232306167813;  // standard normal 0.999 quantile
+  const double a = 2.0 / (9.0 * df);
+  return df * std::pow(1.0 - a + z * std::sqrt(a), 3.0);
+}
+
+/// Pearson statistic over the cells with p > 0; `cells` receives how many there were.
+double chi2(const std::vector<std::int64_t>& counts, const std::vector<double>& p, std::int64_t total,
+            int* cells) {
+  double x = 0;
+  int c = 0;
+  for (std::size_t j = 0; j < p.size(); ++j) {
+    if (p[j] <= 0) continue;
+    const double e = p[j] * static_cast<double>(total);
+    x += (static_cast<double>(counts[j]) - e) * (static_cast<double>(counts[j]) - e) / e;
+    ++c;
+  }
+  *cells = c;
+  return x;
+}
+
+/// 50 varied weights in [0.1, 5.0], one of them (id 7) zero.
+std::vector<double> chi2_weights() {
+  std::vector<double> w(50);
+  for (std::size_t j = 0; j < w.size(); ++j) w[j] = 0.1 + static_cast<double>((j * 37) % 50) / 10.0;
+  w[7] = 0.0;
+  return w;
+}
+
+/// 200 streams of 1000 draws (keys differ in step and row), counting ids; checks pn == prob(id).
+std::vector<std::int64_t> draw_counts(const NoiseSampler& s, std::span<const index_t> excluded,
+                                      std::int64_t* total, bool* pn_ok) {
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(s.size()), 0);
+  std::vector<index_t> ids(1000);
+  std::vector<float> pn(1000);
+  *pn_ok = true;
+  *total = 0;
+  for (std::uint32_t c = 0; c < 200; ++c) {
+    s.draw(StreamKey{777, static_cast<std::int64_t>(c / 10), c % 10, 0}, excluded, ids, pn);
+    for (std::size_t k = 0; k < ids.size(); ++k) {
+      REQUIRE(ids[k] >= 0);
+      REQUIRE(ids[k] < s.size());
+      ++counts[static_cast<std::size_t>(ids[k])];
+      if (std::abs(pn[k] - s.prob(ids[k])) > 1e-6 * s.prob(ids[k])) *pn_ok = false;
+    }
+    *total += static_cast<std::int64_t>(ids.size());
+  }
+  return counts;
+}
+
+}  // namespace
+
+TEST_CASE("AliasSampler reports the normalised weights") {
+  // Guards prob(j), probs() and normalized_weights() against w / sum(w) computed here (1e-6
+  // relative; exactly 0 for the zero weight), and kind().
+  const std::vector<double> w = chi2_weights();
+  const std::vector<double> p = normalised(w);
+  const AliasSampler s(w);
+  CHECK(s.kind() == SamplerKind::alias);
+  REQUIRE(s.size() == 50);
+  const std::vector<double> all = s.probs();
+  REQUIRE(all.size() == 50);
+  for (std::size_t j = 0; j < 50; ++j) {
+    CAPTURE(j);
+    if (p[j] == 0) {
+      CHECK(s.prob(static_cast<index_t>(j)) == 0.0);
+      CHECK(all[j] == 0.0);
+    } else {
+      CHECK(rel_err(s.prob(static_cast<index_t>(j)), p[j]) < 1e-6);
+      CHECK(rel_err(all[j], p[j]) < 1e-6);
+    }
+    CHECK(s.normalized_weights()[j] == doctest::Approx(p[j]).epsilon(1e-12));
+  }
+}
+
+TEST_CASE("AliasSampler draws follow P_n (chi-square at a fixed seed)") {
+  // Guards the Vose table and its draws: 200k draws over 50 cells with varied weights pass a
+  // chi-square goodness-of-fit test at the 0.999 level (df = 49 non-zero cells - 1 = 48), the
+  // zero-weight cell is never drawn, and every reported pn equals prob(id). The same counts
+  // against a uniform expectation fail the test by far (the test has power).
+  const std::vector<double> w = chi2_weights();
+  const std::vector<double> p = normalised(w);
+  const AliasSampler s(w);
+  std::int64_t total = 0;
+  bool pn_ok = false;
+  const std::vector<std::int64_t> counts = draw_counts(s, {}, &total, &pn_ok);
+  CHECK(pn_ok);
+  CHECK(counts[7] == 0);
+  int cells = 0;
+  const double x = chi2(counts, p, total, &cells);
+  REQUIRE(cells == 49);
+  INFO("chi2 = " << x << " threshold " << chi2_q999(cells - 1));
+  CHECK(x < chi2_q999(cells - 1));
+  int cu = 0;
+  std::vector<double> pu = uniform_pn(50);
+  pu[7] = 0;
+  for (auto& v : pu) v = v > 0 ? 1.0 / 49 : 0.0;
+  const double xu = chi2(counts, pu, total, &cu);
+  CHECK(xu > 10 * chi2_q999(cu - 1));
+}
+
+TEST_CASE("UniformSampler draws are uniform and P_n = 1/N") {
+  // Guards the uniform sampler: prob(j) = probs()[j] = 1/N, chi-square over 50 cells
+  // (df = 49) at the 0.999 level, pn == 1/N for every draw.
+  const UniformSampler s(50);
+  CHECK(s.kind() == SamplerKind::uniform);
+  REQUIRE(s.size() == 50);
+  for (index_t j = 0; j < 50; ++j) CHECK(s.prob(j) == doctest::Approx(1.0 / 50).epsilon(1e-15));
+  for (double q : s.probs()) CHECK(q == doctest::Approx(1.0 / 50).epsilon(1e-15));
+  std::int64_t total = 0;
+  bool pn_ok = false;
+  const std::vector<std::int64_t> counts = draw_counts(s, {}, &total, &pn_ok);
+  CHECK(pn_ok);
+  int cells = 0;
+  const double x = chi2(counts, uniform_pn(50), total, &cells);
+  INFO("chi2 = " << x << " threshold " << chi2_q999(cells - 1));
+  CHECK(x < chi2_q999(cells - 1));
+}
+
+TEST_CASE("exclusion: excluded ids never appear, the rest follow the conditional P_n") {
+  // Guards draw() with a sorted exclusion list for both samplers: excluded ids never drawn, the
+  // remaining ids follow P_n(j) / (1 - P_n(excluded)) (chi-square, 0.999), pn stays the
+  // unconditional P_n(id); excluding all but one id draws only that id.
+  const std::vector<index_t> excluded{2, 10, 11, 30, 49};
+  const std::vector<double> w = chi2_weights();
+  const AliasSampler alias(w);
+  const UniformSampler uni(50);
+  for (const NoiseSampler* s : {static_cast<const NoiseSampler*>(&alias), static_cast<const NoiseSampler*>(&uni)}) {
+    INFO(to_string(s->kind()));
+    std::int64_t total = 0;
+    bool pn_ok = false;
+    const std::vector<std::int64_t> counts = draw_counts(*s, excluded, &total, &pn_ok);
+    CHECK(pn_ok);
+    std::vector<double> cond = s->probs();
+    double kept = 0;
+    for (index_t e : excluded) {
+      CHECK(counts[static_cast<std::size_t>(e)] == 0);
+      cond[static_cast<std::size_t>(e)] = 0;
+    }
+    for (double q : cond) kept += q;
+    for (auto& q : cond) q /= kept;
+    int cells = 0;
+    const double x = chi2(counts, cond, total, &cells);
+    INFO("chi2 = " << x << " threshold " << chi2_q999(cells - 1));
+    CHECK(x < chi2_q999(cells - 1));
+  }
+  // All but one id excluded.
+  std::vector<index_t> all_but_3;
+  for (index_t j = 0; j < 50; ++j)
+    if (j != 3) all_but_3.push_back(j);
+  std::vector<index_t> ids(500);
+  std::vector<float> pn(500);
+  alias.draw(StreamKey{1, 2, 3, 0}, all_but_3, ids, pn);
+  CHECK(std::all_of(ids.begin(), ids.end(), [](index_t j) { return j == 3; }));
+  uni.draw(StreamKey{1, 2, 3, 0}, all_but_3, ids, pn);
+  CHECK(std::all_of(ids.begin(), ids.end(), [](index_t j) { return j == 3; }));
+  CHECK(pn[0] == doctest::Approx(1.0 / 50));
+}
+
+TEST_CASE("draw() is a pure function of the stream key and position") {
+  // Guards counter-based randomness: identical keys give identical draws, a prefix request gives
+  // the prefix of a longer one, and changing seed, step, row or purpose changes the draws.
+  std::mt19937_64 rng(5);
+  const AliasSampler s(random_weights(1000, rng));
+  auto draw = [&](StreamKey key, std::size_t k) {
+    std::vector<index_t> ids(k);
+    std::vector<float> pn(k);
+    s.draw(key, {}, ids, pn);
+    return ids;
+  };
+  const StreamKey key{11, 22, 33, 4};
+  const std::vector<index_t> a = draw(key, 1000);
+  CHECK(a == draw(key, 1000));
+  const std::vector<index_t> prefix = draw(key, 100);
+  CHECK(std::equal(prefix.begin(), prefix.end(), a.begin()));
+  CHECK(a != draw(StreamKey{12, 22, 33, 4}, 1000));
+  CHECK(a != draw(StreamKey{11, 23, 33, 4}, 1000));
+  CHECK(a != draw(StreamKey{11, 22, 34, 4}, 1000));
+  CHECK(a != draw(StreamKey{11, 22, 33, 5}, 1000));
+  // Seed bits above 32 and step bits above 32 matter too.
+  CHECK(a != draw(StreamKey{11 + (std::uint64_t{1} << 40), 22, 33, 4}, 1000));
+  CHECK(a != draw(StreamKey{11, 22 + (std::int64_t{1} << 33), 33, 4}, 1000));
+}
+
+TEST_CASE("sampler kind names round-trip") {
+  // Guards to_string / sampler_kind_from_string.
+  CHECK(to_string(SamplerKind::uniform) == "uniform");
+  CHECK(to_string(SamplerKind::alias) == "alias");
+  CHECK(sampler_kind_from_string("uniform") == SamplerKind::uniform);
+  CHECK(sampler_kind_from_string("alias") == SamplerKind::alias);
+}
