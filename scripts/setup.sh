@@ -26,8 +26,8 @@ cmake --build build -j"$(nproc)"
 
 case "$mode" in
   run)
-    echo "== main job: membank bench step (N = 1,281,167, D = 128, K = 4096, B = 256)"
-    ./build/tools/membank bench step
+    echo "== main job: membank bench step --negatives both (N = 1,281,167, D = 128, K = 4096, B = 256)"
+    ./build/tools/membank bench step --negatives both
     ;;
   test)
     echo "== tests"

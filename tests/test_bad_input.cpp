@@ -217,8 +217,8 @@ TEST_CASE("shared negatives: a B x K matrix is refused") {
 }
 
 TEST_CASE("exclude_positive: a caller negative equal to its positive is refused") {
-  // Guards step_with_negatives / evaluate with exclude_positive (per-sample): the caller may not
-  // pass the query's own positive as a negative.
+  // Guards step_with_negatives / evaluate with exclude_positive: per-sample, the caller may not
+  // pass the query's own positive as a negative; shared, no negative may equal any id of the batch.
   std::mt19937_64 rng(13);
   const std::vector<index_t> ids{1, 2, 3, 4, 5};
   const RowMatrixf f = unit_rows(B, D, rng);
@@ -226,6 +226,15 @@ TEST_CASE("exclude_positive: a caller negative equal to its positive is refused"
   for (Engine& eng : engines(true)) {
     RowMatrixi negs = RowMatrixi::Constant(B, K, 50);
     negs(B - 1, 3) = ids[B - 1];
+    expect_rejected(eng, [&](Engine& e) { e.step_with_negatives(f, ids, negs, g); }, {"negatives"});
+    expect_rejected(eng, [&](Engine& e) { e.evaluate(f, ids, negs, g); }, {"negatives"});
+    negs(B - 1, 3) = 50;
+    CHECK_NOTHROW(eng.evaluate(f, ids, negs, g));
+  }
+  for (Engine& eng : engines(true, NegativesMode::shared)) {
+    RowMatrixi negs = RowMatrixi::Constant(1, K, 50);
+    CHECK_NOTHROW(eng.evaluate(f, ids, negs, g));
+    negs(0, 6) = ids[2];  // the positive of another query of the batch
     expect_rejected(eng, [&](Engine& e) { e.step_with_negatives(f, ids, negs, g); }, {"negatives"});
     expect_rejected(eng, [&](Engine& e) { e.evaluate(f, ids, negs, g); }, {"negatives"});
   }
