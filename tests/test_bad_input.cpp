@@ -411,3 +411,22 @@ TEST_CASE("restore_state and the name parsers reject bad values") {
   CHECK(negatives_mode_from_string(to_string(NegativesMode::shared)) == NegativesMode::shared);
   CHECK(z_policy_from_string(to_string(ZPolicy::ema)) == ZPolicy::ema);
 }
+
+TEST_CASE("caller negatives the sampler can never draw are refused") {
+  // Guards step_with_negatives against a negative whose P_n is 0 (an alias weight of zero): its
+  // NCE term would be log(0); the step throws Error naming the entry and leaves the engine as it was.
+  std::vector<double> w(N, 1.0);
+  w[7] = 0.0;
+  EngineConfig cfg;
+  cfg.k = K;
+  Engine eng(Bank(N, D, 3), std::make_unique<AliasSampler>(w), cfg);
+  std::mt19937_64 rng(77);
+  const std::vector<index_t> ids = random_ids(B, N, rng);
+  const RowMatrixf f = unit_rows(B, D, rng);
+  RowMatrixi neg = RowMatrixi::Constant(B, K, 8);
+  neg(2, 4) = 7;
+  RowMatrixf g(B, D);
+  expect_rejected(eng, [&](Engine& e) { e.step_with_negatives(f, ids, neg, g); }, {"negatives(2, 4)", "P_n = 0"});
+  neg(2, 4) = 8;
+  CHECK_NOTHROW(eng.step_with_negatives(f, ids, neg, g));
+}

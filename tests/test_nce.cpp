@@ -585,10 +585,10 @@ TEST_CASE("importance-weighted Zhat approaches the exact partition function") {
   const AliasSampler& sampler = dynamic_cast<const AliasSampler&>(eng.sampler());
   auto estimate = [&](std::int64_t draws, std::uint32_t row) {
     std::vector<index_t> ids(static_cast<std::size_t>(draws));
-    std::vector<float> pn(ids.size());
-    sampler.draw(StreamKey{2024, 3, row, 0}, {}, ids, pn);
+    std::vector<float> log_pn(ids.size());
+    sampler.draw(StreamKey{2024, 3, row, 0}, {}, ids, log_pn);
     double s = 0;
-    for (std::size_t t = 0; t < ids.size(); ++t) s += e(ids[t]) / pn[t];
+    for (std::size_t t = 0; t < ids.size(); ++t) s += e(ids[t]) / std::exp(double(log_pn[t]));
     return s / static_cast<double>(draws);
   };
   auto rms = [&](std::int64_t draws) {

@@ -81,21 +81,7 @@ constexpr index_t kPrefetchRows = 8;    // rows ahead of the one being scored
 constexpr index_t kSharedRowBlock = 16;
 constexpr index_t kRowBlock = 8;        // rows scored together in the per-sample kernel
 
-/// log(p) for a stream of probabilities that often repeat (always, for the uniform sampler).
-class LogCache {
- public:
-  double operator()(float p) {
-    if (p != last_p_) {
-      last_p_ = p;
-      last_log_ = std::log(static_cast<double>(p));
-    }
-    return last_log_;
-  }
-
- private:
-  float last_p_ = -1.0f;
-  double last_log_ = 0.0;
-}; // queries per GEMM block (fixed: results do not depend on threads)
+// queries per GEMM block (fixed: results do not depend on threads)
 
 /// log(1 + e^a) and 1 / (1 + e^-a) from one exp, stable for any a.
 inline void softplus_sigmoid(double a, double& softplus, double& sigmoid, double& exp_a) {
@@ -199,19 +185,19 @@ std::vector<index_t> unique_sorted(IdsRef ids) {
   return u;
 }
 
-/// Negatives of query i into ids_buf/pn_buf: drawn, or copied from the caller's matrix.
+/// Negatives of query i into ids_buf/log_pn_buf: drawn, or copied from the caller's matrix.
 void query_negatives(const KernelContext& cx, const StepInput& in, index_t i, std::span<index_t> ids_buf,
-                     std::span<float> pn_buf) {
+                     std::span<float> log_pn_buf) {
   if (in.negatives) {
     const index_t* row = in.negatives->data() + i * in.negatives->cols();
     std::copy_n(row, cx.k, ids_buf.begin());
-    cx.sampler->lookup(ids_buf, pn_buf);
+    cx.sampler->lookup(ids_buf, log_pn_buf);
   } else {
     const index_t y = in.ids[static_cast<std::size_t>(i)];
     const std::span<const index_t> excl = cx.cfg->exclude_positive ? std::span<const index_t>(&y, 1)
                                                                    : std::span<const index_t>();
     cx.sampler->draw({cx.cfg->seed, in.step, static_cast<std::uint32_t>(i), detail::purpose_negatives},
-                     excl, ids_buf, pn_buf);
+                     excl, ids_buf, log_pn_buf);
   }
 }
 
@@ -224,21 +210,20 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
 #pragma omp parallel
   {
     std::vector<index_t> ids_buf(static_cast<std::size_t>(cx.k));
-    std::vector<float> pn_buf(static_cast<std::size_t>(cx.k));
+    std::vector<float> log_pn_buf(static_cast<std::size_t>(cx.k));
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
-        query_negatives(cx, in, i, ids_buf, pn_buf);
+        query_negatives(cx, in, i, ids_buf, log_pn_buf);
         const float* f = in.f + i * in.f_stride;
         const index_t y = in.ids[static_cast<std::size_t>(i)];
         const double log_excl =
             cx.cfg->exclude_positive ? std::log1p(-cx.sampler->prob(y)) : 0.0;
         Lse lse;
-        LogCache log_pn;
         for (index_t k = 0; k < cx.k; ++k) {
           if (k + kPrefetchRows < cx.k) detail::prefetch_row(cx.bank.row(ids_buf[k + kPrefetchRows]), dim);
           const double s = detail::dot(cx.bank.row(ids_buf[k]), f, dim);
-          lse.add(s * inv_tau - log_pn(pn_buf[k]) + log_excl);
+          lse.add(s * inv_tau - log_pn_buf[k] + log_excl);
         }
         per_query[static_cast<std::size_t>(i)] = lse;
       });
@@ -263,11 +248,11 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
 #pragma omp parallel
   {
     std::vector<index_t> ids_buf(static_cast<std::size_t>(cx.k));
-    std::vector<float> pn_buf(static_cast<std::size_t>(cx.k));
+    std::vector<float> log_pn_buf(static_cast<std::size_t>(cx.k));
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
-        query_negatives(cx, in, i, ids_buf, pn_buf);
+        query_negatives(cx, in, i, ids_buf, log_pn_buf);
         for (index_t k = 0; k < std::min(kPrefetchRows, cx.k); ++k)
           detail::prefetch_row(cx.bank.row(ids_buf[k]), dim);
         const float* f = in.f + i * in.f_stride;
@@ -290,7 +275,6 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
           q.p_pos = std::exp(s_pos * inv_tau - cx.log_z);
           detail::axpy(static_cast<float>(-(1.0 - h) * coef_scale), vy, g, dim);
           const double shift = -cx.log_z - log_k + log_excl;
-          LogCache log_pn;
           for (index_t k0 = 0; k0 < cx.k; k0 += kRowBlock) {
             // Scores of a block of rows first (independent dot products overlap), then their
             // coefficients, then the gradient from the same rows while they are still in L1.
@@ -302,7 +286,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
               s[r] = detail::dot(cx.bank.row(ids_buf[k]), f, dim);
             }
             for (index_t r = 0; r < rows; ++r) {
-              const double a = s[r] * inv_tau + shift - log_pn(pn_buf[k0 + r]);
+              const double a = s[r] * inv_tau + shift - log_pn_buf[k0 + r];
               softplus_sigmoid(a, sp, h, ea);
               q.loss += sp;  // -log(1 - h)
               q.sum_exp_a += ea;
@@ -314,12 +298,11 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
           // InfoNCE: online softmax over logits l = s/tau - log P_n; acc = sum_j w_j v_j, w_j = e^(l_j - m).
           const double l_pos = s_pos * inv_tau - std::log(p_y);
           double m = l_pos, total = 1.0, neg_total = 0.0;
-          LogCache log_pn;
           std::copy_n(vy, dim, g);  // g holds acc until the end
           for (index_t k = 0; k < cx.k; ++k) {
             if (k + kPrefetchRows < cx.k) detail::prefetch_row(cx.bank.row(ids_buf[k + kPrefetchRows]), dim);
             const float* v = cx.bank.row(ids_buf[k]);
-            const double l = detail::dot(v, f, dim) * inv_tau - log_pn(pn_buf[k]) + log_excl;
+            const double l = detail::dot(v, f, dim) * inv_tau - log_pn_buf[k] + log_excl;
             double w;
             if (l > m) {
               const double scale = std::exp(m - l);
@@ -361,7 +344,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   const bool info = cx.cfg->objective == Objective::info_nce;
 
   std::vector<index_t> neg(static_cast<std::size_t>(k));
-  std::vector<float> pn(static_cast<std::size_t>(k));
+  std::vector<float> log_pn(static_cast<std::size_t>(k));
   double log_excl = 0.0;
   std::vector<index_t> excluded;
   if (cx.cfg->exclude_positive) {
@@ -374,14 +357,14 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   }
   if (in.negatives) {
     std::copy_n(in.negatives->data(), k, neg.begin());
-    cx.sampler->lookup(neg, pn);
+    cx.sampler->lookup(neg, log_pn);
   } else {
-    cx.sampler->draw({cx.cfg->seed, in.step, 0u, detail::purpose_shared_negatives}, excluded, neg, pn);
+    cx.sampler->draw({cx.cfg->seed, in.step, 0u, detail::purpose_shared_negatives}, excluded, neg, log_pn);
   }
   // log(K P_n) per negative (conditional on the exclusion).
   Eigen::VectorXd log_kpn(k);
   for (index_t j = 0; j < k; ++j)
-    log_kpn[j] = std::log(static_cast<double>(k)) + std::log(static_cast<double>(pn[j])) - log_excl;
+    log_kpn[j] = std::log(static_cast<double>(k)) + static_cast<double>(log_pn[j]) - log_excl;
 
   RowMatrixf vneg(k, dim);
 #pragma omp parallel for schedule(static)
@@ -541,18 +524,18 @@ RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
   const index_t k = config_.k;
   if (config_.negatives == NegativesMode::shared) {
     RowMatrixi out(1, k);
-    std::vector<float> pn(static_cast<std::size_t>(k));
+    std::vector<float> log_pn(static_cast<std::size_t>(k));
     std::vector<index_t> excluded;
     if (config_.exclude_positive) excluded = unique_sorted(ids);
     sampler_->draw({config_.seed, step, 0u, detail::purpose_shared_negatives}, excluded,
-                   std::span<index_t>(out.data(), static_cast<std::size_t>(k)), pn);
+                   std::span<index_t>(out.data(), static_cast<std::size_t>(k)), log_pn);
     return out;
   }
   RowMatrixi out(batch, k);
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
-    std::vector<float> pn(static_cast<std::size_t>(k));
+    std::vector<float> log_pn(static_cast<std::size_t>(k));
 #pragma omp for schedule(static)
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
@@ -560,7 +543,7 @@ RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
         const std::span<const index_t> excl =
             config_.exclude_positive ? std::span<const index_t>(&y, 1) : std::span<const index_t>();
         sampler_->draw({config_.seed, step, static_cast<std::uint32_t>(i), detail::purpose_negatives}, excl,
-                       std::span<index_t>(out.row(i).data(), static_cast<std::size_t>(k)), pn);
+                       std::span<index_t>(out.row(i).data(), static_cast<std::size_t>(k)), log_pn);
       });
     }
   }
@@ -609,6 +592,15 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
                       "negatives(0, {}) = {} is an id of the batch, with exclude_positive set (shared negatives "
                       "exclude every positive of the batch)", j, v);
       }
+    // A noise sample the sampler can never draw (P_n = 0) has no NCE term: refuse it.
+    std::vector<float> log_pn(static_cast<std::size_t>(negatives->cols()));
+    for (index_t i = 0; i < negatives->rows(); ++i) {
+      sampler_->lookup(std::span<const index_t>(negatives->row(i).data(), log_pn.size()), log_pn);
+      for (index_t j = 0; j < negatives->cols(); ++j)
+        MEMBANK_CHECK(std::isfinite(log_pn[static_cast<std::size_t>(j)]),
+                      "negatives({}, {}) = {} has P_n = 0 under the {} sampler: expected ids the sampler can draw",
+                      i, j, (*negatives)(i, j), to_string(sampler_->kind()));
+    }
   }
 
   Computed result;

@@ -28,11 +28,11 @@ bool is_excluded(std::span<const index_t> excluded, index_t j) {
   return std::binary_search(excluded.begin(), excluded.end(), j);
 }
 
-/// Fills ids/pn from a stream; `one(stream_words, id&, p&)` makes one draw from fresh words.
+/// Fills ids/log_pn from a stream; `one(stream_words, id&, log_p&)` makes one draw from fresh words.
 /// Uniform draws need 64 bits, so one Philox block serves two; alias draws take a whole block.
 template <int kDrawsPerBlock, class One>
 void draw_loop(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
-               std::span<float> pn, One&& one) {
+               std::span<float> log_pn, One&& one) {
   detail::Stream stream(key);
   r123::Philox4x32::ctr_type block{};
   int used = kDrawsPerBlock;
@@ -44,13 +44,13 @@ void draw_loop(const StreamKey& key, std::span<const index_t> excluded, std::spa
     one(block, used++, id, p);
   };
   for (std::size_t k = 0; k < ids.size(); ++k) {
-    next(ids[k], pn[k]);
+    next(ids[k], log_pn[k]);
     int rejections = 0;
     while (is_excluded(excluded, ids[k])) {
       MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
                     "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of "
                     "the sampler's mass", rejections);
-      next(ids[k], pn[k]);
+      next(ids[k], log_pn[k]);
     }
   }
 }
@@ -70,15 +70,15 @@ std::vector<double> UniformSampler::probs() const {
   return std::vector<double>(static_cast<std::size_t>(n_), 1.0 / static_cast<double>(n_));
 }
 
-void UniformSampler::lookup(std::span<const index_t> ids, std::span<float> pn) const {
-  std::fill_n(pn.begin(), ids.size(), static_cast<float>(1.0 / static_cast<double>(n_)));
+void UniformSampler::lookup(std::span<const index_t> ids, std::span<float> log_pn) const {
+  std::fill_n(log_pn.begin(), ids.size(), static_cast<float>(-std::log(static_cast<double>(n_))));
 }
 
 void UniformSampler::draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
-                          std::span<float> pn) const {
+                          std::span<float> log_pn) const {
   const auto n = static_cast<std::uint64_t>(n_);
-  const float p = static_cast<float>(1.0 / static_cast<double>(n_));
-  draw_loop<2>(key, excluded, ids, pn, [n, p](const auto& r, int half, index_t& id, float& pj) {
+  const float p = static_cast<float>(-std::log(static_cast<double>(n_)));
+  draw_loop<2>(key, excluded, ids, log_pn, [n, p](const auto& r, int half, index_t& id, float& pj) {
     const std::uint64_t u = half == 0 ? detail::join64(r.v[0], r.v[1]) : detail::join64(r.v[2], r.v[3]);
     id = static_cast<index_t>(detail::scale_to(u, n));
     pj = p;
@@ -129,8 +129,8 @@ AliasSampler::AliasSampler(std::span<const double> weights)
   for (const auto j : large) cells_[j] = {1.0f, j, 0.0f, 0.0f};
   for (const auto j : small) cells_[j] = {1.0f, j, 0.0f, 0.0f};
   for (std::size_t j = 0; j < n; ++j) {
-    cells_[j].p_self = static_cast<float>(p_[j]);
-    cells_[j].p_alias = static_cast<float>(p_[cells_[j].alias]);
+    cells_[j].log_p_self = static_cast<float>(std::log(p_[j]));
+    cells_[j].log_p_alias = static_cast<float>(std::log(p_[cells_[j].alias]));
   }
 }
 
@@ -141,12 +141,12 @@ double AliasSampler::prob(index_t j) const {
 
 std::vector<double> AliasSampler::probs() const { return p_; }
 
-void AliasSampler::lookup(std::span<const index_t> ids, std::span<float> pn) const {
-  for (std::size_t k = 0; k < ids.size(); ++k) pn[k] = cells_[static_cast<std::size_t>(ids[k])].p_self;
+void AliasSampler::lookup(std::span<const index_t> ids, std::span<float> log_pn) const {
+  for (std::size_t k = 0; k < ids.size(); ++k) log_pn[k] = cells_[static_cast<std::size_t>(ids[k])].log_p_self;
 }
 
 void AliasSampler::draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
-                        std::span<float> pn) const {
+                        std::span<float> log_pn) const {
   const auto n = static_cast<std::uint64_t>(n_);
   const Cell* cells = cells_.data();
   // A draw = one Philox block: 64 bits pick a cell, 24 bits toss its coin. Blocks 0..K-1 serve the
@@ -164,7 +164,7 @@ void AliasSampler::draw(const StreamKey& key, std::span<const index_t> excluded,
     const Cell& c = cells[d.first];
     const bool keep = d.second < c.threshold;
     id = keep ? static_cast<index_t>(d.first) : static_cast<index_t>(c.alias);
-    p = keep ? c.p_self : c.p_alias;
+    p = keep ? c.log_p_self : c.log_p_alias;
   };
   for (std::size_t j = 0; j < std::min(k, kAhead); ++j) {
     ring[j] = fresh();
@@ -177,7 +177,7 @@ void AliasSampler::draw(const StreamKey& key, std::span<const index_t> excluded,
       ring[j % kAhead] = fresh();
       __builtin_prefetch(cells + ring[j % kAhead].first);
     }
-    resolve(d, ids[j], pn[j]);
+    resolve(d, ids[j], log_pn[j]);
   }
   if (excluded.empty()) return;
   // Redraws, in draw order, from blocks K, K+1, ... of the same stream.
@@ -187,7 +187,7 @@ void AliasSampler::draw(const StreamKey& key, std::span<const index_t> excluded,
       MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
                     "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of "
                     "the sampler's mass", rejections);
-      resolve(fresh(), ids[j], pn[j]);
+      resolve(fresh(), ids[j], log_pn[j]);
     }
   }
 }

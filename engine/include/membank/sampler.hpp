@@ -44,17 +44,19 @@ class NoiseSampler {
   virtual double prob(index_t j) const = 0;
   /// Every P_n(j), j = 0..N-1 (O(N) memory).
   virtual std::vector<double> probs() const = 0;
-  /// pn[k] = P_n(ids[k]) in fp32, for ids already checked to lie in [0, N). One virtual call a batch.
-  virtual void lookup(std::span<const index_t> ids, std::span<float> pn) const = 0;
+  /// log_pn[k] = log P_n(ids[k]) in fp32, for ids already checked to lie in [0, N); -inf for an id
+  /// the sampler never draws. One virtual call a batch.
+  virtual void lookup(std::span<const index_t> ids, std::span<float> log_pn) const = 0;
 
   /// Fill ids[0..K) with independent draws from P_n restricted to the complement of `excluded`
   /// (a sorted list of ids; empty for plain draws): a draw that hits an excluded id is redrawn
-  /// from the same stream. pn[k] receives the unconditional P_n(ids[k]).
-  /// Preconditions (checked by the caller, Engine): ids.size() == pn.size(); the excluded ids carry
+  /// from the same stream. log_pn[k] receives log P_n(ids[k]) (unconditional, fp32: what the
+  /// objectives consume, so the hot loop takes no logarithm).
+  /// Preconditions (checked by the caller, Engine): ids.size() == log_pn.size(); the excluded ids carry
   /// less than all of the mass. Throws Error if 10^6 consecutive draws all hit excluded ids.
   /// Cost O(K) expected; one virtual call per stream, a templated loop inside.
   virtual void draw(const StreamKey& key, std::span<const index_t> excluded,
-                    std::span<index_t> ids, std::span<float> pn) const = 0;
+                    std::span<index_t> ids, std::span<float> log_pn) const = 0;
 
  protected:
   explicit NoiseSampler(index_t n) : n_(n) {}
@@ -69,14 +71,15 @@ class UniformSampler final : public NoiseSampler {
   SamplerKind kind() const override { return SamplerKind::uniform; }
   double prob(index_t j) const override;
   std::vector<double> probs() const override;
-  void lookup(std::span<const index_t> ids, std::span<float> pn) const override;
+  void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override;
   void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
-            std::span<float> pn) const override;
+            std::span<float> log_pn) const override;
 };
 
 /// P_n(j) = w_j / sum(w), drawn in O(1) through a Vose alias table built in O(N).
-/// Memory: 16 bytes per instance (threshold, alias, and both cells' probabilities, so a draw and
-/// its probability cost one cache line).
+/// Memory: 16 bytes per instance in the table (threshold, alias, and both cells' log
+/// probabilities, so a draw and its probability cost one cache line) plus the normalised weights
+/// in double (8 bytes per instance).
 class AliasSampler final : public NoiseSampler {
  public:
   /// Throws Error (naming the first bad index and value) if weights is empty, has more than
@@ -85,17 +88,17 @@ class AliasSampler final : public NoiseSampler {
   SamplerKind kind() const override { return SamplerKind::alias; }
   double prob(index_t j) const override;
   std::vector<double> probs() const override;
-  void lookup(std::span<const index_t> ids, std::span<float> pn) const override;
+  void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override;
   void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
-            std::span<float> pn) const override;
+            std::span<float> log_pn) const override;
   /// The weights the sampler was built from, normalised to sum 1 (double precision).
   const std::vector<double>& normalized_weights() const { return p_; }
 
   struct Cell {
     float threshold;      ///< keep this cell when a uniform u in [0,1) falls below it
     std::uint32_t alias;  ///< the other cell's id
-    float p_self;         ///< P_n(cell)
-    float p_alias;        ///< P_n(alias)
+    float log_p_self;     ///< log P_n(cell)
+    float log_p_alias;    ///< log P_n(alias)
   };
 
  private:
