@@ -461,13 +461,18 @@ namespace {
 struct PreparedFeatures {
   RowMatrixf copy;           // used when normalising
   std::vector<double> norms; // of the raw rows, when normalising
-  const float* data = nullptr;
-  index_t stride = 0;
+  const float* data = nullptr;  // B x D unit rows: copy, or the caller's features
+  index_t rows = 0, cols = 0, stride = 0;
+  Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> view() const {
+    return {data, rows, cols, Eigen::OuterStride<>(stride)};
+  }
 };
 
 PreparedFeatures prepare_features(FeaturesRef features, index_t batch, index_t dim, const EngineConfig& cfg) {
   check_features(features, batch, dim, "features");
   PreparedFeatures p;
+  p.rows = batch;
+  p.cols = dim;
   if (cfg.normalize_features) {
     p.copy.resize(batch, dim);
     p.norms.resize(static_cast<std::size_t>(batch));
@@ -554,14 +559,8 @@ RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
 void Engine::update(FeaturesRef features, IdsRef ids) {
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
   check_ids(ids, bank_.size(), "ids");
-  update_rows(features, ids);
-}
-
-void Engine::update_rows(FeaturesRef features, IdsRef ids) {
   const PreparedFeatures p = prepare_features(features, static_cast<index_t>(ids.size()), bank_.dim(), config_);
-  Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> f(p.data, features.rows(), features.cols(),
-                                                         Eigen::OuterStride<>(p.stride));
-  bank_.momentum_update(ids, f, config_.momentum, step_);
+  bank_.momentum_update(ids, p.view(), config_.momentum, step_);
 }
 
 Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const {
@@ -608,10 +607,8 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
   stats.step = step_;
   if (full) {
     // The exact reference needs no sampling and no Z state.
-    stats.loss = full_softmax_loss(bank_.view(),
-                                   Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>>(
-                                       prepared.data, batch, dim, Eigen::OuterStride<>(prepared.stride)),
-                                   ids, config_.tau, grad, &stats.z, &stats.mean_p_positive);
+    stats.loss = full_softmax_loss(bank_.view(), prepared.view(), ids, config_.tau, grad, &stats.z,
+                                   &stats.mean_p_positive);
     stats.z_estimate = kNaN;
   } else {
     KernelContext cx{bank_.view(), sampler_.get(), &config_, kNaN,
@@ -659,7 +656,10 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
       stats.z_estimate = sum_exp / (static_cast<double>(batch) * static_cast<double>(cx.k));
     }
   }
-  if (config_.normalize_features) backprop_normalisation(prepared, grad);
+  if (config_.normalize_features) {
+    backprop_normalisation(prepared, grad);
+    result.normalized = prepared.copy;
+  }
   return result;
 }
 
@@ -670,7 +670,10 @@ StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negati
     partition_.initialised = true;
     partition_.log_z = result.partition.log_z;
   }
-  if (update) update_rows(features, ids);
+  // The rows are refreshed with the unit features the loss saw (the engine's copy if it normalised).
+  if (update)
+    bank_.momentum_update(ids, result.normalized.size() ? FeaturesRef(result.normalized) : features,
+                          config_.momentum, step_);
   ++step_;
   return result.stats;
 }

@@ -146,13 +146,13 @@ class Engine {
   struct Computed {
     StepStats stats;
     Partition partition;  ///< Z state after the step (initialised = false: no change)
+    RowMatrixf normalized;  ///< the unit features used, when the engine normalised them (else empty)
   };
   /// Validate, then compute loss and gradient; changes nothing in the engine.
   Computed compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const;
   /// compute(), then commit Z, the bank rows (if update) and the counter.
   StepStats run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
                 bool update);
-  void update_rows(FeaturesRef features, IdsRef ids);
 
   Bank bank_;
   std::unique_ptr<NoiseSampler> sampler_;
