@@ -14,6 +14,8 @@ int main(int argc, char** argv) {
   auto* bench = app.add_subcommand("bench", "Benchmarks that print figures (never pass/fail on timing)");
   bench->require_subcommand(1);
   membank::tools::add_bench_step(*bench);
+  membank::tools::add_bench_snapshot(*bench);
+  membank::tools::add_snapshot(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

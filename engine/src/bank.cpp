@@ -122,6 +122,33 @@ Bank Bank::from_rows(FeaturesRef rows) {
   return bank;
 }
 
+Bank Bank::from_blocks(index_t n, index_t dim, index_t block_rows,
+                       const std::function<void(index_t, index_t, float*, index_t)>& fill,
+                       double renorm_tolerance, index_t* renormalised) {
+  MEMBANK_CHECK(block_rows >= 1, "block_rows = {}: expected >= 1", block_rows);
+  Bank bank;
+  bank.allocate(n, dim);
+  index_t fixed = 0;
+  for (index_t r0 = 0; r0 < n; r0 += block_rows) {
+    const index_t rows = std::min(block_rows, n - r0);
+    fill(r0, rows, bank.data_ + r0 * bank.stride_, bank.stride_);
+    for (index_t i = r0; i < r0 + rows; ++i) {
+      float* v = bank.data_ + i * bank.stride_;
+      for (index_t c = 0; c < dim; ++c)
+        MEMBANK_CHECK(std::isfinite(v[c]), "row {} holds {} at column {}: expected finite values", i, v[c], c);
+      std::fill(v + dim, v + bank.stride_, 0.0f);
+      const double norm = std::sqrt(detail::squared_norm_d(v, dim));
+      MEMBANK_CHECK(norm > 0.0, "row {} is all zeros: expected a non-zero vector", i);
+      if (std::fabs(norm - 1.0) > renorm_tolerance) {
+        for (index_t c = 0; c < dim; ++c) v[c] = static_cast<float>(v[c] / norm);
+        ++fixed;
+      }
+    }
+  }
+  if (renormalised) *renormalised = fixed;
+  return bank;
+}
+
 Bank::Bank(Bank&& o) noexcept
     : data_(std::exchange(o.data_, nullptr)),
       bytes_(std::exchange(o.bytes_, 0)),

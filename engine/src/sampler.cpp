@@ -102,6 +102,7 @@ AliasSampler::AliasSampler(std::span<const double> weights)
   // Vose's alias method: O(N). Scaled probabilities q_j = N p_j; cells with q < 1 ("small") are
   // topped up by a "large" cell, which becomes their alias.
   const std::size_t n = weights.size();
+  w_.assign(weights.begin(), weights.end());
   p_.resize(n);
   cells_.resize(n);
   std::vector<double> q(n);

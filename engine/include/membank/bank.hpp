@@ -11,6 +11,7 @@
 #include <membank/types.hpp>
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -57,6 +58,16 @@ class Bank {
 
   /// Step at which each row was last written (-1: never since initialisation). Length N.
   const std::vector<std::int64_t>& last_update() const { return last_update_; }
+
+  /// A bank whose rows a reader supplies block by block (snapshot loading, imports):
+  /// fill(row0, rows, dst, stride) writes rows [row0, row0 + rows) at dst + r * stride, r < rows,
+  /// with rows <= block_rows. Every row is then checked: a non-finite value or a zero row throws
+  /// Error naming the row; a row with |‖v‖ - 1| > renorm_tolerance is renormalised and counted in
+  /// *renormalised (when given) -- rows within tolerance are kept bit for bit. Errors from `fill`
+  /// propagate. Peak memory: the bank.
+  static Bank from_blocks(index_t n, index_t dim, index_t block_rows,
+                          const std::function<void(index_t, index_t, float*, index_t)>& fill,
+                          double renorm_tolerance, index_t* renormalised = nullptr);
 
   /// Momentum refresh, for b = 0..B-1 in batch order:
   ///   v[ids[b]] <- normalise(m * v[ids[b]] + (1 - m) * f[b])

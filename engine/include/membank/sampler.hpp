@@ -93,6 +93,9 @@ class AliasSampler final : public NoiseSampler {
             std::span<float> log_pn) const override;
   /// The weights the sampler was built from, normalised to sum 1 (double precision).
   const std::vector<double>& normalized_weights() const { return p_; }
+  /// The weights exactly as the caller gave them: rebuilding from them gives a bit-identical table
+  /// (what snapshots store).
+  const std::vector<double>& weights() const { return w_; }
 
   struct Cell {
     float threshold;      ///< keep this cell when a uniform u in [0,1) falls below it
@@ -104,6 +107,7 @@ class AliasSampler final : public NoiseSampler {
  private:
   std::vector<Cell> cells_;
   std::vector<double> p_;
+  std::vector<double> w_;
 };
 
 }  // namespace membank

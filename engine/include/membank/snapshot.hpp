@@ -1,0 +1,72 @@
+#pragma once
+// Snapshot: the whole engine state in one HDF5 file that h5py and h5dump read with no plugin.
+//
+// Layout (format "membank-snapshot", version 1):
+//   /bank         float32 (N, D), row-major, chunked by whole rows (~1 MiB a chunk), fletcher32,
+//                 optional shuffle + deflate
+//   /last_update  int64 (N): the step at which each row was last written (-1: never)
+//   /sampler_weights  float64 (N), alias sampler only: its normalised weights
+//   /labels       int64 (N), optional per-instance labels
+//   root attributes: format, format_version, engine_version, n, dim, step, seed, k, tau, momentum,
+//   objective, negatives, exclude_positive, z_policy, z_fixed, z_ema, z_initialised, log_z, sampler,
+//   normalize_features, unit_norm_tolerance.
+//
+// Saving writes a temporary file in the destination's directory, reads it back and validates it,
+// fsyncs it, renames it over the destination and fsyncs the directory: a writer killed at any
+// moment leaves the previous snapshot as it was. Loading validates format, version, ranks, dtypes,
+// shapes against the attributes, storage against the claimed sizes, and every row (finite, unit
+// norm) before it hands anything back; failures throw membank::Error naming the file and the
+// problem. Peak memory of save and load is the bank plus one chunk.
+//
+// Thread safety: HDF5 (serial build) is not thread-safe; do not call these concurrently.
+#include <membank/engine.hpp>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace membank {
+
+struct SnapshotOptions {
+  int deflate_level = 0;  ///< 0: no compression; 1..9: shuffle + deflate at that level
+};
+
+/// Metadata of a snapshot (attributes and dataset shapes; no rows read).
+struct SnapshotInfo {
+  std::string format;
+  int format_version = 0;
+  std::string engine_version;
+  index_t n = 0, dim = 0;
+  std::int64_t step = 0;
+  EngineConfig config;
+  Partition partition;
+  SamplerKind sampler = SamplerKind::uniform;
+  bool has_labels = false;
+  index_t rows_per_chunk = 0;
+  bool compressed = false;
+};
+
+/// Save the engine's whole state (and optional labels, length N) to `path`, atomically.
+/// Throws Error (the destination untouched) if the directory is not writable, labels have the wrong
+/// length, or the written file does not validate.
+void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options = {},
+                   std::span<const std::int64_t> labels = {});
+
+/// Read and validate the metadata only (cheap). Throws Error naming the file and the problem.
+SnapshotInfo read_snapshot_info(const std::string& path);
+
+/// Load a snapshot into a new Engine that continues exactly where the saved one stopped (same
+/// step counter, Z, bank, sampler, configuration). Labels go to *labels when asked and present.
+/// Throws Error naming the file and the problem; nothing is allocated for the bank before the
+/// metadata and storage sizes validate.
+Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels = nullptr);
+
+/// Import a plain (N, D) float32 or float64 dataset written by another tool (e.g. h5py) as a bank,
+/// renormalising its rows. `renormalised` receives how many rows were not unit norm (|‖v‖-1| > 1e-5).
+/// Throws Error on a missing dataset, wrong rank or dtype, NaN/Inf or zero rows.
+Bank import_bank(const std::string& path, const std::string& dataset = "bank", index_t* renormalised = nullptr);
+
+/// Full check of a snapshot (metadata, checksums, every row); returns the problems found (empty: ok).
+std::vector<std::string> verify_snapshot(const std::string& path);
+
+}  // namespace membank

@@ -1,0 +1,543 @@
+#include <membank/error.hpp>
+#include <membank/snapshot.hpp>
+
+#include <hdf5.h>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <random>
+#include <utility>
+
+namespace membank {
+
+namespace {
+
+constexpr const char* kFormat = "membank-snapshot";
+constexpr int kFormatVersion = 1;
+constexpr index_t kChunkBytes = index_t{1} << 20;
+constexpr double kUnitTolerance = 1e-4;  // a saved row further than this from unit norm is corrupt
+
+/// An HDF5 handle closed by its destructor.
+class Handle {
+ public:
+  Handle(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  Handle(Handle&& o) noexcept : id_(std::exchange(o.id_, -1)), close_(o.close_) {}
+  Handle(const Handle&) = delete;
+  Handle& operator=(const Handle&) = delete;
+  Handle& operator=(Handle&&) = delete;
+  ~Handle() {
+    if (id_ >= 0) close_(id_);
+  }
+  hid_t get() const { return id_; }
+  bool ok() const { return id_ >= 0; }
+
+ private:
+  hid_t id_;
+  herr_t (*close_)(hid_t);
+};
+
+/// Silences HDF5's own error printing: every failure becomes one membank::Error instead.
+void quiet_hdf5() {
+  static const bool once = [] {
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    return true;
+  }();
+  (void)once;
+}
+
+#define H5_CHECK(expr, ...)                                                                        \
+  do {                                                                                             \
+    if ((expr) < 0) MEMBANK_THROW(__VA_ARGS__);                                                    \
+  } while (0)
+
+// ---- attributes -------------------------------------------------------------------------------
+
+void write_attr_raw(hid_t obj, const char* name, hid_t type, const void* value) {
+  Handle space(H5Screate(H5S_SCALAR), H5Sclose);
+  Handle attr(H5Acreate2(obj, name, type, space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+  H5_CHECK(attr.get(), "cannot create attribute '{}'", name);
+  H5_CHECK(H5Awrite(attr.get(), type, value), "cannot write attribute '{}'", name);
+}
+void write_attr(hid_t obj, const char* name, std::int64_t v) { write_attr_raw(obj, name, H5T_NATIVE_INT64, &v); }
+void write_attr_u(hid_t obj, const char* name, std::uint64_t v) { write_attr_raw(obj, name, H5T_NATIVE_UINT64, &v); }
+void write_attr(hid_t obj, const char* name, double v) { write_attr_raw(obj, name, H5T_NATIVE_DOUBLE, &v); }
+void write_attr(hid_t obj, const char* name, const std::string& v) {
+  Handle type(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_size(type.get(), H5T_VARIABLE);
+  H5Tset_cset(type.get(), H5T_CSET_UTF8);
+  const char* p = v.c_str();
+  write_attr_raw(obj, name, type.get(), &p);
+}
+
+/// Reads snapshot attributes, each error naming the file.
+class AttrReader {
+ public:
+  AttrReader(hid_t obj, std::string file) : obj_(obj), file_(std::move(file)) {}
+
+  bool has(const char* name) const { return H5Aexists(obj_, name) > 0; }
+
+  std::int64_t i64(const char* name) const {
+    Handle attr = open(name, H5T_INTEGER, "an integer");
+    std::int64_t v = 0;
+    H5_CHECK(H5Aread(attr.get(), H5T_NATIVE_INT64, &v), "{}: attribute '{}' cannot be read as int64", file_, name);
+    return v;
+  }
+  std::uint64_t u64(const char* name) const {
+    Handle attr = open(name, H5T_INTEGER, "an integer");
+    std::uint64_t v = 0;
+    H5_CHECK(H5Aread(attr.get(), H5T_NATIVE_UINT64, &v), "{}: attribute '{}' cannot be read as uint64", file_, name);
+    return v;
+  }
+  double f64(const char* name) const {
+    Handle attr = open(name, H5T_FLOAT, "a float");
+    double v = 0;
+    H5_CHECK(H5Aread(attr.get(), H5T_NATIVE_DOUBLE, &v), "{}: attribute '{}' cannot be read as double", file_, name);
+    return v;
+  }
+  std::string str(const char* name) const {
+    Handle attr = open(name, H5T_STRING, "a string");
+    Handle ftype(H5Aget_type(attr.get()), H5Tclose);
+    if (H5Tis_variable_str(ftype.get()) > 0) {
+      Handle mtype(H5Tcopy(H5T_C_S1), H5Tclose);
+      H5Tset_size(mtype.get(), H5T_VARIABLE);
+      H5Tset_cset(mtype.get(), H5Tget_cset(ftype.get()));
+      char* p = nullptr;
+      H5_CHECK(H5Aread(attr.get(), mtype.get(), &p), "{}: attribute '{}' cannot be read as a string", file_, name);
+      std::string s = p ? p : "";
+      H5free_memory(p);
+      return s;
+    }
+    const std::size_t size = H5Tget_size(ftype.get());
+    MEMBANK_CHECK(size < 4096, "{}: attribute '{}' is a {}-byte string: expected a short name", file_, name, size);
+    std::string s(size, '\0');
+    H5_CHECK(H5Aread(attr.get(), ftype.get(), s.data()), "{}: attribute '{}' cannot be read", file_, name);
+    s.resize(std::strlen(s.c_str()));
+    return s;
+  }
+
+ private:
+  Handle open(const char* name, H5T_class_t want, const char* what) const {
+    MEMBANK_CHECK(has(name), "{}: attribute '{}' is missing", file_, name);
+    Handle attr(H5Aopen(obj_, name, H5P_DEFAULT), H5Aclose);
+    H5_CHECK(attr.get(), "{}: attribute '{}' cannot be opened", file_, name);
+    Handle type(H5Aget_type(attr.get()), H5Tclose);
+    Handle space(H5Aget_space(attr.get()), H5Sclose);
+    MEMBANK_CHECK(H5Tget_class(type.get()) == want, "{}: attribute '{}' has the wrong type: expected {}", file_, name,
+                  what);
+    MEMBANK_CHECK(H5Sget_simple_extent_npoints(space.get()) == 1, "{}: attribute '{}' is not a scalar", file_, name);
+    return Handle(H5Aopen(obj_, name, H5P_DEFAULT), H5Aclose);
+  }
+  hid_t obj_;
+  std::string file_;
+};
+
+// ---- datasets ---------------------------------------------------------------------------------
+
+index_t rows_per_chunk(index_t dim, index_t n) {
+  return std::max<index_t>(1, std::min(n, kChunkBytes / (dim * 4)));
+}
+
+/// Create a chunked, checksummed dataset of shape (n) or (n, dim).
+Handle create_dataset(hid_t file, const char* name, hid_t type, index_t n, index_t dim, index_t chunk_rows,
+                      int deflate) {
+  const hsize_t dims[2] = {static_cast<hsize_t>(n), static_cast<hsize_t>(dim)};
+  const int rank = dim > 0 ? 2 : 1;
+  Handle space(H5Screate_simple(rank, dims, nullptr), H5Sclose);
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+  const hsize_t chunk[2] = {static_cast<hsize_t>(chunk_rows), static_cast<hsize_t>(dim)};
+  H5Pset_chunk(dcpl.get(), rank, chunk);
+  if (deflate > 0) {
+    H5Pset_shuffle(dcpl.get());
+    H5Pset_deflate(dcpl.get(), static_cast<unsigned>(deflate));
+  }
+  H5Pset_fletcher32(dcpl.get());
+  Handle ds(H5Dcreate2(file, name, type, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT), H5Dclose);
+  H5_CHECK(ds.get(), "cannot create dataset '{}'", name);
+  return ds;
+}
+
+/// Write rows [r0, r0 + rows) of a (n, cols) dataset from a contiguous buffer.
+void write_rows(hid_t ds, hid_t memtype, index_t r0, index_t rows, index_t cols, const void* buf) {
+  Handle fspace(H5Dget_space(ds), H5Sclose);
+  const int rank = cols > 0 ? 2 : 1;
+  const hsize_t start[2] = {static_cast<hsize_t>(r0), 0};
+  const hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(cols)};
+  H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
+  Handle mspace(H5Screate_simple(rank, count, nullptr), H5Sclose);
+  H5_CHECK(H5Dwrite(ds, memtype, mspace.get(), fspace.get(), H5P_DEFAULT, buf), "cannot write rows {}..{}", r0,
+           r0 + rows);
+}
+
+void read_rows(hid_t ds, hid_t memtype, index_t r0, index_t rows, index_t cols, void* buf, const std::string& file,
+               const char* name) {
+  Handle fspace(H5Dget_space(ds), H5Sclose);
+  const int rank = cols > 0 ? 2 : 1;
+  const hsize_t start[2] = {static_cast<hsize_t>(r0), 0};
+  const hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(cols)};
+  H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
+  Handle mspace(H5Screate_simple(rank, count, nullptr), H5Sclose);
+  H5_CHECK(H5Dread(ds, memtype, mspace.get(), fspace.get(), H5P_DEFAULT, buf),
+           "{}: dataset '{}' rows {}..{} cannot be read (truncated file or checksum mismatch)", file, name, r0,
+           r0 + rows);
+}
+
+/// Shape and element class of a dataset, validated against what is expected.
+struct DatasetShape {
+  int rank = 0;
+  hsize_t dims[2] = {0, 0};
+  H5T_class_t cls = H5T_NO_CLASS;
+  std::size_t elem_size = 0;
+};
+
+DatasetShape shape_of(hid_t ds) {
+  DatasetShape s;
+  Handle space(H5Dget_space(ds), H5Sclose);
+  Handle type(H5Dget_type(ds), H5Tclose);
+  s.rank = H5Sget_simple_extent_ndims(space.get());
+  if (s.rank >= 1 && s.rank <= 2) H5Sget_simple_extent_dims(space.get(), s.dims, nullptr);
+  s.cls = H5Tget_class(type.get());
+  s.elem_size = H5Tget_size(type.get());
+  return s;
+}
+
+Handle open_dataset(hid_t file, const char* name, const std::string& path) {
+  MEMBANK_CHECK(H5Lexists(file, name, H5P_DEFAULT) > 0, "{}: dataset '{}' is missing", path, name);
+  Handle ds(H5Dopen2(file, name, H5P_DEFAULT), H5Dclose);
+  H5_CHECK(ds.get(), "{}: '{}' cannot be opened as a dataset", path, name);
+  return ds;
+}
+
+/// Every chunk of the dataset must be allocated: a file claiming more rows than it stores fails here,
+/// before anything of its claimed size is allocated.
+void check_storage(hid_t ds, index_t n, index_t chunk_rows, const std::string& path, const char* name) {
+  hsize_t chunks = 0;
+  Handle space(H5Dget_space(ds), H5Sclose);
+  if (H5Dget_num_chunks(ds, space.get(), &chunks) < 0) chunks = 0;
+  const auto expected = static_cast<hsize_t>((n + chunk_rows - 1) / chunk_rows);
+  MEMBANK_CHECK(chunks == expected, "{}: dataset '{}' stores {} chunks: expected {} for {} rows (truncated or "
+                "inconsistent file)", path, name, chunks, expected, n);
+}
+
+index_t chunk_rows_of(hid_t ds) {
+  Handle dcpl(H5Dget_create_plist(ds), H5Pclose);
+  if (H5Pget_layout(dcpl.get()) != H5D_CHUNKED) return 0;
+  hsize_t chunk[2] = {0, 0};
+  H5Pget_chunk(dcpl.get(), 2, chunk);
+  return static_cast<index_t>(chunk[0]);
+}
+
+bool has_filter(hid_t ds, H5Z_filter_t filter) {
+  Handle dcpl(H5Dget_create_plist(ds), H5Pclose);
+  const int nf = H5Pget_nfilters(dcpl.get());
+  for (int i = 0; i < nf; ++i) {
+    unsigned flags = 0;
+    std::size_t nelem = 0;
+    if (H5Pget_filter2(dcpl.get(), static_cast<unsigned>(i), &flags, &nelem, nullptr, 0, nullptr, nullptr) ==
+        filter)
+      return true;
+  }
+  return false;
+}
+
+// ---- files ------------------------------------------------------------------------------------
+
+void fsync_path(const std::string& path, bool directory) {
+  const int fd = ::open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  MEMBANK_CHECK(fd >= 0, "{}: cannot open to fsync: {}", path, std::strerror(errno));
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  MEMBANK_CHECK(rc == 0, "{}: fsync failed: {}", path, std::strerror(errno));
+}
+
+Handle open_file(const std::string& path) {
+  quiet_hdf5();
+  MEMBANK_CHECK(std::filesystem::exists(path), "{}: no such file", path);
+  MEMBANK_CHECK(H5Fis_hdf5(path.c_str()) > 0, "{}: not an HDF5 file (or truncated before its superblock)", path);
+  Handle f(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  H5_CHECK(f.get(), "{}: cannot be opened by HDF5 (corrupt or truncated)", path);
+  return f;
+}
+
+SnapshotInfo read_info(hid_t file, const std::string& path) {
+  AttrReader a(file, path);
+  SnapshotInfo info;
+  info.format = a.has("format") ? a.str("format") : "";
+  MEMBANK_CHECK(info.format == kFormat, "{}: format is '{}': expected '{}' (use import_bank for a plain (N, D) "
+                "dataset)", path, info.format, kFormat);
+  info.format_version = static_cast<int>(a.i64("format_version"));
+  MEMBANK_CHECK(info.format_version == kFormatVersion, "{}: format_version = {}: this membank reads version {}",
+                path, info.format_version, kFormatVersion);
+  info.engine_version = a.str("engine_version");
+  info.n = a.i64("n");
+  info.dim = a.i64("dim");
+  MEMBANK_CHECK(info.n >= 1 && info.dim >= 1 && info.dim <= (1 << 20), "{}: n = {}, dim = {}: expected n >= 1 and "
+                "1 <= dim <= 2^20", path, info.n, info.dim);
+  mul_no_overflow(mul_no_overflow(info.n, info.dim, "snapshot n x dim"), 4, "snapshot bank bytes");
+  info.step = a.i64("step");
+  MEMBANK_CHECK(info.step >= 0, "{}: step = {}: expected >= 0", path, info.step);
+  EngineConfig& c = info.config;
+  c.seed = a.u64("seed");
+  c.k = a.i64("k");
+  c.tau = a.f64("tau");
+  c.momentum = a.f64("momentum");
+  c.objective = objective_from_string(a.str("objective"));
+  c.negatives = negatives_mode_from_string(a.str("negatives"));
+  c.exclude_positive = a.i64("exclude_positive") != 0;
+  c.z_policy = z_policy_from_string(a.str("z_policy"));
+  c.z_fixed = a.f64("z_fixed");
+  c.z_ema = a.f64("z_ema");
+  c.normalize_features = a.i64("normalize_features") != 0;
+  c.unit_norm_tolerance = a.f64("unit_norm_tolerance");
+  try {
+    c.validate(info.n);
+  } catch (const Error& e) {
+    MEMBANK_THROW("{}: invalid configuration: {}", path, e.what());
+  }
+  info.partition.policy = c.z_policy;
+  info.partition.initialised = a.i64("z_initialised") != 0;
+  info.partition.log_z = a.f64("log_z");
+  MEMBANK_CHECK(!info.partition.initialised || std::isfinite(info.partition.log_z), "{}: log_z = {}: expected finite",
+                path, info.partition.log_z);
+  info.sampler = sampler_kind_from_string(a.str("sampler"));
+  info.has_labels = H5Lexists(file, "labels", H5P_DEFAULT) > 0;
+
+  // Datasets: presence, rank, dtype and shape against the attributes, storage against the sizes.
+  Handle bank = open_dataset(file, "bank", path);
+  const DatasetShape bs = shape_of(bank.get());
+  MEMBANK_CHECK(bs.rank == 2, "{}: dataset 'bank' has rank {}: expected 2 (N, D)", path, bs.rank);
+  MEMBANK_CHECK(bs.cls == H5T_FLOAT && bs.elem_size == 4, "{}: dataset 'bank' is not float32", path);
+  MEMBANK_CHECK(bs.dims[0] == static_cast<hsize_t>(info.n) && bs.dims[1] == static_cast<hsize_t>(info.dim),
+                "{}: dataset 'bank' is {} x {} but the attributes say n = {}, dim = {}", path, bs.dims[0], bs.dims[1],
+                info.n, info.dim);
+  info.rows_per_chunk = chunk_rows_of(bank.get());
+  MEMBANK_CHECK(info.rows_per_chunk >= 1, "{}: dataset 'bank' is not chunked by rows", path);
+  check_storage(bank.get(), info.n, info.rows_per_chunk, path, "bank");
+  info.compressed = has_filter(bank.get(), H5Z_FILTER_DEFLATE);
+
+  const auto check_vector = [&](const char* name, H5T_class_t cls, std::size_t size) {
+    Handle ds = open_dataset(file, name, path);
+    const DatasetShape s = shape_of(ds.get());
+    MEMBANK_CHECK(s.rank == 1 && s.dims[0] == static_cast<hsize_t>(info.n),
+                  "{}: dataset '{}' has rank {} and {} entries: expected ({},)", path, name, s.rank, s.dims[0], info.n);
+    MEMBANK_CHECK(s.cls == cls && s.elem_size == size, "{}: dataset '{}' has the wrong dtype", path, name);
+    const index_t cr = chunk_rows_of(ds.get());
+    if (cr >= 1) check_storage(ds.get(), info.n, cr, path, name);
+  };
+  check_vector("last_update", H5T_INTEGER, 8);
+  if (info.sampler == SamplerKind::alias) check_vector("sampler_weights", H5T_FLOAT, 8);
+  if (info.has_labels) check_vector("labels", H5T_INTEGER, 8);
+  return info;
+}
+
+template <class T>
+std::vector<T> read_vector(hid_t file, const char* name, index_t n, hid_t memtype, const std::string& path) {
+  Handle ds = open_dataset(file, name, path);
+  std::vector<T> v(static_cast<std::size_t>(n));
+  read_rows(ds.get(), memtype, 0, n, 0, v.data(), path, name);
+  return v;
+}
+
+Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
+  Handle ds = open_dataset(file, "bank", path);
+  // Read chunk-aligned blocks straight into the bank's rows (memory hyperslab over the stride).
+  const index_t block = info.rows_per_chunk;
+  index_t renormalised = 0;
+  Bank bank = Bank::from_blocks(
+      info.n, info.dim, block,
+      [&](index_t r0, index_t rows, float* dst, index_t stride) {
+        Handle fspace(H5Dget_space(ds.get()), H5Sclose);
+        const hsize_t start[2] = {static_cast<hsize_t>(r0), 0};
+        const hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(info.dim)};
+        H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
+        const hsize_t mdims[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(stride)};
+        Handle mspace(H5Screate_simple(2, mdims, nullptr), H5Sclose);
+        const hsize_t mstart[2] = {0, 0};
+        H5Sselect_hyperslab(mspace.get(), H5S_SELECT_SET, mstart, nullptr, count, nullptr);
+        H5_CHECK(H5Dread(ds.get(), H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), H5P_DEFAULT, dst),
+                 "{}: dataset 'bank' rows {}..{} cannot be read (truncated file or checksum mismatch)", path, r0,
+                 r0 + rows);
+      },
+      kUnitTolerance, &renormalised);
+  MEMBANK_CHECK(renormalised == 0, "{}: {} bank rows are not unit norm (|norm - 1| > {}): the snapshot is corrupt",
+                path, renormalised, kUnitTolerance);
+  return bank;
+}
+
+}  // namespace
+
+SnapshotInfo read_snapshot_info(const std::string& path) {
+  Handle f = open_file(path);
+  try {
+    return read_info(f.get(), path);
+  } catch (const Error&) {
+    throw;
+  }
+}
+
+Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels) {
+  Handle f = open_file(path);
+  const SnapshotInfo info = read_info(f.get(), path);
+  std::vector<std::int64_t> last = read_vector<std::int64_t>(f.get(), "last_update", info.n, H5T_NATIVE_INT64, path);
+  for (std::size_t i = 0; i < last.size(); ++i)
+    MEMBANK_CHECK(last[i] >= -1 && last[i] < info.step + 1, "{}: last_update[{}] = {}: expected -1 <= step <= {}",
+                  path, i, last[i], info.step);
+  std::unique_ptr<NoiseSampler> sampler;
+  if (info.sampler == SamplerKind::alias) {
+    const auto w = read_vector<double>(f.get(), "sampler_weights", info.n, H5T_NATIVE_DOUBLE, path);
+    try {
+      sampler = std::make_unique<AliasSampler>(w);
+    } catch (const Error& e) {
+      MEMBANK_THROW("{}: sampler_weights: {}", path, e.what());
+    }
+  } else {
+    sampler = std::make_unique<UniformSampler>(info.n);
+  }
+  if (labels && info.has_labels)
+    *labels = read_vector<std::int64_t>(f.get(), "labels", info.n, H5T_NATIVE_INT64, path);
+  Bank bank = read_bank(f.get(), info, path);
+  bank.set_last_update(std::move(last));
+  Engine engine(std::move(bank), std::move(sampler), info.config);
+  engine.restore_state(info.partition, info.step);
+  return engine;
+}
+
+std::vector<std::string> verify_snapshot(const std::string& path) {
+  try {
+    load_snapshot(path);
+  } catch (const Error& e) {
+    return {e.what()};
+  }
+  return {};
+}
+
+void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options,
+                   std::span<const std::int64_t> labels) {
+  quiet_hdf5();
+  const Bank& bank = engine.bank();
+  const index_t n = bank.size(), dim = bank.dim();
+  MEMBANK_CHECK(options.deflate_level >= 0 && options.deflate_level <= 9, "deflate_level = {}: expected 0..9",
+                options.deflate_level);
+  MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == n, "labels has {} entries: expected N = {}",
+                labels.size(), n);
+  namespace fs = std::filesystem;
+  const fs::path dest = fs::absolute(path);
+  const fs::path dir = dest.parent_path();
+  MEMBANK_CHECK(fs::is_directory(dir), "{}: directory {} does not exist", path, dir.string());
+  std::random_device rd;
+  const fs::path tmp = dir / fmt::format(".{}.tmp-{}-{:08x}", dest.filename().string(), ::getpid(), rd());
+
+  struct RemoveOnError {
+    fs::path p;
+    bool armed = true;
+    ~RemoveOnError() {
+      if (armed) {
+        std::error_code ec;
+        fs::remove(p, ec);
+      }
+    }
+  } cleanup{tmp};
+
+  {
+    Handle f(H5Fcreate(tmp.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
+    H5_CHECK(f.get(), "{}: cannot create the temporary file {}", path, tmp.string());
+    const hid_t root = f.get();
+    const EngineConfig& c = engine.config();
+    write_attr(root, "format", std::string(kFormat));
+    write_attr(root, "format_version", std::int64_t{kFormatVersion});
+    write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
+    write_attr(root, "n", n);
+    write_attr(root, "dim", dim);
+    write_attr(root, "step", engine.steps_done());
+    write_attr_u(root, "seed", c.seed);
+    write_attr(root, "k", c.k);
+    write_attr(root, "tau", c.tau);
+    write_attr(root, "momentum", c.momentum);
+    write_attr(root, "objective", to_string(c.objective));
+    write_attr(root, "negatives", to_string(c.negatives));
+    write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
+    write_attr(root, "z_policy", to_string(c.z_policy));
+    write_attr(root, "z_fixed", c.z_fixed);
+    write_attr(root, "z_ema", c.z_ema);
+    write_attr(root, "z_initialised", std::int64_t{engine.partition().initialised});
+    write_attr(root, "log_z", engine.partition().log_z);
+    write_attr(root, "sampler", to_string(engine.sampler().kind()));
+    write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
+    write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
+
+    const index_t chunk = rows_per_chunk(dim, n);
+    {
+      Handle ds = create_dataset(root, "bank", H5T_IEEE_F32LE, n, dim, chunk, options.deflate_level);
+      RowMatrixf buf(chunk, dim);
+      for (index_t r0 = 0; r0 < n; r0 += chunk) {
+        const index_t rows = std::min(chunk, n - r0);
+        for (index_t r = 0; r < rows; ++r) std::memcpy(buf.row(r).data(), bank.row(r0 + r), sizeof(float) * dim);
+        write_rows(ds.get(), H5T_NATIVE_FLOAT, r0, rows, dim, buf.data());
+      }
+    }
+    const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
+    const auto write_vector = [&](const char* name, hid_t ftype, hid_t mtype, const void* data) {
+      Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, options.deflate_level);
+      write_rows(ds.get(), mtype, 0, n, 0, data);
+    };
+    write_vector("last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data());
+    if (engine.sampler().kind() == SamplerKind::alias)
+      write_vector("sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
+                   dynamic_cast<const AliasSampler&>(engine.sampler()).weights().data());
+    if (!labels.empty()) write_vector("labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data());
+    H5_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL), "{}: cannot flush {}", path, tmp.string());
+  }
+  // Validate what is on disk before it replaces anything.
+  {
+    Handle f = open_file(tmp.string());
+    read_info(f.get(), tmp.string());
+  }
+  fsync_path(tmp.string(), false);
+  MEMBANK_CHECK(std::rename(tmp.c_str(), dest.c_str()) == 0, "{}: cannot rename {} over it: {}", path, tmp.string(),
+                std::strerror(errno));
+  cleanup.armed = false;
+  fsync_path(dir.string(), true);
+}
+
+Bank import_bank(const std::string& path, const std::string& dataset, index_t* renormalised) {
+  Handle f = open_file(path);
+  Handle ds = open_dataset(f.get(), dataset.c_str(), path);
+  const DatasetShape s = shape_of(ds.get());
+  MEMBANK_CHECK(s.rank == 2, "{}: dataset '{}' has rank {}: expected 2 (N, D)", path, dataset, s.rank);
+  MEMBANK_CHECK(s.cls == H5T_FLOAT && (s.elem_size == 4 || s.elem_size == 8),
+                "{}: dataset '{}' is not float32 or float64", path, dataset);
+  const auto n = static_cast<index_t>(s.dims[0]), dim = static_cast<index_t>(s.dims[1]);
+  MEMBANK_CHECK(n >= 1 && dim >= 1, "{}: dataset '{}' is {} x {}: expected N, D >= 1", path, dataset, n, dim);
+  const index_t chunk = chunk_rows_of(ds.get());
+  if (chunk >= 1) check_storage(ds.get(), n, chunk, path, dataset.c_str());
+  // Storage: a contiguous dataset must hold all its bytes.
+  const auto bytes = static_cast<hsize_t>(mul_no_overflow(mul_no_overflow(n, dim, "import N x D"),
+                                                          static_cast<index_t>(s.elem_size), "import bytes"));
+  MEMBANK_CHECK(chunk >= 1 || H5Dget_storage_size(ds.get()) >= bytes,
+                "{}: dataset '{}' stores {} bytes: expected {} for {} x {}", path, dataset,
+                H5Dget_storage_size(ds.get()), bytes, n, dim);
+  const index_t block = rows_per_chunk(dim, n);
+  std::vector<double> tmp;
+  return Bank::from_blocks(
+      n, dim, block,
+      [&](index_t r0, index_t rows, float* dst, index_t stride) {
+        tmp.resize(static_cast<std::size_t>(rows * dim));
+        read_rows(ds.get(), H5T_NATIVE_DOUBLE, r0, rows, dim, tmp.data(), path, dataset.c_str());
+        for (index_t r = 0; r < rows; ++r)
+          for (index_t c = 0; c < dim; ++c) {
+            const double x = tmp[static_cast<std::size_t>(r * dim + c)];
+            MEMBANK_CHECK(std::isfinite(x), "{}: dataset '{}' row {} holds {} at column {}: expected finite values",
+                          path, dataset, r0 + r, x, c);
+            dst[r * stride + c] = static_cast<float>(x);
+          }
+      },
+      1e-5, renormalised);
+}
+
+}  // namespace membank

@@ -1,0 +1,113 @@
+// `membank snapshot inspect|verify FILE`: look into a snapshot, or check it completely.
+#include "commands.hpp"
+
+#include <membank/error.hpp>
+#include <membank/snapshot.hpp>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <map>
+
+namespace membank::tools {
+
+namespace {
+
+/// Staleness bins: never written, then steps since the last write in [0], [1], [2, 3], [4, 7], ...
+std::map<std::string, index_t> staleness_histogram(const std::vector<std::int64_t>& last, std::int64_t step) {
+  std::vector<index_t> bins(64, 0);
+  index_t never = 0;
+  int top = 0;
+  for (const auto s : last) {
+    if (s < 0) {
+      ++never;
+      continue;
+    }
+    const std::int64_t age = std::max<std::int64_t>(0, step - 1 - s);
+    const int b = age == 0 ? 0 : 1 + static_cast<int>(std::floor(std::log2(static_cast<double>(age))));
+    ++bins[static_cast<std::size_t>(b)];
+    top = std::max(top, b);
+  }
+  std::map<std::string, index_t> out;
+  out["never"] = never;
+  for (int b = 0; b <= top; ++b) {
+    const std::int64_t lo = b == 0 ? 0 : (std::int64_t{1} << (b - 1)), hi = b == 0 ? 0 : (std::int64_t{1} << b) - 1;
+    out[lo == hi ? fmt::format("{:>6}", lo) : fmt::format("{:>6}-{}", lo, hi)] = bins[static_cast<std::size_t>(b)];
+  }
+  return out;
+}
+
+void inspect(const std::string& file, bool json) {
+  const SnapshotInfo info = read_snapshot_info(file);
+  std::vector<std::int64_t> labels;
+  const Engine engine = load_snapshot(file, &labels);
+  const BankView v = engine.bank().view();
+  double lo = std::numeric_limits<double>::infinity(), hi = 0.0, sum = 0.0;
+  for (index_t i = 0; i < v.rows; ++i) {
+    double sq = 0.0;
+    for (index_t c = 0; c < v.dim; ++c) sq += static_cast<double>(v.row(i)[c]) * v.row(i)[c];
+    const double norm = std::sqrt(sq);
+    lo = std::min(lo, norm);
+    hi = std::max(hi, norm);
+    sum += norm;
+  }
+  const auto hist = staleness_histogram(engine.bank().last_update(), info.step);
+  const EngineConfig& c = info.config;
+  nlohmann::json j = {
+      {"file", file}, {"format", info.format}, {"format_version", info.format_version},
+      {"engine_version", info.engine_version}, {"n", info.n}, {"dim", info.dim}, {"step", info.step},
+      {"objective", to_string(c.objective)}, {"k", c.k}, {"tau", c.tau}, {"momentum", c.momentum},
+      {"negatives", to_string(c.negatives)}, {"exclude_positive", c.exclude_positive},
+      {"z_policy", to_string(c.z_policy)}, {"z", info.partition.initialised ? std::exp(info.partition.log_z) : 0.0},
+      {"z_initialised", info.partition.initialised}, {"sampler", to_string(info.sampler)}, {"seed", c.seed},
+      {"labels", info.has_labels}, {"rows_per_chunk", info.rows_per_chunk}, {"compressed", info.compressed},
+      {"norm_min", lo}, {"norm_max", hi}, {"norm_mean", sum / static_cast<double>(v.rows)},
+      {"staleness_histogram", hist}};
+  if (json) {
+    fmt::print("{}\n", j.dump());
+    return;
+  }
+  fmt::print("{}\n  format {} v{} (written by membank {})\n", file, info.format, info.format_version,
+             info.engine_version);
+  fmt::print("  bank {} x {} fp32, {} rows per chunk{}, labels: {}\n", info.n, info.dim, info.rows_per_chunk,
+             info.compressed ? ", deflate" : "", info.has_labels ? "yes" : "no");
+  fmt::print("  step {}  objective {}  K {}  tau {}  m {}  negatives {}{}\n", info.step, to_string(c.objective), c.k,
+             c.tau, c.momentum, to_string(c.negatives), c.exclude_positive ? " (positive excluded)" : "");
+  fmt::print("  Z policy {}  Z = {}  sampler {}  seed {}\n", to_string(c.z_policy),
+             info.partition.initialised ? fmt::format("{:.6g}", std::exp(info.partition.log_z)) : "(not set)",
+             to_string(info.sampler), c.seed);
+  fmt::print("  row norms: min {:.9f}  max {:.9f}  mean {:.9f}\n", lo, hi, sum / static_cast<double>(v.rows));
+  fmt::print("  staleness (steps since a row was last written):\n");
+  for (const auto& [bin, count] : hist) fmt::print("    {:>14}  {}\n", bin, count);
+}
+
+}  // namespace
+
+void add_snapshot(CLI::App& app) {
+  auto* snap = app.add_subcommand("snapshot", "Inspect or verify an HDF5 snapshot of the engine");
+  snap->require_subcommand(1);
+  auto file = std::make_shared<std::string>();
+  auto json = std::make_shared<bool>(false);
+  auto* ins = snap->add_subcommand("inspect", "Print a snapshot's metadata, row-norm statistics and staleness histogram");
+  ins->add_option("FILE", *file, "snapshot (.h5)")->required();
+  ins->add_flag("--json", *json, "print one JSON object");
+  ins->callback([file, json] { inspect(*file, *json); });
+  auto vfile = std::make_shared<std::string>();
+  auto* ver = snap->add_subcommand(
+      "verify", "Check a snapshot completely (format, shapes, checksums, every row); exit status 0 only if sound");
+  ver->add_option("FILE", *vfile, "snapshot (.h5)")->required();
+  ver->callback([vfile] {
+    const auto problems = verify_snapshot(*vfile);
+    if (problems.empty()) {
+      fmt::print("{}: ok\n", *vfile);
+      return;
+    }
+    for (const auto& p : problems) fmt::print(stderr, "{}: {}\n", *vfile, p);
+    std::exit(1);
+  });
+}
+
+}  // namespace membank::tools
