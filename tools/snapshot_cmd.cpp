@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <limits>
 #include <map>
+#include <memory>
 
 namespace membank::tools {
 
@@ -95,6 +96,25 @@ void add_snapshot(CLI::App& app) {
   ins->add_option("FILE", *file, "snapshot (.h5)")->required();
   ins->add_flag("--json", *json, "print one JSON object");
   ins->callback([file, json] { inspect(*file, *json); });
+  auto in = std::make_shared<std::string>(), out = std::make_shared<std::string>(),
+       dataset = std::make_shared<std::string>("bank");
+  auto* imp = snap->add_subcommand(
+      "import", "Make a snapshot from a plain (N, D) float32/float64 dataset written by another tool (h5py ...): "
+                "rows are renormalised, and the count of rows that needed it is printed");
+  imp->add_option("IN", *in, "HDF5 file holding the dataset")->required();
+  imp->add_option("OUT", *out, "snapshot to write")->required();
+  imp->add_option("--dataset", *dataset, "dataset path inside IN")->capture_default_str();
+  imp->callback([in, out, dataset] {
+    index_t renormalised = 0;
+    Bank bank = import_bank(*in, *dataset, &renormalised);
+    const index_t n = bank.size(), dim = bank.dim();
+    EngineConfig cfg;
+    cfg.k = std::min<index_t>(cfg.k, n);
+    Engine engine(std::move(bank), std::make_unique<UniformSampler>(n), cfg);
+    save_snapshot(*out, engine);
+    fmt::print("imported {} x {} from {}:{}; renormalised {} rows; wrote {}\n", n, dim, *in, *dataset, renormalised,
+               *out);
+  });
   auto vfile = std::make_shared<std::string>();
   auto* ver = snap->add_subcommand(
       "verify", "Check a snapshot completely (format, shapes, checksums, every row); exit status 0 only if sound");
