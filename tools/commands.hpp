@@ -7,6 +7,7 @@ namespace membank::tools {
 
 void add_bench_step(CLI::App& bench);
 void add_bench_snapshot(CLI::App& bench);
+void add_bench_knn(CLI::App& bench);
 void add_snapshot(CLI::App& app);
 
 }  // namespace membank::tools

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   bench->require_subcommand(1);
   membank::tools::add_bench_step(*bench);
   membank::tools::add_bench_snapshot(*bench);
+  membank::tools::add_bench_knn(*bench);
   membank::tools::add_snapshot(app);
   try {
     app.parse(argc, argv);
