@@ -9,5 +9,6 @@ void add_bench_step(CLI::App& bench);
 void add_bench_snapshot(CLI::App& bench);
 void add_bench_knn(CLI::App& bench);
 void add_snapshot(CLI::App& app);
+void add_train(CLI::App& app);
 
 }  // namespace membank::tools

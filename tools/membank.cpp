@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   membank::tools::add_bench_snapshot(*bench);
   membank::tools::add_bench_knn(*bench);
   membank::tools::add_snapshot(app);
+  membank::tools::add_train(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
