@@ -22,6 +22,7 @@
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
 
+#include <sys/prctl.h>
 #include <sys/resource.h>
 
 #include <chrono>
@@ -120,6 +121,8 @@ int cmd_write(const Args& a) {
 
 int cmd_loop(const Args& a) {
   if (a.pos.size() != 1) usage("loop PATH [options]");
+  // a writer whose test died must not save forever
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
   membank::Engine e = writer_engine(a);
   const long long count = a.num("--count", 0);
   std::cout << "ready" << std::endl;  // the engine is built: what follows is steps and saves

@@ -162,6 +162,9 @@ void Engine::restore_state(const Partition& partition, std::int64_t step) {
   MEMBANK_CHECK(!partition.initialised || std::isfinite(partition.log_z),
                 "partition.log_z = {}: expected a finite value", partition.log_z);
   MEMBANK_CHECK(step >= 0, "step = {}: expected a step counter >= 0", step);
+  MEMBANK_CHECK(config_.z_policy != ZPolicy::fixed || (partition.initialised && partition.log_z == partition_.log_z),
+                "partition.log_z = {}: the fixed policy's Z is log {} = {}", partition.log_z, config_.z_fixed,
+                partition_.log_z);
   partition_ = partition;
   step_ = step;
 }
@@ -418,7 +421,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
         const Eigen::ArrayXf e = (-a.abs()).exp();
         const Eigen::ArrayXf softplus = a.max(0.0f) + e.log1p();
         q.loss += softplus.cast<double>().sum();
-        q.sum_exp_a += (a > 0.0f).select(e.inverse(), e).cast<double>().sum();
+        q.sum_exp_a += a.cast<double>().exp().sum();  // in double: e^a overflows fp32 beyond a ~ 88
         srow_a = (a > 0.0f).select(1.0f / (1.0f + e), e / (1.0f + e)) * static_cast<float>(coef_scale);
       } else {
         const double l_pos = s_pos * inv_tau - std::log(p_y);
@@ -572,6 +575,14 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
                 grad.rows(), grad.cols(), batch, dim);
   check_ids(ids, bank_.size(), "ids");
   const PreparedFeatures prepared = prepare_features(features, batch, dim, config_);
+  if (config_.objective != Objective::full_softmax) {
+    // A positive the sampler can never draw has no finite NCE / InfoNCE term.
+    std::vector<float> log_py(ids.size());
+    sampler_->lookup(ids, log_py);
+    for (std::size_t b = 0; b < ids.size(); ++b)
+      MEMBANK_CHECK(std::isfinite(log_py[b]), "ids[{}] = {} has P_n = 0 under the {} sampler: expected positives "
+                    "with a non-zero noise weight", b, ids[b], to_string(sampler_->kind()));
+  }
 
   const bool full = config_.objective == Objective::full_softmax;
   const bool shared = config_.negatives == NegativesMode::shared;
@@ -608,7 +619,7 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
   if (full) {
     // The exact reference needs no sampling and no Z state.
     stats.loss = full_softmax_loss(bank_.view(), prepared.view(), ids, config_.tau, grad, &stats.z,
-                                   &stats.mean_p_positive);
+                                   &stats.mean_p_positive, config_.unit_norm_tolerance);
     stats.z_estimate = kNaN;
   } else {
     KernelContext cx{bank_.view(), sampler_.get(), &config_, kNaN,
@@ -665,15 +676,15 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
 
 StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad, bool update) {
   Computed result = compute(features, ids, negatives, grad);
-  // ---- commit: Z, bank, counter (compute() validated everything these need)
-  if (result.partition.initialised) {
-    partition_.initialised = true;
-    partition_.log_z = result.partition.log_z;
-  }
+  // ---- commit: the bank first (it may still throw, before writing), then Z and the counter.
   // The rows are refreshed with the unit features the loss saw (the engine's copy if it normalised).
   if (update)
     bank_.momentum_update(ids, result.normalized.size() ? FeaturesRef(result.normalized) : features,
                           config_.momentum, step_);
+  if (result.partition.initialised) {
+    partition_.initialised = true;
+    partition_.log_z = result.partition.log_z;
+  }
   ++step_;
   return result.stats;
 }

@@ -26,13 +26,13 @@ struct Partial {
 }  // namespace
 
 double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids, double tau, GradRef grad,
-                         double* mean_z, double* mean_p_positive) {
+                         double* mean_z, double* mean_p_positive, double unit_norm_tolerance) {
   MEMBANK_CHECK(std::isfinite(tau) && tau > 0.0, "tau = {}: expected a finite temperature > 0", tau);
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id (B >= 1)");
   const auto batch = static_cast<index_t>(ids.size());
   const index_t dim = bank.dim, n = bank.rows;
   check_features(features, batch, dim, "features");
-  check_unit_norm(features, 1e-3, "features");
+  check_unit_norm(features, unit_norm_tolerance, "features");
   check_ids(ids, n, "ids");
   MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
                 grad.rows(), grad.cols(), batch, dim);

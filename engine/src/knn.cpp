@@ -25,13 +25,15 @@ KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, F
                 bank_labels.size(), n);
   MEMBANK_CHECK(q >= 1 && queries.cols() == dim, "queries has shape {} x {}: expected Q x {} with Q >= 1", q,
                 queries.cols(), dim);
+  check_features(queries, q, dim, "queries");
   MEMBANK_CHECK(static_cast<index_t>(query_labels.size()) == q, "query_labels has {} entries: expected Q = {}",
                 query_labels.size(), q);
   MEMBANK_CHECK(o.k >= 1 && o.k <= n, "k = {}: expected 1 <= k <= N = {}", o.k, n);
   MEMBANK_CHECK(std::isfinite(o.sigma) && o.sigma > 0.0, "sigma = {}: expected a finite value > 0", o.sigma);
   int classes = 0;
   for (std::size_t i = 0; i < bank_labels.size(); ++i) {
-    MEMBANK_CHECK(bank_labels[i] >= 0, "bank_labels[{}] = {}: expected a class id >= 0", i, bank_labels[i]);
+    MEMBANK_CHECK(bank_labels[i] >= 0 && bank_labels[i] < (1 << 20), "bank_labels[{}] = {}: expected a class id in "
+                  "[0, 2^20)", i, bank_labels[i]);
     classes = std::max(classes, bank_labels[i] + 1);
   }
   for (std::size_t i = 0; i < query_labels.size(); ++i)

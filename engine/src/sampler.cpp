@@ -118,7 +118,7 @@ AliasSampler::AliasSampler(std::span<const double> weights)
     const std::uint32_t s = small.back();
     small.pop_back();
     const std::uint32_t l = large.back();
-    cells_[s].threshold = static_cast<float>(q[s]);
+    cells_[s].threshold = q[s];
     cells_[s].alias = l;
     q[l] = (q[l] + q[s]) - 1.0;
     if (q[l] < 1.0) {
@@ -127,8 +127,8 @@ AliasSampler::AliasSampler(std::span<const double> weights)
     }
   }
   // What remains has q == 1 up to rounding: always keep the cell itself.
-  for (const auto j : large) cells_[j] = {1.0f, j, 0.0f, 0.0f};
-  for (const auto j : small) cells_[j] = {1.0f, j, 0.0f, 0.0f};
+  for (const auto j : large) cells_[j] = {1.0, j, 0.0f, 0.0f};
+  for (const auto j : small) cells_[j] = {1.0, j, 0.0f, 0.0f};
   for (std::size_t j = 0; j < n; ++j) {
     cells_[j].log_p_self = static_cast<float>(std::log(p_[j]));
     cells_[j].log_p_alias = static_cast<float>(std::log(p_[cells_[j].alias]));
@@ -150,18 +150,19 @@ void AliasSampler::draw(const StreamKey& key, std::span<const index_t> excluded,
                         std::span<float> log_pn) const {
   const auto n = static_cast<std::uint64_t>(n_);
   const Cell* cells = cells_.data();
-  // A draw = one Philox block: 64 bits pick a cell, 24 bits toss its coin. Blocks 0..K-1 serve the
+  // A draw = one Philox block: 64 bits pick a cell, 53 bits toss its coin. Blocks 0..K-1 serve the
   // K draws in order; a draw rejected by the exclusion takes the next unused block (K, K+1, ...).
   // Cells are prefetched a few draws ahead: the table does not fit in cache for large N.
   constexpr std::size_t kAhead = 16;
   const std::size_t k = ids.size();
   detail::Stream stream(key);
-  std::array<std::pair<std::uint64_t, float>, kAhead> ring;  // (cell, coin) of draws in flight
+  std::array<std::pair<std::uint64_t, double>, kAhead> ring;  // (cell, coin) of draws in flight
   const auto fresh = [&] {
     const auto r = stream.next();
-    return std::pair{detail::scale_to(detail::join64(r.v[0], r.v[1]), n), detail::unit_float(r.v[2])};
+    return std::pair{detail::scale_to(detail::join64(r.v[0], r.v[1]), n),
+                     static_cast<double>(detail::join64(r.v[2], r.v[3]) >> 11) * 0x1.0p-53};
   };
-  const auto resolve = [&](std::pair<std::uint64_t, float> d, index_t& id, float& p) {
+  const auto resolve = [&](std::pair<std::uint64_t, double> d, index_t& id, float& p) {
     const Cell& c = cells[d.first];
     const bool keep = d.second < c.threshold;
     id = keep ? static_cast<index_t>(d.first) : static_cast<index_t>(c.alias);
@@ -171,7 +172,6 @@ void AliasSampler::draw(const StreamKey& key, std::span<const index_t> excluded,
     ring[j] = fresh();
     __builtin_prefetch(cells + ring[j].first);
   }
-  std::vector<std::pair<std::uint64_t, float>> unused;  // only with exclusions
   for (std::size_t j = 0; j < k; ++j) {
     const auto d = ring[j % kAhead];
     if (j + kAhead < k) {

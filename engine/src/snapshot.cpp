@@ -444,7 +444,7 @@ Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels)
   const SnapshotInfo info = read_info(f.get(), path);
   std::vector<std::int64_t> last = read_vector<std::int64_t>(f.get(), "last_update", info.n, H5T_NATIVE_INT64, path);
   for (std::size_t i = 0; i < last.size(); ++i)
-    MEMBANK_CHECK(last[i] >= -1 && last[i] < info.step + 1, "{}: last_update[{}] = {}: expected -1 <= step <= {}",
+    MEMBANK_CHECK(last[i] >= -1 && last[i] <= info.step, "{}: last_update[{}] = {}: expected -1 <= step <= {}",
                   path, i, last[i], info.step);
   std::unique_ptr<NoiseSampler> sampler;
   if (info.sampler == SamplerKind::alias) {

@@ -165,9 +165,10 @@ class Engine {
 /// fixed blocks with an online log-sum-exp: O(B N D) time, O(B D) extra memory, never a B x N
 /// matrix. Writes dL/df into grad (B x D) and returns L; `mean_z` and `mean_p_positive` receive
 /// mean_i Z_i and mean_i P(y_i|f_i) when non-null. Features must be B x D unit rows (validated,
-/// |‖f‖ - 1| <= 1e-3).
+/// |‖f‖ - 1| <= unit_norm_tolerance).
 /// Bit-identical for any thread count (the bank is cut into blocks that do not depend on it).
 double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids, double tau,
-                         GradRef grad, double* mean_z = nullptr, double* mean_p_positive = nullptr);
+                         GradRef grad, double* mean_z = nullptr, double* mean_p_positive = nullptr,
+                         double unit_norm_tolerance = 1e-3);
 
 }  // namespace membank

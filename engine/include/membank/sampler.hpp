@@ -40,7 +40,7 @@ class NoiseSampler {
   /// N, the number of instances.
   index_t size() const { return n_; }
   /// P_n(j), the probability with which draw() returns j (the alias table realises it to within
-  /// 2^-24 relative: its thresholds are fp32). Throws Error if j is out of range.
+  /// about 2^-53 / N absolute: double thresholds, 53-bit coins). Throws Error if j is out of range.
   virtual double prob(index_t j) const = 0;
   /// Every P_n(j), j = 0..N-1 (O(N) memory).
   virtual std::vector<double> probs() const = 0;
@@ -77,7 +77,7 @@ class UniformSampler final : public NoiseSampler {
 };
 
 /// P_n(j) = w_j / sum(w), drawn in O(1) through a Vose alias table built in O(N).
-/// Memory: 16 bytes per instance in the table (threshold, alias, and both cells' log
+/// Memory: 24 bytes per instance in the table (threshold, alias, and both cells' log
 /// probabilities, so a draw and its probability cost one cache line) plus the normalised weights
 /// in double (8 bytes per instance).
 class AliasSampler final : public NoiseSampler {
@@ -98,7 +98,7 @@ class AliasSampler final : public NoiseSampler {
   const std::vector<double>& weights() const { return w_; }
 
   struct Cell {
-    float threshold;      ///< keep this cell when a uniform u in [0,1) falls below it
+    double threshold;     ///< keep this cell when a uniform u in [0,1) (53 bits) falls below it
     std::uint32_t alias;  ///< the other cell's id
     float log_p_self;     ///< log P_n(cell)
     float log_p_alias;    ///< log P_n(alias)

@@ -45,8 +45,6 @@ __extension__ typedef unsigned __int128 uint128_t;
 inline std::uint64_t scale_to(std::uint64_t u, std::uint64_t n) {
   return static_cast<std::uint64_t>((static_cast<uint128_t>(u) * n) >> 64);
 }
-/// A float in [0, 1) with 24 random bits.
-inline float unit_float(std::uint32_t u) { return static_cast<float>(u >> 8) * 0x1.0p-24f; }
 /// A double in (0, 1] with 53 random bits (safe for log).
 inline double unit_double_open0(std::uint64_t u) {
   return (static_cast<double>(u >> 11) + 1.0) * 0x1.0p-53;
