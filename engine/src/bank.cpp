@@ -4,6 +4,7 @@
 #include "detail/philox.hpp"
 #include "detail/simd.hpp"
 
+#include <omp.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -194,9 +195,11 @@ void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t ste
   const float mf = static_cast<float>(m);
   const float one_minus = static_cast<float>(1.0 - m);
   const index_t dim = dim_;
+  // Per-thread scratch made before the region: nothing inside it allocates or throws.
+  std::vector<float> scratch(static_cast<std::size_t>(omp_get_max_threads() * dim));
 #pragma omp parallel
   {
-    std::vector<float> tmp(static_cast<std::size_t>(dim));
+    float* tmp = scratch.data() + static_cast<std::size_t>(omp_get_thread_num() * dim);
 #pragma omp for schedule(static)
     for (index_t g = 0; g < groups; ++g) {
       const index_t id = ids[order[group_start[g]]];
@@ -206,11 +209,11 @@ void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t ste
       for (index_t p = group_start[g]; p < group_start[g + 1]; ++p) {
         const index_t b = order[p];
         for (index_t c = 0; c < dim; ++c) tmp[c] = mf * v[c] + one_minus * f(b, c);
-        double sq = detail::squared_norm_d(tmp.data(), dim);
-        const float* src = tmp.data();
+        double sq = detail::squared_norm_d(tmp, dim);
+        const float* src = tmp;
         if (!(sq > 0.0)) {  // m v + (1 - m) f cancelled exactly: keep the new feature's direction
           for (index_t c = 0; c < dim; ++c) tmp[c] = f(b, c);
-          sq = detail::squared_norm_d(tmp.data(), dim);
+          sq = detail::squared_norm_d(tmp, dim);
         }
         const double inv = 1.0 / std::sqrt(sq);
         for (index_t c = 0; c < dim; ++c) v[c] = static_cast<float>(src[c] * inv);

@@ -376,13 +376,17 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   using ConstMap = Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>>;
   using Map = Eigen::Map<RowMatrixf, 0, Eigen::OuterStride<>>;
   RowMatrixf scores(batch, k);
+  detail::ExceptionCapture errors;
   const index_t blocks = (batch + kSharedRowBlock - 1) / kSharedRowBlock;
 #pragma omp parallel for schedule(dynamic, 1)
   for (index_t blk = 0; blk < blocks; ++blk) {
-    const index_t r0 = blk * kSharedRowBlock, rows = std::min(kSharedRowBlock, batch - r0);
-    ConstMap fb(in.f + r0 * in.f_stride, rows, dim, Eigen::OuterStride<>(in.f_stride));
-    scores.middleRows(r0, rows).noalias() = fb * vneg.transpose();
+    errors.run([&] {
+      const index_t r0 = blk * kSharedRowBlock, rows = std::min(kSharedRowBlock, batch - r0);
+      ConstMap fb(in.f + r0 * in.f_stride, rows, dim, Eigen::OuterStride<>(in.f_stride));
+      scores.middleRows(r0, rows).noalias() = fb * vneg.transpose();
+    });
   }
+  errors.rethrow();
 
   double log_z = cx.log_z;
   Eigen::ArrayXf shift_neg;  // log Z + log(K P_n(j)), per negative (NCE)
@@ -396,60 +400,63 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (index_t blk = 0; blk < blocks; ++blk) {
-    const index_t r0 = blk * kSharedRowBlock, rows = std::min(kSharedRowBlock, batch - r0);
-    for (index_t i = r0; i < r0 + rows; ++i) {
-      const float* f = in.f + i * in.f_stride;
-      const index_t y = in.ids[static_cast<std::size_t>(i)];
-      const float* vy = cx.bank.row(y);
-      const double p_y = cx.sampler->prob(y);
-      const double s_pos = detail::dot(vy, f, dim);
-      QueryOut q;
-      double coef_pos;
-      float* srow = scores.row(i).data();  // overwritten by dL/ds (times B tau) in place
-      for (index_t j = 0; j < k; ++j) q.collisions += neg[j] == y;
-      if (!info) {
-        double sp, h, ea;
-        const double a_pos = s_pos * inv_tau - log_z - std::log(static_cast<double>(k)) - std::log(p_y);
-        softplus_sigmoid(a_pos, sp, h, ea);
-        q.loss = sp - a_pos;
-        q.p_pos = std::exp(s_pos * inv_tau - log_z);
-        coef_pos = -(1.0 - h) * coef_scale;
-        // Vectorised over the K negatives (fp32 Eigen packets): a = s/tau - log Z - log(K P_n),
-        // -log(1 - h) = softplus(a), h = sigmoid(a); both from one exp(-|a|).
-        Eigen::Map<Eigen::ArrayXf> srow_a(srow, k);
-        const Eigen::ArrayXf a = srow_a * static_cast<float>(inv_tau) - shift_neg;
-        const Eigen::ArrayXf e = (-a.abs()).exp();
-        const Eigen::ArrayXf softplus = a.max(0.0f) + e.log1p();
-        q.loss += softplus.cast<double>().sum();
-        q.sum_exp_a += a.cast<double>().exp().sum();  // in double: e^a overflows fp32 beyond a ~ 88
-        srow_a = (a > 0.0f).select(1.0f / (1.0f + e), e / (1.0f + e)) * static_cast<float>(coef_scale);
-      } else {
-        const double l_pos = s_pos * inv_tau - std::log(p_y);
-        const double log_k = std::log(static_cast<double>(k));
-        double m = l_pos;
-        for (index_t j = 0; j < k; ++j) m = std::max(m, srow[j] * inv_tau - (log_kpn[j] - log_k));
-        double total = std::exp(l_pos - m), neg_total = 0.0;
-        for (index_t j = 0; j < k; ++j) {
-          const double w = std::exp(srow[j] * inv_tau - (log_kpn[j] - log_k) - m);
-          neg_total += w;
-          srow[j] = static_cast<float>(w);
+    errors.run([&] {
+      const index_t r0 = blk * kSharedRowBlock, rows = std::min(kSharedRowBlock, batch - r0);
+      for (index_t i = r0; i < r0 + rows; ++i) {
+        const float* f = in.f + i * in.f_stride;
+        const index_t y = in.ids[static_cast<std::size_t>(i)];
+        const float* vy = cx.bank.row(y);
+        const double p_y = cx.sampler->prob(y);
+        const double s_pos = detail::dot(vy, f, dim);
+        QueryOut q;
+        double coef_pos;
+        float* srow = scores.row(i).data();  // overwritten by dL/ds (times B tau) in place
+        for (index_t j = 0; j < k; ++j) q.collisions += neg[j] == y;
+        if (!info) {
+          double sp, h, ea;
+          const double a_pos = s_pos * inv_tau - log_z - std::log(static_cast<double>(k)) - std::log(p_y);
+          softplus_sigmoid(a_pos, sp, h, ea);
+          q.loss = sp - a_pos;
+          q.p_pos = std::exp(s_pos * inv_tau - log_z);
+          coef_pos = -(1.0 - h) * coef_scale;
+          // Vectorised over the K negatives (fp32 Eigen packets): a = s/tau - log Z - log(K P_n),
+          // -log(1 - h) = softplus(a), h = sigmoid(a); both from one exp(-|a|).
+          Eigen::Map<Eigen::ArrayXf> srow_a(srow, k);
+          const Eigen::ArrayXf a = srow_a * static_cast<float>(inv_tau) - shift_neg;
+          const Eigen::ArrayXf e = (-a.abs()).exp();
+          const Eigen::ArrayXf softplus = a.max(0.0f) + e.log1p();
+          q.loss += softplus.cast<double>().sum();
+          q.sum_exp_a += a.cast<double>().exp().sum();  // in double: e^a overflows fp32 beyond a ~ 88
+          srow_a = (a > 0.0f).select(1.0f / (1.0f + e), e / (1.0f + e)) * static_cast<float>(coef_scale);
+        } else {
+          const double l_pos = s_pos * inv_tau - std::log(p_y);
+          const double log_k = std::log(static_cast<double>(k));
+          double m = l_pos;
+          for (index_t j = 0; j < k; ++j) m = std::max(m, srow[j] * inv_tau - (log_kpn[j] - log_k));
+          double total = std::exp(l_pos - m), neg_total = 0.0;
+          for (index_t j = 0; j < k; ++j) {
+            const double w = std::exp(srow[j] * inv_tau - (log_kpn[j] - log_k) - m);
+            neg_total += w;
+            srow[j] = static_cast<float>(w);
+          }
+          total += neg_total;
+          const double p_pos = std::exp(l_pos - m) / total;
+          q.loss = -std::log(p_pos);
+          q.p_pos = p_pos;
+          q.sum_exp_a = neg_total * std::exp(m);
+          const float scale = static_cast<float>(coef_scale / total);
+          for (index_t j = 0; j < k; ++j) srow[j] *= scale;
+          coef_pos = (p_pos - 1.0) * coef_scale;
         }
-        total += neg_total;
-        const double p_pos = std::exp(l_pos - m) / total;
-        q.loss = -std::log(p_pos);
-        q.p_pos = p_pos;
-        q.sum_exp_a = neg_total * std::exp(m);
-        const float scale = static_cast<float>(coef_scale / total);
-        for (index_t j = 0; j < k; ++j) srow[j] *= scale;
-        coef_pos = (p_pos - 1.0) * coef_scale;
+        out[static_cast<std::size_t>(i)] = q;
+        float* g = in.grad + i * in.g_stride;
+        for (index_t c = 0; c < dim; ++c) g[c] = static_cast<float>(coef_pos * vy[c]);
       }
-      out[static_cast<std::size_t>(i)] = q;
-      float* g = in.grad + i * in.g_stride;
-      for (index_t c = 0; c < dim; ++c) g[c] = static_cast<float>(coef_pos * vy[c]);
-    }
-    Map gb(in.grad + r0 * in.g_stride, rows, dim, Eigen::OuterStride<>(in.g_stride));
-    gb.noalias() += scores.middleRows(r0, rows) * vneg;
+      Map gb(in.grad + r0 * in.g_stride, rows, dim, Eigen::OuterStride<>(in.g_stride));
+      gb.noalias() += scores.middleRows(r0, rows) * vneg;
+    });
   }
+  errors.rethrow();
   return log_z;
 }
 

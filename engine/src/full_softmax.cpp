@@ -1,7 +1,10 @@
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 
+#include "detail/parallel.hpp"
 #include "detail/simd.hpp"
+
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -44,37 +47,44 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
   const float inv_tau = static_cast<float>(1.0 / tau);
   const RowMatrixf f = features;  // contiguous copy: the GEMM's left operand
 
+  // Scratch made before the region (no allocation that could throw inside it but Eigen's own).
+  std::vector<RowMatrixf> scratch(static_cast<std::size_t>(omp_get_max_threads()), RowMatrixf(batch, kTile));
+  detail::ExceptionCapture errors;
 #pragma omp parallel
   {
-    RowMatrixf s(batch, kTile);
+    RowMatrixf& s = scratch[static_cast<std::size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 1)
     for (index_t c = 0; c < chunks; ++c) {
-      Partial& p = partials[static_cast<std::size_t>(c)];
-      p.max = Eigen::VectorXd::Constant(batch, -std::numeric_limits<double>::infinity());
-      p.sum = Eigen::VectorXd::Zero(batch);
-      p.acc = RowMatrixf::Zero(batch, dim);
-      const index_t end = std::min(n, (c + 1) * chunk);
-      for (index_t t0 = c * chunk; t0 < end; t0 += kTile) {
-        const index_t rows = std::min(kTile, end - t0);
-        Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> v(bank.row(t0), rows, dim,
-                                                               Eigen::OuterStride<>(bank.stride));
-        auto st = s.leftCols(rows);
-        st.noalias() = (f * v.transpose()) * inv_tau;
-        for (index_t i = 0; i < batch; ++i) {
-          const double m_new = std::max(p.max[i], static_cast<double>(st.row(i).maxCoeff()));
-          if (m_new > p.max[i]) {
-            const double scale = std::exp(p.max[i] - m_new);  // 0 on the first tile
-            p.sum[i] *= scale;
-            p.acc.row(i) *= static_cast<float>(scale);
-            p.max[i] = m_new;
+      errors.run([&] {
+        Partial& p = partials[static_cast<std::size_t>(c)];
+        p.max = Eigen::VectorXd::Constant(batch, -std::numeric_limits<double>::infinity());
+        p.sum = Eigen::VectorXd::Zero(batch);
+        p.acc = RowMatrixf::Zero(batch, dim);
+        const index_t end = std::min(n, (c + 1) * chunk);
+        for (index_t t0 = c * chunk; t0 < end; t0 += kTile) {
+          const index_t rows = std::min(kTile, end - t0);
+          Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> v(bank.row(t0), rows, dim,
+                                                                 Eigen::OuterStride<>(bank.stride));
+          auto st = s.leftCols(rows);
+          st.noalias() = (f * v.transpose()) * inv_tau;
+          for (index_t i = 0; i < batch; ++i) {
+            const double m_new = std::max(p.max[i], static_cast<double>(st.row(i).maxCoeff()));
+            if (m_new > p.max[i]) {
+              const double scale = std::exp(p.max[i] - m_new);  // 0 on the first tile
+              p.sum[i] *= scale;
+              p.acc.row(i) *= static_cast<float>(scale);
+              p.max[i] = m_new;
+            }
+            st.row(i) = (st.row(i).array() - static_cast<float>(m_new)).exp();
+            p.sum[i] += st.row(i).template cast<double>().sum();
           }
-          st.row(i) = (st.row(i).array() - static_cast<float>(m_new)).exp();
-          p.sum[i] += st.row(i).template cast<double>().sum();
+          p.acc.noalias() += st * v;
         }
-        p.acc.noalias() += st * v;
-      }
+      });
     }
   }
+
+  errors.rethrow();
 
   // Merge in chunk order; loss_i = log Z_i - s_iy / tau, dL/df_i = (sum_j P_j v_j - v_y) / (B tau).
   const double coef = 1.0 / (static_cast<double>(batch) * tau);

@@ -1,6 +1,10 @@
 #include <membank/error.hpp>
 #include <membank/knn.hpp>
 
+#include "detail/parallel.hpp"
+
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -45,75 +49,94 @@ KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, F
   std::vector<char> hit1(static_cast<std::size_t>(q)), hit5(static_cast<std::size_t>(q)),
       hitnn(static_cast<std::size_t>(q));
   const index_t blocks = (q + kQueryBlock - 1) / kQueryBlock;
+  // Per-thread scratch made before the region; no exception escapes it (captured, rethrown after).
+  struct Scratch {
+    RowMatrixf s;
+    std::vector<std::priority_queue<Neighbour, std::vector<Neighbour>, std::greater<>>> heaps;
+    std::vector<double> score;
+    std::vector<int> order;
+  };
+  std::vector<Scratch> scratch(static_cast<std::size_t>(omp_get_max_threads()));
+  for (auto& t : scratch) {
+    t.s.resize(kQueryBlock, kTile);
+    t.heaps.resize(kQueryBlock);
+    t.score.resize(static_cast<std::size_t>(classes));
+    t.order.resize(static_cast<std::size_t>(classes));
+  }
+  detail::ExceptionCapture errors;
 #pragma omp parallel
   {
-    RowMatrixf s(kQueryBlock, kTile);
-    std::vector<std::priority_queue<Neighbour, std::vector<Neighbour>, std::greater<>>> heaps(kQueryBlock);
-    std::vector<double> score(static_cast<std::size_t>(classes));
-    std::vector<int> order(static_cast<std::size_t>(classes));
+    Scratch& t = scratch[static_cast<std::size_t>(omp_get_thread_num())];
+    RowMatrixf& s = t.s;
+    auto& heaps = t.heaps;
+    auto& score = t.score;
+    auto& order = t.order;
 #pragma omp for schedule(dynamic, 1)
     for (index_t b = 0; b < blocks; ++b) {
-      const index_t q0 = b * kQueryBlock, rows = std::min(kQueryBlock, q - q0);
-      const RowMatrixf qb = queries.middleRows(q0, rows);
-      for (auto& h : heaps) h = {};
-      for (index_t t0 = 0; t0 < n; t0 += kTile) {
-        const index_t cols = std::min(kTile, n - t0);
-        Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> v(bank.row(t0), cols, dim,
-                                                               Eigen::OuterStride<>(bank.stride));
-        s.topLeftCorner(rows, cols).noalias() = qb * v.transpose();
-        for (index_t i = 0; i < rows; ++i) {
-          auto& h = heaps[static_cast<std::size_t>(i)];
-          const float* si = s.row(i).data();
-          // Most candidates lose to the current k-th score: one float compare rejects them.
-          float worst = static_cast<index_t>(h.size()) < o.k ? -std::numeric_limits<float>::infinity() : h.top().first;
-          for (index_t j = 0; j < cols; ++j) {
-            if ((j & 15) == 0 && j + 16 <= cols) {  // skip 16 losers at once (a vectorised max)
-              float m = si[j];
-#pragma omp simd reduction(max : m)
-              for (index_t t = 1; t < 16; ++t) m = std::max(m, si[j + t]);
-              if (m < worst) {
-                j += 15;
-                continue;
+      errors.run([&] {
+        const index_t q0 = b * kQueryBlock, rows = std::min(kQueryBlock, q - q0);
+        const RowMatrixf qb = queries.middleRows(q0, rows);
+        for (auto& h : heaps) h = {};
+        for (index_t t0 = 0; t0 < n; t0 += kTile) {
+          const index_t cols = std::min(kTile, n - t0);
+          Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> v(bank.row(t0), cols, dim,
+                                                                 Eigen::OuterStride<>(bank.stride));
+          s.topLeftCorner(rows, cols).noalias() = qb * v.transpose();
+          for (index_t i = 0; i < rows; ++i) {
+            auto& h = heaps[static_cast<std::size_t>(i)];
+            const float* si = s.row(i).data();
+            // Most candidates lose to the current k-th score: one float compare rejects them.
+            float worst = static_cast<index_t>(h.size()) < o.k ? -std::numeric_limits<float>::infinity() : h.top().first;
+            for (index_t j = 0; j < cols; ++j) {
+              if ((j & 15) == 0 && j + 16 <= cols) {  // skip 16 losers at once (a vectorised max)
+                float m = si[j];
+  #pragma omp simd reduction(max : m)
+                for (index_t t = 1; t < 16; ++t) m = std::max(m, si[j + t]);
+                if (m < worst) {
+                  j += 15;
+                  continue;
+                }
               }
+              if (si[j] < worst) continue;
+              const Neighbour cand{si[j], -(t0 + j)};
+              if (static_cast<index_t>(h.size()) < o.k) {
+                h.push(cand);
+              } else if (h.top() < cand) {
+                h.pop();
+                h.push(cand);
+              }
+              if (static_cast<index_t>(h.size()) == o.k) worst = h.top().first;
             }
-            if (si[j] < worst) continue;
-            const Neighbour cand{si[j], -(t0 + j)};
-            if (static_cast<index_t>(h.size()) < o.k) {
-              h.push(cand);
-            } else if (h.top() < cand) {
-              h.pop();
-              h.push(cand);
-            }
-            if (static_cast<index_t>(h.size()) == o.k) worst = h.top().first;
           }
         }
-      }
-      for (index_t i = 0; i < rows; ++i) {
-        auto& h = heaps[static_cast<std::size_t>(i)];
-        std::fill(score.begin(), score.end(), 0.0);
-        Neighbour best = h.top();
-        while (!h.empty()) {
-          const Neighbour nb = h.top();
-          h.pop();
-          best = std::max(best, nb);
-          score[static_cast<std::size_t>(bank_labels[static_cast<std::size_t>(-nb.second)])] +=
-              std::exp(static_cast<double>(nb.first) / o.sigma);
+        for (index_t i = 0; i < rows; ++i) {
+          auto& h = heaps[static_cast<std::size_t>(i)];
+          std::fill(score.begin(), score.end(), 0.0);
+          Neighbour best = h.top();
+          while (!h.empty()) {
+            const Neighbour nb = h.top();
+            h.pop();
+            best = std::max(best, nb);
+            score[static_cast<std::size_t>(bank_labels[static_cast<std::size_t>(-nb.second)])] +=
+                std::exp(static_cast<double>(nb.first) / o.sigma);
+          }
+          for (int c = 0; c < classes; ++c) order[static_cast<std::size_t>(c)] = c;
+          const int top = std::min(classes, 5);
+          std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int a, int c) {
+            return score[static_cast<std::size_t>(a)] > score[static_cast<std::size_t>(c)] ||
+                   (score[static_cast<std::size_t>(a)] == score[static_cast<std::size_t>(c)] && a < c);
+          });
+          const auto qi = static_cast<std::size_t>(q0 + i);
+          const int label = query_labels[qi];
+          r.predictions[qi] = order[0];
+          hit1[qi] = order[0] == label;
+          hit5[qi] = std::find(order.begin(), order.begin() + top, label) != order.begin() + top;
+          hitnn[qi] = bank_labels[static_cast<std::size_t>(-best.second)] == label;
         }
-        for (int c = 0; c < classes; ++c) order[static_cast<std::size_t>(c)] = c;
-        const int top = std::min(classes, 5);
-        std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int a, int c) {
-          return score[static_cast<std::size_t>(a)] > score[static_cast<std::size_t>(c)] ||
-                 (score[static_cast<std::size_t>(a)] == score[static_cast<std::size_t>(c)] && a < c);
-        });
-        const auto qi = static_cast<std::size_t>(q0 + i);
-        const int label = query_labels[qi];
-        r.predictions[qi] = order[0];
-        hit1[qi] = order[0] == label;
-        hit5[qi] = std::find(order.begin(), order.begin() + top, label) != order.begin() + top;
-        hitnn[qi] = bank_labels[static_cast<std::size_t>(-best.second)] == label;
-      }
+      });
     }
   }
+  errors.rethrow();
   const auto mean = [&](const std::vector<char>& v) {
     return static_cast<double>(std::count(v.begin(), v.end(), 1)) / static_cast<double>(q);
   };
