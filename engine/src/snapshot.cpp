@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <limits>
+#include <optional>
 #include <random>
 #include <utility>
 
@@ -323,21 +325,23 @@ Handle open_file(const std::string& path) {
   return f;
 }
 
-SnapshotInfo read_info(hid_t file, const std::string& path) {
+SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   AttrReader a(file, path);
   SnapshotInfo info;
   info.format = a.has("format") ? a.str("format") : "";
   MEMBANK_CHECK(info.format == kFormat, "{}: format is '{}': expected '{}' (use import_bank for a plain (N, D) "
                 "dataset)", path, info.format, kFormat);
-  info.format_version = static_cast<int>(a.i64("format_version"));
-  MEMBANK_CHECK(info.format_version == kFormatVersion, "{}: format_version = {}: this membank reads version {}",
-                path, info.format_version, kFormatVersion);
+  const std::int64_t version = a.i64("format_version");
+  MEMBANK_CHECK(version == kFormatVersion, "{}: format_version = {}: this membank reads version {}", path, version,
+                kFormatVersion);
+  info.format_version = kFormatVersion;
   info.engine_version = a.str("engine_version");
   info.n = a.i64("n");
   info.dim = a.i64("dim");
   MEMBANK_CHECK(info.n >= 1 && info.dim >= 1 && info.dim <= (1 << 20), "{}: n = {}, dim = {}: expected n >= 1 and "
                 "1 <= dim <= 2^20", path, info.n, info.dim);
-  mul_no_overflow(mul_no_overflow(info.n, info.dim, "snapshot n x dim"), 4, "snapshot bank bytes");
+  MEMBANK_CHECK(info.n <= std::numeric_limits<std::int64_t>::max() / 4 / info.dim,
+                "{}: n = {} x dim = {} x 4 bytes overflows int64", path, info.n, info.dim);
   info.step = a.i64("step");
   MEMBANK_CHECK(info.step >= 0, "{}: step = {}: expected >= 0", path, info.step);
   EngineConfig& c = info.config;
@@ -394,6 +398,16 @@ SnapshotInfo read_info(hid_t file, const std::string& path) {
   return info;
 }
 
+/// read_info_checked, every error naming the file (the parsers and validators it calls do not know it).
+SnapshotInfo read_info(hid_t file, const std::string& path) {
+  try {
+    return read_info_checked(file, path);
+  } catch (const Error& e) {
+    if (std::string(e.what()).find(path) != std::string::npos) throw;
+    MEMBANK_THROW("{}: {}", path, e.what());
+  }
+}
+
 template <class T>
 std::vector<T> read_vector(hid_t file, const char* name, index_t n, hid_t memtype, const std::string& path) {
   Handle ds = open_dataset(file, name, path);
@@ -407,7 +421,9 @@ Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
   // Read chunk-aligned blocks straight into the bank's rows (memory hyperslab over the stride).
   const index_t block = info.rows_per_chunk;
   index_t renormalised = 0;
-  Bank bank = Bank::from_blocks(
+  std::optional<Bank> loaded;
+  try {
+  loaded = Bank::from_blocks(
       info.n, info.dim, block,
       [&](index_t r0, index_t rows, float* dst, index_t stride) {
         Handle fspace(H5Dget_space(ds.get()), H5Sclose);
@@ -423,6 +439,11 @@ Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
                  r0 + rows);
       },
       kUnitTolerance, &renormalised);
+  } catch (const Error& e) {
+    if (std::string(e.what()).find(path) != std::string::npos) throw;
+    MEMBANK_THROW("{}: dataset 'bank': {}", path, e.what());
+  }
+  Bank bank = std::move(*loaded);
   MEMBANK_CHECK(renormalised == 0, "{}: {} bank rows are not unit norm (|norm - 1| > {}): the snapshot is corrupt",
                 path, renormalised, kUnitTolerance);
   return bank;
@@ -468,7 +489,8 @@ Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels)
 
 std::vector<std::string> verify_snapshot(const std::string& path) {
   try {
-    load_snapshot(path);
+    std::vector<std::int64_t> labels;  // read too: every dataset's checksums are checked
+    load_snapshot(path, &labels);
   } catch (const Error& e) {
     return {e.what()};
   }
@@ -590,7 +612,18 @@ Bank import_bank(const std::string& path, const std::string& dataset, index_t* r
   const auto n = static_cast<index_t>(s.dims[0]), dim = static_cast<index_t>(s.dims[1]);
   MEMBANK_CHECK(n >= 1 && dim >= 1, "{}: dataset '{}' is {} x {}: expected N, D >= 1", path, dataset, n, dim);
   const index_t chunk = chunk_rows_of(ds.get());
-  if (chunk >= 1) check_storage(ds.get(), n, chunk, path, dataset.c_str());
+  if (chunk >= 1) {  // another tool may chunk columns too: every chunk of the grid must be stored
+    Handle dcpl(H5Dget_create_plist(ds.get()), H5Pclose);
+    hsize_t cdims[2] = {1, 1};
+    H5Pget_chunk(dcpl.get(), 2, cdims);
+    hsize_t stored = 0;
+    Handle space(H5Dget_space(ds.get()), H5Sclose);
+    if (H5Dget_num_chunks(ds.get(), space.get(), &stored) < 0) stored = 0;
+    const hsize_t expected = ((static_cast<hsize_t>(n) + cdims[0] - 1) / cdims[0]) *
+                             ((static_cast<hsize_t>(dim) + cdims[1] - 1) / cdims[1]);
+    MEMBANK_CHECK(stored == expected, "{}: dataset '{}' stores {} chunks: expected {} for {} x {} (truncated or "
+                  "inconsistent file)", path, dataset, stored, expected, n, dim);
+  }
   // Storage: a contiguous dataset must hold all its bytes.
   const auto bytes = static_cast<hsize_t>(mul_no_overflow(mul_no_overflow(n, dim, "import N x D"),
                                                           static_cast<index_t>(s.elem_size), "import bytes"));
@@ -599,6 +632,7 @@ Bank import_bank(const std::string& path, const std::string& dataset, index_t* r
                 H5Dget_storage_size(ds.get()), bytes, n, dim);
   const index_t block = rows_per_chunk(dim, n);
   std::vector<double> tmp;
+  try {
   return Bank::from_blocks(
       n, dim, block,
       [&](index_t r0, index_t rows, float* dst, index_t stride) {
@@ -613,6 +647,10 @@ Bank import_bank(const std::string& path, const std::string& dataset, index_t* r
           }
       },
       1e-5, renormalised);
+  } catch (const Error& e) {
+    if (std::string(e.what()).find(path) != std::string::npos) throw;
+    MEMBANK_THROW("{}: dataset '{}': {}", path, dataset, e.what());
+  }
 }
 
 }  // namespace membank
