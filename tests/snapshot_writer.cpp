@@ -7,10 +7,9 @@
 //       (N x D) and last_update as int64 to FILE and FILE.last_update (what h5py must read back);
 //       --fsize-limit sets RLIMIT_FSIZE (SIGXFSZ ignored) first, so the save fails part way
 //       through writing, as on a full disk. Prints "step S hash H".
-//   snapshot_writer loop PATH [--n N] [--dim D] [--count C] [--wait-go]
-//       Builds the writer engine, prints "ready" on stdout (with --wait-go then waits for a line on
-//       stdin), then runs one step and saves to PATH, C times (0: until killed), printing
-//       "saved STEP" after each save. The kill-during-write test SIGKILLs it at random moments.
+//   snapshot_writer loop PATH [--n N] [--dim D] [--count C]
+//       Builds the writer engine, prints "ready" on stdout, then runs one step and saves to PATH,
+//       C times (0: until killed). The kill-during-write test SIGKILLs it at random moments.
 //   snapshot_writer resume IN OUT --steps S --input-seed X --batch B --losses FILE
 //       Loads IN in this fresh process, runs S steps fed batch_for_step(X, step), writes the bits of
 //       each step's loss, z, z_estimate, mean_p_positive (hex) to FILE, saves the engine to OUT.
@@ -61,7 +60,7 @@ struct Args {
 };
 
 Args parse(int argc, char** argv) {
-  static const char* flags[] = {"--alias", "--labels", "--wait-go"};
+  static const char* flags[] = {"--alias", "--labels"};
   Args a;
   for (int i = 2; i < argc; ++i) {
     const std::string s = argv[i];
@@ -127,14 +126,9 @@ int cmd_loop(const Args& a) {
   membank::Engine e = writer_engine(a);
   const long long count = a.num("--count", 0);
   std::cout << "ready" << std::endl;  // the engine is built: what follows is steps and saves
-  if (a.flag("--wait-go")) {
-    std::string line;
-    if (!std::getline(std::cin, line)) return 0;  // the test ended without starting us
-  }
   for (long long i = 0; count == 0 || i < count; ++i) {
     run_fed_steps(e, 1, kWriterInputSeed, writer_batch(e));
     membank::save_snapshot(a.pos[0], e);
-    std::cout << "saved " << e.steps_done() << std::endl;
   }
   return 0;
 }
