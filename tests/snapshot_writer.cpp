@@ -7,9 +7,10 @@
 //       (N x D) and last_update as int64 to FILE and FILE.last_update (what h5py must read back);
 //       --fsize-limit sets RLIMIT_FSIZE (SIGXFSZ ignored) first, so the save fails part way
 //       through writing, as on a full disk. Prints "step S hash H".
-//   snapshot_writer loop PATH [--n N] [--dim D] [--count C]
-//       Builds the writer engine, prints "ready" on stdout, then runs one step and saves to PATH,
-//       C times (0: until killed). The kill-during-write test SIGKILLs it at random moments.
+//   snapshot_writer loop PATH [--n N] [--dim D] [--count C] [--wait-go]
+//       Builds the writer engine, prints "ready" on stdout (with --wait-go then waits for a line on
+//       stdin), then runs one step and saves to PATH, C times (0: until killed), printing
+//       "saved STEP" after each save. The kill-during-write test SIGKILLs it at random moments.
 //   snapshot_writer resume IN OUT --steps S --input-seed X --batch B --losses FILE
 //       Loads IN in this fresh process, runs S steps fed batch_for_step(X, step), writes the bits of
 //       each step's loss, z, z_estimate, mean_p_positive (hex) to FILE, saves the engine to OUT.
@@ -60,7 +61,7 @@ struct Args {
 };
 
 Args parse(int argc, char** argv) {
-  static const char* flags[] = {"--alias", "--labels"};
+  static const char* flags[] = {"--alias", "--labels", "--wait-go"};
   Args a;
   for (int i = 2; i < argc; ++i) {
     const std::string s = argv[i];
@@ -68,7 +69,7 @@ Args parse(int argc, char** argv) {
       bool is_flag = false;
       for (const char* f : flags) is_flag = is_flag || s == f;
       if (is_flag) {
-        a.opt[s] = "1";
+        a.opt[s] = std::string(1, '1');  // (not = "1": a GCC 12 -Wrestrict false positive)
       } else {
         if (i + 1 >= argc) usage(s + " needs a value");
         a.opt[s] = argv[++i];
@@ -126,15 +127,21 @@ int cmd_loop(const Args& a) {
   membank::Engine e = writer_engine(a);
   const long long count = a.num("--count", 0);
   std::cout << "ready" << std::endl;  // the engine is built: what follows is steps and saves
+  if (a.flag("--wait-go")) {
+    std::string line;
+    if (!std::getline(std::cin, line)) return 0;  // the test ended without starting us
+  }
   for (long long i = 0; count == 0 || i < count; ++i) {
     run_fed_steps(e, 1, kWriterInputSeed, writer_batch(e));
     membank::save_snapshot(a.pos[0], e);
+    std::cout << "saved " << e.steps_done() << std::endl;
   }
   return 0;
 }
 
 int cmd_resume(const Args& a) {
-  if (a.pos.size() != 2 || a.str("--losses").empty()) usage("resume IN OUT --steps S --input-seed X --batch B --losses FILE");
+  if (a.pos.size() != 2 || a.str("--losses").empty())
+    usage("resume IN OUT --steps S --input-seed X --batch B --losses FILE");
   membank::Engine e = membank::load_snapshot(a.pos[0]);
   const auto stats = run_fed_steps(e, static_cast<int>(a.num("--steps", 1)),
                                    static_cast<std::uint64_t>(a.num("--input-seed", 0)), a.num("--batch", 8));

@@ -4,7 +4,9 @@
 #include <hdf5.h>
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -510,6 +512,23 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
   const fs::path dest = fs::absolute(path);
   const fs::path dir = dest.parent_path();
   MEMBANK_CHECK(fs::is_directory(dir), "{}: directory {} does not exist", path, dir.string());
+  // Refuse up front a save that cannot fit (free space, RLIMIT_FSIZE): a write that fails inside
+  // HDF5 leaves a file it cannot close, which crashes HDF5's cleanup at exit.
+  {
+    const double need = static_cast<double>(n) * static_cast<double>(dim) * 4.0 + 24.0 * static_cast<double>(n) +
+                        (std::size_t{1} << 20);
+    struct statvfs vfs {};
+    if (::statvfs(dir.c_str(), &vfs) == 0) {
+      const double avail = static_cast<double>(vfs.f_bavail) * static_cast<double>(vfs.f_frsize);
+      MEMBANK_CHECK(avail >= need, "{}: {:.0f} bytes free in {}: the snapshot needs about {:.0f}", path, avail,
+                    dir.string(), need);
+    }
+    struct rlimit rl {};
+    if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+      MEMBANK_CHECK(static_cast<double>(rl.rlim_cur) >= need,
+                    "{}: the file-size limit (RLIMIT_FSIZE) is {} bytes: the snapshot needs about {:.0f}", path,
+                    static_cast<unsigned long long>(rl.rlim_cur), need);
+  }
   std::random_device rd;
   const fs::path tmp = dir / fmt::format(".{}.tmp-{}-{:08x}", dest.filename().string(), ::getpid(), rd());
 
