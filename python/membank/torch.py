@@ -1,0 +1,239 @@
+"""membank.torch: the memory-bank NCE of Wu et al. as a PyTorch autograd Function and nn.Module.
+
+Drop-in for the reference pair of lemniscate.pytorch (``NCEAverage`` + ``NCECriterion``)::
+
+    # from lib.NCEAverage import NCEAverage
+    # from lib.NCECriterion import NCECriterion
+    from membank.torch import NCEAverage, NCECriterion
+
+    lemniscate = NCEAverage(low_dim, ndata, nce_k, nce_t, nce_m)   # same arguments
+    criterion = NCECriterion(ndata)
+    ...
+    feature = model(input)                  # L2-normalised (B, D), as the reference expects
+    output = lemniscate(feature, index)
+    loss = criterion(output, index)         # the same loss value
+    loss.backward()                         # dL/dfeature, as the reference's backward
+
+Same inputs, same loss, same gradient (to fp32 rounding; see the differences listed in
+python/README.md). What differs is what flows between the two modules: the reference's
+``output`` is the (B, K+1) matrix of probabilities exp(v.f/T)/Z, whose computation (a
+B x (K+1) x D gather, 0.5 GB at ImageNet scale) is most of its cost. membank fuses scoring, loss
+and gradient into one pass and never builds it: its ``NCEAverage`` returns the NCE loss itself (a
+0-d tensor, mean over the batch exactly as NCECriterion computes it) and its ``NCECriterion``
+passes that through. ``NCECriterion`` also accepts a reference (B, K+1) probability matrix and then
+computes the reference formula in plain PyTorch.
+
+The bank is refreshed (momentum, renormalised) with the features of the batch after the loss is
+computed from the pre-update rows -- the order the reference follows (it refreshes in backward).
+membank does it as the forward returns, when gradients are being recorded (training); under
+``torch.no_grad()`` (or for inputs that do not require grad) nothing changes: not the bank, Z nor
+the step counter.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _membank
+
+__all__ = ["NCEFunction", "nce_loss", "MemoryBankLoss", "NCEAverage", "NCECriterion", "reference_nce_criterion"]
+
+
+def _features(x: torch.Tensor) -> np.ndarray:
+    """x as the float32 (B, D) C-contiguous numpy array the engine reads (a view when x already is)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor (B, D); got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"features must be 2-D (B, D); got shape {tuple(x.shape)}")
+    # Inputs are only read, so a conversion here cannot lose a write: float64 (gradcheck), half
+    # precision, CUDA or non-contiguous inputs become a float32 CPU copy.
+    return x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+def _ids(y: torch.Tensor) -> np.ndarray:
+    if isinstance(y, np.ndarray):
+        return np.ascontiguousarray(y, dtype=np.int64)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"ids must be a torch.Tensor of instance indices (B,); got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor (torch.long); got {y.dtype}: pass y.long()")
+    return y.detach().to(device="cpu", dtype=torch.int64).contiguous().view(-1).numpy()
+
+
+def _negatives(neg) -> Optional[np.ndarray]:
+    if neg is None:
+        return None
+    if isinstance(neg, torch.Tensor):
+        neg = neg.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
+    return neg
+
+
+class NCEFunction(torch.autograd.Function):
+    """loss = NCEFunction.apply(features, ids, engine, negatives=None, update=True, stats=None)
+
+    features: (B, D) tensor (unit rows unless the engine normalises them); ids: (B,) instance ids;
+    engine: a membank.Engine (its objective -- NCE, InfoNCE or full softmax -- decides the loss);
+    negatives: optional (B, K) or (1, K) ids, else the engine draws its own;
+    update: True -- one training step (the bank refreshed after the loss, Z and the step counter
+    advance); False -- evaluate only, nothing in the engine changes (the negatives default to the
+    ones the next step would draw); stats: an optional list that receives the step's
+    membank.StepStats (Z, Zhat, mean P(positive), collisions, step).
+
+    Returns the 0-d loss (mean over the batch) in features' dtype and device; backward returns
+    dL/dfeatures (times the incoming gradient). The loss is computed in float32 by the engine.
+    """
+
+    @staticmethod
+    def forward(ctx, features, ids, engine, negatives=None, update=True, stats=None):
+        f = _features(features)
+        y = _ids(ids)
+        neg = _negatives(negatives)
+        if update:
+            if neg is None:
+                loss, grad, step_stats = engine.step(f, y)
+            else:
+                loss, grad, step_stats = engine.step_with_negatives(f, y, neg)
+        else:
+            if neg is None:
+                neg = engine.sample(y)
+            loss, grad, step_stats = engine.evaluate(f, y, neg)
+        ctx.grad = torch.from_numpy(grad)
+        if stats is not None:
+            stats.append(step_stats)
+        return torch.tensor(loss, dtype=features.dtype, device=features.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        g = ctx.grad.to(device=grad_output.device, dtype=grad_output.dtype) * grad_output
+        return g, None, None, None, None, None
+
+
+def nce_loss(features, ids, engine, negatives=None, update=True, stats=None):
+    """Functional form of NCEFunction."""
+    return NCEFunction.apply(features, ids, engine, negatives, update, stats)
+
+
+def _bank_tensor(engine) -> torch.Tensor:
+    """The engine's bank as a (N, D) float32 tensor, no copy, read-only by contract (writing to it
+    would break the unit-norm invariant: only the engine's momentum update writes rows)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(engine.bank.view())
+
+
+class MemoryBankLoss(nn.Module):
+    """Memory bank + loss in one module: ``loss = module(features, ids)``.
+
+    n: instances (bank rows); dim: feature dimension; k: noise draws per query; tau: temperature;
+    momentum: bank refresh m; z: None (estimated on the first batch, as Wu et al.) or a fixed Z;
+    objective: "nce", "infonce" or "full"; the other keywords go to membank.Engine
+    (negatives="per-sample"|"shared", exclude_positive, z_policy, z_ema, seed,
+    normalize_features, unit_norm_tolerance). bank / sampler: a membank.Bank (e.g. from
+    Bank.from_array) and a noise sampler, instead of the default random bank and uniform noise.
+    """
+
+    def __init__(self, n: int, dim: int, k: int = 4096, tau: float = 0.07, momentum: float = 0.5,
+                 z: Optional[float] = None, *, objective: str = "nce", seed: int = 0, bank=None, sampler=None,
+                 engine=None, **engine_options):
+        super().__init__()
+        if engine is None:
+            if bank is None:
+                bank = _membank.Bank(int(n), int(dim), seed=int(seed))
+            if z is not None and z > 0:
+                engine_options.setdefault("z_policy", "fixed")
+                engine_options.setdefault("z_fixed", float(z))
+            engine = _membank.Engine(bank, sampler, k=int(k), tau=float(tau), momentum=float(momentum),
+                                     objective=objective, seed=int(seed), **engine_options)
+        self.engine = engine
+        self.last_stats = None
+
+    @classmethod
+    def from_snapshot(cls, path: str):
+        """A module continuing the run saved by save_snapshot (bank, Z, step counter, configuration)."""
+        engine = _membank.load_snapshot(path)
+        c = engine.config
+        return cls(engine.bank.n, engine.bank.dim, c["k"], c["tau"], c["momentum"], engine=engine)
+
+    def save_snapshot(self, path: str, labels=None, deflate_level: int = 0):
+        _membank.save_snapshot(path, self.engine, deflate_level=deflate_level, labels=labels)
+
+    @property
+    def memory(self) -> torch.Tensor:
+        """The bank as a (N, D) tensor (zero-copy, live: it shows every later update; do not write)."""
+        return _bank_tensor(self.engine)
+
+    @property
+    def Z(self) -> float:
+        """Z of the NCE partition estimate (NaN until the first training step sets it)."""
+        return self.engine.z
+
+    def forward(self, features: torch.Tensor, ids: torch.Tensor, negatives=None) -> torch.Tensor:
+        update = torch.is_grad_enabled() and features.requires_grad
+        sink = []
+        loss = NCEFunction.apply(features, ids, self.engine, negatives, update, sink)
+        self.last_stats = sink[0] if sink else None  # membank.StepStats of this call
+        return loss
+
+    def extra_repr(self) -> str:
+        c = self.engine.config
+        return (f"n={self.engine.bank.n}, dim={self.engine.bank.dim}, k={c['k']}, tau={c['tau']}, "
+                f"momentum={c['momentum']}, objective={c['objective']}, negatives={c['negatives']}")
+
+
+class NCEAverage(MemoryBankLoss):
+    """Drop-in for lemniscate's ``NCEAverage(inputSize, outputSize, K, T=0.07, momentum=0.5, Z=None)``.
+
+    forward(x, y) takes the same (B, inputSize) L2-normalised features and (B,) instance indices,
+    and returns the NCE loss directly (the fused computation; see the module docstring), which
+    ``NCECriterion`` passes through. ``memory`` is the bank (zero-copy, read-only), ``params`` holds
+    [K, T, Z, momentum] as the reference's buffer does (Z = -1 until the first batch sets it).
+
+    Extra keywords (seed, bank, sampler, negatives, exclude_positive, z_policy, normalize_features,
+    ...) go to membank.Engine.
+    """
+
+    def __init__(self, inputSize: int, outputSize: int, K: int, T: float = 0.07, momentum: float = 0.5,
+                 Z: Optional[float] = None, **options):
+        super().__init__(outputSize, inputSize, K, T, momentum, Z, **options)
+        self.nLem = outputSize
+        self.K = K
+
+    @property
+    def params(self) -> torch.Tensor:
+        c = self.engine.config
+        z = self.engine.z
+        return torch.tensor([c["k"], c["tau"], -1.0 if z != z else z, c["momentum"]])
+
+
+def reference_nce_criterion(x: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """The reference NCECriterion formula on a (B, K+1) probability matrix (column 0: the positive),
+    with P_n = 1/n_data: -(1/B) sum_i [log(P_i0 / (P_i0 + K Pn + eps)) + sum_k log(K Pn / (P_ik + K Pn + eps))]."""
+    batch, k = x.shape[0], x.shape[1] - 1
+    kpn = k / float(n_data)
+    pos = x[:, 0]
+    neg = x[:, 1:]
+    ln_pos = torch.log(pos / (pos + kpn + eps))
+    ln_neg = torch.log(kpn / (neg + kpn + eps))
+    return -(ln_pos.sum() + ln_neg.sum()) / batch
+
+
+class NCECriterion(nn.Module):
+    """Drop-in for lemniscate's ``NCECriterion(nLem)``.
+
+    Given membank's NCEAverage output (the 0-d fused loss) it returns it unchanged; given a
+    reference (B, K+1) probability matrix it computes the reference formula (reference_nce_criterion).
+    """
+
+    def __init__(self, nLem: int):
+        super().__init__()
+        self.nLem = nLem
+
+    def forward(self, x: torch.Tensor, targets=None) -> torch.Tensor:
+        if x.dim() == 0:
+            return x
+        return reference_nce_criterion(x, self.nLem)

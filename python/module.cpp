@@ -1,0 +1,771 @@
+// membank._membank: the Python face of the engine (pybind11).
+//
+// Arrays: numpy in and out without copies. Every array argument must already have the dtype and
+// layout the engine reads (float32 features with contiguous rows, int64 ids ...); anything else is
+// refused with a TypeError / ValueError that says what to pass instead -- never converted behind
+// the caller's back (a silent copy of an `out=` array would lose the write). Engine errors
+// (membank::Error) become membank.Error, a subclass of ValueError, with the engine's message.
+//
+// Threads: the GIL is released for all C++ work; each Engine (and each stand-alone Bank) has its
+// own mutex, so two Python threads may share one safely (their calls run one after the other).
+// Ctrl-C: the long calls that split exactly into independent parts (knn_evaluate over query
+// blocks, full_softmax_loss over query blocks) check for signals between the parts and raise
+// KeyboardInterrupt; a single engine step or a snapshot save/load runs to its end first.
+#include <membank/bank.hpp>
+#include <membank/engine.hpp>
+#include <membank/error.hpp>
+#include <membank/knn.hpp>
+#include <membank/sampler.hpp>
+#include <membank/snapshot.hpp>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace py = pybind11;
+using namespace membank;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// array checks: refuse, with the fix in the message; never convert
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+std::string strides_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.strides(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+py::array require_ndarray(py::handle obj, const char* arg, const char* want) {
+  if (!py::isinstance<py::array>(obj)) {
+    const std::string t = type_name(obj);
+    const std::string hint = t == "Tensor" ? fmt::format("pass {}.detach().cpu().numpy()", arg)
+                                           : fmt::format("pass np.asarray({}, dtype=...)", arg);
+    throw py::type_error(fmt::format("{} must be a numpy.ndarray ({}); got {}: {}", arg, want, t, hint));
+  }
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+template <class T>
+void require_dtype(const py::array& a, const char* arg, const char* want, const char* np_name) {
+  if (!a.dtype().equal(py::dtype::of<T>()))
+    throw py::type_error(fmt::format("{} must be {}; got dtype {}: pass {}.astype(np.{})", arg, want,
+                                     std::string(py::str(a.dtype())), arg, np_name));
+}
+
+void require_aligned(const py::array& a, const char* arg, std::size_t align) {
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % align != 0)
+    throw py::value_error(fmt::format("{} is not aligned to its element size: pass np.ascontiguousarray({}) "
+                                      "(a fresh, aligned array)", arg, arg));
+}
+
+/// A 2-D array of T whose rows are contiguous (inner stride = one element; any outer stride that is a
+/// whole number of elements, >= 0): what the engine's Eigen::Ref with OuterStride reads without a copy.
+template <class T>
+struct Matrix2 {
+  py::array arr;
+  T* data = nullptr;
+  index_t rows = 0, cols = 0, stride = 0;  // stride in elements
+  using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<const Mat, 0, Eigen::OuterStride<>> cmap() const { return {data, rows, cols, Eigen::OuterStride<>(stride)}; }
+  Eigen::Map<Mat, 0, Eigen::OuterStride<>> map() const { return {data, rows, cols, Eigen::OuterStride<>(stride)}; }
+};
+
+template <class T>
+Matrix2<T> matrix_arg(py::handle obj, const char* arg, const char* np_name, const char* shape_name,
+                      bool writable = false) {
+  const std::string want = fmt::format("a {} {} array with contiguous rows", np_name, shape_name);
+  py::array a = require_ndarray(obj, arg, want.c_str());
+  require_dtype<T>(a, arg, want.c_str(), np_name);
+  if (a.ndim() != 2)
+    throw py::value_error(fmt::format("{} must be 2-D {}; got shape {}{}", arg, shape_name, shape_str(a),
+                                      a.ndim() == 1 ? fmt::format(": pass {}[None, :] for a single row", arg) : ""));
+  const auto es = static_cast<py::ssize_t>(sizeof(T));
+  const bool rows_ok = a.shape(1) <= 1 || a.strides(1) == es;
+  const bool outer_ok = a.shape(0) <= 1 || (a.strides(0) >= 0 && a.strides(0) % es == 0 && a.strides(0) >= a.shape(1) * es);
+  if (!rows_ok || !outer_ok)
+    throw py::value_error(fmt::format("{} must have contiguous rows (C order); got shape {} with strides {}: pass "
+                                      "np.ascontiguousarray({}){}", arg, shape_str(a), strides_str(a), arg,
+                                      writable ? " and read the result from the returned array" : ""));
+  require_aligned(a, arg, sizeof(T));
+  if (writable && !a.writeable())
+    throw py::value_error(fmt::format("{} is read-only: pass a writable {} array (e.g. np.empty(shape, np.{}))", arg,
+                                      np_name, np_name));
+  Matrix2<T> m;
+  m.data = static_cast<T*>(const_cast<void*>(a.data()));
+  m.rows = a.shape(0);
+  m.cols = a.shape(1);
+  m.stride = a.shape(0) <= 1 ? std::max<index_t>(m.cols, 1) : a.strides(0) / es;
+  if (m.stride == 0) m.stride = std::max<index_t>(m.cols, 1);
+  m.arr = std::move(a);
+  return m;
+}
+
+template <class T>
+struct Vector1 {
+  py::array arr;
+  const T* data = nullptr;
+  index_t size = 0;
+  std::span<const T> span() const { return {data, static_cast<std::size_t>(size)}; }
+};
+
+template <class T>
+Vector1<T> vector_arg(py::handle obj, const char* arg, const char* np_name, const char* shape_name) {
+  const std::string want = fmt::format("a contiguous {} {} array", np_name, shape_name);
+  py::array a = require_ndarray(obj, arg, want.c_str());
+  require_dtype<T>(a, arg, want.c_str(), np_name);
+  if (a.ndim() != 1)
+    throw py::value_error(fmt::format("{} must be 1-D {}; got shape {}: pass {}.reshape(-1)", arg, shape_name,
+                                      shape_str(a), arg));
+  if (a.shape(0) > 1 && a.strides(0) != static_cast<py::ssize_t>(sizeof(T)))
+    throw py::value_error(fmt::format("{} must be contiguous; got stride {} bytes: pass np.ascontiguousarray({})", arg,
+                                      a.strides(0), arg));
+  require_aligned(a, arg, sizeof(T));
+  Vector1<T> v;
+  v.data = static_cast<const T*>(a.data());
+  v.size = a.shape(0);
+  v.arr = std::move(a);
+  return v;
+}
+
+/// A fresh numpy array that owns an Eigen matrix (moved in, no copy).
+template <class Mat>
+py::array to_numpy(Mat&& m) {
+  using T = typename std::decay_t<Mat>::Scalar;
+  auto* heap = new std::decay_t<Mat>(std::move(m));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::decay_t<Mat>*>(p); });
+  return py::array_t<T>({heap->rows(), heap->cols()},
+                        {static_cast<py::ssize_t>(sizeof(T)) * heap->cols(), static_cast<py::ssize_t>(sizeof(T))},
+                        heap->data(), owner);
+}
+template <class T>
+py::array to_numpy(std::vector<T>&& v) {
+  auto* heap = new std::vector<T>(std::move(v));
+  py::capsule owner(heap, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(heap->size())}, {static_cast<py::ssize_t>(sizeof(T))}, heap->data(),
+                        owner);
+}
+
+/// The gradient buffer: the caller's `out` (checked, written in place) or a fresh (B, D) array.
+Matrix2<float> grad_buffer(py::object out, index_t rows, index_t cols) {
+  if (out.is_none()) return matrix_arg<float>(py::array_t<float>({rows, cols}), "out", "float32", "(B, D)", true);
+  Matrix2<float> g = matrix_arg<float>(out, "out", "float32", "(B, D)", true);
+  if (g.rows != rows || g.cols != cols)
+    throw py::value_error(fmt::format("out has shape {}: expected ({}, {}) (B, D)", shape_str(g.arr), rows, cols));
+  return g;
+}
+
+/// Between independent parts of a long call (GIL held): let Python run a pending signal handler, so
+/// that Ctrl-C raises KeyboardInterrupt here.
+void check_signals() {
+  if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+// ---------------------------------------------------------------------------------------------
+// owners: an Engine (with its mutex) and a Bank that is stand-alone or lives inside an Engine
+
+struct PyEngine {
+  std::unique_ptr<Engine> engine;
+  std::mutex mu;
+};
+
+struct BankState {
+  std::unique_ptr<Bank> owned;        ///< a stand-alone bank
+  std::shared_ptr<PyEngine> in;       ///< set once the bank was handed to an engine
+  std::mutex mu;                      ///< guards a stand-alone bank's update
+  const Bank& get() const { return in ? in->engine->bank() : *owned; }
+};
+
+struct PyBank {
+  std::shared_ptr<BankState> s;
+};
+
+struct PySampler {
+  std::shared_ptr<const NoiseSampler> s;
+};
+
+std::mutex& hdf5_mutex() {  // HDF5 (serial build) is not thread-safe
+  static std::mutex m;
+  return m;
+}
+
+/// Run f on the bank with its owner's lock held and the GIL released (call with the GIL held).
+template <class F>
+auto with_bank(const PyBank& b, F&& f) {
+  const std::shared_ptr<PyEngine> in = b.s->in;  // read under the GIL: Engine(bank) sets it under the GIL
+  py::gil_scoped_release nogil;
+  std::lock_guard lk(in ? in->mu : b.s->mu);
+  return f(in ? in->engine->bank() : *b.s->owned);
+}
+
+py::array bank_view(const PyBank& b) {
+  const Bank& bank = b.s->get();
+  // The capsule keeps the bank's owner (the state, hence the engine) alive as long as the array.
+  auto* keep = new std::shared_ptr<BankState>(b.s);
+  py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<BankState>*>(p); });
+  py::array_t<float> a({bank.size(), bank.dim()},
+                       {static_cast<py::ssize_t>(sizeof(float)) * bank.stride(), static_cast<py::ssize_t>(sizeof(float))},
+                       bank.row(0), owner);
+  a.attr("setflags")(py::arg("write") = false);
+  return a;
+}
+
+std::string normalise_name(std::string s) {
+  std::replace(s.begin(), s.end(), '_', '-');
+  return s;
+}
+Objective objective_arg(const std::string& s) {
+  if (s == "info_nce" || s == "info-nce") return Objective::info_nce;
+  if (s == "full_softmax" || s == "full-softmax") return Objective::full_softmax;
+  return objective_from_string(s);
+}
+
+std::unique_ptr<NoiseSampler> copy_sampler(const NoiseSampler& s) {
+  if (s.kind() == SamplerKind::alias) return std::make_unique<AliasSampler>(static_cast<const AliasSampler&>(s));
+  return std::make_unique<UniformSampler>(s.size());
+}
+
+py::dict config_dict(const EngineConfig& c) {
+  py::dict d;
+  d["k"] = c.k;
+  d["tau"] = c.tau;
+  d["momentum"] = c.momentum;
+  d["objective"] = to_string(c.objective);
+  d["negatives"] = to_string(c.negatives);
+  d["exclude_positive"] = c.exclude_positive;
+  d["z_policy"] = to_string(c.z_policy);
+  d["z_fixed"] = c.z_fixed;
+  d["z_ema"] = c.z_ema;
+  d["seed"] = c.seed;
+  d["normalize_features"] = c.normalize_features;
+  d["unit_norm_tolerance"] = c.unit_norm_tolerance;
+  return d;
+}
+
+std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, index_t k, double tau, double momentum,
+                                      const std::string& objective, const std::string& negatives, bool exclude_positive,
+                                      const std::string& z_policy, double z_fixed, double z_ema, std::uint64_t seed,
+                                      bool normalize_features, double unit_norm_tolerance) {
+  if (!bank.s->owned)
+    throw Error("Engine(bank): this Bank already belongs to an Engine (each engine owns its bank): make a new Bank, "
+                "or use that engine");
+  EngineConfig c;
+  c.k = k;
+  c.tau = tau;
+  c.momentum = momentum;
+  c.objective = objective_arg(objective);
+  c.negatives = negatives_mode_from_string(normalise_name(negatives));
+  c.exclude_positive = exclude_positive;
+  c.z_policy = z_policy_from_string(z_policy);
+  c.z_fixed = z_fixed;
+  c.z_ema = z_ema;
+  c.seed = seed;
+  c.normalize_features = normalize_features;
+  c.unit_norm_tolerance = unit_norm_tolerance;
+  const index_t n = bank.s->owned->size();
+  // Validate before the bank is moved: a refused configuration leaves the Python Bank usable.
+  c.validate(n);
+  std::unique_ptr<NoiseSampler> s;
+  if (sampler.is_none()) {
+    s = std::make_unique<UniformSampler>(n);
+  } else {
+    const auto& ps = sampler.cast<const PySampler&>();
+    if (ps.s->size() != n)
+      throw Error(fmt::format("Engine(sampler): the sampler covers N = {} instances: expected the bank's N = {}",
+                              ps.s->size(), n));
+    py::gil_scoped_release nogil;
+    s = copy_sampler(*ps.s);
+  }
+  auto pe = std::make_shared<PyEngine>();
+  {
+    std::lock_guard lk(bank.s->mu);
+    pe->engine = std::make_unique<Engine>(std::move(*bank.s->owned), std::move(s), c);
+    bank.s->owned.reset();
+    bank.s->in = pe;  // views made earlier keep this engine (hence their rows) alive
+  }
+  return pe;
+}
+
+py::tuple step_result(const StepStats& st, Matrix2<float>& g) { return py::make_tuple(st.loss, g.arr, st); }
+
+index_t checked_batch(const Vector1<index_t>& ids) {
+  if (ids.size == 0) throw Error("ids is empty: expected a batch of at least one id (B >= 1)");
+  return ids.size;
+}
+
+// full softmax over query blocks, with Ctrl-C checks between them
+
+struct FullResult {
+  double loss = 0, mean_z = 0, mean_p = 0;
+};
+
+FullResult full_softmax_chunked(const PyBank& b, const Matrix2<float>& f, const Vector1<index_t>& ids, double tau,
+                                Matrix2<float>& g, double tol) {
+  const index_t batch = ids.size, n = b.s->get().size(), dim = b.s->get().dim();
+  // One call unless the work is large (B N D >= 2^31 multiply-adds, ~30 ms here): then blocks of 64
+  // queries (the engine parallelises over the bank, so a block keeps every thread busy).
+  const index_t block = (static_cast<double>(batch) * n * dim >= 2147483648.0) ? 64 : batch;
+  if (f.rows != batch)
+    throw Error(fmt::format("features has {} rows: expected B = {} (one per id)", f.rows, batch));
+  FullResult r;
+  for (index_t q0 = 0; q0 < batch; q0 += block) {
+    const index_t rows = std::min(block, batch - q0);
+    double mz = 0, mp = 0, loss = 0;
+    {
+      auto fm = f.cmap().middleRows(q0, rows);
+      auto gm = g.map().middleRows(q0, rows);
+      loss = with_bank(b, [&](const Bank& bank) {
+        return full_softmax_loss(bank.view(), fm, ids.span().subspan(static_cast<std::size_t>(q0), rows), tau, gm,
+                                 &mz, &mp, tol);
+      });
+    }
+    const double w = static_cast<double>(rows) / static_cast<double>(batch);
+    r.loss += loss * w;
+    r.mean_z += mz * w;
+    r.mean_p += mp * w;
+    if (rows != batch) g.map().middleRows(q0, rows) *= static_cast<float>(w);
+    if (q0 + rows < batch) check_signals();
+  }
+  return r;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_membank, m) {
+  m.doc() = "membank: memory-bank instance discrimination (Wu et al., CVPR 2018) -- the C++ engine's Python face";
+
+  static py::exception<Error> error_type(m, "Error", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      error_type(e.what());
+    }
+  });
+
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw Error(fmt::format("set_num_threads(n = {}): expected n >= 1", n));
+    omp_set_num_threads(n);
+  }, py::arg("n"), "OpenMP threads of the calling thread's next calls (the same runtime torch uses here).");
+  m.def("get_num_threads", [] { return omp_get_max_threads(); });
+
+  // ---- StepStats
+  py::class_<StepStats>(m, "StepStats", "What a step reports besides the gradient (engine.hpp).")
+      .def_readonly("loss", &StepStats::loss, "L, the mean over the batch")
+      .def_readonly("z", &StepStats::z, "Z used by this step (NCE); mean exact Z_i (full softmax); NaN otherwise")
+      .def_readonly("z_estimate", &StepStats::z_estimate, "Zhat of this step's noise draws")
+      .def_readonly("mean_p_positive", &StepStats::mean_p_positive)
+      .def_readonly("negative_collision_fraction", &StepStats::negative_collision_fraction)
+      .def_readonly("step", &StepStats::step, "the step counter this step used")
+      .def("__repr__", [](const StepStats& s) {
+        return fmt::format("StepStats(loss={:.6g}, z={:.6g}, z_estimate={:.6g}, mean_p_positive={:.4g}, "
+                           "negative_collision_fraction={:.4g}, step={})",
+                           s.loss, s.z, s.z_estimate, s.mean_p_positive, s.negative_collision_fraction, s.step);
+      });
+
+  // ---- Bank
+  py::class_<PyBank>(m, "Bank",
+                     "The memory bank: N unit-norm rows of dimension D (float32). Once given to an Engine, the "
+                     "engine owns it; this object then shows the engine's bank.")
+      .def(py::init([](index_t n, index_t dim, std::uint64_t seed) {
+             auto st = std::make_shared<BankState>();
+             py::gil_scoped_release nogil;
+             st->owned = std::make_unique<Bank>(n, dim, seed);
+             return PyBank{st};
+           }),
+           py::arg("n"), py::arg("dim"), py::arg("seed") = 0, "N rows uniform on the unit sphere, drawn from seed.")
+      .def_static("from_array", [](py::handle rows) {
+             auto r = matrix_arg<float>(rows, "rows", "float32", "(N, D)");
+             auto st = std::make_shared<BankState>();
+             py::gil_scoped_release nogil;
+             st->owned = std::make_unique<Bank>(Bank::from_rows(r.cmap()));
+             return PyBank{st};
+           },
+           py::arg("rows"), "A bank from float32 (N, D) rows (copied into the bank, each normalised).")
+      .def_property_readonly("n", [](const PyBank& b) { return b.s->get().size(); })
+      .def_property_readonly("dim", [](const PyBank& b) { return b.s->get().dim(); })
+      .def_property_readonly("stride", [](const PyBank& b) { return b.s->get().stride(); },
+                             "floats between consecutive rows (>= dim)")
+      .def_property_readonly("owned_by_engine", [](const PyBank& b) { return static_cast<bool>(b.s->in); })
+      .def("__len__", [](const PyBank& b) { return b.s->get().size(); })
+      .def("view", &bank_view,
+           "The rows as a read-only (N, D) float32 array, no copy (strides follow the bank's padded rows). "
+           "It keeps the bank alive and shows later updates.")
+      .def("last_update", [](const PyBank& b) {
+             auto v = with_bank(b, [](const Bank& bank) { return bank.last_update(); });
+             return to_numpy(std::move(v));
+           }, "Copy of each row's last-update step (-1: never), int64 (N,).")
+      .def("update", [](const PyBank& b, py::handle ids, py::handle features, double momentum, std::int64_t step) {
+             if (b.s->in)
+               throw Error("Bank.update: this bank belongs to an Engine: use Engine.update(features, ids)");
+             auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+             auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+             py::gil_scoped_release nogil;
+             std::lock_guard lk(b.s->mu);
+             b.s->owned->momentum_update(y.span(), f.cmap(), momentum, step);
+           },
+           py::arg("ids"), py::arg("features"), py::arg("momentum") = 0.5, py::arg("step") = 0,
+           "Momentum refresh v[ids[b]] <- normalise(m v + (1 - m) features[b]), in batch order.")
+      .def("__repr__", [](const PyBank& b) {
+        return fmt::format("membank.Bank(n={}, dim={}{})", b.s->get().size(), b.s->get().dim(),
+                           b.s->in ? ", owned by an Engine" : "");
+      });
+
+  // ---- samplers
+  py::class_<PySampler>(m, "NoiseSampler", "P_n, the noise distribution (sampler.hpp).")
+      .def_property_readonly("n", [](const PySampler& s) { return s.s->size(); })
+      .def_property_readonly("kind", [](const PySampler& s) { return to_string(s.s->kind()); })
+      .def("prob", [](const PySampler& s, index_t j) { return s.s->prob(j); }, py::arg("j"))
+      .def("probs", [](const PySampler& s) { return to_numpy(s.s->probs()); }, "Every P_n(j), float64 (N,).")
+      .def("draw",
+           [](const PySampler& s, index_t k, std::uint64_t seed, std::int64_t step, std::uint32_t row, py::object excluded) {
+             if (k < 1) throw Error(fmt::format("draw(k = {}): expected k >= 1", k));
+             std::vector<index_t> ex;
+             if (!excluded.is_none()) {
+               auto e = vector_arg<index_t>(excluded, "excluded", "int64", "(E,)");
+               ex.assign(e.data, e.data + e.size);
+               std::sort(ex.begin(), ex.end());
+               ex.erase(std::unique(ex.begin(), ex.end()), ex.end());
+               for (index_t v : ex)
+                 if (v < 0 || v >= s.s->size())
+                   throw Error(fmt::format("excluded id {} is out of range: expected 0 <= id < N = {}", v, s.s->size()));
+             }
+             std::vector<index_t> ids(static_cast<std::size_t>(k));
+             std::vector<float> lp(static_cast<std::size_t>(k));
+             {
+               py::gil_scoped_release nogil;
+               s.s->draw(StreamKey{seed, step, row, 0}, ex, ids, lp);
+             }
+             return py::make_tuple(to_numpy(std::move(ids)), to_numpy(std::move(lp)));
+           },
+           py::arg("k"), py::arg("seed") = 0, py::arg("step") = 0, py::arg("row") = 0, py::arg("excluded") = py::none(),
+           "k draws of the stream (seed, step, row): (ids int64, log P_n float32).");
+  m.def("UniformSampler", [](index_t n) { return PySampler{std::make_shared<UniformSampler>(n)}; }, py::arg("n"),
+        "P_n(j) = 1/N.");
+  m.def("AliasSampler", [](py::handle weights) {
+          auto w = vector_arg<double>(weights, "weights", "float64", "(N,)");
+          py::gil_scoped_release nogil;
+          return PySampler{std::make_shared<AliasSampler>(w.span())};
+        },
+        py::arg("weights"), "P_n(j) = w_j / sum(w), Vose alias table (O(N) build, O(1) draws).");
+
+  // ---- Engine
+  py::class_<PyEngine, std::shared_ptr<PyEngine>>(m, "Engine",
+                                                  "One training step of memory-bank instance discrimination (engine.hpp).")
+      .def(py::init(&make_engine), py::arg("bank"), py::arg("sampler") = py::none(), py::kw_only(),
+           py::arg("k") = 4096, py::arg("tau") = 0.07, py::arg("momentum") = 0.5, py::arg("objective") = "nce",
+           py::arg("negatives") = "per-sample", py::arg("exclude_positive") = false,
+           py::arg("z_policy") = "first_batch", py::arg("z_fixed") = 0.0, py::arg("z_ema") = 0.99,
+           py::arg("seed") = 0, py::arg("normalize_features") = false, py::arg("unit_norm_tolerance") = 1e-3)
+      .def_property_readonly("bank", [](std::shared_ptr<PyEngine> pe) {
+        auto st = std::make_shared<BankState>();
+        st->in = std::move(pe);
+        return PyBank{st};
+      })
+      .def_property_readonly("config", [](const PyEngine& pe) { return config_dict(pe.engine->config()); })
+      .def_property_readonly("sampler", [](const PyEngine& pe) {
+        // A copy, so that the Python object never outlives what it points to.
+        return PySampler{std::shared_ptr<const NoiseSampler>(copy_sampler(pe.engine->sampler()))};
+      })
+      .def_property_readonly("steps_done", [](PyEngine& pe) {
+        py::gil_scoped_release nogil;
+        std::lock_guard lk(pe.mu);
+        return pe.engine->steps_done();
+      })
+      .def_property_readonly("z", [](PyEngine& pe) {
+        py::gil_scoped_release nogil;
+        std::lock_guard lk(pe.mu);
+        return pe.engine->partition().z();
+      }, "Z (NaN until the first NCE step sets it)")
+      .def_property_readonly("log_z", [](PyEngine& pe) -> py::object {
+        Partition p;
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard lk(pe.mu);
+          p = pe.engine->partition();
+        }
+        return p.initialised ? py::object(py::float_(p.log_z)) : py::none();
+      }, "log Z, or None until initialised")
+      .def("step",
+           [](PyEngine& pe, py::handle features, py::handle ids, py::object out, bool update) {
+             auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+             auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+             auto g = grad_buffer(out, checked_batch(y), pe.engine->bank().dim());
+             StepStats st;
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard lk(pe.mu);
+               st = pe.engine->step(f.cmap(), y.span(), g.map(), update);
+             }
+             return step_result(st, g);
+           },
+           py::arg("features"), py::arg("ids"), py::arg("out") = py::none(), py::arg("update") = true,
+           "One step: (loss, dL/dfeatures (B, D) float32, StepStats). Draws K negatives, scores the pre-update "
+           "rows, then (update=True) refreshes the rows of ids.")
+      .def("step_with_negatives",
+           [](PyEngine& pe, py::handle features, py::handle ids, py::handle negatives, py::object out, bool update) {
+             auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+             auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+             auto neg = matrix_arg<index_t>(negatives, "negatives", "int64", "(B, K) or (1, K)");
+             auto g = grad_buffer(out, checked_batch(y), pe.engine->bank().dim());
+             StepStats st;
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard lk(pe.mu);
+               st = pe.engine->step_with_negatives(f.cmap(), y.span(), neg.cmap(), g.map(), update);
+             }
+             return step_result(st, g);
+           },
+           py::arg("features"), py::arg("ids"), py::arg("negatives"), py::arg("out") = py::none(),
+           py::arg("update") = true, "The same step with caller-supplied negatives (B, K) or shared (1, K).")
+      .def("evaluate",
+           [](PyEngine& pe, py::handle features, py::handle ids, py::handle negatives, py::object out) {
+             auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+             auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+             auto neg = matrix_arg<index_t>(negatives, "negatives", "int64", "(B, K) or (1, K)");
+             auto g = grad_buffer(out, checked_batch(y), pe.engine->bank().dim());
+             StepStats st;
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard lk(pe.mu);
+               st = pe.engine->evaluate(f.cmap(), y.span(), neg.cmap(), g.map());
+             }
+             return step_result(st, g);
+           },
+           py::arg("features"), py::arg("ids"), py::arg("negatives"), py::arg("out") = py::none(),
+           "Loss and gradient only; bank, Z and counter untouched.")
+      .def("update",
+           [](PyEngine& pe, py::handle features, py::handle ids) {
+             auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+             auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+             py::gil_scoped_release nogil;
+             std::lock_guard lk(pe.mu);
+             pe.engine->update(f.cmap(), y.span());
+           },
+           py::arg("features"), py::arg("ids"), "Momentum refresh of the rows of ids.")
+      .def("sample",
+           [](PyEngine& pe, py::handle ids, py::object step) {
+             auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+             const bool next = step.is_none();
+             const std::int64_t at = next ? 0 : step.cast<std::int64_t>();
+             RowMatrixi r;
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard lk(pe.mu);
+               r = pe.engine->sample(y.span(), next ? pe.engine->steps_done() : at);
+             }
+             return to_numpy(std::move(r));
+           },
+           py::arg("ids"), py::arg("step") = py::none(),
+           "The negatives a step would draw at `step` (default: the next step): int64 (B, K) or (1, K).")
+      .def("restore_state",
+           [](PyEngine& pe, std::int64_t step, py::object log_z) {
+             const bool set_z = !log_z.is_none();
+             const double lz = set_z ? log_z.cast<double>() : 0.0;
+             py::gil_scoped_release nogil;
+             std::lock_guard lk(pe.mu);
+             Partition p = pe.engine->partition();
+             if (set_z) {
+               p.initialised = true;
+               p.log_z = lz;
+             }
+             pe.engine->restore_state(p, step);
+           },
+           py::arg("step"), py::arg("log_z") = py::none(), "Set the step counter (and log Z) to resume a run.")
+      .def("__repr__", [](const PyEngine& pe) {
+        const auto& c = pe.engine->config();
+        return fmt::format("membank.Engine(n={}, dim={}, k={}, tau={}, objective={}, negatives={}, steps_done={})",
+                           pe.engine->bank().size(), pe.engine->bank().dim(), c.k, c.tau, to_string(c.objective),
+                           to_string(c.negatives), pe.engine->steps_done());
+      });
+
+  // ---- exact full softmax, kNN
+  m.def("full_softmax_loss",
+        [](const PyBank& b, py::handle features, py::handle ids, double tau, py::object out,
+           double unit_norm_tolerance) {
+          auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+          auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+          auto g = grad_buffer(out, checked_batch(y), b.s->get().dim());
+          const FullResult r = full_softmax_chunked(b, f, y, tau, g, unit_norm_tolerance);
+          return py::make_tuple(r.loss, g.arr, r.mean_z, r.mean_p);
+        },
+        py::arg("bank"), py::arg("features"), py::arg("ids"), py::arg("tau") = 0.07, py::arg("out") = py::none(),
+        py::arg("unit_norm_tolerance") = 1e-3,
+        "Exact softmax over the whole bank: (loss, dL/dfeatures, mean Z_i, mean P(y_i|f_i)). Large calls run in "
+        "blocks of 64 queries and stop at Ctrl-C between blocks (`out` then holds a partial result).");
+
+  py::class_<KnnResult>(m, "KnnResult")
+      .def_readonly("top1", &KnnResult::top1)
+      .def_readonly("top5", &KnnResult::top5)
+      .def_readonly("nn1", &KnnResult::nn1)
+      .def_property_readonly("predictions", [](const KnnResult& r) {
+        std::vector<std::int64_t> p(r.predictions.begin(), r.predictions.end());
+        return to_numpy(std::move(p));
+      })
+      .def("__repr__", [](const KnnResult& r) {
+        return fmt::format("KnnResult(top1={:.4f}, top5={:.4f}, nn1={:.4f})", r.top1, r.top5, r.nn1);
+      });
+  m.def("knn_evaluate",
+        [](const PyBank& b, py::handle bank_labels, py::handle queries, py::handle query_labels, index_t k,
+           double sigma) {
+          auto bl = vector_arg<std::int64_t>(bank_labels, "bank_labels", "int64", "(N,)");
+          auto ql = vector_arg<std::int64_t>(query_labels, "query_labels", "int64", "(Q,)");
+          auto q = matrix_arg<float>(queries, "queries", "float32", "(Q, D)");
+          const auto to_int = [](const Vector1<std::int64_t>& v, const char* arg) {
+            std::vector<int> out(static_cast<std::size_t>(v.size));
+            for (index_t i = 0; i < v.size; ++i) {
+              if (v.data[i] < 0 || v.data[i] > std::numeric_limits<int>::max())
+                throw Error(fmt::format("{}[{}] = {}: expected a class label in [0, 2^31)", arg, i, v.data[i]));
+              out[static_cast<std::size_t>(i)] = static_cast<int>(v.data[i]);
+            }
+            return out;
+          };
+          const std::vector<int> bank_l = to_int(bl, "bank_labels"), query_l = to_int(ql, "query_labels");
+          if (static_cast<index_t>(query_l.size()) != q.rows)
+            throw Error(fmt::format("query_labels has {} entries: expected Q = {} (one per query row)", query_l.size(),
+                                    q.rows));
+          KnnResult total;
+          total.predictions.reserve(query_l.size());
+          double h1 = 0, h5 = 0, hn = 0;
+          // Blocks of 256 queries per thread (the engine's own unit of parallel work): per-query results do not
+          // depend on the blocking, and Ctrl-C is honoured between blocks.
+          const index_t block = std::max<index_t>(1, 256 * static_cast<index_t>(omp_get_max_threads()));
+          for (index_t q0 = 0; q0 < std::max<index_t>(q.rows, 1); q0 += block) {
+            const index_t rows = std::min(block, q.rows - q0);
+            const KnnResult r = with_bank(b, [&](const Bank& bank) {
+              return knn_evaluate(bank.view(), bank_l, q.cmap().middleRows(q0, rows),
+                                  std::span<const int>(query_l).subspan(static_cast<std::size_t>(q0), rows),
+                                  KnnOptions{k, sigma});
+            });
+            h1 += std::round(r.top1 * static_cast<double>(rows));
+            h5 += std::round(r.top5 * static_cast<double>(rows));
+            hn += std::round(r.nn1 * static_cast<double>(rows));
+            total.predictions.insert(total.predictions.end(), r.predictions.begin(), r.predictions.end());
+            if (q0 + rows < q.rows) check_signals();
+          }
+          const double qn = static_cast<double>(std::max<index_t>(q.rows, 1));
+          total.top1 = h1 / qn;
+          total.top5 = h5 / qn;
+          total.nn1 = hn / qn;
+          return total;
+        },
+        py::arg("bank"), py::arg("bank_labels"), py::arg("queries"), py::arg("query_labels"), py::arg("k") = 200,
+        py::arg("sigma") = 0.07,
+        "Weighted kNN (Wu et al.): labels int64, queries float32 (Q, D). Stops at Ctrl-C between query blocks.");
+
+  // ---- snapshots
+  m.def("save_snapshot",
+        [](const std::string& path, PyEngine& pe, int deflate_level, py::object labels) {
+          Vector1<std::int64_t> l;
+          if (!labels.is_none()) l = vector_arg<std::int64_t>(labels, "labels", "int64", "(N,)");
+          py::gil_scoped_release nogil;
+          std::lock_guard hl(hdf5_mutex());
+          std::lock_guard lk(pe.mu);
+          save_snapshot(path, *pe.engine, SnapshotOptions{deflate_level}, l.span());
+        },
+        py::arg("path"), py::arg("engine"), py::arg("deflate_level") = 0, py::arg("labels") = py::none(),
+        "Save the whole engine state to an HDF5 file, atomically (snapshot.hpp).");
+  m.def("load_snapshot",
+        [](const std::string& path, bool return_labels) -> py::object {
+          auto pe = std::make_shared<PyEngine>();
+          std::vector<std::int64_t> labels;
+          {
+            py::gil_scoped_release nogil;
+            std::lock_guard hl(hdf5_mutex());
+            pe->engine = std::make_unique<Engine>(load_snapshot(path, return_labels ? &labels : nullptr));
+          }
+          if (!return_labels) return py::cast(pe);
+          return py::make_tuple(pe, labels.empty() ? py::object(py::none()) : py::object(to_numpy(std::move(labels))));
+        },
+        py::arg("path"), py::arg("return_labels") = false,
+        "An Engine that continues exactly where the saved one stopped; with return_labels, (engine, labels or None).");
+  m.def("read_snapshot_info", [](const std::string& path) {
+          SnapshotInfo i;
+          {
+            py::gil_scoped_release nogil;
+            std::lock_guard hl(hdf5_mutex());
+            i = read_snapshot_info(path);
+          }
+          py::dict d;
+          d["format"] = i.format;
+          d["format_version"] = i.format_version;
+          d["engine_version"] = i.engine_version;
+          d["n"] = i.n;
+          d["dim"] = i.dim;
+          d["step"] = i.step;
+          d["config"] = config_dict(i.config);
+          d["z_initialised"] = i.partition.initialised;
+          d["log_z"] = i.partition.log_z;
+          d["sampler"] = to_string(i.sampler);
+          d["has_labels"] = i.has_labels;
+          d["rows_per_chunk"] = i.rows_per_chunk;
+          d["compressed"] = i.compressed;
+          return d;
+        },
+        py::arg("path"));
+  m.def("verify_snapshot", [](const std::string& path) {
+          py::gil_scoped_release nogil;
+          std::lock_guard hl(hdf5_mutex());
+          return verify_snapshot(path);
+        },
+        py::arg("path"), "Problems found (an empty list: sound).");
+  m.def("import_bank", [](const std::string& path, const std::string& dataset) {
+          index_t renorm = 0;
+          auto st = std::make_shared<BankState>();
+          {
+            py::gil_scoped_release nogil;
+            std::lock_guard hl(hdf5_mutex());
+            st->owned = std::make_unique<Bank>(import_bank(path, dataset, &renorm));
+          }
+          return py::make_tuple(PyBank{st}, renorm);
+        },
+        py::arg("path"), py::arg("dataset") = "bank", "(Bank, rows renormalised) from a plain (N, D) dataset.");
+
+  // ---- timing of the same step in C++ (the benchmark's reference)
+  m.def("time_steps",
+        [](PyEngine& pe, py::handle features, py::handle ids) {
+          // features (S, B, D) float32 C-contiguous, ids (S, B) int64: S steps, each timed alone.
+          py::array fa = require_ndarray(features, "features", "a C-contiguous float32 (S, B, D) array");
+          require_dtype<float>(fa, "features", "a C-contiguous float32 (S, B, D) array", "float32");
+          if (fa.ndim() != 3 || !(fa.flags() & py::array::c_style))
+            throw py::value_error("features must be a C-contiguous (S, B, D) float32 array: pass np.ascontiguousarray");
+          auto y = matrix_arg<index_t>(ids, "ids", "int64", "(S, B)");
+          const index_t steps = fa.shape(0), batch = fa.shape(1), dim = fa.shape(2);
+          if (y.rows != steps || y.cols != batch || y.stride != batch)
+            throw py::value_error("ids must be a C-contiguous (S, B) int64 array matching features (S, B, D)");
+          const auto* f0 = static_cast<const float*>(fa.data());
+          std::vector<double> ms(static_cast<std::size_t>(steps));
+          RowMatrixf grad(batch, dim);
+          py::gil_scoped_release nogil;
+          std::lock_guard lk(pe.mu);
+          for (index_t s = 0; s < steps; ++s) {
+            Eigen::Map<const RowMatrixf> f(f0 + s * batch * dim, batch, dim);
+            const auto t0 = std::chrono::steady_clock::now();
+            pe.engine->step(f, IdsRef(y.data + s * batch, static_cast<std::size_t>(batch)), grad, true);
+            ms[static_cast<std::size_t>(s)] =
+                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+          }
+          py::gil_scoped_acquire gil;
+          return to_numpy(std::move(ms));
+        },
+        py::arg("engine"), py::arg("features"), py::arg("ids"),
+        "Run S engine steps in a C++ loop (no Python between them) and return each one's time in ms.");
+}
