@@ -1,5 +1,6 @@
 // `membank bench snapshot`: save and load of a large bank against plain sequential write and read of
 // the same bytes on the same disk, in the same run, with peak resident memory of each phase.
+#include "bench_common.hpp"
 #include "commands.hpp"
 #include "machine_info.hpp"
 
@@ -12,7 +13,6 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -32,23 +32,6 @@ struct SnapOptions {
   bool json = false;
   bool keep = false;
 };
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-/// Reset the kernel's peak-RSS mark of this process (Linux >= 4.0; ignored elsewhere).
-void reset_peak_rss() {
-  std::ofstream("/proc/self/clear_refs") << "5";
-}
-/// Peak resident set size since the last reset, bytes (VmHWM).
-double peak_rss_bytes() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) * 1024.0;
-  return 0.0;
-}
 
 /// Drop a file's cached pages (they are clean after fsync), so that the next read comes from disk.
 void drop_cache(const std::string& path) {

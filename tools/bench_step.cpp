@@ -1,22 +1,19 @@
 // `membank bench step`: the median time of one whole training step (sample, score, loss, gradient,
 // bank update) against `floor_ms`, the time of the work no implementation can avoid -- reading the
 // same B x (K + 1) random bank rows and taking one dot product with each -- measured in the same run.
+#include "bench_common.hpp"
 #include "commands.hpp"
 #include "machine_info.hpp"
 
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 
-#include "detail/simd.hpp"
-
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
-#include <random>
 #include <vector>
 
 namespace membank::tools {
@@ -37,114 +34,25 @@ struct StepOptions {
   bool json = false;
 };
 
-double now_ms() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const auto m = v.size() / 2;
-  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
-}
-
-RowMatrixf random_unit_rows(index_t rows, index_t dim, std::mt19937_64& rng) {
-  std::normal_distribution<float> normal;
-  RowMatrixf f(rows, dim);
-  for (index_t i = 0; i < rows; ++i) {
-    for (index_t c = 0; c < dim; ++c) f(i, c) = normal(rng);
-    f.row(i).normalize();
-  }
-  return f;
-}
-
-/// The floor: gather B x (K + 1) random rows with the engine's prefetch and dot kernels, in parallel
-/// over queries exactly as the per-sample step is. Returns a checksum so nothing is optimised away.
-double floor_pass(const BankView& bank, const RowMatrixi& rows, const RowMatrixf& f) {
-  constexpr index_t kAhead = 8;
-  const index_t batch = rows.rows(), cols = rows.cols(), dim = bank.dim;
-  double checksum = 0.0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : checksum)
-  for (index_t i = 0; i < batch; ++i) {
-    const index_t* r = rows.row(i).data();
-    const float* q = f.row(i).data();
-    for (index_t k = 0; k < std::min(kAhead, cols); ++k) detail::prefetch_row(bank.row(r[k]), dim);
-    float acc = 0.0f;
-    for (index_t k = 0; k < cols; ++k) {
-      if (k + kAhead < cols) detail::prefetch_row(bank.row(r[k + kAhead]), dim);
-      acc += detail::dot(bank.row(r[k]), q, dim);
-    }
-    checksum += acc;
-  }
-  return checksum;
-}
-
 /// One configuration: prints its figures, returns the median step time.
 double run_one(const StepOptions& o) {
   const int threads = omp_get_max_threads();
-  std::mt19937_64 rng(o.seed);
-
-  EngineConfig cfg;
-  cfg.k = o.k;
-  cfg.negatives = negatives_mode_from_string(o.negatives);
-  cfg.objective = objective_from_string(o.objective);
-  cfg.seed = o.seed;
-  std::unique_ptr<NoiseSampler> sampler;
-  double alias_build_ms = 0.0;
-  if (sampler_kind_from_string(o.sampler) == SamplerKind::alias) {
-    std::vector<double> w(static_cast<std::size_t>(o.n));
-    std::uniform_real_distribution<double> u(0.5, 2.0);
-    for (auto& x : w) x = u(rng);
-    const double t0 = now_ms();
-    sampler = std::make_unique<AliasSampler>(w);
-    alias_build_ms = now_ms() - t0;
-  } else {
-    sampler = std::make_unique<UniformSampler>(o.n);
-  }
+  StepSetup setup;
+  setup.n = o.n;
+  setup.dim = o.dim;
+  setup.k = o.k;
+  setup.batch = o.batch;
+  setup.negatives = negatives_mode_from_string(o.negatives);
+  setup.sampler = sampler_kind_from_string(o.sampler);
+  setup.objective = objective_from_string(o.objective);
+  setup.seed = o.seed;
   if (!o.json) fmt::print(stderr, "building a {} x {} bank ({:.2f} GB) ...\n", o.n, o.dim, o.n * o.dim * 4e-9);
-  Engine engine(Bank(o.n, o.dim, o.seed), std::move(sampler), cfg);
-
-  // Inputs: fresh ids and features for every step (generated before timing).
-  const int steps = o.repeats + 2;
-  std::uniform_int_distribution<index_t> any_id(0, o.n - 1);
-  std::vector<std::vector<index_t>> ids(static_cast<std::size_t>(steps));
-  std::vector<RowMatrixf> feats;
-  for (auto& v : ids) {
-    v.resize(static_cast<std::size_t>(o.batch));
-    for (auto& y : v) y = any_id(rng);
-    feats.push_back(random_unit_rows(o.batch, o.dim, rng));
-  }
-  RowMatrixf grad(o.batch, o.dim);
-
-  // Before timing: the fused step must agree bit-for-bit with the same step given its own draws.
-  {
-    const RowMatrixi drawn = engine.sample(ids[0], engine.steps_done());
-    RowMatrixf g2(o.batch, o.dim);
-    const StepStats ref = engine.evaluate(feats[0], ids[0], drawn, g2);
-    const StepStats got = engine.step(feats[0], ids[0], grad, true);
-    MEMBANK_CHECK(got.loss == ref.loss && grad == g2,
-                  "self-check failed: step loss {} vs the same step with its drawn negatives {}", got.loss,
-                  ref.loss);
-  }
-  engine.step(feats[1], ids[1], grad, true);  // warm-up
-  std::vector<double> step_ms;
-  for (int s = 2; s < steps; ++s) {
-    const double t0 = now_ms();
-    engine.step(feats[static_cast<std::size_t>(s)], ids[static_cast<std::size_t>(s)], grad, true);
-    step_ms.push_back(now_ms() - t0);
-  }
-
+  StepBench bench(setup, o.repeats);
+  const double alias_build_ms = bench.alias_build_ms;
+  const std::vector<double> step_ms = bench.time_steps(o.repeats);
   // The floor, same count of rows: K + 1 per query (per-sample) -- the whole B x (K + 1) reads.
-  RowMatrixi rows(o.batch, o.k + 1);
-  for (index_t i = 0; i < rows.size(); ++i) rows.data()[i] = any_id(rng);
-  const RowMatrixf fq = random_unit_rows(o.batch, o.dim, rng);
-  double checksum = floor_pass(engine.bank().view(), rows, fq);  // warm-up
-  std::vector<double> floor_ms;
-  for (int s = 0; s < o.repeats; ++s) {
-    for (index_t i = 0; i < rows.size(); ++i) rows.data()[i] = any_id(rng);
-    const double t0 = now_ms();
-    checksum += floor_pass(engine.bank().view(), rows, fq);
-    floor_ms.push_back(now_ms() - t0);
-  }
+  double checksum = 0.0;
+  const std::vector<double> floor_ms = bench.time_gather_floor(o.repeats, &checksum);
 
   const double step_med = median(step_ms), floor_med = median(floor_ms);
   const double gbytes = static_cast<double>(o.batch) * static_cast<double>(o.k + 1) * o.dim * 4e-9;

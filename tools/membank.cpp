@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   membank::tools::add_bench_step(*bench);
   membank::tools::add_bench_snapshot(*bench);
   membank::tools::add_bench_knn(*bench);
+  membank::tools::add_bench_scale(*bench);
   membank::tools::add_snapshot(app);
   membank::tools::add_train(app);
   try {

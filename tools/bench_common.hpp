@@ -1,0 +1,209 @@
+#pragma once
+// Pieces shared by the `membank bench ...` commands: clocks, the median, random query rows, the
+// random-gather floor of an NCE step, a timed engine step (StepBench), and the process's peak
+// resident memory (Linux /proc).
+#include <membank/bank.hpp>
+#include <membank/engine.hpp>
+#include <membank/error.hpp>
+#include <membank/sampler.hpp>
+#include <membank/types.hpp>
+
+#include "detail/simd.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace membank::tools {
+
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+inline double now_ms() { return 1e3 * now_s(); }
+
+/// Median of a non-empty sample.
+inline double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const auto m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+/// rows x dim unit rows (normalised Gaussians) from `rng`.
+inline RowMatrixf random_unit_rows(index_t rows, index_t dim, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal;
+  RowMatrixf f(rows, dim);
+  for (index_t i = 0; i < rows; ++i) {
+    for (index_t c = 0; c < dim; ++c) f(i, c) = normal(rng);
+    f.row(i).normalize();
+  }
+  return f;
+}
+
+/// The floor of a per-sample step: gather the B x C bank rows named by `rows` (B = rows.rows(), one
+/// query of `f` per row) with the engine's prefetch and dot kernels, in parallel over queries exactly
+/// as the per-sample step is. Returns a checksum so nothing is optimised away.
+inline double floor_pass(const BankView& bank, const RowMatrixi& rows, const RowMatrixf& f) {
+  constexpr index_t kAhead = 8;
+  const index_t batch = rows.rows(), cols = rows.cols(), dim = bank.dim;
+  double checksum = 0.0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : checksum)
+  for (index_t i = 0; i < batch; ++i) {
+    const index_t* r = rows.row(i).data();
+    const float* q = f.row(i).data();
+    for (index_t k = 0; k < std::min(kAhead, cols); ++k) detail::prefetch_row(bank.row(r[k]), dim);
+    float acc = 0.0f;
+    for (index_t k = 0; k < cols; ++k) {
+      if (k + kAhead < cols) detail::prefetch_row(bank.row(r[k + kAhead]), dim);
+      acc += detail::dot(bank.row(r[k]), q, dim);
+    }
+    checksum += acc;
+  }
+  return checksum;
+}
+
+/// One benchmark configuration of an engine step.
+struct StepSetup {
+  index_t n = 1281167;
+  index_t dim = 128;
+  index_t k = 4096;
+  index_t batch = 256;
+  NegativesMode negatives = NegativesMode::per_sample;
+  SamplerKind sampler = SamplerKind::uniform;  ///< alias: over weights drawn uniformly in [0.5, 2)
+  Objective objective = Objective::nce;
+  std::uint64_t seed = 1;
+};
+
+/// An engine built for one StepSetup, with its inputs, timed step by step. Owns the bank: keep one
+/// alive at a time when banks are large. Not thread-safe (times parallel calls of the engine).
+class StepBench {
+ public:
+  /// Builds the sampler (alias_build_ms times the Vose table) and the bank (bank_build_ms), then
+  /// fresh ids and unit features for `steps` steps (generated here, never inside a timed region).
+  StepBench(const StepSetup& s, int steps) : s_(s), rng_(s.seed), any_id_(0, s.n - 1) {
+    EngineConfig cfg;
+    cfg.k = s.k;
+    cfg.negatives = s.negatives;
+    cfg.objective = s.objective;
+    cfg.seed = s.seed;
+    std::unique_ptr<NoiseSampler> sampler;
+    if (s.sampler == SamplerKind::alias) {
+      std::vector<double> w(static_cast<std::size_t>(s.n));
+      std::uniform_real_distribution<double> u(0.5, 2.0);
+      for (auto& x : w) x = u(rng_);
+      const double t0 = now_ms();
+      sampler = std::make_unique<AliasSampler>(w);
+      alias_build_ms = now_ms() - t0;
+    } else {
+      sampler = std::make_unique<UniformSampler>(s.n);
+    }
+    const double t0 = now_ms();
+    Bank bank(s.n, s.dim, s.seed);
+    bank_build_ms = now_ms() - t0;
+    engine_ = std::make_unique<Engine>(std::move(bank), std::move(sampler), cfg);
+    for (int i = 0; i < steps + 2; ++i) {
+      std::vector<index_t> v(static_cast<std::size_t>(s.batch));
+      for (auto& y : v) y = any_id_(rng_);
+      ids_.push_back(std::move(v));
+      feats_.push_back(random_unit_rows(s.batch, s.dim, rng_));
+    }
+    grad_.resize(s.batch, s.dim);
+  }
+
+  /// Check, then time: the first step must agree bit for bit with the same step given its own draws
+  /// (throws Error otherwise); one warm-up step; then `steps` timed steps (ms each, each on fresh
+  /// inputs, bank refreshed as in training).
+  std::vector<double> time_steps(int steps) {
+    MEMBANK_CHECK(steps >= 1 && static_cast<std::size_t>(steps) + 2 <= ids_.size(),
+                  "steps = {}: expected 1 ..{}", steps, ids_.size() - 2);
+    if (s_.objective != Objective::full_softmax) {
+      const RowMatrixi drawn = engine_->sample(ids_[0], engine_->steps_done());
+      RowMatrixf g2(s_.batch, s_.dim);
+      const StepStats ref = engine_->evaluate(feats_[0], ids_[0], drawn, g2);
+      const StepStats got = engine_->step(feats_[0], ids_[0], grad_, true);
+      MEMBANK_CHECK(got.loss == ref.loss && grad_ == g2,
+                    "self-check failed: step loss {} vs the same step with its drawn negatives {}", got.loss,
+                    ref.loss);
+    } else {
+      engine_->step(feats_[0], ids_[0], grad_, true);
+    }
+    engine_->step(feats_[1], ids_[1], grad_, true);  // warm-up
+    std::vector<double> ms;
+    for (int i = 2; i < steps + 2; ++i) {
+      const double t0 = now_ms();
+      engine_->step(feats_[static_cast<std::size_t>(i)], ids_[static_cast<std::size_t>(i)], grad_, true);
+      ms.push_back(now_ms() - t0);
+    }
+    return ms;
+  }
+
+  /// The gather floor, same count of rows as a per-sample step: B x (K + 1) fresh random rows a pass
+  /// (ids drawn outside the timed region), one untimed warm-up pass, then `passes` timed passes.
+  /// Adds each pass's checksum into *checksum.
+  std::vector<double> time_gather_floor(int passes, double* checksum) {
+    RowMatrixi rows(s_.batch, s_.k + 1);
+    const RowMatrixf fq = random_unit_rows(s_.batch, s_.dim, rng_);
+    std::vector<double> ms;
+    for (int p = -1; p < passes; ++p) {
+      for (index_t i = 0; i < rows.size(); ++i) rows.data()[i] = any_id_(rng_);
+      const double t0 = now_ms();
+      *checksum += floor_pass(engine_->bank().view(), rows, fq);
+      if (p >= 0) ms.push_back(now_ms() - t0);
+    }
+    return ms;
+  }
+
+  /// time_steps() and time_gather_floor() alternated pass by pass (step, floor, step, floor ...), so
+  /// that on a shared machine both see the same background load. Returns {step ms, floor ms}.
+  std::pair<std::vector<double>, std::vector<double>> time_interleaved(int steps, double* checksum) {
+    std::vector<double> step_ms = time_steps(1), floor_ms;
+    time_gather_floor(0, checksum);  // warm-up
+    for (int i = 1; i < steps; ++i) {
+      const auto f = time_gather_floor(1, checksum);
+      floor_ms.push_back(f.front());
+      const double t0 = now_ms();
+      engine_->step(feats_[static_cast<std::size_t>(i + 2)], ids_[static_cast<std::size_t>(i + 2)], grad_, true);
+      step_ms.push_back(now_ms() - t0);
+    }
+    floor_ms.push_back(time_gather_floor(1, checksum).front());
+    return {step_ms, floor_ms};
+  }
+
+  const Engine& engine() const { return *engine_; }
+  double alias_build_ms = 0.0;  ///< Vose table build (alias sampler only)
+  double bank_build_ms = 0.0;   ///< bank allocation and random initialisation
+
+ private:
+  StepSetup s_;
+  std::mt19937_64 rng_;
+  std::uniform_int_distribution<index_t> any_id_;
+  std::unique_ptr<Engine> engine_;
+  std::vector<std::vector<index_t>> ids_;
+  std::vector<RowMatrixf> feats_;
+  RowMatrixf grad_;
+};
+
+/// Reset the kernel's peak-RSS mark of this process to its current RSS (Linux >= 4.0; ignored elsewhere).
+inline void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+/// A "Name:   value kB" field of a /proc file, in bytes (0 when absent).
+inline double proc_kb_field(const char* file, const std::string& name) {
+  std::ifstream in(file);
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(name, 0) == 0) return std::strtod(line.c_str() + name.size(), nullptr) * 1024.0;
+  return 0.0;
+}
+/// Peak resident set size since the last reset_peak_rss(), bytes (VmHWM).
+inline double peak_rss_bytes() { return proc_kb_field("/proc/self/status", "VmHWM:"); }
+/// Current resident set size, bytes (VmRSS).
+inline double rss_bytes() { return proc_kb_field("/proc/self/status", "VmRSS:"); }
+/// Memory the kernel could give this process without swapping, bytes (MemAvailable).
+inline double mem_available_bytes() { return proc_kb_field("/proc/meminfo", "MemAvailable:"); }
+
+}  // namespace membank::tools
