@@ -411,8 +411,8 @@ LinearFit fit_linear(const std::vector<std::pair<double, double>>& pts) {
 
 /// The N at which an NCE variant becomes cheaper than the full softmax, from the N series:
 /// compares NCE's measured step times with the full softmax's (measured where it ran, its linear fit
-/// beyond full_max_n), and interpolates the first sign change in log N. Below the smallest N it
-/// extrapolates with the fit and NCE's smallest-N time.
+/// beyond full_max_n), and interpolates the first sign change in log N. Where NCE is already cheaper
+/// at the smallest N, the crossover is reported as lying below it (crossover_below_n).
 std::vector<nlohmann::json> crossover_summaries(const std::vector<nlohmann::json>& rows) {
   std::vector<nlohmann::json> out;
   std::vector<std::pair<double, double>> full_pts;
@@ -440,14 +440,7 @@ std::vector<nlohmann::json> crossover_summaries(const std::vector<nlohmann::json
     bool extrapolated = false;
     std::string how;
     if (!nce.empty() && nce.front().second < full_time(nce.front().first)) {
-      const double n_star = (nce.front().second - fit.a) / fit.b;
-      extrapolated = true;
-      if (n_star >= 1.0) {
-        cross = n_star;
-        how = "NCE already cheaper at the smallest N: the full softmax's fit solved against NCE's smallest-N time";
-      } else {
-        how = "NCE cheaper at every measured N, and its smallest-N time is below the fit's intercept: no crossover";
-      }
+      how = fmt::format("NCE cheaper at every measured N: the crossover lies below N = {}", nce.front().first);
     } else {
       for (std::size_t i = 1; i < nce.size(); ++i) {
         const double d0 = full_time(nce[i - 1].first) - nce[i - 1].second;
@@ -475,6 +468,8 @@ std::vector<nlohmann::json> crossover_summaries(const std::vector<nlohmann::json
                         {"full_max_n", full_max},
                         {"crossover_n", std::isnan(cross) ? nlohmann::json() : nlohmann::json(cross)},
                         {"extrapolated", extrapolated},
+                        {"crossover_below_n", !nce.empty() && nce.front().second < full_time(nce.front().first)
+                                                  ? nlohmann::json(nce.front().first) : nlohmann::json()},
                         {"method", how}};
     if (!nce.empty()) {
       s["nce_largest_n"] = nce.back().first;
@@ -517,8 +512,8 @@ void summarize(const std::vector<nlohmann::json>& rows, Sink& sink) {
   for (const auto& s : crossover_summaries(rows)) {
     std::string text;
     if (s["crossover_n"].is_null()) {
-      text = fmt::format("crossover ({} {}): none within the measured N", s["negatives"].get<std::string>(),
-                         s["sampler"].get<std::string>());
+      text = fmt::format("crossover ({} {}): {}", s["negatives"].get<std::string>(), s["sampler"].get<std::string>(),
+                         s["method"].get<std::string>());
     } else {
       text = fmt::format(
           "crossover ({} {}): NCE becomes cheaper than the full softmax at N = {:.3g}{}; full softmax = {:.2f} ms + "
