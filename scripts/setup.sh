@@ -27,8 +27,8 @@ cmake --build build -j"$(nproc)"
 
 case "$mode" in
   run)
-    echo "== main job: membank bench step --negatives both (N = 1,281,167, D = 128, K = 4096, B = 256)"
-    ./build/tools/membank bench step --negatives both
+    echo "== main job: membank train (instance discrimination on Fashion-MNIST, NCE K = 4096, 10 epochs)"
+    ./build/tools/membank train --snapshot build/fashion-mnist-bank.h5
     ;;
   test)
     echo "== tests"

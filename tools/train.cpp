@@ -20,7 +20,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <chrono>
+#include <fstream>
 #include <numeric>
+#include <optional>
 #include <random>
 
 namespace membank::tools {
@@ -29,24 +31,28 @@ namespace {
 
 struct TrainOptions {
   std::string data = "/usr/share/datasets/fashion-mnist";
-  std::string encoder = "cnn";
-  index_t width = 32;
+  std::string encoder = "mlp";
+  index_t width = 512;
   int epochs = 10;
   index_t batch = 256;
   index_t k = 4096;
   std::string objective = "nce";
   double tau = 0.07;
   double momentum = 0.5;
-  float lr = 0.01f;
+  float lr = 0.03f;
   float weight_decay = 5e-4f;
-  std::string augment = "affine";
+  std::string augment = "flip";
+  int max_shift = 1;
   index_t dim = 128;
   std::uint64_t seed = 1;
   int threads = 0;
   std::string bank_init = "encoder";
-  std::string z_policy = "first_batch";
+  std::string z_policy = "ema";
+  bool fresh_knn = false;
   std::string snapshot = "fashion-mnist-bank.h5";
   bool compare = false;
+  index_t train_images = 0;
+  std::string out;
   bool json = false;
 };
 
@@ -95,20 +101,20 @@ Split load_split(const std::string& dir, const std::string& prefix) {
 
 constexpr float kMean = 0.2860f, kStd = 0.3530f;  // of the training pixels in [0, 1]
 
-/// One augmented view of a standardised 28 x 28 image. "shift": a shift of up to 2 pixels each way
-/// and a horizontal flip with p = 1/2. "affine": a flip with p = 1/2 and a random affine map
-/// (rotation within +-12 degrees, scale 0.85..1.15, shift within +-3 pixels), bilinear, background
-/// outside. "none": a copy.
-void augment(const std::string& kind, const float* src, float* dst, std::mt19937_64& rng) {
+/// One augmented view of a standardised 28 x 28 image. "flip": a horizontal flip with p = 1/2.
+/// "shift": the flip and a shift of up to `shift` pixels each way. "affine": the flip and a random
+/// affine map (rotation within +-12 degrees, scale 0.85..1.15, shift within +-3 pixels), bilinear.
+/// "none": a copy. The background fills what comes from outside the image.
+void augment(const std::string& kind, int max_shift, const float* src, float* dst, std::mt19937_64& rng) {
   const float background = -kMean / kStd;
   if (kind == "none") {
     std::copy(src, src + 784, dst);
     return;
   }
   const bool flip = rng() & 1;
-  if (kind == "shift") {
-    std::uniform_int_distribution<int> shift(-2, 2);
-    const int dx = shift(rng), dy = shift(rng);
+  if (kind == "flip" || kind == "shift") {
+    std::uniform_int_distribution<int> shift(-max_shift, max_shift);
+    const int dx = kind == "shift" ? shift(rng) : 0, dy = kind == "shift" ? shift(rng) : 0;
     for (int y = 0; y < 28; ++y)
       for (int x = 0; x < 28; ++x) {
         const int sx = (flip ? 27 - x : x) - dx, sy = y - dy;
@@ -217,7 +223,7 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
       const auto lr = static_cast<float>(o.lr * 0.5 * (1.0 + std::cos(3.141592653589793 * t)));
       for (index_t b = 0; b < o.batch; ++b) {
         ids[static_cast<std::size_t>(b)] = order[static_cast<std::size_t>(b0 + b)];
-        augment(o.augment, d.train.images.row(ids[static_cast<std::size_t>(b)]).data(), x.row(b).data(), rng);
+        augment(o.augment, o.max_shift, d.train.images.row(ids[static_cast<std::size_t>(b)]).data(), x.row(b).data(), rng);
       }
       const RowMatrixf& z = net->forward(x);
       const StepStats st = engine->step(z, ids, grad);
@@ -232,18 +238,20 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
     const RowMatrixf test_features = encode(*net, d.test.images);
     const KnnResult r = knn_evaluate(engine->bank().view(), d.train.labels, test_features, d.test.labels,
                                      KnnOptions{200, o.tau});
-    // Diagnostic: the same kNN against freshly encoded training images instead of the bank.
-    if (std::getenv("MEMBANK_TRAIN_FRESH") != nullptr) {
-      const KnnResult f = knn_of(encode(*net, d.train.images), test_features, d, o.tau);
-      fmt::print("  fresh train features: kNN top-1 {:6.2f}%  1-NN {:6.2f}%\n", 100 * f.top1, 100 * f.nn1);
-    }
+    std::optional<KnnResult> fresh;  // the same kNN against freshly encoded training images
+    if (o.fresh_knn) fresh = knn_of(encode(*net, d.train.images), test_features, d, o.tau);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
     const double loss = loss_sum / static_cast<double>(steps);
     epochs.push_back(with_knn({{"epoch", epoch}, {"loss", loss}, {"seconds", secs}}, r));
+    if (fresh) epochs.back()["fresh"] = with_knn({}, *fresh);
     last = r;
-    if (!quiet)
+    if (!quiet) {
       fmt::print("epoch {:2d}  loss {:8.4f}  kNN top-1 {:6.2f}%  top-5 {:6.2f}%  1-NN {:6.2f}%  ({:.0f} s)\n", epoch,
                  loss, 100 * r.top1, 100 * r.top5, 100 * r.nn1, secs);
+      if (fresh)
+        fmt::print("          re-encoded training images: kNN top-1 {:6.2f}%  1-NN {:6.2f}%\n", 100 * fresh->top1,
+                   100 * fresh->nn1);
+    }
   }
   engine_out = std::move(engine);
   return with_knn({{"objective", o.objective},
@@ -272,6 +280,14 @@ nlohmann::json baselines(const TrainOptions& o, const Data& d) {
   add("centred pixels", centred_train, centred_test);
   add(fmt::format("random projection to {}", o.dim), centred_train * proj, centred_test * proj);
   return out;
+}
+
+/// The JSON result also goes to --out, when given.
+void write_json(const TrainOptions& o, const nlohmann::json& j) {
+  if (o.out.empty()) return;
+  std::ofstream f(o.out);
+  f << j.dump(1) << "\n";
+  MEMBANK_CHECK(f.good(), "--out {}: cannot write the JSON result", o.out);
 }
 
 void print_header(const TrainOptions& o, index_t n) {
@@ -315,8 +331,10 @@ void run_compare(const TrainOptions& o, const Data& d) {
                                   {"nce4096_minus_best_untrained", top1(3) - best_raw},
                                   {"full_minus_nce4096", top1(4) - top1(3)},
                                   {"full_minus_nce1", top1(4) - top1(0)}};
+  const nlohmann::json all = {{"baselines", base}, {"runs", runs}, {"summary", summary}};
+  write_json(o, all);
   if (o.json) {
-    fmt::print("{}\n", nlohmann::json{{"baselines", base}, {"runs", runs}, {"summary", summary}}.dump());
+    fmt::print("{}\n", all.dump());
     return;
   }
   fmt::print("NCE K = 4096 vs best untrained features: {:+.2f} points; full softmax vs NCE K = 4096: {:+.2f}; "
@@ -328,7 +346,14 @@ void run_compare(const TrainOptions& o, const Data& d) {
 void run_train(const TrainOptions& o) {
   if (o.threads > 0) omp_set_num_threads(o.threads);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // one line per epoch, also into a file or a pipe
-  const Data d{load_split(o.data, "train"), load_split(o.data, "t10k")};
+  Data d{load_split(o.data, "train"), load_split(o.data, "t10k")};
+  if (o.train_images > 0 && o.train_images < d.train.images.rows()) {  // a subset, for quick trials and smoke tests
+    d.train.images.conservativeResize(o.train_images, Eigen::NoChange);
+    d.train.labels.resize(static_cast<std::size_t>(o.train_images));
+  }
+  MEMBANK_CHECK(d.train.images.rows() >= 200 && d.train.images.rows() >= o.batch,
+                "--train-images {}: the kNN (k = 200) and one batch of {} need at least max(200, batch) images",
+                d.train.images.rows(), o.batch);
   if (o.compare) {
     run_compare(o, d);
     return;
@@ -341,6 +366,7 @@ void run_train(const TrainOptions& o) {
     save_snapshot(o.snapshot, *engine, {}, labels64);
     if (!o.json) fmt::print("bank written to {} (membank snapshot inspect {})\n", o.snapshot, o.snapshot);
   }
+  write_json(o, result);
   if (o.json) fmt::print("{}\n", result.dump());
 }
 
@@ -355,13 +381,17 @@ void add_train(CLI::App& app) {
       "images against the bank; the final bank is saved as an HDF5 snapshot. --compare runs the paper's table "
       "(NCE K = 1, 10, 512, 4096 and the exact softmax) against untrained features.");
   cmd->add_option("--data", o->data, "directory of the IDX files")->capture_default_str();
-  cmd->add_option("--encoder", o->encoder, "cnn (conv5x5-W/2, pool, conv5x5-W, pool, linear) or mlp (784-W-D)")
+  cmd->add_option("--encoder", o->encoder, "mlp (784-W-D) or cnn (conv5x5-W/2, pool, conv5x5-W, pool, linear; try --width 32)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cnn", "mlp"}));
   cmd->add_option("--width", o->width, "encoder width W (channels of the second conv, or hidden units)")
       ->capture_default_str()
       ->check(CLI::Range(2, 4096));
-  cmd->add_option("--epochs", o->epochs, "passes over the 60,000 training images")->capture_default_str()->check(
+  cmd->add_option("--train-images", o->train_images,
+                  "train on the first this many training images only (0: all 60,000); for quick trials")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--epochs", o->epochs, "passes over the training images")->capture_default_str()->check(
       CLI::PositiveNumber);
   cmd->add_option("--batch", o->batch, "images per step")->capture_default_str()->check(CLI::Range(1, 60000));
   cmd->add_option("--k", o->k, "NCE noise draws per image")->capture_default_str()->check(CLI::PositiveNumber);
@@ -375,23 +405,34 @@ void add_train(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_option("--weight-decay", o->weight_decay, "weight decay of the encoder's weights")->capture_default_str();
-  cmd->add_option("--augment", o->augment, "affine (flip, rotation, scale, shift), shift (flip, +-2 px) or none")
+  cmd->add_option("--augment", o->augment,
+                  "flip (horizontal, p = 1/2), shift (flip and a shift of up to --max-shift pixels), affine (flip, "
+                  "rotation, scale, shift) or none")
       ->capture_default_str()
-      ->check(CLI::IsMember({"affine", "shift", "none"}));
+      ->check(CLI::IsMember({"flip", "shift", "affine", "none"}));
+  cmd->add_option("--max-shift", o->max_shift, "largest shift of --augment shift, in pixels")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 14));
   cmd->add_option("--dim", o->dim, "embedding dimension D")->capture_default_str()->check(CLI::Range(1, 4096));
   cmd->add_option("--seed", o->seed, "seed of everything random")->capture_default_str();
   cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str();
   cmd->add_option("--bank-init", o->bank_init, "encoder (features of the untrained encoder) or random")
       ->capture_default_str()
       ->check(CLI::IsMember({"encoder", "random"}));
-  cmd->add_option("--z", o->z_policy, "NCE normalising constant: first_batch (estimated once, as in the paper) or "
-                  "ema (re-estimated every step, smoothed)")
+  cmd->add_option("--z", o->z_policy,
+                  "NCE normalising constant: ema (re-estimated every step, smoothed) or first_batch (estimated once, "
+                  "as in the paper; with the bank started from the encoder it is estimated while all features are "
+                  "alike and stays far too large)")
       ->capture_default_str()
       ->check(CLI::IsMember({"first_batch", "ema"}));
   cmd->add_option("--snapshot", o->snapshot, "where to write the final bank ('' for nowhere)")->capture_default_str();
   cmd->add_flag("--compare", o->compare,
                 "run the comparison table instead: raw pixels, centred pixels, a random projection, then NCE with "
                 "K = 1, 10, 512, 4096 and the exact full softmax, each trained with the same options");
+  cmd->add_flag("--fresh-knn", o->fresh_knn,
+                "also measure the kNN against the training images encoded afresh each epoch (the bank holds "
+                "momentum-averaged features of augmented views from across the epoch)");
+  cmd->add_option("--out", o->out, "also write the JSON result to this file");
   cmd->add_flag("--json", o->json, "print one JSON object at the end instead of text");
   cmd->callback([o] { run_train(*o); });
 }
