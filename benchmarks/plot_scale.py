@@ -58,6 +58,19 @@ def errbars(rows, key="step_ms"):
     return y, (None if lo is None else [lo, hi])
 
 
+NEG_COLORS = (("per-sample", "C0"), ("shared", "C2"))
+
+
+def nce_errorbar(ax, rows, key, neg, color):
+    """Draws the rows with negatives `neg`: step time (median; bars: min..max) against r[key].
+    Returns those rows sorted by key (empty: nothing drawn)."""
+    rs = sorted((r for r in rows if r["negatives"] == neg), key=lambda r: r[key])
+    if rs:
+        y, e = errbars(rs)
+        ax.errorbar([r[key] for r in rs], y, yerr=e, color=color, marker="o", label=f"NCE {neg}", capsize=2)
+    return rs
+
+
 def plot_vs_n(recs, stem):
     rows = configs(recs, "n")
     if not rows:
@@ -123,12 +136,8 @@ def plot_vs_k(recs, stem):
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for neg, color in (("per-sample", "C0"), ("shared", "C2")):
-        rs = sorted((r for r in rows if r["negatives"] == neg), key=lambda r: r["k"])
-        if not rs:
-            continue
-        y, e = errbars(rs)
-        ax.errorbar([r["k"] for r in rs], y, yerr=e, color=color, marker="o", label=f"NCE {neg}", capsize=2)
+    for neg, color in NEG_COLORS:
+        nce_errorbar(ax, rows, "k", neg, color)
     rs = sorted((r for r in rows if r["negatives"] == "per-sample"), key=lambda r: r["k"]) or sorted(rows, key=lambda r: r["k"])
     ax.plot([r["k"] for r in rs], [r["floor_ms"] for r in rs], color="k", ls=":", marker=".",
             label="gather floor B x (K+1) rows (same run)")
@@ -149,13 +158,9 @@ def plot_vs_threads(recs, stem):
     if not rows:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
-    for neg, color in (("per-sample", "C0"), ("shared", "C2")):
-        rs = sorted((r for r in rows if r["negatives"] == neg), key=lambda r: r["threads"])
-        if not rs:
-            continue
-        y, e = errbars(rs)
-        ax1.errorbar([r["threads"] for r in rs], y, yerr=e, color=color, marker="o", label=f"NCE {neg}", capsize=2)
-        if neg == "per-sample":
+    for neg, color in NEG_COLORS:
+        rs = nce_errorbar(ax1, rows, "threads", neg, color)
+        if rs and neg == "per-sample":
             t1 = rs[0]
             ideal = [t1["step_ms"] * t1["threads"] / r["threads"] for r in rs]
             ax1.plot([r["threads"] for r in rs], ideal, color=color, ls=":", label="per-sample, linear scaling")
@@ -189,14 +194,11 @@ def plot_vs_batch_dim(recs, stem):
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     for ax, rows, key, name in ((ax1, rb, "batch", "B (queries per step)"), (ax2, rd, "dim", "D (dimension)")):
-        for neg, color in (("per-sample", "C0"), ("shared", "C2")):
-            rs = sorted((r for r in rows if r["objective"] == "nce" and r["negatives"] == neg), key=lambda r: r[key])
-            if rs:
-                y, e = errbars(rs)
-                ax.errorbar([r[key] for r in rs], y, yerr=e, color=color, marker="o", label=f"NCE {neg}", capsize=2)
-                if neg == "per-sample":
-                    ax.plot([r[key] for r in rs], [r["floor_ms"] for r in rs], color="k", ls=":", marker=".",
-                            label="gather floor (same run)")
+        for neg, color in NEG_COLORS:
+            rs = nce_errorbar(ax, [r for r in rows if r["objective"] == "nce"], key, neg, color)
+            if rs and neg == "per-sample":
+                ax.plot([r[key] for r in rs], [r["floor_ms"] for r in rs], color="k", ls=":", marker=".",
+                        label="gather floor (same run)")
         rs = sorted((r for r in rows if r["objective"] == "full"), key=lambda r: r[key])
         if rs:
             ax.plot([r[key] for r in rs], [r["step_ms"] for r in rs], color="C3", marker="x", label="full softmax")

@@ -311,6 +311,24 @@ index_t checked_batch(const Vector1<index_t>& ids) {
   return ids.size;
 }
 
+/// Run f on the engine with its lock held and the GIL released (call with the GIL held).
+template <class F>
+auto with_engine(PyEngine& pe, F&& f) {
+  py::gil_scoped_release nogil;
+  std::lock_guard lk(pe.mu);
+  return f(*pe.engine);
+}
+
+/// A step-like call on already converted arguments: the gradient buffer for ids (the caller's `out`,
+/// checked, or a fresh (B, D) array), then call(engine, gradient map) under with_engine; returns
+/// (loss, dL/dfeatures, StepStats).
+template <class F>
+py::tuple engine_step(PyEngine& pe, const Vector1<index_t>& ids, py::object out, F&& call) {
+  auto g = grad_buffer(std::move(out), checked_batch(ids), pe.engine->bank().dim());
+  const StepStats st = with_engine(pe, [&](Engine& e) { return call(e, g.map()); });
+  return step_result(st, g);
+}
+
 // full softmax over query blocks, with Ctrl-C checks between them
 
 struct FullResult {
@@ -508,14 +526,8 @@ PYBIND11_MODULE(_membank, m) {
            [](PyEngine& pe, py::handle features, py::handle ids, py::object out, bool update) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
-             auto g = grad_buffer(out, checked_batch(y), pe.engine->bank().dim());
-             StepStats st;
-             {
-               py::gil_scoped_release nogil;
-               std::lock_guard lk(pe.mu);
-               st = pe.engine->step(f.cmap(), y.span(), g.map(), update);
-             }
-             return step_result(st, g);
+             return engine_step(pe, y, std::move(out),
+                                [&](Engine& e, auto grad) { return e.step(f.cmap(), y.span(), grad, update); });
            },
            py::arg("features"), py::arg("ids"), py::arg("out") = py::none(), py::arg("update") = true,
            "One step: (loss, dL/dfeatures (B, D) float32, StepStats). Draws K negatives, scores the pre-update "
@@ -525,14 +537,9 @@ PYBIND11_MODULE(_membank, m) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
              auto neg = matrix_arg<index_t>(negatives, "negatives", "int64", "(B, K) or (1, K)");
-             auto g = grad_buffer(out, checked_batch(y), pe.engine->bank().dim());
-             StepStats st;
-             {
-               py::gil_scoped_release nogil;
-               std::lock_guard lk(pe.mu);
-               st = pe.engine->step_with_negatives(f.cmap(), y.span(), neg.cmap(), g.map(), update);
-             }
-             return step_result(st, g);
+             return engine_step(pe, y, std::move(out), [&](Engine& e, auto grad) {
+               return e.step_with_negatives(f.cmap(), y.span(), neg.cmap(), grad, update);
+             });
            },
            py::arg("features"), py::arg("ids"), py::arg("negatives"), py::arg("out") = py::none(),
            py::arg("update") = true, "The same step with caller-supplied negatives (B, K) or shared (1, K).")
@@ -541,14 +548,9 @@ PYBIND11_MODULE(_membank, m) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
              auto neg = matrix_arg<index_t>(negatives, "negatives", "int64", "(B, K) or (1, K)");
-             auto g = grad_buffer(out, checked_batch(y), pe.engine->bank().dim());
-             StepStats st;
-             {
-               py::gil_scoped_release nogil;
-               std::lock_guard lk(pe.mu);
-               st = pe.engine->evaluate(f.cmap(), y.span(), neg.cmap(), g.map());
-             }
-             return step_result(st, g);
+             return engine_step(pe, y, std::move(out), [&](Engine& e, auto grad) {
+               return e.evaluate(f.cmap(), y.span(), neg.cmap(), grad);
+             });
            },
            py::arg("features"), py::arg("ids"), py::arg("negatives"), py::arg("out") = py::none(),
            "Loss and gradient only; bank, Z and counter untouched.")
@@ -556,9 +558,7 @@ PYBIND11_MODULE(_membank, m) {
            [](PyEngine& pe, py::handle features, py::handle ids) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
-             py::gil_scoped_release nogil;
-             std::lock_guard lk(pe.mu);
-             pe.engine->update(f.cmap(), y.span());
+             with_engine(pe, [&](Engine& e) { e.update(f.cmap(), y.span()); });
            },
            py::arg("features"), py::arg("ids"), "Momentum refresh of the rows of ids.")
       .def("sample",
