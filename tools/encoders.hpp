@@ -212,46 +212,43 @@ class ConvNet final : public Encoder<S> {
   }
 
  private:
-  /// Patches of 5 x 5 around each pixel (zero padding 2) of `b` images hw x hw x c (NHWC): one row
-  /// per output pixel, columns ordered (dy, dx, channel).
-  static void im2col(const S* in, index_t b, index_t hw, index_t c, Mat<S>& cols) {
-    cols.resize(b * hw * hw, 25 * c);
+  /// Calls fn(patch_row, column_offset, pixel_row) for every output pixel of `b` images hw x hw and
+  /// every tap (dy, dx) of its 5 x 5 patch (zero padding 2) that falls inside the image: patch_row is
+  /// the pixel's row in the im2col matrix, column_offset the tap's first column there (columns are
+  /// ordered dy, dx, channel), pixel_row the tapped pixel's row in the NHWC input. Parallel over
+  /// images: an image's patch rows and pixel rows belong to no other image.
+  template <class Fn>
+  static void for_each_tap(index_t b, index_t hw, index_t c, Fn&& fn) {
 #pragma omp parallel for schedule(static)
     for (index_t n = 0; n < b; ++n)
       for (index_t y = 0; y < hw; ++y)
-        for (index_t x = 0; x < hw; ++x) {
-          S* row = cols.row((n * hw + y) * hw + x).data();
-          for (index_t dy = -2; dy <= 2; ++dy)
-            for (index_t dx = -2; dx <= 2; ++dx) {
-              S* dst = row + ((dy + 2) * 5 + (dx + 2)) * c;
-              const index_t sy = y + dy, sx = x + dx;
-              if (sy < 0 || sy >= hw || sx < 0 || sx >= hw) {
-                std::fill(dst, dst + c, S(0));
-              } else {
-                const S* src = in + ((n * hw + sy) * hw + sx) * c;
-                std::copy(src, src + c, dst);
-              }
-            }
-        }
-  }
-
-  /// The adjoint of im2col: sums each patch gradient back onto its pixels.
-  static void col2im(const Mat<S>& dcols, index_t b, index_t hw, index_t c, Mat<S>& out) {
-    out = Mat<S>::Zero(b * hw * hw, c);
-#pragma omp parallel for schedule(static)
-    for (index_t n = 0; n < b; ++n)
-      for (index_t y = 0; y < hw; ++y)
-        for (index_t x = 0; x < hw; ++x) {
-          const S* row = dcols.row((n * hw + y) * hw + x).data();
+        for (index_t x = 0; x < hw; ++x)
           for (index_t dy = -2; dy <= 2; ++dy)
             for (index_t dx = -2; dx <= 2; ++dx) {
               const index_t sy = y + dy, sx = x + dx;
               if (sy < 0 || sy >= hw || sx < 0 || sx >= hw) continue;
-              const S* src = row + ((dy + 2) * 5 + (dx + 2)) * c;
-              S* dst = out.row((n * hw + sy) * hw + sx).data();
-              for (index_t k = 0; k < c; ++k) dst[k] += src[k];
+              fn((n * hw + y) * hw + x, ((dy + 2) * 5 + (dx + 2)) * c, (n * hw + sy) * hw + sx);
             }
-        }
+  }
+
+  /// Patches of 5 x 5 around each pixel of `b` images hw x hw x c (NHWC), zero outside: one row per
+  /// output pixel.
+  static void im2col(const S* in, index_t b, index_t hw, index_t c, Mat<S>& cols) {
+    cols = Mat<S>::Zero(b * hw * hw, 25 * c);
+    for_each_tap(b, hw, c, [&](index_t row, index_t col, index_t pixel) {
+      std::copy(in + pixel * c, in + (pixel + 1) * c, cols.row(row).data() + col);
+    });
+  }
+
+  /// The adjoint of im2col: sums each patch gradient back onto its pixels. Each image's taps run in
+  /// one thread, in a fixed order.
+  static void col2im(const Mat<S>& dcols, index_t b, index_t hw, index_t c, Mat<S>& out) {
+    out = Mat<S>::Zero(b * hw * hw, c);
+    for_each_tap(b, hw, c, [&](index_t row, index_t col, index_t pixel) {
+      const S* src = dcols.row(row).data() + col;
+      S* dst = out.row(pixel).data();
+      for (index_t k = 0; k < c; ++k) dst[k] += src[k];
+    });
   }
 
   static void relu_bias(Mat<S>& y, const Mat<S>& bias) { y = (y.rowwise() + Vec<S>(bias)).cwiseMax(S(0)); }
