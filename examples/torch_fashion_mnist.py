@@ -42,9 +42,14 @@ def load(root, split):
     return (x - 0.2860) / 0.3530, torch.from_numpy(y.astype(np.int64))
 
 
-def augment(x):
-    """Random crops (pad 2, 28 x 28) and horizontal flips, per image."""
+def augment(x, crops):
+    """Horizontal flips, and (crops=True) random crops (pad 2, 28 x 28), per image."""
     b = x.shape[0]
+    if not crops:
+        flip = torch.rand(b) < 0.5
+        out = x.clone()
+        out[flip] = out[flip].flip(3)
+        return out
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     i = torch.randint(0, 5, (b,))
     j = torch.randint(0, 5, (b,))
@@ -93,6 +98,11 @@ def main():
     ap.add_argument("--z-policy", default="ema", choices=["first_batch", "ema"],
                     help="Z: tracked by an EMA (default: steadier on small data), or estimated once on the first batch (Wu et al.)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bank-init", default="encoder", choices=["encoder", "random"],
+                    help="start the bank from the untrained CNN's features (default: what worked for the C++ "
+                         "`membank train` in 10 epochs) or from random unit rows (Wu et al.)")
+    ap.add_argument("--augment", default="flip", choices=["flip", "crop"],
+                    help="flips only (default), or random crops (pad 2) and flips")
     a = ap.parse_args()
 
     if not os.path.exists(os.path.join(a.data, "train-images-idx3-ubyte.gz")):
@@ -108,7 +118,11 @@ def main():
     ndata = len(x_train)
 
     net = SmallCNN(128)
-    lemniscate = NCEAverage(128, ndata, a.k, a.tau, a.momentum, seed=a.seed, z_policy=a.z_policy)  # the reference's arguments
+    extra = {}
+    if a.bank_init == "encoder":
+        extra["bank"] = membank.Bank.from_array(np.ascontiguousarray(embed(net, x_train).numpy()))
+    lemniscate = NCEAverage(128, ndata, a.k, a.tau, a.momentum, seed=a.seed, z_policy=a.z_policy,
+                            **extra)  # the reference's arguments, then membank's own
     criterion = NCECriterion(ndata)
     opt = torch.optim.SGD(net.parameters(), lr=a.lr, momentum=0.9, weight_decay=5e-4)
     print(f"{ndata} training images, K = {a.k}, tau = {a.tau}, bank {lemniscate.engine.bank}, "
@@ -120,7 +134,7 @@ def main():
         total, steps, t_bank = 0.0, 0, 0.0
         for i in range(0, ndata - a.batch + 1, a.batch):
             index = perm[i:i + a.batch]
-            feature = net(augment(x_train[index]))
+            feature = net(augment(x_train[index], a.augment == "crop"))
             tb = time.perf_counter()
             output = lemniscate(feature, index)     # fused NCE: loss; bank refreshed after it
             loss = criterion(output, index)
