@@ -2,7 +2,7 @@
 // Small encoders on Eigen for the training tools: a two-layer perceptron and a two-block
 // convolutional net for 28 x 28 single-channel images. Both take a row-major batch x (B x in) and
 // give z (B x out); forward keeps what backward needs; backward takes dL/dz and sets the parameter
-// gradients (it overwrites them); sgd() applies momentum SGD with weight decay on the weights.
+// gradients (it overwrites them); the base's sgd() applies momentum SGD with weight decay on the weights.
 //
 // Templated on the scalar so that tests can check the gradients by central differences in double;
 // training uses float. Work is split over OpenMP threads in blocks whose boundaries depend only on
@@ -86,10 +86,26 @@ class Encoder {
   virtual ~Encoder() = default;
   virtual const Mat<S>& forward(const Mat<S>& x) = 0;
   virtual void backward(const Mat<S>& dz) = 0;
-  virtual void sgd(float lr, float momentum, float weight_decay) = 0;
-  /// Every parameter array with its gradient, for gradient checks.
+  /// Every parameter array with its gradient, weights first (then biases).
   virtual std::vector<std::pair<Mat<S>*, const Mat<S>*>> parameters() = 0;
   virtual std::string describe() const = 0;
+
+  /// Momentum SGD on the last backward's gradients; weight decay on the weights only.
+  void sgd(float lr, float momentum, float weight_decay) {
+    auto ps = parameters();
+    if (velocity_.empty())
+      for (auto& [p, g] : ps) velocity_.push_back(Mat<S>::Zero(p->rows(), p->cols()));
+    for (std::size_t i = 0; i < ps.size(); ++i)
+      detail::sgd_step(*ps[i].first, *ps[i].second, velocity_[i], lr, momentum,
+                       i < weight_arrays() ? weight_decay : 0.0f);
+  }
+
+ protected:
+  /// How many of parameters() are weights (decayed).
+  virtual std::size_t weight_arrays() const = 0;
+
+ private:
+  std::vector<Mat<S>> velocity_;
 };
 
 /// z = W2 relu(W1 x + b1) + b2.
@@ -104,7 +120,6 @@ class Mlp final : public Encoder<S> {
     detail::he_init(w2_, hidden, rng);
     b1_ = Mat<S>::Zero(1, hidden);
     b2_ = Mat<S>::Zero(1, out);
-    for (auto* p : {&w1_, &w2_, &b1_, &b2_}) velocity_.push_back(Mat<S>::Zero(p->rows(), p->cols()));
   }
 
   const Mat<S>& forward(const Mat<S>& x) override {
@@ -125,12 +140,6 @@ class Mlp final : public Encoder<S> {
     gb1_ = dh_.colwise().sum();
   }
 
-  void sgd(float lr, float momentum, float weight_decay) override {
-    auto ps = parameters();
-    for (std::size_t i = 0; i < ps.size(); ++i)
-      detail::sgd_step(*ps[i].first, *ps[i].second, velocity_[i], lr, momentum, i < 2 ? weight_decay : 0.0f);
-  }
-
   std::vector<std::pair<Mat<S>*, const Mat<S>*>> parameters() override {
     return {{&w1_, &gw1_}, {&w2_, &gw2_}, {&b1_, &gb1_}, {&b2_, &gb2_}};
   }
@@ -140,8 +149,9 @@ class Mlp final : public Encoder<S> {
   }
 
  private:
+  std::size_t weight_arrays() const override { return 2; }
+
   Mat<S> w1_, w2_, b1_, b2_, gw1_, gw2_, gb1_, gb2_, h_, dh_, z_;
-  std::vector<Mat<S>> velocity_;
   const Mat<S>* x_ = nullptr;
 };
 
@@ -162,7 +172,6 @@ class ConvNet final : public Encoder<S> {
     b1_ = Mat<S>::Zero(1, c1);
     b2_ = Mat<S>::Zero(1, c2);
     b3_ = Mat<S>::Zero(1, out);
-    for (auto* p : {&w1_, &w2_, &w3_, &b1_, &b2_, &b3_}) velocity_.push_back(Mat<S>::Zero(p->rows(), p->cols()));
   }
 
   const Mat<S>& forward(const Mat<S>& x) override {
@@ -194,12 +203,6 @@ class ConvNet final : public Encoder<S> {
     unpool(dp1_.data(), arg1_, y1_, dy1_);     // (B*784) x c1
     detail::gemm_atb(dy1_, cols1_, gw1_);
     gb1_ = dy1_.colwise().sum();
-  }
-
-  void sgd(float lr, float momentum, float weight_decay) override {
-    auto ps = parameters();
-    for (std::size_t i = 0; i < ps.size(); ++i)
-      detail::sgd_step(*ps[i].first, *ps[i].second, velocity_[i], lr, momentum, i < 3 ? weight_decay : 0.0f);
   }
 
   std::vector<std::pair<Mat<S>*, const Mat<S>*>> parameters() override {
@@ -286,11 +289,12 @@ class ConvNet final : public Encoder<S> {
     }
   }
 
+  std::size_t weight_arrays() const override { return 3; }
+
   index_t c1_, c2_;
   Mat<S> w1_, w2_, w3_, b1_, b2_, b3_, gw1_, gw2_, gw3_, gb1_, gb2_, gb3_;
   Mat<S> cols1_, y1_, p1_, cols2_, y2_, p2_, z_, dp2_, dy2_, dcols2_, dp1_, dy1_;
   std::vector<index_t> arg1_, arg2_;
-  std::vector<Mat<S>> velocity_;
 };
 
 /// "mlp" or "cnn", sized for 28 x 28 images.
