@@ -27,21 +27,10 @@ using Vec = Eigen::Matrix<S, 1, Eigen::Dynamic>;
 
 namespace detail {
 
-/// c = a * b^T, rows of c in fixed blocks of 256 spread over the threads.
-template <class S>
-void gemm_abt(const Mat<S>& a, const Mat<S>& b, Mat<S>& c) {
-  c.resize(a.rows(), b.rows());
-  const index_t block = 256, blocks = (a.rows() + block - 1) / block;
-#pragma omp parallel for schedule(static)
-  for (index_t i = 0; i < blocks; ++i) {
-    const index_t r = std::min(block, a.rows() - i * block);
-    c.middleRows(i * block, r).noalias() = a.middleRows(i * block, r) * b.transpose();
-  }
-}
-
-/// c = a * b, rows of c in fixed blocks of 256.
-template <class S>
-void gemm_ab(const Mat<S>& a, const Mat<S>& b, Mat<S>& c) {
+/// c = a * b (b any Eigen expression, e.g. w.transpose()), rows of c in fixed blocks of 256 spread
+/// over the threads.
+template <class S, class B>
+void gemm_rows(const Mat<S>& a, const B& b, Mat<S>& c) {
   c.resize(a.rows(), b.cols());
   const index_t block = 256, blocks = (a.rows() + block - 1) / block;
 #pragma omp parallel for schedule(static)
@@ -124,9 +113,9 @@ class Mlp final : public Encoder<S> {
 
   const Mat<S>& forward(const Mat<S>& x) override {
     x_ = &x;
-    detail::gemm_abt(x, w1_, h_);
+    detail::gemm_rows(x, w1_.transpose(), h_);
     h_ = (h_.rowwise() + Vec<S>(b1_)).cwiseMax(S(0));
-    detail::gemm_abt(h_, w2_, z_);
+    detail::gemm_rows(h_, w2_.transpose(), z_);
     z_.rowwise() += Vec<S>(b2_);
     return z_;
   }
@@ -134,7 +123,7 @@ class Mlp final : public Encoder<S> {
   void backward(const Mat<S>& dz) override {
     detail::gemm_atb(dz, h_, gw2_);
     gb2_ = dz.colwise().sum();
-    detail::gemm_ab(dz, w2_, dh_);
+    detail::gemm_rows(dz, w2_, dh_);
     dh_ = dh_.cwiseProduct((h_.array() > S(0)).template cast<S>().matrix());
     detail::gemm_atb(dh_, *x_, gw1_);
     gb1_ = dh_.colwise().sum();
@@ -177,15 +166,15 @@ class ConvNet final : public Encoder<S> {
   const Mat<S>& forward(const Mat<S>& x) override {
     const index_t b = x.rows();
     im2col(x.data(), b, 28, 1, cols1_);        // (B*784) x 25
-    detail::gemm_abt(cols1_, w1_, y1_);        // (B*784) x c1
+    detail::gemm_rows(cols1_, w1_.transpose(), y1_);  // (B*784) x c1
     relu_bias(y1_, b1_);
     maxpool(y1_, b, 28, c1_, p1_, arg1_);      // (B*196) x c1
     im2col(p1_.data(), b, 14, c1_, cols2_);    // (B*196) x 25 c1
-    detail::gemm_abt(cols2_, w2_, y2_);        // (B*196) x c2
+    detail::gemm_rows(cols2_, w2_.transpose(), y2_);  // (B*196) x c2
     relu_bias(y2_, b2_);
     maxpool(y2_, b, 14, c2_, p2_, arg2_);      // (B*49) x c2
     p2_.resize(b, 49 * c2_);                   // row-major: one image per row, NHWC
-    detail::gemm_abt(p2_, w3_, z_);
+    detail::gemm_rows(p2_, w3_.transpose(), z_);
     z_.rowwise() += Vec<S>(b3_);
     return z_;
   }
@@ -194,11 +183,11 @@ class ConvNet final : public Encoder<S> {
     const index_t b = dz.rows();
     detail::gemm_atb(dz, p2_, gw3_);
     gb3_ = dz.colwise().sum();
-    detail::gemm_ab(dz, w3_, dp2_);            // B x 49 c2
+    detail::gemm_rows(dz, w3_, dp2_);                 // B x 49 c2
     unpool(dp2_.data(), arg2_, y2_, dy2_);     // (B*196) x c2, relu mask applied
     detail::gemm_atb(dy2_, cols2_, gw2_);
     gb2_ = dy2_.colwise().sum();
-    detail::gemm_ab(dy2_, w2_, dcols2_);       // (B*196) x 25 c1
+    detail::gemm_rows(dy2_, w2_, dcols2_);            // (B*196) x 25 c1
     col2im(dcols2_, b, 14, c1_, dp1_);         // (B*196) x c1
     unpool(dp1_.data(), arg1_, y1_, dy1_);     // (B*784) x c1
     detail::gemm_atb(dy1_, cols1_, gw1_);
