@@ -167,27 +167,38 @@ Handle create_dataset(hid_t file, const char* name, hid_t type, index_t n, index
   return ds;
 }
 
-/// Write rows [r0, r0 + rows) of a (n, cols) dataset from a contiguous buffer.
-void write_rows(hid_t ds, hid_t memtype, index_t r0, index_t rows, index_t cols, const void* buf) {
+/// Rows [r0, r0 + rows) of a (n, cols) dataset (cols = 0: a 1-D one): the file's selection and the
+/// matching memory space, whose rows are `stride` >= cols elements apart (0: contiguous); a stride
+/// wider than the row skips the padding of the bank's rows.
+struct RowSelection {
+  Handle file, memory;
+};
+
+RowSelection select_rows(hid_t ds, index_t r0, index_t rows, index_t cols, index_t stride = 0) {
   Handle fspace(H5Dget_space(ds), H5Sclose);
   const int rank = cols > 0 ? 2 : 1;
   const hsize_t start[2] = {static_cast<hsize_t>(r0), 0};
   const hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(cols)};
   H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
-  Handle mspace(H5Screate_simple(rank, count, nullptr), H5Sclose);
-  H5_CHECK(H5Dwrite(ds, memtype, mspace.get(), fspace.get(), H5P_DEFAULT, buf), "cannot write rows {}..{}", r0,
+  if (stride <= cols) return {std::move(fspace), Handle(H5Screate_simple(rank, count, nullptr), H5Sclose)};
+  const hsize_t mdims[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(stride)};
+  Handle mspace(H5Screate_simple(2, mdims, nullptr), H5Sclose);
+  const hsize_t mstart[2] = {0, 0};
+  H5Sselect_hyperslab(mspace.get(), H5S_SELECT_SET, mstart, nullptr, count, nullptr);
+  return {std::move(fspace), std::move(mspace)};
+}
+
+/// Write rows [r0, r0 + rows) of a (n, cols) dataset from a contiguous buffer.
+void write_rows(hid_t ds, hid_t memtype, index_t r0, index_t rows, index_t cols, const void* buf) {
+  const RowSelection sel = select_rows(ds, r0, rows, cols);
+  H5_CHECK(H5Dwrite(ds, memtype, sel.memory.get(), sel.file.get(), H5P_DEFAULT, buf), "cannot write rows {}..{}", r0,
            r0 + rows);
 }
 
 void read_rows(hid_t ds, hid_t memtype, index_t r0, index_t rows, index_t cols, void* buf, const std::string& file,
                const char* name) {
-  Handle fspace(H5Dget_space(ds), H5Sclose);
-  const int rank = cols > 0 ? 2 : 1;
-  const hsize_t start[2] = {static_cast<hsize_t>(r0), 0};
-  const hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(cols)};
-  H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
-  Handle mspace(H5Screate_simple(rank, count, nullptr), H5Sclose);
-  H5_CHECK(H5Dread(ds, memtype, mspace.get(), fspace.get(), H5P_DEFAULT, buf),
+  const RowSelection sel = select_rows(ds, r0, rows, cols);
+  H5_CHECK(H5Dread(ds, memtype, sel.memory.get(), sel.file.get(), H5P_DEFAULT, buf),
            "{}: dataset '{}' rows {}..{} cannot be read (truncated file or checksum mismatch)", file, name, r0,
            r0 + rows);
 }
@@ -428,15 +439,8 @@ Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
   loaded = Bank::from_blocks(
       info.n, info.dim, block,
       [&](index_t r0, index_t rows, float* dst, index_t stride) {
-        Handle fspace(H5Dget_space(ds.get()), H5Sclose);
-        const hsize_t start[2] = {static_cast<hsize_t>(r0), 0};
-        const hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(info.dim)};
-        H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
-        const hsize_t mdims[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(stride)};
-        Handle mspace(H5Screate_simple(2, mdims, nullptr), H5Sclose);
-        const hsize_t mstart[2] = {0, 0};
-        H5Sselect_hyperslab(mspace.get(), H5S_SELECT_SET, mstart, nullptr, count, nullptr);
-        H5_CHECK(H5Dread(ds.get(), H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), H5P_DEFAULT, dst),
+        const RowSelection sel = select_rows(ds.get(), r0, rows, info.dim, stride);
+        H5_CHECK(H5Dread(ds.get(), H5T_NATIVE_FLOAT, sel.memory.get(), sel.file.get(), H5P_DEFAULT, dst),
                  "{}: dataset 'bank' rows {}..{} cannot be read (truncated file or checksum mismatch)", path, r0,
                  r0 + rows);
       },
@@ -584,15 +588,8 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
       const index_t block = chunk * std::max<index_t>(1, 64 / std::max<index_t>(1, chunk * dim * 4 >> 20));
       for (index_t r0 = 0; r0 < n; r0 += block) {
         const index_t rows = std::min(block, n - r0);
-        Handle fspace(H5Dget_space(ds.get()), H5Sclose);
-        const hsize_t start[2] = {static_cast<hsize_t>(r0), 0};
-        const hsize_t count[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(dim)};
-        H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, start, nullptr, count, nullptr);
-        const hsize_t mdims[2] = {static_cast<hsize_t>(rows), static_cast<hsize_t>(bank.stride())};
-        Handle mspace(H5Screate_simple(2, mdims, nullptr), H5Sclose);
-        const hsize_t mstart[2] = {0, 0};
-        H5Sselect_hyperslab(mspace.get(), H5S_SELECT_SET, mstart, nullptr, count, nullptr);
-        H5_CHECK(H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, mspace.get(), fspace.get(), H5P_DEFAULT, bank.row(r0)),
+        const RowSelection sel = select_rows(ds.get(), r0, rows, dim, bank.stride());
+        H5_CHECK(H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, sel.memory.get(), sel.file.get(), H5P_DEFAULT, bank.row(r0)),
                  "{}: cannot write bank rows {}..{}", path, r0, r0 + rows);
       }
       }
