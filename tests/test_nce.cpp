@@ -27,6 +27,21 @@ constexpr double kTau = 0.07;
 constexpr double kZFixed = 1e4;
 constexpr double kTol = 1e-5;
 
+/// The configuration of one case of the sweeps below: tau = kTau, z_fixed = kZFixed.
+EngineConfig case_config(index_t k, Objective obj, NegativesMode mode, bool exclude, ZPolicy zp,
+                         std::uint64_t seed) {
+  EngineConfig cfg;
+  cfg.k = k;
+  cfg.tau = kTau;
+  cfg.objective = obj;
+  cfg.negatives = mode;
+  cfg.exclude_positive = exclude;
+  cfg.z_policy = zp;
+  cfg.z_fixed = kZFixed;
+  cfg.seed = seed;
+  return cfg;
+}
+
 /// A batch with a duplicate id (positions 1 and 4): its loss must use the pre-update row twice.
 std::vector<index_t> batch_ids(std::mt19937_64& rng) {
   std::vector<index_t> ids = random_ids(kB, kN, rng);
@@ -119,15 +134,8 @@ void caller_negatives_case(bool exclude, std::uint64_t seed) {
     for (bool alias : {false, true})
       for (NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared}) {
           INFO(describe(alias, mode, exclude, obj, ZPolicy::fixed));
-          EngineConfig cfg;
-          cfg.k = 16;  // deliberately different from the K of the caller's negatives
-          cfg.tau = kTau;
-          cfg.objective = obj;
-          cfg.negatives = mode;
-          cfg.exclude_positive = exclude;
-          cfg.z_policy = ZPolicy::fixed;
-          cfg.z_fixed = kZFixed;
-          cfg.seed = 7;
+          // K = 16: deliberately different from the K of the caller's negatives
+          const EngineConfig cfg = case_config(16, obj, mode, exclude, ZPolicy::fixed, 7);
           std::vector<double> pn;
           Engine eng = make_engine(kN, kD, alias, cfg, 11, &pn);
           const RowMatrixf bank0 = eng.bank().to_matrix();
@@ -191,15 +199,7 @@ TEST_CASE("step() equals the reference evaluated on the negatives sample() predi
             if (exclude && zp == ZPolicy::first_batch) continue;
             if (obj == Objective::info_nce && zp == ZPolicy::first_batch) continue;  // Z unused
             INFO(describe(alias, mode, exclude, obj, zp));
-            EngineConfig cfg;
-            cfg.k = kK;
-            cfg.tau = kTau;
-            cfg.objective = obj;
-            cfg.negatives = mode;
-            cfg.exclude_positive = exclude;
-            cfg.z_policy = zp;
-            cfg.z_fixed = kZFixed;
-            cfg.seed = 99;
+            const EngineConfig cfg = case_config(kK, obj, mode, exclude, zp, 99);
             std::vector<double> pn;
             Engine eng = make_engine(kN, kD, alias, cfg, 21, &pn);
             CHECK(eng.partition().initialised == (zp == ZPolicy::fixed));
@@ -269,14 +269,7 @@ void reproduce_case(bool exclude, std::uint64_t seed) {
     for (bool alias : {false, true})
       for (NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared}) {
           INFO(describe(alias, mode, exclude, obj, ZPolicy::first_batch));
-          EngineConfig cfg;
-          cfg.k = kK;
-          cfg.tau = kTau;
-          cfg.objective = obj;
-          cfg.negatives = mode;
-          cfg.exclude_positive = exclude;
-          cfg.z_policy = ZPolicy::first_batch;
-          cfg.seed = 4;
+          const EngineConfig cfg = case_config(kK, obj, mode, exclude, ZPolicy::first_batch, 4);
           Engine a = make_engine(kN, kD, alias, cfg, 25);
           Engine b = make_engine(kN, kD, alias, cfg, 25);
           for (int s = 0; s < 2; ++s) {
