@@ -1,4 +1,4 @@
-// The training tool's encoders (tools/encoders.hpp): backward against central differences in double,
+// The training tool's encoders (examples/fashion_mnist/encoders.hpp): backward against central differences in double,
 // and bit-identical forward/backward for any thread count.
 #include "encoders.hpp"
 
