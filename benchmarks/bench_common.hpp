@@ -8,6 +8,7 @@
 #include <membank/sampler.hpp>
 #include <membank/types.hpp>
 
+#include "check.hpp"
 #include "detail/simd.hpp"
 
 #include <algorithm>

@@ -23,6 +23,8 @@
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
 
+#include <fmt/format.h>
+
 #include <sys/prctl.h>
 #include <sys/resource.h>
 

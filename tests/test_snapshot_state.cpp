@@ -6,6 +6,7 @@
 #include <membank/snapshot.hpp>
 
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 #include <hdf5.h>
 
 #include <csignal>

@@ -4,6 +4,7 @@
 #include "commands.hpp"
 
 #include <membank/error.hpp>
+#include <membank/version.hpp>
 
 #include <fmt/format.h>
 

@@ -1,6 +1,7 @@
 #include <membank/bank.hpp>
 #include <membank/error.hpp>
 
+#include "detail/check.hpp"
 #include "detail/philox.hpp"
 #include "detail/simd.hpp"
 

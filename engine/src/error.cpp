@@ -1,5 +1,7 @@
 #include <membank/error.hpp>
 
+#include "detail/check.hpp"
+
 #include <limits>
 
 namespace membank {

@@ -1,6 +1,7 @@
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 
+#include "detail/check.hpp"
 #include "detail/parallel.hpp"
 #include "detail/simd.hpp"
 

@@ -1,6 +1,7 @@
 #include <membank/error.hpp>
 #include <membank/knn.hpp>
 
+#include "detail/check.hpp"
 #include "detail/parallel.hpp"
 
 #include <omp.h>

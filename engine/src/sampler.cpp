@@ -1,6 +1,7 @@
 #include <membank/error.hpp>
 #include <membank/sampler.hpp>
 
+#include "detail/check.hpp"
 #include "detail/philox.hpp"
 
 #include <algorithm>

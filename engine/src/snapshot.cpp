@@ -1,5 +1,8 @@
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
+#include <membank/version.hpp>
+
+#include "detail/check.hpp"
 
 #include <hdf5.h>
 

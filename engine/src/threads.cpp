@@ -1,6 +1,8 @@
 #include <membank/error.hpp>
 #include <membank/threads.hpp>
 
+#include "detail/check.hpp"
+
 #include <omp.h>
 #include <sys/resource.h>
 

@@ -3,6 +3,7 @@
 // engine's memory bank (N = 60,000) and NCE with K negatives (or the exact full softmax). Per epoch:
 // loss, and weighted-kNN / 1-NN accuracy of the 10,000 test images against the bank. Writes the
 // final bank as an HDF5 snapshot with the training labels.
+#include "check.hpp"
 #include "commands.hpp"
 #include "encoders.hpp"
 

@@ -1,12 +1,11 @@
 #pragma once
-// The one exception type of membank, and the checks that raise it.
+// The one exception type of membank, and the function every check raises it through.
 //
 // Every caller error (wrong shape, id out of range, NaN feature, bad option, unreadable file ...)
 // throws membank::Error whose message names the argument, the offending value, what was expected,
 // and the function that checked it. An operation that throws leaves the engine and its bank as
 // they were before the call.
 #include <cstdint>
-#include <fmt/format.h>
 #include <stdexcept>
 #include <string>
 
@@ -18,6 +17,8 @@ class Error : public std::runtime_error {
 };
 
 namespace detail {
+/// Throw Error("membank: <msg> (in <func>)"). The library's own checks (MEMBANK_CHECK, a private
+/// header of the library) and the programs built with it raise their errors through this one function.
 [[noreturn]] void throw_error(const char* func, const std::string& msg);
 }  // namespace detail
 
@@ -25,11 +26,3 @@ namespace detail {
 std::int64_t mul_no_overflow(std::int64_t a, std::int64_t b, const char* what);
 
 }  // namespace membank
-
-/// Throw membank::Error with a fmt-formatted message when `cond` is false.
-#define MEMBANK_CHECK(cond, ...)                                                \
-  do {                                                                          \
-    if (!(cond)) ::membank::detail::throw_error(__func__, fmt::format(__VA_ARGS__)); \
-  } while (0)
-
-#define MEMBANK_THROW(...) ::membank::detail::throw_error(__func__, fmt::format(__VA_ARGS__))
