@@ -9,7 +9,7 @@
 #include <membank/types.hpp>
 
 #include "check.hpp"
-#include "detail/simd.hpp"
+#include "kernels/kernels.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -47,23 +47,23 @@ inline RowMatrixf random_unit_rows(index_t rows, index_t dim, std::mt19937_64& r
 }
 
 /// The floor of a per-sample step: gather the B x C bank rows named by `rows` (B = rows.rows(), one
-/// query of `f` per row) with the engine's prefetch and dot kernels, in parallel over queries exactly
-/// as the per-sample step is. Returns a checksum so nothing is optimised away.
+/// query of `f` per row) with the engine's own dispatched gather kernel (same instruction set, same
+/// prefetch and dot), in parallel over queries exactly as the per-sample step is. Returns a checksum
+/// so nothing is optimised away.
 inline double floor_pass(const BankView& bank, const RowMatrixi& rows, const RowMatrixf& f) {
-  constexpr index_t kAhead = 8;
   const index_t batch = rows.rows(), cols = rows.cols(), dim = bank.dim;
+  const kernels::Table& kt = kernels::table();
   double checksum = 0.0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : checksum)
-  for (index_t i = 0; i < batch; ++i) {
-    const index_t* r = rows.row(i).data();
-    const float* q = f.row(i).data();
-    for (index_t k = 0; k < std::min(kAhead, cols); ++k) detail::prefetch_row(bank.row(r[k]), dim);
-    float acc = 0.0f;
-    for (index_t k = 0; k < cols; ++k) {
-      if (k + kAhead < cols) detail::prefetch_row(bank.row(r[k + kAhead]), dim);
-      acc += detail::dot(bank.row(r[k]), q, dim);
+#pragma omp parallel reduction(+ : checksum)
+  {
+    std::vector<float> s(static_cast<std::size_t>(cols));
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i = 0; i < batch; ++i) {
+      kt.gather_dots(bank.data, bank.stride, dim, rows.row(i).data(), cols, f.row(i).data(), s.data());
+      float acc = 0.0f;
+      for (const float x : s) acc += x;
+      checksum += acc;
     }
-    checksum += acc;
   }
   return checksum;
 }

@@ -7,6 +7,7 @@
 
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
+#include <membank/isa.hpp>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -69,13 +70,15 @@ double run_one(const StepOptions& o) {
       {"alias_build_ms", alias_build_ms},
       {"repeats", o.repeats},     {"cpu", cpu_model()},
       {"build", MEMBANK_BUILD_TYPE}, {"version", MEMBANK_VERSION_STRING},
-      {"git", git_revision()},    {"checksum", std::isfinite(checksum)}};
+      {"git", git_revision()},    {"checksum", std::isfinite(checksum)},
+      {"isa", to_string(active_isa())}};
   if (o.json) {
     fmt::print("{}\n", row.dump());
     return step_med;
   }
-  fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {} threads\n",
-             o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.objective, threads);
+  fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {} threads, {} "
+             "kernels\n", o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.objective, threads,
+             to_string(active_isa()));
   fmt::print("  step   median {:8.2f} ms   (min {:.2f}, max {:.2f}, {} steps)\n", step_med,
              row["step_min_ms"].get<double>(), row["step_max_ms"].get<double>(), o.repeats);
   fmt::print("  floor  median {:8.2f} ms   ({:.2f} GB of random rows read at {:.1f} GB/s)\n", floor_med, gbytes,

@@ -4,6 +4,7 @@
 #include "detail/check.hpp"
 #include "detail/philox.hpp"
 #include "detail/simd.hpp"
+#include "kernels/kernels.hpp"
 
 #include <omp.h>
 #include <sys/mman.h>
@@ -198,6 +199,7 @@ void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t ste
   const index_t dim = dim_;
   // Per-thread scratch made before the region: nothing inside it allocates or throws.
   std::vector<float> scratch(static_cast<std::size_t>(omp_get_max_threads() * dim));
+  const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
 #pragma omp parallel
   {
     float* tmp = scratch.data() + static_cast<std::size_t>(omp_get_thread_num() * dim);
@@ -207,18 +209,8 @@ void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t ste
       float* v = data_ + id * stride_;
       last_update_[id] = step;
       if (m == 1.0) continue;  // normalise(v) of a unit row is the row: leave it bit-exact
-      for (index_t p = group_start[g]; p < group_start[g + 1]; ++p) {
-        const index_t b = order[p];
-        for (index_t c = 0; c < dim; ++c) tmp[c] = mf * v[c] + one_minus * f(b, c);
-        double sq = detail::squared_norm_d(tmp, dim);
-        const float* src = tmp;
-        if (!(sq > 0.0)) {  // m v + (1 - m) f cancelled exactly: keep the new feature's direction
-          for (index_t c = 0; c < dim; ++c) tmp[c] = f(b, c);
-          sq = detail::squared_norm_d(tmp, dim);
-        }
-        const double inv = 1.0 / std::sqrt(sq);
-        for (index_t c = 0; c < dim; ++c) v[c] = static_cast<float>(src[c] * inv);
-      }
+      for (index_t p = group_start[g]; p < group_start[g + 1]; ++p)
+        kt.momentum_row(v, f.row(order[p]).data(), mf, one_minus, tmp, dim);
     }
   }
 }

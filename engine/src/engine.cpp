@@ -4,7 +4,7 @@
 #include "detail/check.hpp"
 #include "detail/parallel.hpp"
 #include "detail/philox.hpp"
-#include "detail/simd.hpp"
+#include "kernels/kernels.hpp"
 
 #include <omp.h>
 
@@ -78,9 +78,7 @@ double Partition::z() const {
 namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr index_t kPrefetchRows = 8;    // rows ahead of the one being scored
 constexpr index_t kSharedRowBlock = 16;
-constexpr index_t kRowBlock = 8;        // rows scored together in the per-sample kernel
 
 // queries per GEMM block (fixed: results do not depend on threads)
 
@@ -206,7 +204,8 @@ void query_negatives(const KernelContext& cx, const StepInput& in, index_t i, st
 }
 
 /// log Zhat = log mean_{i,k} exp(s_ik / tau) / P_n(j_ik), per-sample negatives (one gather pass).
-double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, index_t batch) {
+double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, index_t batch,
+                                 const kernels::Table& kt) {
   const index_t dim = cx.bank.dim;
   const double inv_tau = 1.0 / cx.cfg->tau;
   std::vector<Lse> per_query(static_cast<std::size_t>(batch));
@@ -215,20 +214,18 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
   {
     std::vector<index_t> ids_buf(static_cast<std::size_t>(cx.k));
     std::vector<float> log_pn_buf(static_cast<std::size_t>(cx.k));
+    std::vector<float> s_buf(static_cast<std::size_t>(cx.k));
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
         query_negatives(cx, in, i, ids_buf, log_pn_buf);
-        const float* f = in.f + i * in.f_stride;
         const index_t y = in.ids[static_cast<std::size_t>(i)];
         const double log_excl =
             cx.cfg->exclude_positive ? std::log1p(-cx.sampler->prob(y)) : 0.0;
+        kt.gather_dots(cx.bank.data, cx.bank.stride, dim, ids_buf.data(), cx.k, in.f + i * in.f_stride,
+                       s_buf.data());
         Lse lse;
-        for (index_t k = 0; k < cx.k; ++k) {
-          if (k + kPrefetchRows < cx.k) detail::prefetch_row(cx.bank.row(ids_buf[k + kPrefetchRows]), dim);
-          const double s = detail::dot(cx.bank.row(ids_buf[k]), f, dim);
-          lse.add(s * inv_tau - log_pn_buf[k] + log_excl);
-        }
+        for (index_t k = 0; k < cx.k; ++k) lse.add(s_buf[k] * inv_tau - log_pn_buf[k] + log_excl);
         per_query[static_cast<std::size_t>(i)] = lse;
       });
     }
@@ -239,15 +236,22 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
   return total.value() - std::log(static_cast<double>(batch) * static_cast<double>(cx.k));
 }
 
-/// NCE or InfoNCE, per-sample negatives: one fused pass over each query's K + 1 rows.
-void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t batch,
-                       std::vector<QueryOut>& out) {
-  const index_t dim = cx.bank.dim;
+/// NCE or InfoNCE, per-sample negatives: one fused pass over each query's K + 1 rows (the
+/// dispatched kernel kt.per_sample_query, one call per query).
+void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t batch, std::vector<QueryOut>& out,
+                       const kernels::Table& kt) {
   const double tau = cx.cfg->tau;
-  const double inv_tau = 1.0 / tau;
-  const double coef_scale = 1.0 / (static_cast<double>(batch) * tau);
-  const double log_k = std::log(static_cast<double>(cx.k));
-  const bool info = cx.cfg->objective == Objective::info_nce;
+  kernels::PerSampleQuery base{};
+  base.bank = cx.bank.data;
+  base.stride = cx.bank.stride;
+  base.dim = cx.bank.dim;
+  base.k = cx.k;
+  base.inv_tau = 1.0 / tau;
+  base.tau = tau;
+  base.log_z = cx.log_z;
+  base.log_k = std::log(static_cast<double>(cx.k));
+  base.coef_scale = 1.0 / (static_cast<double>(batch) * tau);
+  base.info = cx.cfg->objective == Objective::info_nce;
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
@@ -257,79 +261,23 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
         query_negatives(cx, in, i, ids_buf, log_pn_buf);
-        for (index_t k = 0; k < std::min(kPrefetchRows, cx.k); ++k)
-          detail::prefetch_row(cx.bank.row(ids_buf[k]), dim);
-        const float* f = in.f + i * in.f_stride;
-        float* g = in.grad + i * in.g_stride;
         const index_t y = in.ids[static_cast<std::size_t>(i)];
-        const float* vy = cx.bank.row(y);
         const double p_y = cx.sampler->prob(y);
-        const double log_excl = cx.cfg->exclude_positive ? std::log1p(-p_y) : 0.0;
-        const double s_pos = detail::dot(vy, f, dim);
+        kernels::PerSampleQuery qi = base;
+        qi.ids = ids_buf.data();
+        qi.log_pn = log_pn_buf.data();
+        qi.f = in.f + i * in.f_stride;
+        qi.g = in.grad + i * in.g_stride;
+        qi.vy = cx.bank.row(y);
+        qi.log_p_y = std::log(p_y);
+        qi.log_excl = cx.cfg->exclude_positive ? std::log1p(-p_y) : 0.0;
+        kernels::QueryResult r;
+        kt.per_sample_query(qi, r);
         QueryOut q;
-        for (index_t k = 0; k < cx.k; ++k) q.collisions += ids_buf[k] == y;
-
-        if (!info) {
-          // NCE: a = s/tau - log Z - log(K P_n); h = sigmoid(a).
-          std::fill_n(g, dim, 0.0f);
-          double sp, h, ea;
-          const double a_pos = s_pos * inv_tau - cx.log_z - log_k - std::log(p_y);
-          softplus_sigmoid(a_pos, sp, h, ea);
-          q.loss = sp - a_pos;  // -log h
-          q.p_pos = std::exp(s_pos * inv_tau - cx.log_z);
-          detail::axpy(static_cast<float>(-(1.0 - h) * coef_scale), vy, g, dim);
-          const double shift = -cx.log_z - log_k + log_excl;
-          for (index_t k0 = 0; k0 < cx.k; k0 += kRowBlock) {
-            // Scores of a block of rows first (independent dot products overlap), then their
-            // coefficients, then the gradient from the same rows while they are still in L1.
-            const index_t rows = std::min(kRowBlock, cx.k - k0);
-            float s[kRowBlock];
-            for (index_t r = 0; r < rows; ++r) {
-              const index_t k = k0 + r;
-              if (k + kPrefetchRows < cx.k) detail::prefetch_row(cx.bank.row(ids_buf[k + kPrefetchRows]), dim);
-              s[r] = detail::dot(cx.bank.row(ids_buf[k]), f, dim);
-            }
-            for (index_t r = 0; r < rows; ++r) {
-              const double a = s[r] * inv_tau + shift - log_pn_buf[k0 + r];
-              softplus_sigmoid(a, sp, h, ea);
-              q.loss += sp;  // -log(1 - h)
-              q.sum_exp_a += ea;
-              s[r] = static_cast<float>(h * coef_scale);
-            }
-            for (index_t r = 0; r < rows; ++r) detail::axpy(s[r], cx.bank.row(ids_buf[k0 + r]), g, dim);
-          }
-        } else {
-          // InfoNCE: online softmax over logits l = s/tau - log P_n; acc = sum_j w_j v_j, w_j = e^(l_j - m).
-          const double l_pos = s_pos * inv_tau - std::log(p_y);
-          double m = l_pos, total = 1.0, neg_total = 0.0;
-          std::copy_n(vy, dim, g);  // g holds acc until the end
-          for (index_t k = 0; k < cx.k; ++k) {
-            if (k + kPrefetchRows < cx.k) detail::prefetch_row(cx.bank.row(ids_buf[k + kPrefetchRows]), dim);
-            const float* v = cx.bank.row(ids_buf[k]);
-            const double l = detail::dot(v, f, dim) * inv_tau - log_pn_buf[k] + log_excl;
-            double w;
-            if (l > m) {
-              const double scale = std::exp(m - l);
-              for (index_t c = 0; c < dim; ++c) g[c] = static_cast<float>(g[c] * scale);
-              total *= scale;
-              neg_total *= scale;
-              m = l;
-              w = 1.0;
-            } else {
-              w = std::exp(l - m);
-            }
-            total += w;
-            neg_total += w;
-            detail::axpy(static_cast<float>(w), v, g, dim);
-          }
-          const double p_pos = std::exp(l_pos - m) / total;
-          q.loss = -std::log(p_pos);
-          q.p_pos = p_pos;
-          q.sum_exp_a = neg_total * std::exp(m);
-          const float a = static_cast<float>(coef_scale / total);
-          const float b = static_cast<float>(coef_scale);
-          for (index_t c = 0; c < dim; ++c) g[c] = a * g[c] - b * vy[c];
-        }
+        q.loss = r.loss;
+        q.p_pos = r.p_pos;
+        q.sum_exp_a = r.sum_exp_a;
+        for (index_t k = 0; k < cx.k; ++k) q.collisions += ids_buf[static_cast<std::size_t>(k)] == y;
         out[static_cast<std::size_t>(i)] = q;
       });
     }
@@ -339,7 +287,8 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
 
 /// NCE or InfoNCE with one set of K negatives for the whole batch: gather once, two GEMMs.
 /// Returns the log Z it used (estimated from this batch when cx.log_z is NaN).
-double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch, std::vector<QueryOut>& out) {
+double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch, std::vector<QueryOut>& out,
+                     const kernels::Table& kt) {
   const index_t dim = cx.bank.dim;
   const index_t k = cx.k;
   const double tau = cx.cfg->tau;
@@ -374,8 +323,6 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
 #pragma omp parallel for schedule(static)
   for (index_t j = 0; j < k; ++j) std::copy_n(cx.bank.row(neg[j]), dim, vneg.row(j).data());
 
-  using ConstMap = Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>>;
-  using Map = Eigen::Map<RowMatrixf, 0, Eigen::OuterStride<>>;
   RowMatrixf scores(batch, k);
   detail::ExceptionCapture errors;
   const index_t blocks = (batch + kSharedRowBlock - 1) / kSharedRowBlock;
@@ -383,8 +330,8 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   for (index_t blk = 0; blk < blocks; ++blk) {
     errors.run([&] {
       const index_t r0 = blk * kSharedRowBlock, rows = std::min(kSharedRowBlock, batch - r0);
-      ConstMap fb(in.f + r0 * in.f_stride, rows, dim, Eigen::OuterStride<>(in.f_stride));
-      scores.middleRows(r0, rows).noalias() = fb * vneg.transpose();
+      kt.gemm_abt(rows, k, dim, 1.0f, in.f + r0 * in.f_stride, in.f_stride, vneg.data(), dim,
+                  scores.data() + r0 * k, k);
     });
   }
   errors.rethrow();
@@ -408,7 +355,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
         const index_t y = in.ids[static_cast<std::size_t>(i)];
         const float* vy = cx.bank.row(y);
         const double p_y = cx.sampler->prob(y);
-        const double s_pos = detail::dot(vy, f, dim);
+        const double s_pos = kt.dot(vy, f, dim);
         QueryOut q;
         double coef_pos;
         float* srow = scores.row(i).data();  // overwritten by dL/ds (times B tau) in place
@@ -420,15 +367,9 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
           q.loss = sp - a_pos;
           q.p_pos = std::exp(s_pos * inv_tau - log_z);
           coef_pos = -(1.0 - h) * coef_scale;
-          // Vectorised over the K negatives (fp32 Eigen packets): a = s/tau - log Z - log(K P_n),
-          // -log(1 - h) = softplus(a), h = sigmoid(a); both from one exp(-|a|).
-          Eigen::Map<Eigen::ArrayXf> srow_a(srow, k);
-          const Eigen::ArrayXf a = srow_a * static_cast<float>(inv_tau) - shift_neg;
-          const Eigen::ArrayXf e = (-a.abs()).exp();
-          const Eigen::ArrayXf softplus = a.max(0.0f) + e.log1p();
-          q.loss += softplus.cast<double>().sum();
-          q.sum_exp_a += a.cast<double>().exp().sum();  // in double: e^a overflows fp32 beyond a ~ 88
-          srow_a = (a > 0.0f).select(1.0f / (1.0f + e), e / (1.0f + e)) * static_cast<float>(coef_scale);
+          // Vectorised over the K negatives (the dispatched kernel).
+          kt.nce_shared_row(srow, shift_neg.data(), k, static_cast<float>(inv_tau), static_cast<float>(coef_scale),
+                            &q.loss, &q.sum_exp_a);
         } else {
           const double l_pos = s_pos * inv_tau - std::log(p_y);
           const double log_k = std::log(static_cast<double>(k));
@@ -453,8 +394,8 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
         float* g = in.grad + i * in.g_stride;
         for (index_t c = 0; c < dim; ++c) g[c] = static_cast<float>(coef_pos * vy[c]);
       }
-      Map gb(in.grad + r0 * in.g_stride, rows, dim, Eigen::OuterStride<>(in.g_stride));
-      gb.noalias() += scores.middleRows(r0, rows) * vneg;
+      kt.gemm_ab_acc(rows, dim, k, scores.data() + r0 * k, k, vneg.data(), dim, in.grad + r0 * in.g_stride,
+                     in.g_stride);
     });
   }
   errors.rethrow();
@@ -633,16 +574,17 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
     KernelContext cx{bank_.view(), sampler_.get(), &config_, kNaN,
                      negatives ? negatives->cols() : config_.k};
     const bool nce = config_.objective == Objective::nce;
+    const kernels::Table& kt = kernels::table();  // the instruction set, picked once per step
     if (nce && partition_.initialised) cx.log_z = partition_.log_z;
     StepInput in{prepared.data, prepared.stride, ids, negatives, step_, grad.data(), grad.outerStride()};
     std::vector<QueryOut> out(static_cast<std::size_t>(batch));
     double log_z_used = cx.log_z;
     if (shared) {
-      log_z_used = shared_kernel(cx, in, batch, out);
+      log_z_used = shared_kernel(cx, in, batch, out, kt);
     } else {
-      if (nce && std::isnan(cx.log_z)) cx.log_z = estimate_log_z_per_sample(cx, in, batch);
+      if (nce && std::isnan(cx.log_z)) cx.log_z = estimate_log_z_per_sample(cx, in, batch, kt);
       log_z_used = cx.log_z;
-      per_sample_kernel(cx, in, batch, out);
+      per_sample_kernel(cx, in, batch, out, kt);
     }
     double loss = 0.0, p_pos = 0.0, sum_exp = 0.0;
     index_t collisions = 0;

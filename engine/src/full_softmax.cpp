@@ -3,7 +3,7 @@
 
 #include "detail/check.hpp"
 #include "detail/parallel.hpp"
-#include "detail/simd.hpp"
+#include "kernels/kernels.hpp"
 
 #include <omp.h>
 
@@ -50,6 +50,7 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
 
   // Scratch made before the region (no allocation that could throw inside it but Eigen's own).
   std::vector<RowMatrixf> scratch(static_cast<std::size_t>(omp_get_max_threads()), RowMatrixf(batch, kTile));
+  const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
@@ -64,22 +65,8 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
         const index_t end = std::min(n, (c + 1) * chunk);
         for (index_t t0 = c * chunk; t0 < end; t0 += kTile) {
           const index_t rows = std::min(kTile, end - t0);
-          Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> v(bank.row(t0), rows, dim,
-                                                                 Eigen::OuterStride<>(bank.stride));
-          auto st = s.leftCols(rows);
-          st.noalias() = (f * v.transpose()) * inv_tau;
-          for (index_t i = 0; i < batch; ++i) {
-            const double m_new = std::max(p.max[i], static_cast<double>(st.row(i).maxCoeff()));
-            if (m_new > p.max[i]) {
-              const double scale = std::exp(p.max[i] - m_new);  // 0 on the first tile
-              p.sum[i] *= scale;
-              p.acc.row(i) *= static_cast<float>(scale);
-              p.max[i] = m_new;
-            }
-            st.row(i) = (st.row(i).array() - static_cast<float>(m_new)).exp();
-            p.sum[i] += st.row(i).template cast<double>().sum();
-          }
-          p.acc.noalias() += st * v;
+          kt.softmax_tile(f.data(), batch, dim, bank.row(t0), bank.stride, rows, inv_tau, s.data(), kTile,
+                          p.max.data(), p.sum.data(), p.acc.data());
         }
       });
     }
@@ -102,7 +89,7 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
     }
     const index_t y = ids[static_cast<std::size_t>(i)];
     const float* vy = bank.row(y);
-    const double s_y = detail::dot(vy, f.row(i).data(), dim) * (1.0 / tau);
+    const double s_y = kt.dot(vy, f.row(i).data(), dim) * (1.0 / tau);
     const double log_z = m + std::log(l);
     loss += log_z - s_y;
     z_total += std::exp(log_z);

@@ -3,6 +3,7 @@
 
 #include "detail/check.hpp"
 #include "detail/parallel.hpp"
+#include "kernels/kernels.hpp"
 
 #include <omp.h>
 
@@ -64,6 +65,7 @@ KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, F
     t.score.resize(static_cast<std::size_t>(classes));
     t.order.resize(static_cast<std::size_t>(classes));
   }
+  const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
@@ -80,25 +82,15 @@ KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, F
         for (auto& h : heaps) h = {};
         for (index_t t0 = 0; t0 < n; t0 += kTile) {
           const index_t cols = std::min(kTile, n - t0);
-          Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> v(bank.row(t0), cols, dim,
-                                                                 Eigen::OuterStride<>(bank.stride));
-          s.topLeftCorner(rows, cols).noalias() = qb * v.transpose();
+          kt.gemm_abt(rows, cols, dim, 1.0f, qb.data(), dim, bank.row(t0), bank.stride, s.data(), kTile);
           for (index_t i = 0; i < rows; ++i) {
             auto& h = heaps[static_cast<std::size_t>(i)];
             const float* si = s.row(i).data();
-            // Most candidates lose to the current k-th score: one float compare rejects them.
+            // Most candidates lose to the current k-th score: the kernel skips them (vectorised).
             float worst = static_cast<index_t>(h.size()) < o.k ? -std::numeric_limits<float>::infinity() : h.top().first;
             for (index_t j = 0; j < cols; ++j) {
-              if ((j & 15) == 0 && j + 16 <= cols) {  // skip 16 losers at once (a vectorised max)
-                float m = si[j];
-  #pragma omp simd reduction(max : m)
-                for (index_t t = 1; t < 16; ++t) m = std::max(m, si[j + t]);
-                if (m < worst) {
-                  j += 15;
-                  continue;
-                }
-              }
-              if (si[j] < worst) continue;
+              j = kt.first_at_least(si, j, cols, worst);
+              if (j == cols) break;
               const Neighbour cand{si[j], -(t0 + j)};
               if (static_cast<index_t>(h.size()) < o.k) {
                 h.push(cand);

@@ -1,0 +1,227 @@
+// The bodies of the hot kernels (see kernels.hpp), compiled once per instruction set: a
+// kernels_<isa>.cpp defines MEMBANK_KERNEL_NS (the path's name) and renames Eigen to a namespace of
+// its own (`#define Eigen membank_eigen_<isa>`), then includes this file; CMake gives it the path's
+// compiler flags. Everything here has internal linkage except MEMBANK_KERNEL_NS::get().
+// No include guard: one inclusion per translation unit.
+#ifndef MEMBANK_KERNEL_NS
+#error "define MEMBANK_KERNEL_NS (and rename Eigen) before including kernels_impl.hpp"
+#endif
+#ifndef EIGEN_DONT_PARALLELIZE
+#define EIGEN_DONT_PARALLELIZE  // the engine splits work into fixed blocks itself
+#endif
+
+#include "kernels/kernels.hpp"
+
+#include "detail/simd.hpp"
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <limits>
+
+namespace membank::kernels::MEMBANK_KERNEL_NS {
+
+namespace {
+
+using detail::axpy;
+using detail::dot;
+using detail::prefetch_row;
+using detail::squared_norm_d;
+
+constexpr idx kPrefetchRows = 8;  // rows ahead of the one being scored
+constexpr idx kRowBlock = 8;      // rows scored together in the per-sample NCE kernel
+
+using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using CMap = Eigen::Map<const Mat, 0, Eigen::OuterStride<>>;
+using MMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
+
+inline idx min_idx(idx a, idx b) { return a < b ? a : b; }
+
+/// log(1 + e^a) and 1 / (1 + e^-a) from one exp, stable for any a.
+inline void softplus_sigmoid(double a, double& softplus, double& sigmoid, double& exp_a) {
+  const double e = std::exp(-std::fabs(a));
+  if (a > 0) {
+    softplus = a + std::log1p(e);
+    sigmoid = 1.0 / (1.0 + e);
+    exp_a = 1.0 / e;
+  } else {
+    softplus = std::log1p(e);
+    sigmoid = e / (1.0 + e);
+    exp_a = e;
+  }
+}
+
+float k_dot(const float* a, const float* b, idx n) { return dot(a, b, n); }
+
+void k_gather_dots(const float* bank, idx stride, idx dim, const idx* ids, idx k, const float* f, float* out) {
+  for (idx r = 0; r < min_idx(kPrefetchRows, k); ++r) prefetch_row(bank + ids[r] * stride, dim);
+  for (idx r = 0; r < k; ++r) {
+    if (r + kPrefetchRows < k) prefetch_row(bank + ids[r + kPrefetchRows] * stride, dim);
+    out[r] = dot(bank + ids[r] * stride, f, dim);
+  }
+}
+
+void k_per_sample_query(const PerSampleQuery& q, QueryResult& out) {
+  const idx dim = q.dim;
+  const auto row = [&](idx r) { return q.bank + q.ids[r] * q.stride; };
+  for (idx r = 0; r < min_idx(kPrefetchRows, q.k); ++r) prefetch_row(row(r), dim);
+  const float* f = q.f;
+  float* g = q.g;
+  const float* vy = q.vy;
+  const double s_pos = dot(vy, f, dim);
+  if (!q.info) {
+    // NCE: a = s/tau - log Z - log(K P_n); h = sigmoid(a).
+    for (idx c = 0; c < dim; ++c) g[c] = 0.0f;
+    double sp, h, ea;
+    const double a_pos = s_pos * q.inv_tau - q.log_z - q.log_k - q.log_p_y;
+    softplus_sigmoid(a_pos, sp, h, ea);
+    out.loss = sp - a_pos;  // -log h
+    out.p_pos = std::exp(s_pos * q.inv_tau - q.log_z);
+    out.sum_exp_a = 0.0;
+    axpy(static_cast<float>(-(1.0 - h) * q.coef_scale), vy, g, dim);
+    const double shift = -q.log_z - q.log_k + q.log_excl;
+    for (idx k0 = 0; k0 < q.k; k0 += kRowBlock) {
+      // Scores of a block of rows first (independent dot products overlap), then their
+      // coefficients, then the gradient from the same rows while they are still in L1.
+      const idx rows = min_idx(kRowBlock, q.k - k0);
+      float s[kRowBlock];
+      for (idx r = 0; r < rows; ++r) {
+        const idx k = k0 + r;
+        if (k + kPrefetchRows < q.k) prefetch_row(row(k + kPrefetchRows), dim);
+        s[r] = dot(row(k), f, dim);
+      }
+      for (idx r = 0; r < rows; ++r) {
+        const double a = s[r] * q.inv_tau + shift - q.log_pn[k0 + r];
+        softplus_sigmoid(a, sp, h, ea);
+        out.loss += sp;  // -log(1 - h)
+        out.sum_exp_a += ea;
+        s[r] = static_cast<float>(h * q.coef_scale);
+      }
+      for (idx r = 0; r < rows; ++r) axpy(s[r], row(k0 + r), g, dim);
+    }
+  } else {
+    // InfoNCE: online softmax over logits l = s/tau - log P_n; acc = sum_j w_j v_j, w_j = e^(l_j - m).
+    const double l_pos = s_pos * q.inv_tau - q.log_p_y;
+    double m = l_pos, total = 1.0, neg_total = 0.0;
+    for (idx c = 0; c < dim; ++c) g[c] = vy[c];  // g holds acc until the end
+    for (idx k = 0; k < q.k; ++k) {
+      if (k + kPrefetchRows < q.k) prefetch_row(row(k + kPrefetchRows), dim);
+      const float* v = row(k);
+      const double l = dot(v, f, dim) * q.inv_tau - q.log_pn[k] + q.log_excl;
+      double w;
+      if (l > m) {
+        const double scale = std::exp(m - l);
+        for (idx c = 0; c < dim; ++c) g[c] = static_cast<float>(g[c] * scale);
+        total *= scale;
+        neg_total *= scale;
+        m = l;
+        w = 1.0;
+      } else {
+        w = std::exp(l - m);
+      }
+      total += w;
+      neg_total += w;
+      axpy(static_cast<float>(w), v, g, dim);
+    }
+    const double p_pos = std::exp(l_pos - m) / total;
+    out.loss = -std::log(p_pos);
+    out.p_pos = p_pos;
+    out.sum_exp_a = neg_total * std::exp(m);
+    const float a = static_cast<float>(q.coef_scale / total);
+    const float b = static_cast<float>(q.coef_scale);
+    for (idx c = 0; c < dim; ++c) g[c] = a * g[c] - b * vy[c];
+  }
+}
+
+void k_gemm_abt(idx m, idx n, idx d, float alpha, const float* a, idx lda, const float* b, idx ldb, float* c,
+                idx ldc) {
+  const CMap A(a, m, d, Eigen::OuterStride<>(lda));
+  const CMap B(b, n, d, Eigen::OuterStride<>(ldb));
+  MMap C(c, m, n, Eigen::OuterStride<>(ldc));
+  if (alpha == 1.0f)
+    C.noalias() = A * B.transpose();
+  else
+    C.noalias() = (A * B.transpose()) * alpha;
+}
+
+void k_gemm_ab_acc(idx m, idx n, idx kk, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc) {
+  const CMap A(a, m, kk, Eigen::OuterStride<>(lda));
+  const CMap B(b, kk, n, Eigen::OuterStride<>(ldb));
+  MMap C(c, m, n, Eigen::OuterStride<>(ldc));
+  C.noalias() += A * B;
+}
+
+void k_nce_shared_row(float* s, const float* shift, idx k, float inv_tau, float coef_scale, double* loss,
+                      double* sum_exp) {
+  // Vectorised over the K negatives (fp32 Eigen packets): a = s/tau - log Z - log(K P_n),
+  // -log(1 - h) = softplus(a), h = sigmoid(a); both from one exp(-|a|).
+  Eigen::Map<Eigen::ArrayXf> srow(s, k);
+  const Eigen::Map<const Eigen::ArrayXf> sh(shift, k);
+  const Eigen::ArrayXf a = srow * inv_tau - sh;
+  const Eigen::ArrayXf e = (-a.abs()).exp();
+  *loss += (a.max(0.0f) + e.log1p()).cast<double>().sum();
+  *sum_exp += a.cast<double>().exp().sum();  // in double: e^a overflows fp32 beyond a ~ 88
+  srow = (a > 0.0f).select(1.0f / (1.0f + e), e / (1.0f + e)) * coef_scale;
+}
+
+void k_softmax_tile(const float* f, idx batch, idx dim, const float* v, idx vstride, idx rows, float inv_tau,
+                    float* s, idx lds, double* max, double* sum, float* acc) {
+  const CMap F(f, batch, dim, Eigen::OuterStride<>(dim));
+  const CMap V(v, rows, dim, Eigen::OuterStride<>(vstride));
+  MMap S(s, batch, rows, Eigen::OuterStride<>(lds));
+  MMap Acc(acc, batch, dim, Eigen::OuterStride<>(dim));
+  S.noalias() = (F * V.transpose()) * inv_tau;
+  for (idx i = 0; i < batch; ++i) {
+    const double tile_max = static_cast<double>(S.row(i).maxCoeff());
+    const double m_new = max[i] < tile_max ? tile_max : max[i];
+    if (m_new > max[i]) {
+      const double scale = std::exp(max[i] - m_new);  // 0 on the first tile
+      sum[i] *= scale;
+      Acc.row(i) *= static_cast<float>(scale);
+      max[i] = m_new;
+    }
+    S.row(i) = (S.row(i).array() - static_cast<float>(m_new)).exp();
+    sum[i] += S.row(i).template cast<double>().sum();
+  }
+  Acc.noalias() += S * V;
+}
+
+idx k_first_at_least(const float* s, idx from, idx n, float worst) {
+  idx j = from;
+  for (; j < n && (j & 15) != 0; ++j)
+    if (!(s[j] < worst)) return j;
+  // Whole blocks of 16: one vectorised max rejects 16 losers at once.
+  for (; j + 16 <= n; j += 16) {
+    float m = s[j];
+#pragma omp simd reduction(max : m)
+    for (idx t = 1; t < 16; ++t) m = m > s[j + t] ? m : s[j + t];
+    if (!(m < worst)) break;
+  }
+  for (; j < n; ++j)
+    if (!(s[j] < worst)) return j;
+  return n;
+}
+
+void k_momentum_row(float* v, const float* f, float m, float one_minus_m, float* tmp, idx dim) {
+  for (idx c = 0; c < dim; ++c) tmp[c] = m * v[c] + one_minus_m * f[c];
+  double sq = squared_norm_d(tmp, dim);
+  if (!(sq > 0.0)) {  // m v + (1 - m) f cancelled exactly: keep the new feature's direction
+    for (idx c = 0; c < dim; ++c) tmp[c] = f[c];
+    sq = squared_norm_d(tmp, dim);
+  }
+  const double inv = 1.0 / std::sqrt(sq);
+  for (idx c = 0; c < dim; ++c) v[c] = static_cast<float>(tmp[c] * inv);
+}
+
+#define MEMBANK_STR2(x) #x
+#define MEMBANK_STR(x) MEMBANK_STR2(x)
+
+const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,          k_gather_dots,    k_per_sample_query,
+                   k_gemm_abt,                     k_gemm_ab_acc,  k_nce_shared_row, k_softmax_tile,
+                   k_first_at_least,               k_momentum_row};
+
+}  // namespace
+
+const Table& get() { return kTable; }
+
+}  // namespace membank::kernels::MEMBANK_KERNEL_NS

@@ -1,0 +1,220 @@
+// Run-time instruction-set dispatch (membank/isa.hpp): every kernel path this CPU runs agrees with the
+// scalar path within bounds derived from float rounding, every path is bit-identical for 1 and 2
+// threads, and kNN on every path agrees with a double-precision brute force.
+#include "reference.hpp"
+
+#include <doctest/doctest.h>
+
+#include <membank/engine.hpp>
+#include <membank/error.hpp>
+#include <membank/isa.hpp>
+#include <membank/knn.hpp>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace membank;
+using namespace mbtest;
+
+namespace {
+
+constexpr double kU = 0x1p-24;  // unit roundoff of float
+
+/// Forces an instruction set for a scope and restores the one active before.
+class IsaScope {
+ public:
+  explicit IsaScope(Isa isa) : saved_(active_isa()) { force_isa(isa); }
+  ~IsaScope() { force_isa(saved_); }
+  IsaScope(const IsaScope&) = delete;
+  IsaScope& operator=(const IsaScope&) = delete;
+
+ private:
+  Isa saved_;
+};
+
+class ThreadCount {
+ public:
+  explicit ThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~ThreadCount() { omp_set_num_threads(saved_); }
+  ThreadCount(const ThreadCount&) = delete;
+  ThreadCount& operator=(const ThreadCount&) = delete;
+
+ private:
+  int saved_;
+};
+
+std::vector<Isa> supported_paths() {
+  std::vector<Isa> v;
+  for (const Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512})
+    if (cpu_supports(isa)) v.push_back(isa);
+  return v;
+}
+
+// Sizes: D = 40 is not a multiple of any vector width (the kernels' tails run) and its rows are
+// padded to a stride of 48; N spans several 1024-row tiles.
+constexpr index_t kN = 5003, kD = 40, kB = 24, kK = 64;
+
+struct StepRun {
+  double loss = 0.0;
+  RowMatrixf grad, bank;
+};
+
+/// One step (with the bank refresh) of a fresh engine on fixed data, on path `isa` with `threads`.
+StepRun one_step(Isa isa, int threads, const EngineConfig& cfg) {
+  IsaScope is(isa);
+  ThreadCount tc(threads);
+  std::mt19937_64 rng(2024);
+  Engine eng = make_engine(kN, kD, false, cfg, 77);
+  std::vector<index_t> ids = random_ids(kB, kN, rng);
+  ids[kB - 1] = ids[0];  // a duplicate: that row is refreshed twice
+  const RowMatrixf f = near_rows(eng.bank().to_matrix(), ids, 0.3, rng);
+  StepRun r;
+  r.grad.resize(kB, kD);
+  r.loss = eng.step(f, ids, r.grad, true).loss;
+  r.bank = eng.bank().to_matrix();
+  return r;
+}
+
+EngineConfig config(Objective obj, NegativesMode neg) {
+  EngineConfig cfg;
+  cfg.k = kK;
+  cfg.objective = obj;
+  cfg.negatives = neg;
+  cfg.seed = 5;
+  return cfg;
+}
+
+double max_abs_diff(const RowMatrixf& a, const RowMatrixf& b) {
+  return (a.cast<double>() - b.cast<double>()).cwiseAbs().maxCoeff();
+}
+
+}  // namespace
+
+TEST_CASE("isa names parse, unknown names and unsupported sets are refused, and the best set is active by default") {
+  for (const Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512}) CHECK(isa_from_string(to_string(isa)) == isa);
+  CHECK_THROWS_WITH_AS(isa_from_string("sse9"), doctest::Contains("'sse9'"), Error);
+  CHECK(cpu_supports(Isa::scalar));
+  CHECK(cpu_supports(best_isa()));
+  if (std::getenv("MEMBANK_ISA") == nullptr) CHECK(active_isa() == best_isa());
+  for (const Isa isa : {Isa::avx2, Isa::avx512})
+    if (!cpu_supports(isa)) {
+      const Isa before = active_isa();
+      CHECK_THROWS_WITH_AS(force_isa(isa), doctest::Contains(to_string(isa)), Error);
+      CHECK(active_isa() == before);
+    }
+  MESSAGE("paths on this CPU: best = " << to_string(best_isa()));
+}
+
+TEST_CASE("every path's step (loss, gradient, bank refresh) matches the scalar path and is thread-count independent") {
+  // Bounds, with u the float unit roundoff. A score s = v . f of unit rows in D floats is within D u
+  // of exact on any path (any association, with or without FMA), so two paths differ by <= 2 D u;
+  // a logit s / tau by eps_a = 4 D u / tau (twice that, for the estimated Z that shifts every logit).
+  // loss: each of the K + 1 terms per query is 1-Lipschitz in its logit (2 for InfoNCE's log-softmax,
+  //   which also has K + 1 terms): <= 2 (K + 1) eps_a.
+  // gradient: sum of K + 1 rows with coefficients <= 1 / (B tau), each off by <= eps_a / (B tau), summed
+  //   in float (<= (K + 1) u each): <= (K + 1) / (B tau) (eps_a + 2 (K + 1) u). The exact softmax sums N
+  //   rows with probabilities summing to 1: <= (2 eps_a + 2 N u) / (B tau).
+  // bank: m v + (1 - m) f rounded once or twice (FMA), then scaled by a double 1 / norm and rounded:
+  //   <= 4 u per element and refresh; a duplicate id refreshes twice: 8 u, plus slack: 16 u.
+  const double tau = EngineConfig{}.tau;
+  const double eps_a = 4.0 * kD * kU / tau;
+  const double loss_tol = 2.0 * (kK + 1) * eps_a;
+  const double grad_tol = (kK + 1) / (kB * tau) * (eps_a + 2.0 * (kK + 1) * kU);
+  const double full_grad_tol = (2.0 * eps_a + 2.0 * kN * kU) / (kB * tau);
+  const double bank_tol = 16.0 * kU;
+
+  struct Case {
+    Objective obj;
+    NegativesMode neg;
+  };
+  for (const Case c : {Case{Objective::nce, NegativesMode::per_sample}, Case{Objective::info_nce, NegativesMode::per_sample},
+                       Case{Objective::nce, NegativesMode::shared}, Case{Objective::info_nce, NegativesMode::shared},
+                       Case{Objective::full_softmax, NegativesMode::per_sample}}) {
+    const EngineConfig cfg = config(c.obj, c.neg);
+    const bool full = c.obj == Objective::full_softmax;
+    const StepRun ref = one_step(Isa::scalar, 1, cfg);
+    REQUIRE(std::isfinite(ref.loss));
+    for (const Isa isa : supported_paths()) {
+      CAPTURE(to_string(isa));
+      CAPTURE(to_string(c.obj));
+      CAPTURE(to_string(c.neg));
+      const StepRun one = one_step(isa, 1, cfg), two = one_step(isa, 2, cfg);
+      CHECK(bits_equal(one.loss, two.loss));
+      CHECK(bits_equal(one.grad, two.grad));
+      CHECK(bits_equal(one.bank, two.bank));
+      CHECK(std::abs(one.loss - ref.loss) <= loss_tol);
+      CHECK(max_abs_diff(one.grad, ref.grad) <= (full ? full_grad_tol : grad_tol));
+      CHECK(max_abs_diff(one.bank, ref.bank) <= bank_tol);
+      // The gradient is not trivially small next to the tolerance (the comparison can fail).
+      CHECK(ref.grad.cwiseAbs().maxCoeff() > 10.0 * (full ? full_grad_tol : grad_tol));
+    }
+  }
+}
+
+TEST_CASE("every path's kNN matches a double brute force on queries whose answer rounding cannot change, and is thread-count independent") {
+  constexpr index_t N = 3000, Q = 300, D = 24, k = 20;
+  constexpr int classes = 10;
+  const double sigma = 0.07;
+  std::mt19937_64 rng(99);
+  const Bank bank(N, D, 3);
+  const RowMatrixf queries = unit_rows(Q, D, rng);
+  std::vector<int> bl(N), ql(Q);
+  for (auto& l : bl) l = static_cast<int>(rng() % classes);
+  for (auto& l : ql) l = static_cast<int>(rng() % classes);
+
+  // The reference in double: neighbours, class scores, prediction; a query is "robust" when every
+  // score is at least 8 D u from the k-th (so no path can swap a neighbour in or out) and its best
+  // class leads the next by more than the weights' rounding could move.
+  const RowMatrixd V = bank.to_matrix().cast<double>();
+  const RowMatrixd S = queries.cast<double>() * V.transpose();
+  std::vector<int> want(Q);
+  std::vector<char> robust(Q);
+  index_t n_robust = 0;
+  for (index_t i = 0; i < Q; ++i) {
+    std::vector<index_t> order(N);
+    for (index_t j = 0; j < N; ++j) order[static_cast<std::size_t>(j)] = j;
+    std::partial_sort(order.begin(), order.begin() + k + 1, order.end(),
+                      [&](index_t a, index_t b) { return S(i, a) > S(i, b); });
+    const double gap = S(i, order[k - 1]) - S(i, order[k]);
+    std::vector<double> score(classes, 0.0);
+    for (index_t r = 0; r < k; ++r) score[static_cast<std::size_t>(bl[order[r]])] += std::exp(S(i, order[r]) / sigma);
+    const int best = static_cast<int>(std::max_element(score.begin(), score.end()) - score.begin());
+    double second = 0.0;
+    for (int cl = 0; cl < classes; ++cl)
+      if (cl != best) second = std::max(second, score[static_cast<std::size_t>(cl)]);
+    want[static_cast<std::size_t>(i)] = best;
+    // Each weight exp(s / sigma) moves by a relative <= 2 D u / sigma (+ rounding): 1e-3 covers it.
+    const bool ok = gap > 8.0 * D * kU && score[static_cast<std::size_t>(best)] > second * (1.0 + 1e-3);
+    robust[static_cast<std::size_t>(i)] = ok;
+    n_robust += ok;
+  }
+  REQUIRE(n_robust >= Q / 2);
+
+  for (const Isa isa : supported_paths()) {
+    CAPTURE(to_string(isa));
+    IsaScope is(isa);
+    KnnResult r1, r2;
+    {
+      ThreadCount tc(1);
+      r1 = knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{k, sigma});
+    }
+    {
+      ThreadCount tc(2);
+      r2 = knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{k, sigma});
+    }
+    CHECK(r1.predictions == r2.predictions);
+    CHECK(bits_equal(r1.top1, r2.top1));
+    CHECK(bits_equal(r1.top5, r2.top5));
+    CHECK(bits_equal(r1.nn1, r2.nn1));
+    index_t agree = 0;
+    for (index_t i = 0; i < Q; ++i)
+      if (robust[static_cast<std::size_t>(i)]) agree += r1.predictions[static_cast<std::size_t>(i)] == want[static_cast<std::size_t>(i)];
+    CHECK(agree == n_robust);
+  }
+}
