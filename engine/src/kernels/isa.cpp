@@ -1,6 +1,7 @@
 // Which kernel table runs: cpuid (and the OS's saved vector state) through __builtin_cpu_supports,
 // or MEMBANK_ISA; resolved once and kept in one atomic pointer.
 #include <membank/error.hpp>
+#include "detail/check.hpp"
 #include <membank/isa.hpp>
 
 #include "kernels/kernels.hpp"
