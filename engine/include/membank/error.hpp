@@ -17,6 +17,14 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+/// Not enough memory: a request refused before allocating (the message says how much was needed
+/// and how much is available), or an allocation that failed (std::bad_alloc, inside OpenMP regions
+/// too). Python: MemoryError. The engine is left as it was.
+class OutOfMemory : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 [[noreturn]] void throw_error(const char* func, const std::string& msg);
 }  // namespace detail
