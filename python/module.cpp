@@ -4,7 +4,13 @@
 // layout the engine reads (float32 features with contiguous rows, int64 ids ...); anything else is
 // refused with a TypeError / ValueError that says what to pass instead -- never converted behind
 // the caller's back (a silent copy of an `out=` array would lose the write). Engine errors
-// (membank::Error) become membank.Error, a subclass of ValueError, with the engine's message.
+// (membank::Error) become membank.Error, a subclass of ValueError, with the engine's message;
+// membank::OutOfMemory (a request that does not fit in memory, or a failed allocation) becomes
+// MemoryError with the engine's message (bytes needed and available).
+//
+// Aliasing: inputs may share memory with each other and with the bank (features = rows of
+// bank.view() is fine); `out=` may share memory with nothing it is passed with, nor with the bank:
+// membank.Error naming both (checked here on the whole arrays, then again by the engine).
 //
 // Threads: the GIL is released for all C++ work; each Engine (and each stand-alone Bank) has its
 // own mutex, so two Python threads may share one safely (their calls run one after the other).
@@ -15,8 +21,10 @@
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 #include <membank/knn.hpp>
+#include <membank/memory.hpp>
 #include <membank/sampler.hpp>
 #include <membank/snapshot.hpp>
+#include <membank/threads.hpp>
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -164,6 +172,30 @@ py::array to_numpy(std::vector<T>&& v) {
                         owner);
 }
 
+template <class T>
+MemoryRegion region_of(const Matrix2<T>& m) {
+  const auto es = static_cast<std::int64_t>(sizeof(T));
+  return {m.data, m.rows, m.cols * es, m.stride * es};
+}
+template <class T>
+MemoryRegion region_of(const Vector1<T>& v) {
+  return MemoryRegion::contiguous(v.data, v.size * static_cast<std::int64_t>(sizeof(T)));
+}
+
+/// An input array and its argument name, for the `out=` overlap check.
+struct NamedRegion {
+  MemoryRegion region;
+  const char* name;
+};
+
+/// The caller's `out` may share no memory with the inputs of the call, with itself, nor with the bank.
+void check_out_alone(const Matrix2<float>& out, std::initializer_list<NamedRegion> inputs, const Bank& bank) {
+  const MemoryRegion o = region_of(out);
+  check_no_self_overlap(o, "out");
+  for (const NamedRegion& in : inputs) check_no_overlap(o, "out", in.region, in.name);
+  bank.check_no_overlap(o, "out");
+}
+
 /// The gradient buffer: the caller's `out` (checked, written in place) or a fresh (B, D) array.
 Matrix2<float> grad_buffer(py::object out, index_t rows, index_t cols) {
   if (out.is_none()) return matrix_arg<float>(py::array_t<float>({rows, cols}), "out", "float32", "(B, D)", true);
@@ -282,7 +314,7 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
   c.unit_norm_tolerance = unit_norm_tolerance;
   const index_t n = bank.s->owned->size();
   // Validate before the bank is moved: a refused configuration leaves the Python Bank usable.
-  c.validate(n);
+  c.validate(n, bank.s->owned->dim());  // also: one step's scratch for K fits in memory (MemoryError)
   std::unique_ptr<NoiseSampler> s;
   if (sampler.is_none()) {
     s = std::make_unique<UniformSampler>(n);
@@ -323,8 +355,12 @@ auto with_engine(PyEngine& pe, F&& f) {
 /// checked, or a fresh (B, D) array), then call(engine, gradient map) under with_engine; returns
 /// (loss, dL/dfeatures, StepStats).
 template <class F>
-py::tuple engine_step(PyEngine& pe, const Vector1<index_t>& ids, py::object out, F&& call) {
+py::tuple engine_step(PyEngine& pe, const Vector1<index_t>& ids, py::object out, std::initializer_list<NamedRegion> inputs,
+                      F&& call) {
+  const bool callers_out = !out.is_none();
   auto g = grad_buffer(std::move(out), checked_batch(ids), pe.engine->bank().dim());
+  // The bank's storage never moves while the engine lives: its address is read without the lock.
+  if (callers_out) check_out_alone(g, inputs, pe.engine->bank());
   const StepStats st = with_engine(pe, [&](Engine& e) { return call(e, g.map()); });
   return step_result(st, g);
 }
@@ -374,15 +410,21 @@ PYBIND11_MODULE(_membank, m) {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const OutOfMemory& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
     } catch (const Error& e) {
       error_type(e.what());
     }
   });
 
   m.def("set_num_threads", [](int n) {
-    if (n < 1) throw Error(fmt::format("set_num_threads(n = {}): expected n >= 1", n));
-    omp_set_num_threads(n);
-  }, py::arg("n"), "OpenMP threads of the calling thread's next calls (the same runtime torch uses here).");
+    set_num_threads(n);  // membank::set_num_threads: Error naming the value and [1, max_num_threads()]
+  }, py::arg("n"),
+        "OpenMP threads of the calling thread's next calls (the same runtime torch uses here). Raises membank.Error "
+        "for n < 1 or n > max_num_threads().");
+  m.def("max_num_threads", &max_num_threads,
+        "The largest thread count set_num_threads accepts here (16 x the hardware threads, capped by the OpenMP and "
+        "process limits).");
   m.def("get_num_threads", [] { return omp_get_max_threads(); });
 
   // ---- StepStats
@@ -526,7 +568,7 @@ PYBIND11_MODULE(_membank, m) {
            [](PyEngine& pe, py::handle features, py::handle ids, py::object out, bool update) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
-             return engine_step(pe, y, std::move(out),
+             return engine_step(pe, y, std::move(out), {{region_of(f), "features"}, {region_of(y), "ids"}},
                                 [&](Engine& e, auto grad) { return e.step(f.cmap(), y.span(), grad, update); });
            },
            py::arg("features"), py::arg("ids"), py::arg("out") = py::none(), py::arg("update") = true,
@@ -537,7 +579,9 @@ PYBIND11_MODULE(_membank, m) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
              auto neg = matrix_arg<index_t>(negatives, "negatives", "int64", "(B, K) or (1, K)");
-             return engine_step(pe, y, std::move(out), [&](Engine& e, auto grad) {
+             return engine_step(pe, y, std::move(out),
+                                {{region_of(f), "features"}, {region_of(y), "ids"}, {region_of(neg), "negatives"}},
+                                [&](Engine& e, auto grad) {
                return e.step_with_negatives(f.cmap(), y.span(), neg.cmap(), grad, update);
              });
            },
@@ -548,7 +592,9 @@ PYBIND11_MODULE(_membank, m) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
              auto neg = matrix_arg<index_t>(negatives, "negatives", "int64", "(B, K) or (1, K)");
-             return engine_step(pe, y, std::move(out), [&](Engine& e, auto grad) {
+             return engine_step(pe, y, std::move(out),
+                                {{region_of(f), "features"}, {region_of(y), "ids"}, {region_of(neg), "negatives"}},
+                                [&](Engine& e, auto grad) {
                return e.evaluate(f.cmap(), y.span(), neg.cmap(), grad);
              });
            },
@@ -603,7 +649,10 @@ PYBIND11_MODULE(_membank, m) {
            double unit_norm_tolerance) {
           auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
           auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+          const bool callers_out = !out.is_none();
           auto g = grad_buffer(out, checked_batch(y), b.s->get().dim());
+          // On the whole arrays: the blocked calls below would each see only a part of an overlap.
+          if (callers_out) check_out_alone(g, {{region_of(f), "features"}, {region_of(y), "ids"}}, b.s->get());
           const FullResult r = full_softmax_chunked(b, f, y, tau, g, unit_norm_tolerance);
           return py::make_tuple(r.loss, g.arr, r.mean_z, r.mean_p);
         },

@@ -2,6 +2,7 @@
 #include <membank/error.hpp>
 
 #include "detail/check.hpp"
+#include "detail/parallel.hpp"
 #include "detail/philox.hpp"
 #include "detail/simd.hpp"
 #include "kernels/kernels.hpp"
@@ -70,18 +71,39 @@ void Bank::allocate(index_t n, index_t dim) {
   MEMBANK_CHECK(n >= 1, "n = {}: expected at least one row", n);
   MEMBANK_CHECK(dim >= 1, "dim = {}: expected at least one column", dim);
   const index_t stride = row_stride(dim);
-  const auto floats = mul_no_overflow(n, stride, "bank N x stride");
-  const auto bytes = mul_no_overflow(floats, 4, "bank bytes");
+  // What the bank needs, checked before anything is allocated (saturating: no overflow).
+  const std::int64_t row_bytes = mul_sat(mul_sat(n, stride), 4);
+  const std::int64_t need = add_sat(add_sat(row_bytes, static_cast<std::int64_t>(kHugePage)), mul_sat(n, 8));
+  require_memory(need, fmt::format("a bank of N x D = {} x {} (rows padded to {} floats, plus N last-update steps)",
+                                   n, dim, stride));
+  const auto bytes = mul_no_overflow(mul_no_overflow(n, stride, "bank N x stride"), 4, "bank bytes");
   const std::size_t rounded = (static_cast<std::size_t>(bytes) + kHugePage - 1) / kHugePage * kHugePage;
+  detail::translate_bad_alloc("the bank's last-update steps",
+                              [&] { last_update_.assign(static_cast<std::size_t>(n), -1); });
   void* p = std::aligned_alloc(kHugePage, rounded);
-  MEMBANK_CHECK(p != nullptr, "cannot allocate {} bytes for a {} x {} bank", rounded, n, dim);
+  if (p == nullptr) {
+    last_update_ = {};
+    throw OutOfMemory(fmt::format("membank: out of memory: allocating {} for a bank of N x D = {} x {} failed",
+                                  format_bytes(static_cast<std::int64_t>(rounded)), n, dim));
+  }
   madvise(p, rounded, MADV_HUGEPAGE);  // advisory: failure only costs speed
   data_ = static_cast<float*>(p);
   bytes_ = rounded;
   n_ = n;
   dim_ = dim;
   stride_ = stride;
-  last_update_.assign(static_cast<std::size_t>(n), -1);
+}
+
+bool Bank::shares_memory_with(const MemoryRegion& r) const {
+  return overlaps(r, MemoryRegion::contiguous(data_, static_cast<std::int64_t>(bytes_))) ||
+         overlaps(r, MemoryRegion::of_span(std::span<const std::int64_t>(last_update_)));
+}
+
+void Bank::check_no_overlap(const MemoryRegion& out, const char* out_name) const {
+  membank::check_no_overlap(out, out_name, MemoryRegion::contiguous(data_, static_cast<std::int64_t>(bytes_)),
+                            "the bank's rows");
+  membank::check_no_overlap(out, out_name, MemoryRegion::of_span(std::span<const std::int64_t>(last_update_)),
+                            "the bank's last-update steps");
 }
 
 Bank::Bank(index_t n, index_t dim, std::uint64_t seed) {
@@ -182,7 +204,21 @@ void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t ste
   MEMBANK_CHECK(m >= 0.0 && m <= 1.0, "momentum m = {}: expected 0 <= m <= 1", m);
   check_ids(ids, n_, "ids");
   check_features(f, static_cast<index_t>(ids.size()), dim_, "features");
+  // Inputs that overlap what this call writes (e.g. features = rows of view()) are copied first;
+  // the copies overlap nothing, so the recursion runs once.
+  if (shares_memory_with(MemoryRegion::of_span(ids))) {
+    const std::vector<index_t> copy = detail::translate_bad_alloc("Bank::momentum_update",
+                                                                  [&] { return std::vector<index_t>(ids.begin(), ids.end()); });
+    return momentum_update(copy, f, m, step);
+  }
+  if (shares_memory_with(MemoryRegion::of_matrix(f))) {
+    const RowMatrixf copy = detail::translate_bad_alloc("Bank::momentum_update", [&] { return RowMatrixf(f); });
+    return momentum_update(ids, copy, m, step);
+  }
+  detail::translate_bad_alloc("Bank::momentum_update", [&] { update_rows(ids, f, m, step); });
+}
 
+void Bank::update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step) {
   const auto batch = static_cast<index_t>(ids.size());
   // Group equal ids; within a group keep batch order (stable sort), groups are independent.
   std::vector<index_t> order(static_cast<std::size_t>(batch));

@@ -1,5 +1,6 @@
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
+#include <membank/memory.hpp>
 
 #include "detail/check.hpp"
 #include "detail/parallel.hpp"
@@ -53,8 +54,12 @@ ZPolicy z_policy_from_string(const std::string& s) {
   MEMBANK_THROW("z_policy = '{}': expected one of first_batch, ema, fixed", s);
 }
 
-void EngineConfig::validate(index_t n) const {
+void EngineConfig::validate(index_t n, index_t dim) const {
   MEMBANK_CHECK(k >= 1, "config.k = {}: expected K >= 1 noise draws per query", k);
+  if (dim >= 1)
+    require_memory(step_scratch_bytes(*this, 1, dim, k, omp_get_max_threads()),
+                   fmt::format("config.k = {}: one step's scratch for K = {} (D = {}, {} threads)", k, k, dim,
+                               omp_get_max_threads()));
   MEMBANK_CHECK(k <= (index_t{1} << 31), "config.k = {}: expected K <= 2^31", k);
   MEMBANK_CHECK(!exclude_positive || k < n,
                 "config.k = {} with exclude_positive: expected K < N = {} (K >= N leaves too few "
@@ -66,6 +71,19 @@ void EngineConfig::validate(index_t n) const {
   MEMBANK_CHECK(z_ema >= 0.0 && z_ema < 1.0, "config.z_ema = {}: expected 0 <= alpha < 1", z_ema);
   MEMBANK_CHECK(std::isfinite(unit_norm_tolerance) && unit_norm_tolerance > 0.0 && unit_norm_tolerance < 1.0,
                 "config.unit_norm_tolerance = {}: expected 0 < tolerance < 1", unit_norm_tolerance);
+}
+
+std::int64_t step_scratch_bytes(const EngineConfig& c, index_t batch, index_t dim, index_t k, int threads) {
+  // Per query: its QueryOut (32 bytes) and log P_n(y) (4); normalising: a B x D copy and B norms.
+  std::int64_t bytes = mul_sat(batch, 36);
+  if (c.normalize_features) bytes = add_sat(bytes, mul_sat(batch, add_sat(mul_sat(dim, 4), 8)));
+  if (c.objective == Objective::full_softmax) return bytes;  // full_softmax_loss checks its own
+  if (c.negatives == NegativesMode::per_sample)  // per thread: K ids (8) and log P_n (4)
+    return add_sat(bytes, mul_sat(threads, mul_sat(k, 12)));
+  // shared: K ids, log P_n, log K P_n (20 per negative), the K x D rows and the B x K scores
+  bytes = add_sat(bytes, mul_sat(k, 20));
+  bytes = add_sat(bytes, mul_sat(k, mul_sat(dim, 4)));
+  return add_sat(bytes, mul_sat(batch, mul_sat(k, 4)));
 }
 
 double Partition::z() const {
@@ -147,7 +165,7 @@ Engine::Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig co
                 bank_.size());
   MEMBANK_CHECK(sampler_->size() == bank_.size(), "sampler has N = {}: expected the bank's N = {}",
                 sampler_->size(), bank_.size());
-  config_.validate(bank_.size());
+  config_.validate(bank_.size(), bank_.dim());
   partition_.policy = config_.z_policy;
   if (config_.z_policy == ZPolicy::fixed) {
     partition_.initialised = true;
@@ -212,9 +230,14 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
-    std::vector<index_t> ids_buf(static_cast<std::size_t>(cx.k));
-    std::vector<float> log_pn_buf(static_cast<std::size_t>(cx.k));
-    std::vector<float> s_buf(static_cast<std::size_t>(cx.k));
+    std::vector<index_t> ids_buf;
+    std::vector<float> log_pn_buf;
+    std::vector<float> s_buf;
+    errors.run([&] {  // allocations inside the capture; a failed one skips the loop's runs
+      ids_buf.resize(static_cast<std::size_t>(cx.k));
+      log_pn_buf.resize(static_cast<std::size_t>(cx.k));
+      s_buf.resize(static_cast<std::size_t>(cx.k));
+    });
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
@@ -230,7 +253,7 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
       });
     }
   }
-  errors.rethrow();
+  errors.rethrow("the engine's Z estimate");
   Lse total;
   for (const auto& q : per_query) total.merge(q);
   return total.value() - std::log(static_cast<double>(batch) * static_cast<double>(cx.k));
@@ -255,8 +278,12 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
-    std::vector<index_t> ids_buf(static_cast<std::size_t>(cx.k));
-    std::vector<float> log_pn_buf(static_cast<std::size_t>(cx.k));
+    std::vector<index_t> ids_buf;
+    std::vector<float> log_pn_buf;
+    errors.run([&] {  // allocations inside the capture; a failed one skips the loop's runs
+      ids_buf.resize(static_cast<std::size_t>(cx.k));
+      log_pn_buf.resize(static_cast<std::size_t>(cx.k));
+    });
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
@@ -282,7 +309,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
       });
     }
   }
-  errors.rethrow();
+  errors.rethrow("the engine's per-sample kernel");
 }
 
 /// NCE or InfoNCE with one set of K negatives for the whole batch: gather once, two GEMMs.
@@ -334,7 +361,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
                   scores.data() + r0 * k, k);
     });
   }
-  errors.rethrow();
+  errors.rethrow("the engine's shared-negatives kernel");
 
   double log_z = cx.log_z;
   Eigen::ArrayXf shift_neg;  // log Z + log(K P_n(j)), per negative (NCE)
@@ -398,7 +425,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
                      in.g_stride);
     });
   }
-  errors.rethrow();
+  errors.rethrow("the engine's shared-negatives kernel");
   return log_z;
 }
 
@@ -457,24 +484,54 @@ void backprop_normalisation(const PreparedFeatures& p, GradRef grad) {
   }
 }
 
+/// The gradient buffer may overlap nothing the call reads or owns (aliasing contract, memory.hpp):
+/// itself, the features, the ids, the negatives, the bank's rows and last-update steps.
+void check_grad_alone(GradRef grad, FeaturesRef features, IdsRef ids, const NegativesRef* negatives,
+                      const Bank& bank) {
+  const MemoryRegion g = MemoryRegion::of_matrix(grad);
+  check_no_self_overlap(g, "grad");
+  check_no_overlap(g, "grad", MemoryRegion::of_matrix(features), "features");
+  check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
+  if (negatives) check_no_overlap(g, "grad", MemoryRegion::of_matrix(*negatives), "negatives");
+  bank.check_no_overlap(g, "grad");
+}
+
+/// The engine's copy of caller negatives (the kernels read them as a dense B x K matrix).
+RowMatrixi copy_negatives(NegativesRef negatives) {
+  require_memory(mul_sat(negatives.rows(), mul_sat(negatives.cols(), 8)),
+                 fmt::format("a copy of negatives ({} x {})", negatives.rows(), negatives.cols()));
+  return negatives;
+}
+
 }  // namespace
 
 StepStats Engine::step(FeaturesRef features, IdsRef ids, GradRef grad, bool update) {
-  return run(features, ids, nullptr, grad, update);
+  check_grad_alone(grad, features, ids, nullptr, bank_);
+  return detail::translate_bad_alloc("Engine::step", [&] { return run(features, ids, nullptr, grad, update); });
 }
 
 StepStats Engine::step_with_negatives(FeaturesRef features, IdsRef ids, NegativesRef negatives, GradRef grad,
                                       bool update) {
-  const RowMatrixi neg = negatives;
-  return run(features, ids, &neg, grad, update);
+  check_grad_alone(grad, features, ids, &negatives, bank_);
+  return detail::translate_bad_alloc("Engine::step_with_negatives", [&] {
+    const RowMatrixi neg = copy_negatives(negatives);
+    return run(features, ids, &neg, grad, update);
+  });
 }
 
 StepStats Engine::evaluate(FeaturesRef features, IdsRef ids, NegativesRef negatives, GradRef grad) const {
-  const RowMatrixi neg = negatives;
-  return compute(features, ids, &neg, grad).stats;
+  check_grad_alone(grad, features, ids, &negatives, bank_);
+  return detail::translate_bad_alloc("Engine::evaluate", [&] {
+    const RowMatrixi neg = copy_negatives(negatives);
+    return compute(features, ids, &neg, grad).stats;
+  });
 }
 
 RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
+  return detail::translate_bad_alloc("Engine::sample", [&] { return sample_impl(ids, step); });
+}
+
+RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step) const {
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
   check_ids(ids, bank_.size(), "ids");
   const auto batch = static_cast<index_t>(ids.size());
@@ -488,11 +545,14 @@ RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
                    std::span<index_t>(out.data(), static_cast<std::size_t>(k)), log_pn);
     return out;
   }
+  require_memory(add_sat(mul_sat(batch, mul_sat(k, 8)), mul_sat(omp_get_max_threads(), mul_sat(k, 4))),
+                 fmt::format("sample: B x K = {} x {} negatives", batch, k));
   RowMatrixi out(batch, k);
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
-    std::vector<float> log_pn(static_cast<std::size_t>(k));
+    std::vector<float> log_pn;
+    errors.run([&] { log_pn.resize(static_cast<std::size_t>(k)); });  // inside the capture
 #pragma omp for schedule(static)
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
@@ -504,15 +564,18 @@ RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
       });
     }
   }
-  errors.rethrow();
+  errors.rethrow("Engine::sample");
   return out;
 }
 
 void Engine::update(FeaturesRef features, IdsRef ids) {
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
   check_ids(ids, bank_.size(), "ids");
-  const PreparedFeatures p = prepare_features(features, static_cast<index_t>(ids.size()), bank_.dim(), config_);
-  bank_.momentum_update(ids, p.view(), config_.momentum, step_);
+  detail::translate_bad_alloc("Engine::update", [&] {
+    const PreparedFeatures p = prepare_features(features, static_cast<index_t>(ids.size()), bank_.dim(), config_);
+    // Features that are rows of the bank are copied by momentum_update before it writes.
+    bank_.momentum_update(ids, p.view(), config_.momentum, step_);
+  });
 }
 
 Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const {
@@ -523,6 +586,11 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
   MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
                 grad.rows(), grad.cols(), batch, dim);
   check_ids(ids, bank_.size(), "ids");
+  const index_t k_used =
+      negatives && config_.objective != Objective::full_softmax ? negatives->cols() : config_.k;
+  require_memory(step_scratch_bytes(config_, batch, dim, k_used, omp_get_max_threads()),
+                 fmt::format("a step of B = {} queries with K = {} negatives (D = {}, {} threads)", batch, k_used, dim,
+                             omp_get_max_threads()));
   const PreparedFeatures prepared = prepare_features(features, batch, dim, config_);
   if (config_.objective != Objective::full_softmax) {
     // A positive the sampler can never draw has no finite NCE / InfoNCE term.
@@ -627,7 +695,8 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
 StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad, bool update) {
   Computed result = compute(features, ids, negatives, grad);
   // ---- commit: the bank first (it may still throw, before writing), then Z and the counter.
-  // The rows are refreshed with the unit features the loss saw (the engine's copy if it normalised).
+  // The rows are refreshed with the unit features the loss saw (the engine's copy if it normalised);
+  // features that are rows of the bank itself are copied by momentum_update before it writes.
   if (update)
     bank_.momentum_update(ids, result.normalized.size() ? FeaturesRef(result.normalized) : features,
                           config_.momentum, step_);

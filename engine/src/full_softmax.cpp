@@ -1,5 +1,6 @@
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
+#include <membank/memory.hpp>
 
 #include "detail/check.hpp"
 #include "detail/parallel.hpp"
@@ -29,7 +30,20 @@ struct Partial {
 
 }  // namespace
 
+namespace {
+double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids, double tau, GradRef grad,
+                         double* mean_z, double* mean_p_positive, double unit_norm_tolerance);
+}  // namespace
+
 double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids, double tau, GradRef grad,
+                         double* mean_z, double* mean_p_positive, double unit_norm_tolerance) {
+  return detail::translate_bad_alloc("full_softmax_loss", [&] {
+    return full_softmax_impl(bank, features, ids, tau, grad, mean_z, mean_p_positive, unit_norm_tolerance);
+  });
+}
+
+namespace {
+double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids, double tau, GradRef grad,
                          double* mean_z, double* mean_p_positive, double unit_norm_tolerance) {
   MEMBANK_CHECK(std::isfinite(tau) && tau > 0.0, "tau = {}: expected a finite temperature > 0", tau);
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id (B >= 1)");
@@ -40,10 +54,24 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
   check_ids(ids, n, "ids");
   MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
                 grad.rows(), grad.cols(), batch, dim);
+  // grad is written while features, ids and the bank are read (aliasing contract, memory.hpp).
+  const MemoryRegion g = MemoryRegion::of_matrix(grad);
+  check_no_self_overlap(g, "grad");
+  check_no_overlap(g, "grad", MemoryRegion::of_matrix(features), "features");
+  check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
+  check_no_overlap(g, "grad", MemoryRegion::of_matrix(bank.matrix()), "the bank's rows");
 
   // Chunks depend only on N, never on the thread count: partials merge in chunk order.
   const index_t chunk = std::max(kMinChunk, (n + kMaxChunks - 1) / kMaxChunks);
   const index_t chunks = (n + chunk - 1) / chunk;
+  {
+    const int threads = omp_get_max_threads();
+    std::int64_t need = mul_sat(threads, mul_sat(batch, kTile * 4));                   // per-thread scores
+    need = add_sat(need, mul_sat(chunks, mul_sat(batch, add_sat(mul_sat(dim, 4), 16))));  // partials
+    need = add_sat(need, mul_sat(batch, mul_sat(dim, 4)));                              // features copy
+    require_memory(need, fmt::format("full_softmax_loss for B = {} queries (N = {}, D = {}, {} threads)", batch, n,
+                                     dim, threads));
+  }
   std::vector<Partial> partials(static_cast<std::size_t>(chunks));
   const float inv_tau = static_cast<float>(1.0 / tau);
   const RowMatrixf f = features;  // contiguous copy: the GEMM's left operand
@@ -72,7 +100,7 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
     }
   }
 
-  errors.rethrow();
+  errors.rethrow("full_softmax_loss");
 
   // Merge in chunk order; loss_i = log Z_i - s_iy / tau, dL/df_i = (sum_j P_j v_j - v_y) / (B tau).
   const double coef = 1.0 / (static_cast<double>(batch) * tau);
@@ -100,5 +128,6 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
   if (mean_p_positive) *mean_p_positive = p_total / static_cast<double>(batch);
   return loss / static_cast<double>(batch);
 }
+}  // namespace
 
 }  // namespace membank

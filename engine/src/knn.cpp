@@ -1,5 +1,6 @@
 #include <membank/error.hpp>
 #include <membank/knn.hpp>
+#include <membank/memory.hpp>
 
 #include "detail/check.hpp"
 #include "detail/parallel.hpp"
@@ -24,8 +25,19 @@ using Neighbour = std::pair<float, index_t>;
 
 }  // namespace
 
+namespace {
+KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, FeaturesRef queries,
+                   std::span<const int> query_labels, const KnnOptions& o);
+}  // namespace
+
 KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, FeaturesRef queries,
                        std::span<const int> query_labels, const KnnOptions& o) {
+  return detail::translate_bad_alloc("knn_evaluate", [&] { return knn_impl(bank, bank_labels, queries, query_labels, o); });
+}
+
+namespace {
+KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, FeaturesRef queries,
+                   std::span<const int> query_labels, const KnnOptions& o) {
   const index_t n = bank.rows, dim = bank.dim, q = queries.rows();
   MEMBANK_CHECK(static_cast<index_t>(bank_labels.size()) == n, "bank_labels has {} entries: expected N = {}",
                 bank_labels.size(), n);
@@ -46,6 +58,17 @@ KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, F
     MEMBANK_CHECK(query_labels[i] >= 0 && query_labels[i] < classes,
                   "query_labels[{}] = {}: expected a class id in [0, {})", i, query_labels[i], classes);
 
+  {
+    // Per thread: a block's scores, its queries, and 256 heaps of up to k (score, row) pairs; plus
+    // the per-query results. Checked before anything is allocated.
+    const int threads = omp_get_max_threads();
+    std::int64_t per_thread = kQueryBlock * kTile * 4;
+    per_thread = add_sat(per_thread, mul_sat(kQueryBlock, mul_sat(dim, 4)));
+    per_thread = add_sat(per_thread, mul_sat(kQueryBlock, mul_sat(o.k, 16)));
+    per_thread = add_sat(per_thread, mul_sat(classes, 12));
+    require_memory(add_sat(mul_sat(threads, per_thread), mul_sat(q, 7)),
+                   fmt::format("knn_evaluate with k = {} for Q = {} queries ({} threads)", o.k, q, threads));
+  }
   KnnResult r;
   r.predictions.assign(static_cast<std::size_t>(q), 0);
   std::vector<char> hit1(static_cast<std::size_t>(q)), hit5(static_cast<std::size_t>(q)),
@@ -129,7 +152,7 @@ KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, F
       });
     }
   }
-  errors.rethrow();
+  errors.rethrow("knn_evaluate");
   const auto mean = [&](const std::vector<char>& v) {
     return static_cast<double>(std::count(v.begin(), v.end(), 1)) / static_cast<double>(q);
   };
@@ -138,5 +161,6 @@ KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, F
   r.nn1 = mean(hitnn);
   return r;
 }
+}  // namespace
 
 }  // namespace membank

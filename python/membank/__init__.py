@@ -11,7 +11,10 @@ encoder; the engine owns the bank, the sampling and the loss.
 
 Arrays are taken and returned without copies. An array of the wrong dtype or layout is refused with
 TypeError / ValueError naming the fix (e.g. ``x.astype(np.float32)``) -- never converted silently.
-Engine errors raise ``membank.Error`` (a ValueError). The GIL is released during C++ work.
+Engine errors raise ``membank.Error`` (a ValueError); a request that does not fit in memory (or an
+allocation that fails) raises ``MemoryError`` with the bytes needed and available. Inputs may be rows
+of the bank itself (``engine.bank.view()``); an ``out=`` buffer that shares memory with an input or
+the bank is refused. The GIL is released during C++ work.
 
 ``membank.torch`` holds the PyTorch face (autograd Function, drop-in NCEAverage / NCECriterion).
 """
@@ -29,6 +32,7 @@ from ._membank import (  # noqa: F401
     import_bank,
     knn_evaluate,
     load_snapshot,
+    max_num_threads,
     read_snapshot_info,
     save_snapshot,
     set_num_threads,
@@ -38,6 +42,6 @@ from ._membank import (  # noqa: F401
 
 __all__ = [
     "AliasSampler", "Bank", "Engine", "Error", "KnnResult", "NoiseSampler", "StepStats", "UniformSampler",
-    "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot",
+    "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot", "max_num_threads",
     "read_snapshot_info", "save_snapshot", "set_num_threads", "time_steps", "verify_snapshot",
 ]

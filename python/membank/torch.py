@@ -40,7 +40,8 @@ from torch import nn
 
 from . import _membank
 
-__all__ = ["NCEFunction", "nce_loss", "MemoryBankLoss", "NCEAverage", "NCECriterion", "reference_nce_criterion"]
+__all__ = ["NCEFunction", "nce_loss", "MemoryBankLoss", "NCEAverage", "NCECriterion", "ReadOnlyBank",
+           "reference_nce_criterion"]
 
 
 def _features(x: torch.Tensor) -> np.ndarray:
@@ -118,12 +119,67 @@ def nce_loss(features, ids, engine, negatives=None, update=True, stats=None):
     return NCEFunction.apply(features, ids, engine, negatives, update, stats)
 
 
+_INPLACE_DUNDERS = frozenset({
+    "__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+    "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
+})
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    with torch._C.DisableTorchFunction():
+        return t.storage().data_ptr()
+
+
+class ReadOnlyBank(torch.Tensor):
+    """The engine's bank as a tensor that reads like any other and refuses every write.
+
+    The tensor shares the bank's memory (zero-copy, live: it shows later updates). Writing into it --
+    an in-place op (``add_``, ``copy_``, ``index_copy_``, ``x[i] = ...``, ``x += ...``), ``out=`` it,
+    or assigning ``.data`` -- raises membank.Error (a ValueError), as numpy does for the read-only
+    ``bank.view()``: only the engine's momentum update writes rows (it keeps them unit-norm). Views
+    (``t()``, indexing, ``detach()``, ``.data``) stay read-only and ``.numpy()`` is a read-only
+    array; results in new memory (``mm``, ``clone()``, ``index_select``) are plain tensors.
+    ``.storage()`` / ``data_ptr()`` give raw access and are not guarded.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inplace = (name.endswith("_") and not name.endswith("__") and name != "requires_grad_") or \
+            name in _INPLACE_DUNDERS
+        outs = kwargs.get("out")
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        if (inplace and args and isinstance(args[0], cls)) or any(isinstance(o, cls) for o in outs):
+            raise _membank.Error(
+                f"the bank tensor is read-only: {name} would write into the engine's bank (only its momentum "
+                "update writes rows, keeping them unit-norm); use .clone() for a writable copy")
+        protected = {_storage_ptr(a) for a in list(args) + list(kwargs.values()) if isinstance(a, cls)}
+        with torch._C.DisableTorchFunction():
+            ret = func(*args, **kwargs)
+        return _keep_read_only(ret, protected, cls)
+
+
+def _keep_read_only(ret, protected, cls):
+    """Results that share the bank's memory stay read-only; anything else is returned as it is."""
+    if isinstance(ret, torch.Tensor):
+        if not isinstance(ret, cls) and _storage_ptr(ret) in protected:
+            return ret.as_subclass(cls)
+        return ret
+    if isinstance(ret, np.ndarray) and protected:
+        ret.setflags(write=False)
+        return ret
+    if isinstance(ret, (tuple, list)):
+        return type(ret)(_keep_read_only(r, protected, cls) for r in ret)
+    return ret
+
+
 def _bank_tensor(engine) -> torch.Tensor:
-    """The engine's bank as a (N, D) float32 tensor, no copy, read-only by contract (writing to it
-    would break the unit-norm invariant: only the engine's momentum update writes rows)."""
+    """The engine's bank as a (N, D) float32 tensor, no copy, read-only (ReadOnlyBank): writing to it
+    would break the unit-norm invariant, only the engine's momentum update writes rows."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(engine.bank.view())
+        return torch.from_numpy(engine.bank.view()).as_subclass(ReadOnlyBank)
 
 
 class MemoryBankLoss(nn.Module):
@@ -164,7 +220,8 @@ class MemoryBankLoss(nn.Module):
 
     @property
     def memory(self) -> torch.Tensor:
-        """The bank as a (N, D) tensor (zero-copy, live: it shows every later update; do not write)."""
+        """The bank as a (N, D) tensor (zero-copy, live: it shows every later update). Read-only like
+        bank.view(): a write into it raises membank.Error (ReadOnlyBank); .clone() for a writable copy."""
         return _bank_tensor(self.engine)
 
     @property

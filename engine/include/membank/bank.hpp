@@ -8,6 +8,7 @@
 // Thread safety: const methods may run concurrently with each other; momentum_update must not
 // run concurrently with any other call on the same Bank. Methods parallelise internally with
 // OpenMP and give bit-identical results for any thread count.
+#include <membank/memory.hpp>
 #include <membank/types.hpp>
 
 #include <cstddef>
@@ -35,7 +36,9 @@ class Bank {
  public:
   /// N rows drawn uniformly on the unit sphere S^{D-1} (normalised Gaussians) from `seed`.
   /// Deterministic for a seed whatever the thread count. O(N D).
-  /// Throws Error if n < 1, dim < 1, or N x D overflows.
+  /// Throws Error if n < 1 or dim < 1; OutOfMemory, before allocating anything, when the storage
+  /// (N x stride floats + N last-update steps) exceeds what the process can allocate (memory.hpp),
+  /// and when the allocation fails.
   Bank(index_t n, index_t dim, std::uint64_t seed);
 
   /// A bank initialised from caller rows (N x D), each normalised to unit length.
@@ -77,8 +80,15 @@ class Bank {
   /// Records `step` in last_update() for every written row.
   /// Validates everything before writing: f is B x D with B = ids.size() >= 1, ids in [0, N),
   /// f finite with non-zero rows, 0 <= m <= 1; otherwise throws Error and changes nothing.
-  /// Cost O(B D + B log B).
+  /// f and ids may overlap the bank's own storage (f = rows of view()): they are copied before the
+  /// first write, so the result is that of disjoint inputs. Cost O(B D + B log B).
   void momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t step);
+
+  /// True when `r` shares a byte with the bank's storage (the row allocation, padding included, or
+  /// the last-update steps).
+  bool shares_memory_with(const MemoryRegion& r) const;
+  /// Throws Error when the output `out` (named `out_name`) overlaps the bank's storage.
+  void check_no_overlap(const MemoryRegion& out, const char* out_name) const;
 
   /// Overwrite every row's last-update step (used when restoring a snapshot). Length must be N.
   void set_last_update(std::vector<std::int64_t> steps);
@@ -86,6 +96,8 @@ class Bank {
  private:
   Bank() = default;
   void allocate(index_t n, index_t dim);
+  /// momentum_update after validation, on inputs that do not overlap the bank.
+  void update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step);
 
   float* data_ = nullptr;
   std::size_t bytes_ = 0;

@@ -33,7 +33,16 @@
 //
 // Thread safety: an Engine is not safe to call concurrently; const methods may run concurrently
 // with each other. Calls parallelise internally with OpenMP (the caller's thread setting applies).
+//
+// Aliasing (memory.hpp): features, ids and negatives may overlap each other and the bank's storage
+// (features = rows of bank().view() is fine: the refresh copies them before it writes). `grad` may
+// overlap nothing -- not itself, an input, nor the bank's rows or last-update steps: Error naming
+// both arguments, nothing changed.
+// Memory (memory.hpp): a step's scratch (step_scratch_bytes) is compared with what the process can
+// allocate before anything is allocated: OutOfMemory (an Error) with the bytes needed and available.
+// An allocation that fails anyway, inside OpenMP regions too, is OutOfMemory; the engine is unchanged.
 #include <membank/bank.hpp>
+#include <membank/memory.hpp>
 #include <membank/sampler.hpp>
 #include <membank/types.hpp>
 
@@ -74,8 +83,16 @@ struct EngineConfig {
 
   /// Throws Error naming the first field out of range, its value and the allowed range. `n` is the
   /// bank size (K >= N is refused with exclude_positive, as no K distinct... negatives remain).
-  void validate(index_t n) const;
+  /// With `dim` >= 1 it also checks that one step's scratch for K (step_scratch_bytes with B = 1 and
+  /// the current thread count) fits in memory, before the K <= 2^31 bound: OutOfMemory otherwise.
+  void validate(index_t n, index_t dim = 0) const;
 };
+
+/// Bytes of scratch one step allocates besides the caller's buffers, for B queries, K negatives,
+/// dimension D and `threads` OpenMP threads (saturating at INT64_MAX): per-sample negatives
+/// 12 K per thread; shared negatives 20 K + 4 K D + 4 B K; plus 36 B (and 4 B D + 8 B when
+/// normalising). The full softmax's own scratch is checked by full_softmax_loss.
+std::int64_t step_scratch_bytes(const EngineConfig& config, index_t batch, index_t dim, index_t k, int threads);
 
 /// Z state (kept in log space: exp(s/tau) overflows double long before log Z does).
 struct Partition {
@@ -107,7 +124,9 @@ class Engine {
   /// incremented and the caller may call update() itself.
   /// Throws Error (and changes nothing: bank, Z, counter) on: B = 0; features not B x D with
   /// B = ids.size(); grad not B x D; an id outside [0, N); NaN/Inf or zero-norm features; features
-  /// that are not unit-norm when normalize_features is false.
+  /// that are not unit-norm when normalize_features is false; grad sharing memory with itself,
+  /// features, ids or the bank. OutOfMemory when the step's scratch does not fit (see above).
+  /// Features that are rows of the bank (bank().view()) give the result of a copy of those rows.
   StepStats step(FeaturesRef features, IdsRef ids, GradRef grad, bool update = true);
 
   /// The same step with caller-supplied negatives: B x K for per-sample mode, 1 x K for shared mode
@@ -115,7 +134,7 @@ class Engine {
   /// With exclude_positive the caller's negatives are taken as draws from the same conditional P_n
   /// as the engine's own (so step_with_negatives(sample(ids, s)) reproduces step()). Also throws
   /// Error on negative ids out of range, or (with exclude_positive) a negative equal to its
-  /// positive (per-sample) or to any id of the batch (shared).
+  /// positive (per-sample) or to any id of the batch (shared), or grad sharing memory with negatives.
   StepStats step_with_negatives(FeaturesRef features, IdsRef ids, NegativesRef negatives,
                                 GradRef grad, bool update = true);
 
@@ -125,7 +144,8 @@ class Engine {
   StepStats evaluate(FeaturesRef features, IdsRef ids, NegativesRef negatives, GradRef grad) const;
 
   /// Momentum refresh of the rows of `ids` (the bank's momentum_update with config().momentum and
-  /// the step counter), normalising the features first if normalize_features is set.
+  /// the step counter), normalising the features first if normalize_features is set. Features may
+  /// be rows of the bank (copied before the write).
   void update(FeaturesRef features, IdsRef ids);
 
   /// The negatives step() would draw at step counter `step` for these ids: B x K (per-sample) or
@@ -150,6 +170,7 @@ class Engine {
   };
   /// Validate, then compute loss and gradient; changes nothing in the engine.
   Computed compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const;
+  RowMatrixi sample_impl(IdsRef ids, std::int64_t step) const;
   /// compute(), then commit Z, the bank rows (if update) and the counter.
   StepStats run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
                 bool update);
@@ -167,6 +188,9 @@ class Engine {
 /// mean_i Z_i and mean_i P(y_i|f_i) when non-null. Features must be B x D unit rows (validated,
 /// |‖f‖ - 1| <= unit_norm_tolerance).
 /// Bit-identical for any thread count (the bank is cut into blocks that do not depend on it).
+/// Features and ids may overlap the bank; grad may overlap nothing (itself, features, ids, the bank's
+/// rows): Error naming both. Its scratch (threads x B x 1024 + chunks x B x (D + 4) floats) is
+/// checked against available memory first (OutOfMemory).
 double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids, double tau,
                          GradRef grad, double* mean_z = nullptr, double* mean_p_positive = nullptr,
                          double unit_norm_tolerance = 1e-3);

@@ -16,6 +16,14 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+/// Not enough memory: a request refused before allocating (the message says how much was needed
+/// and how much is available), or an allocation that failed (std::bad_alloc, inside OpenMP regions
+/// too). Python: MemoryError. The engine is left as it was.
+class OutOfMemory : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 /// Throw Error("membank: <msg> (in <func>)"). The library's own checks (MEMBANK_CHECK, a private
 /// header of the library) and the programs built with it raise their errors through this one function.
