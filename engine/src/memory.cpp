@@ -11,6 +11,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include "detail/check.hpp"
 
 namespace membank {
 
