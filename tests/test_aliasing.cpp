@@ -214,9 +214,9 @@ TEST_CASE("a gradient buffer overlapping features, ids, negatives, itself or the
     Map g_last(reinterpret_cast<float*>(const_cast<std::int64_t*>(eng.bank().last_update().data())), b, d,
                Eigen::OuterStride<>(d));
     expect_refused(eng, [&] { eng.step(f, ids, g_last); }, "grad", "last-update");
-    // grad whose rows overlap each other (outer stride 0)
-    RowMatrixf one(1, d);
-    Map g_self(one.data(), b, d, Eigen::OuterStride<>(0));
+    // grad whose rows overlap each other (outer stride 1 < D; Eigen reads a stride of 0 as D)
+    RowMatrixf one(1, 2 * d);
+    Map g_self(one.data(), b, d, Eigen::OuterStride<>(1));
     const std::string msg = message_of([&] { eng.step(f, ids, g_self); });
     CHECK(msg.find("grad has rows that share memory") != std::string::npos);
     // full_softmax_loss, the free function

@@ -27,6 +27,12 @@
 #include <string>
 #include <vector>
 
+// GCC sees the malloc inside this operator new and the free inside this operator delete, and
+// reports every new / delete pair of the file as mismatched: they are the same pair.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
 namespace {
 std::atomic<bool> g_fail_in_parallel{false};
 std::atomic<long> g_injected{0};
