@@ -17,6 +17,14 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+/// A request the machine cannot serve: not enough memory or disk for it (checked before the work
+/// starts). An Error like any other; callers that care (the command line's exit status 3) catch it
+/// apart.
+class ResourceError : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 [[noreturn]] void throw_error(const char* func, const std::string& msg);
 }  // namespace detail
