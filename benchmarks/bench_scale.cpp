@@ -576,6 +576,7 @@ void run_bench_scale(ScaleOptions o, const CLI::App& cmd) {
     return;
   }
   if (o.quick) apply_quick(o, cmd);
+  if (!o.out.empty()) require_output_space("--out", o.out, 1e6);  // JSON lines: well under 1 MB
   const int procs = omp_get_num_procs();
   const int max_threads = omp_get_max_threads();
   if (o.threads.empty()) {

@@ -37,7 +37,7 @@ namespace membank::tools {
 /// Exit status of `membank` (listed in `membank --help` and README).
 enum ExitCode : int {
   kExitOk = 0,             ///< success
-  kExitProblem = 1,        ///< the command ran and found a problem (unsound file, failed self-check), or an internal error
+  kExitProblem = 1,        ///< the command found a problem (unsound file, failed self-check), or an internal error
   kExitUsage = 2,          ///< invalid command line or input: unknown option, bad value, unusable path, invalid file
   kExitResources = 3,      ///< out of memory or disk: an allocation failed, not enough space for an output
   kExitInterrupted = 130,  ///< interrupted (SIGINT)
@@ -108,7 +108,8 @@ inline CLI::Validator integer_in(long long lo, long long hi = LLONG_MAX) {
         bool overflow = false;
         const auto v = options_detail::parse_integer<long long>(s, &overflow);
         if (v && *v >= lo && *v <= hi) return {};
-        return fmt::format("expected {}, got {}{}", expect, options_detail::quoted(s), overflow ? " (out of range)" : "");
+        return fmt::format("expected {}, got {}{}", expect, options_detail::quoted(s),
+                           overflow ? " (out of range)" : "");
       },
       hi == LLONG_MAX ? fmt::format("INT >= {}", lo) : fmt::format("INT in [{}, {}]", lo, hi));
 }
@@ -188,7 +189,7 @@ inline CLI::Validator list_of(CLI::Validator item, const std::string& what) {
           start = comma + 1;
         }
       },
-      "LIST");
+      "");
 }
 
 /// Adds a comma-separated list option whose items each pass `item` (what: the items, for messages,
@@ -216,7 +217,7 @@ CLI::Option* add_list_option(CLI::App& app, const std::string& name, std::vector
         }
       },
       help);
-  opt->check(list_of(std::move(item), what));
+  opt->check(list_of(std::move(item), what))->type_name("LIST");
   if (!shown.empty()) opt->default_str(shown);
   return opt;
 }
@@ -230,7 +231,8 @@ inline CLI::Validator input_file() {
         std::error_code ec;
         if (s.empty()) return "expected a file name, got \"\"";
         if (!std::filesystem::exists(s, ec)) return fmt::format("no such file {}", options_detail::quoted(s));
-        if (std::filesystem::is_directory(s, ec)) return fmt::format("{} is a directory: expected a file", options_detail::quoted(s));
+        if (std::filesystem::is_directory(s, ec))
+          return fmt::format("{} is a directory: expected a file", options_detail::quoted(s));
         if (::access(s.c_str(), R_OK) != 0) return fmt::format("{} is not readable", options_detail::quoted(s));
         return {};
       },
@@ -259,7 +261,8 @@ inline std::string output_path_problem(const std::string& path) {
   std::error_code ec;
   const fs::path p = fs::absolute(path, ec);
   if (ec) return fmt::format("{}: {}", options_detail::quoted(path), ec.message());
-  if (fs::is_directory(p, ec)) return fmt::format("{} is a directory: expected a file name", options_detail::quoted(path));
+  if (fs::is_directory(p, ec))
+    return fmt::format("{} is a directory: expected a file name", options_detail::quoted(path));
   const fs::path dir = p.parent_path();
   if (!fs::is_directory(dir, ec))
     return fmt::format("cannot write {}: directory {} does not exist", options_detail::quoted(path), dir.string());
@@ -294,7 +297,8 @@ inline void require_output_space(const std::string& option, const std::string& p
                                       avail * 1e-6, dir.string(), bytes * 1e-6));
   }
   struct rlimit rl {};
-  if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && static_cast<double>(rl.rlim_cur) < bytes)
+  if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+      static_cast<double>(rl.rlim_cur) < bytes)
     throw ResourceError(fmt::format("{}: cannot write {}: the file-size limit (ulimit -f) is {} bytes, about {:.0f} "
                                     "needed", option, path, static_cast<unsigned long long>(rl.rlim_cur), bytes));
 }

@@ -553,7 +553,8 @@ std::string temp_name(const std::string& dest_name) {
 }
 
 bool is_hex8(const std::string& s) {
-  return s.size() == 8 && std::all_of(s.begin(), s.end(), [](char c) { return std::isxdigit(static_cast<unsigned char>(c)); });
+  return s.size() == 8 &&
+         std::all_of(s.begin(), s.end(), [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; });
 }
 
 void remove_stale_temporaries(const std::filesystem::path& dir) {
@@ -636,7 +637,8 @@ std::vector<std::string> verify_snapshot(const std::string& path) {
 std::uint64_t snapshot_size_estimate(index_t n, index_t dim) {
   MEMBANK_CHECK(n >= 1 && dim >= 1, "n = {}, dim = {}: expected n, dim >= 1", n, dim);
   // the bank, last_update + sampler weights + labels (8 bytes each a row), 1 MiB of metadata slack
-  const auto bank = static_cast<std::uint64_t>(mul_no_overflow(mul_no_overflow(n, dim, "snapshot size"), 4, "snapshot size"));
+  const auto bank =
+      static_cast<std::uint64_t>(mul_no_overflow(mul_no_overflow(n, dim, "snapshot size"), 4, "snapshot size"));
   return bank + 24 * static_cast<std::uint64_t>(n) + (std::uint64_t{1} << 20);
 }
 
@@ -703,56 +705,56 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
     H5_CHECK(f.get(), "{}: cannot create the temporary file {}", path, tmp.string());
     const hid_t root = f.get();
     try {
-    const EngineConfig& c = engine.config();
-    write_attr(root, "format", std::string(kFormat));
-    write_attr(root, "format_version", std::int64_t{kFormatVersion});
-    write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
-    write_attr(root, "n", n);
-    write_attr(root, "dim", dim);
-    write_attr(root, "step", engine.steps_done());
-    write_attr_u(root, "seed", c.seed);
-    write_attr(root, "k", c.k);
-    write_attr(root, "tau", c.tau);
-    write_attr(root, "momentum", c.momentum);
-    write_attr(root, "objective", to_string(c.objective));
-    write_attr(root, "negatives", to_string(c.negatives));
-    write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
-    write_attr(root, "z_policy", to_string(c.z_policy));
-    write_attr(root, "z_fixed", c.z_fixed);
-    write_attr(root, "z_ema", c.z_ema);
-    write_attr(root, "z_initialised", std::int64_t{engine.partition().initialised});
-    write_attr(root, "log_z", engine.partition().log_z);
-    write_attr(root, "sampler", to_string(engine.sampler().kind()));
-    write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
-    write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
+      const EngineConfig& c = engine.config();
+      write_attr(root, "format", std::string(kFormat));
+      write_attr(root, "format_version", std::int64_t{kFormatVersion});
+      write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
+      write_attr(root, "n", n);
+      write_attr(root, "dim", dim);
+      write_attr(root, "step", engine.steps_done());
+      write_attr_u(root, "seed", c.seed);
+      write_attr(root, "k", c.k);
+      write_attr(root, "tau", c.tau);
+      write_attr(root, "momentum", c.momentum);
+      write_attr(root, "objective", to_string(c.objective));
+      write_attr(root, "negatives", to_string(c.negatives));
+      write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
+      write_attr(root, "z_policy", to_string(c.z_policy));
+      write_attr(root, "z_fixed", c.z_fixed);
+      write_attr(root, "z_ema", c.z_ema);
+      write_attr(root, "z_initialised", std::int64_t{engine.partition().initialised});
+      write_attr(root, "log_z", engine.partition().log_z);
+      write_attr(root, "sampler", to_string(engine.sampler().kind()));
+      write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
+      write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
 
-    const index_t chunk = rows_per_chunk(dim, n);
-    {
-      Handle ds = create_dataset(root, "bank", H5T_IEEE_F32LE, n, dim, chunk, options.deflate_level);
-      if (options.deflate_level == 0) {
-        write_bank_direct(ds.get(), bank, chunk, path);
-      } else {
-      // Whole chunks at a time, straight from the bank's rows (a memory hyperslab skips the padding).
-      const index_t block = chunk * std::max<index_t>(1, 64 / std::max<index_t>(1, chunk * dim * 4 >> 20));
-      for (index_t r0 = 0; r0 < n; r0 += block) {
-        const index_t rows = std::min(block, n - r0);
-        const RowSelection sel = select_rows(ds.get(), r0, rows, dim, bank.stride());
-        H5_CHECK(H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, sel.memory.get(), sel.file.get(), H5P_DEFAULT, bank.row(r0)),
-                 "{}: cannot write bank rows {}..{}", path, r0, r0 + rows);
+      const index_t chunk = rows_per_chunk(dim, n);
+      {
+        Handle ds = create_dataset(root, "bank", H5T_IEEE_F32LE, n, dim, chunk, options.deflate_level);
+        if (options.deflate_level == 0) {
+          write_bank_direct(ds.get(), bank, chunk, path);
+        } else {
+        // Whole chunks at a time, straight from the bank's rows (a memory hyperslab skips the padding).
+        const index_t block = chunk * std::max<index_t>(1, 64 / std::max<index_t>(1, chunk * dim * 4 >> 20));
+        for (index_t r0 = 0; r0 < n; r0 += block) {
+          const index_t rows = std::min(block, n - r0);
+          const RowSelection sel = select_rows(ds.get(), r0, rows, dim, bank.stride());
+          H5_CHECK(H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, sel.memory.get(), sel.file.get(), H5P_DEFAULT, bank.row(r0)),
+                   "{}: cannot write bank rows {}..{}", path, r0, r0 + rows);
+        }
+        }
       }
-      }
-    }
-    const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
-    const auto write_vector = [&](const char* name, hid_t ftype, hid_t mtype, const void* data) {
-      Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, options.deflate_level);
-      write_rows(ds.get(), mtype, 0, n, 0, data);
-    };
-    write_vector("last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data());
-    if (engine.sampler().kind() == SamplerKind::alias)
-      write_vector("sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
-                   dynamic_cast<const AliasSampler&>(engine.sampler()).weights().data());
-    if (!labels.empty()) write_vector("labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data());
-    H5_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL), "{}: cannot flush {}", path, tmp.string());
+      const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
+      const auto write_vector = [&](const char* name, hid_t ftype, hid_t mtype, const void* data) {
+        Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, options.deflate_level);
+        write_rows(ds.get(), mtype, 0, n, 0, data);
+      };
+      write_vector("last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data());
+      if (engine.sampler().kind() == SamplerKind::alias)
+        write_vector("sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
+                     dynamic_cast<const AliasSampler&>(engine.sampler()).weights().data());
+      if (!labels.empty()) write_vector("labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data());
+      H5_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL), "{}: cannot flush {}", path, tmp.string());
     } catch (...) {
       close_failed_file(f.release());
       throw;
