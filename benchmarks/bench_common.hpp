@@ -10,6 +10,7 @@
 
 #include "check.hpp"
 #include "kernels/kernels.hpp"
+#include "options.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -78,6 +79,7 @@ struct StepSetup {
   SamplerKind sampler = SamplerKind::uniform;  ///< alias: over weights drawn uniformly in [0.5, 2)
   Objective objective = Objective::nce;
   std::uint64_t seed = 1;
+  bool inject_check_failure = false;  ///< test hook: the self-check's reference is perturbed, so it fails
 };
 
 /// An engine built for one StepSetup, with its inputs, timed step by step. Owns the bank: keep one
@@ -117,7 +119,7 @@ class StepBench {
   }
 
   /// Check, then time: the first step must agree bit for bit with the same step given its own draws
-  /// (throws Error otherwise); one warm-up step; then `steps` timed steps (ms each, each on fresh
+  /// (throws ProblemFound otherwise: a correctness error, exit status 1); one warm-up step; then `steps` timed steps (ms each, each on fresh
   /// inputs, bank refreshed as in training).
   std::vector<double> time_steps(int steps) {
     MEMBANK_CHECK(steps >= 1 && static_cast<std::size_t>(steps) + 2 <= ids_.size(),
@@ -126,10 +128,11 @@ class StepBench {
       const RowMatrixi drawn = engine_->sample(ids_[0], engine_->steps_done());
       RowMatrixf g2(s_.batch, s_.dim);
       const StepStats ref = engine_->evaluate(feats_[0], ids_[0], drawn, g2);
+      if (s_.inject_check_failure) g2(0, 0) += 1.0f;
       const StepStats got = engine_->step(feats_[0], ids_[0], grad_, true);
-      MEMBANK_CHECK(got.loss == ref.loss && grad_ == g2,
-                    "self-check failed: step loss {} vs the same step with its drawn negatives {}", got.loss,
-                    ref.loss);
+      if (!(got.loss == ref.loss && grad_ == g2))
+        throw ProblemFound(fmt::format("self-check failed: step loss {} vs {} for the same step given its drawn "
+                                       "negatives{}", got.loss, ref.loss, grad_ == g2 ? "" : " (gradients differ)"));
     } else {
       engine_->step(feats_[0], ids_[0], grad_, true);
     }

@@ -2,6 +2,7 @@
 // against the machine's matrix-product rate, measured in the same run on GEMMs of the same total
 // size (2 Q N D flops, in 1024 x D x 4096 blocks, one per thread at a time).
 #include "commands.hpp"
+#include "options.hpp"
 #include "machine_info.hpp"
 
 #include <membank/isa.hpp>
@@ -31,7 +32,7 @@ double now_s() {
 }
 
 void run_bench_knn(const KnnBenchOptions& o) {
-  if (o.threads > 0) omp_set_num_threads(o.threads);
+  apply_threads(o.threads);
   const Bank bank(o.n, o.dim, 1);
   const Bank queries_bank(o.q, o.dim, 2);
   const RowMatrixf queries = queries_bank.to_matrix();
@@ -87,11 +88,11 @@ void run_bench_knn(const KnnBenchOptions& o) {
 void add_bench_knn(CLI::App& bench) {
   auto o = std::make_shared<KnnBenchOptions>();
   auto* cmd = bench.add_subcommand("knn", "Weighted-kNN evaluation time against plain GEMM of the same size, same run");
-  cmd->add_option("--n", o->n, "bank rows")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--queries", o->q, "queries")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--dim", o->dim, "dimension")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--k", o->k, "neighbours")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str();
+  cmd->add_option("--n", o->n, "bank rows")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--queries", o->q, "queries")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--dim", o->dim, "dimension")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--k", o->k, "neighbours")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str()->check(thread_count());
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->callback([o] { run_bench_knn(*o); });
 }

@@ -13,6 +13,7 @@
 // and per summary ("crossover", "threads"); or a text table. Plots: benchmarks/plot_scale.py.
 #include "bench_common.hpp"
 #include "commands.hpp"
+#include "options.hpp"
 #include "machine_info.hpp"
 
 #include <membank/engine.hpp>
@@ -25,6 +26,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -64,6 +66,7 @@ struct ScaleOptions {
   bool json = false;
   bool plot = false;
   bool interleave = false;
+  bool inject_check_failure = false;
   std::string out;
   std::string summarize;
 };
@@ -288,7 +291,7 @@ nlohmann::json machine_fields() {
 /// Runs one configuration; returns its JSON row (record "config").
 nlohmann::json run_config(const Config& c, const ScaleOptions& o, const std::map<int, double>& ceiling,
                           double ceiling_all, const Progress& progress, std::size_t done) {
-  omp_set_num_threads(c.threads);
+  membank::set_num_threads(c.threads);
   const bool full = c.objective == Objective::full_softmax;
   const int reps = full && c.n > 300'000 ? o.full_repeats : o.repeats;
   StepSetup s;
@@ -300,6 +303,7 @@ nlohmann::json run_config(const Config& c, const ScaleOptions& o, const std::map
   s.sampler = c.sampler;
   s.objective = c.objective;
   s.seed = o.seed;
+  s.inject_check_failure = o.inject_check_failure;
 
   const double bank_bytes = static_cast<double>(c.n) * static_cast<double>(c.dim) * 4.0;
   progress.show(done, label(c) + (bank_bytes > 1e9 ? fmt::format(" (building {:.1f} GB bank)", bank_bytes * 1e-9) : ""));
@@ -572,6 +576,7 @@ void run_bench_scale(ScaleOptions o, const CLI::App& cmd) {
     return;
   }
   if (o.quick) apply_quick(o, cmd);
+  if (!o.out.empty()) require_output_space("--out", o.out, 1e6);  // JSON lines: well under 1 MB
   const int procs = omp_get_num_procs();
   const int max_threads = omp_get_max_threads();
   if (o.threads.empty()) {
@@ -601,7 +606,7 @@ void run_bench_scale(ScaleOptions o, const CLI::App& cmd) {
     for (std::size_t i = 0; i < floats; ++i) buf[i] = 1e-6f;  // first touch by the threads that read it
     for (int t : thread_counts) {
       progress.show(0, fmt::format("memory-bandwidth ceiling, {} threads", t));
-      omp_set_num_threads(t);
+      membank::set_num_threads(t);
       ceiling[t] = stream_read_gb_per_s(buf);
       sink.row({{"bench", "scale"}, {"record", "stream"}, {"threads", t}, {"buffer_mb", floats * 4e-6},
                 {"stream_gb_per_s", ceiling[t]}},
@@ -630,10 +635,10 @@ void run_bench_scale(ScaleOptions o, const CLI::App& cmd) {
         if (!o.json) progress.finish();
         sink.row(rows.back(), text_row(rows.back()));
         continue;
-      } catch (const std::bad_alloc&) {
+      } catch (const std::bad_alloc&) {  // only what the machine lacks is skipped; any other error ends the run
         why = "allocation failed (std::bad_alloc)";
-      } catch (const Error& e) {
-        why = e.what();
+      } catch (const ResourceError& e) {
+        why = user_message(e.what());
       }
     }
     progress.note(fmt::format("skipped {}: {}", label(c), why));
@@ -663,52 +668,44 @@ void add_bench_scale(CLI::App& bench) {
       "against N x D x 4 bytes, alias-table build time; the N at which NCE becomes cheaper than the exact softmax. "
       "Series mode (default) varies one axis at a time around the base point; --grid runs the cartesian product. "
       "A configuration that does not fit in MemAvailable is skipped with a message.");
-  cmd->add_option("--n", o->ns, "N values of the N series (comma-separated)")->delimiter(',')->capture_default_str();
-  cmd->add_option("--far-n", o->far_ns, "N values beyond the N series, run at --far-dim (NCE per-sample, uniform)")
-      ->delimiter(',')
-      ->capture_default_str();
-  cmd->add_option("--far-dim", o->far_dim, "D of the far series")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--k", o->ks, "K values of the K series")->delimiter(',')->capture_default_str();
-  cmd->add_option("--batch", o->batches, "B values of the batch series")->delimiter(',')->capture_default_str();
-  cmd->add_option("--dim", o->dims, "D values of the dim series")->delimiter(',')->capture_default_str();
-  cmd->add_option("--threads", o->threads,
+  const std::string sizes = "integers >= 1";
+  add_list_option(*cmd, "--n", o->ns, integer_in(1), sizes, "N values of the N series (comma-separated)");
+  add_list_option(*cmd, "--far-n", o->far_ns, integer_in(1), sizes,
+                  "N values beyond the N series, run at --far-dim (NCE per-sample, uniform)");
+  cmd->add_option("--far-dim", o->far_dim, "D of the far series")->capture_default_str()->check(integer_in(1));
+  add_list_option(*cmd, "--k", o->ks, integer_in(1), sizes, "K values of the K series");
+  add_list_option(*cmd, "--batch", o->batches, integer_in(1), sizes, "B values of the batch series");
+  add_list_option(*cmd, "--dim", o->dims, integer_in(1), sizes, "D values of the dim series");
+  add_list_option(*cmd, "--threads", o->threads, thread_count(false), "thread counts",
                   "thread counts of the threads series, e.g. 1,2,4,8,16 (default: powers of two below the processor "
-                  "count, and the processor count; other series use the OpenMP default)")
-      ->delimiter(',');
-  cmd->add_option("--negatives", o->negatives, "negatives modes: per-sample, shared")
-      ->delimiter(',')
-      ->capture_default_str()
-      ->check(CLI::IsMember({"per-sample", "shared"}));
-  cmd->add_option("--sampler", o->samplers, "samplers: uniform, alias (over random weights in [0.5, 2))")
-      ->delimiter(',')
-      ->capture_default_str()
-      ->check(CLI::IsMember({"uniform", "alias"}));
-  cmd->add_option("--objective", o->objectives, "objectives: nce, infonce, full (exact softmax over the bank)")
-      ->delimiter(',')
-      ->capture_default_str()
-      ->check(CLI::IsMember({"nce", "infonce", "full"}));
-  cmd->add_option("--series", o->series, "series to run, in order: n, far, k, batch, dim, threads")
-      ->delimiter(',')
-      ->capture_default_str()
-      ->check(CLI::IsMember({"n", "far", "k", "batch", "dim", "threads"}));
+                  "count, and the processor count; other series use the OpenMP default)");
+  add_list_option(*cmd, "--negatives", o->negatives, one_of({"per-sample", "shared"}), "names",
+                  "negatives modes: per-sample, shared");
+  add_list_option(*cmd, "--sampler", o->samplers, one_of({"uniform", "alias"}), "names",
+                  "samplers: uniform, alias (over random weights in [0.5, 2))");
+  add_list_option(*cmd, "--objective", o->objectives, one_of({"nce", "infonce", "full"}), "names",
+                  "objectives: nce, infonce, full (exact softmax over the bank)");
+  add_list_option(*cmd, "--series", o->series, one_of({"n", "far", "k", "batch", "dim", "threads"}), "names",
+                  "series to run, in order: n, far, k, batch, dim, threads");
   cmd->add_option("--base-n", o->base_n, "N of the K, batch, dim and threads series")->capture_default_str()->check(
-      CLI::PositiveNumber);
-  cmd->add_option("--base-k", o->base_k, "K elsewhere")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--base-batch", o->base_batch, "B elsewhere")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--base-dim", o->base_dim, "D elsewhere")->capture_default_str()->check(CLI::PositiveNumber);
+      integer_in(1));
+  cmd->add_option("--base-k", o->base_k, "K elsewhere")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--base-batch", o->base_batch, "B elsewhere")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--base-dim", o->base_dim, "D elsewhere")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--full-max-n", o->full_max_n,
                   "largest N at which the full softmax runs (it costs O(B N D) a step; beyond, its linear fit)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(integer_in(0));
   cmd->add_option("--repeats", o->repeats, "timed steps (and floor passes) per configuration")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(integer_in(1, INT_MAX));
   cmd->add_option("--full-repeats", o->full_repeats, "timed steps of the full softmax above N = 300,000")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(integer_in(1, INT_MAX));
   cmd->add_option("--stream-mb", o->stream_mb, "size of the streaming-read buffer of the bandwidth ceiling (MB)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--seed", o->seed, "seed of banks, inputs and negatives")->capture_default_str();
+      ->check(positive_number());
+  cmd->add_option("--seed", o->seed, "seed of banks, inputs and negatives")->capture_default_str()->check(seed_value());
   cmd->add_flag("--grid", o->grid, "cartesian product of --n, --dim, --k, --batch, --threads and the modes");
   cmd->add_flag("--interleave", o->interleave,
                 "NCE: alternate timed steps and floor passes (step, floor, step ...) instead of all steps then all "
@@ -716,9 +713,13 @@ void add_bench_scale(CLI::App& bench) {
   cmd->add_flag("--quick", o->quick,
                 "small sizes, few repeats: finishes in seconds (the CI smoke test); explicit options still apply");
   cmd->add_flag("--json", o->json, "print JSON lines instead of a table");
-  cmd->add_option("--out", o->out, "also write the JSON lines to this file (flushed after each configuration)");
+  // Test hook (not in --help): makes the first configuration's self-check fail, as a wrong step would.
+  cmd->add_flag("--inject-self-check-failure", o->inject_check_failure, "")->group("");
+  cmd->add_option("--out", o->out, "also write the JSON lines to this file (flushed after each configuration)")
+      ->check(output_file());
   cmd->add_option("--summarize", o->summarize,
-                  "run nothing: print the crossover and thread summaries of an earlier sweep's JSON lines");
+                  "run nothing: print the crossover and thread summaries of an earlier sweep's JSON lines")
+      ->check(input_file());
   cmd->add_flag("--plot", o->plot, "after the run, draw the PNG charts beside --out (/usr/bin/python3, matplotlib)");
   cmd->callback([o, cmd] { run_bench_scale(*o, *cmd); });
 }

@@ -2,6 +2,7 @@
 // the same bytes on the same disk, in the same run, with peak resident memory of each phase.
 #include "bench_common.hpp"
 #include "commands.hpp"
+#include "options.hpp"
 #include "machine_info.hpp"
 
 #include <membank/error.hpp>
@@ -68,14 +69,11 @@ void read_all(const std::string& path, char* data, std::size_t bytes) {
 
 void run_bench_snapshot(const SnapOptions& o) {
   namespace fs = std::filesystem;
-  MEMBANK_CHECK(fs::is_directory(o.dir), "--dir {}: not a directory", o.dir);
   const std::string snap = (fs::path(o.dir) / "membank-bench-snapshot.h5").string();
   const std::string raw = (fs::path(o.dir) / "membank-bench-plain.bin").string();
   const double bank_bytes = static_cast<double>(o.n) * static_cast<double>(o.dim) * 4.0;
-  const auto space = fs::space(o.dir);
-  MEMBANK_CHECK(static_cast<double>(space.available) > 2.2 * bank_bytes,
-                "--dir {}: {:.1f} GB free, the benchmark writes two files of {:.1f} GB", o.dir, space.available * 1e-9,
-                bank_bytes * 1e-9);
+  // Before the bank is built: room for both files (the snapshot and the plain copy) on --dir's disk.
+  require_output_space("--dir", snap, static_cast<double>(snapshot_size_estimate(o.n, o.dim)) + bank_bytes);
   const auto say = [&](const std::string& s) {
     if (!o.json) fmt::print(stderr, "{}\n", s);
   };
@@ -163,11 +161,12 @@ void add_bench_snapshot(CLI::App& bench) {
       "Save and load a large bank as an HDF5 snapshot, against plain sequential write (with fsync) and read of the "
       "same bytes on the same disk in the same run; reports the rate ratios and peak resident memory over the bank "
       "size. Needs about 2.2 x N x D x 4 bytes free in --dir.");
-  cmd->add_option("--n", o->n, "bank rows N")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--dim", o->dim, "dimension D (a multiple of 16)")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--dir", o->dir, "directory for the two files (same disk for both)")->capture_default_str();
+  cmd->add_option("--n", o->n, "bank rows N")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--dim", o->dim, "dimension D (a multiple of 16)")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--dir", o->dir, "directory for the two files (same disk for both)")->capture_default_str()->check(
+      existing_directory(true));
   cmd->add_option("--deflate", o->deflate, "0: no compression; 1..9: shuffle + deflate")->capture_default_str()->check(
-      CLI::Range(0, 9));
+      integer_in(0, 9));
   cmd->add_flag("--keep", o->keep, "keep the files afterwards");
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->callback([o] { run_bench_snapshot(*o); });

@@ -3,6 +3,7 @@
 // same B x (K + 1) random bank rows and taking one dot product with each -- measured in the same run.
 #include "bench_common.hpp"
 #include "commands.hpp"
+#include "options.hpp"
 #include "machine_info.hpp"
 
 #include <membank/engine.hpp>
@@ -14,6 +15,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <vector>
 
@@ -89,7 +91,7 @@ double run_one(const StepOptions& o) {
 }
 
 void run_bench_step(StepOptions o) {
-  if (o.threads > 0) omp_set_num_threads(o.threads);
+  apply_threads(o.threads);
   if (o.negatives != "both") {
     run_one(o);
     return;
@@ -109,25 +111,25 @@ void add_bench_step(CLI::App& bench) {
       "step",
       "Median time of one whole NCE training step (sample, score, loss, gradient, update) and floor_ms, the "
       "time of reading the same B x (K+1) random bank rows with one dot product each, measured in the same run.");
-  cmd->add_option("--n", o->n, "bank size N (instances)")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--dim", o->dim, "embedding dimension D")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--k", o->k, "noise draws per query K")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--batch", o->batch, "queries per step B")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--threads", o->threads, "OpenMP threads (0: the OpenMP default)")->capture_default_str();
+  cmd->add_option("--n", o->n, "bank size N (instances)")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--dim", o->dim, "embedding dimension D")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--k", o->k, "noise draws per query K")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--batch", o->batch, "queries per step B")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--threads", o->threads, "OpenMP threads (0: the OpenMP default)")->capture_default_str()->check(thread_count());
   cmd->add_option("--negatives", o->negatives,
                   "per-sample (each query its own K), shared (one K per step), or both (one after the other "
                   "in this run, with their ratio)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"per-sample", "shared", "both"}));
+      ->check(one_of({"per-sample", "shared", "both"}));
   cmd->add_option("--sampler", o->sampler, "noise distribution: uniform, or alias over random weights")
       ->capture_default_str()
-      ->check(CLI::IsMember({"uniform", "alias"}));
+      ->check(one_of({"uniform", "alias"}));
   cmd->add_option("--objective", o->objective, "nce, infonce, or full (exact softmax over the bank)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"nce", "infonce", "full"}));
+      ->check(one_of({"nce", "infonce", "full"}));
   cmd->add_option("--repeats", o->repeats, "timed steps (and floor passes)")->capture_default_str()->check(
-      CLI::PositiveNumber);
-  cmd->add_option("--seed", o->seed, "seed of the bank, the inputs and the negatives")->capture_default_str();
+      integer_in(1, INT_MAX));
+  cmd->add_option("--seed", o->seed, "seed of the bank, the inputs and the negatives")->capture_default_str()->check(seed_value());
   cmd->add_flag("--json", o->json, "print one JSON object instead of text");
   cmd->callback([o] { run_bench_step(*o); });
 }

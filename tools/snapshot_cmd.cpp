@@ -1,5 +1,6 @@
 // `membank snapshot inspect|verify FILE`: look into a snapshot, or check it completely.
 #include "commands.hpp"
+#include "options.hpp"
 
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
@@ -9,6 +10,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <memory>
@@ -93,7 +95,7 @@ void add_snapshot(CLI::App& app) {
   auto file = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
   auto* ins = snap->add_subcommand("inspect", "Print a snapshot's metadata, row-norm statistics and staleness histogram");
-  ins->add_option("FILE", *file, "snapshot (.h5)")->required();
+  ins->add_option("FILE", *file, "snapshot (.h5)")->required()->check(input_file());
   ins->add_flag("--json", *json, "print one JSON object");
   ins->callback([file, json] { inspect(*file, *json); });
   auto in = std::make_shared<std::string>(), out = std::make_shared<std::string>(),
@@ -101,10 +103,15 @@ void add_snapshot(CLI::App& app) {
   auto* imp = snap->add_subcommand(
       "import", "Make a snapshot from a plain (N, D) float32/float64 dataset written by another tool (h5py ...): "
                 "rows are renormalised, and the count of rows that needed it is printed");
-  imp->add_option("IN", *in, "HDF5 file holding the dataset")->required();
-  imp->add_option("OUT", *out, "snapshot to write")->required();
+  imp->add_option("IN", *in, "HDF5 file holding the dataset")->required()->check(input_file());
+  imp->add_option("OUT", *out, "snapshot to write (not IN: the input is never overwritten)")
+      ->required()
+      ->check(output_file());
   imp->add_option("--dataset", *dataset, "dataset path inside IN")->capture_default_str();
   imp->callback([in, out, dataset] {
+    // Before reading anything: OUT is not IN under any name, and its disk holds about IN's size.
+    require_distinct_files("IN", *in, "OUT", *out);
+    require_output_space("OUT", *out, static_cast<double>(std::filesystem::file_size(*in)));
     index_t renormalised = 0;
     Bank bank = import_bank(*in, *dataset, &renormalised);
     const index_t n = bank.size(), dim = bank.dim();
@@ -117,16 +124,17 @@ void add_snapshot(CLI::App& app) {
   });
   auto vfile = std::make_shared<std::string>();
   auto* ver = snap->add_subcommand(
-      "verify", "Check a snapshot completely (format, shapes, checksums, every row); exit status 0 only if sound");
-  ver->add_option("FILE", *vfile, "snapshot (.h5)")->required();
+      "verify", "Check a snapshot completely (format, shapes, checksums, every row); exit status 0 only if sound, 1 if not. "
+      "Run it on an untrusted file before loading it anywhere else: it is the check, in a process of its own");
+  ver->add_option("FILE", *vfile, "snapshot (.h5)")->required()->check(input_file());
   ver->callback([vfile] {
     const auto problems = verify_snapshot(*vfile);
     if (problems.empty()) {
       fmt::print("{}: ok\n", *vfile);
       return;
     }
-    for (const auto& p : problems) fmt::print(stderr, "{}: {}\n", *vfile, p);
-    std::exit(1);
+    for (const auto& p : problems) fmt::print(stderr, "{}: {}\n", *vfile, user_message(p));
+    throw ProblemFound(fmt::format("{}: not a sound snapshot", *vfile));
   });
 }
 

@@ -7,17 +7,23 @@
 #include <hdf5.h>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <utility>
@@ -44,6 +50,10 @@ class Handle {
   }
   hid_t get() const { return id_; }
   bool ok() const { return id_ >= 0; }
+  /// Gives up the id without closing it.
+  hid_t release() { return std::exchange(id_, -1); }
+  /// Closes now; the close's status (< 0: failed).
+  herr_t close() { return id_ >= 0 ? close_(std::exchange(id_, -1)) : 0; }
 
  private:
   hid_t id_;
@@ -324,6 +334,42 @@ void write_bank_direct(hid_t ds, const Bank& bank, index_t chunk_rows, const std
 
 // ---- files ------------------------------------------------------------------------------------
 
+/// When HDF5 1.10 fails to close a file, the file is freed yet its id stays registered, and the
+/// library's clean-up at exit crashes on that id (SIGSEGV in H5F__close_cb). From then on the process
+/// ends, whenever it does, without that clean-up: a handler registered now runs before HDF5's own
+/// (exit handlers run in reverse order of registration), flushes stdio and ends the process with the
+/// status it was exiting with. Nothing of ours is left open for that clean-up to close.
+void skip_hdf5_cleanup_at_exit() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    ::on_exit(
+        [](int status, void*) {
+          std::fflush(nullptr);
+          ::_exit(status);
+        },
+        nullptr);
+  });
+}
+
+/// Closes a file being written after one of its writes failed (disk full, I/O error). Its descriptor
+/// is first pointed at an anonymous in-memory file (memfd), where the close's last writes (metadata,
+/// chunk cache: small) succeed and vanish; the temporary itself is removed by the caller. That is
+/// enough after a failed dataset write. After a failed flush, HDF5 1.10 leaves the file's metadata
+/// cache unable to flush again ("slist already enabled?"), so the close fails whatever the writes
+/// do: then skip_hdf5_cleanup_at_exit.
+void close_failed_file(hid_t file) {
+  void* handle = nullptr;
+  if (H5Fget_vfd_handle(file, H5P_DEFAULT, &handle) >= 0 && handle != nullptr) {
+    const int fd = *static_cast<int*>(handle);
+    const int sink = ::memfd_create("membank-failed-save", MFD_CLOEXEC);
+    if (sink >= 0) {
+      ::dup2(sink, fd);
+      ::close(sink);
+    }
+  }
+  if (H5Fclose(file) < 0) skip_hdf5_cleanup_at_exit();
+}
+
 void fsync_path(const std::string& path, bool directory) {
   const int fd = ::open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
   MEMBANK_CHECK(fd >= 0, "{}: cannot open to fsync: {}", path, std::strerror(errno));
@@ -458,6 +504,91 @@ Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
   return bank;
 }
 
+/// Throws Error naming the first bank row that is not finite and unit norm within kUnitTolerance.
+void check_unit_rows(const Bank& bank, const std::string& path) {
+  const BankView v = bank.view();
+  index_t first_bad = v.rows;
+#pragma omp parallel for schedule(static) reduction(min : first_bad)
+  for (index_t i = 0; i < v.rows; ++i) {
+    double sq = 0.0;
+    for (index_t c = 0; c < v.dim; ++c) sq += static_cast<double>(v.row(i)[c]) * v.row(i)[c];
+    if (!(std::abs(std::sqrt(sq) - 1.0) <= kUnitTolerance)) first_bad = std::min(first_bad, i);
+  }
+  if (first_bad == v.rows) return;
+  double sq = 0.0;
+  for (index_t c = 0; c < v.dim; ++c) sq += static_cast<double>(v.row(first_bad)[c]) * v.row(first_bad)[c];
+  MEMBANK_THROW("{}: bank row {} has norm {}: expected 1 within {} (the bank in memory is corrupt); nothing was "
+                "written", path, first_bad, std::sqrt(sq), kUnitTolerance);
+}
+
+// ---- temporaries ----------------------------------------------------------------------------------
+// A save writes ".<name>.tmp-<pid>-h<host>-b<boot>-<random>" beside the destination: the writer's
+// pid, a hash of the host name and the start of the kernel's boot id (8 hex digits each). A writer
+// killed mid-save leaves it behind; the next save in the directory removes it when its writer is
+// gone: same host, and an earlier boot or no process with that pid. Temporaries of live processes
+// (this one included) and of other hosts are never touched.
+
+struct HostBoot {
+  std::string host, boot;
+};
+
+const HostBoot& host_boot() {
+  static const HostBoot hb = [] {
+    char name[256] = {};
+    ::gethostname(name, sizeof name - 1);
+    std::uint32_t h = 2166136261u;  // FNV-1a
+    for (const char* p = name; *p; ++p) h = (h ^ static_cast<unsigned char>(*p)) * 16777619u;
+    std::string boot;
+    if (std::FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+      for (int c; boot.size() < 8 && (c = std::fgetc(f)) != EOF;)
+        if (std::isxdigit(c)) boot += static_cast<char>(std::tolower(c));
+      std::fclose(f);
+    }
+    if (boot.size() < 8) boot = "00000000";
+    return HostBoot{fmt::format("{:08x}", h), boot};
+  }();
+  return hb;
+}
+
+std::string temp_name(const std::string& dest_name) {
+  std::random_device rd;
+  return fmt::format(".{}.tmp-{}-h{}-b{}-{:08x}", dest_name, ::getpid(), host_boot().host, host_boot().boot, rd());
+}
+
+bool is_hex8(const std::string& s) {
+  return s.size() == 8 &&
+         std::all_of(s.begin(), s.end(), [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; });
+}
+
+void remove_stale_temporaries(const std::filesystem::path& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string f = it->path().filename().string();
+    const auto at = f.rfind(".tmp-");
+    if (f.empty() || f[0] != '.' || at == std::string::npos || at < 2) continue;
+    std::vector<std::string> parts;
+    for (std::size_t start = at + 5;;) {
+      const auto dash = f.find('-', start);
+      parts.push_back(f.substr(start, dash == std::string::npos ? std::string::npos : dash - start));
+      if (dash == std::string::npos) break;
+      start = dash + 1;
+    }
+    if (parts.size() != 4 || parts[0].empty() || parts[0].size() > 9 ||
+        !std::all_of(parts[0].begin(), parts[0].end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+        parts[1].size() != 9 || parts[1][0] != 'h' || !is_hex8(parts[1].substr(1)) || parts[2].size() != 9 ||
+        parts[2][0] != 'b' || !is_hex8(parts[2].substr(1)) || !is_hex8(parts[3]))
+      continue;
+    if (parts[1].substr(1) != host_boot().host) continue;  // another host's (a shared file system)
+    const auto pid = static_cast<pid_t>(std::stol(parts[0]));
+    const bool earlier_boot = parts[2].substr(1) != host_boot().boot;
+    const bool gone = pid != ::getpid() && ::kill(pid, 0) != 0 && errno == ESRCH;
+    if (!earlier_boot && !gone) continue;
+    std::error_code sec;
+    if (fs::is_regular_file(fs::symlink_status(it->path(), sec))) fs::remove(it->path(), sec);
+  }
+}
+
 }  // namespace
 
 SnapshotInfo read_snapshot_info(const std::string& path) {
@@ -506,6 +637,39 @@ std::vector<std::string> verify_snapshot(const std::string& path) {
   return {};
 }
 
+std::uint64_t snapshot_size_estimate(index_t n, index_t dim) {
+  MEMBANK_CHECK(n >= 1 && dim >= 1, "n = {}, dim = {}: expected n, dim >= 1", n, dim);
+  // the bank, last_update + sampler weights + labels (8 bytes each a row), 1 MiB of metadata slack
+  const auto bank =
+      static_cast<std::uint64_t>(mul_no_overflow(mul_no_overflow(n, dim, "snapshot size"), 4, "snapshot size"));
+  return bank + 24 * static_cast<std::uint64_t>(n) + (std::uint64_t{1} << 20);
+}
+
+void check_snapshot_destination(const std::string& path, index_t n, index_t dim) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  MEMBANK_CHECK(!path.empty(), "snapshot path is empty");
+  const fs::path dest = fs::absolute(path, ec);
+  MEMBANK_CHECK(!ec, "{}: {}", path, ec.message());
+  const fs::path dir = dest.parent_path();
+  MEMBANK_CHECK(fs::is_directory(dir, ec), "{}: directory {} does not exist", path, dir.string());
+  MEMBANK_CHECK(!fs::is_directory(dest, ec), "{}: is a directory", path);
+  MEMBANK_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, "{}: directory {} is not writable", path, dir.string());
+  // Refuse up front a save that cannot fit (free space, RLIMIT_FSIZE), before any work.
+  const double need = static_cast<double>(snapshot_size_estimate(n, dim));
+  struct statvfs vfs {};
+  if (::statvfs(dir.c_str(), &vfs) == 0) {
+    const double avail = static_cast<double>(vfs.f_bavail) * static_cast<double>(vfs.f_frsize);
+    if (avail < need)
+      throw ResourceError(fmt::format("membank: {}: {:.1f} MB free in {}: the snapshot needs about {:.1f} MB", path,
+                                      avail * 1e-6, dir.string(), need * 1e-6));
+  }
+  struct rlimit rl {};
+  if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && static_cast<double>(rl.rlim_cur) < need)
+    throw ResourceError(fmt::format("membank: {}: the file-size limit (RLIMIT_FSIZE) is {} bytes: the snapshot needs "
+                                    "about {:.0f}", path, static_cast<unsigned long long>(rl.rlim_cur), need));
+}
+
 void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options,
                    std::span<const std::int64_t> labels) {
   quiet_hdf5();
@@ -518,26 +682,11 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
   namespace fs = std::filesystem;
   const fs::path dest = fs::absolute(path);
   const fs::path dir = dest.parent_path();
-  MEMBANK_CHECK(fs::is_directory(dir), "{}: directory {} does not exist", path, dir.string());
-  // Refuse up front a save that cannot fit (free space, RLIMIT_FSIZE): a write that fails inside
-  // HDF5 leaves a file it cannot close, which crashes HDF5's cleanup at exit.
-  {
-    const double need = static_cast<double>(n) * static_cast<double>(dim) * 4.0 + 24.0 * static_cast<double>(n) +
-                        (std::size_t{1} << 20);
-    struct statvfs vfs {};
-    if (::statvfs(dir.c_str(), &vfs) == 0) {
-      const double avail = static_cast<double>(vfs.f_bavail) * static_cast<double>(vfs.f_frsize);
-      MEMBANK_CHECK(avail >= need, "{}: {:.0f} bytes free in {}: the snapshot needs about {:.0f}", path, avail,
-                    dir.string(), need);
-    }
-    struct rlimit rl {};
-    if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
-      MEMBANK_CHECK(static_cast<double>(rl.rlim_cur) >= need,
-                    "{}: the file-size limit (RLIMIT_FSIZE) is {} bytes: the snapshot needs about {:.0f}", path,
-                    static_cast<unsigned long long>(rl.rlim_cur), need);
-  }
-  std::random_device rd;
-  const fs::path tmp = dir / fmt::format(".{}.tmp-{}-{:08x}", dest.filename().string(), ::getpid(), rd());
+  check_snapshot_destination(path, n, dim);
+  // What load refuses is never written: every row finite and unit norm, checked before any file exists.
+  check_unit_rows(bank, path);
+  remove_stale_temporaries(dir);
+  const fs::path tmp = dir / temp_name(dest.filename().string());
 
   struct RemoveOnError {
     fs::path p;
@@ -558,56 +707,65 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
     Handle f(H5Fcreate(tmp.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), H5Fclose);
     H5_CHECK(f.get(), "{}: cannot create the temporary file {}", path, tmp.string());
     const hid_t root = f.get();
-    const EngineConfig& c = engine.config();
-    write_attr(root, "format", std::string(kFormat));
-    write_attr(root, "format_version", std::int64_t{kFormatVersion});
-    write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
-    write_attr(root, "n", n);
-    write_attr(root, "dim", dim);
-    write_attr(root, "step", engine.steps_done());
-    write_attr_u(root, "seed", c.seed);
-    write_attr(root, "k", c.k);
-    write_attr(root, "tau", c.tau);
-    write_attr(root, "momentum", c.momentum);
-    write_attr(root, "objective", to_string(c.objective));
-    write_attr(root, "negatives", to_string(c.negatives));
-    write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
-    write_attr(root, "z_policy", to_string(c.z_policy));
-    write_attr(root, "z_fixed", c.z_fixed);
-    write_attr(root, "z_ema", c.z_ema);
-    write_attr(root, "z_initialised", std::int64_t{engine.partition().initialised});
-    write_attr(root, "log_z", engine.partition().log_z);
-    write_attr(root, "sampler", to_string(engine.sampler().kind()));
-    write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
-    write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
+    try {
+      const EngineConfig& c = engine.config();
+      write_attr(root, "format", std::string(kFormat));
+      write_attr(root, "format_version", std::int64_t{kFormatVersion});
+      write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
+      write_attr(root, "n", n);
+      write_attr(root, "dim", dim);
+      write_attr(root, "step", engine.steps_done());
+      write_attr_u(root, "seed", c.seed);
+      write_attr(root, "k", c.k);
+      write_attr(root, "tau", c.tau);
+      write_attr(root, "momentum", c.momentum);
+      write_attr(root, "objective", to_string(c.objective));
+      write_attr(root, "negatives", to_string(c.negatives));
+      write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
+      write_attr(root, "z_policy", to_string(c.z_policy));
+      write_attr(root, "z_fixed", c.z_fixed);
+      write_attr(root, "z_ema", c.z_ema);
+      write_attr(root, "z_initialised", std::int64_t{engine.partition().initialised});
+      write_attr(root, "log_z", engine.partition().log_z);
+      write_attr(root, "sampler", to_string(engine.sampler().kind()));
+      write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
+      write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
 
-    const index_t chunk = rows_per_chunk(dim, n);
-    {
-      Handle ds = create_dataset(root, "bank", H5T_IEEE_F32LE, n, dim, chunk, options.deflate_level);
-      if (options.deflate_level == 0) {
-        write_bank_direct(ds.get(), bank, chunk, path);
-      } else {
-      // Whole chunks at a time, straight from the bank's rows (a memory hyperslab skips the padding).
-      const index_t block = chunk * std::max<index_t>(1, 64 / std::max<index_t>(1, chunk * dim * 4 >> 20));
-      for (index_t r0 = 0; r0 < n; r0 += block) {
-        const index_t rows = std::min(block, n - r0);
-        const RowSelection sel = select_rows(ds.get(), r0, rows, dim, bank.stride());
-        H5_CHECK(H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, sel.memory.get(), sel.file.get(), H5P_DEFAULT, bank.row(r0)),
-                 "{}: cannot write bank rows {}..{}", path, r0, r0 + rows);
+      const index_t chunk = rows_per_chunk(dim, n);
+      {
+        Handle ds = create_dataset(root, "bank", H5T_IEEE_F32LE, n, dim, chunk, options.deflate_level);
+        if (options.deflate_level == 0) {
+          write_bank_direct(ds.get(), bank, chunk, path);
+        } else {
+        // Whole chunks at a time, straight from the bank's rows (a memory hyperslab skips the padding).
+        const index_t block = chunk * std::max<index_t>(1, 64 / std::max<index_t>(1, chunk * dim * 4 >> 20));
+        for (index_t r0 = 0; r0 < n; r0 += block) {
+          const index_t rows = std::min(block, n - r0);
+          const RowSelection sel = select_rows(ds.get(), r0, rows, dim, bank.stride());
+          H5_CHECK(H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, sel.memory.get(), sel.file.get(), H5P_DEFAULT, bank.row(r0)),
+                   "{}: cannot write bank rows {}..{}", path, r0, r0 + rows);
+        }
+        }
       }
-      }
+      const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
+      const auto write_vector = [&](const char* name, hid_t ftype, hid_t mtype, const void* data) {
+        Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, options.deflate_level);
+        write_rows(ds.get(), mtype, 0, n, 0, data);
+      };
+      write_vector("last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data());
+      if (engine.sampler().kind() == SamplerKind::alias)
+        write_vector("sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
+                     dynamic_cast<const AliasSampler&>(engine.sampler()).weights().data());
+      if (!labels.empty()) write_vector("labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data());
+      H5_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL), "{}: cannot flush {}", path, tmp.string());
+    } catch (...) {
+      close_failed_file(f.release());
+      throw;
     }
-    const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
-    const auto write_vector = [&](const char* name, hid_t ftype, hid_t mtype, const void* data) {
-      Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, options.deflate_level);
-      write_rows(ds.get(), mtype, 0, n, 0, data);
-    };
-    write_vector("last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data());
-    if (engine.sampler().kind() == SamplerKind::alias)
-      write_vector("sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
-                   dynamic_cast<const AliasSampler&>(engine.sampler()).weights().data());
-    if (!labels.empty()) write_vector("labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data());
-    H5_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL), "{}: cannot flush {}", path, tmp.string());
+    if (f.close() < 0) {
+      skip_hdf5_cleanup_at_exit();
+      MEMBANK_THROW("{}: cannot close {}", path, tmp.string());
+    }
   }
   // Validate what is on disk before it replaces anything.
   {

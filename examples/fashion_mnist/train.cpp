@@ -5,6 +5,7 @@
 // final bank as an HDF5 snapshot with the training labels.
 #include "check.hpp"
 #include "commands.hpp"
+#include "options.hpp"
 #include "encoders.hpp"
 
 #include <membank/error.hpp>
@@ -18,6 +19,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <chrono>
@@ -345,7 +347,7 @@ void run_compare(const TrainOptions& o, const Data& d) {
 }
 
 void run_train(const TrainOptions& o) {
-  if (o.threads > 0) omp_set_num_threads(o.threads);
+  apply_threads(o.threads);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // one line per epoch, also into a file or a pipe
   Data d{load_split(o.data, "train"), load_split(o.data, "t10k")};
   if (o.train_images > 0 && o.train_images < d.train.images.rows()) {  // a subset, for quick trials and smoke tests
@@ -355,6 +357,17 @@ void run_train(const TrainOptions& o) {
   MEMBANK_CHECK(d.train.images.rows() >= 200 && d.train.images.rows() >= o.batch,
                 "--train-images {}: the kNN (k = 200) and one batch of {} need at least max(200, batch) images",
                 d.train.images.rows(), o.batch);
+  // The outputs, before any training: directory, permissions, room for the snapshot of this bank.
+  if (!o.snapshot.empty() && !o.compare) {
+    try {
+      check_snapshot_destination(o.snapshot, d.train.images.rows(), o.dim);
+    } catch (const ResourceError& e) {
+      throw ResourceError("--snapshot: " + user_message(e.what()));
+    } catch (const Error& e) {
+      throw Error("--snapshot: " + user_message(e.what()));
+    }
+  }
+  if (!o.out.empty()) require_output_space("--out", o.out, 1e6);
   if (o.compare) {
     run_compare(o, d);
     return;
@@ -381,59 +394,64 @@ void add_train(CLI::App& app) {
       "NCE; per epoch the loss and the weighted-kNN (k = 200, sigma = tau) / 1-NN accuracy of the 10,000 test "
       "images against the bank; the final bank is saved as an HDF5 snapshot. --compare runs the paper's table "
       "(NCE K = 1, 10, 512, 4096 and the exact softmax) against untrained features.");
-  cmd->add_option("--data", o->data, "directory of the IDX files")->capture_default_str();
+  cmd->add_option("--data", o->data, "directory of the IDX files")->capture_default_str()->check(existing_directory(false));
   cmd->add_option("--encoder", o->encoder, "mlp (784-W-D) or cnn (conv5x5-W/2, pool, conv5x5-W, pool, linear; try --width 32)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"cnn", "mlp"}));
+      ->check(one_of({"cnn", "mlp"}));
   cmd->add_option("--width", o->width, "encoder width W (channels of the second conv, or hidden units)")
       ->capture_default_str()
-      ->check(CLI::Range(2, 4096));
+      ->check(integer_in(2, 4096));
   cmd->add_option("--train-images", o->train_images,
                   "train on the first this many training images only (0: all 60,000); for quick trials")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(integer_in(0));
   cmd->add_option("--epochs", o->epochs, "passes over the training images")->capture_default_str()->check(
-      CLI::PositiveNumber);
-  cmd->add_option("--batch", o->batch, "images per step")->capture_default_str()->check(CLI::Range(1, 60000));
-  cmd->add_option("--k", o->k, "NCE noise draws per image")->capture_default_str()->check(CLI::PositiveNumber);
+      integer_in(1, INT_MAX));
+  cmd->add_option("--batch", o->batch, "images per step")->capture_default_str()->check(integer_in(1, 60000));
+  cmd->add_option("--k", o->k, "NCE noise draws per image")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--objective", o->objective, "nce, infonce, or full (exact softmax over the bank)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"nce", "infonce", "full"}));
+      ->check(one_of({"nce", "infonce", "full"}));
   cmd->add_option("--tau", o->tau, "temperature (also the kNN weight temperature)")->capture_default_str()->check(
-      CLI::PositiveNumber);
-  cmd->add_option("--momentum", o->momentum, "bank momentum m")->capture_default_str()->check(CLI::Range(0.0, 1.0));
+      positive_number());
+  cmd->add_option("--momentum", o->momentum, "bank momentum m")->capture_default_str()->check(number_in(0.0, false, 1.0));
   cmd->add_option("--lr", o->lr, "initial SGD learning rate (cosine schedule to 0, momentum 0.9)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--weight-decay", o->weight_decay, "weight decay of the encoder's weights")->capture_default_str();
+      ->check(positive_number());
+  cmd->add_option("--weight-decay", o->weight_decay, "weight decay of the encoder's weights")->capture_default_str()->check(
+      number_in(0.0, false));
   cmd->add_option("--augment", o->augment,
                   "flip (horizontal, p = 1/2), shift (flip and a shift of up to --max-shift pixels), affine (flip, "
                   "rotation, scale, shift) or none")
       ->capture_default_str()
-      ->check(CLI::IsMember({"flip", "shift", "affine", "none"}));
+      ->check(one_of({"flip", "shift", "affine", "none"}));
   cmd->add_option("--max-shift", o->max_shift, "largest shift of --augment shift, in pixels")
       ->capture_default_str()
-      ->check(CLI::Range(0, 14));
-  cmd->add_option("--dim", o->dim, "embedding dimension D")->capture_default_str()->check(CLI::Range(1, 4096));
-  cmd->add_option("--seed", o->seed, "seed of everything random")->capture_default_str();
-  cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str();
+      ->check(integer_in(0, 14));
+  cmd->add_option("--dim", o->dim, "embedding dimension D")->capture_default_str()->check(integer_in(1, 4096));
+  cmd->add_option("--seed", o->seed, "seed of everything random")->capture_default_str()->check(seed_value());
+  cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str()->check(thread_count());
   cmd->add_option("--bank-init", o->bank_init, "encoder (features of the untrained encoder) or random")
       ->capture_default_str()
-      ->check(CLI::IsMember({"encoder", "random"}));
+      ->check(one_of({"encoder", "random"}));
   cmd->add_option("--z", o->z_policy,
                   "NCE normalising constant: ema (re-estimated every step, smoothed) or first_batch (estimated once, "
                   "as in the paper; with the bank started from the encoder it is estimated while all features are "
                   "alike and stays far too large)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"first_batch", "ema"}));
-  cmd->add_option("--snapshot", o->snapshot, "where to write the final bank ('' for nowhere)")->capture_default_str();
+      ->check(one_of({"first_batch", "ema"}));
+  cmd->add_option("--snapshot", o->snapshot,
+                  "where to write the final bank with the training labels, relative to the current directory ('' for "
+                  "nowhere; checked, with the room it needs, before training starts)")
+      ->capture_default_str()
+      ->check(output_file(true));
   cmd->add_flag("--compare", o->compare,
                 "run the comparison table instead: raw pixels, centred pixels, a random projection, then NCE with "
                 "K = 1, 10, 512, 4096 and the exact full softmax, each trained with the same options");
   cmd->add_flag("--fresh-knn", o->fresh_knn,
                 "also measure the kNN against the training images encoded afresh each epoch (the bank holds "
                 "momentum-averaged features of augmented views from across the epoch)");
-  cmd->add_option("--out", o->out, "also write the JSON result to this file");
+  cmd->add_option("--out", o->out, "also write the JSON result to this file")->check(output_file());
   cmd->add_flag("--json", o->json, "print one JSON object at the end instead of text");
   cmd->callback([o] { run_train(*o); });
 }

@@ -16,12 +16,20 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+/// A request the machine cannot serve: not enough memory or disk for it (checked before the work
+/// starts). An Error like any other; callers that care (the command line's exit status 3) catch it
+/// apart.
+class ResourceError : public Error {
+ public:
+  using Error::Error;
+};
+
 /// Not enough memory: a request refused before allocating (the message says how much was needed
 /// and how much is available), or an allocation that failed (std::bad_alloc, inside OpenMP regions
 /// too). Python: MemoryError. The engine is left as it was.
-class OutOfMemory : public Error {
+class OutOfMemory : public ResourceError {
  public:
-  using Error::Error;
+  using ResourceError::ResourceError;
 };
 
 namespace detail {

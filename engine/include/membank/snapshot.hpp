@@ -11,9 +11,15 @@
 //   objective, negatives, exclude_positive, z_policy, z_fixed, z_ema, z_initialised, log_z, sampler,
 //   normalize_features, unit_norm_tolerance.
 //
-// Saving writes a temporary file in the destination's directory, reads it back and validates it,
-// fsyncs it, renames it over the destination and fsyncs the directory: a writer killed at any
-// moment leaves the previous snapshot as it was. Loading validates format, version, ranks, dtypes,
+// Saving first checks the destination (directory exists and is writable, free space and the
+// file-size limit hold the estimated size) and that every bank row is finite and unit norm; only then
+// it writes a temporary file in the destination's directory, reads it back and validates it, fsyncs
+// it, renames it over the destination and fsyncs the directory: a writer killed at any moment leaves
+// the previous snapshot as it was. The temporary is named ".<name>.tmp-<pid>-h<host>-b<boot>-<random>";
+// one left by a killed writer is removed by the next save in that directory once its writer is gone
+// (same host, and an earlier boot or no live process with that pid); temporaries of live processes
+// and of other hosts are never touched. A save that fails inside HDF5 (disk full, I/O error) closes
+// every HDF5 object of its file and throws: the process can go on, or exit normally. Loading validates format, version, ranks, dtypes,
 // shapes against the attributes, storage against the claimed sizes, and every row (finite, unit
 // norm) before it hands anything back; failures throw membank::Error naming the file and the
 // problem. Peak memory of save and load is the bank plus one chunk.
@@ -46,9 +52,21 @@ struct SnapshotInfo {
   bool compressed = false;
 };
 
+/// Upper estimate of the bytes of a snapshot of an n x dim bank (uncompressed, labels included).
+std::uint64_t snapshot_size_estimate(index_t n, index_t dim);
+
+/// Check, writing nothing, that a snapshot of an n x dim bank can be saved at `path`: its directory
+/// exists and is writable, `path` is not a directory, and the free space and the file-size limit
+/// (RLIMIT_FSIZE) hold snapshot_size_estimate(n, dim). Throws Error naming the path, ResourceError
+/// when space or the size limit is short. save_snapshot runs it first; a long job runs it before it
+/// starts.
+void check_snapshot_destination(const std::string& path, index_t n, index_t dim);
+
 /// Save the engine's whole state (and optional labels, length N) to `path`, atomically.
-/// Throws Error (the destination untouched) if the directory is not writable, labels have the wrong
-/// length, or the written file does not validate.
+/// Throws Error (the destination untouched, nothing created) if the destination fails
+/// check_snapshot_destination (ResourceError: not enough space), labels have the wrong length, or a
+/// bank row is not finite and unit norm (|norm - 1| > 1e-4); throws Error (the destination
+/// untouched, the temporary removed) if a write fails or the written file does not validate.
 void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options = {},
                    std::span<const std::int64_t> labels = {});
 

@@ -1,0 +1,41 @@
+# Runs one command line and checks its exit status and messages (CTest's own properties cannot check
+# an exact exit status). Usage:
+#   cmake -DRC=<status> [-DMSG=<text>] [-DMSG2=<text>] [-DNOT=<text>] [-DSHELL_PREFIX=<sh code>]
+#         -P cli_expect.cmake -- <program> <args...>
+# MSG and MSG2 must occur literally in stdout + stderr, NOT must not; RC must be the exit status (a
+# death by signal never matches). SHELL_PREFIX runs the command through /bin/sh after that code
+# (e.g. "ulimit -f 64").
+set(args)
+set(seen FALSE)
+math(EXPR last "${CMAKE_ARGC} - 1")
+foreach(i RANGE 1 ${last})
+  if(seen)
+    list(APPEND args "${CMAKE_ARGV${i}}")
+  elseif("${CMAKE_ARGV${i}}" STREQUAL "--")
+    set(seen TRUE)
+  endif()
+endforeach()
+if(DEFINED SHELL_PREFIX)
+  list(JOIN args "' '" joined)
+  set(args /bin/sh -c "${SHELL_PREFIX}\nexec '${joined}'")  # (a newline: a semicolon would split the list)
+endif()
+execute_process(COMMAND ${args} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+set(all "${out}${err}")
+message("exit status: ${rc}\n${all}")
+if(NOT "${rc}" STREQUAL "${RC}")
+  message(FATAL_ERROR "expected exit status ${RC}, got '${rc}'")
+endif()
+foreach(want MSG MSG2)
+  if(DEFINED ${want})
+    string(FIND "${all}" "${${want}}" at)
+    if(at EQUAL -1)
+      message(FATAL_ERROR "expected the message: ${${want}}")
+    endif()
+  endif()
+endforeach()
+if(DEFINED NOT)
+  string(FIND "${all}" "${NOT}" at)
+  if(NOT at EQUAL -1)
+    message(FATAL_ERROR "unexpected text in the output: ${NOT}")
+  endif()
+endif()
