@@ -91,7 +91,7 @@ KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, F
               if ((j & 15) == 0 && j + 16 <= cols) {  // skip 16 losers at once (a vectorised max)
                 float m = si[j];
   #pragma omp simd reduction(max : m)
-                for (index_t t = 1; t < 16; ++t) m = std::max(m, si[j + t]);
+                for (index_t u = 1; u < 16; ++u) m = std::max(m, si[j + u]);
                 if (m < worst) {
                   j += 15;
                   continue;
