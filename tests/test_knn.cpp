@@ -1,4 +1,5 @@
-// Weighted kNN evaluation against a brute-force double-precision reference.
+// Weighted kNN evaluation against a brute-force double-precision reference (bit-identity over thread
+// counts: test_threads.cpp).
 #include "reference.hpp"
 
 #include <membank/error.hpp>
@@ -7,7 +8,6 @@
 #include <doctest/doctest.h>
 
 #include <numeric>
-#include <omp.h>
 
 using namespace mbtest;
 using membank::Bank;
@@ -82,12 +82,6 @@ TEST_CASE("weighted kNN equals brute force") {
     CHECK(got.nn1 == doctest::Approx(nn / Q).epsilon(1e-12));
     CHECK(got.top1 > 0.5);  // the data are clustered: an informative classifier
   }
-  // Same predictions with one thread.
-  const int saved = omp_get_max_threads();
-  omp_set_num_threads(1);
-  const auto one = membank::knn_evaluate(bank.view(), bl, queries, ql);
-  omp_set_num_threads(saved);
-  CHECK(one.predictions == membank::knn_evaluate(bank.view(), bl, queries, ql).predictions);
 }
 
 TEST_CASE("knn_evaluate rejects bad arguments") {

@@ -719,6 +719,10 @@ TEST_CASE("snapshot: malformed files each give one clear Error naming the file a
     replace_dataset(f, "bank", H5T_IEEE_F32LE, {1'000'000'000, hsize_t(d)}, nullptr, {16384, hsize_t(d)});
   });
   edited("missing bank", {"bank", "missing"}, [](hid_t f) { H5Ldelete(f, "bank", H5P_DEFAULT); });
+  edited("bank stored contiguous (not chunked by rows)", {"bank", "chunked"}, [&](hid_t f) {
+    const RowMatrixf v = unit_rows(n, d, rng);
+    replace_dataset(f, "bank", H5T_IEEE_F32LE, {hsize_t(n), hsize_t(d)}, v.data());
+  });
   edited("bank is a group", {"bank"}, [](hid_t f) {
     H5Ldelete(f, "bank", H5P_DEFAULT);
     H5Gclose(H5Gcreate2(f, "bank", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT));
@@ -768,7 +772,8 @@ TEST_CASE("snapshot: malformed files each give one clear Error naming the file a
          [](hid_t f) { set_f64(f, "log_z", std::numeric_limits<double>::quiet_NaN()); });
 
   // -- truncated copies, foreign files
-  for (const std::uintmax_t size : {std::uintmax_t{100}, fs::file_size(good) / 2, fs::file_size(good) - 1}) {
+  for (const std::uintmax_t size :
+       {std::uintmax_t{100}, fs::file_size(good) / 2, fs::file_size(good) - 100, fs::file_size(good) - 1}) {
     const std::string p = tmp / fmt::format("truncated-{}.h5", size);
     fs::copy_file(good, p, fs::copy_options::overwrite_existing);
     fs::resize_file(p, size);
