@@ -114,20 +114,30 @@ def has_batchnorm(net):
 
 
 def recalibrate_batchnorm(net, x, batch=1024):
-    """Re-estimate BatchNorm's running statistics as exact averages over x (unaugmented training
-    images), so that eval-mode features use the statistics of the data, not a momentum average of
-    batch statistics taken while the weights moved."""
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    net.train()
+    """Set every BatchNorm's running statistics to the exact mean and (unbiased) variance of its input
+    over x (the unaugmented training images) in eval mode, one layer after the other, so that
+    eval-mode features use the statistics of the data, not a momentum average of batch statistics
+    taken while the weights moved."""
+    net.eval()
     with torch.no_grad():
-        for i in range(0, len(x), batch):
-            net(x[i:i + batch])
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
+        for bn in [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]:
+            acc = {"n": 0, "s": 0.0, "s2": 0.0}
+
+            def hook(module, inputs):
+                t = inputs[0].double().transpose(0, 1).flatten(1)  # channels x (images * pixels)
+                acc["n"] += t.shape[1]
+                acc["s"] = acc["s"] + t.sum(1)
+                acc["s2"] = acc["s2"] + (t * t).sum(1)
+
+            handle = bn.register_forward_pre_hook(hook)
+            for i in range(0, len(x), batch):
+                net(x[i:i + batch])
+            handle.remove()
+            mean = acc["s"] / acc["n"]
+            var = (acc["s2"] - acc["n"] * mean * mean).clamp_min(0.0) / max(acc["n"] - 1, 1)
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+    net.train()
 
 
 def embed(net, x, batch=1024):
