@@ -228,6 +228,7 @@ void run_bench_soak(const SoakOptions& o) {
     }
   }
   const double run_s = now_s() - t_start;
+  const double z_end = engine.partition().z();  // before the resume check's extra steps
   const double rss_end = rss_bytes();
   if (rss_warm == 0.0) rss_warm = rss_end;  // the run ended inside its warm-up
   rss_max_after = std::max(rss_max_after, rss_end);
@@ -287,7 +288,7 @@ void run_bench_soak(const SoakOptions& o) {
                         {"rss_flat", rss_flat},
                         {"max_norm_deviation", worst_norm},
                         {"loss_first_step", loss_first},
-                        {"z_end", engine.partition().z()},
+                        {"z_end", z_end},
                         {"resume_bit_identical", true},
                         {"resume_steps", o.resume_steps},
                         {"samples", samples},
@@ -312,7 +313,7 @@ void run_bench_soak(const SoakOptions& o) {
                rss_max_after / 1048576.0, growth_mib, o.rss_growth_mib);
     fmt::print("  unit norm    max |norm - 1| over all checks {:.2e} (limit {:.1e})\n", worst_norm, o.norm_tolerance);
     fmt::print("  losses       all finite; first step {:.4f}, last window mean {:.4f}; Z at the end {:.6g}\n",
-               loss_first, samples.back()["mean_loss"].get<double>(), engine.partition().z());
+               loss_first, samples.back()["mean_loss"].get<double>(), z_end);
     fmt::print("  resume       last snapshot (step {}) equals the live engine and the next {} steps are bit-identical\n",
                last_snapshot, o.resume_steps);
   }

@@ -122,7 +122,7 @@ bool overlaps_itself(const MemoryRegion& r) {
 
 void check_no_overlap(const MemoryRegion& out, const char* out_name, const MemoryRegion& in, const char* in_name) {
   MEMBANK_CHECK(!overlaps(out, in),
-                "{} and {} share memory: {} is written while {} is still read, which would give wrong results; "
+                "{} and {} share memory: writing {} would change {} during the call and give wrong results; "
                 "pass a separate {} buffer", out_name, in_name, out_name, in_name, out_name);
 }
 
