@@ -7,6 +7,7 @@
 #include <membank/snapshot.hpp>
 
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 
 #include <unistd.h>
 
