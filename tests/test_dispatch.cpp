@@ -105,7 +105,7 @@ TEST_CASE("isa names parse, unknown names and unsupported sets are refused, and 
   for (const Isa isa : {Isa::avx2, Isa::avx512})
     if (!cpu_supports(isa)) {
       const Isa before = active_isa();
-      CHECK_THROWS_WITH_AS(force_isa(isa), doctest::Contains(to_string(isa)), Error);
+      CHECK_THROWS_WITH_AS(force_isa(isa), doctest::Contains(to_string(isa).c_str()), Error);
       CHECK(active_isa() == before);
     }
   MESSAGE("paths on this CPU: best = " << to_string(best_isa()));
