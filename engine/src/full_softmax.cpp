@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -76,13 +77,19 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
   const float inv_tau = static_cast<float>(1.0 / tau);
   const RowMatrixf f = features;  // contiguous copy: the GEMM's left operand
 
-  // Scratch made before the region (no allocation that could throw inside it but Eigen's own).
-  std::vector<RowMatrixf> scratch(static_cast<std::size_t>(omp_get_max_threads()), RowMatrixf(batch, kTile));
+  // Scratch made before the region (no allocation that could throw inside it but Eigen's own), one
+  // batch x kTile block per thread, 64-byte aligned as softmax_tile requires (its vectorised loops
+  // would otherwise round differently in each thread's buffer).
+  constexpr index_t kAlign = 16;  // floats: 64 bytes
+  const auto block = static_cast<std::size_t>(mul_no_overflow(batch, kTile, "full softmax scratch"));
+  std::vector<std::vector<float>> scratch(static_cast<std::size_t>(omp_get_max_threads()),
+                                          std::vector<float>(block + kAlign));
   const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
-    RowMatrixf& s = scratch[static_cast<std::size_t>(omp_get_thread_num())];
+    float* s = scratch[static_cast<std::size_t>(omp_get_thread_num())].data();
+    s += (kAlign - reinterpret_cast<std::uintptr_t>(s) / sizeof(float) % kAlign) % kAlign;
 #pragma omp for schedule(dynamic, 1)
     for (index_t c = 0; c < chunks; ++c) {
       errors.run([&] {
@@ -93,7 +100,7 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
         const index_t end = std::min(n, (c + 1) * chunk);
         for (index_t t0 = c * chunk; t0 < end; t0 += kTile) {
           const index_t rows = std::min(kTile, end - t0);
-          kt.softmax_tile(f.data(), batch, dim, bank.row(t0), bank.stride, rows, inv_tau, s.data(), kTile,
+          kt.softmax_tile(f.data(), batch, dim, bank.row(t0), bank.stride, rows, inv_tau, s, kTile,
                           p.max.data(), p.sum.data(), p.acc.data());
         }
       });

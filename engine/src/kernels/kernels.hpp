@@ -73,6 +73,8 @@ struct Table {
   /// One bank tile of the exact softmax for a batch: S = F V^T inv_tau (F batch x dim, V rows x dim at
   /// vstride; S in s, ld lds), then per query i the online update of max[i], sum[i] (double) and
   /// acc (batch x dim, rescaled when the max grows) with exp(S_i - max_i) and += exp(S) V.
+  /// s must be 64-byte aligned and lds a multiple of 16: Eigen's vectorised loops start with scalar
+  /// elements up to the first aligned one, so the rounding would otherwise depend on the address.
   void (*softmax_tile)(const float* f, idx batch, idx dim, const float* v, idx vstride, idx rows, float inv_tau,
                        float* s, idx lds, double* max, double* sum, float* acc);
 
