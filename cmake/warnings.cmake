@@ -31,6 +31,15 @@ function(membank_apply_warnings)
     # known false positive that no source change of ours can silence.
     list(APPEND _flags -Wno-maybe-uninitialized)
   endif()
+  if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 12.3 AND MEMBANK_SANITIZE)
+    # GCC 12.2's avx512fintrin.h reports its own _mm512_undefined_* values as used uninitialised once
+    # Eigen's AVX-512 kernels are inlined into sanitizer-instrumented -O1 code (fixed in later GCCs).
+    list(APPEND _flags -Wno-uninitialized)
+  endif()
+  if(CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    # Some targets name GCC-only warning switches (-Wno-maybe-uninitialized) in their own options.
+    list(APPEND _flags -Wno-unknown-warning-option)
+  endif()
   # Eigen's AVX-512 packet types carry alignment attributes that GCC ignores in template arguments.
   list(APPEND _flags -Wno-ignored-attributes)
   if(MEMBANK_WERROR)
