@@ -94,7 +94,7 @@ void add_bench_knn(CLI::App& bench) {
   cmd->add_option("--k", o->k, "neighbours")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--threads", o->threads, "OpenMP threads (0: default)")->capture_default_str()->check(thread_count());
   cmd->add_flag("--json", o->json, "print one JSON object");
-  cmd->callback([o] { run_bench_knn(*o); });
+  cmd->callback(command([o] { run_bench_knn(*o); }));
 }
 
 }  // namespace membank::tools

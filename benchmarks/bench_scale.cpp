@@ -721,7 +721,7 @@ void add_bench_scale(CLI::App& bench) {
                   "run nothing: print the crossover and thread summaries of an earlier sweep's JSON lines")
       ->check(input_file());
   cmd->add_flag("--plot", o->plot, "after the run, draw the PNG charts beside --out (/usr/bin/python3, matplotlib)");
-  cmd->callback([o, cmd] { run_bench_scale(*o, *cmd); });
+  cmd->callback(command([o, cmd] { run_bench_scale(*o, *cmd); }));
 }
 
 }  // namespace membank::tools

@@ -169,7 +169,7 @@ void add_bench_snapshot(CLI::App& bench) {
       integer_in(0, 9));
   cmd->add_flag("--keep", o->keep, "keep the files afterwards");
   cmd->add_flag("--json", o->json, "print one JSON object");
-  cmd->callback([o] { run_bench_snapshot(*o); });
+  cmd->callback(command([o] { run_bench_snapshot(*o); }));
 }
 
 }  // namespace membank::tools

@@ -362,7 +362,7 @@ void add_bench_soak(CLI::App& bench) {
   cmd->add_option("--seed", o->seed, "seed of the bank, the inputs and the negatives")->capture_default_str();
   cmd->add_option("--out", o->out, "also write the JSON result (with the RSS samples) to this file");
   cmd->add_flag("--json", o->json, "print one JSON object (with the RSS samples) instead of text");
-  cmd->callback([o] { run_bench_soak(*o); });
+  cmd->callback(command([o] { run_bench_soak(*o); }));
 }
 
 }  // namespace membank::tools

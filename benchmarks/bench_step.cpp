@@ -131,7 +131,7 @@ void add_bench_step(CLI::App& bench) {
       integer_in(1, INT_MAX));
   cmd->add_option("--seed", o->seed, "seed of the bank, the inputs and the negatives")->capture_default_str()->check(seed_value());
   cmd->add_flag("--json", o->json, "print one JSON object instead of text");
-  cmd->callback([o] { run_bench_step(*o); });
+  cmd->callback(command([o] { run_bench_step(*o); }));
 }
 
 }  // namespace membank::tools

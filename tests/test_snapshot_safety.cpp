@@ -191,7 +191,7 @@ TEST_CASE("snapshot safety: check_snapshot_destination refuses what cannot be wr
   CHECK(WEXITSTATUS(st) == 0);
 }
 
-TEST_CASE("snapshot safety: a write that fails inside HDF5 part way throws; the process exits with the error") {
+TEST_CASE("snapshot safety: a write that fails inside HDF5 part way throws and the process exits with the error") {
   // Guards the containment of HDF5 failures no up-front check can foresee (the disk fills up
   // meanwhile, an I/O error): snapshot_fault_writer fails every write to its temporary with ENOSPC
   // after B bytes, for 41 values of B from 0 to the whole file, with and without deflate. Each writer

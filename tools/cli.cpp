@@ -22,10 +22,7 @@ namespace membank::tools {
 
 namespace {
 
-void drop_callbacks(CLI::App& app) {
-  app.callback(std::function<void()>());
-  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) drop_callbacks(*sub);
-}
+bool g_parse_only = false;
 
 /// SIGINT: one line on stderr and exit status 130 at once. A snapshot being saved keeps its previous
 /// version (the temporary is never renamed); the next save removes the temporary left behind.
@@ -43,6 +40,8 @@ int fail(int code, const std::string& what) {
 
 }  // namespace
 
+bool parse_only_mode() { return g_parse_only; }
+
 int run_cli(int argc, const char* const* argv, bool parse_only) {
   CLI::App app{"membank: memory-bank instance discrimination (Wu et al., CVPR 2018) -- engine tools"};
   app.set_version_flag("--version", std::string("membank ") + MEMBANK_VERSION_STRING);
@@ -57,11 +56,8 @@ int run_cli(int argc, const char* const* argv, bool parse_only) {
   add_bench_soak(*bench);
   add_snapshot(app);
   add_train(app);
-  if (parse_only) {
-    drop_callbacks(app);
-  } else {
-    std::signal(SIGINT, on_sigint);
-  }
+  g_parse_only = parse_only;
+  if (!parse_only) std::signal(SIGINT, on_sigint);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -3,7 +3,22 @@
 // runs when it is selected.
 #include <CLI/CLI.hpp>
 
+#include <functional>
+#include <utility>
+
 namespace membank::tools {
+
+/// True while run_cli parses without running (its parse_only mode, the argument fuzz target's).
+bool parse_only_mode();
+
+/// A subcommand's callback: runs `f` unless the command line is only being parsed. The callback
+/// keeps owning what `f` captures (the options CLI11 writes into), in both modes.
+template <class F>
+std::function<void()> command(F f) {
+  return [f = std::move(f)] {
+    if (!parse_only_mode()) f();
+  };
+}
 
 void add_bench_step(CLI::App& bench);
 void add_bench_snapshot(CLI::App& bench);

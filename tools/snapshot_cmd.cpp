@@ -97,7 +97,7 @@ void add_snapshot(CLI::App& app) {
   auto* ins = snap->add_subcommand("inspect", "Print a snapshot's metadata, row-norm statistics and staleness histogram");
   ins->add_option("FILE", *file, "snapshot (.h5)")->required()->check(input_file());
   ins->add_flag("--json", *json, "print one JSON object");
-  ins->callback([file, json] { inspect(*file, *json); });
+  ins->callback(command([file, json] { inspect(*file, *json); }));
   auto in = std::make_shared<std::string>(), out = std::make_shared<std::string>(),
        dataset = std::make_shared<std::string>("bank");
   auto* imp = snap->add_subcommand(
@@ -108,7 +108,7 @@ void add_snapshot(CLI::App& app) {
       ->required()
       ->check(output_file());
   imp->add_option("--dataset", *dataset, "dataset path inside IN")->capture_default_str();
-  imp->callback([in, out, dataset] {
+  imp->callback(command([in, out, dataset] {
     // Before reading anything: OUT is not IN under any name, and its disk holds about IN's size.
     require_distinct_files("IN", *in, "OUT", *out);
     require_output_space("OUT", *out, static_cast<double>(std::filesystem::file_size(*in)));
@@ -121,13 +121,13 @@ void add_snapshot(CLI::App& app) {
     save_snapshot(*out, engine);
     fmt::print("imported {} x {} from {}:{}; renormalised {} rows; wrote {}\n", n, dim, *in, *dataset, renormalised,
                *out);
-  });
+  }));
   auto vfile = std::make_shared<std::string>();
   auto* ver = snap->add_subcommand(
       "verify", "Check a snapshot completely (format, shapes, checksums, every row); exit status 0 only if sound, 1 if not. "
       "Run it on an untrusted file before loading it anywhere else: it is the check, in a process of its own");
   ver->add_option("FILE", *vfile, "snapshot (.h5)")->required()->check(input_file());
-  ver->callback([vfile] {
+  ver->callback(command([vfile] {
     const auto problems = verify_snapshot(*vfile);
     if (problems.empty()) {
       fmt::print("{}: ok\n", *vfile);
@@ -135,7 +135,7 @@ void add_snapshot(CLI::App& app) {
     }
     for (const auto& p : problems) fmt::print(stderr, "{}: {}\n", *vfile, user_message(p));
     throw ProblemFound(fmt::format("{}: not a sound snapshot", *vfile));
-  });
+  }));
 }
 
 }  // namespace membank::tools

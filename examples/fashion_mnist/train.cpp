@@ -453,7 +453,7 @@ void add_train(CLI::App& app) {
                 "momentum-averaged features of augmented views from across the epoch)");
   cmd->add_option("--out", o->out, "also write the JSON result to this file")->check(output_file());
   cmd->add_flag("--json", o->json, "print one JSON object at the end instead of text");
-  cmd->callback([o] { run_train(*o); });
+  cmd->callback(command([o] { run_train(*o); }));
 }
 
 }  // namespace membank::tools
