@@ -1,4 +1,4 @@
-// The doctest runner of membank_tests (the test cases live in test_*.cpp).
+// The doctest runner of membank_tests and of the examples' fashion_mnist_tests (their cases live in their test_*.cpp).
 // CTest runs every test case as its own process, selected by name (--test-case=NAME): a run whose
 // filters select no test case fails here, so that a misspelt or mangled name cannot pass unseen.
 #define DOCTEST_CONFIG_IMPLEMENT
@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
   const int rc = context.run();
   if (context.shouldExit()) return rc;  // --list-test-cases, --help, ...
   if (g_cases_started == 0) {
-    std::cerr << "membank_tests: the filters selected no test case\n";
+    std::cerr << (argc > 0 ? argv[0] : "tests") << ": the filters selected no test case\n";
     return 1;
   }
   return rc;

@@ -1,6 +1,7 @@
 // Aliasing between a call's arguments and the bank (memory.hpp's contract): inputs that overlap
 // the bank (features = rows of the live bank) give exactly the result of a copy; an output (grad)
 // that overlaps an input, itself or the bank is refused with an Error naming both, changing nothing.
+#include "engine_state.hpp"
 #include "reference.hpp"
 
 #include <doctest/doctest.h>
@@ -54,34 +55,16 @@ std::string message_of(const std::function<void()>& f) {
   return "<no exception>";
 }
 
-struct State {
-  RowMatrixf bank;
-  std::vector<std::int64_t> last_update;
-  std::int64_t steps;
-  bool initialised;
-  double log_z;
-};
-State state_of(const Engine& e) {
-  return {e.bank().to_matrix(), e.bank().last_update(), e.steps_done(), e.partition().initialised,
-          e.partition().log_z};
-}
-void check_same(const State& a, const State& b) {
-  CHECK(bits_equal(a.bank, b.bank));
-  CHECK(a.last_update == b.last_update);
-  CHECK(a.steps == b.steps);
-  CHECK(a.initialised == b.initialised);
-  CHECK(bits_equal(a.log_z, b.log_z));
-}
 
 /// `call` throws Error whose message names both `out` and `in`, and the engine is unchanged.
 void expect_refused(Engine& eng, const std::function<void()>& call, const std::string& out, const std::string& in) {
-  const State before = state_of(eng);
+  const EngineState before = state_of(eng);
   const std::string msg = message_of(call);
   INFO("message: " << msg);
   CHECK(msg.find(out) != std::string::npos);
   CHECK(msg.find(in) != std::string::npos);
   CHECK(msg.find("share memory") != std::string::npos);
-  check_same(before, state_of(eng));
+  check_unchanged(before, state_of(eng));
 }
 
 EngineConfig config(NegativesMode mode, Objective objective = Objective::nce) {
@@ -155,13 +138,13 @@ TEST_CASE("features that are rows of the live bank give the result of a copy of 
       }
       CHECK(bits_equal(s_live.loss, s_twin.loss));
       CHECK(bits_equal(g_live, g_twin));
-      check_same(state_of(live), state_of(twin));
+      check_unchanged(state_of(live), state_of(twin));
       // Engine::update with the bank's rows, twice (the second reads rows the first wrote).
       for (int r = 0; r < 2; ++r) {
         const RowMatrixf again = rows;
         live.update(rows, ids);
         twin.update(again, ids);
-        check_same(state_of(live), state_of(twin));
+        check_unchanged(state_of(live), state_of(twin));
       }
     }
   }
@@ -247,7 +230,7 @@ TEST_CASE("features and grad as disjoint interleaved columns of one buffer are a
   CHECK(bits_equal(sa.loss, sc.loss));
   CHECK(bits_equal(RowMatrixf(g_right), g));
   CHECK(bits_equal(RowMatrixf(buf.leftCols(d)), f));  // the features were not touched
-  check_same(state_of(a), state_of(c));
+  check_unchanged(state_of(a), state_of(c));
 }
 
 TEST_CASE("knn_evaluate and full_softmax_loss read queries that are rows of the bank") {

@@ -1,5 +1,6 @@
 // Caller errors: each throws membank::Error naming the argument, and changes nothing (bank rows,
 // last-update steps, step counter, Z).
+#include "engine_state.hpp"
 #include "reference.hpp"
 
 #include <doctest/doctest.h>
@@ -40,26 +41,6 @@ bool mentions_any(const std::string& msg, const std::vector<std::string>& words)
   return false;
 }
 
-struct EngineState {
-  RowMatrixf bank;
-  std::vector<std::int64_t> last_update;
-  std::int64_t steps = 0;
-  bool initialised = false;
-  double log_z = 0;
-};
-
-EngineState state_of(const Engine& e) {
-  return {e.bank().to_matrix(), e.bank().last_update(), e.steps_done(), e.partition().initialised,
-          e.partition().log_z};
-}
-
-void check_unchanged(const EngineState& a, const EngineState& b) {
-  CHECK(bits_equal(a.bank, b.bank));
-  CHECK(a.last_update == b.last_update);
-  CHECK(a.steps == b.steps);
-  CHECK(a.initialised == b.initialised);
-  CHECK(bits_equal(a.log_z, b.log_z));
-}
 
 /// `call` must throw Error mentioning one of `words`, and leave the engine as it was.
 void expect_rejected(Engine& eng, const std::function<void(Engine&)>& call,

@@ -5,6 +5,7 @@
 // Allocation failures are injected by replacing the global operator new in this test binary: while
 // armed, every operator new called inside an OpenMP region (omp_get_level() > 0) throws
 // std::bad_alloc, which is what the engine's per-thread scratch vectors would see on a full machine.
+#include "engine_state.hpp"
 #include "reference.hpp"
 
 #include <doctest/doctest.h>
@@ -106,24 +107,6 @@ std::string message_of(const std::function<void()>& f) {
   return "<no exception>";
 }
 
-struct State {
-  RowMatrixf bank;
-  std::vector<std::int64_t> last_update;
-  std::int64_t steps;
-  bool initialised;
-  double log_z;
-};
-State state_of(const Engine& e) {
-  return {e.bank().to_matrix(), e.bank().last_update(), e.steps_done(), e.partition().initialised,
-          e.partition().log_z};
-}
-void check_same(const State& a, const State& b) {
-  CHECK(bits_equal(a.bank, b.bank));
-  CHECK(a.last_update == b.last_update);
-  CHECK(a.steps == b.steps);
-  CHECK(a.initialised == b.initialised);
-  CHECK(bits_equal(a.log_z, b.log_z));
-}
 
 }  // namespace
 
@@ -172,7 +155,7 @@ TEST_CASE("a step whose scratch exceeds RLIMIT_AS is refused before allocating, 
   const std::vector<index_t> ids = random_ids(4, 200, rng);
   const RowMatrixf f = unit_rows(4, 16, rng);
   RowMatrixf g(4, 16);
-  const State before = state_of(eng);
+  const EngineState before = state_of(eng);
   {
     AddressSpaceLimit limit(24 << 20);
     if (!limit.active) return;  // cannot lower the limit here: nothing to test
@@ -182,7 +165,7 @@ TEST_CASE("a step whose scratch exceeds RLIMIT_AS is refused before allocating, 
     CHECK(msg.find("RLIMIT_AS") != std::string::npos);
     CHECK(message_of<OutOfMemory>([&] { eng.sample(ids, 0); }).find("sample") != std::string::npos);
   }
-  check_same(before, state_of(eng));
+  check_unchanged(before, state_of(eng));
   eng.step(f, ids, g);  // fits again
   CHECK(eng.steps_done() == 1);
 }
@@ -202,7 +185,7 @@ TEST_CASE("an allocation failing inside an OpenMP region becomes OutOfMemory, th
   const std::vector<index_t> ids = random_ids(8, 300, rng);
   const RowMatrixf f = unit_rows(8, 16, rng);
   RowMatrixf g(8, 16), g_twin(8, 16);
-  const State before = state_of(eng);
+  const EngineState before = state_of(eng);
   std::vector<int> labels(300, 0);
   for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<int>(i % 3);
   const std::vector<int> ql(8, 1);
@@ -219,12 +202,12 @@ TEST_CASE("an allocation failing inside an OpenMP region becomes OutOfMemory, th
     eng.step(f, ids, g);
   });
   CHECK(msg.find("out of memory") != std::string::npos);
-  check_same(before, state_of(eng));
+  check_unchanged(before, state_of(eng));
   const StepStats s = eng.step(f, ids, g);
   const StepStats t = twin.step(f, ids, g_twin);
   CHECK(bits_equal(s.loss, t.loss));
   CHECK(bits_equal(g, g_twin));
-  check_same(state_of(eng), state_of(twin));
+  check_unchanged(state_of(eng), state_of(twin));
 }
 
 TEST_CASE("set_num_threads refuses 100000 and leaves the thread count unchanged") {
