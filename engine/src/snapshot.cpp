@@ -40,7 +40,7 @@ constexpr double kUnitTolerance = 1e-4;  // a saved row further than this from u
 /// An HDF5 handle closed by its destructor.
 class Handle {
  public:
-  Handle(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  Handle(hid_t id, herr_t (*closer)(hid_t)) : id_(id), close_(closer) {}
   Handle(Handle&& o) noexcept : id_(std::exchange(o.id_, -1)), close_(o.close_) {}
   Handle(const Handle&) = delete;
   Handle& operator=(const Handle&) = delete;
