@@ -994,8 +994,11 @@ TEST_CASE("snapshot: import_bank reads float32/float64 (N, D) datasets of any la
     replace_dataset(f, "cube", H5T_IEEE_F32LE, {2, 3, 4}, cube.data());
     H5Fclose(f);
   }
-  for (const auto& [ds, keyword] : std::vector<std::pair<std::string, std::string>>{
+  for (const auto& entry : std::vector<std::pair<std::string, std::string>>{
            {"nan", "row 3"}, {"zero_row", "row 9"}, {"ints", "float"}, {"cube", "rank"}, {"absent", "missing"}}) {
+    // plain references: clang cannot capture a structured binding in CAPTURE's lambda
+    const std::string& ds = entry.first;
+    const std::string& keyword = entry.second;
     CAPTURE(ds);
     std::string msg;
     try {
