@@ -52,6 +52,12 @@ void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define MEMBANK_TEST_TSAN 1
+#endif
+#endif
+#ifndef MEMBANK_TEST_TSAN  // ThreadSanitizer's runtime defines the nothrow forms itself
 // The nothrow forms too (std::stable_sort's temporary buffer uses them): every form of this file's
 // new pairs with its delete, which AddressSanitizer checks.
 void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
@@ -64,6 +70,7 @@ void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
 void* operator new[](std::size_t size, const std::nothrow_t& tag) noexcept { return ::operator new(size, tag); }
 void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
 void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+#endif
 
 using namespace membank;
 using namespace mbtest;
