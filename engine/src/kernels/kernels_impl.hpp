@@ -29,11 +29,12 @@ using detail::prefetch_row;
 using detail::squared_norm_d;
 
 constexpr idx kPrefetchRows = 8;  // rows ahead of the one being scored
-constexpr idx kRowBlock = 8;      // rows scored together in the per-sample NCE kernel
+constexpr idx kBlock = 16;        // rows scored, weighed and accumulated together per query
 
 using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using CMap = Eigen::Map<const Mat, 0, Eigen::OuterStride<>>;
 using MMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
+using Block = Eigen::Array<double, kBlock, 1>;  // one value per row of a block
 
 inline idx min_idx(idx a, idx b) { return a < b ? a : b; }
 
@@ -61,76 +62,102 @@ void k_gather_dots(const float* bank, idx stride, idx dim, const idx* ids, idx k
   }
 }
 
+/// Scores s[r] = row(k0 + r) . f for r < rows, prefetching kPrefetchRows ahead of each row read.
+template <class RowFn>
+inline void score_block(RowFn row, idx k0, idx rows, idx k, const float* f, idx dim, float* s) {
+  for (idx r = 0; r < rows; ++r) {
+    if (k0 + r + kPrefetchRows < k) prefetch_row(row(k0 + r + kPrefetchRows), dim);
+    s[r] = dot(row(k0 + r), f, dim);
+  }
+}
+
 void k_per_sample_query(const PerSampleQuery& q, QueryResult& out) {
-  const idx dim = q.dim;
-  const auto row = [&](idx r) { return q.bank + q.ids[r] * q.stride; };
-  for (idx r = 0; r < min_idx(kPrefetchRows, q.k); ++r) prefetch_row(row(r), dim);
-  const float* f = q.f;
-  float* g = q.g;
-  const float* vy = q.vy;
+  // Everything the loops read is copied into locals: `out` holds doubles that could alias the
+  // query's own, and the compiler would reload them after every store.
+  const float* const bank = q.bank;
+  const idx stride = q.stride, dim = q.dim, kk = q.k;
+  const idx* const ids = q.ids;
+  const float* const log_pn = q.log_pn;
+  const double inv_tau = q.inv_tau, coef_scale = q.coef_scale;
+  const auto row = [=](idx r) { return bank + ids[r] * stride; };
+  for (idx r = 0; r < min_idx(kPrefetchRows, kk); ++r) prefetch_row(row(r), dim);
+  const float* const f = q.f;
+  float* const g = q.g;
+  const float* const vy = q.vy;
   const double s_pos = dot(vy, f, dim);
+  double loss = 0.0, p_pos = 0.0, sum_exp_a = 0.0;
+  // Rows go in blocks of kBlock: their scores first (independent dot products overlap), then the
+  // block's coefficients in vector registers (Eigen's packet exp and log, in double), then the
+  // gradient from the same rows while they are still in L1.
+  alignas(64) float s[kBlock];
+  Block a;
   if (!q.info) {
-    // NCE: a = s/tau - log Z - log(K P_n); h = sigmoid(a).
+    // NCE: a = s/tau - log Z - log(K P_n); h = sigmoid(a); -log(1 - h) = softplus(a).
     for (idx c = 0; c < dim; ++c) g[c] = 0.0f;
     double sp, h, ea;
-    const double a_pos = s_pos * q.inv_tau - q.log_z - q.log_k - q.log_p_y;
+    const double a_pos = s_pos * inv_tau - q.log_z - q.log_k - q.log_p_y;
     softplus_sigmoid(a_pos, sp, h, ea);
-    out.loss = sp - a_pos;  // -log h
-    out.p_pos = std::exp(s_pos * q.inv_tau - q.log_z);
-    out.sum_exp_a = 0.0;
-    axpy(static_cast<float>(-(1.0 - h) * q.coef_scale), vy, g, dim);
+    loss = sp - a_pos;  // -log h
+    p_pos = std::exp(s_pos * inv_tau - q.log_z);
+    axpy(static_cast<float>(-(1.0 - h) * coef_scale), vy, g, dim);
     const double shift = -q.log_z - q.log_k + q.log_excl;
-    for (idx k0 = 0; k0 < q.k; k0 += kRowBlock) {
-      // Scores of a block of rows first (independent dot products overlap), then their
-      // coefficients, then the gradient from the same rows while they are still in L1.
-      const idx rows = min_idx(kRowBlock, q.k - k0);
-      float s[kRowBlock];
+    for (idx k0 = 0; k0 < kk; k0 += kBlock) {
+      const idx rows = min_idx(kBlock, kk - k0);
+      score_block(row, k0, rows, kk, f, dim, s);
+      for (idx r = 0; r < kBlock; ++r) a[r] = r < rows ? s[r] * inv_tau + shift - log_pn[k0 + r] : 0.0;
+      // e = e^-|a| <= 1, so log(1 + e) is log1p(e) to within 1.1e-16 absolute.
+      const Block e = (-a.abs()).exp();
+      const Block one_e = 1.0 + e;
+      const Block softplus = a.max(0.0) + one_e.log();
+      const Block sigmoid = (a > 0.0).select(1.0 / one_e, e / one_e);
+      const Block exp_a = (a > 0.0).select(1.0 / e, e);
       for (idx r = 0; r < rows; ++r) {
-        const idx k = k0 + r;
-        if (k + kPrefetchRows < q.k) prefetch_row(row(k + kPrefetchRows), dim);
-        s[r] = dot(row(k), f, dim);
-      }
-      for (idx r = 0; r < rows; ++r) {
-        const double a = s[r] * q.inv_tau + shift - q.log_pn[k0 + r];
-        softplus_sigmoid(a, sp, h, ea);
-        out.loss += sp;  // -log(1 - h)
-        out.sum_exp_a += ea;
-        s[r] = static_cast<float>(h * q.coef_scale);
+        loss += softplus[r];
+        sum_exp_a += exp_a[r];
+        s[r] = static_cast<float>(sigmoid[r] * coef_scale);
       }
       for (idx r = 0; r < rows; ++r) axpy(s[r], row(k0 + r), g, dim);
     }
   } else {
-    // InfoNCE: online softmax over logits l = s/tau - log P_n; acc = sum_j w_j v_j, w_j = e^(l_j - m).
-    const double l_pos = s_pos * q.inv_tau - q.log_p_y;
+    // InfoNCE: online softmax over logits l = s/tau - log P_n; g holds acc = sum_j w_j v_j with
+    // w_j = e^(l_j - m) until the end, rescaled (with the sums) whenever a block raises the max m.
+    const double l_pos = s_pos * inv_tau - q.log_p_y;
+    const double log_excl = q.log_excl;
     double m = l_pos, total = 1.0, neg_total = 0.0;
-    for (idx c = 0; c < dim; ++c) g[c] = vy[c];  // g holds acc until the end
-    for (idx k = 0; k < q.k; ++k) {
-      if (k + kPrefetchRows < q.k) prefetch_row(row(k + kPrefetchRows), dim);
-      const float* v = row(k);
-      const double l = dot(v, f, dim) * q.inv_tau - q.log_pn[k] + q.log_excl;
-      double w;
-      if (l > m) {
-        const double scale = std::exp(m - l);
+    for (idx c = 0; c < dim; ++c) g[c] = vy[c];
+    for (idx k0 = 0; k0 < kk; k0 += kBlock) {
+      const idx rows = min_idx(kBlock, kk - k0);
+      score_block(row, k0, rows, kk, f, dim, s);
+      double block_max = m;
+      for (idx r = 0; r < rows; ++r) {
+        a[r] = s[r] * inv_tau - log_pn[k0 + r] + log_excl;
+        block_max = a[r] > block_max ? a[r] : block_max;
+      }
+      for (idx r = rows; r < kBlock; ++r) a[r] = block_max;
+      if (block_max > m) {
+        const double scale = std::exp(m - block_max);
         for (idx c = 0; c < dim; ++c) g[c] = static_cast<float>(g[c] * scale);
         total *= scale;
         neg_total *= scale;
-        m = l;
-        w = 1.0;
-      } else {
-        w = std::exp(l - m);
+        m = block_max;
       }
-      total += w;
-      neg_total += w;
-      axpy(static_cast<float>(w), v, g, dim);
+      const Block w = (a - m).exp();
+      for (idx r = 0; r < rows; ++r) {
+        total += w[r];
+        neg_total += w[r];
+      }
+      for (idx r = 0; r < rows; ++r) axpy(static_cast<float>(w[r]), row(k0 + r), g, dim);
     }
-    const double p_pos = std::exp(l_pos - m) / total;
-    out.loss = -std::log(p_pos);
-    out.p_pos = p_pos;
-    out.sum_exp_a = neg_total * std::exp(m);
-    const float a = static_cast<float>(q.coef_scale / total);
-    const float b = static_cast<float>(q.coef_scale);
-    for (idx c = 0; c < dim; ++c) g[c] = a * g[c] - b * vy[c];
+    p_pos = std::exp(l_pos - m) / total;
+    loss = -std::log(p_pos);
+    sum_exp_a = neg_total * std::exp(m);
+    const float ca = static_cast<float>(coef_scale / total);
+    const float cb = static_cast<float>(coef_scale);
+    for (idx c = 0; c < dim; ++c) g[c] = ca * g[c] - cb * vy[c];
   }
+  out.loss = loss;
+  out.p_pos = p_pos;
+  out.sum_exp_a = sum_exp_a;
 }
 
 void k_gemm_abt(idx m, idx n, idx d, float alpha, const float* a, idx lda, const float* b, idx ldb, float* c,
