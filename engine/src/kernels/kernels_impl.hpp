@@ -184,10 +184,14 @@ void k_nce_shared_row(float* s, const float* shift, idx k, float inv_tau, float 
   // -log(1 - h) = softplus(a), h = sigmoid(a); both from one exp(-|a|).
   Eigen::Map<Eigen::ArrayXf> srow(s, k);
   const Eigen::Map<const Eigen::ArrayXf> sh(shift, k);
+  // Each array is materialised before its cast: a cast inside an expression would make Eigen
+  // evaluate the whole expression one scalar at a time (libm's log1pf and exp per entry).
   const Eigen::ArrayXf a = srow * inv_tau - sh;
   const Eigen::ArrayXf e = (-a.abs()).exp();
-  *loss += (a.max(0.0f) + e.log1p()).cast<double>().sum();
-  *sum_exp += a.cast<double>().exp().sum();  // in double: e^a overflows fp32 beyond a ~ 88
+  const Eigen::ArrayXf softplus = a.max(0.0f) + e.log1p();
+  *loss += softplus.cast<double>().sum();
+  const Eigen::ArrayXd a_d = a.cast<double>();
+  *sum_exp += a_d.exp().sum();  // in double: e^a overflows fp32 beyond a ~ 88
   srow = (a > 0.0f).select(1.0f / (1.0f + e), e / (1.0f + e)) * coef_scale;
 }
 
