@@ -296,6 +296,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
         qi.f = in.f + i * in.f_stride;
         qi.g = in.grad + i * in.g_stride;
         qi.vy = cx.bank.row(y);
+        qi.y = y;
         qi.log_p_y = std::log(p_y);
         qi.log_excl = cx.cfg->exclude_positive ? std::log1p(-p_y) : 0.0;
         kernels::QueryResult r;
@@ -304,7 +305,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
         q.loss = r.loss;
         q.p_pos = r.p_pos;
         q.sum_exp_a = r.sum_exp_a;
-        for (index_t k = 0; k < cx.k; ++k) q.collisions += ids_buf[static_cast<std::size_t>(k)] == y;
+        q.collisions = r.collisions;
         out[static_cast<std::size_t>(i)] = q;
       });
     }

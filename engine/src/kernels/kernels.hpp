@@ -36,6 +36,7 @@ struct PerSampleQuery {
   const float* f;         ///< the query's unit feature (dim)
   float* g;               ///< its gradient row (dim), written
   const float* vy;        ///< the positive's bank row
+  idx y;                  ///< the positive's id (its draws among the negatives are counted)
   double inv_tau, tau, log_z, log_k, log_p_y, log_excl, coef_scale;
   bool info;              ///< InfoNCE (else NCE)
 };
@@ -45,6 +46,7 @@ struct QueryResult {
   double loss = 0.0;
   double p_pos = 0.0;
   double sum_exp_a = 0.0;
+  idx collisions = 0;  ///< negatives equal to the positive's id
 };
 
 struct Table {

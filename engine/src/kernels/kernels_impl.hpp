@@ -155,9 +155,12 @@ void k_per_sample_query(const PerSampleQuery& q, QueryResult& out) {
     const float cb = static_cast<float>(coef_scale);
     for (idx c = 0; c < dim; ++c) g[c] = ca * g[c] - cb * vy[c];
   }
+  idx collisions = 0;
+  for (idx r = 0; r < kk; ++r) collisions += ids[r] == q.y;
   out.loss = loss;
   out.p_pos = p_pos;
   out.sum_exp_a = sum_exp_a;
+  out.collisions = collisions;
 }
 
 void k_gemm_abt(idx m, idx n, idx d, float alpha, const float* a, idx lda, const float* b, idx ldb, float* c,
