@@ -108,9 +108,10 @@ void k_per_sample_query(const PerSampleQuery& q, QueryResult& out) {
       // e = e^-|a| <= 1, so log(1 + e) is log1p(e) to within 1.1e-16 absolute.
       const Block e = (-a.abs()).exp();
       const Block one_e = 1.0 + e;
+      const Block inv_one_e = one_e.inverse();
       const Block softplus = a.max(0.0) + one_e.log();
-      const Block sigmoid = (a > 0.0).select(1.0 / one_e, e / one_e);
-      const Block exp_a = (a > 0.0).select(1.0 / e, e);
+      const Block sigmoid = (a > 0.0).select(inv_one_e, e * inv_one_e);
+      const Block exp_a = (a > 0.0).select(e.inverse(), e);
       for (idx r = 0; r < rows; ++r) {
         loss += softplus[r];
         sum_exp_a += exp_a[r];
