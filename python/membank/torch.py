@@ -119,6 +119,9 @@ def nce_loss(features, ids, engine, negatives=None, update=True, stats=None):
     return NCEFunction.apply(features, ids, engine, negatives, update, stats)
 
 
+# Methods that hand out the tensor's storage (writable whatever the tensor's guards).
+_STORAGE_ACCESS = frozenset({"storage", "_storage", "untyped_storage", "_typed_storage"})
+
 _INPLACE_DUNDERS = frozenset({
     "__setitem__", "__set__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
     "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
@@ -139,8 +142,17 @@ class ReadOnlyBank(torch.Tensor):
     ``bank.view()``: only the engine's momentum update writes rows (it keeps them unit-norm). Views
     (``t()``, indexing, ``detach()``, ``.data``) stay read-only and ``.numpy()`` is a read-only
     array; results in new memory (``mm``, ``clone()``, ``index_select``) are plain tensors.
-    ``.storage()`` / ``data_ptr()`` give raw access and are not guarded.
+    ``.storage()`` is refused too: a storage is writable memory with no read-only mode
+    (``torch.save`` and ``copy.deepcopy`` give a plain tensor holding a copy of the rows).
+    ``data_ptr()`` is an address, as unguarded as any raw pointer.
     """
+
+    def __reduce_ex__(self, protocol):
+        # Pickled (torch.save) as a plain tensor holding a copy of the rows.
+        return self.clone().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        return self.clone()
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -150,6 +162,10 @@ class ReadOnlyBank(torch.Tensor):
             name in _INPLACE_DUNDERS
         outs = kwargs.get("out")
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        if name in _STORAGE_ACCESS and args and isinstance(args[0], cls):
+            raise _membank.Error(
+                f"the bank tensor is read-only: {name}() would give writable access to the engine's bank (only "
+                "its momentum update writes rows, keeping them unit-norm); use .clone() for a writable copy")
         if (inplace and args and isinstance(args[0], cls)) or any(isinstance(o, cls) for o in outs):
             raise _membank.Error(
                 f"the bank tensor is read-only: {name} would write into the engine's bank (only its momentum "

@@ -4,7 +4,9 @@ naming both); NCEAverage.memory is read-only; set_num_threads(100000) is refused
 fit raise MemoryError with the bytes needed, before anything is allocated.
 
 Run by ctest through /usr/bin/python3 with PYTHONPATH at the built package (build/python)."""
+import copy
 import ctypes
+import io
 import os
 import subprocess
 import sys
@@ -241,6 +243,8 @@ class TestTorchMemoryReadOnly(unittest.TestCase):
             "detach().fill_": lambda: mem.detach().fill_(0.0),
             ".data.mul_": lambda: mem.data.mul_(2.0),
             "row view copy_": lambda: mem[3].copy_(torch.zeros(D)),
+            "storage()[0] =": lambda: mem.storage().__setitem__(0, 5.0),
+            "row view storage()": lambda: mem[2].storage(),
         }
         for name, w in writes.items():
             with self.subTest(write=name):
@@ -261,6 +265,16 @@ class TestTorchMemoryReadOnly(unittest.TestCase):
         self.assertIs(type(c), torch.Tensor)
         c[0] = 0.0
         self.assertIsInstance(mem.t(), ReadOnlyBank)
+        self.assertIn("ReadOnlyBank([[", repr(mem[:2]))  # printing reads, it does not need the storage
+        buf = io.BytesIO()  # saving reads the rows; what comes back is a plain tensor, a copy
+        torch.save(mem, buf)
+        buf.seek(0)
+        loaded = torch.load(buf)
+        self.assertIs(type(loaded), torch.Tensor)
+        np.testing.assert_array_equal(loaded.numpy(), before)
+        copied = copy.deepcopy(mem)
+        self.assertIs(type(copied), torch.Tensor)
+        copied[0] = 0.0
         # the live rows as features of a step: the same as a copy (twin module)
         twin = NCEAverage(D, N, 16, 0.1, 0.5, seed=2)
         x = mem[:B].clone().requires_grad_(True)
