@@ -4,6 +4,7 @@
 
 #include "detail/check.hpp"
 #include "detail/parallel.hpp"
+#include "detail/softplus.hpp"
 #include "detail/philox.hpp"
 #include "kernels/kernels.hpp"
 
@@ -96,23 +97,9 @@ double Partition::z() const {
 namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-constexpr index_t kSharedRowBlock = 16;
+constexpr index_t kSharedRowBlock = 16;  // queries per GEMM block (fixed: results do not depend on threads)
 
-// queries per GEMM block (fixed: results do not depend on threads)
-
-/// log(1 + e^a) and 1 / (1 + e^-a) from one exp, stable for any a.
-inline void softplus_sigmoid(double a, double& softplus, double& sigmoid, double& exp_a) {
-  const double e = std::exp(-std::fabs(a));
-  if (a > 0) {
-    softplus = a + std::log1p(e);
-    sigmoid = 1.0 / (1.0 + e);
-    exp_a = 1.0 / e;
-  } else {
-    softplus = std::log1p(e);
-    sigmoid = e / (1.0 + e);
-    exp_a = e;
-  }
-}
+using detail::softplus_sigmoid;
 
 /// Streaming log-sum-exp of a sequence of values.
 struct Lse {

@@ -13,6 +13,7 @@
 #include "kernels/kernels.hpp"
 
 #include "detail/simd.hpp"
+#include "detail/softplus.hpp"
 
 #include <Eigen/Core>
 
@@ -26,6 +27,7 @@ namespace {
 using detail::axpy;
 using detail::dot;
 using detail::prefetch_row;
+using detail::softplus_sigmoid;
 using detail::squared_norm_d;
 
 constexpr idx kPrefetchRows = 8;  // rows ahead of the one being scored
@@ -37,20 +39,6 @@ using MMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
 using Block = Eigen::Array<double, kBlock, 1>;  // one value per row of a block
 
 inline idx min_idx(idx a, idx b) { return a < b ? a : b; }
-
-/// log(1 + e^a) and 1 / (1 + e^-a) from one exp, stable for any a.
-inline void softplus_sigmoid(double a, double& softplus, double& sigmoid, double& exp_a) {
-  const double e = std::exp(-std::fabs(a));
-  if (a > 0) {
-    softplus = a + std::log1p(e);
-    sigmoid = 1.0 / (1.0 + e);
-    exp_a = 1.0 / e;
-  } else {
-    softplus = std::log1p(e);
-    sigmoid = e / (1.0 + e);
-    exp_a = e;
-  }
-}
 
 float k_dot(const float* a, const float* b, idx n) { return dot(a, b, n); }
 
