@@ -331,8 +331,9 @@ nlohmann::json run_config(const Config& c, const ScaleOptions& o, const std::map
   const double step_med = median(step_ms), floor_med = median(floor_ms);
   const double gb = rows_gb(c);
   const double eff_gbs = gb / (step_med * 1e-3);
-  const double floor_gb = full ? static_cast<double>(c.n) * c.dim * 4e-9
-                               : static_cast<double>(c.batch) * static_cast<double>(c.k + 1) * c.dim * 4e-9;
+  const double row_gb = static_cast<double>(c.dim) * 4e-9;
+  const double floor_gb = full ? static_cast<double>(c.n) * row_gb
+                               : static_cast<double>(c.batch) * static_cast<double>(c.k + 1) * row_gb;
   const double ceil_t = ceiling.count(c.threads) ? ceiling.at(c.threads) : std::nan("");
   nlohmann::json r = {{"bench", "scale"},
                       {"record", "config"},
@@ -608,10 +609,10 @@ void run_bench_scale(ScaleOptions o, const CLI::App& cmd) {
       progress.show(0, fmt::format("memory-bandwidth ceiling, {} threads", t));
       membank::set_num_threads(t);
       ceiling[t] = stream_read_gb_per_s(buf);
-      sink.row({{"bench", "scale"}, {"record", "stream"}, {"threads", t}, {"buffer_mb", floats * 4e-6},
+      sink.row({{"bench", "scale"}, {"record", "stream"}, {"threads", t}, {"buffer_mb", static_cast<double>(floats) * 4e-6},
                 {"stream_gb_per_s", ceiling[t]}},
                fmt::format("memory-bandwidth ceiling (streaming read of {:.0f} MB): {:.1f} GB/s with {} threads",
-                           floats * 4e-6, ceiling[t], t));
+                           static_cast<double>(floats) * 4e-6, ceiling[t], t));
     }
   }
   if (!o.json)
@@ -627,7 +628,7 @@ void run_bench_scale(ScaleOptions o, const CLI::App& cmd) {
     std::string why;
     if (need > avail) {
       why = fmt::format("does not fit in memory: needs about {:.1f} GB resident (bank {:.1f} GB), MemAvailable is {:.1f} GB", need * 1e-9,
-                        static_cast<double>(c.n) * c.dim * 4e-9, avail * 1e-9);
+                        static_cast<double>(c.n) * static_cast<double>(c.dim) * 4e-9, avail * 1e-9);
     } else {
       try {
         rows.push_back(run_config(c, o, ceiling, ceiling[procs], progress, i));

@@ -59,7 +59,7 @@ struct SoakOptions {
 class SoakInputs {
  public:
   SoakInputs(index_t n, index_t dim, index_t batch, std::uint64_t seed)
-      : n_(n), dim_(dim), batch_(batch), seed_(seed), ids_(static_cast<std::size_t>(batch)), features_(batch, dim) {
+      : n_(n), batch_(batch), seed_(seed), ids_(static_cast<std::size_t>(batch)), features_(batch, dim) {
     std::mt19937_64 rng(seed ^ 0x5eed5eedULL);
     protos_ = random_unit_rows(n, dim, rng);
     noise_ = random_unit_rows(kNoiseRows, dim, rng);
@@ -88,7 +88,7 @@ class SoakInputs {
 
  private:
   static constexpr index_t kNoiseRows = 4093;  // prime: the perturbation of an instance changes every epoch
-  index_t n_, dim_, batch_;
+  index_t n_, batch_;
   std::uint64_t seed_;
   RowMatrixf protos_, noise_;
   std::vector<index_t> perm_;

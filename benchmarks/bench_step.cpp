@@ -49,7 +49,9 @@ double run_one(const StepOptions& o) {
   setup.sampler = sampler_kind_from_string(o.sampler);
   setup.objective = objective_from_string(o.objective);
   setup.seed = o.seed;
-  if (!o.json) fmt::print(stderr, "building a {} x {} bank ({:.2f} GB) ...\n", o.n, o.dim, o.n * o.dim * 4e-9);
+  if (!o.json)
+    fmt::print(stderr, "building a {} x {} bank ({:.2f} GB) ...\n", o.n, o.dim,
+               static_cast<double>(o.n) * static_cast<double>(o.dim) * 4e-9);
   StepBench bench(setup, o.repeats);
   const double alias_build_ms = bench.alias_build_ms;
   const std::vector<double> step_ms = bench.time_steps(o.repeats);
@@ -58,7 +60,7 @@ double run_one(const StepOptions& o) {
   const std::vector<double> floor_ms = bench.time_gather_floor(o.repeats, &checksum);
 
   const double step_med = median(step_ms), floor_med = median(floor_ms);
-  const double gbytes = static_cast<double>(o.batch) * static_cast<double>(o.k + 1) * o.dim * 4e-9;
+  const double gbytes = static_cast<double>(o.batch) * static_cast<double>(o.k + 1) * static_cast<double>(o.dim) * 4e-9;
   nlohmann::json row = {
       {"bench", "step"},          {"n", o.n},
       {"dim", o.dim},             {"k", o.k},

@@ -3,7 +3,11 @@
 #
 #   MEMBANK_WARNINGS     -Wall -Wextra -Wshadow (+ -Wpedantic on the engine library)     default ON
 #   MEMBANK_WCONVERSION  -Wconversion as well (implicit narrowing of values)            default OFF
-#   MEMBANK_WERROR       warnings are errors (CI turns this on)                         default OFF
+#   MEMBANK_WERROR       warnings are errors                                            default OFF
+#
+# CI (.ci/sanitizers) builds with MEMBANK_WCONVERSION and MEMBANK_WERROR on, with GCC and clang:
+# the project's code has no implicit narrowing; a conversion that narrows on purpose is written as a
+# static_cast.
 option(MEMBANK_WARNINGS "Compile this project's targets with -Wall -Wextra -Wshadow" ON)
 option(MEMBANK_WCONVERSION "Add -Wconversion to this project's warnings" OFF)
 option(MEMBANK_WERROR "Treat warnings in this project's targets as errors" OFF)

@@ -376,7 +376,7 @@ FullResult full_softmax_chunked(const PyBank& b, const Matrix2<float>& f, const 
   const index_t batch = ids.size, n = b.s->get().size(), dim = b.s->get().dim();
   // One call unless the work is large (B N D >= 2^31 multiply-adds, ~30 ms here): then blocks of 64
   // queries (the engine parallelises over the bank, so a block keeps every thread busy).
-  const index_t block = (static_cast<double>(batch) * n * dim >= 2147483648.0) ? 64 : batch;
+  const index_t block = (static_cast<double>(batch) * static_cast<double>(n) * static_cast<double>(dim) >= 2147483648.0) ? 64 : batch;
   if (f.rows != batch)
     throw Error(fmt::format("features has {} rows: expected B = {} (one per id)", f.rows, batch));
   FullResult r;

@@ -183,7 +183,10 @@ TEST_CASE("every path's kNN matches a double brute force on queries whose answer
                       [&](index_t a, index_t b) { return S(i, a) > S(i, b); });
     const double gap = S(i, order[k - 1]) - S(i, order[k]);
     std::vector<double> score(classes, 0.0);
-    for (index_t r = 0; r < k; ++r) score[static_cast<std::size_t>(bl[order[r]])] += std::exp(S(i, order[r]) / sigma);
+    for (index_t r = 0; r < k; ++r) {
+      const index_t j = order[static_cast<std::size_t>(r)];
+      score[static_cast<std::size_t>(bl[static_cast<std::size_t>(j)])] += std::exp(S(i, j) / sigma);
+    }
     const int best = static_cast<int>(std::max_element(score.begin(), score.end()) - score.begin());
     double second = 0.0;
     for (int cl = 0; cl < classes; ++cl)

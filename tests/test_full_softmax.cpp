@@ -73,7 +73,7 @@ TEST_CASE("Objective::full_softmax step equals the reference and refreshes the b
     ids[5] = ids[2];
     RowMatrixf x = near_rows(bank0, ids, 0.4, rng);
     if (normalize)
-      for (index_t i = 0; i < B; ++i) x.row(i) *= static_cast<float>(0.5 + i);
+      for (index_t i = 0; i < B; ++i) x.row(i) *= static_cast<float>(0.5 + static_cast<double>(i));
     const RowMatrixd X = x.cast<double>();
     const RowMatrixd F = normalized_d(X);
     const FullOut ref = reference_full(bank0.cast<double>(), F, ids, tau);

@@ -30,10 +30,15 @@ RefKnn brute_force(const RowMatrixd& V, const std::vector<int>& vl, const RowMat
     std::iota(idx.begin(), idx.end(), index_t{0});
     std::stable_sort(idx.begin(), idx.end(), [&](index_t a, index_t b) { return s[a] > s[b]; });
     std::vector<double> score(static_cast<std::size_t>(classes), 0.0);
-    for (index_t j = 0; j < k; ++j) score[static_cast<std::size_t>(vl[static_cast<std::size_t>(idx[j])])] += std::exp(s[idx[j]] / sigma);
+    for (index_t j = 0; j < k; ++j) {
+      const index_t row = idx[static_cast<std::size_t>(j)];
+      score[static_cast<std::size_t>(vl[static_cast<std::size_t>(row)])] += std::exp(s[row] / sigma);
+    }
     std::vector<int> order(static_cast<std::size_t>(classes));
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return score[a] > score[b]; });
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+      return score[static_cast<std::size_t>(a)] > score[static_cast<std::size_t>(b)];
+    });
     r.pred.push_back(order[0]);
     r.top5.emplace_back(order.begin(), order.begin() + std::min(5, classes));
     r.nn.push_back(vl[static_cast<std::size_t>(idx[0])]);

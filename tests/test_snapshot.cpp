@@ -488,7 +488,8 @@ TEST_CASE("snapshot: a resumed engine continues bit for bit (first_batch, ema, s
     const auto whole = run_fed_steps(c, 2 * S, 77, batch);
     Engine a = make_engine(n, d, cs.alias, cfg, 8);
     const auto first = run_fed_steps(a, S, 77, batch);
-    for (int s = 0; s < S; ++s) REQUIRE(same_stats(first[s], whole[s]));
+    for (int s = 0; s < S; ++s)
+      REQUIRE(same_stats(first[static_cast<std::size_t>(s)], whole[static_cast<std::size_t>(s)]));
     const std::string p = tmp / "resume.h5";
     membank::SnapshotOptions opt;
     opt.deflate_level = cs.deflate;
@@ -498,7 +499,7 @@ TEST_CASE("snapshot: a resumed engine continues bit for bit (first_batch, ema, s
     const auto tail = run_fed_steps(b, S, 77, batch);
     for (int s = 0; s < S; ++s) {
       CAPTURE(s);
-      CHECK(same_stats(tail[s], whole[S + s]));
+      CHECK(same_stats(tail[static_cast<std::size_t>(s)], whole[static_cast<std::size_t>(S + s)]));
     }
     check_same_state(b, c);
     // The engine that was saved is unaffected by saving: it continues like C too.
@@ -537,7 +538,7 @@ TEST_CASE("snapshot: a run resumed in a fresh process continues bit for bit") {
     CAPTURE(s);
     std::string loss, z, zhat, ppos;
     REQUIRE(static_cast<bool>(lf >> loss >> z >> zhat >> ppos));
-    const StepStats& w = whole[S + s];
+    const StepStats& w = whole[static_cast<std::size_t>(S + s)];
     CHECK(loss == hex_bits(w.loss));
     CHECK(z == hex_bits(w.z));
     CHECK(zhat == hex_bits(w.z_estimate));

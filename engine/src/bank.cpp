@@ -219,13 +219,13 @@ void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t ste
 }
 
 void Bank::update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step) {
-  const auto batch = static_cast<index_t>(ids.size());
+  const std::size_t batch = ids.size();
   // Group equal ids; within a group keep batch order (stable sort), groups are independent.
-  std::vector<index_t> order(static_cast<std::size_t>(batch));
-  std::iota(order.begin(), order.end(), index_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](index_t a, index_t b) { return ids[a] < ids[b]; });
-  std::vector<index_t> group_start;
-  for (index_t p = 0; p < batch; ++p)
+  std::vector<std::size_t> order(batch);  // positions in the batch
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return ids[a] < ids[b]; });
+  std::vector<std::size_t> group_start;
+  for (std::size_t p = 0; p < batch; ++p)
     if (p == 0 || ids[order[p]] != ids[order[p - 1]]) group_start.push_back(p);
   group_start.push_back(batch);
   const auto groups = static_cast<index_t>(group_start.size()) - 1;
@@ -241,12 +241,14 @@ void Bank::update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step) {
     float* tmp = scratch.data() + static_cast<std::size_t>(omp_get_thread_num() * dim);
 #pragma omp for schedule(static)
     for (index_t g = 0; g < groups; ++g) {
-      const index_t id = ids[order[group_start[g]]];
+      const std::size_t first = group_start[static_cast<std::size_t>(g)];
+      const std::size_t end = group_start[static_cast<std::size_t>(g) + 1];
+      const index_t id = ids[order[first]];  // checked: 0 <= id < N
       float* v = data_ + id * stride_;
-      last_update_[id] = step;
+      last_update_[static_cast<std::size_t>(id)] = step;
       if (m == 1.0) continue;  // normalise(v) of a unit row is the row: leave it bit-exact
-      for (index_t p = group_start[g]; p < group_start[g + 1]; ++p)
-        kt.momentum_row(v, f.row(order[p]).data(), mf, one_minus, tmp, dim);
+      for (std::size_t p = first; p < end; ++p)
+        kt.momentum_row(v, f.row(static_cast<index_t>(order[p])).data(), mf, one_minus, tmp, dim);
     }
   }
 }

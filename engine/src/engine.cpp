@@ -235,7 +235,8 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
         kt.gather_dots(cx.bank.data, cx.bank.stride, dim, ids_buf.data(), cx.k, in.f + i * in.f_stride,
                        s_buf.data());
         Lse lse;
-        for (index_t k = 0; k < cx.k; ++k) lse.add(s_buf[k] * inv_tau - log_pn_buf[k] + log_excl);
+        for (std::size_t k = 0; k < static_cast<std::size_t>(cx.k); ++k)
+          lse.add(s_buf[k] * inv_tau - log_pn_buf[k] + log_excl);
         per_query[static_cast<std::size_t>(i)] = lse;
       });
     }
@@ -332,11 +333,11 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   // log(K P_n) per negative (conditional on the exclusion).
   Eigen::VectorXd log_kpn(k);
   for (index_t j = 0; j < k; ++j)
-    log_kpn[j] = std::log(static_cast<double>(k)) + static_cast<double>(log_pn[j]) - log_excl;
+    log_kpn[j] = std::log(static_cast<double>(k)) + static_cast<double>(log_pn[static_cast<std::size_t>(j)]) - log_excl;
 
   RowMatrixf vneg(k, dim);
 #pragma omp parallel for schedule(static)
-  for (index_t j = 0; j < k; ++j) std::copy_n(cx.bank.row(neg[j]), dim, vneg.row(j).data());
+  for (index_t j = 0; j < k; ++j) std::copy_n(cx.bank.row(neg[static_cast<std::size_t>(j)]), dim, vneg.row(j).data());
 
   RowMatrixf scores(batch, k);
   detail::ExceptionCapture errors;
@@ -374,7 +375,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
         QueryOut q;
         double coef_pos;
         float* srow = scores.row(i).data();  // overwritten by dL/ds (times B tau) in place
-        for (index_t j = 0; j < k; ++j) q.collisions += neg[j] == y;
+        for (const index_t neg_id : neg) q.collisions += neg_id == y;
         if (!info) {
           double sp, h, ea;
           const double a_pos = s_pos * inv_tau - log_z - std::log(static_cast<double>(k)) - std::log(p_y);

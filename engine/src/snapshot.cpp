@@ -318,7 +318,8 @@ void write_bank_direct(hid_t ds, const Bank& bank, index_t chunk_rows, const std
       unsigned char* b = bufs[static_cast<std::size_t>(g)].data();
       const index_t r0 = (g0 + g) * chunk_rows, rows = std::min(chunk_rows, n - r0);
       for (index_t r = 0; r < rows; ++r)
-        std::memcpy(b + static_cast<std::size_t>(r * dim) * sizeof(float), bank.row(r0 + r), dim * sizeof(float));
+        std::memcpy(b + static_cast<std::size_t>(r * dim) * sizeof(float), bank.row(r0 + r),
+                    static_cast<std::size_t>(dim) * sizeof(float));
       std::memset(b + static_cast<std::size_t>(rows * dim) * sizeof(float), 0,
                   static_cast<std::size_t>((chunk_rows - rows) * dim) * sizeof(float));
       const std::uint32_t sum = fletcher32(b, chunk_bytes);

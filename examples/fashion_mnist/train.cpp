@@ -157,7 +157,7 @@ RowMatrixf encode(Encoder<float>& net, const RowMatrixf& images) {
 
 void progress(const std::string& what, int epoch, index_t done, index_t total, double loss) {
   if (!isatty(2)) return;
-  const int width = 30, filled = static_cast<int>(width * done / total);
+  const std::size_t width = 30, filled = static_cast<std::size_t>(30 * done / total);  // 0 <= done <= total
   fmt::print(stderr, "\r  {} epoch {:2d} [{}{}] {:3d}%  loss {:.4f}", what, epoch, std::string(filled, '#'),
              std::string(width - filled, '.'), static_cast<int>(100 * done / total), loss);
   if (done == total) fmt::print(stderr, "\r{:100}\r", "");
