@@ -7,6 +7,7 @@
 // Templated on the scalar so that tests can check the gradients by central differences in double;
 // training uses float. Work is split over OpenMP threads in blocks whose boundaries depend only on
 // the sizes, so the results are identical for any thread count.
+#include <membank/linalg.hpp>
 #include <membank/types.hpp>
 
 #include <Eigen/Dense>
@@ -16,6 +17,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace membank::tools {
@@ -27,16 +29,27 @@ using Vec = Eigen::Matrix<S, 1, Eigen::Dynamic>;
 
 namespace detail {
 
-/// c = a * b (b any Eigen expression, e.g. w.transpose()), rows of c in fixed blocks of 256 spread
-/// over the threads.
-template <class S, class B>
-void gemm_rows(const Mat<S>& a, const B& b, Mat<S>& c) {
-  c.resize(a.rows(), b.cols());
+// Products of float matrices run on the engine's run-time-dispatched kernels (membank/linalg.hpp):
+// the `membank` binary is built for baseline x86-64, and its encoders still multiply with the widest
+// vectors the CPU has. Double (the gradient tests) multiplies with Eigen.
+
+/// c = a * w^T (transpose_w) or a * w, rows of c in fixed blocks of 256 spread over the threads.
+template <class S>
+void gemm_rows(const Mat<S>& a, const Mat<S>& w, bool transpose_w, Mat<S>& c) {
+  const index_t n = transpose_w ? w.rows() : w.cols();
+  c.resize(a.rows(), n);
   const index_t block = 256, blocks = (a.rows() + block - 1) / block;
 #pragma omp parallel for schedule(static)
   for (index_t i = 0; i < blocks; ++i) {
     const index_t r = std::min(block, a.rows() - i * block);
-    c.middleRows(i * block, r).noalias() = a.middleRows(i * block, r) * b;
+    if constexpr (std::is_same_v<S, float>) {
+      membank::matmul(r, n, a.cols(), a.data() + i * block * a.cols(), a.cols(), w.data(), w.cols(), transpose_w,
+                      c.data() + i * block * n, n);
+    } else if (transpose_w) {
+      c.middleRows(i * block, r).noalias() = a.middleRows(i * block, r) * w.transpose();
+    } else {
+      c.middleRows(i * block, r).noalias() = a.middleRows(i * block, r) * w;
+    }
   }
 }
 
@@ -48,7 +61,12 @@ void gemm_atb(const Mat<S>& a, const Mat<S>& b, Mat<S>& c) {
 #pragma omp parallel for schedule(static)
   for (index_t j = 0; j < blocks; ++j) {
     const index_t w = std::min(block, b.cols() - j * block);
-    c.middleCols(j * block, w).noalias() = a.transpose() * b.middleCols(j * block, w);
+    if constexpr (std::is_same_v<S, float>) {
+      membank::matmul_at_b(a.cols(), w, a.rows(), a.data(), a.cols(), b.data() + j * block, b.cols(),
+                           c.data() + j * block, c.cols());
+    } else {
+      c.middleCols(j * block, w).noalias() = a.transpose() * b.middleCols(j * block, w);
+    }
   }
 }
 
@@ -113,9 +131,9 @@ class Mlp final : public Encoder<S> {
 
   const Mat<S>& forward(const Mat<S>& x) override {
     x_ = &x;
-    detail::gemm_rows(x, w1_.transpose(), h_);
+    detail::gemm_rows(x, w1_, true, h_);
     h_ = (h_.rowwise() + Vec<S>(b1_)).cwiseMax(S(0));
-    detail::gemm_rows(h_, w2_.transpose(), z_);
+    detail::gemm_rows(h_, w2_, true, z_);
     z_.rowwise() += Vec<S>(b2_);
     return z_;
   }
@@ -123,7 +141,7 @@ class Mlp final : public Encoder<S> {
   void backward(const Mat<S>& dz) override {
     detail::gemm_atb(dz, h_, gw2_);
     gb2_ = dz.colwise().sum();
-    detail::gemm_rows(dz, w2_, dh_);
+    detail::gemm_rows(dz, w2_, false, dh_);
     dh_ = dh_.cwiseProduct((h_.array() > S(0)).template cast<S>().matrix());
     detail::gemm_atb(dh_, *x_, gw1_);
     gb1_ = dh_.colwise().sum();
@@ -166,15 +184,15 @@ class ConvNet final : public Encoder<S> {
   const Mat<S>& forward(const Mat<S>& x) override {
     const index_t b = x.rows();
     im2col(x.data(), b, 28, 1, cols1_);        // (B*784) x 25
-    detail::gemm_rows(cols1_, w1_.transpose(), y1_);  // (B*784) x c1
+    detail::gemm_rows(cols1_, w1_, true, y1_);  // (B*784) x c1
     relu_bias(y1_, b1_);
     maxpool(y1_, b, 28, c1_, p1_, arg1_);      // (B*196) x c1
     im2col(p1_.data(), b, 14, c1_, cols2_);    // (B*196) x 25 c1
-    detail::gemm_rows(cols2_, w2_.transpose(), y2_);  // (B*196) x c2
+    detail::gemm_rows(cols2_, w2_, true, y2_);  // (B*196) x c2
     relu_bias(y2_, b2_);
     maxpool(y2_, b, 14, c2_, p2_, arg2_);      // (B*49) x c2
     p2_.resize(b, 49 * c2_);                   // row-major: one image per row, NHWC
-    detail::gemm_rows(p2_, w3_.transpose(), z_);
+    detail::gemm_rows(p2_, w3_, true, z_);
     z_.rowwise() += Vec<S>(b3_);
     return z_;
   }
@@ -183,11 +201,11 @@ class ConvNet final : public Encoder<S> {
     const index_t b = dz.rows();
     detail::gemm_atb(dz, p2_, gw3_);
     gb3_ = dz.colwise().sum();
-    detail::gemm_rows(dz, w3_, dp2_);                 // B x 49 c2
+    detail::gemm_rows(dz, w3_, false, dp2_);                 // B x 49 c2
     unpool(dp2_.data(), arg2_, y2_, dy2_);     // (B*196) x c2, relu mask applied
     detail::gemm_atb(dy2_, cols2_, gw2_);
     gb2_ = dy2_.colwise().sum();
-    detail::gemm_rows(dy2_, w2_, dcols2_);            // (B*196) x 25 c1
+    detail::gemm_rows(dy2_, w2_, false, dcols2_);            // (B*196) x 25 c1
     col2im(dcols2_, b, 14, c1_, dp1_);         // (B*196) x c1
     unpool(dp1_.data(), arg1_, y1_, dy1_);     // (B*784) x c1
     detail::gemm_atb(dy1_, cols1_, gw1_);

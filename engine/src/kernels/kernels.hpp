@@ -66,6 +66,8 @@ struct Table {
                    idx ldc);
   /// C += A B, row-major: A m x kk (lda), B kk x n (ldb), C m x n (ldc).
   void (*gemm_ab_acc)(idx m, idx n, idx kk, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc);
+  /// C = A^T B, row-major: A kk x m (lda), B kk x n (ldb), C m x n (ldc).
+  void (*gemm_atb)(idx m, idx n, idx kk, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc);
 
   /// Shared-negatives NCE, one query: a_j = s_j inv_tau - shift_j; adds sum_j softplus(a_j) to *loss and
   /// sum_j e^{a_j} (in double) to *sum_exp, and overwrites s_j with sigmoid(a_j) coef_scale.

@@ -59,6 +59,36 @@ inline void score_block(RowFn row, idx k0, idx rows, idx k, const float* f, idx 
   }
 }
 
+/// g += sum_r w[r] row(k0 + r) for r < rows. The gradient row stays in registers, 64 floats at a
+/// time, while the block's rows are added into it (one load and one store of g per block instead of
+/// per row); each element receives the rows in order, as a sequence of axpy calls would give it.
+template <class RowFn>
+inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float* g, idx dim) {
+  // Sixteen floats of any alignment (GCC's and clang's vector extension; one 512-bit register, or
+  // two or four narrower ones on the other paths).
+  typedef float F16 __attribute__((vector_size(64), aligned(4), may_alias));
+  constexpr idx kChunk = 64;
+  idx c0 = 0;
+  for (; c0 + kChunk <= dim; c0 += kChunk) {
+    F16* gv = reinterpret_cast<F16*>(g + c0);
+    F16 a0 = gv[0], a1 = gv[1], a2 = gv[2], a3 = gv[3];
+    for (idx r = 0; r < rows; ++r) {
+      const F16* v = reinterpret_cast<const F16*>(row(k0 + r) + c0);
+      const float wr = w[r];
+      a0 += wr * v[0];
+      a1 += wr * v[1];
+      a2 += wr * v[2];
+      a3 += wr * v[3];
+    }
+    gv[0] = a0;
+    gv[1] = a1;
+    gv[2] = a2;
+    gv[3] = a3;
+  }
+  if (c0 < dim)
+    for (idx r = 0; r < rows; ++r) axpy(w[r], row(k0 + r) + c0, g + c0, dim - c0);
+}
+
 void k_per_sample_query(const PerSampleQuery& q, QueryResult& out) {
   // Everything the loops read is copied into locals: `out` holds doubles that could alias the
   // query's own, and the compiler would reload them after every store.
@@ -105,7 +135,7 @@ void k_per_sample_query(const PerSampleQuery& q, QueryResult& out) {
         sum_exp_a += exp_a[r];
         s[r] = static_cast<float>(sigmoid[r] * coef_scale);
       }
-      for (idx r = 0; r < rows; ++r) axpy(s[r], row(k0 + r), g, dim);
+      accumulate_block(row, k0, rows, s, g, dim);
     }
   } else {
     // InfoNCE: online softmax over logits l = s/tau - log P_n; g holds acc = sum_j w_j v_j with
@@ -134,8 +164,9 @@ void k_per_sample_query(const PerSampleQuery& q, QueryResult& out) {
       for (idx r = 0; r < rows; ++r) {
         total += w[r];
         neg_total += w[r];
+        s[r] = static_cast<float>(w[r]);
       }
-      for (idx r = 0; r < rows; ++r) axpy(static_cast<float>(w[r]), row(k0 + r), g, dim);
+      accumulate_block(row, k0, rows, s, g, dim);
     }
     p_pos = std::exp(l_pos - m) / total;
     loss = -std::log(p_pos);
@@ -168,6 +199,13 @@ void k_gemm_ab_acc(idx m, idx n, idx kk, const float* a, idx lda, const float* b
   const CMap B(b, kk, n, Eigen::OuterStride<>(ldb));
   MMap C(c, m, n, Eigen::OuterStride<>(ldc));
   C.noalias() += A * B;
+}
+
+void k_gemm_atb(idx m, idx n, idx kk, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc) {
+  const CMap A(a, kk, m, Eigen::OuterStride<>(lda));
+  const CMap B(b, kk, n, Eigen::OuterStride<>(ldb));
+  MMap C(c, m, n, Eigen::OuterStride<>(ldc));
+  C.noalias() = A.transpose() * B;
 }
 
 void k_nce_shared_row(float* s, const float* shift, idx k, float inv_tau, float coef_scale, double* loss,
@@ -240,8 +278,8 @@ void k_momentum_row(float* v, const float* f, float m, float one_minus_m, float*
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
 const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,          k_gather_dots,    k_per_sample_query,
-                   k_gemm_abt,                     k_gemm_ab_acc,  k_nce_shared_row, k_softmax_tile,
-                   k_first_at_least,               k_momentum_row};
+                   k_gemm_abt,                     k_gemm_ab_acc,  k_gemm_atb,       k_nce_shared_row,
+                   k_softmax_tile,                 k_first_at_least, k_momentum_row};
 
 }  // namespace
 
