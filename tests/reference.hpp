@@ -4,12 +4,14 @@
 // Nothing here calls into the engine's arithmetic: the references take the bank rows as a dense
 // double matrix and P_n as a vector of doubles computed by the test itself.
 #include <membank/engine.hpp>
+#include <membank/error.hpp>
 
 #include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <random>
@@ -18,6 +20,22 @@
 #include <vector>
 
 namespace mbtest {
+
+/// The message of the E that `f` throws: "<no exception>" if it throws nothing, "<other exception>"
+/// (with what() when there is one) for another type, so that a check on the message fails and says why.
+template <class E = membank::Error, class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("<other exception> ") + e.what();
+  } catch (...) {
+    return "<other exception>";
+  }
+  return "<no exception>";
+}
 
 using membank::index_t;
 using membank::NegativesMode;

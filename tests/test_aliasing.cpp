@@ -44,18 +44,6 @@ bool brute_overlap(const MemoryRegion& a, const MemoryRegion& b) {
   return false;
 }
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  } catch (...) {
-    return "<other exception>";
-  }
-  return "<no exception>";
-}
-
-
 /// `call` throws Error whose message names both `out` and `in`, and the engine is unchanged.
 void expect_refused(Engine& eng, const std::function<void()>& call, const std::string& out, const std::string& in) {
   const EngineState before = state_of(eng);

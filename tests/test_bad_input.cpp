@@ -23,18 +23,6 @@ constexpr index_t N = 100, D = 8, B = 5, K = 10;
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
 const float kInf = std::numeric_limits<float>::infinity();
 
-/// The message of the membank::Error `f` throws ("<no exception>" / "<other exception>" else).
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  } catch (...) {
-    return "<other exception>";
-  }
-  return "<no exception>";
-}
-
 bool mentions_any(const std::string& msg, const std::vector<std::string>& words) {
   for (const std::string& w : words)
     if (mentions(msg, w)) return true;

@@ -114,19 +114,6 @@ struct AddressSpaceLimit {
   }
 };
 
-template <class E>
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<other exception> ") + e.what();
-  }
-  return "<no exception>";
-}
-
-
 }  // namespace
 
 TEST_CASE("a bank of 10^12 x 128 is refused before allocating, naming the bytes needed and available") {

@@ -271,19 +271,6 @@ struct Frozen {
   }
 };
 
-/// Runs `f`, which must throw E; returns its message ("" if it did not throw E).
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (...) {
-    return "<another exception type>";
-  }
-  return "<no exception>";
-}
-
 }  // namespace
 
 TEST_CASE("an exception thrown inside an OpenMP region reaches the caller and changes nothing") {
