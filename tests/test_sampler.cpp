@@ -185,7 +185,7 @@ TEST_CASE("draw() is a pure function of the stream key and position") {
   auto draw = [&](StreamKey key, std::size_t k) {
     std::vector<index_t> ids(k);
     std::vector<float> log_pn(k);
-    s.draw(key, {}, ids, log_pn);
+    s.draw(key, std::span<const index_t>{}, ids, log_pn);
     return ids;
   };
   const StreamKey key{11, 22, 33, 4};

@@ -229,7 +229,8 @@ class FaultySampler final : public NoiseSampler {
   double prob(index_t j) const override { return inner_.prob(j); }
   std::vector<double> probs() const override { return inner_.probs(); }
   void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override { inner_.lookup(ids, log_pn); }
-  void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+  using NoiseSampler::draw;
+  void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
             std::span<float> log_pn) const override {
     if (armed_) {
       if (!worker_only_ || omp_get_thread_num() != 0) {

@@ -23,16 +23,12 @@ namespace {
 
 constexpr int kMaxConsecutiveRejections = 1000000;
 
-bool is_excluded(std::span<const index_t> excluded, index_t j) {
-  if (excluded.empty()) return false;
-  if (excluded.size() == 1) return excluded[0] == j;
-  return std::binary_search(excluded.begin(), excluded.end(), j);
-}
+bool is_excluded(const Exclusion& excluded, index_t j) { return excluded.contains(j); }
 
 /// Fills ids/log_pn from a stream; `one(stream_words, id&, log_p&)` makes one draw from fresh words.
 /// Uniform draws need 64 bits, so one Philox block serves two; alias draws take a whole block.
 template <int kDrawsPerBlock, class One>
-void draw_loop(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+void draw_loop(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
                std::span<float> log_pn, One&& one) {
   detail::Stream stream(key);
   r123::Philox4x32::ctr_type block{};
@@ -58,6 +54,13 @@ void draw_loop(const StreamKey& key, std::span<const index_t> excluded, std::spa
 
 }  // namespace
 
+bool Exclusion::contains(index_t j) const {
+  if (classes != nullptr && classes[j] == cls) return true;
+  if (ids.empty()) return false;
+  if (ids.size() == 1) return ids[0] == j;
+  return std::binary_search(ids.begin(), ids.end(), j);
+}
+
 UniformSampler::UniformSampler(index_t n) : NoiseSampler(n) {
   MEMBANK_CHECK(n >= 1, "n = {}: expected at least one instance", n);
 }
@@ -75,7 +78,7 @@ void UniformSampler::lookup(std::span<const index_t> ids, std::span<float> log_p
   std::fill_n(log_pn.begin(), ids.size(), static_cast<float>(-std::log(static_cast<double>(n_))));
 }
 
-void UniformSampler::draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+void UniformSampler::draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
                           std::span<float> log_pn) const {
   const auto n = static_cast<std::uint64_t>(n_);
   const float p = static_cast<float>(-std::log(static_cast<double>(n_)));
@@ -147,7 +150,7 @@ void AliasSampler::lookup(std::span<const index_t> ids, std::span<float> log_pn)
   for (std::size_t k = 0; k < ids.size(); ++k) log_pn[k] = cells_[static_cast<std::size_t>(ids[k])].log_p_self;
 }
 
-void AliasSampler::draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+void AliasSampler::draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
                         std::span<float> log_pn) const {
   const auto n = static_cast<std::uint64_t>(n_);
   const Cell* cells = cells_.data();

@@ -43,24 +43,23 @@
 // An allocation that fails anyway, inside OpenMP regions too, is OutOfMemory; the engine is unchanged.
 #include <membank/bank.hpp>
 #include <membank/memory.hpp>
+#include <membank/objective.hpp>
 #include <membank/sampler.hpp>
 #include <membank/types.hpp>
 
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
 
 namespace membank {
 
-enum class Objective { nce, info_nce, full_softmax };
 enum class NegativesMode { per_sample, shared };
 enum class ZPolicy { first_batch, ema, fixed };
 
-std::string to_string(Objective o);
 std::string to_string(NegativesMode m);
 std::string to_string(ZPolicy p);
 /// Parse the names printed by to_string; throw Error naming the value and the choices otherwise.
-Objective objective_from_string(const std::string& s);
 NegativesMode negatives_mode_from_string(const std::string& s);
 ZPolicy z_policy_from_string(const std::string& s);
 
@@ -80,6 +79,21 @@ struct EngineConfig {
   /// i.e. the gradient returned is with respect to the raw rows the caller passed.
   bool normalize_features = false;
   double unit_norm_tolerance = 1e-3;
+
+  // The objectives' parameters (docs/objectives.md); each is checked whatever the objective.
+  double tau_plus = 0.1;        ///< dcl, hcl: class prior tau+; in [0, 1)
+  double beta = 1.0;            ///< hcl: concentration beta; finite, >= 0
+  bool detach_weights = false;  ///< hcl: treat the importance weights as constants (the paper's code does not)
+  double kernel_t = 2.0;        ///< kcl: Gaussian kernel e^{-t |x - y|^2}; finite, > 0
+  double gamma = 16.0;          ///< kcl: weight of the energy term; finite, >= 0
+  /// contrastive: margin on the distance |f - v| (default 1); triplet: on the squared distance
+  /// (default 0.2). NaN: the objective's default (effective_margin()).
+  double margin = std::numeric_limits<double>::quiet_NaN();
+  /// Draw no negative with the query's label (P_n conditioned on the other labels); needs labels.
+  bool exclude_same_label = false;
+
+  /// The margin the objective uses: `margin`, or its default when NaN.
+  double effective_margin() const;
 
   /// Throws Error naming the first field out of range, its value and the allowed range. `n` is the
   /// bank size (K >= N is refused with exclude_positive, as no K distinct... negatives remain).
@@ -110,13 +124,27 @@ struct StepStats {
   double mean_p_positive = 0.0; ///< mean_i P(y_i|f_i): exp(s/tau)/Z (NCE), exact (full), softmax over K+1 (InfoNCE)
   double negative_collision_fraction = 0.0;  ///< fraction of the B*K negatives equal to their query's positive
   std::int64_t step = 0;        ///< the step counter value this step used (before it was incremented)
+  /// infonce, dcl, hcl: the InfoNCE bound on the mutual information, log(K + 1) - L (nats). It
+  /// cannot exceed log(K + 1) (mi_bound_ceiling): near the ceiling it says K is too small to
+  /// measure more, not that the representation holds no more. NaN for the other objectives.
+  double mi_lower_bound = std::numeric_limits<double>::quiet_NaN();
+  double mi_bound_ceiling = std::numeric_limits<double>::quiet_NaN();  ///< log(K + 1)
 };
 
 class Engine {
  public:
   /// Takes ownership of the bank and sampler. Throws Error if config.validate(bank.size()) fails,
-  /// the sampler is null or its size differs from the bank's.
-  Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig config);
+  /// the sampler is null or its size differs from the bank's, or labels is neither empty nor N long.
+  /// supcon, contrastive, triplet and exclude_same_label need labels: given here, or by set_labels()
+  /// before the first step (a step without them throws).
+  Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig config,
+         std::vector<std::int64_t> labels = {});
+
+  /// One int64 label per instance (N of them; any values). Throws Error, changing nothing, on a
+  /// wrong length, or if exclude_same_label is set and some label carries all of the noise mass.
+  void set_labels(std::span<const std::int64_t> labels);
+  /// The labels (empty when none were given).
+  const std::vector<std::int64_t>& labels() const { return labels_; }
 
   /// One training step: draw negatives for step counter step(), compute loss and dL/df with the
   /// pre-update rows, write dL/df into `grad` (B x D), then (if `update`) refresh the rows of `ids`
@@ -171,6 +199,8 @@ class Engine {
   /// Validate, then compute loss and gradient; changes nothing in the engine.
   Computed compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const;
   RowMatrixi sample_impl(IdsRef ids, std::int64_t step) const;
+  /// Error unless the engine holds labels where the objective or exclude_same_label needs them.
+  void check_labels_present() const;
   /// compute(), then commit Z, the bank rows (if update) and the counter.
   StepStats run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
                 bool update);
@@ -180,6 +210,9 @@ class Engine {
   EngineConfig config_;
   Partition partition_;
   std::int64_t step_ = 0;
+  std::vector<std::int64_t> labels_;
+  std::vector<std::int32_t> classes_;   ///< labels_ as indices 0..C-1 (the kernels compare these)
+  std::vector<double> class_mass_;      ///< P_n mass of each class (exclude_same_label's conditioning)
 };
 
 /// Exact non-parametric softmax over the whole bank (the reference objective). Streams the bank in

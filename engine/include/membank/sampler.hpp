@@ -33,6 +33,16 @@ struct StreamKey {
   std::uint32_t purpose = 0;
 };
 
+/// What a draw must avoid: a sorted list of ids, and (when `classes` is set) every id whose class
+/// classes[j] equals `cls` (the engine's exclude_same_label).
+struct Exclusion {
+  std::span<const index_t> ids;
+  const std::int32_t* classes = nullptr;  ///< N class indices, or null
+  std::int32_t cls = 0;
+  bool empty() const { return ids.empty() && classes == nullptr; }
+  bool contains(index_t j) const;
+};
+
 class NoiseSampler {
  public:
   virtual ~NoiseSampler() = default;
@@ -49,14 +59,19 @@ class NoiseSampler {
   virtual void lookup(std::span<const index_t> ids, std::span<float> log_pn) const = 0;
 
   /// Fill ids[0..K) with independent draws from P_n restricted to the complement of `excluded`
-  /// (a sorted list of ids; empty for plain draws): a draw that hits an excluded id is redrawn
+  /// (empty for plain draws): a draw that hits an excluded id is redrawn
   /// from the same stream. log_pn[k] receives log P_n(ids[k]) (unconditional, fp32: what the
   /// objectives consume, so the hot loop takes no logarithm).
   /// Preconditions (checked by the caller, Engine): ids.size() == log_pn.size(); the excluded ids carry
   /// less than all of the mass. Throws Error if 10^6 consecutive draws all hit excluded ids.
   /// Cost O(K) expected; one virtual call per stream, a templated loop inside.
-  virtual void draw(const StreamKey& key, std::span<const index_t> excluded,
-                    std::span<index_t> ids, std::span<float> log_pn) const = 0;
+  virtual void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
+                    std::span<float> log_pn) const = 0;
+  /// The same with a sorted list of excluded ids only.
+  void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+            std::span<float> log_pn) const {
+    draw(key, Exclusion{excluded}, ids, log_pn);
+  }
 
  protected:
   explicit NoiseSampler(index_t n) : n_(n) {}
@@ -72,7 +87,8 @@ class UniformSampler final : public NoiseSampler {
   double prob(index_t j) const override;
   std::vector<double> probs() const override;
   void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override;
-  void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+  using NoiseSampler::draw;
+  void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
             std::span<float> log_pn) const override;
 };
 
@@ -89,7 +105,8 @@ class AliasSampler final : public NoiseSampler {
   double prob(index_t j) const override;
   std::vector<double> probs() const override;
   void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override;
-  void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
+  using NoiseSampler::draw;
+  void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
             std::span<float> log_pn) const override;
   /// The weights the sampler was built from, normalised to sum 1 (double precision).
   const std::vector<double>& normalized_weights() const { return p_; }

@@ -20,33 +20,78 @@
 //   * detail/simd.hpp's row kernels have internal linkage (a per-TU copy).
 // The test `dispatch_symbols` lists every symbol the per-ISA objects define and fails on any
 // outside their own namespaces.
+#include <membank/objective.hpp>
+
 #include <cstdint>
 
 namespace membank::kernels {
 
 using idx = std::int64_t;
 
-/// One query of the fused per-sample NCE / InfoNCE kernel (engine.cpp resolves and checks it all).
+/// The objective of a step and its parameters, resolved by the engine (objectives/ holds the pieces).
+struct ObjectiveParams {
+  Objective objective;
+  double inv_tau;          ///< 1 / tau
+  double k;                ///< K, the draws per query (as a double)
+  idx k_entries;           ///< K
+  double log_z;            ///< nce: log Z
+  double nce_shift;        ///< nce: log N - log K - log Z (a_j = s_j / tau + lw_j + nce_shift)
+  double tau_plus, beta;   ///< dcl, hcl
+  bool detach_weights;     ///< hcl
+  double kernel_t, gamma;  ///< kcl
+  double margin;           ///< contrastive, triplet
+};
+
+/// Scratch a query's objective may use (per thread, the caller's): see per_sample_scratch().
+struct QueryScratch {
+  float* acc2;             ///< dim floats: the second accumulator row
+  float* w;                ///< K floats: a buffered objective's coefficients
+  double* d;               ///< 5 (K + 2) doubles
+  idx* i;                  ///< K + 1 indices
+  unsigned char* flags;    ///< K + 1 bytes
+};
+
+/// One query of the per-sample kernel (the engine resolves and checks it all).
 struct PerSampleQuery {
   const float* bank;      ///< N x stride rows
   idx stride, dim;
-  const idx* ids;         ///< its K negatives
-  const float* log_pn;    ///< their log P_n
+  const idx* ids;         ///< its K draws
+  const float* log_pn;    ///< their unconditional log P_n
   idx k;
+  double lw_shift;        ///< a draw's log importance weight is lw_shift - log_pn: log(1 - excluded mass) - log N
+  double lw_pos;          ///< the positive's: -log(N P_n(y))
   const float* f;         ///< the query's unit feature (dim)
   float* g;               ///< its gradient row (dim), written
   const float* vy;        ///< the positive's bank row
   idx y;                  ///< the positive's id (its draws among the negatives are counted)
-  double inv_tau, tau, log_z, log_k, log_p_y, log_excl, coef_scale;
-  bool info;              ///< InfoNCE (else NCE)
+  const std::int32_t* classes;  ///< label class of every instance (objectives with labels), else null
+  std::int32_t cls;             ///< the query's class
+  double coef_scale;      ///< 1 / B
+  QueryScratch scratch;
+};
+
+/// One query of the shared-negatives kernel: its row of the batch's score matrix is turned into
+/// coef_scale dL/ds in place (the caller adds those rows times the draws' rows with one GEMM).
+struct SharedQuery {
+  float* s;               ///< K scores in, K coefficients out
+  const float* lw;        ///< K log importance weights (the batch's draws)
+  const std::int32_t* neg_classes;  ///< K classes of the draws (objectives with labels), else null
+  std::int32_t cls;
+  const idx* ids;         ///< K draws (collisions with y are counted)
+  idx k, y;
+  double s_pos, lw_pos;
+  double coef_scale;
+  double* rescale;        ///< 2 ceil(K / 16) doubles of scratch
+  QueryScratch scratch;
 };
 
 /// What one query contributes to the step's statistics (the caller sums them in query order).
 struct QueryResult {
   double loss = 0.0;
   double p_pos = 0.0;
-  double sum_exp_a = 0.0;
-  idx collisions = 0;  ///< negatives equal to the positive's id
+  double sum_exp = 0.0;   ///< sum_j e^{s_j / tau + lw_j} (NaN where the objective does not compute it)
+  double c_pos = 0.0;     ///< shared kernel: coef_scale dL/ds_pos (the caller adds c_pos v_pos to the row)
+  idx collisions = 0;     ///< draws equal to the positive's id
 };
 
 struct Table {
@@ -58,8 +103,11 @@ struct Table {
   /// out[r] = bank_row(ids[r]) . f for r < k, prefetching rows ahead (the gather of a query).
   void (*gather_dots)(const float* bank, idx stride, idx dim, const idx* ids, idx k, const float* f, float* out);
 
-  /// NCE or InfoNCE loss and gradient row of one query over its positive and K negatives.
-  void (*per_sample_query)(const PerSampleQuery& q, QueryResult& out);
+  /// Loss and gradient row of one query over its positive and K draws: one pass scores, weighs and
+  /// accumulates the draws' rows (a buffered objective scores them all first, then accumulates).
+  void (*per_sample_query)(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out);
+  /// Loss and coefficients of one query of a shared-negatives batch (see SharedQuery).
+  void (*shared_query)(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out);
 
   /// C = alpha * A B^T, row-major: A m x d (lda), B n x d (ldb), C m x n (ldc).
   void (*gemm_abt)(idx m, idx n, idx d, float alpha, const float* a, idx lda, const float* b, idx ldb, float* c,
@@ -68,11 +116,6 @@ struct Table {
   void (*gemm_ab_acc)(idx m, idx n, idx kk, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc);
   /// C = A^T B, row-major: A kk x m (lda), B kk x n (ldb), C m x n (ldc).
   void (*gemm_atb)(idx m, idx n, idx kk, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc);
-
-  /// Shared-negatives NCE, one query: a_j = s_j inv_tau - shift_j; adds sum_j softplus(a_j) to *loss and
-  /// sum_j e^{a_j} (in double) to *sum_exp, and overwrites s_j with sigmoid(a_j) coef_scale.
-  void (*nce_shared_row)(float* s, const float* shift, idx k, float inv_tau, float coef_scale, double* loss,
-                         double* sum_exp);
 
   /// One bank tile of the exact softmax for a batch: S = F V^T inv_tau (F batch x dim, V rows x dim at
   /// vstride; S in s, ld lds), then per query i the online update of max[i], sum[i] (double) and

@@ -13,7 +13,7 @@
 #include "kernels/kernels.hpp"
 
 #include "detail/simd.hpp"
-#include "detail/softplus.hpp"
+#include "objectives/objectives.hpp"
 
 #include <Eigen/Core>
 
@@ -27,16 +27,18 @@ namespace {
 using detail::axpy;
 using detail::dot;
 using detail::prefetch_row;
-using detail::softplus_sigmoid;
 using detail::squared_norm_d;
+using objectives::Block;
+using objectives::Entries;
+using objectives::kBlock;  // rows scored, weighed and accumulated together per query
+using objectives::Outcome;
+using objectives::Weights;
 
 constexpr idx kPrefetchRows = 8;  // rows ahead of the one being scored
-constexpr idx kBlock = 16;        // rows scored, weighed and accumulated together per query
 
 using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using CMap = Eigen::Map<const Mat, 0, Eigen::OuterStride<>>;
 using MMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
-using Block = Eigen::Array<double, kBlock, 1>;  // one value per row of a block
 
 inline idx min_idx(idx a, idx b) { return a < b ? a : b; }
 
@@ -89,101 +91,177 @@ inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float*
     for (idx r = 0; r < rows; ++r) axpy(w[r], row(k0 + r) + c0, g + c0, dim - c0);
 }
 
-void k_per_sample_query(const PerSampleQuery& q, QueryResult& out) {
+/// The objective O of a query, constructed with its scratch if it is buffered.
+template <class O>
+O make_objective(const ObjectiveParams& p, objectives::Positive pos, const QueryScratch& sc) {
+  if constexpr (O::kBuffered)
+    return O(p, pos, objectives::Workspace{sc.d, sc.i, sc.flags});
+  else
+    return O(p, pos);
+}
+
+inline void scale_row(float* v, double factor, idx dim) {
+  const auto f = static_cast<float>(factor);
+  for (idx c = 0; c < dim; ++c) v[c] *= f;
+}
+
+/// Every objective's per-sample pass over one query: rows go in blocks of kBlock, their scores first
+/// (independent dot products overlap), then the block's coefficients from the objective (vector
+/// registers, Eigen's packet exp and log in double), then the weighted rows into the accumulators
+/// while the rows are still in L1. A buffered objective sees all scores first; its rows are then
+/// gathered a second time to accumulate.
+template <class O>
+void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out) {
   // Everything the loops read is copied into locals: `out` holds doubles that could alias the
   // query's own, and the compiler would reload them after every store.
   const float* const bank = q.bank;
   const idx stride = q.stride, dim = q.dim, kk = q.k;
   const idx* const ids = q.ids;
   const float* const log_pn = q.log_pn;
-  const double inv_tau = q.inv_tau, coef_scale = q.coef_scale;
+  const double lw_shift = q.lw_shift;
+  const std::int32_t* const classes = q.classes;
+  const std::int32_t cls = q.cls;
   const auto row = [=](idx r) { return bank + ids[r] * stride; };
   for (idx r = 0; r < min_idx(kPrefetchRows, kk); ++r) prefetch_row(row(r), dim);
   const float* const f = q.f;
-  float* const g = q.g;
+  float* const acc1 = q.g;
+  float* const acc2 = q.scratch.acc2;
   const float* const vy = q.vy;
-  const double s_pos = dot(vy, f, dim);
-  double loss = 0.0, p_pos = 0.0, sum_exp_a = 0.0;
-  // Rows go in blocks of kBlock: their scores first (independent dot products overlap), then the
-  // block's coefficients in vector registers (Eigen's packet exp and log, in double), then the
-  // gradient from the same rows while they are still in L1.
+  O obj = make_objective<O>(p, {static_cast<double>(dot(vy, f, dim)), q.lw_pos}, q.scratch);
+  for (idx c = 0; c < dim; ++c) acc1[c] = 0.0f;
+  if constexpr (O::kAccumulators == 2)
+    for (idx c = 0; c < dim; ++c) acc2[c] = 0.0f;
   alignas(64) float s[kBlock];
-  Block a;
-  if (!q.info) {
-    // NCE: a = s/tau - log Z - log(K P_n); h = sigmoid(a); -log(1 - h) = softplus(a).
-    for (idx c = 0; c < dim; ++c) g[c] = 0.0f;
-    double sp, h, ea;
-    const double a_pos = s_pos * inv_tau - q.log_z - q.log_k - q.log_p_y;
-    softplus_sigmoid(a_pos, sp, h, ea);
-    loss = sp - a_pos;  // -log h
-    p_pos = std::exp(s_pos * inv_tau - q.log_z);
-    axpy(static_cast<float>(-(1.0 - h) * coef_scale), vy, g, dim);
-    const double shift = -q.log_z - q.log_k + q.log_excl;
-    for (idx k0 = 0; k0 < kk; k0 += kBlock) {
-      const idx rows = min_idx(kBlock, kk - k0);
-      score_block(row, k0, rows, kk, f, dim, s);
-      for (idx r = 0; r < kBlock; ++r) a[r] = r < rows ? s[r] * inv_tau + shift - log_pn[k0 + r] : 0.0;
-      const Block e = (-a.abs()).exp();  // in (0, 1]
-      const Block one_e = 1.0 + e;
-      const Block inv_one_e = one_e.inverse();
-      const Block sigmoid = (a > 0.0).select(inv_one_e, e * inv_one_e);
-      const Block exp_a = (a > 0.0).select(e.inverse(), e);
-      // sum_r softplus(a_r) = sum_r max(a_r, 0) + log prod_r (1 + e_r): one log per block. Each
-      // factor lies in [1, 2], so the product of 16 neither overflows nor loses more than 16 ulp.
-      double positive_part = 0.0, product = 1.0;
-      for (idx r = 0; r < rows; ++r) {
-        positive_part += a[r] > 0.0 ? a[r] : 0.0;
-        product *= one_e[r];
-        sum_exp_a += exp_a[r];
-        s[r] = static_cast<float>(sigmoid[r] * coef_scale);
-      }
-      loss += positive_part + std::log(product);
-      accumulate_block(row, k0, rows, s, g, dim);
+  alignas(64) float w1[kBlock];
+  alignas(64) float w2[kBlock];
+  Entries x;
+  x.same.setZero();
+  Weights w;
+  for (idx k0 = 0; k0 < kk; k0 += kBlock) {
+    const idx rows = min_idx(kBlock, kk - k0);
+    if constexpr (O::kLabels)
+      for (idx r = 0; r < rows && k0 + kBlock + r < kk; ++r) __builtin_prefetch(classes + ids[k0 + kBlock + r]);
+    score_block(row, k0, rows, kk, f, dim, s);
+    for (idx r = 0; r < kBlock; ++r) {
+      x.s[r] = r < rows ? s[r] : 0.0;
+      x.lw[r] = r < rows ? lw_shift - log_pn[k0 + r] : -objectives::kInf;
     }
-  } else {
-    // InfoNCE: online softmax over logits l = s/tau - log P_n; g holds acc = sum_j w_j v_j with
-    // w_j = e^(l_j - m) until the end, rescaled (with the sums) whenever a block raises the max m.
-    const double l_pos = s_pos * inv_tau - q.log_p_y;
-    const double log_excl = q.log_excl;
-    double m = l_pos, total = 1.0, neg_total = 0.0;
-    for (idx c = 0; c < dim; ++c) g[c] = vy[c];
-    for (idx k0 = 0; k0 < kk; k0 += kBlock) {
-      const idx rows = min_idx(kBlock, kk - k0);
-      score_block(row, k0, rows, kk, f, dim, s);
-      double block_max = m;
-      for (idx r = 0; r < rows; ++r) {
-        a[r] = s[r] * inv_tau - log_pn[k0 + r] + log_excl;
-        block_max = a[r] > block_max ? a[r] : block_max;
+    if constexpr (O::kLabels)
+      for (idx r = 0; r < rows; ++r) x.same[r] = classes[ids[k0 + r]] == cls ? 1.0 : 0.0;
+    x.rows = rows;
+    if constexpr (O::kBuffered) {
+      obj.collect(k0, x);
+    } else {
+      w.rescale1 = w.rescale2 = 1.0;
+      obj.block(x, w);
+      if (w.rescale1 != 1.0) scale_row(acc1, w.rescale1, dim);
+      for (idx r = 0; r < rows; ++r) w1[r] = static_cast<float>(w.w1[r]);
+      accumulate_block(row, k0, rows, w1, acc1, dim);
+      if constexpr (O::kAccumulators == 2) {
+        if (w.rescale2 != 1.0) scale_row(acc2, w.rescale2, dim);
+        for (idx r = 0; r < rows; ++r) w2[r] = static_cast<float>(w.w2[r]);
+        accumulate_block(row, k0, rows, w2, acc2, dim);
       }
-      for (idx r = rows; r < kBlock; ++r) a[r] = block_max;
-      if (block_max > m) {
-        const double scale = std::exp(m - block_max);
-        for (idx c = 0; c < dim; ++c) g[c] = static_cast<float>(g[c] * scale);
-        total *= scale;
-        neg_total *= scale;
-        m = block_max;
-      }
-      const Block w = (a - m).exp();
-      for (idx r = 0; r < rows; ++r) {
-        total += w[r];
-        neg_total += w[r];
-        s[r] = static_cast<float>(w[r]);
-      }
-      accumulate_block(row, k0, rows, s, g, dim);
     }
-    p_pos = std::exp(l_pos - m) / total;
-    loss = -std::log(p_pos);
-    sum_exp_a = neg_total * std::exp(m);
-    const float ca = static_cast<float>(coef_scale / total);
-    const float cb = static_cast<float>(coef_scale);
-    for (idx c = 0; c < dim; ++c) g[c] = ca * g[c] - cb * vy[c];
   }
+  if constexpr (O::kBuffered) {
+    float* const wk = q.scratch.w;
+    obj.weights(wk);
+    for (idx r = 0; r < min_idx(kPrefetchRows, kk); ++r) prefetch_row(row(r), dim);
+    for (idx k0 = 0; k0 < kk; k0 += kBlock) {
+      const idx rows = min_idx(kBlock, kk - k0);
+      for (idx r = 0; r < rows && k0 + kPrefetchRows + r < kk; ++r) prefetch_row(row(k0 + kPrefetchRows + r), dim);
+      accumulate_block(row, k0, rows, wk + k0, acc1, dim);
+    }
+  }
+  const Outcome o = obj.finish();
+  const double scale = q.coef_scale;
+  const auto c1 = static_cast<float>(o.c1 * scale), c2 = static_cast<float>(o.c2 * scale),
+             cp = static_cast<float>(o.c_pos * scale);
+  if constexpr (O::kAccumulators == 2)
+    for (idx c = 0; c < dim; ++c) acc1[c] = c1 * acc1[c] + c2 * acc2[c] + cp * vy[c];
+  else
+    for (idx c = 0; c < dim; ++c) acc1[c] = c1 * acc1[c] + cp * vy[c];
   idx collisions = 0;
   for (idx r = 0; r < kk; ++r) collisions += ids[r] == q.y;
-  out.loss = loss;
-  out.p_pos = p_pos;
-  out.sum_exp_a = sum_exp_a;
+  out.loss = o.loss;
+  out.p_pos = o.p_pos;
+  out.sum_exp = o.sum_exp;
   out.collisions = collisions;
+}
+
+void k_per_sample_query(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out) {
+  objectives::with_objective(p, [&](auto tag) { per_sample<typename decltype(tag)::type>(p, q, out); });
+}
+
+/// Every objective's pass over one query's row of a shared-negatives batch: the scores are there
+/// already (one GEMM for the batch); the objective's weights replace them, each block's scaled by the
+/// rescales that came after it, then combined into coef_scale dL/ds.
+template <class O>
+void shared(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out) {
+  float* const s = q.s;
+  float* const w2 = q.scratch.w;  // the second accumulator's weights
+  const idx kk = q.k;
+  O obj = make_objective<O>(p, {q.s_pos, q.lw_pos}, q.scratch);
+  Entries x;
+  x.same.setZero();
+  Weights w;
+  const idx blocks = (kk + kBlock - 1) / kBlock;
+  double* const rescale1 = q.rescale;
+  double* const rescale2 = q.rescale + blocks;
+  for (idx b = 0; b < blocks; ++b) {
+    const idx k0 = b * kBlock, rows = min_idx(kBlock, kk - k0);
+    for (idx r = 0; r < kBlock; ++r) {
+      x.s[r] = r < rows ? s[k0 + r] : 0.0;
+      x.lw[r] = r < rows ? static_cast<double>(q.lw[k0 + r]) : -objectives::kInf;
+    }
+    if constexpr (O::kLabels)
+      for (idx r = 0; r < rows; ++r) x.same[r] = q.neg_classes[k0 + r] == q.cls ? 1.0 : 0.0;
+    x.rows = rows;
+    if constexpr (O::kBuffered) {
+      obj.collect(k0, x);
+    } else {
+      w.rescale1 = w.rescale2 = 1.0;
+      obj.block(x, w);
+      rescale1[b] = w.rescale1;
+      rescale2[b] = w.rescale2;
+      for (idx r = 0; r < rows; ++r) s[k0 + r] = static_cast<float>(w.w1[r]);
+      if constexpr (O::kAccumulators == 2)
+        for (idx r = 0; r < rows; ++r) w2[k0 + r] = static_cast<float>(w.w2[r]);
+    }
+  }
+  if constexpr (O::kBuffered) obj.weights(s);
+  const Outcome o = obj.finish();
+  const double scale = q.coef_scale;
+  if constexpr (O::kBuffered) {
+    for (idx j = 0; j < kk; ++j) s[j] = static_cast<float>(s[j] * o.c1 * scale);
+  } else {
+    // A block's weights are scaled by every rescale that came after it (the accumulator a
+    // per-sample pass keeps would have been).
+    double after1 = 1.0, after2 = 1.0;
+    for (idx b = blocks - 1; b >= 0; --b) {
+      const idx k0 = b * kBlock, rows = min_idx(kBlock, kk - k0);
+      const double f1 = o.c1 * scale * after1, f2 = o.c2 * scale * after2;
+      for (idx r = 0; r < rows; ++r) {
+        double v = f1 * s[k0 + r];
+        if constexpr (O::kAccumulators == 2) v += f2 * w2[k0 + r];
+        s[k0 + r] = static_cast<float>(v);
+      }
+      after1 *= rescale1[b];
+      after2 *= rescale2[b];
+    }
+  }
+  idx collisions = 0;
+  for (idx r = 0; r < kk; ++r) collisions += q.ids[r] == q.y;
+  out.loss = o.loss;
+  out.p_pos = o.p_pos;
+  out.sum_exp = o.sum_exp;
+  out.c_pos = o.c_pos * scale;
+  out.collisions = collisions;
+}
+
+void k_shared_query(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out) {
+  objectives::with_objective(p, [&](auto tag) { shared<typename decltype(tag)::type>(p, q, out); });
 }
 
 void k_gemm_abt(idx m, idx n, idx d, float alpha, const float* a, idx lda, const float* b, idx ldb, float* c,
@@ -209,23 +287,6 @@ void k_gemm_atb(idx m, idx n, idx kk, const float* a, idx lda, const float* b, i
   const CMap B(b, kk, n, Eigen::OuterStride<>(ldb));
   MMap C(c, m, n, Eigen::OuterStride<>(ldc));
   C.noalias() = A.transpose() * B;
-}
-
-void k_nce_shared_row(float* s, const float* shift, idx k, float inv_tau, float coef_scale, double* loss,
-                      double* sum_exp) {
-  // Vectorised over the K negatives (fp32 Eigen packets): a = s/tau - log Z - log(K P_n),
-  // -log(1 - h) = softplus(a), h = sigmoid(a); both from one exp(-|a|).
-  Eigen::Map<Eigen::ArrayXf> srow(s, k);
-  const Eigen::Map<const Eigen::ArrayXf> sh(shift, k);
-  // Each array is materialised before its cast: a cast inside an expression would make Eigen
-  // evaluate the whole expression one scalar at a time (libm's log1pf and exp per entry).
-  const Eigen::ArrayXf a = srow * inv_tau - sh;
-  const Eigen::ArrayXf e = (-a.abs()).exp();
-  const Eigen::ArrayXf softplus = a.max(0.0f) + e.log1p();
-  *loss += softplus.cast<double>().sum();
-  const Eigen::ArrayXd a_d = a.cast<double>();
-  *sum_exp += a_d.exp().sum();  // in double: e^a overflows fp32 beyond a ~ 88
-  srow = (a > 0.0f).select(1.0f / (1.0f + e), e / (1.0f + e)) * coef_scale;
 }
 
 void k_softmax_tile(const float* f, idx batch, idx dim, const float* v, idx vstride, idx rows, float inv_tau,
@@ -280,9 +341,9 @@ void k_momentum_row(float* v, const float* f, float m, float one_minus_m, float*
 #define MEMBANK_STR2(x) #x
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
-const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,          k_gather_dots,    k_per_sample_query,
-                   k_gemm_abt,                     k_gemm_ab_acc,  k_gemm_atb,       k_nce_shared_row,
-                   k_softmax_tile,                 k_first_at_least, k_momentum_row};
+const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_per_sample_query, k_shared_query,
+                   k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_first_at_least,
+                   k_momentum_row};
 
 }  // namespace
 

@@ -1,0 +1,43 @@
+#pragma once
+// infonce: softmax cross-entropy of the positive against its K draws, logQ-corrected (the logits are
+// s / tau - log(K q), q the draw's P_n; the positive's own P_n(y) for it):
+//   l_pos = s_pos / tau + lw_pos,  l_j = s_j / tau + lw_j   (lw = -log(N q): the same shift log(N / K) apart)
+//   L = -l_pos + log(e^{l_pos} + sum_j e^{l_j})
+//   dL/ds_pos = (p_pos - 1) / tau,  dL/ds_j = p_j / tau,  p = softmax over the K + 1 logits
+// Single pass, one accumulator (an online log-sum-exp rescales it when the maximum grows).
+#include "objectives/common.hpp"
+
+namespace membank::objectives {
+namespace {
+
+struct InfoNce {
+  static constexpr int kAccumulators = 1;
+  static constexpr bool kLabels = false;
+  static constexpr bool kBuffered = false;
+
+  double inv_tau, l_pos;
+  OnlineExp lse;
+  double neg_total = 0.0;  // sum_j e^{l_j - lse.max}
+
+  InfoNce(const ObjectiveParams& p, Positive pos) : inv_tau(p.inv_tau), l_pos(pos.s * p.inv_tau + pos.lw),
+                                                   lse(l_pos) {}
+
+  void block(const Entries& x, Weights& w) {
+    w.rescale1 = lse.add(x.s * inv_tau + x.lw, x.rows, w.w1);
+    neg_total *= w.rescale1;
+    for (idx r = 0; r < x.rows; ++r) neg_total += w.w1[r];
+  }
+
+  Outcome finish() const {
+    Outcome o;
+    o.p_pos = std::exp(l_pos - lse.max) / lse.total;
+    o.loss = lse.log_sum() - l_pos;
+    o.c1 = inv_tau / lse.total;
+    o.c_pos = (o.p_pos - 1.0) * inv_tau;
+    o.sum_exp = neg_total * std::exp(lse.max);
+    return o;
+  }
+};
+
+}  // namespace
+}  // namespace membank::objectives

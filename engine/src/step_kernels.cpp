@@ -1,0 +1,318 @@
+#include "step_kernels.hpp"
+
+#include <membank/error.hpp>
+
+#include "detail/check.hpp"
+#include "detail/parallel.hpp"
+#include "detail/philox.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+
+namespace membank::detail {
+
+void Lse::add(double x) {
+  if (!(x > -std::numeric_limits<double>::infinity())) return;
+  if (x > max) {
+    sum = sum * std::exp(max - x) + 1.0;
+    max = x;
+  } else {
+    sum += std::exp(x - max);
+  }
+}
+
+void Lse::merge(const Lse& o) {
+  if (o.sum == 0.0) return;
+  if (o.max > max) {
+    sum = sum * std::exp(max - o.max) + o.sum;
+    max = o.max;
+  } else {
+    sum += o.sum * std::exp(o.max - max);
+  }
+}
+
+double log_z_hat(double log_sum, double draws, index_t n) {
+  return log_sum + std::log(static_cast<double>(n)) - std::log(draws);
+}
+
+kernels::ObjectiveParams objective_params(const EngineConfig& cfg, index_t k, index_t n, double log_z) {
+  kernels::ObjectiveParams p{};
+  p.objective = cfg.objective;
+  p.inv_tau = 1.0 / cfg.tau;
+  p.k = static_cast<double>(k);
+  p.k_entries = k;
+  p.log_z = log_z;
+  p.nce_shift = std::log(static_cast<double>(n)) - std::log(static_cast<double>(k)) - log_z;
+  p.tau_plus = cfg.tau_plus;
+  p.beta = cfg.beta;
+  p.detach_weights = cfg.detach_weights;
+  p.kernel_t = cfg.kernel_t;
+  p.gamma = cfg.gamma;
+  p.margin = cfg.effective_margin();
+  return p;
+}
+
+std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids) {
+  if (!cfg.exclude_positive || cfg.exclude_same_label) return {};
+  std::vector<index_t> u(ids.begin(), ids.end());
+  std::sort(u.begin(), u.end());
+  u.erase(std::unique(u.begin(), u.end()), u.end());
+  return u;
+}
+
+QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y) {
+  QueryExclusion e;
+  if (cx.cfg->exclude_same_label) {
+    const std::int32_t c = cx.classes[y];
+    e.exclusion.classes = cx.classes;
+    e.exclusion.cls = c;
+    e.log_kept = std::log1p(-cx.class_mass[c]);
+  } else if (cx.cfg->exclude_positive) {
+    e.exclusion.ids = std::span<const index_t>(&y, 1);
+    e.log_kept = std::log1p(-cx.sampler->prob(y));
+  }
+  return e;
+}
+
+namespace {
+
+/// Negatives of query i into ids_buf/log_pn_buf: drawn, or copied from the caller's matrix.
+void query_negatives(const KernelContext& cx, const StepInput& in, index_t i, const Exclusion& excl,
+                     std::span<index_t> ids_buf, std::span<float> log_pn_buf) {
+  if (in.negatives) {
+    const index_t* row = in.negatives->data() + i * in.negatives->cols();
+    std::copy_n(row, cx.k, ids_buf.begin());
+    cx.sampler->lookup(ids_buf, log_pn_buf);
+  } else {
+    cx.sampler->draw({cx.cfg->seed, in.step, static_cast<std::uint32_t>(i), purpose_negatives}, excl, ids_buf,
+                     log_pn_buf);
+  }
+}
+
+/// Per-thread scratch of the kernels (allocated inside an ExceptionCapture).
+struct ThreadScratch {
+  std::vector<index_t> ids;
+  std::vector<float> log_pn, lw, acc2, w;
+  std::vector<double> d, rescale;
+  std::vector<index_t> i;
+  std::vector<unsigned char> flags;
+  void allocate(const KernelContext& cx, bool buffered, bool shared) {
+    const auto k = static_cast<std::size_t>(cx.k);
+    if (!shared) {
+      ids.resize(k);
+      log_pn.resize(k);
+    } else {
+      lw.resize(k);
+      rescale.resize(2 * ((k + 15) / 16));
+    }
+    acc2.resize(static_cast<std::size_t>(cx.bank.dim));
+    w.resize(k);
+    if (buffered) {
+      d.resize(5 * (k + 2));
+      i.resize(k + 1);
+      flags.resize(k + 1);
+    }
+  }
+  kernels::QueryScratch view() {
+    return {acc2.data(), w.data(), d.data(), i.data(), flags.data()};
+  }
+};
+
+}  // namespace
+
+double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, index_t batch,
+                                 const kernels::Table& kt) {
+  const index_t dim = cx.bank.dim;
+  const double inv_tau = 1.0 / cx.cfg->tau;
+  const double log_n = std::log(static_cast<double>(cx.bank.rows));
+  std::vector<Lse> per_query(static_cast<std::size_t>(batch));
+  ExceptionCapture errors;
+#pragma omp parallel
+  {
+    std::vector<index_t> ids_buf;
+    std::vector<float> log_pn_buf;
+    std::vector<float> s_buf;
+    errors.run([&] {  // allocations inside the capture; a failed one skips the loop's runs
+      ids_buf.resize(static_cast<std::size_t>(cx.k));
+      log_pn_buf.resize(static_cast<std::size_t>(cx.k));
+      s_buf.resize(static_cast<std::size_t>(cx.k));
+    });
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i = 0; i < batch; ++i) {
+      errors.run([&] {
+        const index_t y = in.ids[static_cast<std::size_t>(i)];
+        const QueryExclusion e = exclusion_of(cx, y);
+        query_negatives(cx, in, i, e.exclusion, ids_buf, log_pn_buf);
+        kt.gather_dots(cx.bank.data, cx.bank.stride, dim, ids_buf.data(), cx.k, in.f + i * in.f_stride,
+                       s_buf.data());
+        Lse lse;
+        for (std::size_t k = 0; k < static_cast<std::size_t>(cx.k); ++k)
+          lse.add(s_buf[k] * inv_tau + (e.log_kept - log_n - log_pn_buf[k]));
+        per_query[static_cast<std::size_t>(i)] = lse;
+      });
+    }
+  }
+  errors.rethrow("the engine's Z estimate");
+  Lse total;
+  for (const auto& q : per_query) total.merge(q);
+  return log_z_hat(total.value(), static_cast<double>(batch) * static_cast<double>(cx.k), cx.bank.rows);
+}
+
+void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t batch,
+                       const kernels::ObjectiveParams& params, std::vector<kernels::QueryResult>& out,
+                       const kernels::Table& kt) {
+  const double log_n = std::log(static_cast<double>(cx.bank.rows));
+  const bool buffered = cx.cfg->objective == Objective::triplet;
+  kernels::PerSampleQuery base{};
+  base.bank = cx.bank.data;
+  base.stride = cx.bank.stride;
+  base.dim = cx.bank.dim;
+  base.k = cx.k;
+  base.classes = cx.classes;
+  base.coef_scale = 1.0 / static_cast<double>(batch);
+  ExceptionCapture errors;
+#pragma omp parallel
+  {
+    ThreadScratch scratch;
+    errors.run([&] { scratch.allocate(cx, buffered, false); });  // inside the capture
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i = 0; i < batch; ++i) {
+      errors.run([&] {
+        const index_t y = in.ids[static_cast<std::size_t>(i)];
+        const QueryExclusion e = exclusion_of(cx, y);
+        query_negatives(cx, in, i, e.exclusion, scratch.ids, scratch.log_pn);
+        kernels::PerSampleQuery q = base;
+        q.ids = scratch.ids.data();
+        q.log_pn = scratch.log_pn.data();
+        q.lw_shift = e.log_kept - log_n;
+        q.lw_pos = -log_n - std::log(cx.sampler->prob(y));
+        q.f = in.f + i * in.f_stride;
+        q.g = in.grad + i * in.g_stride;
+        q.vy = cx.bank.row(y);
+        q.y = y;
+        q.cls = cx.classes ? cx.classes[y] : 0;
+        q.scratch = scratch.view();
+        kt.per_sample_query(params, q, out[static_cast<std::size_t>(i)]);
+      });
+    }
+  }
+  errors.rethrow("the engine's per-sample kernel");
+}
+
+double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch, kernels::ObjectiveParams params,
+                     std::vector<kernels::QueryResult>& out, const kernels::Table& kt) {
+  constexpr index_t kQueryBlock = 16;  // queries per GEMM block (fixed: results do not depend on threads)
+  const index_t dim = cx.bank.dim;
+  const index_t k = cx.k;
+  const double inv_tau = 1.0 / cx.cfg->tau;
+  const double log_n = std::log(static_cast<double>(cx.bank.rows));
+  const bool same_label = cx.cfg->exclude_same_label;
+  const bool buffered = cx.cfg->objective == Objective::triplet;
+
+  // The batch's draws. exclude_positive: none is an id of the batch (P_n conditioned on the rest);
+  // exclude_same_label: each query masks the draws of its own label (weight 0, P_n unconditioned,
+  // which keeps every estimate over the draws unbiased).
+  std::vector<index_t> neg(static_cast<std::size_t>(k));
+  std::vector<float> log_pn(static_cast<std::size_t>(k));
+  double log_kept = 0.0;
+  const std::vector<index_t> excluded = shared_exclusion(*cx.cfg, in.ids);
+  if (!excluded.empty()) {
+    double mass = 0.0;
+    for (const auto j : excluded) mass += cx.sampler->prob(j);
+    MEMBANK_CHECK(mass < 1.0, "the batch's ids carry all of the noise mass ({}): nothing is left to draw "
+                  "shared negatives from with exclude_positive", mass);
+    log_kept = std::log1p(-mass);
+  }
+  if (in.negatives) {
+    std::copy_n(in.negatives->data(), k, neg.begin());
+    cx.sampler->lookup(neg, log_pn);
+  } else {
+    cx.sampler->draw({cx.cfg->seed, in.step, 0u, purpose_shared_negatives}, excluded, neg, log_pn);
+  }
+  std::vector<float> lw(static_cast<std::size_t>(k));
+  for (std::size_t j = 0; j < lw.size(); ++j) lw[j] = static_cast<float>(log_kept - log_n - log_pn[j]);
+  std::vector<std::int32_t> neg_classes;
+  if (cx.classes) {
+    neg_classes.resize(static_cast<std::size_t>(k));
+    for (std::size_t j = 0; j < neg.size(); ++j) neg_classes[j] = cx.classes[neg[j]];
+  }
+  // The weights query i sees: lw, with its own label's draws masked under exclude_same_label.
+  const auto query_lw = [&](index_t i, std::vector<float>& buf) -> const float* {
+    if (!same_label) return lw.data();
+    const std::int32_t c = cx.classes[in.ids[static_cast<std::size_t>(i)]];
+    for (std::size_t j = 0; j < lw.size(); ++j)
+      buf[j] = neg_classes[j] == c ? -std::numeric_limits<float>::infinity() : lw[j];
+    return buf.data();
+  };
+
+  RowMatrixf vneg(k, dim);
+#pragma omp parallel for schedule(static)
+  for (index_t j = 0; j < k; ++j) std::copy_n(cx.bank.row(neg[static_cast<std::size_t>(j)]), dim, vneg.row(j).data());
+
+  RowMatrixf scores(batch, k);
+  ExceptionCapture errors;
+  const index_t blocks = (batch + kQueryBlock - 1) / kQueryBlock;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (index_t blk = 0; blk < blocks; ++blk) {
+    errors.run([&] {
+      const index_t r0 = blk * kQueryBlock, rows = std::min(kQueryBlock, batch - r0);
+      kt.gemm_abt(rows, k, dim, 1.0f, in.f + r0 * in.f_stride, in.f_stride, vneg.data(), dim,
+                  scores.data() + r0 * k, k);
+    });
+  }
+  errors.rethrow("the engine's shared-negatives kernel");
+
+  if (params.objective == Objective::nce && std::isnan(params.log_z)) {
+    std::vector<float> buf(static_cast<std::size_t>(k));
+    Lse total;
+    for (index_t i = 0; i < batch; ++i) {
+      const float* lwi = query_lw(i, buf);
+      for (index_t j = 0; j < k; ++j) total.add(scores(i, j) * inv_tau + lwi[j]);
+    }
+    params = objective_params(*cx.cfg, k, cx.bank.rows,
+                              log_z_hat(total.value(), static_cast<double>(batch) * static_cast<double>(k),
+                                        cx.bank.rows));
+  }
+
+#pragma omp parallel
+  {
+    ThreadScratch scratch;
+    errors.run([&] { scratch.allocate(cx, buffered, true); });  // inside the capture
+#pragma omp for schedule(dynamic, 1)
+    for (index_t blk = 0; blk < blocks; ++blk) {
+      errors.run([&] {
+        const index_t r0 = blk * kQueryBlock, rows = std::min(kQueryBlock, batch - r0);
+        for (index_t i = r0; i < r0 + rows; ++i) {
+          const float* f = in.f + i * in.f_stride;
+          const index_t y = in.ids[static_cast<std::size_t>(i)];
+          const float* vy = cx.bank.row(y);
+          kernels::SharedQuery q{};
+          q.s = scores.row(i).data();  // overwritten by coef_scale dL/ds in place
+          q.lw = query_lw(i, scratch.lw);
+          q.neg_classes = cx.classes ? neg_classes.data() : nullptr;
+          q.cls = cx.classes ? cx.classes[y] : 0;
+          q.ids = neg.data();
+          q.k = k;
+          q.y = y;
+          q.s_pos = kt.dot(vy, f, dim);
+          q.lw_pos = -log_n - std::log(cx.sampler->prob(y));
+          q.coef_scale = 1.0 / static_cast<double>(batch);
+          q.rescale = scratch.rescale.data();
+          q.scratch = scratch.view();
+          kernels::QueryResult& r = out[static_cast<std::size_t>(i)];
+          kt.shared_query(params, q, r);
+          float* g = in.grad + i * in.g_stride;
+          const auto c_pos = static_cast<float>(r.c_pos);
+          for (index_t c = 0; c < dim; ++c) g[c] = c_pos * vy[c];
+        }
+        kt.gemm_ab_acc(rows, dim, k, scores.data() + r0 * k, k, vneg.data(), dim, in.grad + r0 * in.g_stride,
+                       in.g_stride);
+      });
+    }
+  }
+  errors.rethrow("the engine's shared-negatives kernel");
+  return params.log_z;
+}
+
+}  // namespace membank::detail

@@ -1,0 +1,79 @@
+#pragma once
+// The host side of a step's kernels (engine.cpp validates, then calls these): draw or copy each
+// query's negatives, resolve the objective's inputs, call the dispatched kernels (kernels/) in
+// parallel over queries, and estimate Z. Internal to the library.
+#include <membank/engine.hpp>
+
+#include "kernels/kernels.hpp"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace membank::detail {
+
+/// Streaming log-sum-exp of a sequence of values (terms of -inf add nothing).
+struct Lse {
+  double max = -std::numeric_limits<double>::infinity();
+  double sum = 0.0;
+  void add(double x);
+  void merge(const Lse& o);
+  double value() const { return max + std::log(sum); }
+};
+
+/// The partition estimate, written once: log Zhat = log mean over the draws of e^{s / tau} / q' from
+/// the log-sum-exp of s / tau + lw over `draws` draws (lw = -log(N q'), q' their conditional P_n).
+double log_z_hat(double log_sum, double draws, index_t n);
+
+/// One step's inputs, resolved and validated by the caller.
+struct StepInput {
+  const float* f;  ///< B x D unit features
+  index_t f_stride;
+  IdsRef ids;
+  const RowMatrixi* negatives;  ///< caller-supplied, or nullptr: draw them
+  std::int64_t step;
+  float* grad;  ///< B x D output
+  index_t g_stride;
+};
+
+/// The engine pieces a kernel reads.
+struct KernelContext {
+  BankView bank;
+  const NoiseSampler* sampler;
+  const EngineConfig* cfg;
+  const std::int32_t* classes;  ///< label class per instance, or null
+  const double* class_mass;     ///< P_n mass per class, or null
+  index_t k;                    ///< draws per query
+};
+
+/// The objective's parameters for this step (nce's log Z filled in by the caller).
+kernels::ObjectiveParams objective_params(const EngineConfig& cfg, index_t k, index_t n, double log_z);
+
+/// log Zhat of a per-sample step's draws (one scoring pass): the first nce step's Z.
+double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, index_t batch,
+                                 const kernels::Table& kt);
+
+/// Per-sample negatives: one fused pass per query.
+void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t batch,
+                       const kernels::ObjectiveParams& params, std::vector<kernels::QueryResult>& out,
+                       const kernels::Table& kt);
+
+/// Shared negatives: gather the K rows once, score the batch with one GEMM, each query's
+/// coefficients from its objective, then one GEMM adds the rows. For nce with a NaN log Z the
+/// batch's own estimate is used; returns the log Z used (NaN for the other objectives).
+double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch, kernels::ObjectiveParams params,
+                     std::vector<kernels::QueryResult>& out, const kernels::Table& kt);
+
+/// What query y's draws avoid, and log(1 - their P_n mass): the conditioning of P_n. `y` must
+/// outlive the result (the exclusion may point at it).
+struct QueryExclusion {
+  Exclusion exclusion;
+  double log_kept = 0.0;
+};
+QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y);
+
+/// The ids shared negatives avoid: every id of the batch with exclude_positive (sorted), none
+/// otherwise (exclude_same_label masks each query's own label's draws instead).
+std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids);
+
+}  // namespace membank::detail
