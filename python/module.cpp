@@ -289,13 +289,22 @@ py::dict config_dict(const EngineConfig& c) {
   d["seed"] = c.seed;
   d["normalize_features"] = c.normalize_features;
   d["unit_norm_tolerance"] = c.unit_norm_tolerance;
+  d["tau_plus"] = c.tau_plus;
+  d["beta"] = c.beta;
+  d["detach_weights"] = c.detach_weights;
+  d["kernel_t"] = c.kernel_t;
+  d["gamma"] = c.gamma;
+  d["margin"] = c.effective_margin();
+  d["exclude_same_label"] = c.exclude_same_label;
   return d;
 }
 
 std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, index_t k, double tau, double momentum,
                                       const std::string& objective, const std::string& negatives, bool exclude_positive,
                                       const std::string& z_policy, double z_fixed, double z_ema, std::uint64_t seed,
-                                      bool normalize_features, double unit_norm_tolerance) {
+                                      bool normalize_features, double unit_norm_tolerance, double tau_plus, double beta,
+                                      bool detach_weights, double kernel_t, double gamma, py::object margin,
+                                      bool exclude_same_label, py::object labels) {
   if (!bank.s->owned)
     throw Error("Engine(bank): this Bank already belongs to an Engine (each engine owns its bank): make a new Bank, "
                 "or use that engine");
@@ -312,7 +321,19 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
   c.seed = seed;
   c.normalize_features = normalize_features;
   c.unit_norm_tolerance = unit_norm_tolerance;
+  c.tau_plus = tau_plus;
+  c.beta = beta;
+  c.detach_weights = detach_weights;
+  c.kernel_t = kernel_t;
+  c.gamma = gamma;
+  if (!margin.is_none()) c.margin = margin.cast<double>();
+  c.exclude_same_label = exclude_same_label;
   const index_t n = bank.s->owned->size();
+  std::vector<std::int64_t> label_values;
+  if (!labels.is_none()) {
+    const auto l = vector_arg<std::int64_t>(labels, "labels", "int64", "(N,)");
+    label_values.assign(l.span().begin(), l.span().end());
+  }
   // Validate before the bank is moved: a refused configuration leaves the Python Bank usable.
   c.validate(n, bank.s->owned->dim());  // also: one step's scratch for K fits in memory (MemoryError)
   std::unique_ptr<NoiseSampler> s;
@@ -326,10 +347,11 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
     py::gil_scoped_release nogil;
     s = copy_sampler(*ps.s);
   }
+  if (!labels.is_none()) Engine::check_labels(label_values, *s, c);  // before the bank moves
   auto pe = std::make_shared<PyEngine>();
   {
     std::lock_guard lk(bank.s->mu);
-    pe->engine = std::make_unique<Engine>(std::move(*bank.s->owned), std::move(s), c);
+    pe->engine = std::make_unique<Engine>(std::move(*bank.s->owned), std::move(s), c, std::move(label_values));
     bank.s->owned.reset();
     bank.s->in = pe;  // views made earlier keep this engine (hence their rows) alive
   }
@@ -434,6 +456,10 @@ PYBIND11_MODULE(_membank, m) {
       .def_readonly("z_estimate", &StepStats::z_estimate, "Zhat of this step's noise draws")
       .def_readonly("mean_p_positive", &StepStats::mean_p_positive)
       .def_readonly("negative_collision_fraction", &StepStats::negative_collision_fraction)
+      .def_readonly("mi_lower_bound", &StepStats::mi_lower_bound,
+                    "infonce, dcl, hcl: log(K + 1) - L, a lower bound on the mutual information (nats) that "
+                    "cannot exceed log(K + 1) (mi_bound_ceiling); NaN otherwise")
+      .def_readonly("mi_bound_ceiling", &StepStats::mi_bound_ceiling, "log(K + 1), where the bound saturates")
       .def_readonly("step", &StepStats::step, "the step counter this step used")
       .def("__repr__", [](const StepStats& s) {
         return fmt::format("StepStats(loss={:.6g}, z={:.6g}, z_estimate={:.6g}, mean_p_positive={:.4g}, "
@@ -534,13 +560,33 @@ PYBIND11_MODULE(_membank, m) {
            py::arg("k") = 4096, py::arg("tau") = 0.07, py::arg("momentum") = 0.5, py::arg("objective") = "nce",
            py::arg("negatives") = "per-sample", py::arg("exclude_positive") = false,
            py::arg("z_policy") = "first_batch", py::arg("z_fixed") = 0.0, py::arg("z_ema") = 0.99,
-           py::arg("seed") = 0, py::arg("normalize_features") = false, py::arg("unit_norm_tolerance") = 1e-3)
+           py::arg("seed") = 0, py::arg("normalize_features") = false, py::arg("unit_norm_tolerance") = 1e-3,
+           py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0, py::arg("detach_weights") = false,
+           py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0, py::arg("margin") = py::none(),
+           py::arg("exclude_same_label") = false, py::arg("labels") = py::none(),
+           "objective: nce, infonce, dcl, hcl, dhel, kcl, supcon, contrastive, triplet or full "
+           "(docs/objectives.md); labels: int64 (N,), needed by supcon, contrastive, triplet and "
+           "exclude_same_label; margin None: the objective's default (contrastive 1.0, triplet 0.2).")
       .def_property_readonly("bank", [](std::shared_ptr<PyEngine> pe) {
         auto st = std::make_shared<BankState>();
         st->in = std::move(pe);
         return PyBank{st};
       })
       .def_property_readonly("config", [](const PyEngine& pe) { return config_dict(pe.engine->config()); })
+      .def_property_readonly("labels", [](PyEngine& pe) -> py::object {
+        std::vector<std::int64_t> l;
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard lk(pe.mu);
+          l = pe.engine->labels();
+        }
+        if (l.empty()) return py::none();
+        return py::object(to_numpy(std::move(l)));
+      }, "the engine's labels (int64, N), or None")
+      .def("set_labels", [](PyEngine& pe, py::handle labels) {
+        const auto l = vector_arg<std::int64_t>(labels, "labels", "int64", "(N,)");
+        with_engine(pe, [&](Engine& e) { e.set_labels(l.span()); });
+      }, py::arg("labels"), "One int64 label per instance (supcon, contrastive, triplet, exclude_same_label).")
       .def_property_readonly("sampler", [](const PyEngine& pe) {
         // A copy, so that the Python object never outlives what it points to.
         return PySampler{std::shared_ptr<const NoiseSampler>(copy_sampler(pe.engine->sampler()))};

@@ -58,28 +58,51 @@ Engine::Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig co
   if (!labels.empty()) set_labels(labels);
 }
 
-void Engine::set_labels(std::span<const std::int64_t> labels) {
-  MEMBANK_CHECK(static_cast<index_t>(labels.size()) == bank_.size(),
-                "labels has {} entries: expected one per instance (N = {})", labels.size(), bank_.size());
+namespace {
+
+/// Labels as class indices 0..C-1 and the P_n mass of each class, checked.
+struct LabelClasses {
+  std::vector<std::int32_t> classes;
+  std::vector<double> mass;
+};
+
+LabelClasses label_classes(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
+                           const EngineConfig& config) {
+  MEMBANK_CHECK(static_cast<index_t>(labels.size()) == sampler.size(),
+                "labels has {} entries: expected one per instance (N = {})", labels.size(), sampler.size());
   std::vector<std::int64_t> distinct(labels.begin(), labels.end());
   std::sort(distinct.begin(), distinct.end());
   distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
   MEMBANK_CHECK(distinct.size() < (std::size_t{1} << 31), "labels has {} distinct values: expected fewer than 2^31",
                 distinct.size());
-  std::vector<std::int32_t> classes(labels.size());
-  std::vector<double> mass(distinct.size(), 0.0);
+  LabelClasses lc;
+  lc.classes.resize(labels.size());
+  lc.mass.assign(distinct.size(), 0.0);
+  const std::vector<double> p = sampler.probs();
   for (std::size_t j = 0; j < labels.size(); ++j) {
     const auto c = std::lower_bound(distinct.begin(), distinct.end(), labels[j]) - distinct.begin();
-    classes[j] = static_cast<std::int32_t>(c);
-    mass[static_cast<std::size_t>(c)] += sampler_->prob(static_cast<index_t>(j));
+    lc.classes[j] = static_cast<std::int32_t>(c);
+    lc.mass[static_cast<std::size_t>(c)] += p[j];
   }
-  if (config_.exclude_same_label)
-    for (std::size_t c = 0; c < mass.size(); ++c)
-      MEMBANK_CHECK(mass[c] < 1.0, "label {} carries all of the noise mass ({}): nothing is left to draw from "
-                    "with exclude_same_label", distinct[c], mass[c]);
+  if (config.exclude_same_label)
+    for (std::size_t c = 0; c < lc.mass.size(); ++c)
+      MEMBANK_CHECK(lc.mass[c] < 1.0, "label {} carries all of the noise mass ({}): nothing is left to draw from "
+                    "with exclude_same_label", distinct[c], lc.mass[c]);
+  return lc;
+}
+
+}  // namespace
+
+void Engine::check_labels(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
+                          const EngineConfig& config) {
+  label_classes(labels, sampler, config);
+}
+
+void Engine::set_labels(std::span<const std::int64_t> labels) {
+  LabelClasses lc = label_classes(labels, *sampler_, config_);
   labels_.assign(labels.begin(), labels.end());
-  classes_ = std::move(classes);
-  class_mass_ = std::move(mass);
+  classes_ = std::move(lc.classes);
+  class_mass_ = std::move(lc.mass);
 }
 
 void Engine::restore_state(const Partition& partition, std::int64_t step) {

@@ -33,7 +33,7 @@ namespace membank {
 namespace {
 
 constexpr const char* kFormat = "membank-snapshot";
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;  // 2: the objectives' parameters; 1 (still read): nce, infonce, full only
 constexpr index_t kChunkBytes = index_t{1} << 20;
 constexpr double kUnitTolerance = 1e-4;  // a saved row further than this from unit norm is corrupt
 
@@ -395,9 +395,9 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   MEMBANK_CHECK(info.format == kFormat, "{}: format is '{}': expected '{}' (use import_bank for a plain (N, D) "
                 "dataset)", path, info.format, kFormat);
   const std::int64_t version = a.i64("format_version");
-  MEMBANK_CHECK(version == kFormatVersion, "{}: format_version = {}: this membank reads version {}", path, version,
-                kFormatVersion);
-  info.format_version = kFormatVersion;
+  MEMBANK_CHECK(version >= 1 && version <= kFormatVersion, "{}: format_version = {}: this membank reads versions "
+                "1 to {}", path, version, kFormatVersion);
+  info.format_version = static_cast<int>(version);
   info.engine_version = a.str("engine_version");
   info.n = a.i64("n");
   info.dim = a.i64("dim");
@@ -420,6 +420,15 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   c.z_ema = a.f64("z_ema");
   c.normalize_features = a.i64("normalize_features") != 0;
   c.unit_norm_tolerance = a.f64("unit_norm_tolerance");
+  if (version >= 2) {  // version 1 files predate these: the defaults reproduce them
+    c.tau_plus = a.f64("tau_plus");
+    c.beta = a.f64("beta");
+    c.detach_weights = a.i64("detach_weights") != 0;
+    c.kernel_t = a.f64("kernel_t");
+    c.gamma = a.f64("gamma");
+    c.margin = a.f64("margin");
+    c.exclude_same_label = a.i64("exclude_same_label") != 0;
+  }
   try {
     c.validate(info.n);
   } catch (const Error& e) {
@@ -458,6 +467,9 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   check_vector("last_update", H5T_INTEGER, 8);
   if (info.sampler == SamplerKind::alias) check_vector("sampler_weights", H5T_FLOAT, 8);
   if (info.has_labels) check_vector("labels", H5T_INTEGER, 8);
+  MEMBANK_CHECK(info.has_labels || (!needs_labels(c.objective) && !c.exclude_same_label),
+                "{}: the configuration ({}{}) needs labels but the file has no dataset 'labels'", path,
+                to_string(c.objective), c.exclude_same_label ? ", exclude_same_label" : "");
   return info;
 }
 
@@ -619,11 +631,19 @@ Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels)
   } else {
     sampler = std::make_unique<UniformSampler>(info.n);
   }
-  if (labels && info.has_labels)
-    *labels = read_vector<std::int64_t>(f.get(), "labels", info.n, H5T_NATIVE_INT64, path);
+  std::vector<std::int64_t> file_labels;
+  if (info.has_labels) file_labels = read_vector<std::int64_t>(f.get(), "labels", info.n, H5T_NATIVE_INT64, path);
+  if (labels && info.has_labels) *labels = file_labels;
   Bank bank = read_bank(f.get(), info, path);
   bank.set_last_update(std::move(last));
   Engine engine(std::move(bank), std::move(sampler), info.config);
+  if (info.has_labels) {
+    try {
+      engine.set_labels(file_labels);
+    } catch (const Error& e) {
+      MEMBANK_THROW("{}: labels: {}", path, e.what());
+    }
+  }
   engine.restore_state(info.partition, info.step);
   return engine;
 }
@@ -674,6 +694,7 @@ void check_snapshot_destination(const std::string& path, index_t n, index_t dim)
 void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options,
                    std::span<const std::int64_t> labels) {
   quiet_hdf5();
+  if (labels.empty()) labels = engine.labels();  // the engine's own, if it holds any
   const Bank& bank = engine.bank();
   const index_t n = bank.size(), dim = bank.dim();
   MEMBANK_CHECK(options.deflate_level >= 0 && options.deflate_level <= 9, "deflate_level = {}: expected 0..9",
@@ -731,6 +752,13 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
       write_attr(root, "sampler", to_string(engine.sampler().kind()));
       write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
       write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
+      write_attr(root, "tau_plus", c.tau_plus);
+      write_attr(root, "beta", c.beta);
+      write_attr(root, "detach_weights", std::int64_t{c.detach_weights});
+      write_attr(root, "kernel_t", c.kernel_t);
+      write_attr(root, "gamma", c.gamma);
+      write_attr(root, "margin", c.effective_margin());
+      write_attr(root, "exclude_same_label", std::int64_t{c.exclude_same_label});
 
       const index_t chunk = rows_per_chunk(dim, n);
       {

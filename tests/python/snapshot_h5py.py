@@ -53,7 +53,7 @@ def run_read():
         with h5py.File(snap, "r") as f:
             a = f.attrs
             check(text(a["format"]) == "membank-snapshot", f"{tag}: format attribute {a['format']!r}")
-            check(int(a["format_version"]) == 1, f"{tag}: format_version {a['format_version']}")
+            check(int(a["format_version"]) == 2, f"{tag}: format_version {a['format_version']}")
             check(len(text(a["engine_version"])) > 0, f"{tag}: engine_version")
             check(int(a["n"]) == n and int(a["dim"]) == d, f"{tag}: n, dim = {a['n']}, {a['dim']}")
             check(int(a["step"]) == steps, f"{tag}: step {a['step']}")

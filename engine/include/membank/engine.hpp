@@ -143,6 +143,10 @@ class Engine {
   /// One int64 label per instance (N of them; any values). Throws Error, changing nothing, on a
   /// wrong length, or if exclude_same_label is set and some label carries all of the noise mass.
   void set_labels(std::span<const std::int64_t> labels);
+  /// The checks set_labels() makes, for labels meant for an engine with this sampler and config
+  /// (callers that must not lose their bank to a refused constructor run it first).
+  static void check_labels(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
+                           const EngineConfig& config);
   /// The labels (empty when none were given).
   const std::vector<std::int64_t>& labels() const { return labels_; }
 

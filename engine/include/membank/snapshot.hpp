@@ -1,7 +1,7 @@
 #pragma once
 // Snapshot: the whole engine state in one HDF5 file that h5py and h5dump read with no plugin.
 //
-// Layout (format "membank-snapshot", version 1):
+// Layout (format "membank-snapshot", version 2):
 //   /bank         float32 (N, D), row-major, chunked by whole rows (~1 MiB a chunk), fletcher32,
 //                 optional shuffle + deflate
 //   /last_update  int64 (N): the step at which each row was last written (-1: never)
@@ -9,7 +9,9 @@
 //   /labels       int64 (N), optional per-instance labels
 //   root attributes: format, format_version, engine_version, n, dim, step, seed, k, tau, momentum,
 //   objective, negatives, exclude_positive, z_policy, z_fixed, z_ema, z_initialised, log_z, sampler,
-//   normalize_features, unit_norm_tolerance.
+//   normalize_features, unit_norm_tolerance; since version 2 also the objectives' parameters
+//   tau_plus, beta, detach_weights, kernel_t, gamma, margin (the effective one) and
+//   exclude_same_label (a version 1 file reads with their defaults).
 //
 // Saving first checks the destination (directory exists and is writable, free space and the
 // file-size limit hold the estimated size) and that every bank row is finite and unit norm; only then
@@ -62,7 +64,8 @@ std::uint64_t snapshot_size_estimate(index_t n, index_t dim);
 /// starts.
 void check_snapshot_destination(const std::string& path, index_t n, index_t dim);
 
-/// Save the engine's whole state (and optional labels, length N) to `path`, atomically.
+/// Save the engine's whole state (and optional labels, length N; by default the engine's own labels,
+/// if it holds any) to `path`, atomically.
 /// Throws Error (the destination untouched, nothing created) if the destination fails
 /// check_snapshot_destination (ResourceError: not enough space), labels have the wrong length, or a
 /// bank row is not finite and unit norm (|norm - 1| > 1e-4); throws Error (the destination
@@ -74,7 +77,8 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
 SnapshotInfo read_snapshot_info(const std::string& path);
 
 /// Load a snapshot into a new Engine that continues exactly where the saved one stopped (same
-/// step counter, Z, bank, sampler, configuration). Labels go to *labels when asked and present.
+/// step counter, Z, bank, sampler, configuration, labels: the engine holds the file's labels, and
+/// they also go to *labels when asked). Reads format versions 1 and 2.
 /// Throws Error naming the file and the problem; nothing is allocated for the bank before the
 /// metadata and storage sizes validate.
 Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels = nullptr);
