@@ -124,14 +124,16 @@ inline CLI::Validator seed_value() {
       "UINT64");
 }
 
-/// A finite number with lo < x (open) or lo <= x (closed), and x <= hi when hi is given.
-inline CLI::Validator number_in(double lo, bool lo_open, std::optional<double> hi = std::nullopt) {
-  const std::string expect = hi ? fmt::format("a number in {}{}, {}]", lo_open ? "(" : "[", lo, *hi)
+/// A finite number with lo < x (open) or lo <= x (closed), and x <= hi (x < hi with hi_open) when hi
+/// is given.
+inline CLI::Validator number_in(double lo, bool lo_open, std::optional<double> hi = std::nullopt,
+                                bool hi_open = false) {
+  const std::string expect = hi ? fmt::format("a number in {}{}, {}{}", lo_open ? "(" : "[", lo, *hi, hi_open ? ")" : "]")
                                 : fmt::format("a number {} {}", lo_open ? ">" : ">=", lo);
   return options_detail::validator(
       [=](const std::string& s) -> std::string {
         const auto v = options_detail::parse_number(s);
-        if (v && (lo_open ? *v > lo : *v >= lo) && (!hi || *v <= *hi)) return {};
+        if (v && (lo_open ? *v > lo : *v >= lo) && (!hi || (hi_open ? *v < *hi : *v <= *hi))) return {};
         return fmt::format("expected {}, got {}", expect, options_detail::quoted(s));
       },
       "NUMBER " + expect.substr(9));

@@ -77,7 +77,7 @@ class NCEFunction(torch.autograd.Function):
     """loss = NCEFunction.apply(features, ids, engine, negatives=None, update=True, stats=None)
 
     features: (B, D) tensor (unit rows unless the engine normalises them); ids: (B,) instance ids;
-    engine: a membank.Engine (its objective -- NCE, InfoNCE or full softmax -- decides the loss);
+    engine: a membank.Engine (its objective decides the loss);
     negatives: optional (B, K) or (1, K) ids, else the engine draws its own;
     update: True -- one training step (the bank refreshed after the loss, Z and the step counter
     advance); False -- evaluate only, nothing in the engine changes (the negatives default to the
@@ -203,9 +203,11 @@ class MemoryBankLoss(nn.Module):
 
     n: instances (bank rows); dim: feature dimension; k: noise draws per query; tau: temperature;
     momentum: bank refresh m; z: None (estimated on the first batch, as Wu et al.) or a fixed Z;
-    objective: "nce", "infonce" or "full"; the other keywords go to membank.Engine
-    (negatives="per-sample"|"shared", exclude_positive, z_policy, z_ema, seed,
-    normalize_features, unit_norm_tolerance). bank / sampler: a membank.Bank (e.g. from
+    objective: "nce", "infonce", "dcl", "hcl", "dhel", "kcl", "supcon", "contrastive", "triplet"
+    or "full" (docs/objectives.md); the other keywords go to membank.Engine (negatives=
+    "per-sample"|"shared", exclude_positive, z_policy, z_ema, seed, normalize_features,
+    unit_norm_tolerance, tau_plus, beta, detach_weights, kernel_t, gamma, margin,
+    exclude_same_label, labels -- an int64 (N,) array, needed by supcon, contrastive, triplet). bank / sampler: a membank.Bank (e.g. from
     Bank.from_array) and a noise sampler, instead of the default random bank and uniform noise.
     """
 
