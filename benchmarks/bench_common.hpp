@@ -108,7 +108,13 @@ class StepBench {
     const double t0 = now_ms();
     Bank bank(s.n, s.dim, s.seed);
     bank_build_ms = now_ms() - t0;
-    engine_ = std::make_unique<Engine>(std::move(bank), std::move(sampler), cfg);
+    // Objectives that train on labels get ten classes, instance j in class j mod 10.
+    std::vector<std::int64_t> labels;
+    if (needs_labels(s.objective)) {
+      labels.resize(static_cast<std::size_t>(s.n));
+      for (std::size_t j = 0; j < labels.size(); ++j) labels[j] = static_cast<std::int64_t>(j % 10);
+    }
+    engine_ = std::make_unique<Engine>(std::move(bank), std::move(sampler), cfg, std::move(labels));
     for (int i = 0; i < steps + 2; ++i) {
       std::vector<index_t> v(static_cast<std::size_t>(s.batch));
       for (auto& y : v) y = any_id_(rng_);

@@ -37,8 +37,13 @@ struct StepOptions {
   bool json = false;
 };
 
-/// One configuration: prints its figures, returns the median step time.
-double run_one(const StepOptions& o) {
+/// Medians of one configuration: step and floor (ms).
+struct StepFigures {
+  double step_ms, floor_ms;
+};
+
+/// One configuration: prints its figures, returns the median step and floor times.
+StepFigures run_one(const StepOptions& o) {
   const int threads = omp_get_max_threads();
   StepSetup setup;
   setup.n = o.n;
@@ -78,7 +83,7 @@ double run_one(const StepOptions& o) {
       {"isa", to_string(active_isa())}};
   if (o.json) {
     fmt::print("{}\n", row.dump());
-    return step_med;
+    return {step_med, floor_med};
   }
   fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {} threads, {} "
              "kernels\n", o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.objective, threads,
@@ -89,19 +94,34 @@ double run_one(const StepOptions& o) {
              gbytes / (floor_med * 1e-3));
   fmt::print("  step / floor = {:.2f}\n", step_med / floor_med);
   if (alias_build_ms > 0) fmt::print("  alias table built in {:.1f} ms\n", alias_build_ms);
-  return step_med;
+  return {step_med, floor_med};
 }
 
 void run_bench_step(StepOptions o) {
   apply_threads(o.threads);
+  if (o.objective == "all") {  // every objective but the full softmax, each against its own floor
+    std::vector<std::pair<std::string, StepFigures>> figures;
+    for (const Objective obj : all_objectives()) {
+      if (obj == Objective::full_softmax) continue;
+      StepOptions one = o;
+      one.objective = to_string(obj);
+      figures.emplace_back(one.objective, run_one(one));
+    }
+    if (!o.json) {
+      fmt::print("objective      step ms   floor ms   step / floor\n");
+      for (const auto& [name, f] : figures)
+        fmt::print("{:12} {:9.2f}  {:9.2f}   {:6.2f}\n", name, f.step_ms, f.floor_ms, f.step_ms / f.floor_ms);
+    }
+    return;
+  }
   if (o.negatives != "both") {
     run_one(o);
     return;
   }
   o.negatives = "per-sample";
-  const double per_sample = run_one(o);
+  const double per_sample = run_one(o).step_ms;
   o.negatives = "shared";
-  const double shared = run_one(o);
+  const double shared = run_one(o).step_ms;
   if (!o.json) fmt::print("per-sample / shared step time = {:.2f}\n", per_sample / shared);
 }
 
@@ -126,9 +146,12 @@ void add_bench_step(CLI::App& bench) {
   cmd->add_option("--sampler", o->sampler, "noise distribution: uniform, or alias over random weights")
       ->capture_default_str()
       ->check(one_of({"uniform", "alias"}));
-  cmd->add_option("--objective", o->objective, "nce, infonce, or full (exact softmax over the bank)")
+  cmd->add_option("--objective", o->objective,
+                  "nce, infonce, dcl, hcl, dhel, kcl, supcon, contrastive, triplet (the supervised three over ten "
+                  "classes, instance j in class j mod 10), full (exact softmax over the bank), or all (every one "
+                  "but full in turn, each against its own floor, with a summary table)")
       ->capture_default_str()
-      ->check(one_of({"nce", "infonce", "full"}));
+      ->check(one_of({"nce", "infonce", "dcl", "hcl", "dhel", "kcl", "supcon", "contrastive", "triplet", "full", "all"}));
   cmd->add_option("--repeats", o->repeats, "timed steps (and floor passes)")->capture_default_str()->check(
       integer_in(1, INT_MAX));
   cmd->add_option("--seed", o->seed, "seed of the bank, the inputs and the negatives")->capture_default_str()->check(seed_value());

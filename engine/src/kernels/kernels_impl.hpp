@@ -215,8 +215,9 @@ void shared(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out) {
       x.s[r] = r < rows ? s[k0 + r] : 0.0;
       x.lw[r] = r < rows ? static_cast<double>(q.lw[k0 + r]) : -objectives::kInf;
     }
-    if constexpr (O::kLabels)
-      for (idx r = 0; r < rows; ++r) x.same[r] = q.neg_classes[k0 + r] == q.cls ? 1.0 : 0.0;
+    if constexpr (O::kLabels)  // a masked draw (exclude_same_label: lw = -inf) is no entry at all
+      for (idx r = 0; r < rows; ++r)
+        x.same[r] = q.neg_classes[k0 + r] == q.cls && x.lw[r] > -objectives::kInf ? 1.0 : 0.0;
     x.rows = rows;
     if constexpr (O::kBuffered) {
       obj.collect(k0, x);
