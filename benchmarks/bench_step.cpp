@@ -59,10 +59,10 @@ StepFigures run_one(const StepOptions& o) {
                static_cast<double>(o.n) * static_cast<double>(o.dim) * 4e-9);
   StepBench bench(setup, o.repeats);
   const double alias_build_ms = bench.alias_build_ms;
-  const std::vector<double> step_ms = bench.time_steps(o.repeats);
-  // The floor, same count of rows: K + 1 per query (per-sample) -- the whole B x (K + 1) reads.
+  // The floor, same count of rows: K + 1 per query (per-sample) -- the whole B x (K + 1) reads --
+  // timed pass by pass alternately with the steps, so that both see the same background load.
   double checksum = 0.0;
-  const std::vector<double> floor_ms = bench.time_gather_floor(o.repeats, &checksum);
+  const auto [step_ms, floor_ms] = bench.time_interleaved(o.repeats, &checksum);
 
   const double step_med = median(step_ms), floor_med = median(floor_ms);
   const double gbytes = static_cast<double>(o.batch) * static_cast<double>(o.k + 1) * static_cast<double>(o.dim) * 4e-9;

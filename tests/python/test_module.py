@@ -442,5 +442,91 @@ class TestSamplers(unittest.TestCase):
         self.assertTrue((ex % 2 == 1).all())
 
 
+class TestObjectives(unittest.TestCase):
+    """The objectives' keywords, labels and snapshots through Python (the numerics are checked in C++
+    against naive references: tests/test_objectives.cpp)."""
+
+    def setUp(self):
+        self.rng = np.random.default_rng(11)
+        self.n, self.d, self.k = 300, 16, 23
+        self.bank_rows = unit_rows(self.rng, self.n, self.d)
+        self.f = unit_rows(self.rng, 6, self.d)
+        self.ids = np.array([0, 5, 9, 77, 150, 299], dtype=np.int64)
+        self.labels = (np.arange(self.n) % 5).astype(np.int64)
+
+    def engine(self, **kw):
+        return mb.Engine(mb.Bank.from_array(self.bank_rows), k=self.k, **kw)
+
+    def test_infonce_by_hand_and_dcl_limit(self):
+        neg = self.rng.integers(0, self.n, (6, self.k)).astype(np.int64)
+        tau = 0.2
+        loss, grad, _ = self.engine(objective="infonce", tau=tau).evaluate(self.f, self.ids, neg)
+        b = self.bank_rows.astype(np.float64)
+        f = self.f.astype(np.float64)
+        ref_loss, ref_grad = 0.0, np.zeros_like(f)
+        for i in range(6):
+            rows = np.vstack([b[self.ids[i]], b[neg[i]]])
+            l = rows @ f[i] / tau
+            p = np.exp(l - l.max()); p /= p.sum()
+            ref_loss += -np.log(p[0]) / 6
+            c = p.copy(); c[0] -= 1.0
+            ref_grad[i] = c @ rows / (tau * 6)
+        self.assertAlmostEqual(loss, ref_loss, delta=1e-5 * abs(ref_loss))
+        np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+        dloss, dgrad, st = self.engine(objective="dcl", tau=tau, tau_plus=0.0).evaluate(self.f, self.ids, neg)
+        self.assertAlmostEqual(dloss, loss, delta=1e-6 * abs(loss))
+        np.testing.assert_allclose(dgrad, grad, rtol=1e-5, atol=1e-7)
+        self.assertAlmostEqual(st.mi_lower_bound, np.log(self.k + 1) - dloss, places=9)
+        self.assertAlmostEqual(st.mi_bound_ceiling, np.log(self.k + 1), places=12)
+
+    def test_keywords_reach_the_config(self):
+        e = self.engine(objective="hcl", beta=0.5, tau_plus=0.05, detach_weights=True)
+        c = e.config
+        self.assertEqual((c["objective"], c["beta"], c["tau_plus"], c["detach_weights"]), ("hcl", 0.5, 0.05, True))
+        self.assertEqual(self.engine(objective="triplet", labels=self.labels).config["margin"], 0.2)
+        self.assertEqual(self.engine(objective="contrastive", labels=self.labels).config["margin"], 1.0)
+        self.assertEqual(self.engine(objective="kcl", kernel_t=1.5, gamma=4.0).config["gamma"], 4.0)
+
+    def test_labels_needed_and_checked(self):
+        e = self.engine(objective="supcon")
+        self.assertIsNone(e.labels)
+        with self.assertRaisesRegex(mb.Error, "needs labels"):
+            e.step(self.f, self.ids)
+        self.assertEqual(e.steps_done, 0)
+        bank = mb.Bank.from_array(self.bank_rows)
+        with self.assertRaisesRegex(mb.Error, "labels has 7 entries"):
+            mb.Engine(bank, k=self.k, objective="supcon", labels=np.zeros(7, dtype=np.int64))
+        mb.Engine(bank, k=self.k, objective="supcon", labels=self.labels)  # the refused call kept the bank usable
+        e.set_labels(self.labels)
+        np.testing.assert_array_equal(e.labels, self.labels)
+        loss, _, _ = e.step(self.f, self.ids)
+        self.assertTrue(np.isfinite(loss))
+        with self.assertRaisesRegex(mb.Error, "beta"):
+            self.engine(objective="hcl", beta=-1.0)
+        with self.assertRaisesRegex(mb.Error, "objective = 'nope'"):
+            self.engine(objective="nope")
+
+    def test_exclude_same_label_draws(self):
+        e = self.engine(objective="infonce", exclude_same_label=True, labels=self.labels)
+        neg = e.sample(self.ids, 0)
+        for i, y in enumerate(self.ids):
+            self.assertTrue((self.labels[neg[i]] != self.labels[y]).all())
+
+    def test_snapshot_keeps_objective_and_labels(self):
+        e = self.engine(objective="supcon", tau=0.1, labels=self.labels)
+        e.step(self.f, self.ids)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "s.h5")
+            mb.save_snapshot(path, e)
+            r = mb.load_snapshot(path)
+        self.assertEqual(r.config["objective"], "supcon")
+        np.testing.assert_array_equal(r.labels, self.labels)
+        neg = e.sample(self.ids, e.steps_done)
+        a = e.evaluate(self.f, self.ids, neg)
+        b = r.evaluate(self.f, self.ids, neg)
+        self.assertEqual(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
