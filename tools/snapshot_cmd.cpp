@@ -19,6 +19,22 @@ namespace membank::tools {
 
 namespace {
 
+/// The parameters the configuration's objective uses, as one line.
+std::string objective_parameters(const EngineConfig& c) {
+  std::string p;
+  switch (c.objective) {
+    case Objective::dcl: p = fmt::format("tau+ {}", c.tau_plus); break;
+    case Objective::hcl:
+      p = fmt::format("beta {}  tau+ {}  weights {}", c.beta, c.tau_plus, c.detach_weights ? "detached" : "not detached");
+      break;
+    case Objective::kcl: p = fmt::format("kernel t {}  gamma {}", c.kernel_t, c.gamma); break;
+    case Objective::contrastive:
+    case Objective::triplet: p = fmt::format("margin {}", c.effective_margin()); break;
+    default: p = "no parameters of its own"; break;
+  }
+  return fmt::format("objective parameters: {}{}", p, c.exclude_same_label ? "  (same-label draws excluded)" : "");
+}
+
 /// Staleness bins: never written, then steps since the last write in [0], [1], [2, 3], [4, 7], ...
 std::map<std::string, index_t> staleness_histogram(const std::vector<std::int64_t>& last, std::int64_t step) {
   std::vector<index_t> bins(64, 0);
@@ -67,6 +83,8 @@ void inspect(const std::string& file, bool json) {
       {"z_policy", to_string(c.z_policy)}, {"z", info.partition.initialised ? std::exp(info.partition.log_z) : 0.0},
       {"z_initialised", info.partition.initialised}, {"sampler", to_string(info.sampler)}, {"seed", c.seed},
       {"labels", info.has_labels}, {"rows_per_chunk", info.rows_per_chunk}, {"compressed", info.compressed},
+      {"tau_plus", c.tau_plus}, {"beta", c.beta}, {"detach_weights", c.detach_weights}, {"kernel_t", c.kernel_t},
+      {"gamma", c.gamma}, {"margin", c.effective_margin()}, {"exclude_same_label", c.exclude_same_label},
       {"norm_min", lo}, {"norm_max", hi}, {"norm_mean", sum / static_cast<double>(v.rows)},
       {"staleness_histogram", hist}};
   if (json) {
@@ -79,6 +97,7 @@ void inspect(const std::string& file, bool json) {
              info.compressed ? ", deflate" : "", info.has_labels ? "yes" : "no");
   fmt::print("  step {}  objective {}  K {}  tau {}  m {}  negatives {}{}\n", info.step, to_string(c.objective), c.k,
              c.tau, c.momentum, to_string(c.negatives), c.exclude_positive ? " (positive excluded)" : "");
+  fmt::print("  {}\n", objective_parameters(c));
   fmt::print("  Z policy {}  Z = {}  sampler {}  seed {}\n", to_string(c.z_policy),
              info.partition.initialised ? fmt::format("{:.6g}", std::exp(info.partition.log_z)) : "(not set)",
              to_string(info.sampler), c.seed);

@@ -139,6 +139,50 @@ class TestAgainstReference(unittest.TestCase):
             self.assertAlmostEqual(loss.item(), ref.item(), delta=2e-6 * abs(ref.item()), msg=objective)
             torch.testing.assert_close(x.grad.double(), xr.grad, rtol=0, atol=2e-6 * xr.grad.abs().max().item())
 
+    def test_objectives_equal_their_formulas_in_torch(self):
+        # MemoryBankLoss(objective=...) against each paper's formula written here in plain PyTorch
+        # (uniform sampler, so no importance weights), autograd for the reference gradient.
+        rng = np.random.default_rng(5)
+        n, dim, b, k, tau = 300, 16, 6, 40, 0.2
+        mem = unit(rng, n, dim)
+        labels = torch.from_numpy(rng.integers(0, 4, n))
+        y = torch.from_numpy(rng.choice(n, b, replace=False))
+        neg = torch.from_numpy(rng.integers(0, n, (b, k)))
+        x0 = unit(rng, b, dim)
+        memory = mem.double()
+
+        def reference(objective, xr):
+            s_pos = (memory[y] * xr).sum(1)
+            s_neg = torch.bmm(memory[neg], xr.unsqueeze(2)).squeeze(2)
+            if objective == "dcl":
+                pos, negs, tp = torch.exp(s_pos / tau), torch.exp(s_neg / tau), 0.1
+                ng = torch.clamp((-tp * k * pos + negs.sum(1)) / (1 - tp), min=k * np.e ** (-1 / tau))
+                return (-torch.log(pos / (pos + ng))).mean()
+            if objective == "dhel":
+                return (-s_pos / tau + torch.logsumexp(s_neg / tau, 1)).mean()
+            if objective == "kcl":
+                return (-torch.exp(2 * 2.0 * (s_pos - 1)) + 16.0 / k * torch.exp(2 * 2.0 * (s_neg - 1)).sum(1)).mean()
+            if objective == "supcon":
+                logits = torch.cat([s_pos[:, None], s_neg], 1) / tau
+                is_pos = torch.cat([torch.ones(b, 1, dtype=torch.bool), labels[neg] == labels[y][:, None]], 1)
+                log_p = logits - torch.logsumexp(logits, 1, keepdim=True)
+                return (-(log_p * is_pos).sum(1) / is_pos.sum(1)).mean()
+            raise ValueError(objective)
+
+        for objective in ("dcl", "dhel", "kcl", "supcon"):
+            opts = {"labels": labels.numpy()} if objective == "supcon" else {}
+            module = MemoryBankLoss(n, dim, k, tau, objective=objective, bank=mb.Bank.from_array(mem.numpy()),
+                                    z=None, **opts)
+            x = x0.clone().requires_grad_(True)
+            loss = module(x, y, neg)
+            loss.backward()
+            xr = x0.double().requires_grad_(True)
+            ref = reference(objective, xr)
+            ref.backward()
+            self.assertAlmostEqual(loss.item(), ref.item(), delta=2e-6 * abs(ref.item()), msg=objective)
+            torch.testing.assert_close(x.grad.double(), xr.grad, rtol=0, atol=2e-6 * xr.grad.abs().max().item(),
+                                       msg=objective)
+
     def test_gradcheck_float64(self):
         # The reference formulas' analytic gradient (what membank implements) against central differences.
         s = Setup(n=50, dim=6, b=3, k=5)
