@@ -6,6 +6,8 @@
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -355,5 +357,17 @@ inline RowMatrixd reference_momentum(RowMatrixd V, std::span<const index_t> ids,
   }
   return V;
 }
+
+/// Sets the OpenMP thread count for a scope and restores the previous value.
+class ThreadCount {
+ public:
+  explicit ThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~ThreadCount() { omp_set_num_threads(saved_); }
+  ThreadCount(const ThreadCount&) = delete;
+  ThreadCount& operator=(const ThreadCount&) = delete;
+
+ private:
+  int saved_;
+};
 
 }  // namespace mbtest

@@ -38,17 +38,6 @@ class IsaScope {
   Isa saved_;
 };
 
-class ThreadCount {
- public:
-  explicit ThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
-  ~ThreadCount() { omp_set_num_threads(saved_); }
-  ThreadCount(const ThreadCount&) = delete;
-  ThreadCount& operator=(const ThreadCount&) = delete;
-
- private:
-  int saved_;
-};
-
 std::vector<Isa> supported_paths() {
   std::vector<Isa> v;
   for (const Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512})

@@ -523,17 +523,6 @@ std::string describe(const Variant& v, bool alias, Mode m) {
   return v.name + " / " + (alias ? "alias" : "uniform") + " / " + mode_name(m);
 }
 
-class ThreadCount {
- public:
-  explicit ThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
-  ~ThreadCount() { omp_set_num_threads(saved_); }
-  ThreadCount(const ThreadCount&) = delete;
-  ThreadCount& operator=(const ThreadCount&) = delete;
-
- private:
-  int saved_;
-};
-
 }  // namespace
 
 // =============================================================================================

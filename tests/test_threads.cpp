@@ -23,18 +23,6 @@ using namespace mbtest;
 
 namespace {
 
-/// Sets the OpenMP thread count for a scope and restores the previous value.
-class ThreadCount {
- public:
-  explicit ThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
-  ~ThreadCount() { omp_set_num_threads(saved_); }
-  ThreadCount(const ThreadCount&) = delete;
-  ThreadCount& operator=(const ThreadCount&) = delete;
-
- private:
-  int saved_;
-};
-
 /// Everything a short run produces.
 struct Run {
   std::vector<RowMatrixi> negatives;

@@ -100,6 +100,17 @@ O make_objective(const ObjectiveParams& p, objectives::Positive pos, const Query
     return O(p, pos);
 }
 
+/// A block's scores and log weights from score(r) and lw(r) for r < rows; the padding rows past
+/// them get s = 0 and lw = -inf (every weight e^{... + lw} of theirs is 0).
+template <class Score, class LogWeight>
+inline void fill_block(Entries& x, idx rows, Score score, LogWeight lw) {
+  for (idx r = 0; r < kBlock; ++r) {
+    x.s[r] = r < rows ? score(r) : 0.0;
+    x.lw[r] = r < rows ? lw(r) : -objectives::kInf;
+  }
+  x.rows = rows;
+}
+
 inline void scale_row(float* v, double factor, idx dim) {
   const auto f = static_cast<float>(factor);
   for (idx c = 0; c < dim; ++c) v[c] *= f;
@@ -142,13 +153,10 @@ void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& 
     if constexpr (O::kLabels)
       for (idx r = 0; r < rows && k0 + kBlock + r < kk; ++r) __builtin_prefetch(classes + ids[k0 + kBlock + r]);
     score_block(row, k0, rows, kk, f, dim, s);
-    for (idx r = 0; r < kBlock; ++r) {
-      x.s[r] = r < rows ? s[r] : 0.0;
-      x.lw[r] = r < rows ? lw_shift - log_pn[k0 + r] : -objectives::kInf;
-    }
+    fill_block(x, rows, [&](idx r) { return static_cast<double>(s[r]); },
+               [&](idx r) { return lw_shift - log_pn[k0 + r]; });
     if constexpr (O::kLabels)
       for (idx r = 0; r < rows; ++r) x.same[r] = classes[ids[k0 + r]] == cls ? 1.0 : 0.0;
-    x.rows = rows;
     if constexpr (O::kBuffered) {
       obj.collect(k0, x);
     } else {
@@ -211,14 +219,11 @@ void shared(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out) {
   double* const rescale2 = q.rescale + blocks;
   for (idx b = 0; b < blocks; ++b) {
     const idx k0 = b * kBlock, rows = min_idx(kBlock, kk - k0);
-    for (idx r = 0; r < kBlock; ++r) {
-      x.s[r] = r < rows ? s[k0 + r] : 0.0;
-      x.lw[r] = r < rows ? static_cast<double>(q.lw[k0 + r]) : -objectives::kInf;
-    }
+    fill_block(x, rows, [&](idx r) { return static_cast<double>(s[k0 + r]); },
+               [&](idx r) { return static_cast<double>(q.lw[k0 + r]); });
     if constexpr (O::kLabels)  // a masked draw (exclude_same_label: lw = -inf) is no entry at all
       for (idx r = 0; r < rows; ++r)
         x.same[r] = q.neg_classes[k0 + r] == q.cls && x.lw[r] > -objectives::kInf ? 1.0 : 0.0;
-    x.rows = rows;
     if constexpr (O::kBuffered) {
       obj.collect(k0, x);
     } else {
