@@ -29,7 +29,7 @@ cmake --build build -j"$(nproc)"
 
 case "$mode" in
   run)
-    echo "== main job: membank train (instance discrimination on Fashion-MNIST, NCE K = 4096, 10 epochs)"
+    echo "== main job: membank train (instance discrimination on Fashion-MNIST, dhel against K = 4096 draws, 10 epochs)"
     ./build/tools/membank train --snapshot build/fashion-mnist-bank.h5
     ;;
   test)

@@ -303,9 +303,11 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
                       i, j, v, bank_.size());
         MEMBANK_CHECK(!config_.exclude_positive || shared || v != ids[static_cast<std::size_t>(i)],
                       "negatives({}, {}) = {} equals its query's positive, with exclude_positive set", i, j, v);
-        MEMBANK_CHECK(!config_.exclude_same_label || shared || classes_[v] != classes_[ids[static_cast<std::size_t>(i)]],
+        MEMBANK_CHECK(!config_.exclude_same_label || shared ||
+                          classes_[static_cast<std::size_t>(v)] !=
+                              classes_[static_cast<std::size_t>(ids[static_cast<std::size_t>(i)])],
                       "negatives({}, {}) = {} has its query's label {}, with exclude_same_label set", i, j, v,
-                      labels_[v]);
+                      labels_[static_cast<std::size_t>(v)]);
         MEMBANK_CHECK(!config_.exclude_positive || config_.exclude_same_label || !shared ||
                           std::find(ids.begin(), ids.end(), v) == ids.end(),
                       "negatives(0, {}) = {} is an id of the batch, with exclude_positive set (shared negatives "

@@ -40,7 +40,9 @@ struct TrainOptions {
   int epochs = 10;
   index_t batch = 256;
   index_t k = 4096;
-  std::string objective = "nce";
+  // dhel: the best objective of the comparison table without labels (87.76 +- 0.29% over 3 seeds,
+  // against 87.17 +- 0.38% for nce; README).
+  std::string objective = "dhel";
   double tau_plus = 0.1;       // dcl, hcl
   double beta = 1.0;           // hcl
   bool detach_weights = false; // hcl
@@ -440,7 +442,7 @@ void add_train(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "train",
       "Instance discrimination on Fashion-MNIST: a small encoder (CNN or MLP), augmentation, the memory bank and "
-      "NCE; per epoch the loss and the weighted-kNN (k = 200, sigma = tau) / 1-NN accuracy of the 10,000 test "
+      "an objective against K draws from it (dhel by default); per epoch the loss and the weighted-kNN (k = 200, sigma = tau) / 1-NN accuracy of the 10,000 test "
       "images against the bank; the final bank is saved as an HDF5 snapshot. --compare runs the comparison table "
       "(NCE K = 1, 10, 512, 4096, the exact softmax, every other objective; --seeds each) against untrained "
       "features.");
@@ -458,7 +460,7 @@ void add_train(CLI::App& app) {
   cmd->add_option("--epochs", o->epochs, "passes over the training images")->capture_default_str()->check(
       integer_in(1, INT_MAX));
   cmd->add_option("--batch", o->batch, "images per step")->capture_default_str()->check(integer_in(1, 60000));
-  cmd->add_option("--k", o->k, "NCE noise draws per image")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--k", o->k, "noise draws per image (negatives)")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--objective", o->objective,
                   "nce, infonce, dcl, hcl, dhel, kcl, full (exact softmax over the bank), or, training on the "
                   "labels, supcon, contrastive, triplet (docs/objectives.md)")
