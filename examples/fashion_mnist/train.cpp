@@ -316,10 +316,11 @@ void write_json(const TrainOptions& o, const nlohmann::json& j) {
 }
 
 void print_header(const TrainOptions& o, index_t n) {
-  fmt::print("membank train: Fashion-MNIST, N = {}, {} encoder (width {}), D = {}, tau = {}, m = {}, B = {}, lr = {}, "
-             "augment {}, {} epochs, {} threads\n",
-             n, o.encoder, o.width, o.dim, o.tau, o.momentum, o.batch, o.lr, o.augment, o.epochs,
-             omp_get_max_threads());
+  fmt::print("membank train: Fashion-MNIST, N = {}, {} encoder (width {}), D = {}, {}, tau = {}, m = {}, B = {}, "
+             "lr = {}, augment {}, {} epochs, {} threads\n",
+             n, o.encoder, o.width, o.dim,
+             o.compare ? std::string("every objective") : fmt::format("objective {} (K = {})", o.objective, o.k), o.tau,
+             o.momentum, o.batch, o.lr, o.augment, o.epochs, omp_get_max_threads());
 }
 
 /// One configuration of the comparison table.
