@@ -16,14 +16,16 @@
 //         negatives.
 //   Full softmax (exact reference): P(j|f) = exp(s_j/tau) / sum_{all N} exp(s/tau),
 //         L = -(1/B) sum_i log P(y_i|f_i), dL/df_i = (sum_j P(j|f_i) v_j - v_{y_i}) / (B tau).
+//   The other objectives (dcl, hcl, dhel, kcl, and with labels supcon, contrastive, triplet):
+//         docs/objectives.md, one file each under engine/src/objectives/.
 //
 // With exclude_positive, a query's negatives are drawn from P_n conditioned on j != y_i, and the
 // objective uses that conditional probability P_n(j) / (1 - P_n(y_i)) for them (shared negatives
 // exclude every id of the batch and condition on the rest). The positive's own term uses the
 // unconditional P_n(y_i).
 //
-// NCE and InfoNCE with per-sample negatives run forward and backward in one fused pass over the
-// sampled rows (no B x (K+1) x D buffer); the very first step of a first_batch / ema run makes one
+// Every objective with per-sample negatives runs forward and backward in one fused pass over the
+// sampled rows (triplet: two; never a B x (K+1) x D buffer); the very first step of a first_batch / ema run makes one
 // extra pass to estimate Z. Shared negatives gather the K rows once and score them as two GEMMs.
 // Memory per step: O(B K) ids plus O(K D) for shared negatives.
 //

@@ -1,5 +1,5 @@
 #pragma once
-// softplus and sigmoid of one logit from a single exp, for the NCE terms.
+// softplus and sigmoid of one logit from a single exp, for the NCE positive's term (objectives/nce.hpp).
 //
 // Internal linkage (an anonymous namespace), as detail/simd.hpp: the per-instruction-set kernels
 // include it too, and each translation unit keeps a copy compiled with its own flags.

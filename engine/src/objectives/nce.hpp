@@ -5,6 +5,7 @@
 //   dL/ds_pos = -(1 - h_pos) / tau,  dL/ds_j = h_j / tau
 // Single pass, one accumulator; Z comes from the engine (ObjectiveParams::nce_shift = log N - log K - log Z,
 // so a_j = s_j / tau + lw_j + nce_shift).
+#include "detail/softplus.hpp"
 #include "objectives/common.hpp"
 
 namespace membank::objectives {
@@ -21,9 +22,8 @@ struct Nce {
 
   Nce(const ObjectiveParams& p, Positive pos) : inv_tau(p.inv_tau), shift(p.nce_shift) {
     const double a = pos.s * inv_tau + pos.lw + shift;
-    const double e = std::exp(-std::fabs(a));
-    const double softplus = (a > 0.0 ? a : 0.0) + std::log1p(e);
-    const double h = a > 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+    double softplus, h, exp_a;
+    detail::softplus_sigmoid(a, softplus, h, exp_a);
     out.loss = softplus - a;  // -log h
     out.c_pos = -(1.0 - h) * inv_tau;
     out.c1 = inv_tau;
