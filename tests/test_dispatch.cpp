@@ -9,6 +9,9 @@
 #include <membank/error.hpp>
 #include <membank/isa.hpp>
 #include <membank/knn.hpp>
+#include <membank/sampler.hpp>
+
+#include <Random123/philox.h>
 
 #include <omp.h>
 
@@ -98,6 +101,41 @@ TEST_CASE("isa names parse, unknown names and unsupported sets are refused, and 
       CHECK(active_isa() == before);
     }
   MESSAGE("paths on this CPU: best = " << to_string(best_isa()));
+}
+
+TEST_CASE("every path's Philox gives Random123's words: uniform draws equal an independent Philox4x32-10") {
+  // Guards the vectorised Philox kernel (kernels::Table::philox) behind the uniform sampler, on every
+  // path: draw k of a stream with no exclusion is floor(u n / 2^64) with u the 64 bits of half k % 2
+  // of block k / 2 of Random123's Philox4x32-10 at counter {k / 2, row, step_lo, step_hi | purpose
+  // << 24} and key {seed_lo, seed_hi} (sampler.hpp, detail/philox.hpp). Pieces of odd sizes cross
+  // the kernel's 32-block chunks at every offset; the seed, step and purpose use their high bits.
+  const StreamKey key{0x123456789abcdefULL, (std::int64_t{1} << 40) + 7, 99, 2};
+  constexpr std::uint64_t n = 1000003;
+  constexpr std::size_t k = 301;
+  std::vector<index_t> want(k);
+  r123::Philox4x32 philox;
+  const r123::Philox4x32::key_type pkey{{static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32)}};
+  const auto step = static_cast<std::uint64_t>(key.step);
+  for (std::size_t d = 0; d < k; ++d) {
+    const r123::Philox4x32::ctr_type ctr{{static_cast<std::uint32_t>(d / 2), key.row, static_cast<std::uint32_t>(step),
+                                          static_cast<std::uint32_t>(step >> 32) | (key.purpose << 24)}};
+    const auto w = philox(ctr, pkey);
+    const std::uint64_t u = d % 2 == 0 ? (std::uint64_t{w.v[0]} << 32 | w.v[1]) : (std::uint64_t{w.v[2]} << 32 | w.v[3]);
+    want[d] = static_cast<index_t>((static_cast<unsigned __int128>(u) * n) >> 64);
+  }
+  const UniformSampler uni(static_cast<index_t>(n));
+  for (const Isa isa : supported_paths()) {
+    CAPTURE(to_string(isa));
+    IsaScope is(isa);
+    std::vector<index_t> got(k);
+    std::vector<float> log_pn(k);
+    DrawCursor cursor{key, Exclusion{}, static_cast<index_t>(k)};
+    for (std::size_t at = 0, piece = 1; at < k; at += piece, piece += 2) {
+      piece = std::min(piece, k - at);
+      uni.draw_next(cursor, std::span(got).subspan(at, piece), std::span(log_pn).subspan(at, piece));
+    }
+    CHECK(got == want);
+  }
 }
 
 TEST_CASE("every path's step (loss, gradient, bank refresh) matches the scalar path and is thread-count independent") {

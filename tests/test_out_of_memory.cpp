@@ -135,12 +135,12 @@ TEST_CASE("a bank of 10^12 x 128 is refused before allocating, naming the bytes 
 
 TEST_CASE("K = 10^12 is refused by the configuration check before any allocation") {
   // Guards EngineConfig::validate(n, dim) and the Engine constructor: one step's per-thread scratch
-  // (16 bytes per negative and thread: its id, log P_n and weight, plus a D-float accumulator row)
-  // for K = 10^12 cannot fit; the message names the bytes.
+  // (16 bytes per negative and thread: its id, log P_n and weight, plus a D-float accumulator row and
+  // one more weight, the positive's) for K = 10^12 cannot fit; the message names the bytes.
   EngineConfig c;
   c.k = 1000000000000;
   const std::int64_t want = step_scratch_bytes(c, 1, 128, c.k, omp_get_max_threads());
-  CHECK(want == 52 + (std::int64_t{16} * c.k + 4 * 128) * omp_get_max_threads());
+  CHECK(want == 52 + (std::int64_t{16} * c.k + 4 * 128 + 4) * omp_get_max_threads());
   const std::string msg = message_of<OutOfMemory>([&] { c.validate(1000, 128); });
   INFO(msg);
   CHECK(msg.find("config.k = 1000000000000") != std::string::npos);

@@ -4,11 +4,13 @@
 
 #include <doctest/doctest.h>
 
+#include <membank/error.hpp>
 #include <membank/sampler.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 using namespace membank;
@@ -200,6 +202,52 @@ TEST_CASE("draw() is a pure function of the stream key and position") {
   // Seed bits above 32 and step bits above 32 matter too.
   CHECK(a != draw(StreamKey{11 + (std::uint64_t{1} << 40), 22, 33, 4}, 1000));
   CHECK(a != draw(StreamKey{11, 22 + (std::int64_t{1} << 33), 33, 4}, 1000));
+}
+
+TEST_CASE("draw_next: the pieces of a cursor are exactly one draw of all of them") {
+  // Guards DrawCursor (the engine's kernel draws a block of negatives at a time): for both samplers,
+  // with no exclusion, an excluded-id list that rejects about a third of the draws, and a label
+  // exclusion, K draws taken in pieces of uneven sizes (0 included) through one cursor equal one
+  // draw() of K, ids and log P_n bit for bit; a piece past the stream's end throws and leaves the
+  // cursor as it was.
+  std::mt19937_64 rng(8);
+  const AliasSampler alias(random_weights(60, rng));
+  const UniformSampler uni(60);
+  std::vector<index_t> excluded;
+  for (index_t j = 0; j < 60; j += 3) excluded.push_back(j);
+  std::vector<std::int32_t> classes(60);
+  for (std::size_t j = 0; j < classes.size(); ++j) classes[j] = static_cast<std::int32_t>(j % 4);
+  const std::vector<Exclusion> exclusions{Exclusion{}, Exclusion{excluded}, Exclusion{{}, classes.data(), 2}};
+  constexpr std::size_t k = 1000;
+  for (const NoiseSampler* s : {static_cast<const NoiseSampler*>(&alias), static_cast<const NoiseSampler*>(&uni)})
+    for (std::size_t e = 0; e < exclusions.size(); ++e) {
+      INFO(to_string(s->kind()) << ", exclusion " << e);
+      const StreamKey key{3, 4, 5, 2};
+      std::vector<index_t> whole(k), pieces(k);
+      std::vector<float> whole_p(k), pieces_p(k);
+      s->draw(key, exclusions[e], whole, whole_p);
+      DrawCursor cursor{key, exclusions[e], static_cast<index_t>(k)};
+      std::uniform_int_distribution<std::size_t> size(0, 40);
+      for (std::size_t at = 0; at < k;) {
+        const std::size_t n = std::min(size(rng), k - at);
+        s->draw_next(cursor, std::span(pieces).subspan(at, n), std::span(pieces_p).subspan(at, n));
+        at += n;
+      }
+      CHECK(cursor.drawn == static_cast<index_t>(k));
+      CHECK(pieces == whole);
+      CHECK(std::memcmp(pieces_p.data(), whole_p.data(), k * sizeof(float)) == 0);
+      CHECK_FALSE(std::any_of(whole.begin(), whole.end(), [&](index_t j) { return exclusions[e].contains(j); }));
+      if (e > 0)  // the exclusion made the stream redraw
+        CHECK((s->kind() == SamplerKind::alias ? cursor.redraws > 0 : cursor.next_block > k / 2));
+      // One more draw does not fit: refused, the cursor untouched.
+      const DrawCursor before = cursor;
+      std::vector<index_t> extra(1);
+      std::vector<float> extra_p(1);
+      CHECK_THROWS_AS(s->draw_next(cursor, extra, extra_p), Error);
+      CHECK(cursor.drawn == before.drawn);
+      CHECK(cursor.next_block == before.next_block);
+      CHECK(cursor.redraws == before.redraws);
+    }
 }
 
 TEST_CASE("sampler kind names round-trip") {

@@ -206,7 +206,7 @@ struct InjectedFault : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// Draws exactly like UniformSampler(n); while armed, draw() -- which the engine calls inside its
+/// Draws exactly like UniformSampler(n); while armed, draw_next() -- which the engine calls inside its
 /// parallel loops over the queries of a batch -- throws InjectedFault. With `worker_only`, only
 /// threads other than the caller's (thread 0 of the team) throw, and thread 0 waits in its first
 /// draw until a worker has thrown, so the exception surely comes from another thread.
@@ -217,19 +217,17 @@ class FaultySampler final : public NoiseSampler {
   double prob(index_t j) const override { return inner_.prob(j); }
   std::vector<double> probs() const override { return inner_.probs(); }
   void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override { inner_.lookup(ids, log_pn); }
-  using NoiseSampler::draw;
-  void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
-            std::span<float> log_pn) const override {
+  void draw_next(DrawCursor& cursor, std::span<index_t> ids, std::span<float> log_pn) const override {
     if (armed_) {
       if (!worker_only_ || omp_get_thread_num() != 0) {
         if (omp_get_thread_num() != 0) worker_threw_ = true;
-        throw InjectedFault("injected sampler fault at step " + std::to_string(key.step));
+        throw InjectedFault("injected sampler fault at step " + std::to_string(cursor.key.step));
       }
       const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
       while (!worker_threw_ && std::chrono::steady_clock::now() < until)
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    inner_.draw(key, excluded, ids, log_pn);
+    inner_.draw_next(cursor, ids, log_pn);
   }
   void arm(bool on, bool worker_only = false) {
     armed_ = on;
@@ -264,7 +262,7 @@ struct Frozen {
 
 TEST_CASE("an exception thrown inside an OpenMP region reaches the caller and changes nothing") {
   // Guards "no exception escapes a parallel region" (it would call std::terminate): a sampler whose
-  // draw() throws inside the engine's parallel loops (sample(); the first step's Z estimate; the
+  // draw_next() throws inside the engine's parallel loops (sample(); the first step's Z estimate; the
   // fused loss/gradient pass) makes the call throw that exception -- same type, same message --
   // on the calling thread, for 1 and 2 threads and when only a worker thread throws; the bank,
   // last_update, step counter and Z are unchanged, and once the fault is gone the engine continues

@@ -119,10 +119,10 @@ std::int64_t step_scratch_bytes(const EngineConfig& c, index_t batch, index_t di
   std::int64_t bytes = mul_sat(batch, 52);
   if (c.normalize_features) bytes = add_sat(bytes, mul_sat(batch, add_sat(mul_sat(dim, 4), 8)));
   if (c.objective == Objective::full_softmax) return bytes;  // full_softmax_loss checks its own
-  // Per thread, every objective: a second accumulator row (4 D) and K weights (4 K); a buffered
-  // objective (triplet) also 5 (K + 2) doubles, K + 1 indices and K + 1 flags (57 K + 89).
-  std::int64_t per_thread = add_sat(mul_sat(dim, 4), mul_sat(k, 4));
-  if (c.objective == Objective::triplet) per_thread = add_sat(per_thread, add_sat(mul_sat(k, 57), 89));
+  // Per thread, every objective: a second accumulator row (4 D) and K + 1 weights (4 K + 4); an
+  // objective that takes its positives first (triplet) also 6 (K + 2) doubles and 3 (K + 1) indices.
+  std::int64_t per_thread = add_sat(mul_sat(dim, 4), add_sat(mul_sat(k, 4), 4));
+  if (c.objective == Objective::triplet) per_thread = add_sat(per_thread, add_sat(mul_sat(k, 72), 120));
   if (c.negatives == NegativesMode::per_sample)  // and K ids (8) and log P_n (4)
     return add_sat(bytes, mul_sat(threads, add_sat(per_thread, mul_sat(k, 12))));
   // shared, per thread: 2 ceil(K / 16) rescales; once: K ids, log P_n, log weights, classes (24 per

@@ -3,6 +3,8 @@
 
 #include "detail/check.hpp"
 #include "detail/philox.hpp"
+#include "detail/prefetch.hpp"
+#include "kernels/kernels.hpp"
 
 #include <algorithm>
 #include <array>
@@ -25,31 +27,26 @@ constexpr int kMaxConsecutiveRejections = 1000000;
 
 bool is_excluded(const Exclusion& excluded, index_t j) { return excluded.contains(j); }
 
-/// Fills ids/log_pn from a stream; `one(stream_words, id&, log_p&)` makes one draw from fresh words.
-/// Uniform draws need 64 bits, so one Philox block serves two; alias draws take a whole block.
-template <int kDrawsPerBlock, class One>
-void draw_loop(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
-               std::span<float> log_pn, One&& one) {
-  detail::Stream stream(key);
-  r123::Philox4x32::ctr_type block{};
-  int used = kDrawsPerBlock;
-  const auto next = [&](index_t& id, float& p) {
-    if (used == kDrawsPerBlock) {
-      block = stream.next();
-      used = 0;
-    }
-    one(block, used++, id, p);
-  };
-  for (std::size_t k = 0; k < ids.size(); ++k) {
-    next(ids[k], log_pn[k]);
-    int rejections = 0;
-    while (is_excluded(excluded, ids[k])) {
-      MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
-                    "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of "
-                    "the sampler's mass", rejections);
-      next(ids[k], log_pn[k]);
-    }
-  }
+/// The draws of a piece must fit in what is left of its cursor's stream.
+void check_piece(const DrawCursor& c, std::size_t draws, std::size_t log_pn_size) {
+  MEMBANK_CHECK(draws == log_pn_size, "a piece of {} draws with {} log P_n slots: expected as many of each",
+                draws, log_pn_size);
+  MEMBANK_CHECK(c.drawn >= 0 && c.drawn <= c.total && static_cast<std::uint64_t>(draws) <= static_cast<std::uint64_t>(c.total - c.drawn),
+                "a piece of {} draws after {} of a stream of {}: expected at most {}", draws, c.drawn, c.total,
+                c.total - c.drawn);
+}
+
+/// One more rejection of the same draw; throws once there have been too many in a row.
+void count_rejection(int& rejections) {
+  MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
+                "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of the "
+                "sampler's mass", rejections);
+}
+
+/// An alias draw from one Philox block: 64 bits pick a cell among n, 53 bits toss its coin.
+std::pair<std::uint64_t, double> cell_and_coin(const r123::Philox4x32::ctr_type& r, std::uint64_t n) {
+  return {detail::scale_to(detail::join64(r.v[0], r.v[1]), n),
+          static_cast<double>(detail::join64(r.v[2], r.v[3]) >> 11) * 0x1.0p-53};
 }
 
 }  // namespace
@@ -78,15 +75,51 @@ void UniformSampler::lookup(std::span<const index_t> ids, std::span<float> log_p
   std::fill_n(log_pn.begin(), ids.size(), static_cast<float>(-std::log(static_cast<double>(n_))));
 }
 
-void UniformSampler::draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
-                          std::span<float> log_pn) const {
+void UniformSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<float> log_pn) const {
+  check_piece(c, ids.size(), log_pn.size());
+  // A draw takes 64 bits: the two halves of a Philox block serve two draws in turn, and a draw that
+  // hits an excluded id is redrawn from the next half. The blocks a piece needs are computed
+  // together, kChunk at a time, by the vectorised kernel (words in four arrays: see kernels::Table).
+  constexpr std::int64_t kChunk = 32;
+  std::array<std::uint32_t, 4 * kChunk> words;
+  std::int64_t in_chunk = 0, used = 0;
+  const kernels::Table& kt = kernels::table();
+  const detail::StreamCounter counter(c.key);
   const auto n = static_cast<std::uint64_t>(n_);
+  const std::size_t k = ids.size();
+  std::size_t done = 0;  // draws accepted so far
+  const auto next_id = [&] {
+    std::uint64_t u;
+    if (c.has_spare) {
+      u = c.spare;
+      c.has_spare = false;
+    } else {
+      if (used == in_chunk) {  // the blocks still needed if no draw is rejected, up to kChunk
+        const auto still = static_cast<std::int64_t>((k - done + 1) / 2);
+        in_chunk = std::min(kChunk, std::max<std::int64_t>(still, 1));
+        counter.blocks(kt, c.next_block, in_chunk, words.data());
+        used = 0;
+      }
+      u = detail::join64(words[static_cast<std::size_t>(used)],
+                         words[static_cast<std::size_t>(in_chunk + used)]);
+      c.spare = detail::join64(words[static_cast<std::size_t>(2 * in_chunk + used)],
+                               words[static_cast<std::size_t>(3 * in_chunk + used)]);
+      c.has_spare = true;
+      ++used;
+      ++c.next_block;
+    }
+    return static_cast<index_t>(detail::scale_to(u, n));
+  };
   const float p = static_cast<float>(-std::log(static_cast<double>(n_)));
-  draw_loop<2>(key, excluded, ids, log_pn, [n, p](const auto& r, int half, index_t& id, float& pj) {
-    const std::uint64_t u = half == 0 ? detail::join64(r.v[0], r.v[1]) : detail::join64(r.v[2], r.v[3]);
-    id = static_cast<index_t>(detail::scale_to(u, n));
-    pj = p;
-  });
+  for (; done < k; ++done) {
+    ids[done] = next_id();
+    for (int rejections = 0; is_excluded(c.excluded, ids[done]);) {
+      count_rejection(rejections);
+      ids[done] = next_id();
+    }
+    log_pn[done] = p;
+  }
+  c.drawn += static_cast<index_t>(k);
 }
 
 AliasSampler::AliasSampler(std::span<const double> weights)
@@ -150,51 +183,48 @@ void AliasSampler::lookup(std::span<const index_t> ids, std::span<float> log_pn)
   for (std::size_t k = 0; k < ids.size(); ++k) log_pn[k] = cells_[static_cast<std::size_t>(ids[k])].log_p_self;
 }
 
-void AliasSampler::draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
-                        std::span<float> log_pn) const {
+void AliasSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<float> log_pn) const {
+  check_piece(c, ids.size(), log_pn.size());
   const auto n = static_cast<std::uint64_t>(n_);
   const Cell* cells = cells_.data();
-  // A draw = one Philox block: 64 bits pick a cell, 53 bits toss its coin. Blocks 0..K-1 serve the
-  // K draws in order; a draw rejected by the exclusion takes the next unused block (K, K+1, ...).
-  // Cells are prefetched a few draws ahead: the table does not fit in cache for large N.
+  // A draw = one Philox block: 64 bits pick a cell, 53 bits toss its coin. Blocks 0..total-1 serve
+  // the draws in order; a draw rejected by the exclusion takes the next unused block (total,
+  // total + 1, ...), in draw order. Cells are prefetched a few draws ahead: the table does not fit in
+  // cache for large N.
   constexpr std::size_t kAhead = 16;
   const std::size_t k = ids.size();
-  detail::Stream stream(key);
+  detail::Stream stream(c.key, static_cast<std::uint64_t>(c.drawn));
   std::array<std::pair<std::uint64_t, double>, kAhead> ring;  // (cell, coin) of draws in flight
-  const auto fresh = [&] {
-    const auto r = stream.next();
-    return std::pair{detail::scale_to(detail::join64(r.v[0], r.v[1]), n),
-                     static_cast<double>(detail::join64(r.v[2], r.v[3]) >> 11) * 0x1.0p-53};
-  };
+  const auto fresh = [&] { return cell_and_coin(stream.next(), n); };
   const auto resolve = [&](std::pair<std::uint64_t, double> d, index_t& id, float& p) {
-    const Cell& c = cells[d.first];
-    const bool keep = d.second < c.threshold;
-    id = keep ? static_cast<index_t>(d.first) : static_cast<index_t>(c.alias);
-    p = keep ? c.log_p_self : c.log_p_alias;
+    const Cell& cell = cells[d.first];
+    const bool keep = d.second < cell.threshold;
+    id = keep ? static_cast<index_t>(d.first) : static_cast<index_t>(cell.alias);
+    p = keep ? cell.log_p_self : cell.log_p_alias;
   };
   for (std::size_t j = 0; j < std::min(k, kAhead); ++j) {
     ring[j] = fresh();
-    __builtin_prefetch(cells + ring[j].first);
+    detail::prefetch_line(cells + ring[j].first);
   }
   for (std::size_t j = 0; j < k; ++j) {
     const auto d = ring[j % kAhead];
     if (j + kAhead < k) {
       ring[j % kAhead] = fresh();
-      __builtin_prefetch(cells + ring[j % kAhead].first);
+      detail::prefetch_line(cells + ring[j % kAhead].first);
     }
     resolve(d, ids[j], log_pn[j]);
   }
-  if (excluded.empty()) return;
-  // Redraws, in draw order, from blocks K, K+1, ... of the same stream.
-  for (std::size_t j = 0; j < k; ++j) {
-    int rejections = 0;
-    while (is_excluded(excluded, ids[j])) {
-      MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
-                    "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of "
-                    "the sampler's mass", rejections);
-      resolve(fresh(), ids[j], log_pn[j]);
+  if (!c.excluded.empty()) {
+    detail::Stream redraw(c.key, static_cast<std::uint64_t>(c.total) + c.redraws);
+    for (std::size_t j = 0; j < k; ++j) {
+      for (int rejections = 0; is_excluded(c.excluded, ids[j]);) {
+        count_rejection(rejections);
+        ++c.redraws;
+        resolve(cell_and_coin(redraw.next(), n), ids[j], log_pn[j]);
+      }
     }
   }
+  c.drawn += static_cast<index_t>(k);
 }
 
 }  // namespace membank

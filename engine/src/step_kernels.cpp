@@ -77,18 +77,33 @@ QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y) {
 
 namespace {
 
-/// Negatives of query i into ids_buf/log_pn_buf: drawn, or copied from the caller's matrix.
-void query_negatives(const KernelContext& cx, const StepInput& in, index_t i, const Exclusion& excl,
-                     std::span<index_t> ids_buf, std::span<float> log_pn_buf) {
-  if (in.negatives) {
-    const index_t* row = in.negatives->data() + i * in.negatives->cols();
-    std::copy_n(row, cx.k, ids_buf.begin());
-    cx.sampler->lookup(ids_buf, log_pn_buf);
-  } else {
-    cx.sampler->draw({cx.cfg->seed, in.step, static_cast<std::uint32_t>(i), purpose_negatives}, excl, ids_buf,
-                     log_pn_buf);
+/// The per-sample kernel's refill (kernels::Refill): draws [from, to) of query i, drawn through its
+/// cursor just before the kernel reads their rows, or copied from the caller's matrix.
+struct QueryDraws {
+  const KernelContext* cx;
+  const StepInput* in;
+  index_t i;
+  DrawCursor cursor;
+  index_t* ids;
+  float* log_pn;
+  QueryDraws(const KernelContext& c, const StepInput& input, index_t query, const Exclusion& excluded,
+             index_t* ids_out, float* log_pn_out)
+      : cx(&c), in(&input), i(query),
+        cursor{{c.cfg->seed, input.step, static_cast<std::uint32_t>(query), purpose_negatives}, excluded, c.k},
+        ids(ids_out), log_pn(log_pn_out) {}
+  static void refill(void* self, index_t from, index_t to) {
+    auto& d = *static_cast<QueryDraws*>(self);
+    const auto n = static_cast<std::size_t>(to - from);
+    const std::span<index_t> ids(d.ids + from, n);
+    const std::span<float> log_pn(d.log_pn + from, n);
+    if (d.in->negatives) {
+      std::copy_n(d.in->negatives->data() + d.i * d.in->negatives->cols() + from, n, ids.begin());
+      d.cx->sampler->lookup(ids, log_pn);
+    } else {
+      d.cx->sampler->draw_next(d.cursor, ids, log_pn);
+    }
   }
-}
+};
 
 /// Per-thread scratch of the kernels (allocated inside an ExceptionCapture).
 struct ThreadScratch {
@@ -96,8 +111,7 @@ struct ThreadScratch {
   std::vector<float> log_pn, lw, acc2, w;
   std::vector<double> d, rescale;
   std::vector<index_t> i;
-  std::vector<unsigned char> flags;
-  void allocate(const KernelContext& cx, bool buffered, bool shared) {
+  void allocate(const KernelContext& cx, bool positives_first, bool shared) {
     const auto k = static_cast<std::size_t>(cx.k);
     if (!shared) {
       ids.resize(k);
@@ -107,16 +121,13 @@ struct ThreadScratch {
       rescale.resize(2 * ((k + 15) / 16));
     }
     acc2.resize(static_cast<std::size_t>(cx.bank.dim));
-    w.resize(k);
-    if (buffered) {
-      d.resize(5 * (k + 2));
-      i.resize(k + 1);
-      flags.resize(k + 1);
+    w.resize(k + 1);
+    if (positives_first) {
+      d.resize(6 * (k + 2));
+      i.resize(3 * (k + 1));
     }
   }
-  kernels::QueryScratch view() {
-    return {acc2.data(), w.data(), d.data(), i.data(), flags.data()};
-  }
+  kernels::QueryScratch view() { return {acc2.data(), w.data(), d.data(), i.data()}; }
 };
 
 }  // namespace
@@ -143,7 +154,8 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
       errors.run([&] {
         const index_t y = in.ids[static_cast<std::size_t>(i)];
         const QueryExclusion e = exclusion_of(cx, y);
-        query_negatives(cx, in, i, e.exclusion, ids_buf, log_pn_buf);
+        QueryDraws draws(cx, in, i, e.exclusion, ids_buf.data(), log_pn_buf.data());
+        QueryDraws::refill(&draws, 0, cx.k);
         kt.gather_dots(cx.bank.data, cx.bank.stride, dim, ids_buf.data(), cx.k, in.f + i * in.f_stride,
                        s_buf.data());
         Lse lse;
@@ -163,7 +175,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
                        const kernels::ObjectiveParams& params, std::vector<kernels::QueryResult>& out,
                        const kernels::Table& kt) {
   const double log_n = std::log(static_cast<double>(cx.bank.rows));
-  const bool buffered = cx.cfg->objective == Objective::triplet;
+  const bool positives_first = cx.cfg->objective == Objective::triplet;
   kernels::PerSampleQuery base{};
   base.bank = cx.bank.data;
   base.stride = cx.bank.stride;
@@ -175,16 +187,17 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
 #pragma omp parallel
   {
     ThreadScratch scratch;
-    errors.run([&] { scratch.allocate(cx, buffered, false); });  // inside the capture
+    errors.run([&] { scratch.allocate(cx, positives_first, false); });  // inside the capture
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
         const index_t y = in.ids[static_cast<std::size_t>(i)];
         const QueryExclusion e = exclusion_of(cx, y);
-        query_negatives(cx, in, i, e.exclusion, scratch.ids, scratch.log_pn);
+        QueryDraws draws(cx, in, i, e.exclusion, scratch.ids.data(), scratch.log_pn.data());
         kernels::PerSampleQuery q = base;
         q.ids = scratch.ids.data();
         q.log_pn = scratch.log_pn.data();
+        q.refill = {&QueryDraws::refill, &draws};
         q.lw_shift = e.log_kept - log_n;
         q.lw_pos = -log_n - std::log(cx.sampler->prob(y));
         q.f = in.f + i * in.f_stride;
@@ -208,7 +221,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   const double inv_tau = 1.0 / cx.cfg->tau;
   const double log_n = std::log(static_cast<double>(cx.bank.rows));
   const bool same_label = cx.cfg->exclude_same_label;
-  const bool buffered = cx.cfg->objective == Objective::triplet;
+  const bool positives_first = cx.cfg->objective == Objective::triplet;
 
   // The batch's draws. exclude_positive: none is an id of the batch (P_n conditioned on the rest);
   // exclude_same_label: each query masks the draws of its own label (weight 0, P_n unconditioned,
@@ -278,7 +291,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
 #pragma omp parallel
   {
     ThreadScratch scratch;
-    errors.run([&] { scratch.allocate(cx, buffered, true); });  // inside the capture
+    errors.run([&] { scratch.allocate(cx, positives_first, true); });  // inside the capture
 #pragma omp for schedule(dynamic, 1)
     for (index_t blk = 0; blk < blocks; ++blk) {
       errors.run([&] {

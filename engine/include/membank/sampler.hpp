@@ -43,6 +43,21 @@ struct Exclusion {
   bool contains(index_t j) const;
 };
 
+/// One stream of draws taken a piece at a time (NoiseSampler::draw_next): the pieces of a cursor, in
+/// order, hold exactly the draws that one draw() of all of them at once gives. The engine's kernel
+/// draws a block of negatives just before it requests their rows, so that drawing overlaps reading.
+struct DrawCursor {
+  StreamKey key;
+  Exclusion excluded;  ///< what the draws avoid (its ids and classes must outlive the cursor)
+  index_t total = 0;   ///< draws the stream gives in all
+  index_t drawn = 0;   ///< draws given so far
+  // The sampler's own bookkeeping, zero at the start:
+  std::uint64_t next_block = 0;  ///< uniform: the stream's next unused Philox block
+  std::uint64_t spare = 0;       ///< uniform: the unused second half of the last block
+  bool has_spare = false;
+  std::uint64_t redraws = 0;     ///< alias: redraws so far (they take blocks total, total + 1, ...)
+};
+
 class NoiseSampler {
  public:
   virtual ~NoiseSampler() = default;
@@ -64,9 +79,15 @@ class NoiseSampler {
   /// objectives consume, so the hot loop takes no logarithm).
   /// Preconditions (checked by the caller, Engine): ids.size() == log_pn.size(); the excluded ids carry
   /// less than all of the mass. Throws Error if 10^6 consecutive draws all hit excluded ids.
-  /// Cost O(K) expected; one virtual call per stream, a templated loop inside.
-  virtual void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
-                    std::span<float> log_pn) const = 0;
+  /// Cost O(K) expected.
+  void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
+            std::span<float> log_pn) const {
+    DrawCursor cursor{key, excluded, static_cast<index_t>(ids.size())};
+    draw_next(cursor, ids, log_pn);
+  }
+  /// The next ids.size() draws of the cursor's stream (the same preconditions; throws Error, drawing
+  /// nothing, if they would pass cursor.total). One virtual call per piece, a templated loop inside.
+  virtual void draw_next(DrawCursor& cursor, std::span<index_t> ids, std::span<float> log_pn) const = 0;
   /// The same with a sorted list of excluded ids only.
   void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
             std::span<float> log_pn) const {
@@ -87,9 +108,7 @@ class UniformSampler final : public NoiseSampler {
   double prob(index_t j) const override;
   std::vector<double> probs() const override;
   void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override;
-  using NoiseSampler::draw;
-  void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
-            std::span<float> log_pn) const override;
+  void draw_next(DrawCursor& cursor, std::span<index_t> ids, std::span<float> log_pn) const override;
 };
 
 /// P_n(j) = w_j / sum(w), drawn in O(1) through a Vose alias table built in O(N).
@@ -105,9 +124,7 @@ class AliasSampler final : public NoiseSampler {
   double prob(index_t j) const override;
   std::vector<double> probs() const override;
   void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override;
-  using NoiseSampler::draw;
-  void draw(const StreamKey& key, const Exclusion& excluded, std::span<index_t> ids,
-            std::span<float> log_pn) const override;
+  void draw_next(DrawCursor& cursor, std::span<index_t> ids, std::span<float> log_pn) const override;
   /// The weights the sampler was built from, normalised to sum 1 (double precision).
   const std::vector<double>& normalized_weights() const { return p_; }
   /// The weights exactly as the caller gave them: rebuilding from them gives a bit-identical table

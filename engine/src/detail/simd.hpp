@@ -6,6 +6,8 @@
 // Internal linkage (an anonymous namespace): each translation unit keeps its own copy, compiled with
 // its own flags. The per-instruction-set kernels (kernels/) include this file too; with external
 // linkage the linker could keep their AVX copy for every caller (see kernels/kernels.hpp).
+#include "detail/prefetch.hpp"
+
 #include <cstdint>
 
 namespace membank::detail {
@@ -41,12 +43,6 @@ inline double squared_norm_d(const float* a, std::int64_t n) {
 #pragma omp simd reduction(+ : acc)
   for (std::int64_t c = 0; c < n; ++c) acc += static_cast<double>(a[c]) * a[c];
   return acc;
-}
-
-/// Prefetch the cache lines of a row of `bytes` bytes into all cache levels.
-inline void prefetch_row(const float* p, std::int64_t floats) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (std::int64_t off = 0; off < floats * 4; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 }  // namespace

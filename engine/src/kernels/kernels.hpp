@@ -45,18 +45,27 @@ struct ObjectiveParams {
 /// Scratch a query's objective may use (per thread, the caller's): see per_sample_scratch().
 struct QueryScratch {
   float* acc2;             ///< dim floats: the second accumulator row
-  float* w;                ///< K floats: a buffered objective's coefficients
-  double* d;               ///< 5 (K + 2) doubles
-  idx* i;                  ///< K + 1 indices
-  unsigned char* flags;    ///< K + 1 bytes
+  float* w;                ///< K + 1 floats: coefficients
+  double* d;               ///< 6 (K + 2) doubles: an objective that takes its positives first
+  idx* i;                  ///< 3 (K + 1) indices: the same objective's K + 1, then the driver's lists
+};
+
+/// Fills draws [from, to) of a query's ids and log_pn, in order: the kernel draws each block of
+/// negatives just before it requests their rows (the engine's function, over a sampler's DrawCursor).
+/// May throw (the engine's errors pass through the kernel).
+struct Refill {
+  void (*fn)(void* context, idx from, idx to);
+  void* context;
+  void operator()(idx from, idx to) const { fn(context, from, to); }
 };
 
 /// One query of the per-sample kernel (the engine resolves and checks it all).
 struct PerSampleQuery {
   const float* bank;      ///< N x stride rows
   idx stride, dim;
-  const idx* ids;         ///< its K draws
-  const float* log_pn;    ///< their unconditional log P_n
+  const idx* ids;         ///< its K draws (filled by refill, in order)
+  const float* log_pn;    ///< their unconditional log P_n (filled by refill)
+  Refill refill;
   idx k;
   double lw_shift;        ///< a draw's log importance weight is lw_shift - log_pn: log(1 - excluded mass) - log N
   double lw_pos;          ///< the positive's: -log(N P_n(y))
@@ -127,6 +136,11 @@ struct Table {
 
   /// The first j in [from, n) with !(s[j] < worst), or n (kNN's scan for candidates).
   idx (*first_at_least)(const float* s, idx from, idx n, float worst);
+
+  /// Philox4x32-10 (Salmon et al., SC'11) of the n counters {ctr[0] + j (mod 2^32), ctr[1], ctr[2],
+  /// ctr[3]} under key {key[0], key[1]}, j < n: word w of block j into out[w n + j] (four arrays of
+  /// n, so that the independent blocks fill vector lanes). Equal to Random123's Philox4x32.
+  void (*philox)(const std::uint32_t* key, const std::uint32_t* ctr, idx n, std::uint32_t* out);
 
   /// v <- normalise(m v + (1 - m) f) over dim floats (f's direction if that cancels to zero);
   /// tmp: dim floats of scratch.

@@ -34,7 +34,6 @@ using objectives::kBlock;  // rows scored, weighed and accumulated together per 
 using objectives::Outcome;
 using objectives::Weights;
 
-constexpr idx kPrefetchRows = 8;  // rows ahead of the one being scored
 
 using Mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using CMap = Eigen::Map<const Mat, 0, Eigen::OuterStride<>>;
@@ -44,28 +43,32 @@ inline idx min_idx(idx a, idx b) { return a < b ? a : b; }
 
 float k_dot(const float* a, const float* b, idx n) { return dot(a, b, n); }
 
+/// Random rows are read a block of kBlock at a time, and every block's rows are requested one block
+/// ahead: at the start of block [k0, k0 + kBlock) the next block's rows are prefetched, so that all
+/// the work on a block (its scores, its weights, its accumulation) overlaps the next block's loads.
+/// (Prefetching a fixed count of rows ahead of each row read, 8 before, kept fewer loads in flight:
+/// the step was 1.3-1.4 x the time of that gather, and 0.8-1.0 x it with whole blocks ahead.)
+template <class RowFn>
+inline void prefetch_block(RowFn row, idx k0, idx k, idx dim) {
+  for (idx r = k0; r < min_idx(k0 + kBlock, k); ++r) prefetch_row(row(r), dim);
+}
+
 void k_gather_dots(const float* bank, idx stride, idx dim, const idx* ids, idx k, const float* f, float* out) {
-  for (idx r = 0; r < min_idx(kPrefetchRows, k); ++r) prefetch_row(bank + ids[r] * stride, dim);
-  for (idx r = 0; r < k; ++r) {
-    if (r + kPrefetchRows < k) prefetch_row(bank + ids[r + kPrefetchRows] * stride, dim);
-    out[r] = dot(bank + ids[r] * stride, f, dim);
+  const auto row = [=](idx r) { return bank + ids[r] * stride; };
+  prefetch_block(row, 0, k, dim);
+  for (idx k0 = 0; k0 < k; k0 += kBlock) {
+    prefetch_block(row, k0 + kBlock, k, dim);
+    for (idx r = k0; r < min_idx(k0 + kBlock, k); ++r) out[r] = dot(row(r), f, dim);
   }
 }
 
-/// Scores s[r] = row(k0 + r) . f for r < rows, prefetching kPrefetchRows ahead of each row read.
-template <class RowFn>
-inline void score_block(RowFn row, idx k0, idx rows, idx k, const float* f, idx dim, float* s) {
-  for (idx r = 0; r < rows; ++r) {
-    if (k0 + r + kPrefetchRows < k) prefetch_row(row(k0 + r + kPrefetchRows), dim);
-    s[r] = dot(row(k0 + r), f, dim);
-  }
-}
-
-/// g += sum_r w[r] row(k0 + r) for r < rows. The gradient row stays in registers, 64 floats at a
-/// time, while the block's rows are added into it (one load and one store of g per block instead of
-/// per row); each element receives the rows in order, as a sequence of axpy calls would give it.
-template <class RowFn>
-inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float* g, idx dim) {
+/// g += sum_r w[r] row(k0 + r) for r < rows (and, with kTwo, g2 += sum_r w2[r] row(k0 + r) in the same
+/// pass: each row is loaded once for both). The gradient rows stay in registers, 64 floats at a
+/// time, while the block's rows are added into them (one load and one store of g per block instead
+/// of per row); each element receives the rows in order, as a sequence of axpy calls would give it.
+template <bool kTwo = false, class RowFn>
+inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float* g, idx dim,
+                             const float* w2 = nullptr, float* g2 = nullptr) {
   // Sixteen floats of any alignment (GCC's and clang's vector extension; one 512-bit register, or
   // two or four narrower ones on the other paths).
   typedef float F16 __attribute__((vector_size(64), aligned(4), may_alias));
@@ -74,28 +77,54 @@ inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float*
   for (; c0 + kChunk <= dim; c0 += kChunk) {
     F16* gv = reinterpret_cast<F16*>(g + c0);
     F16 a0 = gv[0], a1 = gv[1], a2 = gv[2], a3 = gv[3];
+    F16 b0{}, b1{}, b2{}, b3{};
+    F16* hv = nullptr;
+    if constexpr (kTwo) {
+      hv = reinterpret_cast<F16*>(g2 + c0);
+      b0 = hv[0];
+      b1 = hv[1];
+      b2 = hv[2];
+      b3 = hv[3];
+    }
     for (idx r = 0; r < rows; ++r) {
       const F16* v = reinterpret_cast<const F16*>(row(k0 + r) + c0);
+      const F16 v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
       const float wr = w[r];
-      a0 += wr * v[0];
-      a1 += wr * v[1];
-      a2 += wr * v[2];
-      a3 += wr * v[3];
+      a0 += wr * v0;
+      a1 += wr * v1;
+      a2 += wr * v2;
+      a3 += wr * v3;
+      if constexpr (kTwo) {
+        const float ur = w2[r];
+        b0 += ur * v0;
+        b1 += ur * v1;
+        b2 += ur * v2;
+        b3 += ur * v3;
+      }
     }
     gv[0] = a0;
     gv[1] = a1;
     gv[2] = a2;
     gv[3] = a3;
+    if constexpr (kTwo) {
+      hv[0] = b0;
+      hv[1] = b1;
+      hv[2] = b2;
+      hv[3] = b3;
+    }
   }
   if (c0 < dim)
-    for (idx r = 0; r < rows; ++r) axpy(w[r], row(k0 + r) + c0, g + c0, dim - c0);
+    for (idx r = 0; r < rows; ++r) {
+      axpy(w[r], row(k0 + r) + c0, g + c0, dim - c0);
+      if constexpr (kTwo) axpy(w2[r], row(k0 + r) + c0, g2 + c0, dim - c0);
+    }
 }
 
-/// The objective O of a query, constructed with its scratch if it is buffered.
+/// The objective O of a query, constructed with its workspace if it takes its positives first.
 template <class O>
 O make_objective(const ObjectiveParams& p, objectives::Positive pos, const QueryScratch& sc) {
-  if constexpr (O::kBuffered)
-    return O(p, pos, objectives::Workspace{sc.d, sc.i, sc.flags});
+  if constexpr (objectives::kPositivesFirst<O>)
+    return O(p, pos, objectives::Workspace{sc.d, sc.i});
   else
     return O(p, pos);
 }
@@ -116,82 +145,159 @@ inline void scale_row(float* v, double factor, idx dim) {
   for (idx c = 0; c < dim; ++c) v[c] *= f;
 }
 
-/// Every objective's per-sample pass over one query: rows go in blocks of kBlock, their scores first
-/// (independent dot products overlap), then the block's coefficients from the objective (vector
-/// registers, Eigen's packet exp and log in double), then the weighted rows into the accumulators
-/// while the rows are still in L1. A buffered objective sees all scores first; its rows are then
-/// gathered a second time to accumulate.
-template <class O>
-void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out) {
-  // Everything the loops read is copied into locals: `out` holds doubles that could alias the
-  // query's own, and the compiler would reload them after every store.
-  const float* const bank = q.bank;
-  const idx stride = q.stride, dim = q.dim, kk = q.k;
-  const idx* const ids = q.ids;
-  const float* const log_pn = q.log_pn;
-  const double lw_shift = q.lw_shift;
-  const std::int32_t* const classes = q.classes;
-  const std::int32_t cls = q.cls;
-  const auto row = [=](idx r) { return bank + ids[r] * stride; };
-  for (idx r = 0; r < min_idx(kPrefetchRows, kk); ++r) prefetch_row(row(r), dim);
-  const float* const f = q.f;
-  float* const acc1 = q.g;
-  float* const acc2 = q.scratch.acc2;
-  const float* const vy = q.vy;
-  O obj = make_objective<O>(p, {static_cast<double>(dot(vy, f, dim)), q.lw_pos}, q.scratch);
-  for (idx c = 0; c < dim; ++c) acc1[c] = 0.0f;
-  if constexpr (O::kAccumulators == 2)
-    for (idx c = 0; c < dim; ++c) acc2[c] = 0.0f;
+/// What the per-sample passes over one query share, copied into locals: `out` holds doubles that
+/// could alias the query's own, and the compiler would reload them after every store.
+struct QueryView {
+  const float* bank;
+  idx stride, dim, k;
+  const idx* ids;
+  const float* log_pn;
+  double lw_shift;
+  const float* f;
+  float *acc1, *acc2;
+  explicit QueryView(const PerSampleQuery& q)
+      : bank(q.bank), stride(q.stride), dim(q.dim), k(q.k), ids(q.ids), log_pn(q.log_pn), lw_shift(q.lw_shift),
+        f(q.f), acc1(q.g), acc2(q.scratch.acc2) {}
+  const float* row(idx j) const { return bank + ids[j] * stride; }
+  double lw(idx j) const { return lw_shift - log_pn[j]; }
+};
+
+/// The labels of a query's draws, for the objectives with kLabels.
+struct DrawLabels {
+  const std::int32_t* classes;  ///< every instance's class
+  const idx* ids;
+  std::int32_t cls;             ///< the query's
+  double same(idx j) const { return classes[ids[j]] == cls ? 1.0 : 0.0; }
+  void prefetch(idx j) const { detail::prefetch_line(classes + ids[j]); }
+};
+
+/// Streams the draws at(0), ..., at(n - 1) through the objective in blocks of kBlock: each block's
+/// rows are scored, weighed by the objective and added into the accumulators while in L1, and the
+/// next block's rows (and labels) are requested before the block's work begins -- with kDrawAhead,
+/// right after drawing that block (refill), so that drawing too overlaps the loads in flight.
+template <bool kDrawAhead, class O, class At>
+void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at, const DrawLabels& labels) {
+  const float* const bank = v.bank;
+  const idx* const ids = v.ids;
+  const idx stride = v.stride;
+  const auto row = [=](idx t) { return bank + ids[at(t)] * stride; };
+  // Draws are made kDrawPiece at a time (fewer, longer calls into the sampler's vectorised
+  // generator), each piece just before the first of its rows is requested.
+  constexpr idx kDrawPiece = 4 * kBlock;
+  idx drawn = 0;
+  if constexpr (kDrawAhead) {
+    drawn = min_idx(kDrawPiece, n);
+    refill(0, drawn);
+  }
+  prefetch_block(row, 0, n, v.dim);
   alignas(64) float s[kBlock];
-  alignas(64) float w1[kBlock];
-  alignas(64) float w2[kBlock];
+  alignas(64) float wf[kBlock];
+  alignas(64) float wf2[kBlock];
   Entries x;
   x.same.setZero();
-  Weights w;
-  for (idx k0 = 0; k0 < kk; k0 += kBlock) {
-    const idx rows = min_idx(kBlock, kk - k0);
-    if constexpr (O::kLabels)
-      for (idx r = 0; r < rows && k0 + kBlock + r < kk; ++r) __builtin_prefetch(classes + ids[k0 + kBlock + r]);
-    score_block(row, k0, rows, kk, f, dim, s);
-    fill_block(x, rows, [&](idx r) { return static_cast<double>(s[r]); },
-               [&](idx r) { return lw_shift - log_pn[k0 + r]; });
-    if constexpr (O::kLabels)
-      for (idx r = 0; r < rows; ++r) x.same[r] = classes[ids[k0 + r]] == cls ? 1.0 : 0.0;
-    if constexpr (O::kBuffered) {
-      obj.collect(k0, x);
-    } else {
-      w.rescale1 = w.rescale2 = 1.0;
-      obj.block(x, w);
-      if (w.rescale1 != 1.0) scale_row(acc1, w.rescale1, dim);
-      for (idx r = 0; r < rows; ++r) w1[r] = static_cast<float>(w.w1[r]);
-      accumulate_block(row, k0, rows, w1, acc1, dim);
-      if constexpr (O::kAccumulators == 2) {
-        if (w.rescale2 != 1.0) scale_row(acc2, w.rescale2, dim);
-        for (idx r = 0; r < rows; ++r) w2[r] = static_cast<float>(w.w2[r]);
-        accumulate_block(row, k0, rows, w2, acc2, dim);
+  for (idx t0 = 0; t0 < n; t0 += kBlock) {
+    const idx rows = min_idx(kBlock, n - t0), next = t0 + kBlock;
+    if constexpr (kDrawAhead)
+      if (next < n && next >= drawn) {
+        refill(drawn, min_idx(drawn + kDrawPiece, n));
+        drawn = min_idx(drawn + kDrawPiece, n);
       }
+    prefetch_block(row, next, n, v.dim);
+    if constexpr (O::kLabels)
+      for (idx t = next; t < min_idx(next + kBlock, n); ++t) labels.prefetch(at(t));
+    for (idx r = 0; r < rows; ++r) s[r] = dot(row(t0 + r), v.f, v.dim);
+    fill_block(x, rows, [&](idx r) { return static_cast<double>(s[r]); }, [&](idx r) { return v.lw(at(t0 + r)); });
+    if constexpr (O::kLabels)
+      for (idx r = 0; r < rows; ++r) x.same[r] = labels.same(at(t0 + r));
+    Weights w;
+    obj.block(x, w);
+    if (w.rescale1 != 1.0) scale_row(v.acc1, w.rescale1, v.dim);
+    for (idx r = 0; r < rows; ++r) wf[r] = static_cast<float>(w.w1[r]);
+    if constexpr (O::kAccumulators == 2) {
+      if (w.rescale2 != 1.0) scale_row(v.acc2, w.rescale2, v.dim);
+      for (idx r = 0; r < rows; ++r) wf2[r] = static_cast<float>(w.w2[r]);
+      accumulate_block<true>(row, t0, rows, wf, v.acc1, v.dim, wf2, v.acc2);
+    } else {
+      accumulate_block(row, t0, rows, wf, v.acc1, v.dim);
     }
   }
-  if constexpr (O::kBuffered) {
-    float* const wk = q.scratch.w;
-    obj.weights(wk);
-    for (idx r = 0; r < min_idx(kPrefetchRows, kk); ++r) prefetch_row(row(r), dim);
-    for (idx k0 = 0; k0 < kk; k0 += kBlock) {
-      const idx rows = min_idx(kBlock, kk - k0);
-      for (idx r = 0; r < rows && k0 + kPrefetchRows + r < kk; ++r) prefetch_row(row(k0 + kPrefetchRows + r), dim);
-      accumulate_block(row, k0, rows, wk + k0, acc1, dim);
-    }
+}
+
+/// An objective that takes its positives first: every draw of the query's label is scored and
+/// handed in, then the other draws stream through it as negatives, then the positives' rows are
+/// added with their coefficients (known only after the last negative). Rows read: K + |P|.
+template <class O>
+void positives_first(O& obj, const QueryView& v, const PerSampleQuery& q) {
+  const idx kk = v.k;
+  q.refill(0, kk);
+  idx* const pos = q.scratch.i + (kk + 1);  // the draws of the query's label, then the others
+  idx* const neg = pos + (kk + 1);
+  idx n_pos = 0, n_neg = 0;
+  constexpr idx kAhead = 16;
+  const DrawLabels labels{q.classes, v.ids, q.cls};
+  for (idx j = 0; j < min_idx(kAhead, kk); ++j) labels.prefetch(j);
+  for (idx j = 0; j < kk; ++j) {
+    if (j + kAhead < kk) labels.prefetch(j + kAhead);
+    if (labels.same(j) > 0.0)
+      pos[n_pos++] = j;
+    else
+      neg[n_neg++] = j;
+  }
+  const float* const bank = v.bank;
+  const idx* const ids = v.ids;
+  const idx stride = v.stride;
+  const auto pos_row = [=](idx t) { return bank + ids[pos[t]] * stride; };
+  prefetch_block(pos_row, 0, n_pos, v.dim);
+  for (idx t0 = 0; t0 < n_pos; t0 += kBlock) {
+    prefetch_block(pos_row, t0 + kBlock, n_pos, v.dim);
+    for (idx t = t0; t < min_idx(t0 + kBlock, n_pos); ++t)
+      obj.positive(pos[t], static_cast<double>(dot(pos_row(t), v.f, v.dim)), std::exp(v.lw(pos[t])));
+  }
+  obj.begin_negatives();
+  stream_draws<false>(obj, v, q.refill, n_neg, [=](idx t) { return neg[t]; }, labels);
+  // The positives, in the objective's order; the own row (draw K) has its own coefficient.
+  float* const w = q.scratch.w;
+  obj.positive_weights(w);
+  const idx n = obj.positive_count();
+  const idx* const order = obj.positive_order();
+  const float* const vy = q.vy;
+  const auto sorted_row = [=](idx c) { return order[c] == kk ? vy : bank + ids[order[c]] * stride; };
+  prefetch_block(sorted_row, 0, n, v.dim);
+  for (idx c0 = 0; c0 < n; c0 += kBlock) {
+    prefetch_block(sorted_row, c0 + kBlock, n, v.dim);
+    accumulate_block(sorted_row, c0, min_idx(kBlock, n - c0), w + c0, v.acc1, v.dim);
+  }
+}
+
+/// Every objective's per-sample pass over one query: its draws are drawn, scored, weighed and
+/// accumulated a block at a time (stream_draws), or positives first for the objectives that need
+/// them; dL/df = c1 acc1 + c2 acc2 + c_pos v_pos at the end.
+template <class O>
+void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out) {
+  const QueryView v(q);
+  const idx dim = v.dim, kk = v.k;
+  const float* const vy = q.vy;
+  O obj = make_objective<O>(p, {static_cast<double>(dot(vy, v.f, dim)), q.lw_pos}, q.scratch);
+  for (idx c = 0; c < dim; ++c) v.acc1[c] = 0.0f;
+  if constexpr (O::kAccumulators == 2)
+    for (idx c = 0; c < dim; ++c) v.acc2[c] = 0.0f;
+  if constexpr (objectives::kPositivesFirst<O>) {
+    positives_first(obj, v, q);
+  } else {
+    stream_draws<true>(obj, v, q.refill, kk, [](idx t) { return t; }, DrawLabels{q.classes, v.ids, q.cls});
   }
   const Outcome o = obj.finish();
   const double scale = q.coef_scale;
   const auto c1 = static_cast<float>(o.c1 * scale), c2 = static_cast<float>(o.c2 * scale),
              cp = static_cast<float>(o.c_pos * scale);
+  float* const acc1 = v.acc1;
+  const float* const acc2 = v.acc2;
   if constexpr (O::kAccumulators == 2)
     for (idx c = 0; c < dim; ++c) acc1[c] = c1 * acc1[c] + c2 * acc2[c] + cp * vy[c];
   else
     for (idx c = 0; c < dim; ++c) acc1[c] = c1 * acc1[c] + cp * vy[c];
   idx collisions = 0;
-  for (idx r = 0; r < kk; ++r) collisions += ids[r] == q.y;
+  for (idx r = 0; r < kk; ++r) collisions += v.ids[r] == q.y;
   out.loss = o.loss;
   out.p_pos = o.p_pos;
   out.sum_exp = o.sum_exp;
@@ -211,23 +317,50 @@ void shared(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out) {
   float* const w2 = q.scratch.w;  // the second accumulator's weights
   const idx kk = q.k;
   O obj = make_objective<O>(p, {q.s_pos, q.lw_pos}, q.scratch);
-  Entries x;
-  x.same.setZero();
-  Weights w;
-  const idx blocks = (kk + kBlock - 1) / kBlock;
-  double* const rescale1 = q.rescale;
-  double* const rescale2 = q.rescale + blocks;
-  for (idx b = 0; b < blocks; ++b) {
-    const idx k0 = b * kBlock, rows = min_idx(kBlock, kk - k0);
-    fill_block(x, rows, [&](idx r) { return static_cast<double>(s[k0 + r]); },
-               [&](idx r) { return static_cast<double>(q.lw[k0 + r]); });
-    if constexpr (O::kLabels)  // a masked draw (exclude_same_label: lw = -inf) is no entry at all
-      for (idx r = 0; r < rows; ++r)
-        x.same[r] = q.neg_classes[k0 + r] == q.cls && x.lw[r] > -objectives::kInf ? 1.0 : 0.0;
-    if constexpr (O::kBuffered) {
-      obj.collect(k0, x);
-    } else {
-      w.rescale1 = w.rescale2 = 1.0;
+  const auto same = [&](idx j) {  // a masked draw (exclude_same_label: lw = -inf) is no entry at all
+    return q.neg_classes[j] == q.cls && q.lw[j] > -objectives::kInf ? 1.0 : 0.0;
+  };
+  Outcome o;
+  if constexpr (objectives::kPositivesFirst<O>) {
+    idx* const neg = q.scratch.i + (kk + 1);
+    idx n_neg = 0;
+    for (idx j = 0; j < kk; ++j) {
+      if (same(j) > 0.0)
+        obj.positive(j, static_cast<double>(s[j]), std::exp(static_cast<double>(q.lw[j])));
+      else
+        neg[n_neg++] = j;
+    }
+    obj.begin_negatives();
+    Entries x;
+    x.same.setZero();
+    Weights w;
+    for (idx t0 = 0; t0 < n_neg; t0 += kBlock) {
+      const idx rows = min_idx(kBlock, n_neg - t0);
+      fill_block(x, rows, [&](idx r) { return static_cast<double>(s[neg[t0 + r]]); },
+                 [&](idx r) { return static_cast<double>(q.lw[neg[t0 + r]]); });
+      obj.block(x, w);
+      for (idx r = 0; r < rows; ++r) s[neg[t0 + r]] = static_cast<float>(w.w1[r]);
+    }
+    obj.positive_weights(w2);
+    const idx* const order = obj.positive_order();
+    for (idx c = 0; c < obj.positive_count(); ++c)
+      if (order[c] < kk) s[order[c]] = w2[c];
+    o = obj.finish();
+    const double f1 = o.c1 * q.coef_scale;
+    for (idx j = 0; j < kk; ++j) s[j] = static_cast<float>(s[j] * f1);
+  } else {
+    Entries x;
+    x.same.setZero();
+    const idx blocks = (kk + kBlock - 1) / kBlock;
+    double* const rescale1 = q.rescale;
+    double* const rescale2 = q.rescale + blocks;
+    for (idx b = 0; b < blocks; ++b) {
+      const idx k0 = b * kBlock, rows = min_idx(kBlock, kk - k0);
+      fill_block(x, rows, [&](idx r) { return static_cast<double>(s[k0 + r]); },
+                 [&](idx r) { return static_cast<double>(q.lw[k0 + r]); });
+      if constexpr (O::kLabels)
+        for (idx r = 0; r < rows; ++r) x.same[r] = same(k0 + r);
+      Weights w;
       obj.block(x, w);
       rescale1[b] = w.rescale1;
       rescale2[b] = w.rescale2;
@@ -235,15 +368,10 @@ void shared(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out) {
       if constexpr (O::kAccumulators == 2)
         for (idx r = 0; r < rows; ++r) w2[k0 + r] = static_cast<float>(w.w2[r]);
     }
-  }
-  if constexpr (O::kBuffered) obj.weights(s);
-  const Outcome o = obj.finish();
-  const double scale = q.coef_scale;
-  if constexpr (O::kBuffered) {
-    for (idx j = 0; j < kk; ++j) s[j] = static_cast<float>(s[j] * o.c1 * scale);
-  } else {
+    o = obj.finish();
     // A block's weights are scaled by every rescale that came after it (the accumulator a
     // per-sample pass keeps would have been).
+    const double scale = q.coef_scale;
     double after1 = 1.0, after2 = 1.0;
     for (idx b = blocks - 1; b >= 0; --b) {
       const idx k0 = b * kBlock, rows = min_idx(kBlock, kk - k0);
@@ -262,7 +390,7 @@ void shared(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out) {
   out.loss = o.loss;
   out.p_pos = o.p_pos;
   out.sum_exp = o.sum_exp;
-  out.c_pos = o.c_pos * scale;
+  out.c_pos = o.c_pos * q.coef_scale;
   out.collisions = collisions;
 }
 
@@ -333,6 +461,36 @@ idx k_first_at_least(const float* s, idx from, idx n, float worst) {
   return n;
 }
 
+void k_philox(const std::uint32_t* key, const std::uint32_t* ctr, idx n, std::uint32_t* out) {
+  // The published constants: multipliers, and the Weyl sequence that bumps the key between rounds.
+  constexpr std::uint64_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr std::uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  std::uint32_t* const out0 = out;
+  std::uint32_t* const out1 = out + n;
+  std::uint32_t* const out2 = out + 2 * n;
+  std::uint32_t* const out3 = out + 3 * n;
+  const std::uint32_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3], key0 = key[0], key1 = key[1];
+  for (idx j = 0; j < n; ++j) {
+    std::uint32_t x0 = c0 + static_cast<std::uint32_t>(j), x1 = c1, x2 = c2, x3 = c3, k0 = key0, k1 = key1;
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      const std::uint64_t p0 = kM0 * x0, p1 = kM1 * x2;
+      const std::uint32_t y0 = static_cast<std::uint32_t>(p1 >> 32) ^ x1 ^ k0;
+      const std::uint32_t y2 = static_cast<std::uint32_t>(p0 >> 32) ^ x3 ^ k1;
+      x1 = static_cast<std::uint32_t>(p1);
+      x3 = static_cast<std::uint32_t>(p0);
+      x0 = y0;
+      x2 = y2;
+      k0 += kW0;
+      k1 += kW1;
+    }
+    out0[j] = x0;
+    out1[j] = x1;
+    out2[j] = x2;
+    out3[j] = x3;
+  }
+}
+
 void k_momentum_row(float* v, const float* f, float m, float one_minus_m, float* tmp, idx dim) {
   for (idx c = 0; c < dim; ++c) tmp[c] = m * v[c] + one_minus_m * f[c];
   double sq = squared_norm_d(tmp, dim);
@@ -349,7 +507,7 @@ void k_momentum_row(float* v, const float* f, float m, float one_minus_m, float*
 
 const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_per_sample_query, k_shared_query,
                    k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_first_at_least,
-                   k_momentum_row};
+                   k_philox,                       k_momentum_row};
 
 }  // namespace
 

@@ -52,11 +52,10 @@ struct Outcome {
   double sum_exp = kNaN;  ///< sum_j e^{s_j / tau + lw_j} (the partition estimate's input; NaN if not computed)
 };
 
-/// Scratch of one query for a buffered objective (the caller's, per thread).
+/// Scratch of one query for an objective that takes its positives first (the caller's, per thread).
 struct Workspace {
-  double* d;             ///< 5 (K + 2) doubles
-  idx* i;                ///< K + 1 indices
-  unsigned char* flags;  ///< K + 1 bytes
+  double* d;  ///< 6 (K + 2) doubles
+  idx* i;     ///< K + 1 indices
 };
 
 /// A running log-sum-exp whose terms are also handed out as weights e^{x - max} for accumulation:

@@ -17,7 +17,6 @@ namespace {
 struct Contrastive {
   static constexpr int kAccumulators = 1;
   static constexpr bool kLabels = true;
-  static constexpr bool kBuffered = false;
 
   double margin, inv_k;
   double sum_pairs = 0.0;

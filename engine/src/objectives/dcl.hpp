@@ -38,7 +38,6 @@ struct Debiased {
 struct Dcl {
   static constexpr int kAccumulators = 1;
   static constexpr bool kLabels = false;
-  static constexpr bool kBuffered = false;
 
   double inv_tau, l_pos, tau_plus, k;
   OnlineExp neg;

@@ -14,7 +14,6 @@ namespace {
 struct Dhel {
   static constexpr int kAccumulators = 1;
   static constexpr bool kLabels = false;
-  static constexpr bool kBuffered = false;
 
   double inv_tau, a_pos, l_pos;  // s_pos / tau, and with the positive's importance weight
   OnlineExp lse;

@@ -19,7 +19,6 @@ template <bool kDetach>
 struct Hcl {
   static constexpr int kAccumulators = kDetach ? 1 : 2;
   static constexpr bool kLabels = false;
-  static constexpr bool kBuffered = false;
 
   double inv_tau, l_pos, tau_plus, k, beta;
   OnlineExp a, c, weight;  // the sums A, C and W

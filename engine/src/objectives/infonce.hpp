@@ -13,7 +13,6 @@ namespace {
 struct InfoNce {
   static constexpr int kAccumulators = 1;
   static constexpr bool kLabels = false;
-  static constexpr bool kBuffered = false;
 
   double inv_tau, l_pos;
   OnlineExp lse;

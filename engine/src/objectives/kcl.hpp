@@ -16,7 +16,6 @@ namespace {
 struct Kcl {
   static constexpr int kAccumulators = 1;
   static constexpr bool kLabels = false;
-  static constexpr bool kBuffered = false;
 
   double two_t, scale;  // 2t and gamma / K
   double energy = 0.0;  // sum_j r_j k_j

@@ -14,7 +14,6 @@ namespace {
 struct Nce {
   static constexpr int kAccumulators = 1;
   static constexpr bool kLabels = false;
-  static constexpr bool kBuffered = false;
 
   double inv_tau, shift;
   Outcome out;

@@ -7,11 +7,13 @@
 // The contract of an objective `O` (see common.hpp for the types):
 //   static constexpr int kAccumulators;  1 or 2 rows of weighted sums it needs
 //   static constexpr bool kLabels;       it reads Entries::same (the draws' labels)
-//   static constexpr bool kBuffered;     it needs every score before any coefficient
-//   O(const ObjectiveParams&, Positive)               (buffered: O(params, positive, Workspace))
+//   O(const ObjectiveParams&, Positive)
 //   void block(const Entries&, Weights&)               per block of up to 16 draws, in order
-//     (buffered: void collect(idx k0, const Entries&), then void weights(float* w) once)
 //   Outcome finish()                                   loss and the final coefficients
+// An objective that needs the scores of its same-label draws before any negative's coefficient
+// (triplet) declares kPositivesFirst = true, is built as O(params, positive, Workspace), and takes:
+//   positive(j, s, r) for each same-label draw j, then begin_negatives(sum of the negatives' r),
+//   block() over the negatives only, then positive_weights(w) (w[c] for draw positive_order()[c]).
 // Adding an objective: its file here, one line in with_objective() below, its name in config.cpp.
 #include "objectives/common.hpp"
 #include "objectives/contrastive.hpp"
@@ -26,6 +28,15 @@
 
 namespace membank::objectives {
 namespace {
+
+/// Whether objective O takes its positives first (see above).
+template <class O>
+constexpr bool kPositivesFirst = [] {
+  if constexpr (requires { O::kPositivesFirst; })
+    return O::kPositivesFirst;
+  else
+    return false;
+}();
 
 template <class O>
 struct Tag {

@@ -17,7 +17,6 @@ namespace {
 struct SupCon {
   static constexpr int kAccumulators = 2;
   static constexpr bool kLabels = true;
-  static constexpr bool kBuffered = false;
 
   double inv_tau, l_pos;
   OnlineExp lse;

@@ -7,10 +7,15 @@
 //     (the mean over triplets; r = e^{lw}: 1 when uniform, 1 for the own row)
 //   dL/ds_n = 2 r_n sum_{p active} r_p / Z,  dL/ds_p = -2 r_p sum_{n active} r_n / Z
 // No negative (every draw shares the label): L = 0. Default alpha 0.2 (FaceNet).
-// Which triplets are active depends on every score, so this objective is buffered: the driver
-// scores all K draws first (collect), then asks for their coefficients (weights), then accumulates.
-// The positives are sorted (O(|P| log |P|)); each negative finds its active positives by binary
-// search; O(K log |P|) per query, no K x K work.
+//
+// Which triplets are active depends on the scores of both sides, but the split into P and N is
+// known from the labels before any score. So this objective takes the positives first
+// (kPositivesFirst): the driver scores the positives and hands them in (positive()), then streams
+// the negatives in blocks like every other objective (block(): each negative's weight is final as
+// soon as it is scored, its row accumulated while in L1), and last asks for the positives'
+// coefficients (positive_weights()). Rows read: K + |P|, one pass over the negatives.
+// The positives are sorted by score (O(|P| log |P|)); the active positives of a negative are a
+// prefix of them, found by a branch-free binary search, 16 negatives interleaved: O(K log |P|).
 #include "objectives/common.hpp"
 
 #include <algorithm>
@@ -21,82 +26,93 @@ namespace {
 struct Triplet {
   static constexpr int kAccumulators = 1;
   static constexpr bool kLabels = true;
-  static constexpr bool kBuffered = true;
+  static constexpr bool kPositivesFirst = true;
 
   double alpha;
   idx k;
-  double *s, *r;                     // K + 1 scores and weights, the own row last (index K)
-  double *prefix_r, *prefix_rs, *hist;  // K + 2 cells each
-  idx* positives;                    // indices into s of P, sorted by score in weights()
-  unsigned char* is_positive;        // per draw
+  double *s_of, *r_of;                  // per draw (index K: the own row), positives only
+  double *sorted_s, *prefix_r, *prefix_rs, *hist;
+  idx* order;                           // the positives' draw indices, sorted by score in begin_negatives()
   idx n_positives = 0;
-  Outcome out;
+  double sum_n = 0.0, loss = 0.0, c_pos_z = 0.0;  // c_pos_z: the own row's coefficient times Z
 
   Triplet(const ObjectiveParams& p, Positive pos, Workspace ws)
-      : alpha(p.margin), k(p.k_entries), s(ws.d), r(ws.d + (k + 2)), prefix_r(ws.d + 2 * (k + 2)),
-        prefix_rs(ws.d + 3 * (k + 2)), hist(ws.d + 4 * (k + 2)), positives(ws.i), is_positive(ws.flags) {
-    s[k] = pos.s;
-    r[k] = 1.0;
-    positives[n_positives++] = k;
-    out.c1 = 1.0;
+      : alpha(p.margin), k(p.k_entries), s_of(ws.d), r_of(ws.d + (k + 2)), sorted_s(ws.d + 2 * (k + 2)),
+        prefix_r(ws.d + 3 * (k + 2)), prefix_rs(ws.d + 4 * (k + 2)), hist(ws.d + 5 * (k + 2)), order(ws.i) {
+    positive(k, pos.s, 1.0);
   }
 
-  /// Stores the block of draws starting at k0.
-  void collect(idx k0, const Entries& x) {
-    const Block rw = x.lw.exp();
-    for (idx q = 0; q < x.rows; ++q) {
-      s[k0 + q] = x.s[q];
-      r[k0 + q] = rw[q];
-      is_positive[k0 + q] = x.same[q] > 0.0;
-      if (x.same[q] > 0.0) positives[n_positives++] = k0 + q;
-    }
+  /// A positive: draw j (K for the own row) with score s and importance weight r.
+  void positive(idx j, double s, double r) {
+    s_of[j] = s;
+    r_of[j] = r;
+    order[n_positives++] = j;
   }
 
-  /// Every draw's dL/ds into w (K floats) and the loss; the own row's dL/ds into out.c_pos.
-  void weights(float* w) {
-    const auto active = [this](double s_n, idx p) { return 2.0 * (s_n - s[p]) + alpha > 0.0; };
-    std::sort(positives, positives + n_positives,
-              [this](idx a, idx b) { return s[a] < s[b] || (s[a] == s[b] && a < b); });
+  /// After the last positive.
+  void begin_negatives() {
+    std::sort(order, order + n_positives,
+              [this](idx a, idx b) { return s_of[a] < s_of[b] || (s_of[a] == s_of[b] && a < b); });
     prefix_r[0] = prefix_rs[0] = 0.0;
     for (idx c = 0; c < n_positives; ++c) {
-      prefix_r[c + 1] = prefix_r[c] + r[positives[c]];
-      prefix_rs[c + 1] = prefix_rs[c] + r[positives[c]] * s[positives[c]];
+      const idx j = order[c];
+      sorted_s[c] = s_of[j];
+      prefix_r[c + 1] = prefix_r[c] + r_of[j];
+      prefix_rs[c + 1] = prefix_rs[c] + r_of[j] * s_of[j];
       hist[c] = 0.0;
     }
     hist[n_positives] = 0.0;
-    double sum_n = 0.0;
-    for (idx j = 0; j < k; ++j) sum_n += is_positive[j] ? 0.0 : r[j];
-    out.loss = 0.0;
-    out.c_pos = 0.0;
-    for (idx j = 0; j < k; ++j) w[j] = 0.0f;
-    if (!(sum_n > 0.0)) return;  // no negative: no triplet
-    const double inv_z = 1.0 / (prefix_r[n_positives] * sum_n);
-    double loss = 0.0;
-    for (idx j = 0; j < k; ++j) {
-      if (is_positive[j]) continue;
-      // The positives active with this negative are a prefix of the sorted ones: the first `c`.
-      const double s_n = s[j];
-      const idx c = std::partition_point(positives, positives + n_positives,
-                                         [&](idx p) { return active(s_n, p); }) - positives;
-      loss += r[j] * (prefix_r[c] * (2.0 * s_n + alpha) - 2.0 * prefix_rs[c]);
-      w[j] = static_cast<float>(2.0 * r[j] * prefix_r[c] * inv_z);
-      hist[c] += r[j];
+  }
+
+  /// A block of negatives: their coefficients dL/ds_n into w.w1, times Z (Z needs every negative's
+  /// weight; finish() returns c1 = 1 / Z).
+  void block(const Entries& x, Weights& w) {
+    // c[r]: how many sorted positives are active with negative r, 2 (s_n - s_p) + alpha > 0 -- a
+    // prefix, as s_p ascends. Binary lifting, one step for all 16 at a time (independent chains).
+    idx c[kBlock] = {};
+    idx top = 1;
+    while (top * 2 <= n_positives) top *= 2;
+    for (idx step = top; step > 0; step /= 2)
+      for (idx r = 0; r < kBlock; ++r) {
+        const idx at = c[r] + step;
+        c[r] = at <= n_positives && 2.0 * (x.s[r] - sorted_s[at - 1]) + alpha > 0.0 ? at : c[r];
+      }
+    const Block rn = x.lw.exp();  // 0 on padding rows
+    for (idx r = 0; r < x.rows; ++r) {
+      const idx cr = c[r];
+      loss += rn[r] * (prefix_r[cr] * (2.0 * x.s[r] + alpha) - 2.0 * prefix_rs[cr]);
+      w.w1[r] = 2.0 * rn[r] * prefix_r[cr];
+      hist[cr] += rn[r];
+      sum_n += rn[r];
     }
-    // Positive c (in sorted order) is active with the negatives whose prefix reaches past it.
+    for (idx r = x.rows; r < kBlock; ++r) w.w1[r] = 0.0;
+  }
+
+  /// After the last negative: the positives' coefficients times Z, w[c] for the draw order[c]
+  /// (c < n_positives; the own row's goes to finish()'s c_pos instead, its w[c] is 0).
+  idx positive_count() const { return n_positives; }
+  const idx* positive_order() const { return order; }
+  void positive_weights(float* w) {
+    // Sorted positive c is active with the negatives whose prefix reaches past it.
     double active_n = 0.0;
     for (idx c = n_positives - 1; c >= 0; --c) {
       active_n += hist[c + 1];
-      const idx p = positives[c];
-      const double coef = -2.0 * r[p] * active_n * inv_z;
-      if (p == k)
-        out.c_pos = coef;
-      else
-        w[p] = static_cast<float>(coef);
+      const idx j = order[c];
+      const double coef = -2.0 * r_of[j] * active_n;
+      w[c] = j == k ? 0.0f : static_cast<float>(coef);
+      if (j == k) c_pos_z = coef;
     }
-    out.loss = loss * inv_z;
   }
 
-  Outcome finish() const { return out; }
+  Outcome finish() const {
+    // Z = sum_P r_p sum_N r_n; no negative, no triplet: L = 0 and no gradient.
+    const double inv_z = sum_n > 0.0 ? 1.0 / (prefix_r[n_positives] * sum_n) : 0.0;
+    Outcome o;
+    o.loss = loss * inv_z;
+    o.c1 = inv_z;
+    o.c_pos = c_pos_z * inv_z;
+    return o;
+  }
 };
 
 }  // namespace
