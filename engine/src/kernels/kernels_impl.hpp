@@ -176,7 +176,7 @@ struct DrawLabels {
 /// next block's rows (and labels) are requested before the block's work begins -- with kDrawAhead,
 /// right after drawing that block (refill), so that drawing too overlaps the loads in flight.
 template <bool kDrawAhead, class O, class At>
-void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at, const DrawLabels& labels) {
+void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at, const DrawLabels* labels) {
   const float* const bank = v.bank;
   const idx* const ids = v.ids;
   const idx stride = v.stride;
@@ -203,12 +203,12 @@ void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at
         drawn = min_idx(drawn + kDrawPiece, n);
       }
     prefetch_block(row, next, n, v.dim);
-    if constexpr (O::kLabels)
-      for (idx t = next; t < min_idx(next + kBlock, n); ++t) labels.prefetch(at(t));
+    if (labels)
+      for (idx t = next; t < min_idx(next + kBlock, n); ++t) labels->prefetch(at(t));
     for (idx r = 0; r < rows; ++r) s[r] = dot(row(t0 + r), v.f, v.dim);
     fill_block(x, rows, [&](idx r) { return static_cast<double>(s[r]); }, [&](idx r) { return v.lw(at(t0 + r)); });
-    if constexpr (O::kLabels)
-      for (idx r = 0; r < rows; ++r) x.same[r] = labels.same(at(t0 + r));
+    if (labels)
+      for (idx r = 0; r < rows; ++r) x.same[r] = labels->same(at(t0 + r));
     Weights w;
     obj.block(x, w);
     if (w.rescale1 != 1.0) scale_row(v.acc1, w.rescale1, v.dim);
@@ -254,7 +254,7 @@ void positives_first(O& obj, const QueryView& v, const PerSampleQuery& q) {
       obj.positive(pos[t], static_cast<double>(dot(pos_row(t), v.f, v.dim)), std::exp(v.lw(pos[t])));
   }
   obj.begin_negatives();
-  stream_draws<false>(obj, v, q.refill, n_neg, [=](idx t) { return neg[t]; }, labels);
+  stream_draws<false>(obj, v, q.refill, n_neg, [=](idx t) { return neg[t]; }, nullptr);  // all other labels
   // The positives, in the objective's order; the own row (draw K) has its own coefficient.
   float* const w = q.scratch.w;
   obj.positive_weights(w);
@@ -284,7 +284,8 @@ void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& 
   if constexpr (objectives::kPositivesFirst<O>) {
     positives_first(obj, v, q);
   } else {
-    stream_draws<true>(obj, v, q.refill, kk, [](idx t) { return t; }, DrawLabels{q.classes, v.ids, q.cls});
+    const DrawLabels labels{q.classes, v.ids, q.cls};
+    stream_draws<true>(obj, v, q.refill, kk, [](idx t) { return t; }, O::kLabels ? &labels : nullptr);
   }
   const Outcome o = obj.finish();
   const double scale = q.coef_scale;
