@@ -13,6 +13,7 @@
 #include <membank/snapshot.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <omp.h>
@@ -65,6 +66,7 @@ struct TrainOptions {
   bool fresh_knn = false;
   std::string snapshot = "fashion-mnist-bank.h5";
   bool compare = false;
+  std::vector<std::string> compare_only;  // --compare: only the rows of these objectives (all when empty)
   index_t train_images = 0;
   std::string out;
   bool json = false;
@@ -319,7 +321,10 @@ void print_header(const TrainOptions& o, index_t n) {
   fmt::print("membank train: Fashion-MNIST, N = {}, {} encoder (width {}), D = {}, {}, tau = {}, m = {}, B = {}, "
              "lr = {}, augment {}, {} epochs, {} threads\n",
              n, o.encoder, o.width, o.dim,
-             o.compare ? std::string("every objective") : fmt::format("objective {} (K = {})", o.objective, o.k), o.tau,
+             o.compare ? (o.compare_only.empty() ? std::string("every objective")
+                                                 : fmt::format("objectives {}", fmt::join(o.compare_only, ", ")))
+                       : fmt::format("objective {} (K = {})", o.objective, o.k),
+             o.tau,
              o.momentum, o.batch, o.lr, o.augment, o.epochs, omp_get_max_threads());
 }
 
@@ -353,6 +358,10 @@ void run_compare(const TrainOptions& o, const Data& d) {
       {"dcl", "dcl", 0},                 {"hcl", "hcl", 0},                {"dhel", "dhel", 0},
       {"kcl", "kcl", 0},                 {"supcon", "supcon", 0, true},    {"contrastive", "contrastive", 0, true},
       {"triplet", "triplet", 0, true}};
+  const auto selected = [&](const CompareRun& c) {
+    return o.compare_only.empty() ||
+           std::find(o.compare_only.begin(), o.compare_only.end(), c.objective) != o.compare_only.end();
+  };
   if (!o.json) {
     print_header(o, d.train.images.rows());
     fmt::print("final-epoch weighted kNN top-1 (k = 200), mean +- sample std over {} seed(s) from {}, raw values "
@@ -364,6 +373,7 @@ void run_compare(const TrainOptions& o, const Data& d) {
   nlohmann::json runs = nlohmann::json::array();
   bool supervised_header = false;
   for (const auto& c : configs) {
+    if (!selected(c)) continue;
     if (c.supervised && !supervised_header && !o.json) {
       fmt::print("supervised (these train on the labels; not comparable with the rows above):\n");
       supervised_header = true;
@@ -524,6 +534,11 @@ void add_train(CLI::App& app) {
                 "run the comparison table instead: raw pixels, centred pixels, a random projection, then NCE with "
                 "K = 1, 10, 512, 4096, the exact full softmax and every other objective, each trained with the same "
                 "options over --seeds seeds (13 configurations x 3 seeds: about an hour on 2 cores)");
+  cmd->add_option("--compare-only", o->compare_only,
+                  "--compare: only the rows of these objectives (comma-separated; nce selects its four K rows, "
+                  "full the exact softmax); the baselines always run")
+      ->delimiter(',')
+      ->check(one_of({"nce", "full", "infonce", "dcl", "hcl", "dhel", "kcl", "supcon", "contrastive", "triplet"}));
   cmd->add_flag("--fresh-knn", o->fresh_knn,
                 "also measure the kNN against the training images encoded afresh each epoch (the bank holds "
                 "momentum-averaged features of augmented views from across the epoch)");
