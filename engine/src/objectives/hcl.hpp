@@ -21,7 +21,8 @@ struct Hcl {
   static constexpr bool kLabels = false;
 
   double inv_tau, l_pos, tau_plus, k, beta;
-  OnlineExp a, c, weight;  // the sums A, C and W
+  OnlineExp a, c;        // the sums A and C
+  double weight = 0.0;    // W = sum_j e^{lw_j}: no online maximum needed, lw_j = log(1 / (N q_j)) <= log 2^149
 
   Hcl(const ObjectiveParams& p, Positive pos)
       : inv_tau(p.inv_tau), l_pos(pos.s * p.inv_tau + pos.lw), tau_plus(p.tau_plus), k(p.k), beta(p.beta) {}
@@ -30,12 +31,11 @@ struct Hcl {
     const Block bs = x.s * (beta * inv_tau) + x.lw;
     w.rescale1 = a.add(bs + x.s * inv_tau, x.rows, w.w1);
     w.rescale2 = c.add(bs, x.rows, w.w2);
-    Block unused;
-    weight.add(x.lw, x.rows, unused);
+    weight += sum_exp_rows(x.lw, x.rows);
   }
 
   Outcome finish() const {
-    const double log_r = a.log_sum() + weight.log_sum() - c.log_sum();
+    const double log_r = a.log_sum() + std::log(weight) - c.log_sum();
     const Debiased d(l_pos, log_r, tau_plus, k, inv_tau);
     Outcome o;
     o.loss = d.loss;
