@@ -704,7 +704,7 @@ bool pick_hinge_safe_negatives(const Variant& v, const RowMatrixd& V, const RowM
 
 TEST_CASE("objectives: central differences of the loss match grad . d") {
   // Guards dL/df of the single-pass objectives (one and two accumulators, online rescaling) and of
-  // the buffered one (triplet) through the engine's own loss, with no reference in between.
+  // the positives-first one (triplet) through the engine's own loss, with no reference in between.
   std::vector<Variant> vs;
   {
     Variant v = variant("infonce", Objective::info_nce);

@@ -113,7 +113,8 @@ struct Table {
   void (*gather_dots)(const float* bank, idx stride, idx dim, const idx* ids, idx k, const float* f, float* out);
 
   /// Loss and gradient row of one query over its positive and K draws: one pass scores, weighs and
-  /// accumulates the draws' rows (a buffered objective scores them all first, then accumulates).
+  /// accumulates the draws' rows, drawing them a block ahead through q.refill (an objective that
+  /// takes its positives first scores those, then streams the others).
   void (*per_sample_query)(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out);
   /// Loss and coefficients of one query of a shared-negatives batch (see SharedQuery).
   void (*shared_query)(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out);
