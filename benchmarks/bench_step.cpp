@@ -143,8 +143,9 @@ void add_bench_step(CLI::App& bench) {
   auto o = std::make_shared<StepOptions>();
   auto* cmd = bench.add_subcommand(
       "step",
-      "Median time of one whole NCE training step (sample, score, loss, gradient, update) and floor_ms, the "
-      "time of reading the same B x (K+1) random bank rows with one dot product each, measured in the same run.");
+      "Median time of one whole training step (sample, score, loss, gradient, update) and floor_ms, the "
+      "time of reading the same B x (K+1) random bank rows with one dot product each, timed alternately in the "
+      "same run; step / floor is the median of the ratios of each step to the floor pass right after it.");
   cmd->add_option("--n", o->n, "bank size N (instances)")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--dim", o->dim, "embedding dimension D")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--k", o->k, "noise draws per query K")->capture_default_str()->check(integer_in(1));
