@@ -19,6 +19,8 @@
 #include "objectives/common.hpp"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 namespace membank::objectives {
 namespace {
@@ -51,8 +53,18 @@ struct Triplet {
 
   /// After the last positive.
   void begin_negatives() {
+    // By score, then draw index, as one 64-bit key each: the scores are fp32 dot products, so the
+    // float's bits, made to order as unsigned integers, are exact; the index fills the low half.
+    for (idx c = 0; c < n_positives; ++c) {
+      std::uint32_t bits;
+      const auto f = static_cast<float>(s_of[order[c]]);
+      std::memcpy(&bits, &f, sizeof bits);
+      bits = (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+      order[c] = static_cast<idx>((static_cast<std::uint64_t>(bits) << 32) | static_cast<std::uint64_t>(order[c]));
+    }
     std::sort(order, order + n_positives,
-              [this](idx a, idx b) { return s_of[a] < s_of[b] || (s_of[a] == s_of[b] && a < b); });
+              [](idx a, idx b) { return static_cast<std::uint64_t>(a) < static_cast<std::uint64_t>(b); });
+    for (idx c = 0; c < n_positives; ++c) order[c] = static_cast<idx>(static_cast<std::uint64_t>(order[c]) & 0xFFFFFFFFu);
     prefix_r[0] = prefix_rs[0] = 0.0;
     for (idx c = 0; c < n_positives; ++c) {
       const idx j = order[c];
