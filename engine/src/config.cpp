@@ -4,6 +4,7 @@
 #include <membank/memory.hpp>
 
 #include "detail/check.hpp"
+#include "step_kernels.hpp"
 
 #include <omp.h>
 
@@ -122,7 +123,8 @@ std::int64_t step_scratch_bytes(const EngineConfig& c, index_t batch, index_t di
   // Per thread, every objective: a second accumulator row (4 D) and K + 1 weights (4 K + 4); an
   // objective that takes its positives first (triplet) also 6 (K + 2) doubles and 3 (K + 1) indices.
   std::int64_t per_thread = add_sat(mul_sat(dim, 4), add_sat(mul_sat(k, 4), 4));
-  if (c.objective == Objective::triplet) per_thread = add_sat(per_thread, add_sat(mul_sat(k, 72), 120));
+  if (detail::takes_positives_first(c.objective))
+    per_thread = add_sat(per_thread, add_sat(mul_sat(k, 72), 120));
   if (c.negatives == NegativesMode::per_sample)  // and K ids (8) and log P_n (4)
     return add_sat(bytes, mul_sat(threads, add_sat(per_thread, mul_sat(k, 12))));
   // shared, per thread: 2 ceil(K / 16) rescales; once: K ids, log P_n, log weights, classes (24 per

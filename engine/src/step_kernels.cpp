@@ -175,7 +175,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
                        const kernels::ObjectiveParams& params, std::vector<kernels::QueryResult>& out,
                        const kernels::Table& kt) {
   const double log_n = std::log(static_cast<double>(cx.bank.rows));
-  const bool positives_first = cx.cfg->objective == Objective::triplet;
+  const bool positives_first = takes_positives_first(cx.cfg->objective);
   kernels::PerSampleQuery base{};
   base.bank = cx.bank.data;
   base.stride = cx.bank.stride;
@@ -221,7 +221,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   const double inv_tau = 1.0 / cx.cfg->tau;
   const double log_n = std::log(static_cast<double>(cx.bank.rows));
   const bool same_label = cx.cfg->exclude_same_label;
-  const bool positives_first = cx.cfg->objective == Objective::triplet;
+  const bool positives_first = takes_positives_first(cx.cfg->objective);
 
   // The batch's draws. exclude_positive: none is an id of the batch (P_n conditioned on the rest);
   // exclude_same_label: each query masks the draws of its own label (weight 0, P_n unconditioned,

@@ -21,6 +21,10 @@ struct Lse {
   double value() const { return max + std::log(sum); }
 };
 
+/// Whether objective o takes its positives first (objectives.hpp's kPositivesFirst): it needs the
+/// larger per-query workspace (step_scratch_bytes, and each kernel's per-thread scratch).
+inline bool takes_positives_first(Objective o) { return o == Objective::triplet; }
+
 /// The partition estimate, written once: log Zhat = log mean over the draws of e^{s / tau} / q' from
 /// the log-sum-exp of s / tau + lw over `draws` draws (lw = -log(N q'), q' their conditional P_n).
 double log_z_hat(double log_sum, double draws, index_t n);
