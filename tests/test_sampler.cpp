@@ -7,10 +7,13 @@
 #include <membank/error.hpp>
 #include <membank/sampler.hpp>
 
+#include <Random123/philox.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <random>
 #include <vector>
 
 using namespace membank;
@@ -248,6 +251,55 @@ TEST_CASE("draw_next: the pieces of a cursor are exactly one draw of all of them
       CHECK(cursor.next_block == before.next_block);
       CHECK(cursor.redraws == before.redraws);
     }
+}
+
+TEST_CASE("UniformSampler's stream is Philox4x32-10 halves with excluded ids skipped") {
+  // Guards the stream's definition against a plain reference on Random123: block b of a stream is
+  // philox(counter = {b, row, step_lo, step_hi | purpose << 24}, key = {seed_lo, seed_hi}); its two
+  // 64-bit halves (words 0:1, then 2:3) are two draws floor(u n / 2^64) in turn, and a draw that hits
+  // an excluded id is skipped. N = 7 makes rejections frequent; the cases are no exclusion, one id,
+  // several ids and a class, each drawn whole and in pieces of 1 to 5.
+  constexpr index_t n = 7;
+  const UniformSampler s(n);
+  const StreamKey key{0x123456789abULL, (std::int64_t{3} << 32) + 9, 41, 2};
+  const auto reference = [&](const Exclusion& e, std::size_t k) {
+    r123::Philox4x32 philox;
+    const r123::Philox4x32::key_type pk = {{0x456789abu, 0x123u}};
+    std::vector<index_t> out;
+    for (std::uint32_t b = 0; out.size() < k; ++b) {
+      const r123::Philox4x32::ctr_type w = philox({{b, 41u, 9u, 3u | (2u << 24)}}, pk);
+      for (int half = 0; half < 2 && out.size() < k; ++half) {
+        const std::uint64_t u = (std::uint64_t{w.v[2 * half]} << 32) | w.v[2 * half + 1];
+        const auto j = static_cast<index_t>((static_cast<unsigned __int128>(u) * n) >> 64);
+        const bool skip = (e.classes != nullptr && e.classes[j] == e.cls) ||
+                          std::find(e.ids.begin(), e.ids.end(), j) != e.ids.end();
+        if (!skip) out.push_back(j);
+      }
+    }
+    return out;
+  };
+  const std::vector<index_t> one{4}, several{0, 2, 5};
+  const std::vector<std::int32_t> classes{0, 1, 1, 0, 2, 1, 0};
+  const std::vector<Exclusion> exclusions{Exclusion{}, Exclusion{one}, Exclusion{several},
+                                          Exclusion{{}, classes.data(), 1}};
+  std::mt19937_64 rng(3);
+  for (std::size_t e = 0; e < exclusions.size(); ++e) {
+    INFO("exclusion " << e);
+    constexpr std::size_t k = 301;
+    const std::vector<index_t> want = reference(exclusions[e], k);
+    std::vector<index_t> whole(k), pieces(k);
+    std::vector<float> p(k);
+    s.draw(key, exclusions[e], whole, p);
+    CHECK(whole == want);
+    DrawCursor cursor{key, exclusions[e], static_cast<index_t>(k)};
+    std::uniform_int_distribution<std::size_t> size(1, 5);
+    for (std::size_t at = 0; at < k;) {
+      const std::size_t m = std::min(size(rng), k - at);
+      s.draw_next(cursor, std::span(pieces).subspan(at, m), std::span(p).subspan(at, m));
+      at += m;
+    }
+    CHECK(pieces == want);
+  }
 }
 
 TEST_CASE("sampler kind names round-trip") {

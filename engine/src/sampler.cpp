@@ -25,8 +25,6 @@ namespace {
 
 constexpr int kMaxConsecutiveRejections = 1000000;
 
-bool is_excluded(const Exclusion& excluded, index_t j) { return excluded.contains(j); }
-
 /// The draws of a piece must fit in what is left of its cursor's stream.
 void check_piece(const DrawCursor& c, std::size_t draws, std::size_t log_pn_size) {
   MEMBANK_CHECK(draws == log_pn_size, "a piece of {} draws with {} log P_n slots: expected as many of each",
@@ -75,51 +73,69 @@ void UniformSampler::lookup(std::span<const index_t> ids, std::span<float> log_p
   std::fill_n(log_pn.begin(), ids.size(), static_cast<float>(-std::log(static_cast<double>(n_))));
 }
 
-void UniformSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<float> log_pn) const {
-  check_piece(c, ids.size(), log_pn.size());
-  // A draw takes 64 bits: the two halves of a Philox block serve two draws in turn, and a draw that
-  // hits an excluded id is redrawn from the next half. The blocks a piece needs are computed
-  // together, kChunk at a time, by the vectorised kernel (words in four arrays: see kernels::Table).
+namespace {
+
+/// The uniform stream's next ids.size() accepted draws into ids. A draw takes 64 bits: the two
+/// halves of a Philox block serve two draws in turn, and a draw that hits an excluded id is skipped
+/// for the next half. The blocks a piece needs are computed together, kChunk at a time, by the
+/// vectorised kernel (words in four arrays: see kernels::Table). `excluded` is the cursor's
+/// exclusion as a test the compiler can inline (none, one id, or Exclusion::contains).
+template <class Excluded>
+void draw_uniform(DrawCursor& c, std::uint64_t n, std::span<index_t> ids, Excluded excluded) {
   constexpr std::int64_t kChunk = 32;
   std::array<std::uint32_t, 4 * kChunk> words;
-  std::int64_t in_chunk = 0, used = 0;
   const kernels::Table& kt = kernels::table();
   const detail::StreamCounter counter(c.key);
-  const auto n = static_cast<std::uint64_t>(n_);
   const std::size_t k = ids.size();
   std::size_t done = 0;  // draws accepted so far
-  const auto next_id = [&] {
-    std::uint64_t u;
-    if (c.has_spare) {
-      u = c.spare;
-      c.has_spare = false;
-    } else {
-      if (used == in_chunk) {  // the blocks still needed if no draw is rejected, up to kChunk
-        const auto still = static_cast<std::int64_t>((k - done + 1) / 2);
-        in_chunk = std::min(kChunk, std::max<std::int64_t>(still, 1));
-        counter.blocks(kt, c.next_block, in_chunk, words.data());
-        used = 0;
-      }
-      u = detail::join64(words[static_cast<std::size_t>(used)],
-                         words[static_cast<std::size_t>(in_chunk + used)]);
-      c.spare = detail::join64(words[static_cast<std::size_t>(2 * in_chunk + used)],
-                               words[static_cast<std::size_t>(3 * in_chunk + used)]);
-      c.has_spare = true;
-      ++used;
-      ++c.next_block;
-    }
-    return static_cast<index_t>(detail::scale_to(u, n));
-  };
-  const float p = static_cast<float>(-std::log(static_cast<double>(n_)));
-  for (; done < k; ++done) {
-    ids[done] = next_id();
-    for (int rejections = 0; is_excluded(c.excluded, ids[done]);) {
+  int rejections = 0;    // consecutive ones
+  const auto take = [&](std::uint64_t u) {
+    const auto j = static_cast<index_t>(detail::scale_to(u, n));
+    if (excluded(j)) {
       count_rejection(rejections);
-      ids[done] = next_id();
+      return;
     }
-    log_pn[done] = p;
+    rejections = 0;
+    ids[done++] = j;
+  };
+  if (c.has_spare && done < k) {
+    c.has_spare = false;
+    take(c.spare);
   }
-  c.drawn += static_cast<index_t>(k);
+  while (done < k) {
+    // The blocks still needed if no draw is rejected, up to kChunk.
+    const auto still = static_cast<std::int64_t>((k - done + 1) / 2);
+    const std::int64_t m = std::min(kChunk, std::max<std::int64_t>(still, 1));
+    counter.blocks(kt, c.next_block, m, words.data());
+    const auto word = [&](std::int64_t a) { return words[static_cast<std::size_t>(a)]; };
+    for (std::int64_t b = 0; b < m && done < k; ++b) {
+      ++c.next_block;
+      take(detail::join64(word(b), word(m + b)));
+      const std::uint64_t second = detail::join64(word(2 * m + b), word(3 * m + b));
+      if (done < k) {
+        take(second);
+      } else {
+        c.spare = second;
+        c.has_spare = true;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void UniformSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<float> log_pn) const {
+  check_piece(c, ids.size(), log_pn.size());
+  const auto n = static_cast<std::uint64_t>(n_);
+  const Exclusion& e = c.excluded;
+  if (e.empty())
+    draw_uniform(c, n, ids, [](index_t) { return false; });
+  else if (e.classes == nullptr && e.ids.size() == 1)
+    draw_uniform(c, n, ids, [y = e.ids[0]](index_t j) { return j == y; });
+  else
+    draw_uniform(c, n, ids, [&e](index_t j) { return e.contains(j); });
+  std::fill(log_pn.begin(), log_pn.end(), static_cast<float>(-std::log(static_cast<double>(n_))));
+  c.drawn += static_cast<index_t>(ids.size());
 }
 
 AliasSampler::AliasSampler(std::span<const double> weights)
@@ -217,7 +233,7 @@ void AliasSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<fl
   if (!c.excluded.empty()) {
     detail::Stream redraw(c.key, static_cast<std::uint64_t>(c.total) + c.redraws);
     for (std::size_t j = 0; j < k; ++j) {
-      for (int rejections = 0; is_excluded(c.excluded, ids[j]);) {
+      for (int rejections = 0; c.excluded.contains(ids[j]);) {
         count_rejection(rejections);
         ++c.redraws;
         resolve(cell_and_coin(redraw.next(), n), ids[j], log_pn[j]);

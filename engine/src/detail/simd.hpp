@@ -15,22 +15,26 @@ namespace {
 
 /// a . b with a fixed association on every instruction set: 32 partial sums (two banks of 16, one
 /// 512-bit register each, or the equivalent in narrower registers) over blocks of 32 elements, the
-/// tail added lane by lane, then combined pairwise. Two independent accumulators halve the
-/// multiply-add dependency chain; the pairwise tail compiles to a few shuffles, not a serial chain.
+/// tail added lane by lane, then combined by halves (16 -> 8 -> 4 -> 2 -> 1). The banks are vector
+/// values, not arrays: written as `float x[16]` the partial sums were kept on the stack in some
+/// callers (a store and a reload per block of 32), and the halving became a serial chain of 16
+/// scalar additions.
 inline float dot(const float* __restrict a, const float* __restrict b, std::int64_t n) {
-  float x[16] = {}, y[16] = {};
+  typedef float V16 __attribute__((vector_size(64), aligned(4), may_alias));
+  typedef float V8 __attribute__((vector_size(32)));
+  typedef float V4 __attribute__((vector_size(16)));
+  V16 x{}, y{};
   std::int64_t c = 0;
-  for (; c + 32 <= n; c += 32)
-    for (int l = 0; l < 16; ++l) {
-      x[l] += a[c + l] * b[c + l];
-      y[l] += a[c + 16 + l] * b[c + 16 + l];
-    }
+  for (; c + 32 <= n; c += 32) {
+    x += *reinterpret_cast<const V16*>(a + c) * *reinterpret_cast<const V16*>(b + c);
+    y += *reinterpret_cast<const V16*>(a + c + 16) * *reinterpret_cast<const V16*>(b + c + 16);
+  }
   for (int l = 0; c < n; ++c, l = (l + 1) & 15) x[l] += a[c] * b[c];
-  for (int l = 0; l < 16; ++l) x[l] += y[l];
-  for (int l = 0; l < 8; ++l) x[l] += x[l + 8];
-  for (int l = 0; l < 4; ++l) x[l] += x[l + 4];
-  for (int l = 0; l < 2; ++l) x[l] += x[l + 2];
-  return x[0] + x[1];
+  x += y;
+  const V8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+  return (q[0] + q[2]) + (q[1] + q[3]);
 }
 
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, std::int64_t n) {
