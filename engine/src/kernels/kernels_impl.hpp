@@ -198,7 +198,7 @@ void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at
     for (idx r = 0; r < rows; ++r) s[r] = dot(row(t0 + r), v.f, v.dim);
     fill_block(x, rows, [&](idx r) { return static_cast<double>(s[r]); }, [&](idx r) { return v.lw(at(t0 + r)); });
     if (labels)
-      for (idx r = 0; r < rows; ++r) x.same[r] = labels->same(at(t0 + r));
+      for (idx r = 0; r < kBlock; ++r) x.same[r] = r < rows ? labels->same(at(t0 + r)) : 0.0;  // padding: 0
     Weights w;
     obj.block(x, w);
     if (w.rescale1 != 1.0) scale_row(v.acc1, w.rescale1, v.dim);
@@ -350,7 +350,7 @@ void shared(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out) {
       fill_block(x, rows, [&](idx r) { return static_cast<double>(s[k0 + r]); },
                  [&](idx r) { return static_cast<double>(q.lw[k0 + r]); });
       if constexpr (O::kLabels)
-        for (idx r = 0; r < rows; ++r) x.same[r] = same(k0 + r);
+        for (idx r = 0; r < kBlock; ++r) x.same[r] = r < rows ? same(k0 + r) : 0.0;  // padding: 0
       Weights w;
       obj.block(x, w);
       rescale1[b] = w.rescale1;

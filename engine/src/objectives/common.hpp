@@ -58,36 +58,52 @@ struct Workspace {
   idx* i;     ///< K + 1 indices
 };
 
+/// The blocks' values folded with op by halves (16 -> 8 -> 4 -> 2 -> 1): the same association on
+/// every instruction-set path, and no serial chain of 16 operations.
+template <class Op>
+inline double fold(const Block& x, Op op) {
+  double h[kBlock / 2];
+  for (idx r = 0; r < kBlock / 2; ++r) h[r] = op(x[r], x[r + kBlock / 2]);
+  for (idx r = 0; r < 4; ++r) h[r] = op(h[r], h[r + 4]);
+  return op(op(h[0], h[2]), op(h[1], h[3]));
+}
+
+/// A sum over a query's blocks kept lane by lane (kBlock partial sums, folded once at the end): each
+/// block costs one vector addition instead of a chain of kBlock. Padding rows must add 0.
+struct LaneSum {
+  Block lanes = Block::Zero();
+  void operator+=(const Block& x) { lanes += x; }
+  void operator*=(double f) { lanes *= f; }
+  double sum() const { return fold(lanes, [](double a, double b) { return a + b; }); }
+};
+
 /// A running log-sum-exp whose terms are also handed out as weights e^{x - max} for accumulation:
-/// add() returns the factor by which everything weighted so far must be rescaled.
+/// add() returns the factor by which everything weighted so far must be rescaled. Padding rows and
+/// masked entries (x = -inf) weigh 0; a sum of nothing but them so far stays empty (max = -inf).
 struct OnlineExp {
   double max = -kInf;
-  double total = 0.0;  ///< sum of e^{x - max}
+  LaneSum terms;  ///< e^{x - max}
   OnlineExp() = default;
-  explicit OnlineExp(double first) : max(first), total(1.0) {}
-  double add(const Block& x, idx rows, Block& w) {
-    double block_max = max;
-    for (idx r = 0; r < rows; ++r) block_max = x[r] > block_max ? x[r] : block_max;
+  explicit OnlineExp(double first) : max(first) { terms.lanes[0] = 1.0; }
+  double add(const Block& x, Block& w) {
+    const double block_max = x.maxCoeff();  // no NaN here: the order of comparisons does not matter
     double rescale = 1.0;
     if (block_max > max) {
       rescale = std::exp(max - block_max);  // 0 on the first block of an empty sum
-      total *= rescale;
+      terms *= rescale;
       max = block_max;
     }
+    if (max == -kInf) {  // e^{-inf - (-inf)} would be NaN
+      w.setZero();
+      return 1.0;
+    }
     w = (x - max).exp();
-    for (idx r = 0; r < rows; ++r) total += w[r];
+    terms += w;
     return rescale;
   }
-  double log_sum() const { return max + std::log(total); }
+  double total() const { return terms.sum(); }
+  double log_sum() const { return max + std::log(total()); }
 };
-
-/// sum_r e^{x_r} over the valid rows, in double (for Outcome::sum_exp).
-inline double sum_exp_rows(const Block& x, idx rows) {
-  const Block e = x.exp();
-  double t = 0.0;
-  for (idx r = 0; r < rows; ++r) t += e[r];
-  return t;
-}
 
 }  // namespace
 }  // namespace membank::objectives

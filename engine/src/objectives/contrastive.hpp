@@ -19,7 +19,7 @@ struct Contrastive {
   static constexpr bool kLabels = true;
 
   double margin, inv_k;
-  double sum_pairs = 0.0;
+  LaneSum sum_pairs;  // sum_j r_j (pair loss of draw j); padding rows have r = 0
   Outcome out;
 
   Contrastive(const ObjectiveParams& p, Positive pos) : margin(p.margin), inv_k(1.0 / p.k) {
@@ -35,11 +35,11 @@ struct Contrastive {
     const Block r = x.lw.exp();
     const Block pair_loss = (x.same > 0.0).select(0.5 * d2, 0.5 * gap.square());
     w.w1 = r * (x.same > 0.0).select(Block::Constant(-1.0), gap / d);
-    for (idx i = 0; i < x.rows; ++i) sum_pairs += r[i] * pair_loss[i];
+    sum_pairs += r * pair_loss;
   }
 
   Outcome finish() {
-    out.loss += inv_k * sum_pairs;
+    out.loss += inv_k * sum_pairs.sum();
     return out;
   }
 };

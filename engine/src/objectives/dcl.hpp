@@ -45,14 +45,14 @@ struct Dcl {
   Dcl(const ObjectiveParams& p, Positive pos)
       : inv_tau(p.inv_tau), l_pos(pos.s * p.inv_tau + pos.lw), tau_plus(p.tau_plus), k(p.k) {}
 
-  void block(const Entries& x, Weights& w) { w.rescale1 = neg.add(x.s * inv_tau + x.lw, x.rows, w.w1); }
+  void block(const Entries& x, Weights& w) { w.rescale1 = neg.add(x.s * inv_tau + x.lw, w.w1); }
 
   Outcome finish() const {
     const Debiased d(l_pos, neg.log_sum(), tau_plus, k, inv_tau);
     Outcome o;
     o.loss = d.loss;
     o.p_pos = d.p_pos;
-    o.c1 = d.d_sum * inv_tau / neg.total;  // dR/ds_j = R w_j / (tau total)
+    o.c1 = d.d_sum * inv_tau / neg.total();  // dR/ds_j = R w_j / (tau total)
     o.c_pos = d.c_pos;
     o.sum_exp = std::exp(neg.log_sum());
     return o;

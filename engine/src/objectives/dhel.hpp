@@ -21,13 +21,13 @@ struct Dhel {
   Dhel(const ObjectiveParams& p, Positive pos)
       : inv_tau(p.inv_tau), a_pos(pos.s * p.inv_tau), l_pos(a_pos + pos.lw) {}
 
-  void block(const Entries& x, Weights& w) { w.rescale1 = lse.add(x.s * inv_tau + x.lw, x.rows, w.w1); }
+  void block(const Entries& x, Weights& w) { w.rescale1 = lse.add(x.s * inv_tau + x.lw, w.w1); }
 
   Outcome finish() const {
     Outcome o;
     const double log_neg = lse.log_sum();
     o.loss = log_neg - a_pos;
-    o.c1 = inv_tau / lse.total;
+    o.c1 = inv_tau / lse.total();
     o.c_pos = -inv_tau;
     o.p_pos = 1.0 / (1.0 + std::exp(log_neg - l_pos));  // e^{l_pos} / (e^{l_pos} + sum_j e^{l_j})
     o.sum_exp = std::exp(log_neg);

@@ -22,30 +22,30 @@ struct Hcl {
 
   double inv_tau, l_pos, tau_plus, k, beta;
   OnlineExp a, c;        // the sums A and C
-  double weight = 0.0;    // W = sum_j e^{lw_j}: no online maximum needed, lw_j = log(1 / (N q_j)) <= log 2^149
+  LaneSum weight;         // W = sum_j e^{lw_j}: no online maximum needed, lw_j = log(1 / (N q_j)) <= log 2^149
 
   Hcl(const ObjectiveParams& p, Positive pos)
       : inv_tau(p.inv_tau), l_pos(pos.s * p.inv_tau + pos.lw), tau_plus(p.tau_plus), k(p.k), beta(p.beta) {}
 
   void block(const Entries& x, Weights& w) {
     const Block bs = x.s * (beta * inv_tau) + x.lw;
-    w.rescale1 = a.add(bs + x.s * inv_tau, x.rows, w.w1);
-    w.rescale2 = c.add(bs, x.rows, w.w2);
-    weight += sum_exp_rows(x.lw, x.rows);
+    w.rescale1 = a.add(bs + x.s * inv_tau, w.w1);
+    w.rescale2 = c.add(bs, w.w2);
+    weight += x.lw.exp();
   }
 
   Outcome finish() const {
-    const double log_r = a.log_sum() + std::log(weight) - c.log_sum();
+    const double log_r = a.log_sum() + std::log(weight.sum()) - c.log_sum();
     const Debiased d(l_pos, log_r, tau_plus, k, inv_tau);
     Outcome o;
     o.loss = d.loss;
     o.p_pos = d.p_pos;
     o.c_pos = d.c_pos;
     if (kDetach) {
-      o.c1 = d.d_sum * inv_tau / a.total;
+      o.c1 = d.d_sum * inv_tau / a.total();
     } else {
-      o.c1 = d.d_sum * (1.0 + beta) * inv_tau / a.total;
-      o.c2 = -d.d_sum * beta * inv_tau / c.total;
+      o.c1 = d.d_sum * (1.0 + beta) * inv_tau / a.total();
+      o.c2 = -d.d_sum * beta * inv_tau / c.total();
     }
     return o;
   }

@@ -16,24 +16,24 @@ struct InfoNce {
 
   double inv_tau, l_pos;
   OnlineExp lse;
-  double neg_total = 0.0;  // sum_j e^{l_j - lse.max}
+  LaneSum neg_total;  // sum_j e^{l_j - lse.max}
 
   InfoNce(const ObjectiveParams& p, Positive pos) : inv_tau(p.inv_tau), l_pos(pos.s * p.inv_tau + pos.lw),
                                                    lse(l_pos) {}
 
   void block(const Entries& x, Weights& w) {
-    w.rescale1 = lse.add(x.s * inv_tau + x.lw, x.rows, w.w1);
+    w.rescale1 = lse.add(x.s * inv_tau + x.lw, w.w1);
     neg_total *= w.rescale1;
-    for (idx r = 0; r < x.rows; ++r) neg_total += w.w1[r];
+    neg_total += w.w1;
   }
 
   Outcome finish() const {
     Outcome o;
-    o.p_pos = std::exp(l_pos - lse.max) / lse.total;
+    o.p_pos = std::exp(l_pos - lse.max) / lse.total();
     o.loss = lse.log_sum() - l_pos;
-    o.c1 = inv_tau / lse.total;
+    o.c1 = inv_tau / lse.total();
     o.c_pos = (o.p_pos - 1.0) * inv_tau;
-    o.sum_exp = neg_total * std::exp(lse.max);
+    o.sum_exp = neg_total.sum() * std::exp(lse.max);
     return o;
   }
 };

@@ -18,7 +18,7 @@ struct Kcl {
   static constexpr bool kLabels = false;
 
   double two_t, scale;  // 2t and gamma / K
-  double energy = 0.0;  // sum_j r_j k_j
+  LaneSum energy;  // sum_j r_j k_j
   Outcome out;
 
   Kcl(const ObjectiveParams& p, Positive pos) : two_t(2.0 * p.kernel_t), scale(p.gamma / p.k) {
@@ -30,11 +30,11 @@ struct Kcl {
 
   void block(const Entries& x, Weights& w) {
     w.w1 = ((x.s - 1.0) * two_t + x.lw).exp();
-    for (idx r = 0; r < x.rows; ++r) energy += w.w1[r];
+    energy += w.w1;
   }
 
   Outcome finish() {
-    out.loss += scale * energy;
+    out.loss += scale * energy.sum();
     return out;
   }
 };

@@ -17,7 +17,7 @@ struct Nce {
 
   double inv_tau, shift;
   Outcome out;
-  double sum_exp_a = 0.0;
+  LaneSum positive_parts, sum_exp_a;  // sum_j max(a_j, 0) and sum_j e^{a_j}
 
   Nce(const ObjectiveParams& p, Positive pos) : inv_tau(p.inv_tau), shift(p.nce_shift) {
     const double a = pos.s * inv_tau + pos.lw + shift;
@@ -37,18 +37,16 @@ struct Nce {
     w.w1 = (a > 0.0).select(inv_one_e, e * inv_one_e);  // sigmoid(a)
     const Block exp_a = (a > 0.0).select(e.inverse(), e);
     // sum_r softplus(a_r) = sum_r max(a_r, 0) + log prod_r (1 + e_r): one log per block. Each factor
-    // lies in [1, 2], so the product of 16 neither overflows nor loses more than 16 ulp.
-    double positive_part = 0.0, product = 1.0;
-    for (idx r = 0; r < x.rows; ++r) {
-      positive_part += a[r] > 0.0 ? a[r] : 0.0;
-      product *= one_e[r];
-      sum_exp_a += exp_a[r];
-    }
-    out.loss += positive_part + std::log(product);
+    // lies in [1, 2], so the product of 16 neither overflows nor loses more than 16 ulp. Padding rows
+    // (a = -inf) add 0 and multiply by 1.
+    positive_parts += a.max(0.0);
+    sum_exp_a += exp_a;
+    out.loss += std::log(fold(one_e, [](double u, double v) { return u * v; }));
   }
 
   Outcome finish() {
-    out.sum_exp = sum_exp_a * std::exp(-shift);
+    out.loss += positive_parts.sum();
+    out.sum_exp = sum_exp_a.sum() * std::exp(-shift);
     return out;
   }
 };

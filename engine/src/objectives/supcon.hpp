@@ -20,26 +20,25 @@ struct SupCon {
 
   double inv_tau, l_pos;
   OnlineExp lse;
-  double positives = 1.0, sum_l_positives;  // |P| and sum_{p in P} l_p
+  LaneSum same_draws, same_l;  // the draws in P (all but the own row) and the sum of their l
 
   SupCon(const ObjectiveParams& p, Positive pos)
-      : inv_tau(p.inv_tau), l_pos(pos.s * p.inv_tau + pos.lw), lse(l_pos), sum_l_positives(l_pos) {}
+      : inv_tau(p.inv_tau), l_pos(pos.s * p.inv_tau + pos.lw), lse(l_pos) {}
 
   void block(const Entries& x, Weights& w) {
     const Block l = x.s * inv_tau + x.lw;
-    w.rescale1 = lse.add(l, x.rows, w.w1);
+    w.rescale1 = lse.add(l, w.w1);
     w.w2 = x.same;
-    for (idx r = 0; r < x.rows; ++r) {
-      positives += x.same[r];
-      sum_l_positives += x.same[r] > 0.0 ? l[r] : 0.0;
-    }
+    same_draws += x.same;  // padding rows: same = 0
+    same_l += (x.same > 0.0).select(l, 0.0);
   }
 
   Outcome finish() const {
+    const double positives = 1.0 + same_draws.sum(), sum_l_positives = l_pos + same_l.sum();
     Outcome o;
-    o.p_pos = std::exp(l_pos - lse.max) / lse.total;
+    o.p_pos = std::exp(l_pos - lse.max) / lse.total();
     o.loss = lse.log_sum() - sum_l_positives / positives;
-    o.c1 = inv_tau / lse.total;
+    o.c1 = inv_tau / lse.total();
     o.c2 = -inv_tau / positives;
     o.c_pos = (o.p_pos - 1.0 / positives) * inv_tau;
     return o;
