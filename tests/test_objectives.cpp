@@ -607,6 +607,45 @@ TEST_CASE("objectives: the kernel's draws in pieces and many positives: step() i
   CHECK(cases == static_cast<int>(all_variants().size()) * 3 * 2);
 }
 
+TEST_CASE("objectives: shared negatives whose first blocks are all masked for a query") {
+  // Guards the online sums against an empty start: under exclude_same_label a query's same-label
+  // shared draws weigh 0 (lw = -inf), and when a whole block of 16 (here the first two) holds only
+  // those, an online log-sum-exp that starts empty must stay empty rather than turn into
+  // e^{-inf - (-inf)} = NaN. Every objective, both samplers, against the double reference.
+  std::mt19937_64 rng(2718);
+  const std::vector<std::int64_t> labels = four_class_labels(kN, rng);
+  int cases = 0;
+  for (const Variant& v : all_variants())
+    for (bool alias : {false, true}) {
+      if (v.obj == Objective::supcon) continue;  // its reference under masking: the test below
+      INFO(describe(v, alias, Mode::shared_same_label));
+      std::vector<double> pn;
+      Engine eng = labelled_engine(kN, kD, alias, config_of(v, Mode::shared_same_label, 16), 17, labels, &pn);
+      const RowMatrixf bank = eng.bank().to_matrix();
+      const std::vector<index_t> ids = batch_ids(kB, kN, rng);
+      const RowMatrixf f = mixed_features(bank, ids, rng);
+      RowMatrixi negs = mode_negatives(Mode::shared_same_label, ids, labels, kN, kK, rng);
+      std::vector<index_t> same;  // instances of query 0's label
+      for (index_t j = 0; j < kN; ++j)
+        if (labels[static_cast<std::size_t>(j)] == labels[static_cast<std::size_t>(ids[0])]) same.push_back(j);
+      REQUIRE(same.size() >= 2);
+      for (index_t c = 0; c < 32; ++c) negs(0, c) = same[static_cast<std::size_t>(c) % same.size()];
+      const Ref ref = reference(v, bank, f, make_queries(ids, negs, pn, labels, Mode::shared_same_label));
+      RowMatrixf g(kB, kD);
+      const StepStats st = eng.evaluate(f, ids, negs, g);
+      CAPTURE(st.loss);
+      CAPTURE(ref.loss);
+      CHECK(std::isfinite(st.loss));
+      CHECK(rel_err(st.loss, ref.loss) < 1e-5);
+      CHECK(grad_rel_err(g, ref.grad) < 1e-5);
+      ++cases;
+    }
+  const std::vector<Variant> variants = all_variants();
+  const auto supcon = std::count_if(variants.begin(), variants.end(),
+                                    [](const Variant& v) { return v.obj == Objective::supcon; });
+  CHECK(cases == static_cast<int>(static_cast<std::ptrdiff_t>(variants.size()) - supcon) * 2);
+}
+
 TEST_CASE("objectives: supcon with shared negatives and exclude_same_label leaves the masked draws out") {
   // Shared negatives under exclude_same_label mask each query's same-label draws (lw = -inf, weight
   // 0). Those draws are then neither in supcon's denominator nor among its positives: the query has
