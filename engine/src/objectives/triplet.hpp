@@ -85,9 +85,11 @@ struct Triplet {
     idx top = 1;
     while (top * 2 <= n_positives) top *= 2;
     for (idx step = top; step > 0; step /= 2)
-      for (idx r = 0; r < kBlock; ++r) {
+      for (idx r = 0; r < kBlock; ++r) {  // no branch, every load in range: the compiler vectorises it
         const idx at = c[r] + step;
-        c[r] = at <= n_positives && 2.0 * (x.s[r] - sorted_s[at - 1]) + alpha > 0.0 ? at : c[r];
+        const idx probe = at < n_positives ? at : n_positives;
+        const bool active = (at <= n_positives) & (2.0 * (x.s[r] - sorted_s[probe - 1]) + alpha > 0.0);
+        c[r] = active ? at : c[r];
       }
     const Block rn = x.lw.exp();  // 0 on padding rows
     for (idx r = 0; r < x.rows; ++r) {
