@@ -646,6 +646,47 @@ TEST_CASE("objectives: shared negatives whose first blocks are all masked for a 
   CHECK(cases == static_cast<int>(static_cast<std::ptrdiff_t>(variants.size()) - supcon) * 2);
 }
 
+TEST_CASE("objectives: the label objectives with 300 and with 70,000 classes (2- and 4-byte class tables)") {
+  // Guards the per-sample kernel's class table in each width: up to 256 classes it holds bytes (the
+  // four-class cases above), up to 65,536 two bytes, beyond that int32. Labels j mod C; every query's
+  // draws are half of its own label (other instances of its class) and half random, so the
+  // same-label entries are many. Against the double reference, both samplers.
+  std::mt19937_64 rng(65537);
+  for (const index_t classes : {index_t{300}, index_t{70000}}) {
+    const index_t n = 2 * classes + 7;
+    std::vector<std::int64_t> labels(static_cast<std::size_t>(n));
+    for (index_t j = 0; j < n; ++j) labels[static_cast<std::size_t>(j)] = (j % classes) * 3 - 5;
+    for (const Variant& v : all_variants()) {
+      if (!needs_labels(v.obj)) continue;
+      for (bool alias : {false, true}) {
+        INFO(describe(v, alias, Mode::per_sample) << ", " << classes << " classes");
+        std::vector<double> pn;
+        Engine eng = labelled_engine(n, 8, alias, config_of(v, Mode::per_sample, 16), 23, labels, &pn);
+        const RowMatrixf bank = eng.bank().to_matrix();
+        const std::vector<index_t> ids = batch_ids(kB, n, rng);
+        const RowMatrixf f = mixed_features(bank, ids, rng);
+        RowMatrixi negs = mode_negatives(Mode::per_sample, ids, labels, n, kK, rng);
+        int same = 0;
+        for (index_t i = 0; i < kB; ++i)
+          for (index_t c = 0; c < kK; c += 2) {  // an instance of the query's class: y + m C, m = 0, 1, 2
+            const index_t base = ids[static_cast<std::size_t>(i)] % classes;
+            const index_t j = base + classes * static_cast<index_t>(rng() % (base + 2 * classes < n ? 3 : 2));
+            negs(i, c) = j;
+            same += labels[static_cast<std::size_t>(j)] == labels[static_cast<std::size_t>(ids[static_cast<std::size_t>(i)])];
+          }
+        REQUIRE(same == kB * ((kK + 1) / 2));
+        const Ref ref = reference(v, bank, f, make_queries(ids, negs, pn, labels, Mode::per_sample));
+        RowMatrixf g(kB, 8);
+        const StepStats st = eng.evaluate(f, ids, negs, g);
+        CAPTURE(st.loss);
+        CAPTURE(ref.loss);
+        CHECK(rel_err(st.loss, ref.loss) < 1e-5);
+        CHECK(grad_rel_err(g, ref.grad) < 1e-5);
+      }
+    }
+  }
+}
+
 TEST_CASE("objectives: supcon with shared negatives and exclude_same_label leaves the masked draws out") {
   // Shared negatives under exclude_same_label mask each query's same-label draws (lw = -inf, weight
   // 0). Those draws are then neither in supcon's denominator nor among its positives: the query has

@@ -27,9 +27,25 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 detail::KernelContext make_context(const Bank& bank, const NoiseSampler& sampler, const EngineConfig& cfg,
                                    const std::vector<std::int32_t>& classes, const std::vector<double>& mass,
-                                   index_t k) {
-  return {bank.view(), &sampler, &cfg, classes.empty() ? nullptr : classes.data(),
+                                   const std::vector<std::uint8_t>& classes8,
+                                   const std::vector<std::uint16_t>& classes16, index_t k) {
+  kernels::ClassTable table;
+  if (!classes8.empty())
+    table = {classes8.data(), 1};
+  else if (!classes16.empty())
+    table = {classes16.data(), 2};
+  else if (!classes.empty())
+    table = {classes.data(), 4};
+  return {bank.view(), &sampler, &cfg, classes.empty() ? nullptr : classes.data(), table,
           mass.empty() ? nullptr : mass.data(), k};
+}
+
+/// classes narrowed to T, each index < 2^(8 sizeof T).
+template <class T>
+std::vector<T> narrowed(const std::vector<std::int32_t>& classes) {
+  std::vector<T> out(classes.size());
+  for (std::size_t j = 0; j < classes.size(); ++j) out[j] = static_cast<T>(classes[j]);
+  return out;
 }
 
 }  // namespace
@@ -101,8 +117,14 @@ void Engine::check_labels(std::span<const std::int64_t> labels, const NoiseSampl
 void Engine::set_labels(std::span<const std::int64_t> labels) {
   LabelClasses lc = label_classes(labels, *sampler_, config_);
   labels_.assign(labels.begin(), labels.end());
+  const std::size_t count = lc.mass.size();
+  std::vector<std::uint8_t> c8 = count <= 256 ? narrowed<std::uint8_t>(lc.classes) : std::vector<std::uint8_t>{};
+  std::vector<std::uint16_t> c16 =
+      count > 256 && count <= 65536 ? narrowed<std::uint16_t>(lc.classes) : std::vector<std::uint16_t>{};
   classes_ = std::move(lc.classes);
   class_mass_ = std::move(lc.mass);
+  classes8_ = std::move(c8);
+  classes16_ = std::move(c16);
 }
 
 void Engine::restore_state(const Partition& partition, std::int64_t step) {
@@ -234,7 +256,7 @@ RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step) const {
   require_memory(add_sat(mul_sat(batch, mul_sat(k, 8)), mul_sat(omp_get_max_threads(), mul_sat(k, 4))),
                  fmt::format("sample: B x K = {} x {} negatives", batch, k));
   check_labels_present();
-  const detail::KernelContext cx = make_context(bank_, *sampler_, config_, classes_, class_mass_, k);
+  const detail::KernelContext cx = make_context(bank_, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
   RowMatrixi out(batch, k);
   detail::ExceptionCapture errors;
 #pragma omp parallel
@@ -334,7 +356,7 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
     stats.z_estimate = kNaN;
   } else {
     const index_t k = negatives ? negatives->cols() : config_.k;
-    const detail::KernelContext cx = make_context(bank_, *sampler_, config_, classes_, class_mass_, k);
+    const detail::KernelContext cx = make_context(bank_, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
     const bool nce = config_.objective == Objective::nce;
     const kernels::Table& kt = kernels::table();  // the instruction set, picked once per step
     const detail::StepInput in{prepared.data, prepared.stride, ids, negatives, step_, grad.data(), grad.outerStride()};

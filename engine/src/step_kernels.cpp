@@ -181,7 +181,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
   base.stride = cx.bank.stride;
   base.dim = cx.bank.dim;
   base.k = cx.k;
-  base.classes = cx.classes;
+  base.classes = cx.class_table;
   base.coef_scale = 1.0 / static_cast<double>(batch);
   ExceptionCapture errors;
 #pragma omp parallel

@@ -46,6 +46,7 @@ struct KernelContext {
   const NoiseSampler* sampler;
   const EngineConfig* cfg;
   const std::int32_t* classes;  ///< label class per instance, or null
+  kernels::ClassTable class_table;  ///< the same, narrowest width (the per-sample kernel's)
   const double* class_mass;     ///< P_n mass per class, or null
   index_t k;                    ///< draws per query
 };

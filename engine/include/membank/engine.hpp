@@ -219,6 +219,10 @@ class Engine {
   std::vector<std::int64_t> labels_;
   std::vector<std::int32_t> classes_;   ///< labels_ as indices 0..C-1 (the kernels compare these)
   std::vector<double> class_mass_;      ///< P_n mass of each class (exclude_same_label's conditioning)
+  // classes_ again, in 1 byte each up to 256 classes, else 2 up to 65,536 (the per-sample kernel's
+  // random reads); at most one of the two is filled.
+  std::vector<std::uint8_t> classes8_;
+  std::vector<std::uint16_t> classes16_;
 };
 
 /// Exact non-parametric softmax over the whole bank (the reference objective). Streams the bank in

@@ -59,6 +59,15 @@ struct Refill {
   void operator()(idx from, idx to) const { fn(context, from, to); }
 };
 
+/// Every instance's class index (0..C-1) in the narrowest width that holds C: 1 byte up to 256
+/// classes, 2 up to 65,536, else 4. The per-sample kernel reads one at random per draw of an
+/// objective with labels; 1.28 M labels take 1.3 MB as bytes instead of 5 MB as int32, and stay in
+/// cache (measured 0.06 to 0.08 x the floor off supcon's and contrastive's step with ten classes).
+struct ClassTable {
+  const void* data = nullptr;  ///< N entries of `width` bytes (uint8, uint16 or int32), or null (no labels)
+  int width = 4;
+};
+
 /// One query of the per-sample kernel (the engine resolves and checks it all).
 struct PerSampleQuery {
   const float* bank;      ///< N x stride rows
@@ -73,8 +82,8 @@ struct PerSampleQuery {
   float* g;               ///< its gradient row (dim), written
   const float* vy;        ///< the positive's bank row
   idx y;                  ///< the positive's id (its draws among the negatives are counted)
-  const std::int32_t* classes;  ///< label class of every instance (objectives with labels), else null
-  std::int32_t cls;             ///< the query's class
+  ClassTable classes;     ///< label class of every instance (objectives with labels)
+  std::int32_t cls;       ///< the query's class
   double coef_scale;      ///< 1 / B
   QueryScratch scratch;
 };

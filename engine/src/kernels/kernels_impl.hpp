@@ -152,22 +152,41 @@ struct QueryView {
   double lw(idx j) const { return lw_shift - log_pn[j]; }
 };
 
-/// The labels of a query's draws, for the objectives with kLabels.
+/// The labels of a query's draws, for the objectives with kLabels; C is the class table's entry type.
+template <class C>
 struct DrawLabels {
-  const std::int32_t* classes;  ///< every instance's class
+  const C* classes;  ///< every instance's class
   const idx* ids;
-  std::int32_t cls;             ///< the query's
+  C cls;             ///< the query's
   double same(idx j) const { return classes[ids[j]] == cls ? 1.0 : 0.0; }
   idx is_same(idx j) const { return classes[ids[j]] == cls ? 1 : 0; }
   void prefetch(idx j) const { detail::prefetch_line(classes + ids[j]); }
 };
+using NoLabels = DrawLabels<std::uint8_t>;  ///< the type of a null labels argument
+
+/// f(labels) for the query's draws, with its class table's own entry type (one instantiation of f
+/// per width, so that no read of a label branches on the width).
+template <class F>
+void with_labels(const PerSampleQuery& q, const idx* ids, F f) {
+  switch (q.classes.width) {
+    case 1:
+      f(DrawLabels<std::uint8_t>{static_cast<const std::uint8_t*>(q.classes.data), ids, static_cast<std::uint8_t>(q.cls)});
+      break;
+    case 2:
+      f(DrawLabels<std::uint16_t>{static_cast<const std::uint16_t*>(q.classes.data), ids,
+                                  static_cast<std::uint16_t>(q.cls)});
+      break;
+    default:
+      f(DrawLabels<std::int32_t>{static_cast<const std::int32_t*>(q.classes.data), ids, q.cls});
+  }
+}
 
 /// Streams the draws at(0), ..., at(n - 1) through the objective in blocks of kBlock: each block's
 /// rows are scored, weighed by the objective and added into the accumulators while in L1, and the
 /// next block's rows (and labels) are requested before the block's work begins -- with kDrawAhead,
 /// right after drawing that block (refill), so that drawing too overlaps the loads in flight.
-template <bool kDrawAhead, class O, class At>
-void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at, const DrawLabels* labels) {
+template <bool kDrawAhead, class O, class At, class L = NoLabels>
+void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at, const L* labels = nullptr) {
   const float* const bank = v.bank;
   const idx* const ids = v.ids;
   const idx stride = v.stride;
@@ -228,16 +247,17 @@ void positives_first(O& obj, const QueryView& v, const PerSampleQuery& q) {
   // is written to both lists and only its own list's count advances. Labels are requested 64 draws
   // ahead (a random read each).
   constexpr idx kAhead = 64;
-  const DrawLabels labels{q.classes, v.ids, q.cls};
-  for (idx j = 0; j < min_idx(kAhead, kk); ++j) labels.prefetch(j);
-  for (idx j = 0; j < kk; ++j) {
-    if (j + kAhead < kk) labels.prefetch(j + kAhead);
-    const idx same = labels.is_same(j);
-    pos[n_pos] = j;
-    neg[n_neg] = j;
-    n_pos += same;
-    n_neg += 1 - same;
-  }
+  with_labels(q, v.ids, [&](const auto& labels) {
+    for (idx j = 0; j < min_idx(kAhead, kk); ++j) labels.prefetch(j);
+    for (idx j = 0; j < kk; ++j) {
+      if (j + kAhead < kk) labels.prefetch(j + kAhead);
+      const idx same = labels.is_same(j);
+      pos[n_pos] = j;
+      neg[n_neg] = j;
+      n_pos += same;
+      n_neg += 1 - same;
+    }
+  });
   const float* const bank = v.bank;
   const idx* const ids = v.ids;
   const idx stride = v.stride;
@@ -249,7 +269,7 @@ void positives_first(O& obj, const QueryView& v, const PerSampleQuery& q) {
       obj.positive(pos[t], static_cast<double>(dot(pos_row(t), v.f, v.dim)), std::exp(v.lw(pos[t])));
   }
   obj.begin_negatives();
-  stream_draws<false>(obj, v, q.refill, n_neg, [=](idx t) { return neg[t]; }, nullptr);  // all other labels
+  stream_draws<false>(obj, v, q.refill, n_neg, [=](idx t) { return neg[t]; });  // all other labels
   // The positives, in the objective's order; the own row (draw K) has its own coefficient.
   float* const w = q.scratch.w;
   obj.positive_weights(w);
@@ -278,9 +298,12 @@ void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& 
     for (idx c = 0; c < dim; ++c) v.acc2[c] = 0.0f;
   if constexpr (objectives::kPositivesFirst<O>) {
     positives_first(obj, v, q);
+  } else if constexpr (O::kLabels) {
+    with_labels(q, v.ids, [&](const auto& labels) {
+      stream_draws<true>(obj, v, q.refill, kk, [](idx t) { return t; }, &labels);
+    });
   } else {
-    const DrawLabels labels{q.classes, v.ids, q.cls};
-    stream_draws<true>(obj, v, q.refill, kk, [](idx t) { return t; }, O::kLabels ? &labels : nullptr);
+    stream_draws<true>(obj, v, q.refill, kk, [](idx t) { return t; });
   }
   const Outcome o = obj.finish();
   const double scale = q.coef_scale;
