@@ -523,6 +523,24 @@ std::string describe(const Variant& v, bool alias, Mode m) {
   return v.name + " / " + (alias ? "alias" : "uniform") + " / " + mode_name(m);
 }
 
+/// eng.evaluate(f, ids, negs) against the double reference: the loss finite and both loss and dL/df
+/// within 1e-5 (relative). Returns the engine's statistics.
+StepStats check_against_reference(Engine& eng, const Variant& v, const RowMatrixf& bank, const RowMatrixf& f,
+                                  std::span<const index_t> ids, const RowMatrixi& negs, const std::vector<double>& pn,
+                                  const std::vector<std::int64_t>& labels, Mode mode) {
+  const Ref ref = reference(v, bank, f, make_queries(ids, negs, pn, labels, mode));
+  RowMatrixf g(f.rows(), f.cols());
+  const StepStats st = eng.evaluate(f, ids, negs, g);
+  CAPTURE(st.loss);
+  CAPTURE(ref.loss);
+  CHECK(std::isfinite(st.loss));
+  CHECK(rel_err(st.loss, ref.loss) < 1e-5);
+  const double ge = grad_rel_err(g, ref.grad);
+  CAPTURE(ge);
+  CHECK(ge < 1e-5);
+  return st;
+}
+
 }  // namespace
 
 // =============================================================================================
@@ -548,16 +566,7 @@ TEST_CASE("objectives: loss and dL/df of every objective equal the double refere
         const std::vector<index_t> ids = batch_ids(kB, kN, rng);
         const RowMatrixf f = mixed_features(bank, ids, rng);
         const RowMatrixi negs = mode_negatives(mode, ids, labels, kN, kK, rng);
-        const Ref ref = reference(v, bank, f, make_queries(ids, negs, pn, labels, mode));
-        RowMatrixf g(kB, kD);
-        const StepStats st = eng.evaluate(f, ids, negs, g);
-        CAPTURE(st.loss);
-        CAPTURE(ref.loss);
-        CHECK(std::isfinite(st.loss));
-        CHECK(rel_err(st.loss, ref.loss) < 1e-5);
-        const double ge = grad_rel_err(g, ref.grad);
-        CAPTURE(ge);
-        CHECK(ge < 1e-5);
+        const StepStats st = check_against_reference(eng, v, bank, f, ids, negs, pn, labels, mode);
         if (reports_mi_bound(v.obj)) {
           CHECK(st.mi_bound_ceiling == doctest::Approx(std::log(kK + 1.0)).epsilon(1e-12));
           CHECK(st.mi_lower_bound == doctest::Approx(std::log(kK + 1.0) - st.loss).epsilon(1e-12));
@@ -630,14 +639,7 @@ TEST_CASE("objectives: shared negatives whose first blocks are all masked for a 
         if (labels[static_cast<std::size_t>(j)] == labels[static_cast<std::size_t>(ids[0])]) same.push_back(j);
       REQUIRE(same.size() >= 2);
       for (index_t c = 0; c < 32; ++c) negs(0, c) = same[static_cast<std::size_t>(c) % same.size()];
-      const Ref ref = reference(v, bank, f, make_queries(ids, negs, pn, labels, Mode::shared_same_label));
-      RowMatrixf g(kB, kD);
-      const StepStats st = eng.evaluate(f, ids, negs, g);
-      CAPTURE(st.loss);
-      CAPTURE(ref.loss);
-      CHECK(std::isfinite(st.loss));
-      CHECK(rel_err(st.loss, ref.loss) < 1e-5);
-      CHECK(grad_rel_err(g, ref.grad) < 1e-5);
+      check_against_reference(eng, v, bank, f, ids, negs, pn, labels, Mode::shared_same_label);
       ++cases;
     }
   const std::vector<Variant> variants = all_variants();
@@ -675,13 +677,7 @@ TEST_CASE("objectives: the label objectives with 300 and with 70,000 classes (2-
             same += labels[static_cast<std::size_t>(j)] == labels[static_cast<std::size_t>(ids[static_cast<std::size_t>(i)])];
           }
         REQUIRE(same == kB * ((kK + 1) / 2));
-        const Ref ref = reference(v, bank, f, make_queries(ids, negs, pn, labels, Mode::per_sample));
-        RowMatrixf g(kB, 8);
-        const StepStats st = eng.evaluate(f, ids, negs, g);
-        CAPTURE(st.loss);
-        CAPTURE(ref.loss);
-        CHECK(rel_err(st.loss, ref.loss) < 1e-5);
-        CHECK(grad_rel_err(g, ref.grad) < 1e-5);
+        check_against_reference(eng, v, bank, f, ids, negs, pn, labels, Mode::per_sample);
       }
     }
   }
