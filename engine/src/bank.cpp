@@ -108,22 +108,14 @@ void Bank::check_no_overlap(const MemoryRegion& out, const char* out_name) const
 
 Bank::Bank(index_t n, index_t dim, std::uint64_t seed) {
   allocate(n, dim);
-  // First touch in parallel (pages land near the threads that use them); one Philox stream per row.
+  // First touch in parallel (pages land near the threads that use them); one Philox stream per row,
+  // turned into normals by the dispatched kernel (Box-Muller in float, vectorised).
+  const kernels::Table& kt = kernels::table();
 #pragma omp parallel for schedule(static)
   for (index_t i = 0; i < n; ++i) {
     float* v = data_ + i * stride_;
-    detail::Stream stream({seed, i >> 32, static_cast<std::uint32_t>(i), detail::purpose_bank_init});
-    for (index_t c = 0; c < dim; c += 2) {
-      const auto r = stream.next();
-      // Box-Muller: two independent standard normals from two uniforms.
-      const double u1 = detail::unit_double_open0(detail::join64(r.v[0], r.v[1]));
-      const double u2 = detail::unit_double_open0(detail::join64(r.v[2], r.v[3]));
-      const double rad = std::sqrt(-2.0 * std::log(u1));
-      v[c] = static_cast<float>(rad * std::cos(2.0 * M_PI * u2));
-      if (c + 1 < dim) v[c + 1] = static_cast<float>(rad * std::sin(2.0 * M_PI * u2));
-    }
-    const double inv = 1.0 / std::sqrt(detail::squared_norm_d(v, dim));
-    for (index_t c = 0; c < dim; ++c) v[c] = static_cast<float>(v[c] * inv);
+    const detail::StreamCounter stream({seed, i >> 32, static_cast<std::uint32_t>(i), detail::purpose_bank_init});
+    kt.unit_normal_row(stream.key().v, stream.counter(0).v, dim, v);
     for (index_t c = dim; c < stride_; ++c) v[c] = 0.0f;
   }
 }

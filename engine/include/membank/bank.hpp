@@ -35,7 +35,8 @@ struct BankView {
 class Bank {
  public:
   /// N rows drawn uniformly on the unit sphere S^{D-1} (normalised Gaussians) from `seed`.
-  /// Deterministic for a seed whatever the thread count. O(N D).
+  /// Deterministic for a seed whatever the thread count (the vectorised float transcendentals may
+  /// differ in the last bits between instruction-set paths). O(N D).
   /// Throws Error if n < 1 or dim < 1; OutOfMemory, before allocating anything, when the storage
   /// (N x stride floats + N last-update steps) exceeds what the process can allocate (memory.hpp),
   /// and when the allocation fails.

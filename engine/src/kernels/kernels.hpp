@@ -156,6 +156,12 @@ struct Table {
   /// v <- normalise(m v + (1 - m) f) over dim floats (f's direction if that cancels to zero);
   /// tmp: dim floats of scratch.
   void (*momentum_row)(float* v, const float* f, float m, float one_minus_m, float* tmp, idx dim);
+
+  /// One row of a seeded random bank: dim standard normals, scaled to unit norm, into out. Philox
+  /// block b at counter {ctr[0] + b, ctr[1], ctr[2], ctr[3]} under `key` gives columns 4b .. 4b + 3:
+  /// Box-Muller in float on its word pairs (0, 1) and (2, 3), 23 and 24 random bits per uniform.
+  /// The same on every thread; paths differ in the last bits of the transcendental functions.
+  void (*unit_normal_row)(const std::uint32_t* key, const std::uint32_t* ctr, idx dim, float* out);
 };
 
 /// The table of the active path (see membank/isa.hpp). Throws membank::Error on the first call if

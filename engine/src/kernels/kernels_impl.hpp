@@ -521,12 +521,46 @@ void k_momentum_row(float* v, const float* f, float m, float one_minus_m, float*
   for (idx c = 0; c < dim; ++c) v[c] = static_cast<float>(tmp[c] * inv);
 }
 
+void k_unit_normal_row(const std::uint32_t* key, const std::uint32_t* ctr, idx dim, float* out) {
+  constexpr idx kBlocks = 32;  // Philox blocks per chunk: 128 columns
+  alignas(64) std::uint32_t words[4 * kBlocks];
+  alignas(64) float radius[2 * kBlocks], angle[2 * kBlocks], x[2 * kBlocks], y[2 * kBlocks];
+  using Vec = Eigen::Map<Eigen::Array<float, Eigen::Dynamic, 1>, Eigen::Aligned64>;
+  for (idx c0 = 0; c0 < dim; c0 += 4 * kBlocks) {
+    const idx cols = min_idx(4 * kBlocks, dim - c0), nb = (cols + 3) / 4, m = 2 * nb;
+    const std::uint32_t at[4] = {ctr[0] + static_cast<std::uint32_t>(c0 / 4), ctr[1], ctr[2], ctr[3]};
+    k_philox(key, at, nb, words);  // word w of block b at words[w nb + b]
+    for (idx b = 0; b < nb; ++b)
+      for (idx h = 0; h < 2; ++h) {  // pair h of block b: uniforms from words 2h and 2h + 1
+        // u1 in (0, 1), never 1 (a zero radius), from 23 bits; u2 in [0, 1) from 24.
+        radius[h * nb + b] = (static_cast<float>(words[(2 * h) * nb + b] >> 9) + 0.5f) * 0x1p-23f;
+        angle[h * nb + b] = static_cast<float>(words[(2 * h + 1) * nb + b] >> 8) * 0x1p-24f;
+      }
+    Vec r(radius, m), t(angle, m), vx(x, m), vy(y, m);
+    r = (r.log() * -2.0f).sqrt();
+    t *= 6.2831853071795864769f;
+    vx = r * t.cos();
+    vy = r * t.sin();
+    for (idx b = 0; b < nb; ++b) {
+      const float v[4] = {x[b], y[b], x[nb + b], y[nb + b]};
+      for (idx c = 0; c < 4 && 4 * b + c < cols; ++c) out[c0 + 4 * b + c] = v[c];
+    }
+  }
+  const double sq = squared_norm_d(out, dim);
+  if (!(sq > 0.0)) {  // not reachable with a positive radius; a unit row all the same
+    for (idx c = 0; c < dim; ++c) out[c] = c == 0 ? 1.0f : 0.0f;
+    return;
+  }
+  const double inv = 1.0 / std::sqrt(sq);
+  for (idx c = 0; c < dim; ++c) out[c] = static_cast<float>(out[c] * inv);
+}
+
 #define MEMBANK_STR2(x) #x
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
 const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_per_sample_query, k_shared_query,
                    k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_first_at_least,
-                   k_philox,                       k_momentum_row};
+                   k_philox,                       k_momentum_row,   k_unit_normal_row};
 
 }  // namespace
 
