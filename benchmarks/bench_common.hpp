@@ -60,7 +60,7 @@ inline double floor_pass(const BankView& bank, const RowMatrixi& rows, const Row
     std::vector<float> s(static_cast<std::size_t>(cols));
 #pragma omp for schedule(dynamic, 1)
     for (index_t i = 0; i < batch; ++i) {
-      kt.gather_dots(bank.data, bank.stride, dim, rows.row(i).data(), cols, f.row(i).data(), s.data());
+      kt.gather_dots(bank.data, bank.dtype, bank.stride, dim, rows.row(i).data(), cols, f.row(i).data(), s.data());
       float acc = 0.0f;
       for (const float x : s) acc += x;
       checksum += acc;
@@ -78,6 +78,7 @@ struct StepSetup {
   NegativesMode negatives = NegativesMode::per_sample;
   SamplerKind sampler = SamplerKind::uniform;  ///< alias: over weights drawn uniformly in [0.5, 2)
   Objective objective = Objective::nce;
+  DType dtype = DType::float32;  ///< the bank's storage type
   std::uint64_t seed = 1;
   bool inject_check_failure = false;  ///< test hook: the self-check's reference is perturbed, so it fails
 };
@@ -106,7 +107,7 @@ class StepBench {
       sampler = std::make_unique<UniformSampler>(s.n);
     }
     const double t0 = now_ms();
-    Bank bank(s.n, s.dim, s.seed);
+    Bank bank(s.n, s.dim, s.seed, s.dtype);
     bank_build_ms = now_ms() - t0;
     // Objectives that train on labels get ten classes, instance j in class j mod 10.
     std::vector<std::int64_t> labels;

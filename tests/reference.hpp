@@ -328,13 +328,14 @@ inline bool mentions(const std::string& msg, const std::string& word) {
 // ---------------------------------------------------------------------------------------------
 // Engine construction for tests (the bank from a seed; alias weights from the same seed).
 
-/// An engine over Bank(n, d, seed) with a uniform sampler, or an alias sampler whose weights are
+/// An engine over Bank(n, d, seed, dtype) with a uniform sampler, or an alias sampler whose weights are
 /// random_weights() from a generator seeded by `seed`. `pn`, when given, receives P_n computed by
 /// the test from those weights.
 inline membank::Engine make_engine(index_t n, index_t d, bool alias, const membank::EngineConfig& cfg,
-                                   std::uint64_t seed, std::vector<double>* pn = nullptr) {
+                                   std::uint64_t seed, std::vector<double>* pn = nullptr,
+                                   membank::DType dtype = membank::DType::float32) {
   std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ULL);
-  membank::Bank bank(n, d, seed);
+  membank::Bank bank(n, d, seed, dtype);
   std::unique_ptr<membank::NoiseSampler> sampler;
   if (alias) {
     const std::vector<double> w = random_weights(n, rng);

@@ -513,8 +513,9 @@ std::vector<index_t> batch_ids(index_t b, index_t n, std::mt19937_64& rng) {
 
 /// An engine over Bank(n, d, seed) with a uniform or alias sampler (make_engine) and labels.
 Engine labelled_engine(index_t n, index_t d, bool alias, const EngineConfig& cfg, std::uint64_t seed,
-                       const std::vector<std::int64_t>& labels, std::vector<double>* pn) {
-  Engine eng = make_engine(n, d, alias, cfg, seed, pn);
+                       const std::vector<std::int64_t>& labels, std::vector<double>* pn,
+                       DType dtype = DType::float32) {
+  Engine eng = make_engine(n, d, alias, cfg, seed, pn, dtype);
   if (!labels.empty()) eng.set_labels(labels);
   return eng;
 }
@@ -573,6 +574,32 @@ TEST_CASE("objectives: loss and dL/df of every objective equal the double refere
         } else {
           CHECK(std::isnan(st.mi_lower_bound));
         }
+        ++cases;
+      }
+  CHECK(cases == (static_cast<int>(all_variants().size()) * 6 - 2) * 2);
+}
+
+TEST_CASE("objectives: on fp16 and bf16 banks, loss and dL/df of every objective equal the double reference on the widened rows") {
+  // Guards the per-sample kernel's 2-byte row loads (dot, accumulation, the positive's row, triplet's
+  // positives-first pass) and the shared path's widened gather: the reference reads the bank's rows
+  // widened to fp32 (exactly what the kernels must see), so the fp32 bound (1e-5) holds. How far a
+  // 2-byte bank's step lies from the fp32 bank's is bounded in test_dtype.cpp.
+  std::mt19937_64 rng(4711);
+  std::vector<std::int64_t> labels = four_class_labels(kN, rng);
+  int cases = 0;
+  for (const DType t : {DType::float16, DType::bfloat16})
+    for (const Variant& v : all_variants())
+      for (Mode mode : kAllModes) {
+        if (v.obj == Objective::supcon && mode == Mode::shared_same_label) continue;
+        INFO(to_string(t) << " / " << describe(v, false, mode));
+        std::vector<double> pn;
+        Engine eng = labelled_engine(kN, kD, false, config_of(v, mode, 16), 17, labels, &pn, t);
+        REQUIRE(eng.bank().dtype() == t);
+        const RowMatrixf bank = eng.bank().to_matrix();
+        const std::vector<index_t> ids = batch_ids(kB, kN, rng);
+        const RowMatrixf f = mixed_features(bank, ids, rng);
+        const RowMatrixi negs = mode_negatives(mode, ids, labels, kN, kK, rng);
+        check_against_reference(eng, v, bank, f, ids, negs, pn, labels, mode);
         ++cases;
       }
   CHECK(cases == (static_cast<int>(all_variants().size()) * 6 - 2) * 2);

@@ -83,6 +83,27 @@ ZPolicy z_policy_from_string(const std::string& s) {
   MEMBANK_THROW("z_policy = '{}': expected one of first_batch, ema, fixed", s);
 }
 
+std::string to_string(DType t) {
+  switch (t) {
+    case DType::float32: return "float32";
+    case DType::float16: return "float16";
+    case DType::bfloat16: return "bfloat16";
+  }
+  return "?";
+}
+DType dtype_from_string(const std::string& s) {
+  if (s == "float32" || s == "fp32") return DType::float32;
+  if (s == "float16" || s == "fp16" || s == "half") return DType::float16;
+  if (s == "bfloat16" || s == "bf16") return DType::bfloat16;
+  MEMBANK_THROW("dtype = '{}': expected float32, float16 or bfloat16", s);
+}
+std::string to_string(Rounding r) { return r == Rounding::nearest ? "nearest" : "stochastic"; }
+Rounding rounding_from_string(const std::string& s) {
+  if (s == "nearest") return Rounding::nearest;
+  if (s == "stochastic") return Rounding::stochastic;
+  MEMBANK_THROW("rounding = '{}': expected nearest or stochastic", s);
+}
+
 double EngineConfig::effective_margin() const {
   if (!std::isnan(margin)) return margin;
   return objective == Objective::triplet ? 0.2 : 1.0;

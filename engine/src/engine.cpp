@@ -283,7 +283,7 @@ void Engine::update(FeaturesRef features, IdsRef ids) {
   detail::translate_bad_alloc("Engine::update", [&] {
     const PreparedFeatures p = prepare_features(features, static_cast<index_t>(ids.size()), bank_.dim(), config_);
     // Features that are rows of the bank are copied by momentum_update before it writes.
-    bank_.momentum_update(ids, p.view(), config_.momentum, step_);
+    bank_.momentum_update(ids, p.view(), config_.momentum, step_, config_.rounding, config_.seed);
   });
 }
 
@@ -413,7 +413,7 @@ StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negati
   // features that are rows of the bank itself are copied by momentum_update before it writes.
   if (update)
     bank_.momentum_update(ids, result.normalized.size() ? FeaturesRef(result.normalized) : features,
-                          config_.momentum, step_);
+                          config_.momentum, step_, config_.rounding, config_.seed);
   if (result.partition.initialised) {
     partition_.initialised = true;
     partition_.log_z = result.partition.log_z;

@@ -60,7 +60,7 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
   check_no_self_overlap(g, "grad");
   check_no_overlap(g, "grad", MemoryRegion::of_matrix(features), "features");
   check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
-  check_no_overlap(g, "grad", MemoryRegion::of_matrix(bank.matrix()), "the bank's rows");
+  check_no_overlap(g, "grad", bank.region(), "the bank's rows");
 
   // Chunks depend only on N, never on the thread count: partials merge in chunk order.
   const index_t chunk = std::max(kMinChunk, (n + kMaxChunks - 1) / kMaxChunks);
@@ -70,6 +70,7 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
     std::int64_t need = mul_sat(threads, mul_sat(batch, kTile * 4));                   // per-thread scores
     need = add_sat(need, mul_sat(chunks, mul_sat(batch, add_sat(mul_sat(dim, 4), 16))));  // partials
     need = add_sat(need, mul_sat(batch, mul_sat(dim, 4)));                              // features copy
+    if (bank.dtype != DType::float32) need = add_sat(need, mul_sat(threads, mul_sat(kTile, dim * 4)));  // widened tiles
     require_memory(need, fmt::format("full_softmax_loss for B = {} queries (N = {}, D = {}, {} threads)", batch, n,
                                      dim, threads));
   }
@@ -82,14 +83,18 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
   // would otherwise round differently in each thread's buffer).
   constexpr index_t kAlign = 16;  // floats: 64 bytes
   const auto block = static_cast<std::size_t>(mul_no_overflow(batch, kTile, "full softmax scratch"));
+  // A 2-byte bank's tiles are widened to fp32 first (kTile x dim more per thread).
+  const bool widen = bank.dtype != DType::float32;
+  const std::size_t tile_floats = widen ? static_cast<std::size_t>(kTile * dim) : 0;
   std::vector<std::vector<float>> scratch(static_cast<std::size_t>(omp_get_max_threads()),
-                                          std::vector<float>(block + kAlign));
+                                          std::vector<float>(block + kAlign + tile_floats));
   const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
     float* s = scratch[static_cast<std::size_t>(omp_get_thread_num())].data();
     s += (kAlign - reinterpret_cast<std::uintptr_t>(s) / sizeof(float) % kAlign) % kAlign;
+    float* const tile = s + block;
 #pragma omp for schedule(dynamic, 1)
     for (index_t c = 0; c < chunks; ++c) {
       errors.run([&] {
@@ -100,7 +105,9 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
         const index_t end = std::min(n, (c + 1) * chunk);
         for (index_t t0 = c * chunk; t0 < end; t0 += kTile) {
           const index_t rows = std::min(kTile, end - t0);
-          kt.softmax_tile(f.data(), batch, dim, bank.row(t0), bank.stride, rows, inv_tau, s, kTile,
+          const float* v = widen ? tile : bank.row(t0);
+          if (widen) bank.widen_rows(t0, rows, tile, dim);
+          kt.softmax_tile(f.data(), batch, dim, v, widen ? dim : bank.stride, rows, inv_tau, s, kTile,
                           p.max.data(), p.sum.data(), p.acc.data());
         }
       });
@@ -123,8 +130,10 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
       acc += p.acc.row(i).transpose().cast<double>() * w;
     }
     const index_t y = ids[static_cast<std::size_t>(i)];
-    const float* vy = bank.row(y);
-    const double s_y = kt.dot(vy, f.row(i).data(), dim) * (1.0 / tau);
+    std::vector<float> vy_row(static_cast<std::size_t>(dim));
+    bank.widen_rows(y, 1, vy_row.data(), dim);
+    const float* vy = vy_row.data();
+    const double s_y = kt.dot(vy, DType::float32, f.row(i).data(), dim) * (1.0 / tau);
     const double log_z = m + std::log(l);
     loss += log_z - s_y;
     z_total += std::exp(log_z);

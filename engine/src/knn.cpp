@@ -66,6 +66,7 @@ KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, Featu
     per_thread = add_sat(per_thread, mul_sat(kQueryBlock, mul_sat(dim, 4)));
     per_thread = add_sat(per_thread, mul_sat(kQueryBlock, mul_sat(o.k, 16)));
     per_thread = add_sat(per_thread, mul_sat(classes, 12));
+    if (bank.dtype != DType::float32) per_thread = add_sat(per_thread, mul_sat(kTile, mul_sat(dim, 4)));
     require_memory(add_sat(mul_sat(threads, per_thread), mul_sat(q, 7)),
                    fmt::format("knn_evaluate with k = {} for Q = {} queries ({} threads)", o.k, q, threads));
   }
@@ -77,6 +78,7 @@ KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, Featu
   // Per-thread scratch made before the region; no exception escapes it (captured, rethrown after).
   struct Scratch {
     RowMatrixf s;
+    RowMatrixf tile;  // a 2-byte bank's tile, widened
     std::vector<std::priority_queue<Neighbour, std::vector<Neighbour>, std::greater<>>> heaps;
     std::vector<double> score;
     std::vector<int> order;
@@ -84,6 +86,7 @@ KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, Featu
   std::vector<Scratch> scratch(static_cast<std::size_t>(omp_get_max_threads()));
   for (auto& t : scratch) {
     t.s.resize(kQueryBlock, kTile);
+    if (bank.dtype != DType::float32) t.tile.resize(kTile, dim);
     t.heaps.resize(kQueryBlock);
     t.score.resize(static_cast<std::size_t>(classes));
     t.order.resize(static_cast<std::size_t>(classes));
@@ -105,7 +108,12 @@ KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, Featu
         for (auto& h : heaps) h = {};
         for (index_t t0 = 0; t0 < n; t0 += kTile) {
           const index_t cols = std::min(kTile, n - t0);
-          kt.gemm_abt(rows, cols, dim, 1.0f, qb.data(), dim, bank.row(t0), bank.stride, s.data(), kTile);
+          if (bank.dtype == DType::float32) {
+            kt.gemm_abt(rows, cols, dim, 1.0f, qb.data(), dim, bank.row(t0), bank.stride, s.data(), kTile);
+          } else {
+            bank.widen_rows(t0, cols, t.tile.data(), dim);
+            kt.gemm_abt(rows, cols, dim, 1.0f, qb.data(), dim, t.tile.data(), dim, s.data(), kTile);
+          }
           for (index_t i = 0; i < rows; ++i) {
             auto& h = heaps[static_cast<std::size_t>(i)];
             const float* si = s.row(i).data();

@@ -156,7 +156,7 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
         const QueryExclusion e = exclusion_of(cx, y);
         QueryDraws draws(cx, in, i, e.exclusion, ids_buf.data(), log_pn_buf.data());
         QueryDraws::refill(&draws, 0, cx.k);
-        kt.gather_dots(cx.bank.data, cx.bank.stride, dim, ids_buf.data(), cx.k, in.f + i * in.f_stride,
+        kt.gather_dots(cx.bank.data, cx.bank.dtype, cx.bank.stride, dim, ids_buf.data(), cx.k, in.f + i * in.f_stride,
                        s_buf.data());
         Lse lse;
         for (std::size_t k = 0; k < static_cast<std::size_t>(cx.k); ++k)
@@ -178,6 +178,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
   const bool positives_first = takes_positives_first(cx.cfg->objective);
   kernels::PerSampleQuery base{};
   base.bank = cx.bank.data;
+  base.dtype = cx.bank.dtype;
   base.stride = cx.bank.stride;
   base.dim = cx.bank.dim;
   base.k = cx.k;
@@ -202,7 +203,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
         q.lw_pos = -log_n - std::log(cx.sampler->prob(y));
         q.f = in.f + i * in.f_stride;
         q.g = in.grad + i * in.g_stride;
-        q.vy = cx.bank.row(y);
+        q.vy = cx.bank.row_data(y);
         q.y = y;
         q.cls = cx.classes ? cx.classes[y] : 0;
         q.scratch = scratch.view();
@@ -261,7 +262,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
 
   RowMatrixf vneg(k, dim);
 #pragma omp parallel for schedule(static)
-  for (index_t j = 0; j < k; ++j) std::copy_n(cx.bank.row(neg[static_cast<std::size_t>(j)]), dim, vneg.row(j).data());
+  for (index_t j = 0; j < k; ++j) kt.widen(cx.bank.dtype, cx.bank.row_data(neg[static_cast<std::size_t>(j)]), vneg.row(j).data(), dim);
 
   RowMatrixf scores(batch, k);
   ExceptionCapture errors;
@@ -291,7 +292,11 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
 #pragma omp parallel
   {
     ThreadScratch scratch;
-    errors.run([&] { scratch.allocate(cx, positives_first, true); });  // inside the capture
+    std::vector<float> vy_row;  // the positive's row, widened
+    errors.run([&] {  // inside the capture
+      scratch.allocate(cx, positives_first, true);
+      vy_row.resize(static_cast<std::size_t>(dim));
+    });
 #pragma omp for schedule(dynamic, 1)
     for (index_t blk = 0; blk < blocks; ++blk) {
       errors.run([&] {
@@ -299,7 +304,8 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
         for (index_t i = r0; i < r0 + rows; ++i) {
           const float* f = in.f + i * in.f_stride;
           const index_t y = in.ids[static_cast<std::size_t>(i)];
-          const float* vy = cx.bank.row(y);
+          const float* vy = vy_row.data();
+          kt.widen(cx.bank.dtype, cx.bank.row_data(y), vy_row.data(), dim);
           kernels::SharedQuery q{};
           q.s = scores.row(i).data();  // overwritten by coef_scale dL/ds in place
           q.lw = query_lw(i, scratch.lw);
@@ -308,7 +314,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
           q.ids = neg.data();
           q.k = k;
           q.y = y;
-          q.s_pos = kt.dot(vy, f, dim);
+          q.s_pos = kt.dot(vy, DType::float32, f, dim);
           q.lw_pos = -log_n - std::log(cx.sampler->prob(y));
           q.coef_scale = 1.0 / static_cast<double>(batch);
           q.rescale = scratch.rescale.data();

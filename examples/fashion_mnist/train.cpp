@@ -62,6 +62,8 @@ struct TrainOptions {
   std::uint64_t seed = 1;
   int threads = 0;
   std::string bank_init = "encoder";
+  std::string bank_dtype = "float32";
+  std::string rounding = "nearest";
   std::string z_policy = "ema";
   bool fresh_knn = false;
   std::string snapshot = "fashion-mnist-bank.h5";
@@ -216,6 +218,8 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   cfg.normalize_features = true;
   cfg.z_policy = z_policy_from_string(o.z_policy);
   cfg.seed = o.seed;
+  cfg.rounding = rounding_from_string(o.rounding);
+  const DType dtype = dtype_from_string(o.bank_dtype);
   auto net = make_encoder<float>(o.encoder, o.width, o.dim, o.seed);
   // The bank starts from the untrained encoder's features of the unaugmented images (or uniform on the
   // sphere): random rows would spend the first epochs pulling each image towards an arbitrary point.
@@ -225,7 +229,8 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   // exclude_same_label): the self-supervised runs never see a label.
   std::vector<std::int64_t> labels;
   if (needs_labels(cfg.objective) || cfg.exclude_same_label) labels.assign(d.train.labels.begin(), d.train.labels.end());
-  auto engine = std::make_unique<Engine>(o.bank_init == "encoder" ? Bank::from_rows(start) : Bank(n, o.dim, o.seed),
+  auto engine = std::make_unique<Engine>(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
+                                                                 : Bank(n, o.dim, o.seed, dtype),
                                          std::make_unique<UniformSampler>(n), cfg, std::move(labels));
   start.resize(0, 0);
   if (!quiet)
@@ -284,6 +289,8 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   return with_knn({{"objective", o.objective},
                    {"k", o.objective == "full" ? nlohmann::json(nullptr) : nlohmann::json(o.k)},
                    {"encoder", net->describe()},
+                   {"bank_dtype", o.bank_dtype},
+                   {"rounding", o.rounding},
                    {"epochs", epochs}},
                   last);
 }
@@ -519,6 +526,16 @@ void add_train(CLI::App& app) {
   cmd->add_option("--bank-init", o->bank_init, "encoder (features of the untrained encoder) or random")
       ->capture_default_str()
       ->check(one_of({"encoder", "random"}));
+  cmd->add_option("--bank-dtype", o->bank_dtype,
+                  "storage type of the bank's rows: float32, float16 (half the memory; 11 significant bits) or "
+                  "bfloat16 (half the memory; 8 bits)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"float32", "float16", "bfloat16"}));
+  cmd->add_option("--rounding", o->rounding,
+                  "how refreshed rows of a 2-byte bank are rounded: nearest, or stochastic (unbiased; for high "
+                  "--momentum)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"nearest", "stochastic"}));
   cmd->add_option("--z", o->z_policy,
                   "NCE normalising constant: ema (re-estimated every step, smoothed) or first_batch (estimated once, "
                   "as in the paper; with the bank started from the encoder it is estimated while all features are "

@@ -93,6 +93,9 @@ struct EngineConfig {
   double margin = std::numeric_limits<double>::quiet_NaN();
   /// Draw no negative with the query's label (P_n conditioned on the other labels); needs labels.
   bool exclude_same_label = false;
+  /// How a refreshed row of a 2-byte bank is rounded (types.hpp's Rounding; the random bits are
+  /// keyed by seed, step and row). No effect on an fp32 bank.
+  Rounding rounding = Rounding::nearest;
 
   /// The margin the objective uses: `margin`, or its default when NaN.
   double effective_margin() const;

@@ -18,6 +18,7 @@ enum Purpose : std::uint32_t {
   purpose_bank_init = 1,
   purpose_negatives = 2,
   purpose_shared_negatives = 3,
+  purpose_stochastic_rounding = 4,
 };
 
 /// The key and counter words of a stream: block b is philox(counter = {b, row, step_lo, step_hi |

@@ -22,10 +22,11 @@ inline void prefetch_line(const void* p) {
 #endif
 }
 
-/// Requests the cache lines of a row of `floats` floats.
-inline void prefetch_row(const float* p, std::int64_t floats) {
+/// Requests the cache lines of a row of n elements of type T.
+template <class T>
+inline void prefetch_row(const T* p, std::int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (std::int64_t off = 0; off < floats * 4; off += 64) prefetch_line(c + off);
+  for (std::int64_t off = 0; off < n * static_cast<std::int64_t>(sizeof(T)); off += 64) prefetch_line(c + off);
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 //   * detail/simd.hpp's row kernels have internal linkage (a per-TU copy).
 // The test `dispatch_symbols` lists every symbol the per-ISA objects define and fails on any
 // outside their own namespaces.
+#include <membank/dtype.hpp>
 #include <membank/objective.hpp>
 
 #include <cstdint>
@@ -71,7 +72,8 @@ struct ClassTable {
 
 /// One query of the per-sample kernel (the engine resolves and checks it all).
 struct PerSampleQuery {
-  const float* bank;      ///< N x stride rows
+  const void* bank;       ///< N x stride rows of `dtype`
+  DType dtype;
   idx stride, dim;
   const idx* ids;         ///< its K draws (filled by refill, in order)
   const float* log_pn;    ///< their unconditional log P_n (filled by refill)
@@ -81,7 +83,7 @@ struct PerSampleQuery {
   double lw_pos;          ///< the positive's: -log(N P_n(y))
   const float* f;         ///< the query's unit feature (dim)
   float* g;               ///< its gradient row (dim), written
-  const float* vy;        ///< the positive's bank row
+  const void* vy;         ///< the positive's bank row (of `dtype`)
   idx y;                  ///< the positive's id (its draws among the negatives are counted)
   ClassTable classes;     ///< label class of every instance (objectives with labels)
   std::int32_t cls;       ///< the query's class
@@ -116,11 +118,20 @@ struct QueryResult {
 struct Table {
   const char* name;
 
-  /// a . b over n floats (vectorised reduction: association fixed per path).
-  float (*dot)(const float* a, const float* b, idx n);
+  /// a . b over n elements, a of type t (widened: the result is that of a's fp32 copy), b fp32
+  /// (vectorised reduction: association fixed per path, the same for every type).
+  float (*dot)(const void* a, DType t, const float* b, idx n);
 
-  /// out[r] = bank_row(ids[r]) . f for r < k, prefetching rows ahead (the gather of a query).
-  void (*gather_dots)(const float* bank, idx stride, idx dim, const idx* ids, idx k, const float* f, float* out);
+  /// out[r] = bank_row(ids[r]) . f for r < k, prefetching rows ahead (the gather of a query); rows of
+  /// type t, `stride` elements apart.
+  void (*gather_dots)(const void* bank, DType t, idx stride, idx dim, const idx* ids, idx k, const float* f,
+                      float* out);
+
+  /// dst[c] = src[c] widened to fp32 (exact), c < n; src of type t.
+  void (*widen)(DType t, const void* src, float* dst, idx n);
+  /// dst[c] = src[c] rounded to type t, c < n: to nearest (ties to even) when `random` is null,
+  /// else stochastically with the random word random[c] (detail/half.hpp). fp32 is copied.
+  void (*narrow)(DType t, const float* src, void* dst, idx n, const std::uint32_t* random);
 
   /// Loss and gradient row of one query over its positive and K draws: one pass scores, weighs and
   /// accumulates the draws' rows, drawing them a block ahead through q.refill (an objective that

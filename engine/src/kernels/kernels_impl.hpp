@@ -12,6 +12,7 @@
 
 #include "kernels/kernels.hpp"
 
+#include "detail/half.hpp"
 #include "detail/simd.hpp"
 #include "objectives/objectives.hpp"
 
@@ -19,13 +20,18 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace membank::kernels::MEMBANK_KERNEL_NS {
 
 namespace {
 
 using detail::axpy;
+using detail::bf16;
 using detail::dot;
+using detail::f16;
+using detail::load16;
+using detail::widen;
 using detail::prefetch_row;
 using detail::squared_norm_d;
 using objectives::Block;
@@ -40,7 +46,22 @@ using MMap = Eigen::Map<Mat, 0, Eigen::OuterStride<>>;
 
 inline idx min_idx(idx a, idx b) { return a < b ? a : b; }
 
-float k_dot(const float* a, const float* b, idx n) { return dot(a, b, n); }
+/// f(T{}) with T the element type of t (one instantiation of f per type).
+template <class F>
+decltype(auto) with_dtype(DType t, F f) {
+  switch (t) {
+    case DType::float16:
+      return f(f16{});
+    case DType::bfloat16:
+      return f(bf16{});
+    default:
+      return f(float{});
+  }
+}
+
+float k_dot(const void* a, DType t, const float* b, idx n) {
+  return with_dtype(t, [&](auto tag) { return dot(static_cast<const decltype(tag)*>(a), b, n); });
+}
 
 /// Random rows are read a block of kBlock at a time, and every block's rows are requested one block
 /// ahead: at the start of block [k0, k0 + kBlock) the next block's rows are prefetched, so that all
@@ -52,13 +73,69 @@ inline void prefetch_block(RowFn row, idx k0, idx k, idx dim) {
   for (idx r = k0; r < min_idx(k0 + kBlock, k); ++r) prefetch_row(row(r), dim);
 }
 
-void k_gather_dots(const float* bank, idx stride, idx dim, const idx* ids, idx k, const float* f, float* out) {
+template <class T>
+void gather_dots(const T* bank, idx stride, idx dim, const idx* ids, idx k, const float* f, float* out) {
   const auto row = [=](idx r) { return bank + ids[r] * stride; };
   prefetch_block(row, 0, k, dim);
   for (idx k0 = 0; k0 < k; k0 += kBlock) {
     prefetch_block(row, k0 + kBlock, k, dim);
     for (idx r = k0; r < min_idx(k0 + kBlock, k); ++r) out[r] = dot(row(r), f, dim);
   }
+}
+
+void k_gather_dots(const void* bank, DType t, idx stride, idx dim, const idx* ids, idx k, const float* f,
+                   float* out) {
+  with_dtype(t, [&](auto tag) {
+    gather_dots(static_cast<const decltype(tag)*>(bank), stride, dim, ids, k, f, out);
+  });
+}
+
+void k_widen(DType t, const void* src, float* dst, idx n) {
+  with_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    const T* const p = static_cast<const T*>(src);
+    idx c = 0;
+    if constexpr (!std::is_same_v<T, float>)
+      for (; c + 16 <= n; c += 16) {
+        const detail::V16 x = load16(p + c);
+        __builtin_memcpy(dst + c, &x, sizeof x);
+      }
+    for (; c < n; ++c) dst[c] = widen(p[c]);
+  });
+}
+
+void k_narrow(DType t, const float* src, void* dst, idx n, const std::uint32_t* random) {
+  if (t == DType::float32) {
+    __builtin_memcpy(dst, src, static_cast<std::size_t>(n) * 4);
+    return;
+  }
+  if (random) {
+    with_dtype(t, [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (!std::is_same_v<T, float>) {
+        T* const p = static_cast<T*>(dst);
+        for (idx c = 0; c < n; ++c) p[c] = detail::round_stochastic<T>(src[c], random[c]);
+      }
+    });
+    return;
+  }
+  if (t == DType::bfloat16) {
+    bf16* const p = static_cast<bf16*>(dst);
+    for (idx c = 0; c < n; ++c) p[c] = detail::to_bf16(src[c]);
+    return;
+  }
+  f16* const p = static_cast<f16*>(dst);
+  idx c = 0;
+#if defined(__AVX512F__)
+  for (; c + 16 <= n; c += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + c),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  for (; c + 8 <= n; c += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + c),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; c < n; ++c) p[c] = detail::to_f16(src[c]);
 }
 
 /// g += sum_r w[r] row(k0 + r) for r < rows (and, with kTwo, g2 += sum_r w2[r] row(k0 + r) in the same
@@ -71,9 +148,7 @@ void k_gather_dots(const float* bank, idx stride, idx dim, const idx* ids, idx k
 template <bool kTwo = false, class RowFn>
 inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float* g, idx dim,
                              const float* w2 = nullptr, float* g2 = nullptr) {
-  // Sixteen floats of any alignment (GCC's and clang's vector extension; one 512-bit register, or
-  // two or four narrower ones on the other paths).
-  typedef float F16 __attribute__((vector_size(64), aligned(4), may_alias));
+  using F16 = detail::V16;
 #if defined(__AVX512F__)
   constexpr int kVectors = 8;
 #else
@@ -90,7 +165,9 @@ inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float*
       if constexpr (kTwo) b[u] = hv[u];
     }
     for (idx r = 0; r < rows; ++r) {
-      const F16* const v = reinterpret_cast<const F16*>(row(k0 + r) + c0);
+      const auto* const p = row(k0 + r) + c0;  // any element type: widened 16 at a time
+      F16 v[kVectors];
+      for (int u = 0; u < kVectors; ++u) v[u] = load16(p + 16 * u);
       const float wr = w[r];
       for (int u = 0; u < kVectors; ++u) a[u] += wr * v[u];
       if constexpr (kTwo) {
@@ -137,8 +214,9 @@ inline void scale_row(float* v, double factor, idx dim) {
 
 /// What the per-sample passes over one query share, copied into locals: `out` holds doubles that
 /// could alias the query's own, and the compiler would reload them after every store.
+template <class T>
 struct QueryView {
-  const float* bank;
+  const T* bank;
   idx stride, dim, k;
   const idx* ids;
   const float* log_pn;
@@ -146,9 +224,9 @@ struct QueryView {
   const float* f;
   float *acc1, *acc2;
   explicit QueryView(const PerSampleQuery& q)
-      : bank(q.bank), stride(q.stride), dim(q.dim), k(q.k), ids(q.ids), log_pn(q.log_pn), lw_shift(q.lw_shift),
+      : bank(static_cast<const T*>(q.bank)), stride(q.stride), dim(q.dim), k(q.k), ids(q.ids), log_pn(q.log_pn), lw_shift(q.lw_shift),
         f(q.f), acc1(q.g), acc2(q.scratch.acc2) {}
-  const float* row(idx j) const { return bank + ids[j] * stride; }
+  const T* row(idx j) const { return bank + ids[j] * stride; }
   double lw(idx j) const { return lw_shift - log_pn[j]; }
 };
 
@@ -185,9 +263,9 @@ void with_labels(const PerSampleQuery& q, const idx* ids, F f) {
 /// rows are scored, weighed by the objective and added into the accumulators while in L1, and the
 /// next block's rows (and labels) are requested before the block's work begins -- with kDrawAhead,
 /// right after drawing that block (refill), so that drawing too overlaps the loads in flight.
-template <bool kDrawAhead, class O, class At, class L = NoLabels>
-void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at, const L* labels = nullptr) {
-  const float* const bank = v.bank;
+template <bool kDrawAhead, class O, class T, class At, class L = NoLabels>
+void stream_draws(O& obj, const QueryView<T>& v, const Refill& refill, idx n, At at, const L* labels = nullptr) {
+  const T* const bank = v.bank;
   const idx* const ids = v.ids;
   const idx stride = v.stride;
   const auto row = [=](idx t) { return bank + ids[at(t)] * stride; };
@@ -236,8 +314,8 @@ void stream_draws(O& obj, const QueryView& v, const Refill& refill, idx n, At at
 /// An objective that takes its positives first: every draw of the query's label is scored and
 /// handed in, then the other draws stream through it as negatives, then the positives' rows are
 /// added with their coefficients (known only after the last negative). Rows read: K + |P|.
-template <class O>
-void positives_first(O& obj, const QueryView& v, const PerSampleQuery& q) {
+template <class O, class T>
+void positives_first(O& obj, const QueryView<T>& v, const PerSampleQuery& q) {
   const idx kk = v.k;
   q.refill(0, kk);
   idx* const pos = q.scratch.i + (kk + 1);  // the draws of the query's label, then the others
@@ -258,7 +336,7 @@ void positives_first(O& obj, const QueryView& v, const PerSampleQuery& q) {
       n_neg += 1 - same;
     }
   });
-  const float* const bank = v.bank;
+  const T* const bank = v.bank;
   const idx* const ids = v.ids;
   const idx stride = v.stride;
   const auto pos_row = [=](idx t) { return bank + ids[pos[t]] * stride; };
@@ -275,7 +353,7 @@ void positives_first(O& obj, const QueryView& v, const PerSampleQuery& q) {
   obj.positive_weights(w);
   const idx n = obj.positive_count();
   const idx* const order = obj.positive_order();
-  const float* const vy = q.vy;
+  const T* const vy = static_cast<const T*>(q.vy);
   const auto sorted_row = [=](idx c) { return order[c] == kk ? vy : bank + ids[order[c]] * stride; };
   prefetch_block(sorted_row, 0, n, v.dim);
   for (idx c0 = 0; c0 < n; c0 += kBlock) {
@@ -287,11 +365,11 @@ void positives_first(O& obj, const QueryView& v, const PerSampleQuery& q) {
 /// Every objective's per-sample pass over one query: its draws are drawn, scored, weighed and
 /// accumulated a block at a time (stream_draws), or positives first for the objectives that need
 /// them; dL/df = c1 acc1 + c2 acc2 + c_pos v_pos at the end.
-template <class O>
+template <class O, class T>
 void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out) {
-  const QueryView v(q);
+  const QueryView<T> v(q);
   const idx dim = v.dim, kk = v.k;
-  const float* const vy = q.vy;
+  const T* const vy = static_cast<const T*>(q.vy);
   O obj = make_objective<O>(p, {static_cast<double>(dot(vy, v.f, dim)), q.lw_pos}, q.scratch);
   for (idx c = 0; c < dim; ++c) v.acc1[c] = 0.0f;
   if constexpr (O::kAccumulators == 2)
@@ -312,9 +390,9 @@ void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& 
   float* const acc1 = v.acc1;
   const float* const acc2 = v.acc2;
   if constexpr (O::kAccumulators == 2)
-    for (idx c = 0; c < dim; ++c) acc1[c] = c1 * acc1[c] + c2 * acc2[c] + cp * vy[c];
+    for (idx c = 0; c < dim; ++c) acc1[c] = c1 * acc1[c] + c2 * acc2[c] + cp * widen(vy[c]);
   else
-    for (idx c = 0; c < dim; ++c) acc1[c] = c1 * acc1[c] + cp * vy[c];
+    for (idx c = 0; c < dim; ++c) acc1[c] = c1 * acc1[c] + cp * widen(vy[c]);
   idx collisions = 0;
   for (idx r = 0; r < kk; ++r) collisions += v.ids[r] == q.y;
   out.loss = o.loss;
@@ -324,7 +402,9 @@ void per_sample(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& 
 }
 
 void k_per_sample_query(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out) {
-  objectives::with_objective(p, [&](auto tag) { per_sample<typename decltype(tag)::type>(p, q, out); });
+  with_dtype(q.dtype, [&](auto element) {
+    objectives::with_objective(p, [&](auto tag) { per_sample<typename decltype(tag)::type, decltype(element)>(p, q, out); });
+  });
 }
 
 /// Every objective's pass over one query's row of a shared-negatives batch: the scores are there
@@ -558,7 +638,7 @@ void k_unit_normal_row(const std::uint32_t* key, const std::uint32_t* ctr, idx d
 #define MEMBANK_STR2(x) #x
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
-const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_per_sample_query, k_shared_query,
+const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_widen, k_narrow, k_per_sample_query, k_shared_query,
                    k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_first_at_least,
                    k_philox,                       k_momentum_row,   k_unit_normal_row};
 
