@@ -169,6 +169,25 @@ class StepBench {
     return ms;
   }
 
+  /// The self-check and warm-up of time_steps() and a warm-up floor pass; then step_once() and
+  /// floor_once() may be called in any order (several benches interleaved). Steps use inputs 2, 3, ...
+  void begin(double* checksum) {
+    time_steps(1);
+    time_gather_floor(0, checksum);
+    next_ = 3;
+  }
+  /// One timed step on fresh inputs (ms); at most `steps` - 1 of them after begin().
+  double step_once() {
+    MEMBANK_CHECK(next_ >= 3 && next_ < ids_.size(), "StepBench::step_once: call begin() first; {} inputs made",
+                  ids_.size());
+    const double t0 = now_ms();
+    engine_->step(feats_[next_], ids_[next_], grad_, true);
+    ++next_;
+    return now_ms() - t0;
+  }
+  /// One timed floor pass (ms).
+  double floor_once(double* checksum) { return time_gather_floor(1, checksum).front(); }
+
   /// time_steps() and time_gather_floor() alternated pass by pass (step, floor, step, floor ...), so
   /// that on a shared machine both see the same background load. Returns {step ms, floor ms}.
   std::pair<std::vector<double>, std::vector<double>> time_interleaved(int steps, double* checksum) {
@@ -197,6 +216,7 @@ class StepBench {
   std::vector<std::vector<index_t>> ids_;
   std::vector<RowMatrixf> feats_;
   RowMatrixf grad_;
+  std::size_t next_ = 0;
 };
 
 /// Reset the kernel's peak-RSS mark of this process to its current RSS (Linux >= 4.0; ignored elsewhere).

@@ -47,6 +47,7 @@ struct ScaleOptions {
   std::vector<index_t> ns = {10'000, 30'000, 100'000, 300'000, 1'000'000, 3'000'000, 10'000'000, 30'000'000};
   std::vector<index_t> far_ns = {60'000'000, 100'000'000};
   index_t far_dim = 64;
+  std::string dtype = "float32";  // the banks' storage type (the whole sweep)
   std::vector<index_t> ks = {16, 64, 256, 1024, 4096, 16384, 65536};
   std::vector<index_t> batches = {64, 256, 1024};
   std::vector<index_t> dims = {64, 128, 256};
@@ -79,6 +80,7 @@ struct Config {
   NegativesMode negatives = NegativesMode::per_sample;
   SamplerKind sampler = SamplerKind::uniform;
   Objective objective = Objective::nce;
+  DType dtype = DType::float32;
 };
 
 std::string neg_name(NegativesMode m) { return m == NegativesMode::per_sample ? "per-sample" : "shared"; }
@@ -106,6 +108,7 @@ std::vector<Config> plan(const ScaleOptions& o, int max_threads) {
       c.negatives = negatives_mode_from_string(neg);
       c.sampler = sampler_kind_from_string(smp);
     }
+    c.dtype = dtype_from_string(o.dtype);
     out.push_back(c);
   };
   auto every_mode = [&](const Config& c, const std::vector<std::string>& objectives,
@@ -215,7 +218,7 @@ std::vector<double> time_gemm_floor(const BankView& bank, const RowMatrixf& f, i
 double bytes_needed(const Config& c, int steps) {
   const double n = static_cast<double>(c.n);
   const double stride = static_cast<double>((c.dim + 15) / 16 * 16);
-  double b = n * stride * 4.0 + n * 8.0;
+  double b = n * stride * dtype_bytes(c.dtype) + n * 8.0;
   if (c.sampler == SamplerKind::alias) b += n * (24.0 + 8.0 + 8.0 + 8.0);
   b += static_cast<double>(c.batch) * static_cast<double>(c.k + 1) * 8.0 * 2.0;
   b += (steps + 2.0) * static_cast<double>(c.batch) * static_cast<double>(c.dim) * 4.0 * 2.0;
@@ -223,7 +226,7 @@ double bytes_needed(const Config& c, int steps) {
 }
 
 double rows_gb(const Config& c) {
-  const double row = static_cast<double>(c.dim) * 4e-9;
+  const double row = static_cast<double>(c.dim) * dtype_bytes(c.dtype) * 1e-9;
   if (c.objective == Objective::full_softmax) return static_cast<double>(c.n + c.batch) * row;
   if (c.negatives == NegativesMode::shared) return static_cast<double>(c.k + c.batch) * row;
   return static_cast<double>(c.batch) * static_cast<double>(c.k + 1) * row;
@@ -302,10 +305,12 @@ nlohmann::json run_config(const Config& c, const ScaleOptions& o, const std::map
   s.negatives = c.negatives;
   s.sampler = c.sampler;
   s.objective = c.objective;
+  s.dtype = c.dtype;
   s.seed = o.seed;
   s.inject_check_failure = o.inject_check_failure;
 
-  const double bank_bytes = static_cast<double>(c.n) * static_cast<double>(c.dim) * 4.0;
+  const double bank_bytes = static_cast<double>(c.n) * static_cast<double>(c.dim) * dtype_bytes(c.dtype);
+  const double fp32_bank_bytes = static_cast<double>(c.n) * static_cast<double>(c.dim) * 4.0;
   progress.show(done, label(c) + (bank_bytes > 1e9 ? fmt::format(" (building {:.1f} GB bank)", bank_bytes * 1e-9) : ""));
   reset_peak_rss();
   const double rss_before = rss_bytes();
@@ -331,7 +336,7 @@ nlohmann::json run_config(const Config& c, const ScaleOptions& o, const std::map
   const double step_med = median(step_ms), floor_med = median(floor_ms);
   const double gb = rows_gb(c);
   const double eff_gbs = gb / (step_med * 1e-3);
-  const double row_gb = static_cast<double>(c.dim) * 4e-9;
+  const double row_gb = static_cast<double>(c.dim) * dtype_bytes(c.dtype) * 1e-9;
   const double floor_gb = full ? static_cast<double>(c.n) * row_gb
                                : static_cast<double>(c.batch) * static_cast<double>(c.k + 1) * row_gb;
   const double ceil_t = ceiling.count(c.threads) ? ceiling.at(c.threads) : std::nan("");
@@ -347,6 +352,7 @@ nlohmann::json run_config(const Config& c, const ScaleOptions& o, const std::map
                       {"negatives", full ? "-" : neg_name(c.negatives)},
                       {"sampler", full ? "-" : to_string(c.sampler)},
                       {"objective", full ? "full" : to_string(c.objective)},
+                      {"dtype", to_string(c.dtype)},
                       {"repeats", reps},
                       {"interleaved", o.interleave && !full},
                       {"step_ms", step_med},
@@ -365,6 +371,7 @@ nlohmann::json run_config(const Config& c, const ScaleOptions& o, const std::map
                       {"peak_rss_gb", peak * 1e-9},
                       {"rss_before_gb", rss_before * 1e-9},
                       {"rss_over_bank", peak / bank_bytes},
+                      {"rss_over_fp32_bank", peak / fp32_bank_bytes},
                       {"rss_excess_mb", (peak - bank_bytes) * 1e-6},
                       {"bk_ids_mb", static_cast<double>(c.batch) * static_cast<double>(c.k + 1) * 8e-6},
                       {"alias_build_ms", alias_ms},
@@ -674,6 +681,11 @@ void add_bench_scale(CLI::App& bench) {
   add_list_option(*cmd, "--far-n", o->far_ns, integer_in(1), sizes,
                   "N values beyond the N series, run at --far-dim (NCE per-sample, uniform)");
   cmd->add_option("--far-dim", o->far_dim, "D of the far series")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--dtype", o->dtype,
+                  "storage type of every bank of the sweep: float32, float16 or bfloat16 (2-byte banks reach twice "
+                  "the N in the same memory: e.g. --dtype float16 --n 30000000,60000000 --far-n 100000000)")
+      ->capture_default_str()
+      ->check(one_of({"float32", "float16", "bfloat16"}));
   add_list_option(*cmd, "--k", o->ks, integer_in(1), sizes, "K values of the K series");
   add_list_option(*cmd, "--batch", o->batches, integer_in(1), sizes, "B values of the batch series");
   add_list_option(*cmd, "--dim", o->dims, integer_in(1), sizes, "D values of the dim series");

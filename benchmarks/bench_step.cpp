@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <memory>
+#include <string>
 #include <vector>
 
 namespace membank::tools {
@@ -32,6 +34,7 @@ struct StepOptions {
   std::string negatives = "per-sample";
   std::string sampler = "uniform";
   std::string objective = "nce";
+  std::string dtype = "float32";  ///< one type, or a comma-separated list measured in one run
   int repeats = 15;
   std::uint64_t seed = 1;
   bool json = false;
@@ -62,10 +65,11 @@ StepFigures run_one(const StepOptions& o) {
   setup.negatives = negatives_mode_from_string(o.negatives);
   setup.sampler = sampler_kind_from_string(o.sampler);
   setup.objective = objective_from_string(o.objective);
+  setup.dtype = dtype_from_string(o.dtype);
   setup.seed = o.seed;
   if (!o.json)
-    fmt::print(stderr, "building a {} x {} bank ({:.2f} GB) ...\n", o.n, o.dim,
-               static_cast<double>(o.n) * static_cast<double>(o.dim) * 4e-9);
+    fmt::print(stderr, "building a {} x {} {} bank ({:.2f} GB) ...\n", o.n, o.dim, o.dtype,
+               static_cast<double>(o.n) * static_cast<double>(o.dim) * dtype_bytes(setup.dtype) * 1e-9);
   StepBench bench(setup, o.repeats);
   const double alias_build_ms = bench.alias_build_ms;
   // The floor, same count of rows: K + 1 per query (per-sample) -- the whole B x (K + 1) reads --
@@ -75,13 +79,15 @@ StepFigures run_one(const StepOptions& o) {
 
   const double step_med = median(step_ms), floor_med = median(floor_ms);
   const double ratio = paired_ratio(step_ms, floor_ms);
-  const double gbytes = static_cast<double>(o.batch) * static_cast<double>(o.k + 1) * static_cast<double>(o.dim) * 4e-9;
+  const double gbytes = static_cast<double>(o.batch) * static_cast<double>(o.k + 1) * static_cast<double>(o.dim) *
+                        dtype_bytes(setup.dtype) * 1e-9;
   nlohmann::json row = {
       {"bench", "step"},          {"n", o.n},
       {"dim", o.dim},             {"k", o.k},
       {"batch", o.batch},         {"threads", threads},
       {"negatives", o.negatives}, {"sampler", o.sampler},
-      {"objective", o.objective}, {"step_ms", step_med},
+      {"objective", o.objective}, {"dtype", o.dtype},
+      {"step_ms", step_med},
       {"step_min_ms", *std::min_element(step_ms.begin(), step_ms.end())},
       {"step_max_ms", *std::max_element(step_ms.begin(), step_ms.end())},
       {"floor_ms", floor_med},    {"step_over_floor", ratio},
@@ -96,8 +102,8 @@ StepFigures run_one(const StepOptions& o) {
     fmt::print("{}\n", row.dump());
     return {step_med, floor_med, ratio};
   }
-  fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {} threads, {} "
-             "kernels\n", o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.objective, threads,
+  fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} rows, {} negatives, {} sampler, {}, {} "
+             "threads, {} kernels\n", o.n, o.dim, o.k, o.batch, o.dtype, o.negatives, o.sampler, o.objective, threads,
              to_string(active_isa()));
   fmt::print("  step   median {:8.2f} ms   (min {:.2f}, max {:.2f}, {} steps)\n", step_med,
              row["step_min_ms"].get<double>(), row["step_max_ms"].get<double>(), o.repeats);
@@ -109,8 +115,81 @@ StepFigures run_one(const StepOptions& o) {
   return {step_med, floor_med, ratio};
 }
 
+/// Several storage types in one run: one engine per type, all alive at once, timed round by round
+/// (each round: every type's floor pass, then its step), so that every type sees the same background
+/// load. Prints each type's figures (one JSON object each with --json) and, against the first type,
+/// the paired ratios of the steps and of the floors.
+void run_dtypes(const StepOptions& o, const std::vector<std::string>& types) {
+  const int threads = omp_get_max_threads();
+  std::vector<std::unique_ptr<StepBench>> benches;
+  for (const auto& t : types) {
+    StepSetup setup;
+    setup.n = o.n;
+    setup.dim = o.dim;
+    setup.k = o.k;
+    setup.batch = o.batch;
+    setup.negatives = negatives_mode_from_string(o.negatives);
+    setup.sampler = sampler_kind_from_string(o.sampler);
+    setup.objective = objective_from_string(o.objective);
+    setup.dtype = dtype_from_string(t);
+    setup.seed = o.seed;
+    if (!o.json)
+      fmt::print(stderr, "building a {} x {} {} bank ({:.2f} GB) ...\n", o.n, o.dim, t,
+                 static_cast<double>(o.n) * static_cast<double>(o.dim) * dtype_bytes(setup.dtype) * 1e-9);
+    benches.push_back(std::make_unique<StepBench>(setup, o.repeats));
+  }
+  double checksum = 0.0;
+  for (auto& b : benches) b->begin(&checksum);
+  std::vector<std::vector<double>> step_ms(types.size()), floor_ms(types.size());
+  for (int r = 1; r < o.repeats; ++r)
+    for (std::size_t t = 0; t < types.size(); ++t) {
+      floor_ms[t].push_back(benches[t]->floor_once(&checksum));
+      step_ms[t].push_back(benches[t]->step_once());
+    }
+  if (!o.json)
+    fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {} threads, {} "
+               "kernels, {} rounds\n", o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.objective, threads,
+               to_string(active_isa()), o.repeats - 1);
+  std::vector<double> own(types.size());  // bytes of one row
+  for (std::size_t t = 0; t < types.size(); ++t) {
+    const double step_med = median(step_ms[t]), floor_med = median(floor_ms[t]);
+    const double ratio = paired_ratio(step_ms[t], floor_ms[t]);
+    const double step_vs = paired_ratio(step_ms[t], step_ms[0]), floor_vs = paired_ratio(floor_ms[t], floor_ms[0]);
+    nlohmann::json row = {{"bench", "step"}, {"n", o.n}, {"dim", o.dim}, {"k", o.k}, {"batch", o.batch},
+                          {"threads", threads}, {"negatives", o.negatives}, {"sampler", o.sampler},
+                          {"objective", o.objective}, {"dtype", types[t]}, {"step_ms", step_med},
+                          {"floor_ms", floor_med}, {"step_over_floor", ratio},
+                          {"step_vs_" + types[0], step_vs}, {"floor_vs_" + types[0], floor_vs},
+                          {"rounds", o.repeats - 1}, {"cpu", cpu_model()}, {"build", MEMBANK_BUILD_TYPE},
+                          {"version", MEMBANK_VERSION_STRING}, {"git", git_revision()},
+                          {"checksum", std::isfinite(checksum)}, {"isa", to_string(active_isa())}};
+    if (o.json) {
+      fmt::print("{}\n", row.dump());
+      continue;
+    }
+    fmt::print("  {:9} step {:7.2f} ms  floor {:7.2f} ms  step / floor {:5.2f}   against {}: step {:5.2f}, "
+               "floor {:5.2f}\n", types[t], step_med, floor_med, ratio, types[0], step_vs, floor_vs);
+  }
+  if (!o.json)
+    fmt::print("  (medians over the rounds; ratios are medians of the per-round ratios)\n");
+}
+
 void run_bench_step(StepOptions o) {
   apply_threads(o.threads);
+  if (o.dtype.find(',') != std::string::npos) {
+    std::vector<std::string> types;
+    for (std::size_t at = 0; at <= o.dtype.size();) {
+      const std::size_t end = std::min(o.dtype.find(',', at), o.dtype.size());
+      types.push_back(to_string(dtype_from_string(o.dtype.substr(at, end - at))));
+      at = end + 1;
+    }
+    MEMBANK_CHECK(o.objective != "all" && o.negatives != "both", "--dtype with a list: expected one --objective "
+                  "(not all) and one --negatives (not both)");
+    MEMBANK_CHECK(o.repeats >= 2, "--dtype with a list: expected --repeats >= 2 (the first step is the check)");
+    run_dtypes(o, types);
+    return;
+  }
+  o.dtype = to_string(dtype_from_string(o.dtype));
   if (o.objective == "all") {  // every objective but the full softmax, each against its own floor
     std::vector<std::pair<std::string, StepFigures>> figures;
     for (const Objective obj : all_objectives()) {
@@ -165,6 +244,11 @@ void add_bench_step(CLI::App& bench) {
                   "but full in turn, each against its own floor, with a summary table)")
       ->capture_default_str()
       ->check(one_of({"nce", "infonce", "dcl", "hcl", "dhel", "kcl", "supcon", "contrastive", "triplet", "full", "all"}));
+  cmd->add_option("--dtype", o->dtype,
+                  "storage type of the bank's rows: float32, float16 or bfloat16; or a comma-separated list "
+                  "(e.g. float32,float16,bfloat16): one bank of each, all in memory at once, timed round by round, "
+                  "with each type's step and floor against the first type's")
+      ->capture_default_str();
   cmd->add_option("--repeats", o->repeats, "timed steps (and floor passes)")->capture_default_str()->check(
       integer_in(1, INT_MAX));
   cmd->add_option("--seed", o->seed, "seed of the bank, the inputs and the negatives")->capture_default_str()->check(seed_value());
