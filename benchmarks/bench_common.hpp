@@ -19,6 +19,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -185,6 +186,23 @@ class StepBench {
     ++next_;
     return now_ms() - t0;
   }
+  /// One timed step after `overlap_ms` of simulated caller compute (a sleep: the caller's forward pass
+  /// on an accelerator leaves the CPU idle), with or without announcing the step's ids first
+  /// (Engine::prefetch, before the sleep). Only the step is timed: the critical path.
+  double step_after(double overlap_ms, bool prefetch) {
+    MEMBANK_CHECK(next_ >= 3 && next_ < ids_.size(), "StepBench::step_after: call begin() or time_interleaved() first, "
+                  "and make enough inputs ({} made)",
+                  ids_.size());
+    if (prefetch) engine_->prefetch(ids_[next_]);
+    std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(overlap_ms));
+    const double t0 = now_ms();
+    const StepStats st = engine_->step(feats_[next_], ids_[next_], grad_, true);
+    const double ms = now_ms() - t0;
+    MEMBANK_CHECK(st.prefetched == prefetch, "StepBench::step_after: the step {} the prefetch", st.prefetched ? "used" : "ignored");
+    ++next_;
+    return ms;
+  }
+
   /// One timed floor pass (ms).
   double floor_once(double* checksum) { return time_gather_floor(1, checksum).front(); }
 
@@ -201,6 +219,7 @@ class StepBench {
       step_ms.push_back(now_ms() - t0);
     }
     floor_ms.push_back(time_gather_floor(1, checksum).front());
+    next_ = static_cast<std::size_t>(steps) + 2;  // the inputs not used yet (step_once, step_after)
     return {step_ms, floor_ms};
   }
 

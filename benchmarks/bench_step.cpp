@@ -36,6 +36,7 @@ struct StepOptions {
   std::string objective = "nce";
   std::string dtype = "float32";  ///< one type, or a comma-separated list measured in one run
   int repeats = 15;
+  double overlap_ms = -1.0;  ///< >= 0: also time steps after this much simulated caller compute, with and without prefetch
   std::uint64_t seed = 1;
   bool json = false;
 };
@@ -70,7 +71,7 @@ StepFigures run_one(const StepOptions& o) {
   if (!o.json)
     fmt::print(stderr, "building a {} x {} {} bank ({:.2f} GB) ...\n", o.n, o.dim, o.dtype,
                static_cast<double>(o.n) * static_cast<double>(o.dim) * dtype_bytes(setup.dtype) * 1e-9);
-  StepBench bench(setup, o.repeats);
+  StepBench bench(setup, o.overlap_ms >= 0 ? 3 * o.repeats : o.repeats);
   const double alias_build_ms = bench.alias_build_ms;
   // The floor, same count of rows: K + 1 per query (per-sample) -- the whole B x (K + 1) reads --
   // timed pass by pass alternately with the steps, so that both see the same background load.
@@ -98,6 +99,21 @@ StepFigures run_one(const StepOptions& o) {
       {"build", MEMBANK_BUILD_TYPE}, {"version", MEMBANK_VERSION_STRING},
       {"git", git_revision()},    {"checksum", std::isfinite(checksum)},
       {"isa", to_string(active_isa())}};
+  if (o.overlap_ms >= 0) {
+    // The caller's loop: step, announce the next ids, compute (a sleep), step. Steps without and with
+    // the announcement alternate; only the steps are timed.
+    std::vector<double> plain, ahead;
+    for (int r = 0; r < o.repeats; ++r) {
+      plain.push_back(bench.step_after(o.overlap_ms, false));
+      ahead.push_back(bench.step_after(o.overlap_ms, true));
+    }
+    const double p = median(plain), a = median(ahead);
+    row["overlap_ms"] = o.overlap_ms;
+    row["step_after_overlap_ms"] = p;
+    row["step_after_overlap_prefetched_ms"] = a;
+    row["prefetch_saved_ms"] = p - a;
+    row["prefetch_saved_over_floor"] = (p - a) / floor_med;
+  }
   if (o.json) {
     fmt::print("{}\n", row.dump());
     return {step_med, floor_med, ratio};
@@ -112,6 +128,12 @@ StepFigures run_one(const StepOptions& o) {
   fmt::print("  step / floor = {:.2f}   (median of the {} paired ratios; the medians' ratio: {:.2f})\n", ratio,
              step_ms.size(), step_med / floor_med);
   if (alias_build_ms > 0) fmt::print("  alias table built in {:.1f} ms\n", alias_build_ms);
+  if (o.overlap_ms >= 0) {
+    const double p = row["step_after_overlap_ms"].get<double>(), a = row["step_after_overlap_prefetched_ms"].get<double>();
+    fmt::print("  after {:.1f} ms of caller compute: step {:.2f} ms; with the ids announced first (prefetch) {:.2f} ms: "
+               "{:.2f} ms ({:.0f}% of the floor) off the critical path\n", o.overlap_ms, p, a, p - a,
+               100.0 * (p - a) / floor_med);
+  }
   return {step_med, floor_med, ratio};
 }
 
@@ -248,6 +270,10 @@ void add_bench_step(CLI::App& bench) {
                   "storage type of the bank's rows: float32, float16 or bfloat16; or a comma-separated list "
                   "(e.g. float32,float16,bfloat16): one bank of each, all in memory at once, timed round by round, "
                   "with each type's step and floor against the first type's")
+      ->capture_default_str();
+  cmd->add_option("--overlap-ms", o->overlap_ms,
+                  "also time steps after this many ms of simulated caller compute (a sleep), alternately without and "
+                  "with Engine::prefetch of the step's ids before it: how much leaves the critical path (off: -1)")
       ->capture_default_str();
   cmd->add_option("--repeats", o->repeats, "timed steps (and floor passes)")->capture_default_str()->check(
       integer_in(1, INT_MAX));

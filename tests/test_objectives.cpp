@@ -605,6 +605,56 @@ TEST_CASE("objectives: on fp16 and bf16 banks, loss and dL/df of every objective
   CHECK(cases == (static_cast<int>(all_variants().size()) * 6 - 2) * 2);
 }
 
+TEST_CASE("objectives: Engine::prefetch changes no result: losses, gradients and bank bit for bit as without it") {
+  // Guards the prefetch of the next step's draws (a background thread): for every objective, both
+  // samplers, every per-sample mode and fp32 / fp16 banks, three steps with a prefetch of the right
+  // ids before each, then a prefetch of other ids (discarded) and a fourth step, equal bit for bit
+  // the same steps without prefetching. Shared negatives: prefetch does nothing.
+  std::mt19937_64 rng(777);
+  std::vector<std::int64_t> labels = four_class_labels(kN, rng);
+  int cases = 0;
+  for (const DType t : {DType::float32, DType::float16})
+    for (const Variant& v : all_variants())
+      for (bool alias : {false, true})
+        for (Mode mode : {Mode::per_sample, Mode::per_sample_exclude_positive, Mode::per_sample_same_label}) {
+          INFO(to_string(t) << " / " << describe(v, alias, mode));
+          const EngineConfig cfg = config_of(v, mode, 40);
+          Engine plain = labelled_engine(kN, kD, alias, cfg, 23, labels, nullptr, t);
+          Engine ahead = labelled_engine(kN, kD, alias, cfg, 23, labels, nullptr, t);
+          for (int s = 0; s < 4; ++s) {
+            const std::vector<index_t> ids = batch_ids(kB, kN, rng);
+            const RowMatrixf f = mixed_features(plain.bank().to_matrix(), ids, rng);
+            if (s < 3) {
+              CHECK(ahead.prefetch(ids));
+            } else {
+              CHECK(ahead.prefetch(batch_ids(kB, kN, rng)));  // other ids: the step draws its own
+            }
+            CHECK(ahead.prefetch_pending());
+            RowMatrixf g1(kB, kD), g2(kB, kD);
+            const StepStats a = plain.step(f, ids, g1);
+            const StepStats b = ahead.step(f, ids, g2);
+            CHECK(!ahead.prefetch_pending());
+            CHECK(b.prefetched == (s < 3));
+            CHECK(!a.prefetched);
+            CHECK(bits_equal(a.loss, b.loss));
+            CHECK(bits_equal(a.z, b.z));
+            CHECK(bits_equal(g1, g2));
+          }
+          CHECK(bits_equal(plain.bank().to_matrix(), ahead.bank().to_matrix()));
+          ++cases;
+        }
+  CHECK(cases == static_cast<int>(all_variants().size()) * 12);
+  // Shared negatives and the full softmax: nothing to prefetch. Bad ids: Error, nothing held.
+  Engine shared = labelled_engine(kN, kD, false, config_of(all_variants().front(), Mode::shared, 16), 23, labels, nullptr);
+  const std::vector<index_t> ids = batch_ids(kB, kN, rng);
+  CHECK(!shared.prefetch(ids));
+  CHECK(!shared.prefetch_pending());
+  Engine eng = labelled_engine(kN, kD, false, config_of(all_variants().front(), Mode::per_sample, 16), 23, labels, nullptr);
+  const std::vector<index_t> bad = {0, kN};
+  CHECK_THROWS_WITH_AS(eng.prefetch(bad), doctest::Contains("next_ids[1]"), Error);
+  CHECK(!eng.prefetch_pending());
+}
+
 TEST_CASE("objectives: the kernel's draws in pieces and many positives: step() is evaluate(sample()) and the reference") {
   // Guards the per-sample kernel's draw cursor (64 draws a piece, 16-row blocks, K = 300 crosses
   // both with a partial last piece) and triplet's positives-first pass with more than one block of

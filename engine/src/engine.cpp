@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <exception>
+#include <thread>
 #include <vector>
 
 namespace membank {
@@ -74,6 +76,64 @@ Engine::Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig co
   if (!labels.empty()) set_labels(labels);
 }
 
+/// A next step's draws, made by a background thread.
+struct Engine::Prefetch {
+  std::vector<index_t> ids;
+  std::int64_t step = 0;
+  EngineConfig config;         ///< the worker's own copy (an Engine may move while it runs)
+  RowMatrixi negatives;        ///< B x K, written by the worker only
+  std::exception_ptr error;    ///< the worker's failure (an allocation): the step then draws itself
+  std::thread worker;
+  ~Prefetch() {
+    if (worker.joinable()) worker.join();
+  }
+};
+
+Engine::~Engine() { prefetch_.reset(); }
+Engine::Engine(Engine&&) noexcept = default;
+Engine& Engine::operator=(Engine&&) noexcept = default;
+
+void Engine::discard_prefetch() { prefetch_.reset(); }
+
+bool Engine::prefetch(IdsRef next_ids) {
+  MEMBANK_CHECK(!next_ids.empty(), "next_ids is empty: expected the next batch's ids (at least one)");
+  check_ids(next_ids, bank_.size(), "next_ids");
+  check_labels_present();
+  discard_prefetch();
+  if (config_.negatives == NegativesMode::shared || config_.objective == Objective::full_softmax) return false;
+  auto p = detail::translate_bad_alloc("Engine::prefetch", [&] {
+    auto q = std::make_unique<Prefetch>();
+    q->ids.assign(next_ids.begin(), next_ids.end());
+    q->step = step_;
+    q->config = config_;
+    q->negatives.resize(static_cast<index_t>(next_ids.size()), config_.k);
+    return q;
+  });
+  // The worker reads the sampler and the class tables (heap objects that stay put when the Engine
+  // moves, and that nothing changes while a prefetch is held: set_labels discards it first) and its
+  // own copies; it writes only p->negatives. One thread, no OpenMP team: the caller's compute has the
+  // others. The draws are sample_impl's, query by query.
+  detail::KernelContext cx =
+      make_context(bank_, *sampler_, p->config, classes_, class_mass_, classes8_, classes16_, config_.k);
+  Prefetch* const out = p.get();
+  p->worker = std::thread([out, cx] {
+    try {
+      std::vector<float> log_pn(static_cast<std::size_t>(cx.k));
+      for (index_t i = 0; i < out->negatives.rows(); ++i) {
+        const index_t y = out->ids[static_cast<std::size_t>(i)];
+        const detail::QueryExclusion e = detail::exclusion_of(cx, y);
+        cx.sampler->draw({out->config.seed, out->step, static_cast<std::uint32_t>(i), detail::purpose_negatives},
+                         e.exclusion, std::span<index_t>(out->negatives.row(i).data(), static_cast<std::size_t>(cx.k)),
+                         log_pn);
+      }
+    } catch (...) {
+      out->error = std::current_exception();
+    }
+  });
+  prefetch_ = std::move(p);
+  return true;
+}
+
 namespace {
 
 /// Labels as class indices 0..C-1 and the P_n mass of each class, checked.
@@ -115,6 +175,7 @@ void Engine::check_labels(std::span<const std::int64_t> labels, const NoiseSampl
 }
 
 void Engine::set_labels(std::span<const std::int64_t> labels) {
+  discard_prefetch();  // its worker reads the class tables
   LabelClasses lc = label_classes(labels, *sampler_, config_);
   labels_.assign(labels.begin(), labels.end());
   const std::size_t count = lc.mass.size();
@@ -128,6 +189,7 @@ void Engine::set_labels(std::span<const std::int64_t> labels) {
 }
 
 void Engine::restore_state(const Partition& partition, std::int64_t step) {
+  discard_prefetch();
   MEMBANK_CHECK(partition.policy == config_.z_policy, "partition.policy = {}: expected the engine's {}",
                 to_string(partition.policy), to_string(config_.z_policy));
   MEMBANK_CHECK(!partition.initialised || std::isfinite(partition.log_z),
@@ -287,7 +349,8 @@ void Engine::update(FeaturesRef features, IdsRef ids) {
   });
 }
 
-Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const {
+Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
+                                 bool own_draws) const {
   // ---- validation: nothing below it throws for a caller error after a mutation
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id (B >= 1)");
   const auto batch = static_cast<index_t>(ids.size());
@@ -313,7 +376,7 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
 
   const bool full = config_.objective == Objective::full_softmax;
   const bool shared = config_.negatives == NegativesMode::shared;
-  if (negatives && !full) {
+  if (negatives && !full && !own_draws) {
     const index_t want_rows = shared ? 1 : batch;
     MEMBANK_CHECK(negatives->rows() == want_rows && negatives->cols() >= 1,
                   "negatives has shape {} x {}: expected {} x K with K >= 1 ({} negatives)", negatives->rows(),
@@ -407,7 +470,14 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
 }
 
 StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad, bool update) {
-  Computed result = compute(features, ids, negatives, grad);
+  // A prefetch for exactly this step and these ids gives the draws; any other is dropped.
+  // (A step that then throws has consumed it: only speed is lost.)
+  const std::unique_ptr<Prefetch> p = std::move(prefetch_);
+  if (p && p->worker.joinable()) p->worker.join();
+  const bool use = p && !negatives && !p->error && p->step == step_ &&
+                   std::equal(ids.begin(), ids.end(), p->ids.begin(), p->ids.end());
+  Computed result = use ? compute(features, ids, &p->negatives, grad, true) : compute(features, ids, negatives, grad);
+  result.stats.prefetched = use;
   // ---- commit: the bank first (it may still throw, before writing), then Z and the counter.
   // The rows are refreshed with the unit features the loss saw (the engine's copy if it normalised);
   // features that are rows of the bank itself are copied by momentum_update before it writes.

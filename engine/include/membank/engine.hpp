@@ -129,6 +129,7 @@ struct StepStats {
   double mean_p_positive = 0.0; ///< mean_i P(y_i|f_i): exp(s/tau)/Z (NCE), exact (full), softmax over K+1 (InfoNCE)
   double negative_collision_fraction = 0.0;  ///< fraction of the B*K negatives equal to their query's positive
   std::int64_t step = 0;        ///< the step counter value this step used (before it was incremented)
+  bool prefetched = false;      ///< the step used the draws of a prefetch() (the results are the same)
   /// infonce, dcl, hcl: the InfoNCE bound on the mutual information, log(K + 1) - L (nats). It
   /// cannot exceed log(K + 1) (mi_bound_ceiling): near the ceiling it says K is too small to
   /// measure more, not that the representation holds no more. NaN for the other objectives.
@@ -144,6 +145,9 @@ class Engine {
   /// before the first step (a step without them throws).
   Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig config,
          std::vector<std::int64_t> labels = {});
+  ~Engine();  ///< waits for a prefetch in flight
+  Engine(Engine&&) noexcept;
+  Engine& operator=(Engine&&) noexcept;
 
   /// One int64 label per instance (N of them; any values). Throws Error, changing nothing, on a
   /// wrong length, or if exclude_same_label is set and some label carries all of the noise mass.
@@ -180,6 +184,21 @@ class Engine {
   /// then depends on the features: use ZPolicy::fixed for gradient checks).
   StepStats evaluate(FeaturesRef features, IdsRef ids, NegativesRef negatives, GradRef grad) const;
 
+  /// Announces the ids of the next step(): a background thread draws that step's negatives (a pure
+  /// function of seed, step counter, query row and its id) while the caller computes its forward
+  /// pass, and the next step() with exactly these ids at this step counter uses them instead of
+  /// drawing its own. Results are bit for bit those without the call (the draws are the same; the
+  /// step reads them as step_with_negatives would, without re-validating its own draws). A step with
+  /// other ids, or any other call that changes the step counter or the labels, discards the
+  /// prefetch. Per-sample negatives only: with shared negatives or the full softmax it does nothing
+  /// and returns false. The draws take B K 8 bytes (8 MB at B = 256, K = 4096) and one thread.
+  /// The rows themselves are not copied ahead: a staged copy of the B (K + 1) rows is as many bytes
+  /// as the gather reads, written and read again (docs/architecture.md).
+  /// Throws Error (nothing started) on empty or out-of-range ids, or missing labels.
+  bool prefetch(IdsRef next_ids);
+  /// Whether a prefetch is held (in flight or done) for a next step.
+  bool prefetch_pending() const { return prefetch_ != nullptr; }
+
   /// Momentum refresh of the rows of `ids` (the bank's momentum_update with config().momentum and
   /// the step counter), normalising the features first if normalize_features is set. Features may
   /// be rows of the bank (copied before the write).
@@ -205,14 +224,23 @@ class Engine {
     Partition partition;  ///< Z state after the step (initialised = false: no change)
     RowMatrixf normalized;  ///< the unit features used, when the engine normalised them (else empty)
   };
-  /// Validate, then compute loss and gradient; changes nothing in the engine.
-  Computed compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad) const;
+  /// Validate, then compute loss and gradient; changes nothing in the engine. `own_draws`: the
+  /// negatives are the engine's own draws for this step (a prefetch), not re-validated.
+  Computed compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
+                   bool own_draws = false) const;
   RowMatrixi sample_impl(IdsRef ids, std::int64_t step) const;
   /// Error unless the engine holds labels where the objective or exclude_same_label needs them.
   void check_labels_present() const;
   /// compute(), then commit Z, the bank rows (if update) and the counter.
   StepStats run(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
                 bool update);
+
+  struct Prefetch;
+  /// The prefetched draws (first member: a move-assignment waits for the old thread before it
+  /// replaces anything the thread reads; the destructor resets it first).
+  std::unique_ptr<Prefetch> prefetch_;
+  /// Waits for a prefetch in flight and drops it.
+  void discard_prefetch();
 
   Bank bank_;
   std::unique_ptr<NoiseSampler> sampler_;
