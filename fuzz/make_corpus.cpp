@@ -243,7 +243,7 @@ int main(int argc, char** argv) {
   });
   edited("format-foreign", [](hid_t f) { set_str(f, "format", "someone-elses-format"); });
   edited("format-missing", [](hid_t f) { H5Adelete(f, "format"); });
-  edited("format-version-2", [](hid_t f) { set_i64(f, "format_version", 2); });
+  edited("format-version-4", [](hid_t f) { set_i64(f, "format_version", 4); });  // a future version
   edited("format-version-2p32-plus-1", [](hid_t f) { set_i64(f, "format_version", (std::int64_t{1} << 32) + 1); });
   edited("log-z-missing", [](hid_t f) { H5Adelete(f, "log_z"); });
   edited("k-missing", [](hid_t f) { H5Adelete(f, "k"); });

@@ -248,16 +248,44 @@ auto with_bank(const PyBank& b, F&& f) {
   return f(in ? in->engine->bank() : *b.s->owned);
 }
 
+/// The numpy dtype of the bank's stored elements: float32, float16 (numpy's float16 is IEEE binary16,
+/// the bank's fp16 layout), and for bfloat16, which numpy lacks, the raw uint16 words (each the upper
+/// half of an fp32: (w.astype(np.uint32) << 16).view(np.float32) widens them exactly).
+py::dtype storage_dtype(DType t) {
+  switch (t) {
+    case DType::float16: return py::dtype("float16");
+    case DType::bfloat16: return py::dtype::of<std::uint16_t>();
+    case DType::float32: break;
+  }
+  return py::dtype::of<float>();
+}
+
 py::array bank_view(const PyBank& b) {
-  const Bank& bank = b.s->get();
+  const BankView v = b.s->get().view();
   // The capsule keeps the bank's owner (the state, hence the engine) alive as long as the array.
   auto* keep = new std::shared_ptr<BankState>(b.s);
   py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<BankState>*>(p); });
-  py::array_t<float> a({bank.size(), bank.dim()},
-                       {static_cast<py::ssize_t>(sizeof(float)) * bank.stride(), static_cast<py::ssize_t>(sizeof(float))},
-                       bank.row(0), owner);
+  const auto es = static_cast<py::ssize_t>(dtype_bytes(v.dtype));
+  py::array a(storage_dtype(v.dtype), {v.rows, v.dim}, {es * v.stride, es}, v.data, owner);
   a.attr("setflags")(py::arg("write") = false);
   return a;
+}
+
+/// dtype= of a bank: a name dtype_from_string reads ("float32", "float16", "bfloat16", "fp16" ...), or
+/// for convenience numpy's float32 / float16 (a type or a dtype). Anything else: membank.Error naming it.
+DType dtype_arg(py::handle obj) {
+  if (py::isinstance<py::str>(obj)) return dtype_from_string(obj.cast<std::string>());
+  if (!obj.is_none()) {
+    py::dtype d;
+    try {
+      d = py::dtype::from_args(py::reinterpret_borrow<py::object>(obj));
+    } catch (py::error_already_set&) {  // not a dtype at all: the message below names it
+    }
+    if (d && d.equal(py::dtype::of<float>())) return DType::float32;
+    if (d && d.equal(py::dtype("float16"))) return DType::float16;
+  }
+  throw Error(fmt::format("dtype = {}: expected float32, float16 or bfloat16 (a name, or np.float32 / np.float16)",
+                          std::string(py::repr(obj))));
 }
 
 std::string normalise_name(std::string s) {
@@ -296,6 +324,7 @@ py::dict config_dict(const EngineConfig& c) {
   d["gamma"] = c.gamma;
   d["margin"] = c.effective_margin();
   d["exclude_same_label"] = c.exclude_same_label;
+  d["rounding"] = to_string(c.rounding);
   return d;
 }
 
@@ -304,7 +333,7 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
                                       const std::string& z_policy, double z_fixed, double z_ema, std::uint64_t seed,
                                       bool normalize_features, double unit_norm_tolerance, double tau_plus, double beta,
                                       bool detach_weights, double kernel_t, double gamma, py::object margin,
-                                      bool exclude_same_label, py::object labels) {
+                                      bool exclude_same_label, py::object labels, const std::string& rounding) {
   if (!bank.s->owned)
     throw Error("Engine(bank): this Bank already belongs to an Engine (each engine owns its bank): make a new Bank, "
                 "or use that engine");
@@ -328,6 +357,7 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
   c.gamma = gamma;
   if (!margin.is_none()) c.margin = margin.cast<double>();
   c.exclude_same_label = exclude_same_label;
+  c.rounding = rounding_from_string(rounding);
   const index_t n = bank.s->owned->size();
   std::vector<std::int64_t> label_values;
   if (!labels.is_none()) {
@@ -448,6 +478,8 @@ PYBIND11_MODULE(_membank, m) {
         "The largest thread count set_num_threads accepts here (16 x the hardware threads, capped by the OpenMP and "
         "process limits).");
   m.def("get_num_threads", [] { return omp_get_max_threads(); });
+  m.def("_dtype_name", [](py::handle dtype) { return to_string(dtype_arg(dtype)); }, py::arg("dtype"),
+        "The canonical name of a bank dtype= value ('float32', 'float16', 'bfloat16'); membank.Error otherwise.");
 
   // ---- StepStats
   py::class_<StepStats>(m, "StepStats", "What a step reports besides the gradient (engine.hpp).")
@@ -456,6 +488,7 @@ PYBIND11_MODULE(_membank, m) {
       .def_readonly("z_estimate", &StepStats::z_estimate, "Zhat of this step's noise draws")
       .def_readonly("mean_p_positive", &StepStats::mean_p_positive)
       .def_readonly("negative_collision_fraction", &StepStats::negative_collision_fraction)
+      .def_readonly("prefetched", &StepStats::prefetched, "the step used the draws of engine.prefetch(ids)")
       .def_readonly("mi_lower_bound", &StepStats::mi_lower_bound,
                     "infonce, dcl, hcl: log(K + 1) - L, a lower bound on the mutual information (nats) that "
                     "cannot exceed log(K + 1) (mi_bound_ceiling); NaN otherwise")
@@ -469,50 +502,69 @@ PYBIND11_MODULE(_membank, m) {
 
   // ---- Bank
   py::class_<PyBank>(m, "Bank",
-                     "The memory bank: N unit-norm rows of dimension D (float32). Once given to an Engine, the "
-                     "engine owns it; this object then shows the engine's bank.")
-      .def(py::init([](index_t n, index_t dim, std::uint64_t seed) {
+                     "The memory bank: N unit-norm rows of dimension D, stored as float32, float16 or bfloat16 "
+                     "(dtype). Once given to an Engine, the engine owns it; this object then shows the engine's bank.")
+      .def(py::init([](index_t n, index_t dim, std::uint64_t seed, py::handle dtype) {
+             const DType t = dtype_arg(dtype);
              auto st = std::make_shared<BankState>();
              py::gil_scoped_release nogil;
-             st->owned = std::make_unique<Bank>(n, dim, seed);
+             st->owned = std::make_unique<Bank>(n, dim, seed, t);
              return PyBank{st};
            }),
-           py::arg("n"), py::arg("dim"), py::arg("seed") = 0, "N rows uniform on the unit sphere, drawn from seed.")
-      .def_static("from_array", [](py::handle rows) {
+           py::arg("n"), py::arg("dim"), py::arg("seed") = 0, py::arg("dtype") = "float32",
+           "N rows uniform on the unit sphere, drawn from seed, stored as dtype ('float32', 'float16', 'bfloat16'; "
+           "a 2-byte bank holds the fp32 rows rounded to nearest).")
+      .def_static("from_array", [](py::handle rows, py::handle dtype) {
+             const DType t = dtype_arg(dtype);
              auto r = matrix_arg<float>(rows, "rows", "float32", "(N, D)");
              auto st = std::make_shared<BankState>();
              py::gil_scoped_release nogil;
-             st->owned = std::make_unique<Bank>(Bank::from_rows(r.cmap()));
+             st->owned = std::make_unique<Bank>(Bank::from_rows(r.cmap(), t));
              return PyBank{st};
            },
-           py::arg("rows"), "A bank from float32 (N, D) rows (copied into the bank, each normalised).")
+           py::arg("rows"), py::arg("dtype") = "float32",
+           "A bank from float32 (N, D) rows (copied into the bank, each normalised, then rounded to nearest "
+           "for a 2-byte dtype).")
       .def_property_readonly("n", [](const PyBank& b) { return b.s->get().size(); })
       .def_property_readonly("dim", [](const PyBank& b) { return b.s->get().dim(); })
+      .def_property_readonly("dtype", [](const PyBank& b) { return to_string(b.s->get().dtype()); },
+                             "the stored element type: 'float32', 'float16' or 'bfloat16'")
       .def_property_readonly("stride", [](const PyBank& b) { return b.s->get().stride(); },
-                             "floats between consecutive rows (>= dim)")
+                             "elements between consecutive rows (>= dim); view().strides[0] is stride x the element "
+                             "size")
       .def_property_readonly("owned_by_engine", [](const PyBank& b) { return static_cast<bool>(b.s->in); })
       .def("__len__", [](const PyBank& b) { return b.s->get().size(); })
       .def("view", &bank_view,
-           "The rows as a read-only (N, D) float32 array, no copy (strides follow the bank's padded rows). "
-           "It keeps the bank alive and shows later updates.")
+           "The stored rows as a read-only (N, D) array, no copy (strides follow the bank's padded rows): float32, "
+           "float16, or for a bfloat16 bank the raw uint16 words (numpy has no bfloat16; to_float32() widens). It "
+           "keeps the bank alive and shows later updates.")
+      .def("to_float32", [](const PyBank& b) {
+             return to_numpy(with_bank(b, [](const Bank& bank) { return bank.to_matrix(); }));
+           },
+           "A copy of the rows widened to float32 (exactly), a fresh writable C-contiguous (N, D) array, for "
+           "any dtype.")
       .def("last_update", [](const PyBank& b) {
              auto v = with_bank(b, [](const Bank& bank) { return bank.last_update(); });
              return to_numpy(std::move(v));
            }, "Copy of each row's last-update step (-1: never), int64 (N,).")
-      .def("update", [](const PyBank& b, py::handle ids, py::handle features, double momentum, std::int64_t step) {
+      .def("update", [](const PyBank& b, py::handle ids, py::handle features, double momentum, std::int64_t step,
+                        const std::string& rounding, std::uint64_t seed) {
              if (b.s->in)
                throw Error("Bank.update: this bank belongs to an Engine: use Engine.update(features, ids)");
+             const Rounding r = rounding_from_string(rounding);
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
              py::gil_scoped_release nogil;
              std::lock_guard lk(b.s->mu);
-             b.s->owned->momentum_update(y.span(), f.cmap(), momentum, step);
+             b.s->owned->momentum_update(y.span(), f.cmap(), momentum, step, r, seed);
            },
            py::arg("ids"), py::arg("features"), py::arg("momentum") = 0.5, py::arg("step") = 0,
-           "Momentum refresh v[ids[b]] <- normalise(m v + (1 - m) features[b]), in batch order.")
+           py::arg("rounding") = "nearest", py::arg("seed") = 0,
+           "Momentum refresh v[ids[b]] <- normalise(m v + (1 - m) features[b]), in batch order; a 2-byte row is "
+           "rounded once at the end, to nearest or stochastically (random bits keyed by seed, step and row).")
       .def("__repr__", [](const PyBank& b) {
-        return fmt::format("membank.Bank(n={}, dim={}{})", b.s->get().size(), b.s->get().dim(),
-                           b.s->in ? ", owned by an Engine" : "");
+        return fmt::format("membank.Bank(n={}, dim={}, dtype={}{})", b.s->get().size(), b.s->get().dim(),
+                           to_string(b.s->get().dtype()), b.s->in ? ", owned by an Engine" : "");
       });
 
   // ---- samplers
@@ -563,16 +615,20 @@ PYBIND11_MODULE(_membank, m) {
            py::arg("seed") = 0, py::arg("normalize_features") = false, py::arg("unit_norm_tolerance") = 1e-3,
            py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0, py::arg("detach_weights") = false,
            py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0, py::arg("margin") = py::none(),
-           py::arg("exclude_same_label") = false, py::arg("labels") = py::none(),
+           py::arg("exclude_same_label") = false, py::arg("labels") = py::none(), py::arg("rounding") = "nearest",
            "objective: nce, infonce, dcl, hcl, dhel, kcl, supcon, contrastive, triplet or full "
            "(docs/objectives.md); labels: int64 (N,), needed by supcon, contrastive, triplet and "
-           "exclude_same_label; margin None: the objective's default (contrastive 1.0, triplet 0.2).")
+           "exclude_same_label; margin None: the objective's default (contrastive 1.0, triplet 0.2); "
+           "rounding: 'nearest' or 'stochastic', how refreshed rows of a float16 / bfloat16 bank are rounded "
+           "(the bank's dtype is chosen when the Bank is made).")
       .def_property_readonly("bank", [](std::shared_ptr<PyEngine> pe) {
         auto st = std::make_shared<BankState>();
         st->in = std::move(pe);
         return PyBank{st};
       })
       .def_property_readonly("config", [](const PyEngine& pe) { return config_dict(pe.engine->config()); })
+      .def_property_readonly("dtype", [](const PyEngine& pe) { return to_string(pe.engine->bank().dtype()); },
+                             "the bank's element type: 'float32', 'float16' or 'bfloat16'")
       .def_property_readonly("labels", [](PyEngine& pe) -> py::object {
         std::vector<std::int64_t> l;
         {
@@ -653,6 +709,17 @@ PYBIND11_MODULE(_membank, m) {
              with_engine(pe, [&](Engine& e) { e.update(f.cmap(), y.span()); });
            },
            py::arg("features"), py::arg("ids"), "Momentum refresh of the rows of ids.")
+      .def("prefetch",
+           [](PyEngine& pe, py::handle ids) {
+             auto y = vector_arg<index_t>(ids, "next_ids", "int64", "(B,)");
+             bool started = false;
+             with_engine(pe, [&](Engine& e) { started = e.prefetch(y.span()); });
+             return started;
+           },
+           py::arg("next_ids"),
+           "Announce the next step's ids (e.g. from the data loader, before the forward pass): a background thread "
+           "draws that step's negatives meanwhile; the next step with exactly these ids uses them (same results, "
+           "stats.prefetched). Per-sample negatives only (returns False otherwise).")
       .def("sample",
            [](PyEngine& pe, py::handle ids, py::object step) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
@@ -684,9 +751,10 @@ PYBIND11_MODULE(_membank, m) {
            py::arg("step"), py::arg("log_z") = py::none(), "Set the step counter (and log Z) to resume a run.")
       .def("__repr__", [](const PyEngine& pe) {
         const auto& c = pe.engine->config();
-        return fmt::format("membank.Engine(n={}, dim={}, k={}, tau={}, objective={}, negatives={}, steps_done={})",
-                           pe.engine->bank().size(), pe.engine->bank().dim(), c.k, c.tau, to_string(c.objective),
-                           to_string(c.negatives), pe.engine->steps_done());
+        return fmt::format("membank.Engine(n={}, dim={}, dtype={}, k={}, tau={}, objective={}, negatives={}, "
+                           "steps_done={})",
+                           pe.engine->bank().size(), pe.engine->bank().dim(), to_string(pe.engine->bank().dtype()),
+                           c.k, c.tau, to_string(c.objective), to_string(c.negatives), pe.engine->steps_done());
       });
 
   // ---- exact full softmax, kNN
@@ -805,6 +873,7 @@ PYBIND11_MODULE(_membank, m) {
           d["engine_version"] = i.engine_version;
           d["n"] = i.n;
           d["dim"] = i.dim;
+          d["dtype"] = to_string(i.dtype);
           d["step"] = i.step;
           d["config"] = config_dict(i.config);
           d["z_initialised"] = i.partition.initialised;
@@ -822,17 +891,20 @@ PYBIND11_MODULE(_membank, m) {
           return verify_snapshot(path);
         },
         py::arg("path"), "Problems found (an empty list: sound).");
-  m.def("import_bank", [](const std::string& path, const std::string& dataset) {
+  m.def("import_bank", [](const std::string& path, const std::string& dataset, py::handle dtype) {
+          const DType t = dtype_arg(dtype);
           index_t renorm = 0;
           auto st = std::make_shared<BankState>();
           {
             py::gil_scoped_release nogil;
             std::lock_guard hl(hdf5_mutex());
-            st->owned = std::make_unique<Bank>(import_bank(path, dataset, &renorm));
+            st->owned = std::make_unique<Bank>(import_bank(path, dataset, &renorm, t));
           }
           return py::make_tuple(PyBank{st}, renorm);
         },
-        py::arg("path"), py::arg("dataset") = "bank", "(Bank, rows renormalised) from a plain (N, D) dataset.");
+        py::arg("path"), py::arg("dataset") = "bank", py::arg("dtype") = "float32",
+        "(Bank, rows renormalised) from a plain (N, D) dataset (float16 / float32 / float64, or bfloat16 words), "
+        "stored as dtype.");
 
   // ---- timing of the same step in C++ (the benchmark's reference)
   m.def("time_steps",

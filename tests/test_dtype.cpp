@@ -262,7 +262,7 @@ TEST_CASE("stochastic rounding is unbiased: the mean of many refreshed rows equa
   }
 }
 
-TEST_CASE("at high momentum, a bf16 row rounded to nearest lags; stochastic rounding follows the fp32 row") {
+TEST_CASE("at high momentum, a bf16 row rounded to nearest lags while stochastic rounding follows the fp32 row") {
   // m = 0.999: (1 - m)(f - v) is below half a bf16 gap for the larger elements (the small ones, with
   // finer gaps, still move). Over 300 refreshes toward a fixed f the fp32 rows gain G in v . f;
   // nearest rounding gains less than half of G (0.35 G when this was written), stochastic rounding
@@ -289,7 +289,7 @@ TEST_CASE("at high momentum, a bf16 row rounded to nearest lags; stochastic roun
   CHECK(std::abs(stoch - g32) < 0.25 * g32);
 }
 
-TEST_CASE("2-byte rows stay unit norm within the type's tolerance after 10^4 refreshes; m = 1 leaves them unchanged") {
+TEST_CASE("2-byte rows stay unit norm within the type's tolerance after 10^4 refreshes, and m = 1 leaves them unchanged") {
   const index_t n = 50, dim = 40;
   std::mt19937_64 rng(21);
   for (const DType t : kTwoByte)

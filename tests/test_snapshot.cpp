@@ -431,7 +431,8 @@ TEST_CASE("snapshot: round trip keeps every field (uniform/alias, deflate 0/4, l
 
     const membank::SnapshotInfo info = membank::read_snapshot_info(p);
     CHECK(info.format == "membank-snapshot");
-    CHECK(info.format_version == 2);
+    CHECK(info.format_version == 3);
+    CHECK(info.dtype == membank::DType::float32);
     CHECK(info.engine_version == MEMBANK_TEST_PROJECT_VERSION);
     CHECK(info.n == n);
     CHECK(info.dim == d);
@@ -759,7 +760,7 @@ TEST_CASE("snapshot: malformed files each give one clear Error naming the file a
   edited("wrong format name", {"format", "someone-elses-format"},
          [](hid_t f) { set_str(f, "format", "someone-elses-format"); });
   edited("no format attribute", {"format"}, [](hid_t f) { H5Adelete(f, "format"); });
-  edited("future format_version 3", {"format_version", "3"}, [](hid_t f) { set_i64(f, "format_version", 3); });
+  edited("future format_version 4", {"format_version", "4"}, [](hid_t f) { set_i64(f, "format_version", 4); });
   edited("format_version 2^32 + 1 (1 after narrowing to int)", {"format_version", "4294967297"},
          [](hid_t f) { set_i64(f, "format_version", (std::int64_t{1} << 32) + 1); });
   edited("missing attribute log_z", {"log_z", "missing"}, [](hid_t f) { H5Adelete(f, "log_z"); });

@@ -1,4 +1,6 @@
-// `membank snapshot inspect|verify FILE`: look into a snapshot, or check it completely.
+// `membank snapshot inspect|verify|import|export`: look into a snapshot, check it completely, make one
+// from another tool's (N, D) dataset, or write its bank as a plain dataset for another tool. Banks of
+// every storage type (float32, float16, bfloat16); --dtype converts on import and export.
 #include "commands.hpp"
 #include "options.hpp"
 
@@ -14,10 +16,26 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <vector>
 
 namespace membank::tools {
 
 namespace {
+
+/// A bank storage type, by the names dtype_from_string reads (also its short ones).
+CLI::Validator dtype_name() {
+  return options_detail::validator(
+      [](const std::string& s) -> std::string {
+        try {
+          (void)dtype_from_string(s);
+          return {};
+        } catch (const Error&) {
+          return fmt::format("expected one of float32, float16, bfloat16 (or fp32, fp16, bf16, half), got {}",
+                             options_detail::quoted(s));
+        }
+      },
+      "{float32,float16,bfloat16}");
+}
 
 /// The parameters the configuration's objective uses, as one line.
 std::string objective_parameters(const EngineConfig& c) {
@@ -65,9 +83,11 @@ void inspect(const std::string& file, bool json) {
   const Engine engine = load_snapshot(file, &labels);
   const BankView v = engine.bank().view();
   double lo = std::numeric_limits<double>::infinity(), hi = 0.0, sum = 0.0;
+  std::vector<float> row(static_cast<std::size_t>(v.dim));  // a row of any type, widened (exact)
   for (index_t i = 0; i < v.rows; ++i) {
+    v.widen_rows(i, 1, row.data(), v.dim);
     double sq = 0.0;
-    for (index_t c = 0; c < v.dim; ++c) sq += static_cast<double>(v.row(i)[c]) * v.row(i)[c];
+    for (const float x : row) sq += static_cast<double>(x) * x;
     const double norm = std::sqrt(sq);
     lo = std::min(lo, norm);
     hi = std::max(hi, norm);
@@ -77,7 +97,8 @@ void inspect(const std::string& file, bool json) {
   const EngineConfig& c = info.config;
   nlohmann::json j = {
       {"file", file}, {"format", info.format}, {"format_version", info.format_version},
-      {"engine_version", info.engine_version}, {"n", info.n}, {"dim", info.dim}, {"step", info.step},
+      {"engine_version", info.engine_version}, {"n", info.n}, {"dim", info.dim}, {"dtype", to_string(info.dtype)},
+      {"rounding", to_string(c.rounding)}, {"step", info.step},
       {"objective", to_string(c.objective)}, {"k", c.k}, {"tau", c.tau}, {"momentum", c.momentum},
       {"negatives", to_string(c.negatives)}, {"exclude_positive", c.exclude_positive},
       {"z_policy", to_string(c.z_policy)}, {"z", info.partition.initialised ? std::exp(info.partition.log_z) : 0.0},
@@ -93,8 +114,9 @@ void inspect(const std::string& file, bool json) {
   }
   fmt::print("{}\n  format {} v{} (written by membank {})\n", file, info.format, info.format_version,
              info.engine_version);
-  fmt::print("  bank {} x {} fp32, {} rows per chunk{}, labels: {}\n", info.n, info.dim, info.rows_per_chunk,
-             info.compressed ? ", deflate" : "", info.has_labels ? "yes" : "no");
+  fmt::print("  bank {} x {} {}{}, {} rows per chunk{}, labels: {}\n", info.n, info.dim, to_string(info.dtype),
+             info.dtype == DType::float32 ? "" : fmt::format(" (rounding {})", to_string(c.rounding)),
+             info.rows_per_chunk, info.compressed ? ", deflate" : "", info.has_labels ? "yes" : "no");
   fmt::print("  step {}  objective {}  K {}  tau {}  m {}  negatives {}{}\n", info.step, to_string(c.objective), c.k,
              c.tau, c.momentum, to_string(c.negatives), c.exclude_positive ? " (positive excluded)" : "");
   fmt::print("  {}\n", objective_parameters(c));
@@ -109,7 +131,8 @@ void inspect(const std::string& file, bool json) {
 }  // namespace
 
 void add_snapshot(CLI::App& app) {
-  auto* snap = app.add_subcommand("snapshot", "Inspect or verify an HDF5 snapshot of the engine");
+  auto* snap = app.add_subcommand("snapshot", "Inspect, verify, import or export HDF5 snapshots of the engine "
+                                              "(banks of float32, float16 or bfloat16 rows)");
   snap->require_subcommand(1);
   auto file = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
@@ -118,28 +141,52 @@ void add_snapshot(CLI::App& app) {
   ins->add_flag("--json", *json, "print one JSON object");
   ins->callback(command([file, json] { inspect(*file, *json); }));
   auto in = std::make_shared<std::string>(), out = std::make_shared<std::string>(),
-       dataset = std::make_shared<std::string>("bank");
+       dataset = std::make_shared<std::string>("bank"), dtype = std::make_shared<std::string>("float32");
   auto* imp = snap->add_subcommand(
-      "import", "Make a snapshot from a plain (N, D) float32/float64 dataset written by another tool (h5py ...): "
-                "rows are renormalised, and the count of rows that needed it is printed");
+      "import", "Make a snapshot from a plain (N, D) dataset written by another tool (h5py ...): float16, float32, "
+                "float64, or bfloat16 words as `snapshot export` writes them. Rows are renormalised (the count of "
+                "rows that needed it is printed), then stored as --dtype, rounded to nearest");
   imp->add_option("IN", *in, "HDF5 file holding the dataset")->required()->check(input_file());
   imp->add_option("OUT", *out, "snapshot to write (not IN: the input is never overwritten)")
       ->required()
       ->check(output_file());
   imp->add_option("--dataset", *dataset, "dataset path inside IN")->capture_default_str();
-  imp->callback(command([in, out, dataset] {
+  imp->add_option("--dtype", *dtype, "storage type of the new bank")->check(dtype_name())->capture_default_str();
+  imp->callback(command([in, out, dataset, dtype] {
     // Before reading anything: OUT is not IN under any name, and its disk holds about IN's size.
     require_distinct_files("IN", *in, "OUT", *out);
     require_output_space("OUT", *out, static_cast<double>(std::filesystem::file_size(*in)));
     index_t renormalised = 0;
-    Bank bank = import_bank(*in, *dataset, &renormalised);
+    Bank bank = import_bank(*in, *dataset, &renormalised, dtype_from_string(*dtype));
     const index_t n = bank.size(), dim = bank.dim();
     EngineConfig cfg;
     cfg.k = std::min<index_t>(cfg.k, n);
     Engine engine(std::move(bank), std::make_unique<UniformSampler>(n), cfg);
     save_snapshot(*out, engine);
-    fmt::print("imported {} x {} from {}:{}; renormalised {} rows; wrote {}\n", n, dim, *in, *dataset, renormalised,
-               *out);
+    fmt::print("imported {} x {} from {}:{} as {}; renormalised {} rows; wrote {}\n", n, dim, *in, *dataset,
+               to_string(engine.bank().dtype()), renormalised, *out);
+  }));
+  auto ein = std::make_shared<std::string>(), eout = std::make_shared<std::string>(),
+       edataset = std::make_shared<std::string>("bank"), edtype = std::make_shared<std::string>("float32");
+  auto* exp = snap->add_subcommand(
+      "export", "Write a snapshot's bank as a plain (N, D) dataset in a new HDF5 file, for tools that want plain "
+                "arrays (h5py, numpy): float32 holds the stored rows widened exactly, whatever the bank's type; "
+                "float16 or bfloat16 the rows rounded to nearest (the bank's own bits when it has that type; "
+                "bfloat16 as 16-bit words with the attribute dtype = 'bfloat16'). The snapshot is verified first; "
+                "no other dataset is written (h5py reads last_update and labels from the snapshot itself)");
+  exp->add_option("IN", *ein, "snapshot (.h5)")->required()->check(input_file());
+  exp->add_option("OUT", *eout, "HDF5 file to write (not IN: the input is never overwritten)")
+      ->required()
+      ->check(output_file());
+  exp->add_option("--dataset", *edataset, "dataset path inside OUT (its groups are created)")->capture_default_str();
+  exp->add_option("--dtype", *edtype, "element type of the dataset")->check(dtype_name())->capture_default_str();
+  exp->callback(command([ein, eout, edataset, edtype] {
+    require_distinct_files("IN", *ein, "OUT", *eout);
+    const Engine engine = load_snapshot(*ein);
+    const DType to = dtype_from_string(*edtype);
+    export_bank(*eout, engine.bank(), to, *edataset);
+    fmt::print("exported {} x {} {} bank of {} as {} to {}:{}\n", engine.bank().size(), engine.bank().dim(),
+               to_string(engine.bank().dtype()), *ein, to_string(to), *eout, *edataset);
   }));
   auto vfile = std::make_shared<std::string>();
   auto* ver = snap->add_subcommand(
@@ -149,7 +196,9 @@ void add_snapshot(CLI::App& app) {
   ver->callback(command([vfile] {
     const auto problems = verify_snapshot(*vfile);
     if (problems.empty()) {
-      fmt::print("{}: ok\n", *vfile);
+      const SnapshotInfo info = read_snapshot_info(*vfile);
+      fmt::print("{}: ok ({} x {} {} bank, step {}, format v{})\n", *vfile, info.n, info.dim, to_string(info.dtype),
+                 info.step, info.format_version);
       return;
     }
     for (const auto& p : problems) fmt::print(stderr, "{}: {}\n", *vfile, user_message(p));

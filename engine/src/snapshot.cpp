@@ -3,6 +3,7 @@
 #include <membank/version.hpp>
 
 #include "detail/check.hpp"
+#include "detail/half.hpp"
 
 #include <hdf5.h>
 
@@ -22,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -33,9 +35,16 @@ namespace membank {
 namespace {
 
 constexpr const char* kFormat = "membank-snapshot";
-constexpr int kFormatVersion = 2;  // 2: the objectives' parameters; 1 (still read): nce, infonce, full only
+// 3: the bank's dtype (2-byte banks) and the rounding; 2: the objectives' parameters; 1: nce, infonce,
+// full only. Versions 1 and 2 are still read (a float32 bank, nearest rounding).
+constexpr int kFormatVersion = 3;
 constexpr index_t kChunkBytes = index_t{1} << 20;
-constexpr double kUnitTolerance = 1e-4;  // a saved row further than this from unit norm is corrupt
+constexpr double kUnitTolerance = 1e-4;  // a saved float32 row further than this from unit norm is corrupt
+
+/// The tolerance on |norm - 1| of a saved row of type t: kUnitTolerance for float32 (what versions 1
+/// and 2 promised), the type's own bound for the 2-byte types, whose every element carries a rounding
+/// of up to u (row_norm_tolerance: 4 u, far above kUnitTolerance).
+double unit_tolerance(DType t) { return std::max(kUnitTolerance, row_norm_tolerance(t)); }
 
 /// An HDF5 handle closed by its destructor.
 class Handle {
@@ -73,6 +82,69 @@ void quiet_hdf5() {
   do {                                                                                             \
     if ((expr) < 0) MEMBANK_THROW(__VA_ARGS__);                                                    \
   } while (0)
+
+// ---- element types ------------------------------------------------------------------------------
+
+/// IEEE binary16 in byte order `order`. HDF5 1.10 predefines no half type: it is float32 reshaped,
+/// the fields first (sign at bit 15, exponent at bit 10 with 5 bits, mantissa at bit 0 with 10 bits,
+/// the leading bit implied), then precision and size shrunk to 16 bits (HDF5 refuses a precision the
+/// fields do not fit in), then the exponent bias. h5py reads it as numpy float16, with no plugin.
+Handle half_type(H5T_order_t order) {
+  Handle t(H5Tcopy(H5T_IEEE_F32LE), H5Tclose);
+  H5_CHECK(t.get(), "cannot copy the float32 type");
+  H5_CHECK(H5Tset_fields(t.get(), 15, 10, 5, 0, 10), "cannot set the float16 fields");
+  H5_CHECK(H5Tset_precision(t.get(), 16), "cannot set the float16 precision");
+  H5_CHECK(H5Tset_size(t.get(), 2), "cannot set the float16 size");
+  H5_CHECK(H5Tset_ebias(t.get(), 15), "cannot set the float16 exponent bias");
+  H5_CHECK(H5Tset_order(t.get(), order), "cannot set the float16 byte order");
+  return t;
+}
+
+/// True for a float type laid out as IEEE binary16 (any byte order: HDF5 swaps the bytes).
+bool is_ieee_half(hid_t type) {
+  if (H5Tget_class(type) != H5T_FLOAT || H5Tget_size(type) != 2 || H5Tget_precision(type) != 16 ||
+      H5Tget_offset(type) != 0 || H5Tget_ebias(type) != 15 || H5Tget_norm(type) != H5T_NORM_IMPLIED)
+    return false;
+  std::size_t spos = 0, epos = 0, esize = 0, mpos = 0, msize = 0;
+  if (H5Tget_fields(type, &spos, &epos, &esize, &mpos, &msize) < 0) return false;
+  return spos == 15 && epos == 10 && esize == 5 && mpos == 0 && msize == 10;
+}
+
+/// The HDF5 type a bank of `t` is stored as: little-endian IEEE float32 or binary16; bfloat16 as its
+/// 16-bit words (no tool knows a bfloat16 float type; the dataset's `dtype` attribute names it).
+Handle file_type(DType t) {
+  switch (t) {
+    case DType::float16: return half_type(H5T_ORDER_LE);
+    case DType::bfloat16: return Handle(H5Tcopy(H5T_STD_U16LE), H5Tclose);
+    case DType::float32: break;
+  }
+  return Handle(H5Tcopy(H5T_IEEE_F32LE), H5Tclose);
+}
+
+/// The type of the bank's elements in memory (native byte order). With the file type it makes a
+/// conversion-free transfer: the stored bits are the bank's bits, both ways.
+Handle memory_type(DType t) {
+  switch (t) {
+    case DType::float16: return half_type(H5Tget_order(H5T_NATIVE_UINT16));
+    case DType::bfloat16: return Handle(H5Tcopy(H5T_NATIVE_UINT16), H5Tclose);
+    case DType::float32: break;
+  }
+  return Handle(H5Tcopy(H5T_NATIVE_FLOAT), H5Tclose);
+}
+
+/// What an HDF5 type holds, in words, for messages ("float64", "16-bit unsigned integers").
+std::string type_description(hid_t type) {
+  const std::size_t size = H5Tget_size(type);
+  switch (H5Tget_class(type)) {
+    case H5T_FLOAT:
+      if (is_ieee_half(type)) return "float16";
+      if (size == 4 || size == 8) return fmt::format("float{}", 8 * size);
+      return fmt::format("a {}-byte float type", size);
+    case H5T_INTEGER:
+      return fmt::format("{}-bit {}signed integers", 8 * size, H5Tget_sign(type) == H5T_SGN_NONE ? "un" : "");
+    default: return "a non-numeric type";
+  }
+}
 
 // ---- attributes -------------------------------------------------------------------------------
 
@@ -157,13 +229,15 @@ class AttrReader {
 
 // ---- datasets ---------------------------------------------------------------------------------
 
-index_t rows_per_chunk(index_t dim, index_t n) {
-  return std::max<index_t>(1, std::min(n, kChunkBytes / (dim * 4)));
+/// Whole rows of `elem_bytes`-byte elements in about kChunkBytes.
+index_t rows_per_chunk(index_t dim, index_t n, index_t elem_bytes = 4) {
+  return std::max<index_t>(1, std::min(n, kChunkBytes / (dim * elem_bytes)));
 }
 
-/// Create a chunked, checksummed dataset of shape (n) or (n, dim).
+/// Create a chunked, checksummed dataset of shape (n) or (n, dim) in the file `path` (for messages);
+/// `name` may be a path: its missing groups are created.
 Handle create_dataset(hid_t file, const char* name, hid_t type, index_t n, index_t dim, index_t chunk_rows,
-                      int deflate) {
+                      int deflate, const std::string& path) {
   const hsize_t dims[2] = {static_cast<hsize_t>(n), static_cast<hsize_t>(dim)};
   const int rank = dim > 0 ? 2 : 1;
   Handle space(H5Screate_simple(rank, dims, nullptr), H5Sclose);
@@ -175,8 +249,10 @@ Handle create_dataset(hid_t file, const char* name, hid_t type, index_t n, index
     H5Pset_deflate(dcpl.get(), static_cast<unsigned>(deflate));
   }
   H5Pset_fletcher32(dcpl.get());
-  Handle ds(H5Dcreate2(file, name, type, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT), H5Dclose);
-  H5_CHECK(ds.get(), "cannot create dataset '{}'", name);
+  Handle lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+  H5Pset_create_intermediate_group(lcpl.get(), 1);
+  Handle ds(H5Dcreate2(file, name, type, space.get(), lcpl.get(), dcpl.get(), H5P_DEFAULT), H5Dclose);
+  H5_CHECK(ds.get(), "{}: cannot create dataset '{}'", path, name);
   return ds;
 }
 
@@ -242,6 +318,34 @@ Handle open_dataset(hid_t file, const char* name, const std::string& path) {
   return ds;
 }
 
+/// The bank type a 2-D dataset holds: float32, IEEE float16, or bfloat16 words (unsigned 16-bit
+/// integers that the dataset's string attribute `dtype` names "bfloat16"); nothing for any other
+/// type. `strict` (membank's own files): the attribute, when present, must be a string naming what
+/// the HDF5 type holds. Otherwise (another tool's file, whose `dtype` attribute may mean anything)
+/// the attribute only serves to recognise bfloat16 words.
+std::optional<DType> stored_dtype(hid_t ds, const std::string& path, const std::string& name, bool strict = true) {
+  const AttrReader attrs(ds, fmt::format("{}: dataset '{}'", path, name));
+  std::optional<std::string> named;
+  try {
+    if (attrs.has("dtype")) named = attrs.str("dtype");
+  } catch (const Error&) {
+    if (strict) throw;
+  }
+  Handle type(H5Dget_type(ds), H5Tclose);
+  std::optional<DType> got;
+  if (H5Tget_class(type.get()) == H5T_FLOAT && H5Tget_size(type.get()) == 4)
+    got = DType::float32;
+  else if (is_ieee_half(type.get()))
+    got = DType::float16;
+  else if (named == "bfloat16" && H5Tget_class(type.get()) == H5T_INTEGER && H5Tget_size(type.get()) == 2 &&
+           H5Tget_sign(type.get()) == H5T_SGN_NONE)
+    got = DType::bfloat16;
+  MEMBANK_CHECK(!strict || !named || (got && to_string(*got) == *named),
+                "{}: dataset '{}' has the attribute dtype = '{}' but holds {}", path, name, *named,
+                type_description(type.get()));
+  return got;
+}
+
 /// Every chunk of the dataset must be allocated: a file claiming more rows than it stores fails here,
 /// before anything of its claimed size is allocated.
 void check_storage(hid_t ds, index_t n, index_t chunk_rows, const std::string& path, const char* name) {
@@ -303,10 +407,13 @@ std::uint32_t fletcher32(const unsigned char* data, std::size_t bytes) {
 
 /// The bank dataset (fletcher32, no compression) written chunk by chunk with H5Dwrite_chunk: the
 /// checksums of a group of chunks are computed in parallel (HDF5's own filter is serial and byte-wise,
-/// a third of plain disk speed). Edge chunks are stored full-size, zero-padded, as HDF5 does.
+/// a third of plain disk speed). Edge chunks are stored full-size, zero-padded, as HDF5 does. The
+/// elements are copied as they are (any type: the file type is the memory type, little-endian).
 void write_bank_direct(hid_t ds, const Bank& bank, index_t chunk_rows, const std::string& path) {
   const index_t n = bank.size(), dim = bank.dim();
-  const std::size_t chunk_bytes = static_cast<std::size_t>(chunk_rows * dim) * sizeof(float);
+  const BankView view = bank.view();
+  const auto row_bytes = static_cast<std::size_t>(dim * dtype_bytes(bank.dtype()));
+  const std::size_t chunk_bytes = static_cast<std::size_t>(chunk_rows) * row_bytes;
   const index_t chunks = (n + chunk_rows - 1) / chunk_rows;
   constexpr index_t kGroup = 32;
   std::vector<std::vector<unsigned char>> bufs(static_cast<std::size_t>(std::min(kGroup, chunks)),
@@ -318,10 +425,9 @@ void write_bank_direct(hid_t ds, const Bank& bank, index_t chunk_rows, const std
       unsigned char* b = bufs[static_cast<std::size_t>(g)].data();
       const index_t r0 = (g0 + g) * chunk_rows, rows = std::min(chunk_rows, n - r0);
       for (index_t r = 0; r < rows; ++r)
-        std::memcpy(b + static_cast<std::size_t>(r * dim) * sizeof(float), bank.row(r0 + r),
-                    static_cast<std::size_t>(dim) * sizeof(float));
-      std::memset(b + static_cast<std::size_t>(rows * dim) * sizeof(float), 0,
-                  static_cast<std::size_t>((chunk_rows - rows) * dim) * sizeof(float));
+        std::memcpy(b + static_cast<std::size_t>(r) * row_bytes, view.row_data(r0 + r), row_bytes);
+      std::memset(b + static_cast<std::size_t>(rows) * row_bytes, 0,
+                  static_cast<std::size_t>(chunk_rows - rows) * row_bytes);
       const std::uint32_t sum = fletcher32(b, chunk_bytes);
       for (int i = 0; i < 4; ++i) b[chunk_bytes + static_cast<std::size_t>(i)] = static_cast<unsigned char>(sum >> (8 * i));
     }
@@ -420,6 +526,10 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   c.z_ema = a.f64("z_ema");
   c.normalize_features = a.i64("normalize_features") != 0;
   c.unit_norm_tolerance = a.f64("unit_norm_tolerance");
+  if (version >= 3) {  // earlier files hold float32 banks, which rounding does not affect
+    info.dtype = dtype_from_string(a.str("dtype"));
+    c.rounding = rounding_from_string(a.str("rounding"));
+  }
   if (version >= 2) {  // version 1 files predate these: the defaults reproduce them
     c.tau_plus = a.f64("tau_plus");
     c.beta = a.f64("beta");
@@ -446,7 +556,14 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   Handle bank = open_dataset(file, "bank", path);
   const DatasetShape bs = shape_of(bank.get());
   MEMBANK_CHECK(bs.rank == 2, "{}: dataset 'bank' has rank {}: expected 2 (N, D)", path, bs.rank);
-  MEMBANK_CHECK(bs.cls == H5T_FLOAT && bs.elem_size == 4, "{}: dataset 'bank' is not float32", path);
+  const std::optional<DType> stored = stored_dtype(bank.get(), path, "bank");
+  if (stored != info.dtype) {
+    Handle type(H5Dget_type(bank.get()), H5Tclose);
+    MEMBANK_THROW("{}: dataset 'bank' holds {}: expected {}{}", path, type_description(type.get()),
+                  to_string(info.dtype),
+                  info.dtype == DType::bfloat16 ? " words (16-bit unsigned integers with the attribute dtype = "
+                                                  "'bfloat16')" : "");
+  }
   MEMBANK_CHECK(bs.dims[0] == static_cast<hsize_t>(info.n) && bs.dims[1] == static_cast<hsize_t>(info.dim),
                 "{}: dataset 'bank' is {} x {} but the attributes say n = {}, dim = {}", path, bs.dims[0], bs.dims[1],
                 info.n, info.dim);
@@ -493,45 +610,65 @@ std::vector<T> read_vector(hid_t file, const char* name, index_t n, hid_t memtyp
 
 Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
   Handle ds = open_dataset(file, "bank", path);
-  // Read chunk-aligned blocks straight into the bank's rows (memory hyperslab over the stride).
+  // Read chunk-aligned blocks straight into the bank's rows (memory hyperslab over the stride), in
+  // the bank's own type: a 2-byte bank gets the stored bits as they are.
   const index_t block = info.rows_per_chunk;
+  const Handle mtype = memory_type(info.dtype);
+  const double tolerance = unit_tolerance(info.dtype);
   index_t renormalised = 0;
   std::optional<Bank> loaded;
+  const auto read_block = [&](index_t r0, index_t rows, void* dst, index_t stride) {
+    const RowSelection sel = select_rows(ds.get(), r0, rows, info.dim, stride);
+    H5_CHECK(H5Dread(ds.get(), mtype.get(), sel.memory.get(), sel.file.get(), H5P_DEFAULT, dst),
+             "{}: dataset 'bank' rows {}..{} cannot be read (truncated file or checksum mismatch)", path, r0,
+             r0 + rows);
+  };
   try {
-  loaded = Bank::from_blocks(
-      info.n, info.dim, block,
-      [&](index_t r0, index_t rows, float* dst, index_t stride) {
-        const RowSelection sel = select_rows(ds.get(), r0, rows, info.dim, stride);
-        H5_CHECK(H5Dread(ds.get(), H5T_NATIVE_FLOAT, sel.memory.get(), sel.file.get(), H5P_DEFAULT, dst),
-                 "{}: dataset 'bank' rows {}..{} cannot be read (truncated file or checksum mismatch)", path, r0,
-                 r0 + rows);
-      },
-      kUnitTolerance, &renormalised);
+    if (info.dtype == DType::float32)
+      loaded = Bank::from_blocks(
+          info.n, info.dim, block,
+          [&](index_t r0, index_t rows, float* dst, index_t stride) { read_block(r0, rows, dst, stride); }, tolerance,
+          &renormalised);
+    else
+      loaded = Bank::from_raw_blocks(
+          info.n, info.dim, info.dtype, block,
+          [&](index_t r0, index_t rows, std::uint16_t* dst, index_t stride) { read_block(r0, rows, dst, stride); },
+          tolerance, &renormalised);
   } catch (const Error& e) {
     if (std::string(e.what()).find(path) != std::string::npos) throw;
     MEMBANK_THROW("{}: dataset 'bank': {}", path, e.what());
   }
   Bank bank = std::move(*loaded);
-  MEMBANK_CHECK(renormalised == 0, "{}: {} bank rows are not unit norm (|norm - 1| > {}): the snapshot is corrupt",
-                path, renormalised, kUnitTolerance);
+  MEMBANK_CHECK(renormalised == 0, "{}: {} {} bank rows are not unit norm (|norm - 1| > {}): the snapshot is "
+                "corrupt", path, renormalised, to_string(info.dtype), tolerance);
   return bank;
 }
 
-/// Throws Error naming the first bank row that is not finite and unit norm within kUnitTolerance.
+/// The norm of row i, widened to fp32 (exact) into `buf` (dim floats), summed in double.
+double row_norm(const BankView& v, index_t i, float* buf) {
+  v.widen_rows(i, 1, buf, v.dim);
+  double sq = 0.0;
+  for (index_t c = 0; c < v.dim; ++c) sq += static_cast<double>(buf[c]) * buf[c];
+  return std::sqrt(sq);
+}
+
+/// Throws Error naming the first bank row that is not finite and unit norm within the tolerance of
+/// the bank's type (unit_tolerance).
 void check_unit_rows(const Bank& bank, const std::string& path) {
   const BankView v = bank.view();
+  const double tolerance = unit_tolerance(v.dtype);
   index_t first_bad = v.rows;
-#pragma omp parallel for schedule(static) reduction(min : first_bad)
-  for (index_t i = 0; i < v.rows; ++i) {
-    double sq = 0.0;
-    for (index_t c = 0; c < v.dim; ++c) sq += static_cast<double>(v.row(i)[c]) * v.row(i)[c];
-    if (!(std::abs(std::sqrt(sq) - 1.0) <= kUnitTolerance)) first_bad = std::min(first_bad, i);
+#pragma omp parallel reduction(min : first_bad)
+  {
+    std::vector<float> buf(static_cast<std::size_t>(v.dim));
+#pragma omp for schedule(static)
+    for (index_t i = 0; i < v.rows; ++i)
+      if (!(std::abs(row_norm(v, i, buf.data()) - 1.0) <= tolerance)) first_bad = std::min(first_bad, i);
   }
   if (first_bad == v.rows) return;
-  double sq = 0.0;
-  for (index_t c = 0; c < v.dim; ++c) sq += static_cast<double>(v.row(first_bad)[c]) * v.row(first_bad)[c];
-  MEMBANK_THROW("{}: bank row {} has norm {}: expected 1 within {} (the bank in memory is corrupt); nothing was "
-                "written", path, first_bad, std::sqrt(sq), kUnitTolerance);
+  std::vector<float> buf(static_cast<std::size_t>(v.dim));
+  MEMBANK_THROW("{}: {} bank row {} has norm {}: expected 1 within {} (the bank in memory is corrupt); nothing was "
+                "written", path, to_string(v.dtype), first_bad, row_norm(v, first_bad, buf.data()), tolerance);
 }
 
 // ---- temporaries ----------------------------------------------------------------------------------
@@ -658,18 +795,21 @@ std::vector<std::string> verify_snapshot(const std::string& path) {
   return {};
 }
 
-std::uint64_t snapshot_size_estimate(index_t n, index_t dim) {
+std::uint64_t snapshot_size_estimate(index_t n, index_t dim, DType dtype) {
   MEMBANK_CHECK(n >= 1 && dim >= 1, "n = {}, dim = {}: expected n, dim >= 1", n, dim);
   // the bank, last_update + sampler weights + labels (8 bytes each a row), 1 MiB of metadata slack
-  const auto bank =
-      static_cast<std::uint64_t>(mul_no_overflow(mul_no_overflow(n, dim, "snapshot size"), 4, "snapshot size"));
+  const auto bank = static_cast<std::uint64_t>(
+      mul_no_overflow(mul_no_overflow(n, dim, "snapshot size"), dtype_bytes(dtype), "snapshot size"));
   return bank + 24 * static_cast<std::uint64_t>(n) + (std::uint64_t{1} << 20);
 }
 
-void check_snapshot_destination(const std::string& path, index_t n, index_t dim) {
+namespace {
+
+/// check_snapshot_destination for a file of about `need` bytes; `what` names it in messages.
+void check_destination(const std::string& path, double need, const char* what) {
   namespace fs = std::filesystem;
   std::error_code ec;
-  MEMBANK_CHECK(!path.empty(), "snapshot path is empty");
+  MEMBANK_CHECK(!path.empty(), "{} path is empty", what);
   const fs::path dest = fs::absolute(path, ec);
   MEMBANK_CHECK(!ec, "{}: {}", path, ec.message());
   const fs::path dir = dest.parent_path();
@@ -677,36 +817,29 @@ void check_snapshot_destination(const std::string& path, index_t n, index_t dim)
   MEMBANK_CHECK(!fs::is_directory(dest, ec), "{}: is a directory", path);
   MEMBANK_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, "{}: directory {} is not writable", path, dir.string());
   // Refuse up front a save that cannot fit (free space, RLIMIT_FSIZE), before any work.
-  const double need = static_cast<double>(snapshot_size_estimate(n, dim));
   struct statvfs vfs {};
   if (::statvfs(dir.c_str(), &vfs) == 0) {
     const double avail = static_cast<double>(vfs.f_bavail) * static_cast<double>(vfs.f_frsize);
     if (avail < need)
-      throw ResourceError(fmt::format("membank: {}: {:.1f} MB free in {}: the snapshot needs about {:.1f} MB", path,
-                                      avail * 1e-6, dir.string(), need * 1e-6));
+      throw ResourceError(fmt::format("membank: {}: {:.1f} MB free in {}: the {} needs about {:.1f} MB", path,
+                                      avail * 1e-6, dir.string(), what, need * 1e-6));
   }
   struct rlimit rl {};
   if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && static_cast<double>(rl.rlim_cur) < need)
-    throw ResourceError(fmt::format("membank: {}: the file-size limit (RLIMIT_FSIZE) is {} bytes: the snapshot needs "
-                                    "about {:.0f}", path, static_cast<unsigned long long>(rl.rlim_cur), need));
+    throw ResourceError(fmt::format("membank: {}: the file-size limit (RLIMIT_FSIZE) is {} bytes: the {} needs "
+                                    "about {:.0f}", path, static_cast<unsigned long long>(rl.rlim_cur), what, need));
 }
 
-void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options,
-                   std::span<const std::int64_t> labels) {
-  quiet_hdf5();
-  if (labels.empty()) labels = engine.labels();  // the engine's own, if it holds any
-  const Bank& bank = engine.bank();
-  const index_t n = bank.size(), dim = bank.dim();
-  MEMBANK_CHECK(options.deflate_level >= 0 && options.deflate_level <= 9, "deflate_level = {}: expected 0..9",
-                options.deflate_level);
-  MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == n, "labels has {} entries: expected N = {}",
-                labels.size(), n);
+/// Writes a new HDF5 file at `path` the crash-safe way: `write` fills a temporary in the destination's
+/// directory (its root group and name given), which is closed, reopened and checked by `validate`,
+/// fsynced, renamed over the destination, and the directory fsynced: a writer killed at any moment
+/// leaves the previous file as it was. On any failure the temporary is removed and the destination
+/// is untouched.
+void write_atomically(const std::string& path, const std::function<void(hid_t, const std::string&)>& write,
+                      const std::function<void(hid_t, const std::string&)>& validate) {
   namespace fs = std::filesystem;
   const fs::path dest = fs::absolute(path);
   const fs::path dir = dest.parent_path();
-  check_snapshot_destination(path, n, dim);
-  // What load refuses is never written: every row finite and unit norm, checked before any file exists.
-  check_unit_rows(bank, path);
   remove_stale_temporaries(dir);
   const fs::path tmp = dir / temp_name(dest.filename().string());
 
@@ -728,65 +861,9 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
     H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_LATEST);
     Handle f(H5Fcreate(tmp.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), H5Fclose);
     H5_CHECK(f.get(), "{}: cannot create the temporary file {}", path, tmp.string());
-    const hid_t root = f.get();
     try {
-      const EngineConfig& c = engine.config();
-      write_attr(root, "format", std::string(kFormat));
-      write_attr(root, "format_version", std::int64_t{kFormatVersion});
-      write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
-      write_attr(root, "n", n);
-      write_attr(root, "dim", dim);
-      write_attr(root, "step", engine.steps_done());
-      write_attr_u(root, "seed", c.seed);
-      write_attr(root, "k", c.k);
-      write_attr(root, "tau", c.tau);
-      write_attr(root, "momentum", c.momentum);
-      write_attr(root, "objective", to_string(c.objective));
-      write_attr(root, "negatives", to_string(c.negatives));
-      write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
-      write_attr(root, "z_policy", to_string(c.z_policy));
-      write_attr(root, "z_fixed", c.z_fixed);
-      write_attr(root, "z_ema", c.z_ema);
-      write_attr(root, "z_initialised", std::int64_t{engine.partition().initialised});
-      write_attr(root, "log_z", engine.partition().log_z);
-      write_attr(root, "sampler", to_string(engine.sampler().kind()));
-      write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
-      write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
-      write_attr(root, "tau_plus", c.tau_plus);
-      write_attr(root, "beta", c.beta);
-      write_attr(root, "detach_weights", std::int64_t{c.detach_weights});
-      write_attr(root, "kernel_t", c.kernel_t);
-      write_attr(root, "gamma", c.gamma);
-      write_attr(root, "margin", c.effective_margin());
-      write_attr(root, "exclude_same_label", std::int64_t{c.exclude_same_label});
-
-      const index_t chunk = rows_per_chunk(dim, n);
-      {
-        Handle ds = create_dataset(root, "bank", H5T_IEEE_F32LE, n, dim, chunk, options.deflate_level);
-        if (options.deflate_level == 0) {
-          write_bank_direct(ds.get(), bank, chunk, path);
-        } else {
-        // Whole chunks at a time, straight from the bank's rows (a memory hyperslab skips the padding).
-        const index_t block = chunk * std::max<index_t>(1, 64 / std::max<index_t>(1, chunk * dim * 4 >> 20));
-        for (index_t r0 = 0; r0 < n; r0 += block) {
-          const index_t rows = std::min(block, n - r0);
-          const RowSelection sel = select_rows(ds.get(), r0, rows, dim, bank.stride());
-          H5_CHECK(H5Dwrite(ds.get(), H5T_NATIVE_FLOAT, sel.memory.get(), sel.file.get(), H5P_DEFAULT, bank.row(r0)),
-                   "{}: cannot write bank rows {}..{}", path, r0, r0 + rows);
-        }
-        }
-      }
-      const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
-      const auto write_vector = [&](const char* name, hid_t ftype, hid_t mtype, const void* data) {
-        Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, options.deflate_level);
-        write_rows(ds.get(), mtype, 0, n, 0, data);
-      };
-      write_vector("last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data());
-      if (engine.sampler().kind() == SamplerKind::alias)
-        write_vector("sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
-                     dynamic_cast<const AliasSampler&>(engine.sampler()).weights().data());
-      if (!labels.empty()) write_vector("labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data());
-      H5_CHECK(H5Fflush(root, H5F_SCOPE_GLOBAL), "{}: cannot flush {}", path, tmp.string());
+      write(f.get(), tmp.string());
+      H5_CHECK(H5Fflush(f.get(), H5F_SCOPE_GLOBAL), "{}: cannot flush {}", path, tmp.string());
     } catch (...) {
       close_failed_file(f.release());
       throw;
@@ -799,7 +876,7 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
   // Validate what is on disk before it replaces anything.
   {
     Handle f = open_file(tmp.string());
-    read_info(f.get(), tmp.string());
+    validate(f.get(), tmp.string());
   }
   fsync_path(tmp.string(), false);
   MEMBANK_CHECK(std::rename(tmp.c_str(), dest.c_str()) == 0, "{}: cannot rename {} over it: {}", path, tmp.string(),
@@ -808,13 +885,144 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
   fsync_path(dir.string(), true);
 }
 
-Bank import_bank(const std::string& path, const std::string& dataset, index_t* renormalised) {
+/// Writes the (n, dim) dataset `name` holding the bank's rows as they are (its own type; the
+/// dataset's `dtype` attribute names it): without compression chunk by chunk with H5Dwrite_chunk
+/// (write_bank_direct), else whole chunks at a time straight from the bank's rows (a memory
+/// hyperslab skips the padding).
+void write_bank_dataset(hid_t root, const char* name, const Bank& bank, int deflate, const std::string& path) {
+  const index_t n = bank.size(), dim = bank.dim();
+  const DType t = bank.dtype();
+  const index_t chunk = rows_per_chunk(dim, n, dtype_bytes(t));
+  const Handle ftype = file_type(t), mtype = memory_type(t);
+  Handle ds = create_dataset(root, name, ftype.get(), n, dim, chunk, deflate, path);
+  write_attr(ds.get(), "dtype", to_string(t));
+  if (deflate == 0) {
+    write_bank_direct(ds.get(), bank, chunk, path);
+    return;
+  }
+  const index_t block = chunk * std::max<index_t>(1, 64 / std::max<index_t>(1, chunk * dim * dtype_bytes(t) >> 20));
+  for (index_t r0 = 0; r0 < n; r0 += block) {
+    const index_t rows = std::min(block, n - r0);
+    const RowSelection sel = select_rows(ds.get(), r0, rows, dim, bank.stride());
+    H5_CHECK(H5Dwrite(ds.get(), mtype.get(), sel.memory.get(), sel.file.get(), H5P_DEFAULT, bank.view().row_data(r0)),
+             "{}: cannot write {} rows {}..{}", path, name, r0, r0 + rows);
+  }
+}
+
+}  // namespace
+
+void check_snapshot_destination(const std::string& path, index_t n, index_t dim, DType dtype) {
+  check_destination(path, static_cast<double>(snapshot_size_estimate(n, dim, dtype)), "snapshot");
+}
+
+void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options,
+                   std::span<const std::int64_t> labels) {
+  quiet_hdf5();
+  if (labels.empty()) labels = engine.labels();  // the engine's own, if it holds any
+  const Bank& bank = engine.bank();
+  const index_t n = bank.size(), dim = bank.dim();
+  MEMBANK_CHECK(options.deflate_level >= 0 && options.deflate_level <= 9, "deflate_level = {}: expected 0..9",
+                options.deflate_level);
+  MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == n, "labels has {} entries: expected N = {}",
+                labels.size(), n);
+  check_snapshot_destination(path, n, dim, bank.dtype());
+  // What load refuses is never written: every row finite and unit norm, checked before any file exists.
+  check_unit_rows(bank, path);
+  write_atomically(
+      path,
+      [&](hid_t root, const std::string&) {
+        const EngineConfig& c = engine.config();
+        write_attr(root, "format", std::string(kFormat));
+        write_attr(root, "format_version", std::int64_t{kFormatVersion});
+        write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
+        write_attr(root, "n", n);
+        write_attr(root, "dim", dim);
+        write_attr(root, "step", engine.steps_done());
+        write_attr_u(root, "seed", c.seed);
+        write_attr(root, "k", c.k);
+        write_attr(root, "tau", c.tau);
+        write_attr(root, "momentum", c.momentum);
+        write_attr(root, "objective", to_string(c.objective));
+        write_attr(root, "negatives", to_string(c.negatives));
+        write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
+        write_attr(root, "z_policy", to_string(c.z_policy));
+        write_attr(root, "z_fixed", c.z_fixed);
+        write_attr(root, "z_ema", c.z_ema);
+        write_attr(root, "z_initialised", std::int64_t{engine.partition().initialised});
+        write_attr(root, "log_z", engine.partition().log_z);
+        write_attr(root, "sampler", to_string(engine.sampler().kind()));
+        write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
+        write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
+        write_attr(root, "tau_plus", c.tau_plus);
+        write_attr(root, "beta", c.beta);
+        write_attr(root, "detach_weights", std::int64_t{c.detach_weights});
+        write_attr(root, "kernel_t", c.kernel_t);
+        write_attr(root, "gamma", c.gamma);
+        write_attr(root, "margin", c.effective_margin());
+        write_attr(root, "exclude_same_label", std::int64_t{c.exclude_same_label});
+        write_attr(root, "dtype", to_string(bank.dtype()));
+        write_attr(root, "rounding", to_string(c.rounding));
+
+        write_bank_dataset(root, "bank", bank, options.deflate_level, path);
+        const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
+        const auto write_vector = [&](const char* name, hid_t ftype, hid_t mtype, const void* data) {
+          Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, options.deflate_level, path);
+          write_rows(ds.get(), mtype, 0, n, 0, data);
+        };
+        write_vector("last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data());
+        if (engine.sampler().kind() == SamplerKind::alias)
+          write_vector("sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
+                       dynamic_cast<const AliasSampler&>(engine.sampler()).weights().data());
+        if (!labels.empty()) write_vector("labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data());
+      },
+      [](hid_t f, const std::string& tmp) { read_info(f, tmp); });
+}
+
+void export_bank(const std::string& path, const Bank& bank, DType dtype, const std::string& dataset) {
+  quiet_hdf5();
+  MEMBANK_CHECK(!dataset.empty() && dataset.back() != '/' && dataset.find("//") == std::string::npos &&
+                    dataset != "." && dataset.find('\0') == std::string::npos,
+                "{}: dataset name '{}': expected a path of one or more names, like 'bank' or 'features/train'", path,
+                dataset);
+  const index_t n = bank.size(), dim = bank.dim();
+  check_destination(path, static_cast<double>(snapshot_size_estimate(n, dim, dtype)), "export");
+  // The rows in the requested type: the bank itself when it is already of that type, else a
+  // converted copy (widened exactly, or rounded to nearest), converted one block of rows at a time.
+  std::optional<Bank> converted;
+  if (dtype != bank.dtype()) {
+    const BankView v = bank.view();
+    converted = Bank::from_blocks(
+        n, dim, rows_per_chunk(dim, n),
+        [&](index_t r0, index_t rows, float* dst, index_t stride) { v.widen_rows(r0, rows, dst, stride); },
+        // no row is renormalised: the widened rows are what is exported
+        std::numeric_limits<double>::infinity(), nullptr, dtype);
+  }
+  const Bank& rows = converted ? *converted : bank;
+  write_atomically(
+      path, [&](hid_t root, const std::string&) { write_bank_dataset(root, dataset.c_str(), rows, 0, path); },
+      [&](hid_t f, const std::string& tmp) {
+        Handle ds = open_dataset(f, dataset.c_str(), tmp);
+        const DatasetShape s = shape_of(ds.get());
+        MEMBANK_CHECK(s.rank == 2 && s.dims[0] == static_cast<hsize_t>(n) && s.dims[1] == static_cast<hsize_t>(dim) &&
+                          stored_dtype(ds.get(), tmp, dataset) == dtype,
+                      "{}: dataset '{}' does not read back as {} x {} {}", tmp, dataset, n, dim, to_string(dtype));
+        check_storage(ds.get(), n, chunk_rows_of(ds.get()), tmp, dataset.c_str());
+      });
+}
+
+Bank import_bank(const std::string& path, const std::string& dataset, index_t* renormalised, DType dtype) {
   Handle f = open_file(path);
   Handle ds = open_dataset(f.get(), dataset.c_str(), path);
   const DatasetShape s = shape_of(ds.get());
   MEMBANK_CHECK(s.rank == 2, "{}: dataset '{}' has rank {}: expected 2 (N, D)", path, dataset, s.rank);
-  MEMBANK_CHECK(s.cls == H5T_FLOAT && (s.elem_size == 4 || s.elem_size == 8),
-                "{}: dataset '{}' is not float32 or float64", path, dataset);
+  // Floats of any width HDF5 converts to double exactly (float16, float32, float64), or bfloat16 words.
+  const bool bf16 = stored_dtype(ds.get(), path, dataset, false) == DType::bfloat16;
+  if (!bf16) {
+    Handle type(H5Dget_type(ds.get()), H5Tclose);
+    MEMBANK_CHECK(s.cls == H5T_FLOAT && (s.elem_size == 2 || s.elem_size == 4 || s.elem_size == 8),
+                  "{}: dataset '{}' holds {}: expected float16, float32, float64, or bfloat16 words (16-bit unsigned "
+                  "integers with the attribute dtype = 'bfloat16')", path, dataset, type_description(type.get()));
+  }
   const auto n = static_cast<index_t>(s.dims[0]), dim = static_cast<index_t>(s.dims[1]);
   MEMBANK_CHECK(n >= 1 && dim >= 1, "{}: dataset '{}' is {} x {}: expected N, D >= 1", path, dataset, n, dim);
   const index_t chunk = chunk_rows_of(ds.get());
@@ -838,12 +1046,19 @@ Bank import_bank(const std::string& path, const std::string& dataset, index_t* r
                 H5Dget_storage_size(ds.get()), bytes, n, dim);
   const index_t block = rows_per_chunk(dim, n);
   std::vector<double> tmp;
+  std::vector<std::uint16_t> words;
   try {
   return Bank::from_blocks(
       n, dim, block,
       [&](index_t r0, index_t rows, float* dst, index_t stride) {
         tmp.resize(static_cast<std::size_t>(rows * dim));
-        read_rows(ds.get(), H5T_NATIVE_DOUBLE, r0, rows, dim, tmp.data(), path, dataset.c_str());
+        if (bf16) {  // the words widened: exact
+          words.resize(tmp.size());
+          read_rows(ds.get(), H5T_NATIVE_UINT16, r0, rows, dim, words.data(), path, dataset.c_str());
+          for (std::size_t i = 0; i < words.size(); ++i) tmp[i] = detail::widen(detail::bf16{words[i]});
+        } else {
+          read_rows(ds.get(), H5T_NATIVE_DOUBLE, r0, rows, dim, tmp.data(), path, dataset.c_str());
+        }
         for (index_t r = 0; r < rows; ++r)
           for (index_t c = 0; c < dim; ++c) {
             const double x = tmp[static_cast<std::size_t>(r * dim + c)];
@@ -852,7 +1067,7 @@ Bank import_bank(const std::string& path, const std::string& dataset, index_t* r
             dst[r * stride + c] = static_cast<float>(x);
           }
       },
-      1e-5, renormalised);
+      1e-5, renormalised, dtype);
   } catch (const Error& e) {
     if (std::string(e.what()).find(path) != std::string::npos) throw;
     MEMBANK_THROW("{}: dataset '{}': {}", path, dataset, e.what());

@@ -429,7 +429,7 @@ void run_train(const TrainOptions& o) {
   // The outputs, before any training: directory, permissions, room for the snapshot of this bank.
   if (!o.snapshot.empty() && !o.compare) {
     try {
-      check_snapshot_destination(o.snapshot, d.train.images.rows(), o.dim);
+      check_snapshot_destination(o.snapshot, d.train.images.rows(), o.dim, dtype_from_string(o.bank_dtype));
     } catch (const ResourceError& e) {
       throw ResourceError("--snapshot: " + user_message(e.what()));
     } catch (const Error& e) {

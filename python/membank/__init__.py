@@ -1,9 +1,10 @@
 """membank: memory-bank instance discrimination (Wu et al., CVPR 2018) from Python.
 
-The C++ engine keeps one unit-norm float32 row per training instance (the bank), draws K noise
-negatives per query, computes the NCE (or InfoNCE, or exact full-softmax) loss and its gradient in
-one fused pass, and refreshes the bank rows of the batch by momentum. Your training loop owns the
-encoder; the engine owns the bank, the sampling and the loss.
+The C++ engine keeps one unit-norm row per training instance (the bank: float32, or float16 /
+bfloat16 with ``Bank(..., dtype=)``), draws K noise negatives per query, computes the NCE (or
+InfoNCE, or exact full-softmax) loss and its gradient in one fused pass, and refreshes the bank rows
+of the batch by momentum. Your training loop owns the encoder; the engine owns the bank, the sampling
+and the loss.
 
     import numpy as np, membank
     engine = membank.Engine(membank.Bank(n, 128, seed=0), k=4096, tau=0.07, momentum=0.5)

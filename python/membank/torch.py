@@ -191,11 +191,30 @@ def _keep_read_only(ret, protected, cls):
 
 
 def _bank_tensor(engine) -> torch.Tensor:
-    """The engine's bank as a (N, D) float32 tensor, no copy, read-only (ReadOnlyBank): writing to it
-    would break the unit-norm invariant, only the engine's momentum update writes rows."""
+    """The engine's bank as a (N, D) tensor of its stored type (torch.float32, float16 or bfloat16), no
+    copy, read-only (ReadOnlyBank): writing to it would break the unit-norm invariant, only the engine's
+    momentum update writes rows."""
+    view = engine.bank.view()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(engine.bank.view()).as_subclass(ReadOnlyBank)
+        if engine.dtype == "bfloat16":
+            # numpy has no bfloat16 (the view holds the raw uint16 words) and torch 1.13 no uint16: the
+            # same bits go in as int16 and are reinterpreted in place (same element size, same strides).
+            t = torch.from_numpy(view.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(view)  # float32, or float16 (numpy's float16 is the bank's binary16)
+        return t.as_subclass(ReadOnlyBank)
+
+
+_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _dtype_name(dtype) -> str:
+    """A bank dtype= value (a name, np.float32 / np.float16, or torch.float32 / float16 / bfloat16) as the
+    engine's name; membank.Error naming the value otherwise."""
+    if isinstance(dtype, torch.dtype) and dtype in _TORCH_DTYPES:
+        return _TORCH_DTYPES[dtype]
+    return _membank._dtype_name(dtype)
 
 
 class MemoryBankLoss(nn.Module):
@@ -209,20 +228,34 @@ class MemoryBankLoss(nn.Module):
     unit_norm_tolerance, tau_plus, beta, detach_weights, kernel_t, gamma, margin,
     exclude_same_label, labels -- an int64 (N,) array, needed by supcon, contrastive, triplet). bank / sampler: a membank.Bank (e.g. from
     Bank.from_array) and a noise sampler, instead of the default random bank and uniform noise.
+    dtype: how the bank stores its rows -- "float32" (None: float32, or the given bank's type),
+    "float16" or "bfloat16" (also torch.float16 / torch.bfloat16); ``memory`` is then a tensor of
+    that type. rounding: "nearest" (None: nearest, or the given engine's) or "stochastic", how
+    refreshed rows of a 2-byte bank are rounded. A dtype / rounding that contradicts the bank or
+    engine passed raises membank.Error.
     """
 
     def __init__(self, n: int, dim: int, k: int = 4096, tau: float = 0.07, momentum: float = 0.5,
                  z: Optional[float] = None, *, objective: str = "nce", seed: int = 0, bank=None, sampler=None,
-                 engine=None, **engine_options):
+                 engine=None, dtype=None, rounding: Optional[str] = None, **engine_options):
         super().__init__()
+        name = None if dtype is None else _dtype_name(dtype)
+        given = engine.dtype if engine is not None else bank.dtype if bank is not None else None
+        if name is not None and given is not None and name != given:
+            raise _membank.Error(f"dtype = {name}: the {'engine' if engine is not None else 'bank'} passed holds "
+                                 f"{given} rows: drop dtype= or pass a bank of that dtype")
+        if engine is not None and rounding is not None and rounding != engine.config["rounding"]:
+            raise _membank.Error(f"rounding = {rounding!r}: the engine passed rounds {engine.config['rounding']}: "
+                                 "drop rounding=")
         if engine is None:
             if bank is None:
-                bank = _membank.Bank(int(n), int(dim), seed=int(seed))
+                bank = _membank.Bank(int(n), int(dim), seed=int(seed), dtype=name or "float32")
             if z is not None and z > 0:
                 engine_options.setdefault("z_policy", "fixed")
                 engine_options.setdefault("z_fixed", float(z))
             engine = _membank.Engine(bank, sampler, k=int(k), tau=float(tau), momentum=float(momentum),
-                                     objective=objective, seed=int(seed), **engine_options)
+                                     objective=objective, seed=int(seed),
+                                     rounding="nearest" if rounding is None else rounding, **engine_options)
         self.engine = engine
         self.last_stats = None
 
@@ -238,14 +271,21 @@ class MemoryBankLoss(nn.Module):
 
     @property
     def memory(self) -> torch.Tensor:
-        """The bank as a (N, D) tensor (zero-copy, live: it shows every later update). Read-only like
-        bank.view(): a write into it raises membank.Error (ReadOnlyBank); .clone() for a writable copy."""
+        """The bank as a (N, D) tensor of its stored type -- torch.float32, float16 or bfloat16 -- (zero-copy,
+        live: it shows every later update). Read-only like bank.view(): a write into it raises membank.Error
+        (ReadOnlyBank); .clone() for a writable copy, .float() for a float32 one."""
         return _bank_tensor(self.engine)
 
     @property
     def Z(self) -> float:
         """Z of the NCE partition estimate (NaN until the first training step sets it)."""
         return self.engine.z
+
+    def prefetch(self, next_ids) -> bool:
+        """Announce the ids of the next forward() (call it as soon as the data loader yields the batch,
+        before the encoder runs): the engine draws that step's negatives on a background thread
+        meanwhile. Results are unchanged; last_stats.prefetched says whether the step used them."""
+        return self.engine.prefetch(_ids(next_ids) if isinstance(next_ids, torch.Tensor) else next_ids)
 
     def forward(self, features: torch.Tensor, ids: torch.Tensor, negatives=None) -> torch.Tensor:
         update = torch.is_grad_enabled() and features.requires_grad
@@ -256,8 +296,8 @@ class MemoryBankLoss(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.engine.config
-        return (f"n={self.engine.bank.n}, dim={self.engine.bank.dim}, k={c['k']}, tau={c['tau']}, "
-                f"momentum={c['momentum']}, objective={c['objective']}, negatives={c['negatives']}")
+        return (f"n={self.engine.bank.n}, dim={self.engine.bank.dim}, dtype={self.engine.dtype}, k={c['k']}, "
+                f"tau={c['tau']}, momentum={c['momentum']}, objective={c['objective']}, negatives={c['negatives']}")
 
 
 class NCEAverage(MemoryBankLoss):

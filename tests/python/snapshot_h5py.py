@@ -4,9 +4,10 @@ usage: snapshot_h5py.py read|import SNAPSHOT_WRITER WORKDIR
 
 read:   the engine writes snapshots (snapshot_writer write: uniform and alias samplers, deflate 0 and 4,
         labels, the bank also dumped raw); h5py reads them and checks the layout the format promises
-        (bank (N, D) float32 chunked by whole rows, fletcher32 on every dataset, attributes) and the
-        values (bank and last_update equal the engine's bit for bit, unit rows, labels). Reading a
-        whole dataset through h5py also checks the engine's own fletcher32 checksums with HDF5's filter.
+        (bank (N, D) float32 chunked by whole rows, fletcher32 on every dataset, attributes, the dtype
+        float32 named at the root and on the bank) and the values (bank and last_update equal the
+        engine's bit for bit, unit rows, labels). Reading a whole dataset through h5py also checks the
+        engine's own fletcher32 checksums with HDF5's filter.
 import: h5py writes plain (N, D) float64 and float32 datasets, not unit norm, contiguous and chunked
         the way h5py chunks (column blocks, gzip); snapshot_writer import runs import_bank on each and
         saves the result; h5py checks the rows equal numpy's normalised rows to 1e-6, the reported
@@ -53,7 +54,7 @@ def run_read():
         with h5py.File(snap, "r") as f:
             a = f.attrs
             check(text(a["format"]) == "membank-snapshot", f"{tag}: format attribute {a['format']!r}")
-            check(int(a["format_version"]) == 2, f"{tag}: format_version {a['format_version']}")
+            check(int(a["format_version"]) == 3, f"{tag}: format_version {a['format_version']}")
             check(len(text(a["engine_version"])) > 0, f"{tag}: engine_version")
             check(int(a["n"]) == n and int(a["dim"]) == d, f"{tag}: n, dim = {a['n']}, {a['dim']}")
             check(int(a["step"]) == steps, f"{tag}: step {a['step']}")
@@ -63,12 +64,15 @@ def run_read():
                   and text(a["z_policy"]) == "first_batch", f"{tag}: objective, negatives, z_policy")
             check(text(a["sampler"]) == ("alias" if alias else "uniform"), f"{tag}: sampler {a['sampler']!r}")
             check(int(a["z_initialised"]) == 1 and np.isfinite(float(a["log_z"])), f"{tag}: Z state")
+            check(text(a["dtype"]) == "float32" and text(a["rounding"]) == "nearest",
+                  f"{tag}: dtype, rounding = {a['dtype']!r}, {a['rounding']!r}")
             for name in ("exclude_positive", "z_fixed", "z_ema", "normalize_features", "unit_norm_tolerance"):
                 check(name in a, f"{tag}: attribute {name} present")
 
             bank = f["bank"]
             check(bank.shape == (n, d), f"{tag}: bank shape {bank.shape}")
-            check(bank.dtype == np.dtype("<f4"), f"{tag}: bank dtype {bank.dtype}")
+            check(bank.dtype == np.dtype("<f4") and text(bank.attrs["dtype"]) == "float32",
+                  f"{tag}: bank dtype {bank.dtype}, attribute {bank.attrs.get('dtype')!r}")
             check(bank.chunks is not None and bank.chunks == (want_chunk_rows, d),
                   f"{tag}: bank chunks {bank.chunks}: expected whole rows ({want_chunk_rows}, {d})")
             check(bank.fletcher32, f"{tag}: bank fletcher32")

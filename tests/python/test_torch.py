@@ -240,5 +240,39 @@ class TestTrainingLoop(unittest.TestCase):
         self.assertGreater((nn_ == torch.arange(n)).float().mean().item(), 0.8)
 
 
+
+class TestPrefetch(unittest.TestCase):
+    def test_prefetch_changes_no_result(self):
+        # A loop that announces each batch's ids before its forward pass gives, bit for bit, the losses,
+        # gradients and bank of the same loop without the announcements; the steps did use them.
+        n, dim = 300, 16
+        torch.manual_seed(3)
+        data = torch.randn(n, dim)
+        batches = [torch.randint(0, n, (24,)) for _ in range(5)]
+        results = []
+        for announce in (False, True):
+            crit = MemoryBankLoss(n, dim, k=50, tau=0.1, momentum=0.5, seed=4)
+            losses, grads, used = [], [], []
+            for ids in batches:
+                if announce:
+                    self.assertTrue(crit.prefetch(ids))
+                x = torch.nn.functional.normalize(data[ids], dim=1).requires_grad_(True)
+                loss = crit(x, ids)
+                loss.backward()
+                losses.append(loss.item())
+                grads.append(x.grad.clone())
+                used.append(crit.last_stats.prefetched)
+            results.append((losses, grads, crit.memory.clone(), used))
+        (l0, g0, m0, u0), (l1, g1, m1, u1) = results
+        self.assertEqual(l0, l1)
+        for a, b in zip(g0, g1):
+            self.assertTrue(torch.equal(a, b))
+        self.assertTrue(torch.equal(m0, m1))
+        self.assertEqual(u0, [False] * 5)
+        self.assertEqual(u1, [True] * 5)
+        with self.assertRaises(mb.Error):
+            MemoryBankLoss(n, dim, k=50).prefetch(np.array([0, n], dtype=np.int64))
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -1,9 +1,13 @@
 #pragma once
 // Snapshot: the whole engine state in one HDF5 file that h5py and h5dump read with no plugin.
 //
-// Layout (format "membank-snapshot", version 2):
-//   /bank         float32 (N, D), row-major, chunked by whole rows (~1 MiB a chunk), fletcher32,
-//                 optional shuffle + deflate
+// Layout (format "membank-snapshot", version 3):
+//   /bank         (N, D), row-major, chunked by whole rows (~1 MiB a chunk), fletcher32, optional
+//                 shuffle + deflate; its HDF5 type follows the bank's DType: float32 is IEEE float32;
+//                 float16 is IEEE binary16 (an HDF5 float type of 2 bytes, read by h5py as numpy
+//                 float16); bfloat16 is its 16-bit words (H5T_STD_U16LE: no tool knows a bfloat16
+//                 float type). The dataset's string attribute `dtype` names the type (always written;
+//                 required for bfloat16).
 //   /last_update  int64 (N): the step at which each row was last written (-1: never)
 //   /sampler_weights  float64 (N), alias sampler only: its normalised weights
 //   /labels       int64 (N), optional per-instance labels
@@ -11,7 +15,11 @@
 //   objective, negatives, exclude_positive, z_policy, z_fixed, z_ema, z_initialised, log_z, sampler,
 //   normalize_features, unit_norm_tolerance; since version 2 also the objectives' parameters
 //   tau_plus, beta, detach_weights, kernel_t, gamma, margin (the effective one) and
-//   exclude_same_label (a version 1 file reads with their defaults).
+//   exclude_same_label (a version 1 file reads with their defaults); since version 3 also dtype (the
+//   bank's storage type: "float32", "float16", "bfloat16") and rounding ("nearest", "stochastic":
+//   EngineConfig::rounding). A version 1 or 2 file reads as a float32 bank with nearest rounding.
+//   2-byte rows are stored as they are in memory (bit for bit) and loaded with
+//   Bank::from_raw_blocks: a resumed engine of any type continues bit for bit.
 //
 // Saving first checks the destination (directory exists and is writable, free space and the
 // file-size limit hold the estimated size) and that every bank row is finite and unit norm; only then
@@ -24,7 +32,9 @@
 // every HDF5 object of its file and throws: the process can go on, or exit normally. Loading validates format, version, ranks, dtypes,
 // shapes against the attributes, storage against the claimed sizes, and every row (finite, unit
 // norm) before it hands anything back; failures throw membank::Error naming the file and the
-// problem. Peak memory of save and load is the bank plus one chunk.
+// problem. A row is unit norm within 1e-4 for a float32 bank, within
+// max(1e-4, row_norm_tolerance(dtype)) for the 2-byte types (the rounding of each element). Peak
+// memory of save and load is the bank plus one chunk.
 //
 // Thread safety: HDF5 (serial build) is not thread-safe; do not call these concurrently.
 #include <membank/engine.hpp>
@@ -45,8 +55,9 @@ struct SnapshotInfo {
   int format_version = 0;
   std::string engine_version;
   index_t n = 0, dim = 0;
+  DType dtype = DType::float32;  ///< the bank's storage type (float32 for files before version 3)
   std::int64_t step = 0;
-  EngineConfig config;
+  EngineConfig config;  ///< config.rounding: nearest for files before version 3
   Partition partition;
   SamplerKind sampler = SamplerKind::uniform;
   bool has_labels = false;
@@ -54,22 +65,24 @@ struct SnapshotInfo {
   bool compressed = false;
 };
 
-/// Upper estimate of the bytes of a snapshot of an n x dim bank (uncompressed, labels included).
-std::uint64_t snapshot_size_estimate(index_t n, index_t dim);
+/// Upper estimate of the bytes of a snapshot of an n x dim bank of `dtype` (uncompressed, labels
+/// included).
+std::uint64_t snapshot_size_estimate(index_t n, index_t dim, DType dtype = DType::float32);
 
 /// Check, writing nothing, that a snapshot of an n x dim bank can be saved at `path`: its directory
 /// exists and is writable, `path` is not a directory, and the free space and the file-size limit
-/// (RLIMIT_FSIZE) hold snapshot_size_estimate(n, dim). Throws Error naming the path, ResourceError
-/// when space or the size limit is short. save_snapshot runs it first; a long job runs it before it
-/// starts.
-void check_snapshot_destination(const std::string& path, index_t n, index_t dim);
+/// (RLIMIT_FSIZE) hold snapshot_size_estimate(n, dim, dtype). Throws Error naming the path,
+/// ResourceError when space or the size limit is short. save_snapshot runs it first; a long job runs
+/// it before it starts.
+void check_snapshot_destination(const std::string& path, index_t n, index_t dim, DType dtype = DType::float32);
 
 /// Save the engine's whole state (and optional labels, length N; by default the engine's own labels,
 /// if it holds any) to `path`, atomically.
 /// Throws Error (the destination untouched, nothing created) if the destination fails
 /// check_snapshot_destination (ResourceError: not enough space), labels have the wrong length, or a
-/// bank row is not finite and unit norm (|norm - 1| > 1e-4); throws Error (the destination
-/// untouched, the temporary removed) if a write fails or the written file does not validate.
+/// bank row is not finite and unit norm (|norm - 1| > 1e-4, or the 2-byte type's tolerance); throws
+/// Error (the destination untouched, the temporary removed) if a write fails or the written file
+/// does not validate.
 void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options = {},
                    std::span<const std::int64_t> labels = {});
 
@@ -78,15 +91,31 @@ SnapshotInfo read_snapshot_info(const std::string& path);
 
 /// Load a snapshot into a new Engine that continues exactly where the saved one stopped (same
 /// step counter, Z, bank, sampler, configuration, labels: the engine holds the file's labels, and
-/// they also go to *labels when asked). Reads format versions 1 and 2.
+/// they also go to *labels when asked), with a bank of the saved type. Reads format versions 1 to 3.
 /// Throws Error naming the file and the problem; nothing is allocated for the bank before the
 /// metadata and storage sizes validate.
 Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels = nullptr);
 
-/// Import a plain (N, D) float32 or float64 dataset written by another tool (e.g. h5py) as a bank,
-/// renormalising its rows. `renormalised` receives how many rows were not unit norm (|‖v‖-1| > 1e-5).
+/// Import a plain (N, D) dataset written by another tool (e.g. h5py) as a bank of `dtype`,
+/// renormalising its rows. The dataset holds float16, float32 or float64 (any HDF5 float type of 2, 4
+/// or 8 bytes), or bfloat16 words as a membank snapshot or export stores them (uint16 with the
+/// attribute dtype = "bfloat16"; any other `dtype` attribute of another tool's file is ignored).
+/// `renormalised` receives how many rows were not unit norm
+/// (|‖v‖-1| > 1e-5, in fp32); a 2-byte bank then rounds each row to nearest.
 /// Throws Error on a missing dataset, wrong rank or dtype, NaN/Inf or zero rows.
-Bank import_bank(const std::string& path, const std::string& dataset = "bank", index_t* renormalised = nullptr);
+Bank import_bank(const std::string& path, const std::string& dataset = "bank", index_t* renormalised = nullptr,
+                 DType dtype = DType::float32);
+
+/// Write the bank's rows as a plain (N, D) dataset `dataset` (a path: its groups are created) of type
+/// `dtype` in a new HDF5 file at `path`, for tools that want plain arrays: float32 holds the rows
+/// widened exactly; float16 and bfloat16 the widened rows rounded to nearest (the same type as the
+/// bank's: its bits). Stored as a snapshot's /bank is (chunked by rows, fletcher32, the `dtype`
+/// attribute); no other dataset. The rows are not renormalised (import_bank does that). Written
+/// atomically, like save_snapshot (the same destination checks; the destination untouched on
+/// failure). Peak memory: the bank, and its converted copy when `dtype` is not the bank's type.
+/// Throws Error on an empty or invalid dataset name.
+void export_bank(const std::string& path, const Bank& bank, DType dtype = DType::float32,
+                 const std::string& dataset = "bank");
 
 /// Full check of a snapshot (metadata, checksums, every row); returns the problems found (empty: ok).
 std::vector<std::string> verify_snapshot(const std::string& path);
