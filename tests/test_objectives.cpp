@@ -605,7 +605,7 @@ TEST_CASE("objectives: on fp16 and bf16 banks, loss and dL/df of every objective
   CHECK(cases == (static_cast<int>(all_variants().size()) * 6 - 2) * 2);
 }
 
-TEST_CASE("objectives: Engine::prefetch changes no result: losses, gradients and bank bit for bit as without it") {
+TEST_CASE("objectives: Engine::prefetch (a background thread) changes no result: losses, gradients and bank bit for bit as without it") {
   // Guards the prefetch of the next step's draws (a background thread): for every objective, both
   // samplers, every per-sample mode and fp32 / fp16 banks, three steps with a prefetch of the right
   // ids before each, then a prefetch of other ids (discarded) and a fourth step, equal bit for bit

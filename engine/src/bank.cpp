@@ -35,12 +35,6 @@ index_t row_stride(index_t dim, index_t line) {
   return (dim + line - 1) / line * line;
 }
 
-/// v / ‖v‖ in place (the norm in double).
-void normalise_row(float* v, index_t dim) {
-  const double inv = 1.0 / std::sqrt(detail::squared_norm_d(v, dim));
-  for (index_t c = 0; c < dim; ++c) v[c] = static_cast<float>(v[c] * inv);
-}
-
 }  // namespace
 
 void check_ids(IdsRef ids, index_t n, const char* arg) {

@@ -97,7 +97,8 @@ void k_widen(DType t, const void* src, float* dst, idx n) {
     idx c = 0;
     if constexpr (!std::is_same_v<T, float>)
       for (; c + 16 <= n; c += 16) {
-        const detail::V16 x = load16(p + c);
+        detail::V16 x;
+        load16(p + c, x);
         __builtin_memcpy(dst + c, &x, sizeof x);
       }
     for (; c < n; ++c) dst[c] = widen(p[c]);
@@ -167,7 +168,7 @@ inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float*
     for (idx r = 0; r < rows; ++r) {
       const auto* const p = row(k0 + r) + c0;  // any element type: widened 16 at a time
       F16 v[kVectors];
-      for (int u = 0; u < kVectors; ++u) v[u] = load16(p + 16 * u);
+      for (int u = 0; u < kVectors; ++u) load16(p + 16 * u, v[u]);
       const float wr = w[r];
       for (int u = 0; u < kVectors; ++u) a[u] += wr * v[u];
       if constexpr (kTwo) {
