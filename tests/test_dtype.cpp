@@ -341,7 +341,7 @@ TEST_CASE("the exact softmax and kNN of a 2-byte bank equal those of its widened
   }
 }
 
-TEST_CASE("InfoNCE on a 2-byte bank stays within the bound the type's unit roundoff gives of the fp32 bank's step") {
+TEST_CASE("InfoNCE on a 2-byte bank stays within the bound the type's unit roundoff gives of the fp32 bank's step, on every path") {
   // The rows v' of a 2-byte bank are the fp32 rows v rounded: |v'_c - v_c| <= u |v_c|, so every score
   // moves by <= u |v| |f| = u and every logit by <= u / tau. InfoNCE's loss (a log-sum-exp minus the
   // positive's logit) moves by <= 2 u / tau; its gradient row (sum_j p_j v_j - v_y) / (B tau) by
@@ -361,6 +361,9 @@ TEST_CASE("InfoNCE on a 2-byte bank stays within the bound the type's unit round
     Engine e(bank_of_values(rows, t), std::make_unique<UniformSampler>(n), cfg);
     return e.evaluate(f, ids, negs, g).loss;
   };
+  for (const Isa isa : supported_paths()) {
+  CAPTURE(to_string(isa));
+  IsaScope is(isa);
   RowMatrixf g32(batch, dim);
   const double l32 = run(DType::float32, g32);
   for (const DType t : kTwoByte) {
@@ -374,5 +377,6 @@ TEST_CASE("InfoNCE on a 2-byte bank stays within the bound the type's unit round
     const double grad_bound = (2.0 * u + 2.0 * u / tau) / (batch * tau);
     CHECK(((g - g32).cast<double>().rowwise().norm().maxCoeff()) <= grad_bound + 1e-6);
     CHECK(std::abs(l - l32) > 0.0);  // the types do differ
+  }
   }
 }
