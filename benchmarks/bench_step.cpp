@@ -56,8 +56,8 @@ double paired_ratio(const std::vector<double>& step_ms, const std::vector<double
 }
 
 /// One configuration: prints its figures, returns the median step and floor times.
-StepFigures run_one(const StepOptions& o) {
-  const int threads = omp_get_max_threads();
+/// The options' configuration with a bank of type `dtype` (announced on stderr in text mode).
+StepSetup setup_of(const StepOptions& o, const std::string& dtype) {
   StepSetup setup;
   setup.n = o.n;
   setup.dim = o.dim;
@@ -66,11 +66,17 @@ StepFigures run_one(const StepOptions& o) {
   setup.negatives = negatives_mode_from_string(o.negatives);
   setup.sampler = sampler_kind_from_string(o.sampler);
   setup.objective = objective_from_string(o.objective);
-  setup.dtype = dtype_from_string(o.dtype);
+  setup.dtype = dtype_from_string(dtype);
   setup.seed = o.seed;
   if (!o.json)
-    fmt::print(stderr, "building a {} x {} {} bank ({:.2f} GB) ...\n", o.n, o.dim, o.dtype,
+    fmt::print(stderr, "building a {} x {} {} bank ({:.2f} GB) ...\n", o.n, o.dim, dtype,
                static_cast<double>(o.n) * static_cast<double>(o.dim) * dtype_bytes(setup.dtype) * 1e-9);
+  return setup;
+}
+
+StepFigures run_one(const StepOptions& o) {
+  const int threads = omp_get_max_threads();
+  const StepSetup setup = setup_of(o, o.dtype);
   StepBench bench(setup, o.overlap_ms >= 0 ? 3 * o.repeats : o.repeats);
   const double alias_build_ms = bench.alias_build_ms;
   // The floor, same count of rows: K + 1 per query (per-sample) -- the whole B x (K + 1) reads --
@@ -144,22 +150,7 @@ StepFigures run_one(const StepOptions& o) {
 void run_dtypes(const StepOptions& o, const std::vector<std::string>& types) {
   const int threads = omp_get_max_threads();
   std::vector<std::unique_ptr<StepBench>> benches;
-  for (const auto& t : types) {
-    StepSetup setup;
-    setup.n = o.n;
-    setup.dim = o.dim;
-    setup.k = o.k;
-    setup.batch = o.batch;
-    setup.negatives = negatives_mode_from_string(o.negatives);
-    setup.sampler = sampler_kind_from_string(o.sampler);
-    setup.objective = objective_from_string(o.objective);
-    setup.dtype = dtype_from_string(t);
-    setup.seed = o.seed;
-    if (!o.json)
-      fmt::print(stderr, "building a {} x {} {} bank ({:.2f} GB) ...\n", o.n, o.dim, t,
-                 static_cast<double>(o.n) * static_cast<double>(o.dim) * dtype_bytes(setup.dtype) * 1e-9);
-    benches.push_back(std::make_unique<StepBench>(setup, o.repeats));
-  }
+  for (const auto& t : types) benches.push_back(std::make_unique<StepBench>(setup_of(o, t), o.repeats));
   double checksum = 0.0;
   for (auto& b : benches) b->begin(&checksum);
   std::vector<std::vector<double>> step_ms(types.size()), floor_ms(types.size());
@@ -172,7 +163,6 @@ void run_dtypes(const StepOptions& o, const std::vector<std::string>& types) {
     fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {} threads, {} "
                "kernels, {} rounds\n", o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.objective, threads,
                to_string(active_isa()), o.repeats - 1);
-  std::vector<double> own(types.size());  // bytes of one row
   for (std::size_t t = 0; t < types.size(); ++t) {
     const double step_med = median(step_ms[t]), floor_med = median(floor_ms[t]);
     const double ratio = paired_ratio(step_ms[t], floor_ms[t]);

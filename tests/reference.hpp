@@ -5,6 +5,7 @@
 // double matrix and P_n as a vector of doubles computed by the test itself.
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
+#include <membank/isa.hpp>
 
 #include <omp.h>
 
@@ -357,6 +358,26 @@ inline RowMatrixd reference_momentum(RowMatrixd V, std::span<const index_t> ids,
     V.row(ids[b]) = v / v.norm();
   }
   return V;
+}
+
+/// Forces an instruction set for a scope and restores the one active before.
+class IsaScope {
+ public:
+  explicit IsaScope(membank::Isa isa) : saved_(membank::active_isa()) { membank::force_isa(isa); }
+  ~IsaScope() { membank::force_isa(saved_); }
+  IsaScope(const IsaScope&) = delete;
+  IsaScope& operator=(const IsaScope&) = delete;
+
+ private:
+  membank::Isa saved_;
+};
+
+/// The instruction-set paths this CPU runs (scalar first).
+inline std::vector<membank::Isa> supported_paths() {
+  std::vector<membank::Isa> v;
+  for (const membank::Isa isa : {membank::Isa::scalar, membank::Isa::avx2, membank::Isa::avx512})
+    if (membank::cpu_supports(isa)) v.push_back(isa);
+  return v;
 }
 
 /// Sets the OpenMP thread count for a scope and restores the previous value.

@@ -30,25 +30,6 @@ namespace {
 
 constexpr double kU = 0x1p-24;  // unit roundoff of float
 
-/// Forces an instruction set for a scope and restores the one active before.
-class IsaScope {
- public:
-  explicit IsaScope(Isa isa) : saved_(active_isa()) { force_isa(isa); }
-  ~IsaScope() { force_isa(saved_); }
-  IsaScope(const IsaScope&) = delete;
-  IsaScope& operator=(const IsaScope&) = delete;
-
- private:
-  Isa saved_;
-};
-
-std::vector<Isa> supported_paths() {
-  std::vector<Isa> v;
-  for (const Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512})
-    if (cpu_supports(isa)) v.push_back(isa);
-  return v;
-}
-
 // Sizes: D = 40 is not a multiple of any vector width (the kernels' tails run) and its rows are
 // padded to a stride of 48; N spans several 1024-row tiles.
 constexpr index_t kN = 5003, kD = 40, kB = 24, kK = 64;

@@ -26,24 +26,6 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-class IsaScope {
- public:
-  explicit IsaScope(Isa isa) : saved_(active_isa()) { force_isa(isa); }
-  ~IsaScope() { force_isa(saved_); }
-  IsaScope(const IsaScope&) = delete;
-  IsaScope& operator=(const IsaScope&) = delete;
-
- private:
-  Isa saved_;
-};
-
-std::vector<Isa> supported_paths() {
-  std::vector<Isa> v;
-  for (const Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512})
-    if (cpu_supports(isa)) v.push_back(isa);
-  return v;
-}
-
 /// The value of a 16-bit word of type t, from the published layouts (in double): fp16 is
 /// (-1)^s 2^(e - 15) (1 + m / 2^10), subnormal (-1)^s m 2^-24; bf16 is (-1)^s 2^(e - 127) (1 + m / 2^7),
 /// subnormal (-1)^s m 2^-133. Infinity for the all-ones exponent with m = 0, NaN otherwise.

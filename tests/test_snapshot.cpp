@@ -7,6 +7,8 @@
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
 
+#include "scratch.hpp"
+
 #include <doctest/doctest.h>
 #include <fmt/ranges.h>
 #include <hdf5.h>
@@ -47,25 +49,6 @@ namespace {
 // ---- files and processes ----------------------------------------------------------------------
 
 /// A fresh directory for one test case, removed when the case ends.
-struct ScratchDir {
-  fs::path dir;
-  explicit ScratchDir(const std::string& name) {
-    dir = fs::temp_directory_path() / fmt::format("membank-snapshot-{}-{}", ::getpid(), name);
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string operator/(const std::string& name) const { return (dir / name).string(); }
-};
-
-std::string file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
 /// Names in `dir` that look like save_snapshot's temporaries for `name` (".<name>.tmp-*").
 std::vector<std::string> temp_files(const fs::path& dir, const std::string& name) {
   std::vector<std::string> out;
@@ -350,7 +333,7 @@ TEST_CASE("snapshot: round trip keeps every field (uniform/alias, deflate 0/4, l
   // Guards completeness of save/load/read_snapshot_info: bank bit for bit (several chunks, a partial
   // edge chunk, padded rows), last_update, step counter, Z state, every EngineConfig field, sampler
   // kind and probabilities (alias weights exactly), labels present or absent.
-  ScratchDir tmp("roundtrip");
+  ScratchDir tmp("snapshot", "roundtrip");
   struct Case {
     bool alias;
     int deflate;
@@ -467,7 +450,7 @@ TEST_CASE("snapshot: a resumed engine continues bit for bit (first_batch, ema, s
     bool exclude_positive;
     int deflate;
   };
-  ScratchDir tmp("resume");
+  ScratchDir tmp("snapshot", "resume");
   const int S = 5;
   const index_t n = 3000, d = 32, batch = 16;
   for (const Case& cs : {Case{"per-sample first_batch", false, ZPolicy::first_batch, NegativesMode::per_sample, false,
@@ -513,7 +496,7 @@ TEST_CASE("snapshot: a run resumed in a fresh process continues bit for bit") {
   // Guards resume across processes (nothing carried in memory): A runs S steps and is saved here;
   // snapshot_writer loads it, runs S more steps on the same inputs, reports the bits of its stats and
   // saves; they and its final state must equal those of C, 2S steps uninterrupted here.
-  ScratchDir tmp("fresh");
+  ScratchDir tmp("snapshot", "fresh");
   const int S = 4;
   const index_t n = 3000, d = 32, batch = 16;
   EngineConfig cfg;
@@ -555,7 +538,7 @@ TEST_CASE("snapshot: a writer SIGKILLed at random moments always leaves a comple
   // save differs) and is SIGKILLed at a random moment (fixed seed) 30 times. After every kill the
   // destination verifies, loads, and is bit for bit one of the complete states the writer saves
   // (replayed here by step count). Temporaries may be left only by killed writers, one at most each.
-  ScratchDir tmp("kill");
+  ScratchDir tmp("snapshot", "kill");
   const std::string name = "bank.h5", snap = tmp / name;
   const index_t n = 40000, d = 64;
   const std::string ns = std::to_string(n), ds = std::to_string(d);
@@ -664,7 +647,7 @@ TEST_CASE("snapshot: malformed files each give one clear Error naming the file a
   // Guards load validation: every damaged or foreign file makes load_snapshot throw membank::Error
   // (never another exception, never a crash) whose message names the file and the problem, and
   // verify_snapshot report it. Damage is done with the HDF5 C API on copies of a valid snapshot.
-  ScratchDir tmp("malformed");
+  ScratchDir tmp("snapshot", "malformed");
   const index_t n = 3000, d = 16;
   Engine e = make_engine(n, d, true, EngineConfig{}, 2);
   run_fed_steps(e, 2, 3, 32);
@@ -817,7 +800,7 @@ TEST_CASE("snapshot: stored bytes flipped behind HDF5's back are caught by the c
   // Guards the fletcher32 checksums on every dataset: a byte flipped inside a stored chunk of bank,
   // last_update, sampler_weights or labels makes load_snapshot throw an Error naming the file and
   // the dataset, and verify_snapshot ("metadata, checksums, every row") report it.
-  ScratchDir tmp("checksum");
+  ScratchDir tmp("snapshot", "checksum");
   const index_t n = 20000, d = 32;  // 8192 rows a chunk: 3 bank chunks
   Engine e = make_engine(n, d, true, EngineConfig{}, 12);
   run_fed_steps(e, 2, 3, 32);
@@ -854,7 +837,7 @@ TEST_CASE("snapshot: a failed save throws and leaves the previous snapshot as it
   // wrong length, a bad deflate level, and a write that fails part way (RLIMIT_FSIZE in a child
   // process, as on a full disk) all throw membank::Error naming the path; the snapshot already at the
   // destination keeps its bytes and verifies, and no temporary file is left behind.
-  ScratchDir tmp("failedsave");
+  ScratchDir tmp("snapshot", "failedsave");
   const index_t n = 20000, d = 32;
   Engine e = make_engine(n, d, false, writer_config(), kWriterBankSeed);
   run_fed_steps(e, 2, kWriterInputSeed, kWriterBatch);
@@ -918,7 +901,7 @@ TEST_CASE("snapshot: import_bank reads float32/float64 (N, D) datasets of any la
   // the double-normalised input to 1e-6, rows already unit are kept bit for bit and not counted;
   // bad inputs (NaN, zero row, integer dtype, rank 3, missing dataset) throw an Error naming the
   // file and the dataset.
-  ScratchDir tmp("import");
+  ScratchDir tmp("snapshot", "import");
   const index_t n = 777, d = 20;
   std::mt19937_64 rng(17);
   RowMatrixd x = gaussian(n, d, rng, 3.0).cast<double>();

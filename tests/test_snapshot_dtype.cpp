@@ -12,6 +12,8 @@
 #include <membank/snapshot.hpp>
 #include <membank/threads.hpp>
 
+#include "scratch.hpp"
+
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 #include <hdf5.h>
@@ -46,25 +48,6 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr DType kTwoByte[] = {DType::float16, DType::bfloat16};
-
-struct Scratch {
-  fs::path dir;
-  explicit Scratch(const std::string& name)
-      : dir(fs::temp_directory_path() / fmt::format("membank-snapdtype-{}-{}", ::getpid(), name)) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~Scratch() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string operator/(const std::string& f) const { return (dir / f).string(); }
-};
-
-std::string text_of(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 bool same_bits(double a, double b) { return bits_equal(a, b); }
 
@@ -317,7 +300,7 @@ TEST_CASE("snapshot dtype: fp16 and bf16 banks round-trip bit for bit with every
   // EngineConfig field (rounding and the objectives' parameters included), the alias weights and the
   // labels come back exactly; read_snapshot_info reports the type and rounding; chunks hold whole
   // rows of about 1 MiB of 2-byte elements; verify_snapshot passes.
-  Scratch tmp("roundtrip");
+  ScratchDir tmp("snapdtype", "roundtrip");
   struct Case {
     bool alias;
     int deflate;
@@ -416,7 +399,7 @@ TEST_CASE("snapshot dtype: a resumed fp16/bf16 engine continues bit for bit, nea
   // rounding is part of what is restored: the nearest and stochastic runs of a type end with
   // different banks, so each resume really continues its own mode (m = 0.95: small refreshes that
   // the two modes round differently).
-  Scratch tmp("resume");
+  ScratchDir tmp("snapdtype", "resume");
   const int S = 5;
   const index_t n = 3000, d = 32, batch = 16;
   const int threads_before = omp_get_max_threads();
@@ -469,7 +452,7 @@ TEST_CASE("snapshot dtype: the bank dataset is IEEE float16, or uint16 words nam
   // own conversion to double gives as the format defines them; for bf16 16-bit unsigned integers
   // equal to the bank's words, with the attribute dtype = "bfloat16"; fletcher32 on the chunks (a
   // flipped stored byte is caught), deflate or not.
-  Scratch tmp("layout");
+  ScratchDir tmp("snapdtype", "layout");
   const index_t n = 9000, d = 100;  // 5242 rows a chunk: 2 chunks
   for (const DType t : kTwoByte) {
     for (const int deflate : {0, 4}) {
@@ -573,7 +556,7 @@ TEST_CASE("snapshot dtype: export_bank widens exactly or rounds to nearest, and 
   // words (with their attribute) exactly, renormalises rows that are not unit in fp32 (counted), and
   // stores each element rounded to nearest in the bank's type: unit rows exactly so, the others
   // within the type's rounding of the normalised row.
-  Scratch tmp("convert");
+  ScratchDir tmp("snapdtype", "convert");
   const index_t n = 3000, d = 40;
   std::vector<Bank> banks;
   for (const DType t : {DType::float32, DType::float16, DType::bfloat16}) {
@@ -699,7 +682,7 @@ TEST_CASE("snapshot dtype: corrupt 2-byte rows and inconsistent type attributes 
   // problem, and verify_snapshot report it; a row within the tolerance loads. A bank corrupted in
   // memory is refused before any file is written. A bfloat16 bank without its dataset attribute, a
   // dtype attribute that disagrees with the stored type, or an unknown dtype or rounding is refused.
-  Scratch tmp("corrupt");
+  ScratchDir tmp("snapdtype", "corrupt");
   const index_t n = 3000, d = 16;
   for (const DType t : kTwoByte) {
     CAPTURE(membank::to_string(t));
@@ -783,7 +766,7 @@ TEST_CASE("snapshot dtype: corrupt 2-byte rows and inconsistent type attributes 
               {"bank", "bfloat16"});
 
     // Corrupted in memory: refused before any file exists; the snapshot in place keeps its bytes.
-    const std::string before = text_of(good);
+    const std::string before = file_bytes(good);
     auto* raw = static_cast<std::uint16_t*>(const_cast<void*>(e.bank().view().row_data(1234)));
     const std::vector<std::uint16_t> saved(raw, raw + d);
     for (index_t c = 0; c < d; ++c)
@@ -795,7 +778,7 @@ TEST_CASE("snapshot dtype: corrupt 2-byte rows and inconsistent type attributes 
       CHECK(msg.find(dest) != std::string::npos);
     }
     CHECK_FALSE(fs::exists(tmp / "new.h5"));
-    CHECK(text_of(good) == before);
+    CHECK(file_bytes(good) == before);
     std::copy(saved.begin(), saved.end(), raw);
   }
 }
@@ -814,7 +797,7 @@ TEST_CASE("snapshot dtype: files before format version 3 load as float32 banks w
     CHECK(e.bank().dtype() == DType::float32);
     CHECK(e.config().rounding == Rounding::nearest);
   }
-  Scratch tmp("v2");
+  ScratchDir tmp("snapdtype", "v2");
   for (const DType t : {DType::float32, DType::float16}) {
     CAPTURE(membank::to_string(t));
     Engine e = make_engine(2000, 8, true, EngineConfig{}, 4, nullptr, t);
@@ -858,7 +841,7 @@ TEST_CASE("snapshot dtype: membank snapshot verify, inspect, export and import -
   // writes the stored values widened exactly; import --dtype stores the rows in that type; a bad
   // --dtype value is one error naming the option, the value and the choices (status 2), and writes
   // nothing.
-  Scratch tmp("cli");
+  ScratchDir tmp("snapdtype", "cli");
   const index_t n = 2000, d = 24;
   EngineConfig cfg;
   cfg.k = 16;
@@ -870,7 +853,7 @@ TEST_CASE("snapshot dtype: membank snapshot verify, inspect, export and import -
   const auto cli = [&](const std::string& args, std::string* out) {
     const std::string o = tmp / "out.txt";
     const int st = std::system(fmt::format("'{}' {} >'{}' 2>&1", MEMBANK_CLI, args, o).c_str());
-    *out = text_of(o);
+    *out = file_bytes(o);
     return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   };
   std::string out;

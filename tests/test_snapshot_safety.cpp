@@ -7,6 +7,8 @@
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
 
+#include "scratch.hpp"
+
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -33,31 +35,15 @@
 
 extern char** environ;
 
+using mbtest::file_bytes;
+using mbtest::ScratchDir;
+
 namespace {
 
 namespace fs = std::filesystem;
 using membank::Engine;
 using membank::Error;
 using membank::index_t;
-
-struct Scratch {
-  fs::path dir;
-  explicit Scratch(const std::string& name)
-      : dir(fs::temp_directory_path() / fmt::format("membank-safety-{}-{}", ::getpid(), name)) {
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~Scratch() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  std::string operator/(const std::string& f) const { return (dir / f).string(); }
-};
-
-std::string bytes_of(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 std::set<std::string> names_in(const fs::path& dir) {
   std::set<std::string> out;
@@ -118,11 +104,11 @@ TEST_CASE("snapshot safety: a bank holding a non-unit or non-finite row is refus
   // Guards the order of the save path: the rows are checked before the temporary is created, so a
   // corrupt bank (here its memory written behind the bank's back) never reaches the disk, and the
   // snapshot already at the destination keeps its bytes.
-  Scratch tmp("nonunit");
+  ScratchDir tmp("safety", "nonunit");
   Engine e = make_engine(3000, 24);
   const std::string keep = tmp / "keep.h5";
   membank::save_snapshot(keep, e);
-  const std::string before = bytes_of(keep);
+  const std::string before = file_bytes(keep);
   const std::set<std::string> files_before = names_in(tmp.dir);
   float* row = const_cast<float*>(e.bank().view().row(1234));
   const std::vector<float> saved(row, row + 24);
@@ -140,7 +126,7 @@ TEST_CASE("snapshot safety: a bank holding a non-unit or non-finite row is refus
       CHECK(msg.find("row 1234") != std::string::npos);
       CHECK(msg.find(dest) != std::string::npos);
       CHECK(names_in(tmp.dir) == files_before);  // no temporary, no new file
-      CHECK(bytes_of(keep) == before);
+      CHECK(file_bytes(keep) == before);
     }
   };
   // Its largest coordinate scaled by 1.01: the squared norm grows by 0.02 x^2 >= 0.02 / 24, well
@@ -164,7 +150,7 @@ TEST_CASE("snapshot safety: check_snapshot_destination refuses what cannot be wr
   // Guards the up-front destination check that save_snapshot and long jobs (membank train) run:
   // a missing directory, a directory as the path, and a file-size limit below the estimated size
   // each throw naming the path; the size limit is a ResourceError (exit status 3 of the command line).
-  Scratch tmp("dest");
+  ScratchDir tmp("safety", "dest");
   CHECK_NOTHROW(membank::check_snapshot_destination(tmp / "ok.h5", 1000, 16));
   CHECK_THROWS_WITH_AS(membank::check_snapshot_destination(tmp / "none/x.h5", 1000, 16),
                        doctest::Contains("does not exist"), Error);
@@ -204,7 +190,7 @@ TEST_CASE("snapshot safety: a write that fails inside HDF5 part way throws and t
   // with the destination untouched (or, on success, replaced by a sound snapshot) and no temporary
   // left. The sweep must include failed chunk writes and a failed flush (the case that broke HDF5's
   // cache), or it guards nothing.
-  Scratch tmp("fault");
+  ScratchDir tmp("safety", "fault");
   const std::string dest = tmp / "bank.h5", err = tmp / "err.txt";
   int write_failures = 0, flush_failures = 0;
   for (const std::string deflate : {"0", "4"}) {
@@ -214,12 +200,12 @@ TEST_CASE("snapshot safety: a write that fails inside HDF5 part way throws and t
     REQUIRE(wait_for(start({SNAPSHOT_FAULT_WRITER, dest, "20000", "32", "100000000000", deflate}, err)) == 0);
     const auto whole = static_cast<long long>(fs::file_size(dest));
     membank::save_snapshot(dest, make_engine(2000, 32, 9));  // a different, smaller snapshot to keep
-    std::string before = bytes_of(dest);
+    std::string before = file_bytes(dest);
     for (int i = 0; i <= 40; ++i) {
       const long long budget = whole * i / 40;
       CAPTURE(budget);
       const int st = wait_for(start({SNAPSHOT_FAULT_WRITER, dest, "20000", "32", std::to_string(budget), deflate}, err));
-      const std::string msg = bytes_of(err);
+      const std::string msg = file_bytes(err);
       CAPTURE(msg);
       REQUIRE_MESSAGE(WIFEXITED(st), "killed by signal ", WIFSIGNALED(st) ? WTERMSIG(st) : 0);
       CHECK(names_in(tmp.dir) == std::set<std::string>{"bank.h5", "err.txt"});
@@ -227,13 +213,13 @@ TEST_CASE("snapshot safety: a write that fails inside HDF5 part way throws and t
         CHECK(membank::verify_snapshot(dest).empty());
         CHECK(membank::read_snapshot_info(dest).n == 20000);
         membank::save_snapshot(dest, make_engine(2000, 32, 9));  // back to the snapshot to keep
-        before = bytes_of(dest);
+        before = file_bytes(dest);
         continue;
       }
       CHECK(WEXITSTATUS(st) == 2);
       CHECK(msg.find("error: ") != std::string::npos);
       CHECK(msg.find(dest) != std::string::npos);
-      CHECK(bytes_of(dest) == before);
+      CHECK(file_bytes(dest) == before);
       write_failures += msg.find("cannot write") != std::string::npos;
       flush_failures += msg.find("cannot flush") != std::string::npos;
     }
@@ -248,7 +234,7 @@ TEST_CASE("snapshot safety: the next save removes a killed writer's temporary, n
   // one is SIGKILLed. A save into the same directory (another destination name) removes the killed
   // writer's temporary and keeps the live writer's, and keeps one that names another host. Once the
   // live writer is killed too, the next save removes its temporary.
-  Scratch tmp("stale");
+  ScratchDir tmp("safety", "stale");
   const auto stuck_writer = [&](const std::string& name) {
     const pid_t pid = start({SNAPSHOT_FAULT_WRITER, tmp / name, "20000", "32", "100000", "hang"},
                             tmp / (name + ".err"));
