@@ -7,6 +7,7 @@
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
 
+#include "engine_state.hpp"
 #include "scratch.hpp"
 
 #include <doctest/doctest.h>
@@ -283,21 +284,6 @@ void expect_rejected(const std::string& path, const std::vector<std::string>& ke
 // ---- engines ----------------------------------------------------------------------------------
 
 bool same_bits(double a, double b) { return bits_equal(a, b); }
-
-void check_same_config(const EngineConfig& a, const EngineConfig& b) {
-  CHECK(a.k == b.k);
-  CHECK(same_bits(a.tau, b.tau));
-  CHECK(same_bits(a.momentum, b.momentum));
-  CHECK(a.objective == b.objective);
-  CHECK(a.negatives == b.negatives);
-  CHECK(a.exclude_positive == b.exclude_positive);
-  CHECK(a.z_policy == b.z_policy);
-  CHECK(same_bits(a.z_fixed, b.z_fixed));
-  CHECK(same_bits(a.z_ema, b.z_ema));
-  CHECK(a.seed == b.seed);
-  CHECK(a.normalize_features == b.normalize_features);
-  CHECK(same_bits(a.unit_norm_tolerance, b.unit_norm_tolerance));
-}
 
 void check_same_state(const Engine& a, const Engine& b) {
   CHECK(a.bank().size() == b.bank().size());

@@ -12,6 +12,7 @@
 #include <membank/snapshot.hpp>
 #include <membank/threads.hpp>
 
+#include "engine_state.hpp"
 #include "scratch.hpp"
 
 #include <doctest/doctest.h>
@@ -128,29 +129,6 @@ bool same_rows(const Bank& a, const Bank& b) {
 double snapshot_tolerance(DType t) { return std::max(1e-4, membank::row_norm_tolerance(t)); }
 
 // ---- engines ----------------------------------------------------------------------------------
-
-void check_config(const EngineConfig& a, const EngineConfig& b) {
-  CHECK(a.k == b.k);
-  CHECK(same_bits(a.tau, b.tau));
-  CHECK(same_bits(a.momentum, b.momentum));
-  CHECK(a.objective == b.objective);
-  CHECK(a.negatives == b.negatives);
-  CHECK(a.exclude_positive == b.exclude_positive);
-  CHECK(a.z_policy == b.z_policy);
-  CHECK(same_bits(a.z_fixed, b.z_fixed));
-  CHECK(same_bits(a.z_ema, b.z_ema));
-  CHECK(a.seed == b.seed);
-  CHECK(a.normalize_features == b.normalize_features);
-  CHECK(same_bits(a.unit_norm_tolerance, b.unit_norm_tolerance));
-  CHECK(same_bits(a.tau_plus, b.tau_plus));
-  CHECK(same_bits(a.beta, b.beta));
-  CHECK(a.detach_weights == b.detach_weights);
-  CHECK(same_bits(a.kernel_t, b.kernel_t));
-  CHECK(same_bits(a.gamma, b.gamma));
-  CHECK(same_bits(a.effective_margin(), b.effective_margin()));
-  CHECK(a.exclude_same_label == b.exclude_same_label);
-  CHECK(a.rounding == b.rounding);
-}
 
 struct Trace {
   std::vector<StepStats> stats;
@@ -369,7 +347,7 @@ TEST_CASE("snapshot dtype: fp16 and bf16 banks round-trip bit for bit with every
       CHECK(b.steps_done() == 3);
       CHECK(b.partition().initialised == a.partition().initialised);
       CHECK(same_bits(b.partition().log_z, a.partition().log_z));
-      check_config(b.config(), cs.cfg);
+      check_same_config(b.config(), cs.cfg);
       CHECK(b.sampler().kind() == a.sampler().kind());
       if (cs.alias) {
         const auto& wa = dynamic_cast<const membank::AliasSampler&>(a.sampler()).weights();
