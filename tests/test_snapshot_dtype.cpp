@@ -4,7 +4,7 @@
 // attribute), export_bank widens exactly or rounds to nearest, import_bank converts, corrupt rows and
 // inconsistent type attributes are refused, and files before version 3 load as float32 banks. The
 // files are read and damaged here with the HDF5 C API, and the element conversions checked against
-// the compiler's _Float16 (fp16) and a double-precision nearest search (bf16), not the engine's code.
+// a double-precision nearest search over the type's words, not the engine's code.
 #include "snapshot_inputs.hpp"
 #include "fixtures/snapshot_fixtures.hpp"
 
@@ -87,10 +87,20 @@ double value_of(DType t, std::uint16_t w) {
 /// x rounded to nearest (ties to even) in type t, as its 16 bits.
 std::uint16_t nearest_word(DType t, float x) {
   if (t == DType::float16) {
-    const _Float16 h = static_cast<_Float16>(x);
-    std::uint16_t w;
-    std::memcpy(&w, &h, 2);
-    return w;
+    // The largest non-negative word whose value is <= |x| (word order is value order), then the
+    // nearer of it and the next word, ties to the even one; 65520 and beyond round to infinity.
+    const double a = std::abs(static_cast<double>(x));
+    std::uint16_t w = 0x7C00;
+    if (a < 65520.0) {
+      std::uint16_t lo = 0, hi = 0x7BFF;
+      while (lo < hi) {
+        const auto mid = static_cast<std::uint16_t>((lo + hi + 1) / 2);
+        if (value_of(t, mid) <= a) lo = mid; else hi = static_cast<std::uint16_t>(mid - 1);
+      }
+      const double dlo = a - value_of(t, lo), dhi = value_of(t, static_cast<std::uint16_t>(lo + 1)) - a;
+      w = dlo < dhi || (dlo == dhi && lo % 2 == 0) ? lo : static_cast<std::uint16_t>(lo + 1);
+    }
+    return std::signbit(x) ? static_cast<std::uint16_t>(w | 0x8000) : w;
   }
   // bf16: the two neighbours of x are its upper half (truncation) and the next word away from zero.
   std::uint32_t u;
