@@ -14,6 +14,9 @@
 // Internal linkage (like simd.hpp): the per-instruction-set kernels include it.
 #include <cstdint>
 #include <cstring>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace membank::detail {
 namespace {
@@ -40,6 +43,9 @@ inline float bits_float(std::uint32_t u) {
 inline float widen(float x) { return x; }
 inline float widen(bf16 h) { return bits_float(static_cast<std::uint32_t>(h.bits) << 16); }
 inline float widen(f16 h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.bits);  // the hardware conversion where the path has it (exact, like the code below)
+#else
   const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
   const std::uint32_t exp = (h.bits >> 10) & 0x1Fu, mant = h.bits & 0x3FFu;
   if (exp == 0) {  // zero or subnormal: mant 2^-24, exact in float
@@ -48,6 +54,7 @@ inline float widen(f16 h) {
   }
   if (exp == 31) return bits_float(sign | 0x7F800000u | (mant << 13));  // inf, NaN
   return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+#endif
 }
 
 /// Round to nearest, ties to even.

@@ -181,6 +181,22 @@ inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float*
       if constexpr (kTwo) hv[u] = b[u];
     }
   }
+  // What is left of the row, 16 at a time (D = 64 on AVX-512, say), then element by element; each
+  // element still receives the rows in order.
+  for (; c0 + 16 <= dim; c0 += 16) {
+    F16* const gv = reinterpret_cast<F16*>(g + c0);
+    F16* const hv = kTwo ? reinterpret_cast<F16*>(g2 + c0) : nullptr;
+    F16 a = *gv, b{};
+    if constexpr (kTwo) b = *hv;
+    for (idx r = 0; r < rows; ++r) {
+      F16 v;
+      load16(row(k0 + r) + c0, v);
+      a += w[r] * v;
+      if constexpr (kTwo) b += w2[r] * v;
+    }
+    *gv = a;
+    if constexpr (kTwo) *hv = b;
+  }
   if (c0 < dim)
     for (idx r = 0; r < rows; ++r) {
       axpy(w[r], row(k0 + r) + c0, g + c0, dim - c0);
