@@ -21,29 +21,30 @@ namespace {
 /// two or four narrower ones on the paths without AVX-512).
 typedef float V16 __attribute__((vector_size(64), aligned(4), may_alias));
 
-/// Sixteen elements of a row from p, widened to fp32 (exact), into x. fp16 uses the F16C
-/// conversion where the path has it (AVX2, AVX-512), else the scalar one; bf16 is a 16-bit shift on
-/// every path. (An out-parameter, not a return value: a function returning a 64-byte vector by value
-/// is an ABI question on the paths without AVX-512, which GCC warns about.)
-inline void load16(const float* p, V16& x) { x = *reinterpret_cast<const V16*>(p); }
-inline void load16(const bf16* p, V16& x) {
+/// Sixteen elements of a row from p, widened to fp32 (exact). fp16 uses the F16C conversion where
+/// the path has it (AVX2, AVX-512), else the scalar one; bf16 is a 16-bit shift on every path.
+/// Returned by value and always inlined, so the vectors never become addressable stack objects.
+__attribute__((always_inline)) inline V16 load16(const float* p) { return *reinterpret_cast<const V16*>(p); }
+__attribute__((always_inline)) inline V16 load16(const bf16* p) {
   typedef std::uint16_t U16 __attribute__((vector_size(32), aligned(2), may_alias));
   typedef std::uint32_t U32 __attribute__((vector_size(64)));
   const U32 w = __builtin_convertvector(*reinterpret_cast<const U16*>(p), U32) << 16;
-  x = reinterpret_cast<const V16&>(w);
+  return reinterpret_cast<const V16&>(w);
 }
-inline void load16(const f16* p, V16& x) {
+__attribute__((always_inline)) inline V16 load16(const f16* p) {
 #if defined(__AVX512F__)
   const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  x = reinterpret_cast<const V16&>(v);
+  return reinterpret_cast<const V16&>(v);
 #elif defined(__F16C__)
   typedef float V8 __attribute__((vector_size(32)));
   const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
   const V8 a = reinterpret_cast<const V8&>(lo), b = reinterpret_cast<const V8&>(hi);
-  x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
+  V16 x;
   for (int l = 0; l < 16; ++l) x[l] = widen(p[l]);
+  return x;
 #endif
 }
 
@@ -61,13 +62,8 @@ inline float dot(const T* __restrict a, const float* __restrict b, std::int64_t 
   V16 x{}, y{};
   std::int64_t c = 0;
   for (; c + 32 <= n; c += 32) {
-    V16 a0, b0, a1, b1;
-    load16(a + c, a0);
-    load16(b + c, b0);
-    load16(a + c + 16, a1);
-    load16(b + c + 16, b1);
-    x += a0 * b0;
-    y += a1 * b1;
+    x += load16(a + c) * load16(b + c);
+    y += load16(a + c + 16) * load16(b + c + 16);
   }
   for (int l = 0; c < n; ++c, l = (l + 1) & 15) x[l] += widen(a[c]) * b[c];
   x += y;

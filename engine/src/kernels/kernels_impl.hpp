@@ -97,9 +97,7 @@ void k_widen(DType t, const void* src, float* dst, idx n) {
     idx c = 0;
     if constexpr (!std::is_same_v<T, float>)
       for (; c + 16 <= n; c += 16) {
-        detail::V16 x;
-        load16(p + c, x);
-        __builtin_memcpy(dst + c, &x, sizeof x);
+        *reinterpret_cast<detail::V16*>(dst + c) = load16(p + c);  // V16: any alignment, may alias
       }
     for (; c < n; ++c) dst[c] = widen(p[c]);
   });
@@ -167,13 +165,16 @@ inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float*
     }
     for (idx r = 0; r < rows; ++r) {
       const auto* const p = row(k0 + r) + c0;  // any element type: widened 16 at a time
-      F16 v[kVectors];
-      for (int u = 0; u < kVectors; ++u) load16(p + 16 * u, v[u]);
       const float wr = w[r];
-      for (int u = 0; u < kVectors; ++u) a[u] += wr * v[u];
       if constexpr (kTwo) {
         const float ur = w2[r];
-        for (int u = 0; u < kVectors; ++u) b[u] += ur * v[u];
+        for (int u = 0; u < kVectors; ++u) {
+          const F16 v = load16(p + 16 * u);
+          a[u] += wr * v;
+          b[u] += ur * v;
+        }
+      } else {
+        for (int u = 0; u < kVectors; ++u) a[u] += wr * load16(p + 16 * u);
       }
     }
     for (int u = 0; u < kVectors; ++u) {
@@ -189,8 +190,7 @@ inline void accumulate_block(RowFn row, idx k0, idx rows, const float* w, float*
     F16 a = *gv, b{};
     if constexpr (kTwo) b = *hv;
     for (idx r = 0; r < rows; ++r) {
-      F16 v;
-      load16(row(k0 + r) + c0, v);
+      const F16 v = load16(row(k0 + r) + c0);
       a += w[r] * v;
       if constexpr (kTwo) b += w2[r] * v;
     }
