@@ -8,6 +8,7 @@
 #include <membank/snapshot.hpp>
 
 #include "engine_state.hpp"
+#include "hdf5_edit.hpp"
 #include "scratch.hpp"
 
 #include <doctest/doctest.h>
@@ -191,16 +192,7 @@ void replace_dataset(hid_t f, const char* name, hid_t type, const std::vector<hs
 /// Overwrite row `row` of the existing (chunked, checksummed) 2-D dataset `name` with `values`
 /// (HDF5 recomputes the chunk's checksum: only the values are wrong).
 void write_row(hid_t f, const char* name, hsize_t row, const std::vector<float>& values) {
-  const hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
-  REQUIRE(d >= 0);
-  const hid_t fs_ = H5Dget_space(d);
-  const hsize_t start[2] = {row, 0}, count[2] = {1, values.size()};
-  H5Sselect_hyperslab(fs_, H5S_SELECT_SET, start, nullptr, count, nullptr);
-  const hid_t ms = H5Screate_simple(2, count, nullptr);
-  REQUIRE(H5Dwrite(d, H5T_NATIVE_FLOAT, ms, fs_, H5P_DEFAULT, values.data()) >= 0);
-  H5Sclose(ms);
-  H5Sclose(fs_);
-  H5Dclose(d);
+  write_dataset_row(f, name, row, values.size(), H5T_NATIVE_FLOAT, values.data());
 }
 
 /// Overwrite element `i` of the existing 1-D dataset `name` (memory type `type`).

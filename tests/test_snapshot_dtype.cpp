@@ -13,6 +13,7 @@
 #include <membank/threads.hpp>
 
 #include "engine_state.hpp"
+#include "hdf5_edit.hpp"
 #include "scratch.hpp"
 
 #include <doctest/doctest.h>
@@ -220,18 +221,7 @@ std::vector<T> read_block(hid_t f, const char* name, hsize_t r0, hsize_t rows, h
 /// Overwrite row `row` of the 2-D dataset `name` with 16-bit words in the dataset's own type (HDF5
 /// recomputes the chunk's checksum: only the values are wrong).
 void write_words(hid_t f, const char* name, hsize_t row, const std::vector<std::uint16_t>& w) {
-  const hid_t d = H5Dopen2(f, name, H5P_DEFAULT);
-  REQUIRE(d >= 0);
-  const hid_t own = H5Dget_type(d);
-  const hid_t fs_ = H5Dget_space(d);
-  const hsize_t start[2] = {row, 0}, count[2] = {1, w.size()};
-  H5Sselect_hyperslab(fs_, H5S_SELECT_SET, start, nullptr, count, nullptr);
-  const hid_t ms = H5Screate_simple(2, count, nullptr);
-  REQUIRE(H5Dwrite(d, own, ms, fs_, H5P_DEFAULT, w.data()) >= 0);
-  H5Sclose(ms);
-  H5Sclose(fs_);
-  H5Tclose(own);
-  H5Dclose(d);
+  write_dataset_row(f, name, row, w.size(), 0, w.data());
 }
 
 /// The test's own IEEE half type (as h5py builds it).

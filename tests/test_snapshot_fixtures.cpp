@@ -2,6 +2,7 @@
 // every field equals the value recorded in fixtures/snapshot_fixtures.hpp (what the writer was given,
 // not what a file read back), and a loaded engine continues exactly like one built from those values.
 #include "fixtures/snapshot_fixtures.hpp"
+#include "engine_state.hpp"
 #include "snapshot_inputs.hpp"
 
 #include <membank/snapshot.hpp>
@@ -26,22 +27,6 @@ std::string fixture_path(const SnapshotFixture& fx) {
 }
 
 bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
-
-/// Every EngineConfig field, bit for bit.
-void check_config(const membank::EngineConfig& got, const membank::EngineConfig& want) {
-  CHECK(got.k == want.k);
-  CHECK(same_bits(got.tau, want.tau));
-  CHECK(same_bits(got.momentum, want.momentum));
-  CHECK(got.objective == want.objective);
-  CHECK(got.negatives == want.negatives);
-  CHECK(got.exclude_positive == want.exclude_positive);
-  CHECK(got.z_policy == want.z_policy);
-  CHECK(same_bits(got.z_fixed, want.z_fixed));
-  CHECK(same_bits(got.z_ema, want.z_ema));
-  CHECK(got.seed == want.seed);
-  CHECK(got.normalize_features == want.normalize_features);
-  CHECK(same_bits(got.unit_norm_tolerance, want.unit_norm_tolerance));
-}
 
 void check_partition(const membank::Partition& got, const membank::Partition& want) {
   CHECK(got.policy == want.policy);
@@ -71,7 +56,7 @@ TEST_CASE("snapshot fixtures: format-1 files load with every recorded field") {
     CHECK(info.n == fx.n);
     CHECK(info.dim == fx.dim);
     CHECK(info.step == fx.step);
-    check_config(info.config, fx.config);
+    mbtest::check_same_config(info.config, fx.config);
     check_partition(info.partition, fx.partition);
     CHECK(info.sampler == (fx.alias ? membank::SamplerKind::alias : membank::SamplerKind::uniform));
     CHECK(info.has_labels == fx.labels);
@@ -81,7 +66,7 @@ TEST_CASE("snapshot fixtures: format-1 files load with every recorded field") {
     std::vector<std::int64_t> got_labels = {-99};  // replaced when the file has labels, kept otherwise
     const membank::Engine e = membank::load_snapshot(path, &got_labels);
     CHECK(e.steps_done() == fx.step);
-    check_config(e.config(), fx.config);
+    mbtest::check_same_config(e.config(), fx.config);
     check_partition(e.partition(), fx.partition);
     REQUIRE(e.bank().size() == fx.n);
     REQUIRE(e.bank().dim() == fx.dim);
