@@ -157,7 +157,7 @@ Bank Bank::from_rows(FeaturesRef rows, DType dtype) {
 }
 
 void Bank::check_and_store(index_t r0, index_t rows, float* src, index_t ld, double renorm_tolerance,
-                           index_t* fixed) {
+                           index_t* fixed, bool held) {
   const kernels::Table& kt = kernels::table();
   for (index_t i = r0; i < r0 + rows; ++i) {
     float* v = src + (i - r0) * ld;
@@ -166,11 +166,12 @@ void Bank::check_and_store(index_t r0, index_t rows, float* src, index_t ld, dou
     std::fill(v + dim_, v + stride_, 0.0f);
     const double norm = std::sqrt(detail::squared_norm_d(v, dim_));
     MEMBANK_CHECK(norm > 0.0, "row {} is all zeros: expected a non-zero vector", i);
-    if (std::fabs(norm - 1.0) > renorm_tolerance) {
+    const bool renormalise = std::fabs(norm - 1.0) > renorm_tolerance;
+    if (renormalise) {
       for (index_t c = 0; c < dim_; ++c) v[c] = static_cast<float>(v[c] / norm);
       ++*fixed;
     }
-    if (v != row_ptr(i)) kt.narrow(dtype_, v, row_ptr(i), stride_, nullptr);
+    if (v != row_ptr(i) && (!held || renormalise)) kt.narrow(dtype_, v, row_ptr(i), stride_, nullptr);
   }
 }
 
@@ -215,7 +216,7 @@ Bank Bank::from_raw_blocks(index_t n, index_t dim, DType dtype, index_t block_ro
       auto* const raw = static_cast<std::uint16_t*>(bank.row_ptr(i));
       std::fill(raw + dim, raw + bank.stride_, std::uint16_t{0});
       kt.widen(dtype, raw, row.data(), bank.stride_);
-      bank.check_and_store(i, 1, row.data(), bank.stride_, renorm_tolerance, &fixed);
+      bank.check_and_store(i, 1, row.data(), bank.stride_, renorm_tolerance, &fixed, true);
     }
   }
   if (renormalised) *renormalised = fixed;

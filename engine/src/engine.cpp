@@ -42,6 +42,15 @@ detail::KernelContext make_context(const Bank& bank, const NoiseSampler& sampler
           mass.empty() ? nullptr : mass.data(), k};
 }
 
+/// Query i's K per-sample draws at step counter `step` (what step() draws for it), into out[0, K);
+/// log_pn: K floats of scratch. The one draw shared by sample() and prefetch().
+void draw_query(const detail::KernelContext& cx, std::int64_t step, index_t i, index_t y, index_t* out,
+                std::vector<float>& log_pn) {
+  const detail::QueryExclusion e = detail::exclusion_of(cx, y);
+  cx.sampler->draw({cx.cfg->seed, step, static_cast<std::uint32_t>(i), detail::purpose_negatives}, e.exclusion,
+                   std::span<index_t>(out, static_cast<std::size_t>(cx.k)), log_pn);
+}
+
 /// classes narrowed to T, each index < 2^(8 sizeof T).
 template <class T>
 std::vector<T> narrowed(const std::vector<std::int32_t>& classes) {
@@ -112,20 +121,15 @@ bool Engine::prefetch(IdsRef next_ids) {
   // The worker reads the sampler and the class tables (heap objects that stay put when the Engine
   // moves, and that nothing changes while a prefetch is held: set_labels discards it first) and its
   // own copies; it writes only p->negatives. One thread, no OpenMP team: the caller's compute has the
-  // others. The draws are sample_impl's, query by query.
+  // others.
   detail::KernelContext cx =
       make_context(bank_, *sampler_, p->config, classes_, class_mass_, classes8_, classes16_, config_.k);
   Prefetch* const out = p.get();
   p->worker = std::thread([out, cx] {
     try {
       std::vector<float> log_pn(static_cast<std::size_t>(cx.k));
-      for (index_t i = 0; i < out->negatives.rows(); ++i) {
-        const index_t y = out->ids[static_cast<std::size_t>(i)];
-        const detail::QueryExclusion e = detail::exclusion_of(cx, y);
-        cx.sampler->draw({out->config.seed, out->step, static_cast<std::uint32_t>(i), detail::purpose_negatives},
-                         e.exclusion, std::span<index_t>(out->negatives.row(i).data(), static_cast<std::size_t>(cx.k)),
-                         log_pn);
-      }
+      for (index_t i = 0; i < out->negatives.rows(); ++i)
+        draw_query(cx, out->step, i, out->ids[static_cast<std::size_t>(i)], out->negatives.row(i).data(), log_pn);
     } catch (...) {
       out->error = std::current_exception();
     }
@@ -327,12 +331,7 @@ RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step) const {
     errors.run([&] { log_pn.resize(static_cast<std::size_t>(k)); });  // inside the capture
 #pragma omp for schedule(static)
     for (index_t i = 0; i < batch; ++i) {
-      errors.run([&] {
-        const index_t y = ids[static_cast<std::size_t>(i)];
-        const detail::QueryExclusion e = detail::exclusion_of(cx, y);
-        sampler_->draw({config_.seed, step, static_cast<std::uint32_t>(i), detail::purpose_negatives}, e.exclusion,
-                       std::span<index_t>(out.row(i).data(), static_cast<std::size_t>(k)), log_pn);
-      });
+      errors.run([&] { draw_query(cx, step, i, ids[static_cast<std::size_t>(i)], out.row(i).data(), log_pn); });
     }
   }
   errors.rethrow("Engine::sample");

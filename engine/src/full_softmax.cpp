@@ -119,6 +119,7 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
   // Merge in chunk order; loss_i = log Z_i - s_iy / tau, dL/df_i = (sum_j P_j v_j - v_y) / (B tau).
   const double coef = 1.0 / (static_cast<double>(batch) * tau);
   double loss = 0.0, z_total = 0.0, p_total = 0.0;
+  std::vector<float> vy_row(static_cast<std::size_t>(dim));  // the positive's row, widened
   for (index_t i = 0; i < batch; ++i) {
     double m = -std::numeric_limits<double>::infinity();
     for (const auto& p : partials) m = std::max(m, p.max[i]);
@@ -130,7 +131,6 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
       acc += p.acc.row(i).transpose().cast<double>() * w;
     }
     const index_t y = ids[static_cast<std::size_t>(i)];
-    std::vector<float> vy_row(static_cast<std::size_t>(dim));
     bank.widen_rows(y, 1, vy_row.data(), dim);
     const float* vy = vy_row.data();
     const double s_y = kt.dot(vy, DType::float32, f.row(i).data(), dim) * (1.0 / tau);

@@ -137,8 +137,10 @@ class Bank {
   void update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step, Rounding rounding, std::uint64_t seed);
   void* row_ptr(index_t i) { return static_cast<unsigned char*>(data_) + i * stride_ * dtype_bytes(dtype_); }
   /// Checks rows [r0, r0 + rows) of fp32 values (at src, `ld` apart): finite, non-zero, renormalised
-  /// beyond the tolerance (counted in *fixed); then stores them as the bank's type.
-  void check_and_store(index_t r0, index_t rows, float* src, index_t ld, double renorm_tolerance, index_t* fixed);
+  /// beyond the tolerance (counted in *fixed); then stores them as the bank's type. `held`: the bank
+  /// already holds these rows (src is their widened copy), so only a renormalised row is written back.
+  void check_and_store(index_t r0, index_t rows, float* src, index_t ld, double renorm_tolerance, index_t* fixed,
+                       bool held = false);
 
   void* data_ = nullptr;
   std::size_t bytes_ = 0;
