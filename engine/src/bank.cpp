@@ -109,7 +109,8 @@ void Bank::check_no_overlap(const MemoryRegion& out, const char* out_name) const
                             "the bank's last-update steps");
 }
 
-Bank::Bank(index_t n, index_t dim, std::uint64_t seed, DType dtype) {
+Bank::Bank(index_t n, index_t dim, std::uint64_t seed, DType dtype, index_t first_row) {
+  MEMBANK_CHECK(first_row >= 0, "first_row = {}: expected a row index >= 0", first_row);
   allocate(n, dim, dtype);
   // First touch in parallel (pages land near the threads that use them); one Philox stream per row,
   // turned into normals by the dispatched kernel (Box-Muller in float, vectorised). A 2-byte row is
@@ -123,7 +124,8 @@ Bank::Bank(index_t n, index_t dim, std::uint64_t seed, DType dtype) {
 #pragma omp for schedule(static)
     for (index_t i = 0; i < n; ++i) {
       float* v = narrow ? tmp : static_cast<float*>(row_ptr(i));
-      const detail::StreamCounter stream({seed, i >> 32, static_cast<std::uint32_t>(i), detail::purpose_bank_init});
+      const index_t row = first_row + i;  // the row's global index
+      const detail::StreamCounter stream({seed, row >> 32, static_cast<std::uint32_t>(row), detail::purpose_bank_init});
       kt.unit_normal_row(stream.key().v, stream.counter(0).v, dim, v);
       for (index_t c = dim; c < stride_; ++c) v[c] = 0.0f;
       if (narrow) kt.narrow(dtype, tmp, row_ptr(i), stride_, nullptr);
@@ -266,7 +268,7 @@ RowMatrixf Bank::to_matrix() const {
 }
 
 void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t step, Rounding rounding,
-                           std::uint64_t seed) {
+                           std::uint64_t seed, index_t first_row) {
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
   MEMBANK_CHECK(m >= 0.0 && m <= 1.0, "momentum m = {}: expected 0 <= m <= 1", m);
   check_ids(ids, n_, "ids");
@@ -276,17 +278,17 @@ void Bank::momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t ste
   if (shares_memory_with(MemoryRegion::of_span(ids))) {
     const std::vector<index_t> copy = detail::translate_bad_alloc("Bank::momentum_update",
                                                                   [&] { return std::vector<index_t>(ids.begin(), ids.end()); });
-    return momentum_update(copy, f, m, step, rounding, seed);
+    return momentum_update(copy, f, m, step, rounding, seed, first_row);
   }
   if (shares_memory_with(MemoryRegion::of_matrix(f))) {
     const RowMatrixf copy = detail::translate_bad_alloc("Bank::momentum_update", [&] { return RowMatrixf(f); });
-    return momentum_update(ids, copy, m, step, rounding, seed);
+    return momentum_update(ids, copy, m, step, rounding, seed, first_row);
   }
-  detail::translate_bad_alloc("Bank::momentum_update", [&] { update_rows(ids, f, m, step, rounding, seed); });
+  detail::translate_bad_alloc("Bank::momentum_update", [&] { update_rows(ids, f, m, step, rounding, seed, first_row); });
 }
 
 void Bank::update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step, Rounding rounding,
-                       std::uint64_t seed) {
+                       std::uint64_t seed, index_t first_row) {
   const std::size_t batch = ids.size();
   // Group equal ids; within a group keep batch order (stable sort), groups are independent.
   std::vector<std::size_t> order(batch);  // positions in the batch
@@ -334,8 +336,8 @@ void Bank::update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step, R
         kt.widen(dtype_, row_ptr(id), wide, dim);
         kt.momentum_row(wide, f.row(static_cast<index_t>(order[p])).data(), mf, one_minus, tmp, dim);
         if (stochastic) {  // keyed by (seed, step, row, occurrence of the row in this batch)
-          const auto row_word = static_cast<std::uint32_t>(static_cast<std::uint64_t>(id) ^
-                                                           (static_cast<std::uint64_t>(id) >> 32));
+          const auto row = static_cast<std::uint64_t>(first_row + id);  // the global row
+          const auto row_word = static_cast<std::uint32_t>(row ^ (row >> 32));
           const detail::StreamCounter stream({seed, step, row_word, detail::purpose_stochastic_rounding});
           stream.blocks(kt, static_cast<std::uint64_t>(p - first) * static_cast<std::uint64_t>(blocks), blocks,
                         random);

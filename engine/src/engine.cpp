@@ -7,6 +7,7 @@
 #include <membank/memory.hpp>
 
 #include "detail/check.hpp"
+#include "detail/features.hpp"
 #include "detail/parallel.hpp"
 #include "detail/philox.hpp"
 #include "kernels/kernels.hpp"
@@ -22,6 +23,11 @@
 #include <vector>
 
 namespace membank {
+
+using detail::PreparedFeatures;
+using detail::prepare_features;
+using detail::backprop_normalisation;
+using detail::check_grad_alone;
 
 namespace {
 
@@ -138,49 +144,14 @@ bool Engine::prefetch(IdsRef next_ids) {
   return true;
 }
 
-namespace {
-
-/// Labels as class indices 0..C-1 and the P_n mass of each class, checked.
-struct LabelClasses {
-  std::vector<std::int32_t> classes;
-  std::vector<double> mass;
-};
-
-LabelClasses label_classes(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
-                           const EngineConfig& config) {
-  MEMBANK_CHECK(static_cast<index_t>(labels.size()) == sampler.size(),
-                "labels has {} entries: expected one per instance (N = {})", labels.size(), sampler.size());
-  std::vector<std::int64_t> distinct(labels.begin(), labels.end());
-  std::sort(distinct.begin(), distinct.end());
-  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
-  MEMBANK_CHECK(distinct.size() < (std::size_t{1} << 31), "labels has {} distinct values: expected fewer than 2^31",
-                distinct.size());
-  LabelClasses lc;
-  lc.classes.resize(labels.size());
-  lc.mass.assign(distinct.size(), 0.0);
-  const std::vector<double> p = sampler.probs();
-  for (std::size_t j = 0; j < labels.size(); ++j) {
-    const auto c = std::lower_bound(distinct.begin(), distinct.end(), labels[j]) - distinct.begin();
-    lc.classes[j] = static_cast<std::int32_t>(c);
-    lc.mass[static_cast<std::size_t>(c)] += p[j];
-  }
-  if (config.exclude_same_label)
-    for (std::size_t c = 0; c < lc.mass.size(); ++c)
-      MEMBANK_CHECK(lc.mass[c] < 1.0, "label {} carries all of the noise mass ({}): nothing is left to draw from "
-                    "with exclude_same_label", distinct[c], lc.mass[c]);
-  return lc;
-}
-
-}  // namespace
-
 void Engine::check_labels(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
                           const EngineConfig& config) {
-  label_classes(labels, sampler, config);
+  detail::label_classes(labels, sampler, config);
 }
 
 void Engine::set_labels(std::span<const std::int64_t> labels) {
   discard_prefetch();  // its worker reads the class tables
-  LabelClasses lc = label_classes(labels, *sampler_, config_);
+  detail::LabelClasses lc = detail::label_classes(labels, *sampler_, config_);
   labels_.assign(labels.begin(), labels.end());
   const std::size_t count = lc.mass.size();
   std::vector<std::uint8_t> c8 = count <= 256 ? narrowed<std::uint8_t>(lc.classes) : std::vector<std::uint8_t>{};
@@ -210,66 +181,6 @@ void Engine::restore_state(const Partition& partition, std::int64_t step) {
 // Engine
 
 namespace {
-
-/// Validated, unit-norm view of the caller's features (a normalised copy when asked to normalise).
-struct PreparedFeatures {
-  RowMatrixf copy;           // used when normalising
-  std::vector<double> norms; // of the raw rows, when normalising
-  const float* data = nullptr;  // B x D unit rows: copy, or the caller's features
-  index_t rows = 0, cols = 0, stride = 0;
-  Eigen::Map<const RowMatrixf, 0, Eigen::OuterStride<>> view() const {
-    return {data, rows, cols, Eigen::OuterStride<>(stride)};
-  }
-};
-
-PreparedFeatures prepare_features(FeaturesRef features, index_t batch, index_t dim, const EngineConfig& cfg) {
-  check_features(features, batch, dim, "features");
-  PreparedFeatures p;
-  p.rows = batch;
-  p.cols = dim;
-  if (cfg.normalize_features) {
-    p.copy.resize(batch, dim);
-    p.norms.resize(static_cast<std::size_t>(batch));
-    for (index_t b = 0; b < batch; ++b) {
-      double sq = 0.0;
-      for (index_t c = 0; c < dim; ++c) sq += static_cast<double>(features(b, c)) * features(b, c);
-      p.norms[static_cast<std::size_t>(b)] = std::sqrt(sq);
-      for (index_t c = 0; c < dim; ++c)
-        p.copy(b, c) = static_cast<float>(features(b, c) / p.norms[static_cast<std::size_t>(b)]);
-    }
-    p.data = p.copy.data();
-    p.stride = dim;
-  } else {
-    check_unit_norm(features, cfg.unit_norm_tolerance, "features");
-    p.data = features.data();
-    p.stride = features.outerStride();
-  }
-  return p;
-}
-
-/// dL/dx from dL/df for f = x / |x|: (g - f (f . g)) / |x|, in place.
-void backprop_normalisation(const PreparedFeatures& p, GradRef grad) {
-  for (index_t b = 0; b < grad.rows(); ++b) {
-    const float* f = p.data + b * p.stride;
-    double fg = 0.0;
-    for (index_t c = 0; c < grad.cols(); ++c) fg += static_cast<double>(f[c]) * grad(b, c);
-    const double inv = 1.0 / p.norms[static_cast<std::size_t>(b)];
-    for (index_t c = 0; c < grad.cols(); ++c)
-      grad(b, c) = static_cast<float>((grad(b, c) - f[c] * fg) * inv);
-  }
-}
-
-/// The gradient buffer may overlap nothing the call reads or owns (aliasing contract, memory.hpp):
-/// itself, the features, the ids, the negatives, the bank's rows and last-update steps.
-void check_grad_alone(GradRef grad, FeaturesRef features, IdsRef ids, const NegativesRef* negatives,
-                      const Bank& bank) {
-  const MemoryRegion g = MemoryRegion::of_matrix(grad);
-  check_no_self_overlap(g, "grad");
-  check_no_overlap(g, "grad", MemoryRegion::of_matrix(features), "features");
-  check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
-  if (negatives) check_no_overlap(g, "grad", MemoryRegion::of_matrix(*negatives), "negatives");
-  bank.check_no_overlap(g, "grad");
-}
 
 /// The engine's copy of caller negatives (the kernels read them as a dense B x K matrix).
 RowMatrixi copy_negatives(NegativesRef negatives) {

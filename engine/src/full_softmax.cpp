@@ -4,6 +4,7 @@
 
 #include "detail/check.hpp"
 #include "detail/parallel.hpp"
+#include "step_kernels.hpp"
 #include "kernels/kernels.hpp"
 
 #include <omp.h>
@@ -43,25 +44,10 @@ double full_softmax_loss(const BankView& bank, FeaturesRef features, IdsRef ids,
   });
 }
 
-namespace {
-double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids, double tau, GradRef grad,
-                         double* mean_z, double* mean_p_positive, double unit_norm_tolerance) {
-  MEMBANK_CHECK(std::isfinite(tau) && tau > 0.0, "tau = {}: expected a finite temperature > 0", tau);
-  MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id (B >= 1)");
-  const auto batch = static_cast<index_t>(ids.size());
-  const index_t dim = bank.dim, n = bank.rows;
-  check_features(features, batch, dim, "features");
-  check_unit_norm(features, unit_norm_tolerance, "features");
-  check_ids(ids, n, "ids");
-  MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
-                grad.rows(), grad.cols(), batch, dim);
-  // grad is written while features, ids and the bank are read (aliasing contract, memory.hpp).
-  const MemoryRegion g = MemoryRegion::of_matrix(grad);
-  check_no_self_overlap(g, "grad");
-  check_no_overlap(g, "grad", MemoryRegion::of_matrix(features), "features");
-  check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
-  check_no_overlap(g, "grad", bank.region(), "the bank's rows");
+namespace detail {
 
+SoftmaxPartial softmax_partial(const BankView& bank, const RowMatrixf& f, double tau) {
+  const index_t batch = f.rows(), dim = bank.dim, n = bank.rows;
   // Chunks depend only on N, never on the thread count: partials merge in chunk order.
   const index_t chunk = std::max(kMinChunk, (n + kMaxChunks - 1) / kMaxChunks);
   const index_t chunks = (n + chunk - 1) / chunk;
@@ -69,14 +55,13 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
     const int threads = omp_get_max_threads();
     std::int64_t need = mul_sat(threads, mul_sat(batch, kTile * 4));                   // per-thread scores
     need = add_sat(need, mul_sat(chunks, mul_sat(batch, add_sat(mul_sat(dim, 4), 16))));  // partials
-    need = add_sat(need, mul_sat(batch, mul_sat(dim, 4)));                              // features copy
+    need = add_sat(need, mul_sat(batch, mul_sat(dim, 4 + 8)));                          // features copy, merged rows
     if (bank.dtype != DType::float32) need = add_sat(need, mul_sat(threads, mul_sat(kTile, dim * 4)));  // widened tiles
     require_memory(need, fmt::format("full_softmax_loss for B = {} queries (N = {}, D = {}, {} threads)", batch, n,
                                      dim, threads));
   }
   std::vector<Partial> partials(static_cast<std::size_t>(chunks));
   const float inv_tau = static_cast<float>(1.0 / tau);
-  const RowMatrixf f = features;  // contiguous copy: the GEMM's left operand
 
   // Scratch made before the region (no allocation that could throw inside it but Eigen's own), one
   // batch x kTile block per thread, 64-byte aligned as softmax_tile requires (its vectorised loops
@@ -116,10 +101,11 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
 
   errors.rethrow("full_softmax_loss");
 
-  // Merge in chunk order; loss_i = log Z_i - s_iy / tau, dL/df_i = (sum_j P_j v_j - v_y) / (B tau).
-  const double coef = 1.0 / (static_cast<double>(batch) * tau);
-  double loss = 0.0, z_total = 0.0, p_total = 0.0;
-  std::vector<float> vy_row(static_cast<std::size_t>(dim));  // the positive's row, widened
+  // Merge in chunk order.
+  SoftmaxPartial out;
+  out.max.resize(batch);
+  out.sum.resize(batch);
+  out.acc.resize(batch, dim);
   for (index_t i = 0; i < batch; ++i) {
     double m = -std::numeric_limits<double>::infinity();
     for (const auto& p : partials) m = std::max(m, p.max[i]);
@@ -130,15 +116,52 @@ double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids,
       l += p.sum[i] * w;
       acc += p.acc.row(i).transpose().cast<double>() * w;
     }
+    out.max[i] = m;
+    out.sum[i] = l;
+    out.acc.row(i) = acc.transpose();
+  }
+  return out;
+}
+
+}  // namespace detail
+
+namespace {
+double full_softmax_impl(const BankView& bank, FeaturesRef features, IdsRef ids, double tau, GradRef grad,
+                         double* mean_z, double* mean_p_positive, double unit_norm_tolerance) {
+  MEMBANK_CHECK(std::isfinite(tau) && tau > 0.0, "tau = {}: expected a finite temperature > 0", tau);
+  MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id (B >= 1)");
+  const auto batch = static_cast<index_t>(ids.size());
+  const index_t dim = bank.dim, n = bank.rows;
+  check_features(features, batch, dim, "features");
+  check_unit_norm(features, unit_norm_tolerance, "features");
+  check_ids(ids, n, "ids");
+  MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
+                grad.rows(), grad.cols(), batch, dim);
+  // grad is written while features, ids and the bank are read (aliasing contract, memory.hpp).
+  const MemoryRegion g = MemoryRegion::of_matrix(grad);
+  check_no_self_overlap(g, "grad");
+  check_no_overlap(g, "grad", MemoryRegion::of_matrix(features), "features");
+  check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
+  check_no_overlap(g, "grad", bank.region(), "the bank's rows");
+
+  const RowMatrixf f = features;  // contiguous copy: the GEMM's left operand
+  const detail::SoftmaxPartial part = detail::softmax_partial(bank, f, tau);
+  // loss_i = log Z_i - s_iy / tau, dL/df_i = (sum_j P_j v_j - v_y) / (B tau).
+  const kernels::Table& kt = kernels::table();
+  const double coef = 1.0 / (static_cast<double>(batch) * tau);
+  double loss = 0.0, z_total = 0.0, p_total = 0.0;
+  std::vector<float> vy_row(static_cast<std::size_t>(dim));  // the positive's row, widened
+  for (index_t i = 0; i < batch; ++i) {
+    const double l = part.sum[i];
     const index_t y = ids[static_cast<std::size_t>(i)];
     bank.widen_rows(y, 1, vy_row.data(), dim);
     const float* vy = vy_row.data();
     const double s_y = kt.dot(vy, DType::float32, f.row(i).data(), dim) * (1.0 / tau);
-    const double log_z = m + std::log(l);
+    const double log_z = part.max[i] + std::log(l);
     loss += log_z - s_y;
     z_total += std::exp(log_z);
     p_total += std::exp(s_y - log_z);
-    for (index_t c = 0; c < dim; ++c) grad(i, c) = static_cast<float>(coef * (acc[c] / l - vy[c]));
+    for (index_t c = 0; c < dim; ++c) grad(i, c) = static_cast<float>(coef * (part.acc(i, c) / l - vy[c]));
   }
   if (mean_z) *mean_z = z_total / static_cast<double>(batch);
   if (mean_p_positive) *mean_p_positive = p_total / static_cast<double>(batch);

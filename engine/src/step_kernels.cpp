@@ -334,4 +334,29 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   return params.log_z;
 }
 
+LabelClasses label_classes(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
+                           const EngineConfig& config) {
+  MEMBANK_CHECK(static_cast<index_t>(labels.size()) == sampler.size(),
+                "labels has {} entries: expected one per instance (N = {})", labels.size(), sampler.size());
+  std::vector<std::int64_t> distinct(labels.begin(), labels.end());
+  std::sort(distinct.begin(), distinct.end());
+  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  MEMBANK_CHECK(distinct.size() < (std::size_t{1} << 31), "labels has {} distinct values: expected fewer than 2^31",
+                distinct.size());
+  LabelClasses lc;
+  lc.classes.resize(labels.size());
+  lc.mass.assign(distinct.size(), 0.0);
+  const std::vector<double> p = sampler.probs();
+  for (std::size_t j = 0; j < labels.size(); ++j) {
+    const auto c = std::lower_bound(distinct.begin(), distinct.end(), labels[j]) - distinct.begin();
+    lc.classes[j] = static_cast<std::int32_t>(c);
+    lc.mass[static_cast<std::size_t>(c)] += p[j];
+  }
+  if (config.exclude_same_label)
+    for (std::size_t c = 0; c < lc.mass.size(); ++c)
+      MEMBANK_CHECK(lc.mass[c] < 1.0, "label {} carries all of the noise mass ({}): nothing is left to draw from "
+                    "with exclude_same_label", distinct[c], lc.mass[c]);
+  return lc;
+}
+
 }  // namespace membank::detail

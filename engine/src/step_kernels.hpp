@@ -81,4 +81,22 @@ QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y);
 /// otherwise (exclude_same_label masks each query's own label's draws instead).
 std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids);
 
+/// Labels as class indices 0..C-1 and the P_n mass of each class, checked (Engine::check_labels).
+struct LabelClasses {
+  std::vector<std::int32_t> classes;
+  std::vector<double> mass;
+};
+LabelClasses label_classes(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
+                           const EngineConfig& config);
+
+/// The exact softmax's online state of every query over a whole bank (full_softmax.cpp): running
+/// max_i and sum_i = sum_j e^{s_ij / tau - max_i} and acc_i = sum_j e^{s_ij / tau - max_i} v_j, merged in
+/// the bank's fixed chunk order (the same for any thread count). f: B x D unit rows. Checks its scratch
+/// against available memory (OutOfMemory).
+struct SoftmaxPartial {
+  Eigen::VectorXd max, sum;
+  RowMatrixd acc;
+};
+SoftmaxPartial softmax_partial(const BankView& bank, const RowMatrixf& f, double tau);
+
 }  // namespace membank::detail

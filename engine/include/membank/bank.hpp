@@ -59,7 +59,9 @@ class Bank {
   /// Throws Error if n < 1 or dim < 1; OutOfMemory, before allocating anything, when the storage
   /// (N x stride floats + N last-update steps) exceeds what the process can allocate (memory.hpp),
   /// and when the allocation fails.
-  Bank(index_t n, index_t dim, std::uint64_t seed, DType dtype = DType::float32);
+  /// `first_row`: the bank holds rows [first_row, first_row + n) of the seeded bank of `seed` (a
+  /// shard of a larger one: DistributedEngine); each row is a function of (seed, its global index).
+  Bank(index_t n, index_t dim, std::uint64_t seed, DType dtype = DType::float32, index_t first_row = 0);
 
   /// A bank initialised from caller rows (N x D), each normalised to unit length (in double), then
   /// rounded to `dtype` (to nearest). Throws Error (bank not created) on an empty matrix, a
@@ -111,7 +113,8 @@ class Bank {
   /// Duplicate ids are applied in batch order, deterministically. Arithmetic is fp32 with the norm
   /// taken in double; a 2-byte row is widened to fp32 first and rounded once at the end, to nearest
   /// or stochastically (`rounding`; the random bits are keyed by (seed, step, row, occurrence in
-  /// the batch)). m = 1 leaves rows bit-for-bit unchanged; m = 0 stores normalise(f[b]).
+  /// the batch), `row` the global index first_row + id when the bank is a shard of a larger one).
+  /// m = 1 leaves rows bit-for-bit unchanged; m = 0 stores normalise(f[b]).
   /// If m * v + (1 - m) * f is exactly zero (f = -v at m = 0.5) the row becomes normalise(f[b]).
   /// Records `step` in last_update() for every written row.
   /// Validates everything before writing: f is B x D with B = ids.size() >= 1, ids in [0, N),
@@ -119,7 +122,7 @@ class Bank {
   /// f and ids may overlap the bank's own storage (f = rows of view()): they are copied before the
   /// first write, so the result is that of disjoint inputs. Cost O(B D + B log B).
   void momentum_update(IdsRef ids, FeaturesRef f, double m, std::int64_t step,
-                       Rounding rounding = Rounding::nearest, std::uint64_t seed = 0);
+                       Rounding rounding = Rounding::nearest, std::uint64_t seed = 0, index_t first_row = 0);
 
   /// True when `r` shares a byte with the bank's storage (the row allocation, padding included, or
   /// the last-update steps).
@@ -134,7 +137,8 @@ class Bank {
   Bank() = default;
   void allocate(index_t n, index_t dim, DType dtype);
   /// momentum_update after validation, on inputs that do not overlap the bank.
-  void update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step, Rounding rounding, std::uint64_t seed);
+  void update_rows(IdsRef ids, FeaturesRef f, double m, std::int64_t step, Rounding rounding, std::uint64_t seed,
+                   index_t first_row);
   void* row_ptr(index_t i) { return static_cast<unsigned char*>(data_) + i * stride_ * dtype_bytes(dtype_); }
   /// Checks rows [r0, r0 + rows) of fp32 values (at src, `ld` apart): finite, non-zero, renormalised
   /// beyond the tolerance (counted in *fixed); then stores them as the bank's type. `held`: the bank

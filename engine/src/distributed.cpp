@@ -1,0 +1,1082 @@
+// DistributedEngine (membank/distributed.hpp): the step of the global batch over MPI ranks, in
+// replicated or sharded mode. The arithmetic of docs/distributed.md, in the order a step runs:
+//   1. every rank checks its own slice (the single-process checks); all ranks agree (one error for all)
+//   2. all-gather of the queries: ids and unit features of the global batch, B = sum B_r rows
+//   3. draws: replicated, the rank's own queries; sharded, every global query (keyed by global row)
+//   4. scores: replicated, all of its queries' draws; sharded, the draws and positives it owns
+//   5. sharded: scores to the query's rank (all-to-all)
+//   6. the query's rank: Z (from the global estimate), the objective over the K + 1 scores, dL/ds
+//   7. sharded: dL/ds back to the owners, the owners' sum_j dL/ds_j v_j to the query's rank
+//   8. refresh: replicated, the whole global batch on every rank; sharded, each owner its rows
+// The objectives run through the kernels' shared-negatives entry (kernels::Table::shared_query): a
+// query's scores in, its coefficients out, whatever the objective.
+#include <membank/distributed.hpp>
+#include <membank/error.hpp>
+
+#include "detail/check.hpp"
+#include "detail/features.hpp"
+#include "detail/parallel.hpp"
+#include "detail/philox.hpp"
+#include "kernels/kernels.hpp"
+#include "step_kernels.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <bit>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <utility>
+
+namespace membank {
+
+std::string to_string(Distributed d) { return d == Distributed::replicated ? "replicated" : "sharded"; }
+
+Distributed distributed_from_string(const std::string& s) {
+  if (s == "replicated") return Distributed::replicated;
+  if (s == "sharded") return Distributed::sharded;
+  MEMBANK_THROW("distributed = '{}': expected replicated or sharded", s);
+}
+
+RowRange shard_rows(index_t n, int ranks, int rank) {
+  MEMBANK_CHECK(ranks >= 1 && n >= ranks, "{} ranks for N = {} rows: expected 1 <= ranks <= N (every shard holds "
+                "at least one row)", ranks, n);
+  MEMBANK_CHECK(rank >= 0 && rank < ranks, "rank = {}: expected 0 <= rank < {}", rank, ranks);
+  const index_t q = n / ranks, rem = n % ranks;
+  const index_t begin = rank * q + std::min<index_t>(rank, rem);
+  return {begin, begin + q + (rank < rem ? 1 : 0)};
+}
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+/// The rank that owns global row `id` in sharded mode (the inverse of shard_rows).
+struct Owners {
+  index_t q = 1, rem = 0;
+  Owners(index_t n, int ranks) : q(n / ranks), rem(n % ranks) {}
+  int operator()(index_t id) const {
+    const index_t big = rem * (q + 1);
+    return static_cast<int>(id < big ? id / (q + 1) : rem + (id - big) / q);
+  }
+};
+
+template <class T>
+MPI_Datatype mpi_type() {
+  if constexpr (std::is_same_v<T, double>) return MPI_DOUBLE;
+  if constexpr (std::is_same_v<T, float>) return MPI_FLOAT;
+  if constexpr (std::is_same_v<T, std::int64_t>) return MPI_INT64_T;
+  if constexpr (std::is_same_v<T, std::uint64_t>) return MPI_UINT64_T;
+  if constexpr (std::is_same_v<T, int>) return MPI_INT;
+  if constexpr (std::is_same_v<T, char>) return MPI_CHAR;
+}
+
+void check_mpi(int rc, const char* call) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  MEMBANK_THROW("{} failed: {}", call, std::string(text, static_cast<std::size_t>(len)));
+}
+
+/// An element count as MPI's int (the sizes are the same on every rank, so every rank throws alike).
+int mpi_count(std::size_t n, const char* what) {
+  MEMBANK_CHECK(n <= static_cast<std::size_t>(INT_MAX), "{}: {} elements in one message: expected at most 2^31 - 1",
+                what, n);
+  return static_cast<int>(n);
+}
+
+/// The engine's collectives on its communicator, counting what this rank sends to the others.
+struct Group {
+  MPI_Comm comm;
+  int rank, ranks;
+  WireStats* wire;
+
+  void sent(std::size_t bytes) const {
+    wire->bytes_sent += static_cast<std::int64_t>(bytes);
+    ++wire->collectives;
+  }
+
+  /// Every rank calls this with its own failure (or none). When any rank failed, every rank throws the
+  /// same Error (OutOfMemory when the first failure was one), naming the first failing rank.
+  void agree(std::exception_ptr error) const {
+    int mine = error ? rank : ranks, first = ranks;
+    check_mpi(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce");
+    sent(sizeof(int) * static_cast<std::size_t>(ranks - 1));
+    if (first == ranks) return;
+    std::string msg;
+    int head[2] = {0, 0};  // message length, out of memory
+    if (rank == first) {
+      try {
+        std::rethrow_exception(error);
+      } catch (const OutOfMemory& e) {
+        msg = e.what();
+        head[1] = 1;
+      } catch (const std::bad_alloc&) {
+        msg = "out of memory (std::bad_alloc)";
+        head[1] = 1;
+      } catch (const std::exception& e) {
+        msg = e.what();
+      } catch (...) {
+        msg = "an exception that is not a std::exception";
+      }
+      if (msg.rfind("membank: ", 0) == 0) msg.erase(0, 9);
+      head[0] = static_cast<int>(std::min<std::size_t>(msg.size(), 1 << 20));
+    }
+    check_mpi(MPI_Bcast(head, 2, MPI_INT, first, comm), "MPI_Bcast");
+    msg.resize(static_cast<std::size_t>(head[0]));
+    check_mpi(MPI_Bcast(msg.data(), head[0], MPI_CHAR, first, comm), "MPI_Bcast");
+    const std::string text = fmt::format("membank: rank {} of {}: {}", first, ranks, msg);
+    if (head[1]) throw OutOfMemory(text);
+    throw Error(text);
+  }
+
+  /// f() on this rank, then agree on the outcome.
+  template <class F>
+  void check(F&& f) const {
+    std::exception_ptr error;
+    try {
+      f();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    agree(error);
+  }
+
+  /// Every rank's `mine` (the same count on every rank), in rank order.
+  template <class T>
+  std::vector<T> allgather(std::span<const T> mine) const {
+    std::vector<T> all(mine.size() * static_cast<std::size_t>(ranks));
+    const int n = mpi_count(mine.size(), "all-gather");
+    check_mpi(MPI_Allgather(mine.data(), n, mpi_type<T>(), all.data(), n, mpi_type<T>(), comm), "MPI_Allgather");
+    sent(mine.size() * sizeof(T) * static_cast<std::size_t>(ranks - 1));
+    return all;
+  }
+  template <class T>
+  std::vector<T> allgather(const T& mine) const {
+    return allgather(std::span<const T>(&mine, 1));
+  }
+
+  /// Every rank's `mine`, of counts[r] elements each, concatenated in rank order.
+  template <class T>
+  std::vector<T> allgatherv(std::span<const T> mine, const std::vector<index_t>& counts) const {
+    std::vector<int> cnt(static_cast<std::size_t>(ranks)), displ(static_cast<std::size_t>(ranks));
+    std::size_t total = 0;
+    for (int r = 0; r < ranks; ++r) {
+      cnt[static_cast<std::size_t>(r)] = mpi_count(static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]), "all-gather");
+      displ[static_cast<std::size_t>(r)] = mpi_count(total, "all-gather");
+      total += static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
+    }
+    mpi_count(total, "all-gather");
+    std::vector<T> all(total);
+    check_mpi(MPI_Allgatherv(mine.data(), cnt[static_cast<std::size_t>(rank)], mpi_type<T>(), all.data(), cnt.data(),
+                             displ.data(), mpi_type<T>(), comm),
+              "MPI_Allgatherv");
+    sent(mine.size() * sizeof(T) * static_cast<std::size_t>(ranks - 1));
+    return all;
+  }
+
+  /// send[d] to rank d, for every d; returns what each rank sent to this one (recv[s] from rank s).
+  /// The counts travel first (one all-to-all of ints).
+  template <class T>
+  std::vector<std::vector<T>> alltoallv(const std::vector<std::vector<T>>& send) const {
+    const auto R = static_cast<std::size_t>(ranks);
+    std::vector<int> scount(R), rcount(R), sdispl(R), rdispl(R);
+    std::size_t stotal = 0, payload = 0;
+    for (std::size_t d = 0; d < R; ++d) {
+      scount[d] = mpi_count(send[d].size(), "all-to-all");
+      sdispl[d] = mpi_count(stotal, "all-to-all");
+      stotal += send[d].size();
+      if (d != static_cast<std::size_t>(rank)) payload += send[d].size() * sizeof(T);
+    }
+    check_mpi(MPI_Alltoall(scount.data(), 1, MPI_INT, rcount.data(), 1, MPI_INT, comm), "MPI_Alltoall");
+    sent(sizeof(int) * (R - 1));
+    std::size_t rtotal = 0;
+    for (std::size_t s = 0; s < R; ++s) {
+      rdispl[s] = static_cast<int>(rtotal);
+      rtotal += static_cast<std::size_t>(rcount[s]);
+    }
+    std::vector<T> sbuf(stotal), rbuf(rtotal);
+    for (std::size_t d = 0; d < R; ++d) std::copy(send[d].begin(), send[d].end(), sbuf.begin() + sdispl[d]);
+    check_mpi(MPI_Alltoallv(sbuf.data(), scount.data(), sdispl.data(), mpi_type<T>(), rbuf.data(), rcount.data(),
+                            rdispl.data(), mpi_type<T>(), comm),
+              "MPI_Alltoallv");
+    sent(payload);
+    std::vector<std::vector<T>> recv(R);
+    for (std::size_t s = 0; s < R; ++s)
+      recv[s].assign(rbuf.begin() + rdispl[s], rbuf.begin() + rdispl[s] + rcount[s]);
+    return recv;
+  }
+};
+
+/// FNV-1a over bytes: the fingerprints by which ranks check that they were given the same thing.
+struct Fingerprint {
+  std::uint64_t h = 1469598103934665603ull;
+  void bytes(const void* p, std::size_t n) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  }
+  template <class T>
+  Fingerprint& operator<<(const T& v) {
+    bytes(&v, sizeof v);
+    return *this;
+  }
+};
+
+std::uint64_t fingerprint(const EngineConfig& c) {
+  Fingerprint f;
+  f << c.k << c.tau << c.momentum << c.objective << c.negatives << c.exclude_positive << c.z_policy << c.z_fixed
+    << c.z_ema << c.seed << c.normalize_features << c.unit_norm_tolerance << c.tau_plus << c.beta << c.detach_weights
+    << c.kernel_t << c.gamma << std::bit_cast<std::uint64_t>(c.margin) << c.exclude_same_label << c.rounding;
+  return f.h;
+}
+
+std::uint64_t fingerprint(const NoiseSampler& s) {
+  Fingerprint f;
+  f << s.kind() << s.size();
+  if (s.kind() != SamplerKind::uniform) {
+    const std::vector<double> p = s.probs();
+    f.bytes(p.data(), p.size() * sizeof(double));
+  }
+  return f.h;
+}
+
+std::uint64_t fingerprint(const Bank& bank) {
+  Fingerprint f;
+  f << bank.size() << bank.dim() << bank.dtype();
+  const BankView v = bank.view();
+  for (index_t i = 0; i < v.rows; ++i) f.bytes(v.row_data(i), static_cast<std::size_t>(v.dim * dtype_bytes(v.dtype)));
+  return f.h;
+}
+
+/// Error on every rank naming the first rank whose fingerprint differs from rank 0's.
+void check_same(const Group& g, std::uint64_t mine, const char* what) {
+  const std::vector<std::uint64_t> all = g.allgather(mine);
+  for (int r = 1; r < g.ranks; ++r)
+    MEMBANK_CHECK(all[static_cast<std::size_t>(r)] == all[0], "rank {}'s {} differs from rank 0's: expected the same "
+                  "on every rank", r, what);
+}
+
+/// The global batch, as every rank holds it after the all-gather.
+struct GlobalBatch {
+  std::vector<index_t> offset;  ///< R + 1: rank r's queries are rows [offset[r], offset[r + 1])
+  std::vector<index_t> ids;     ///< B
+  RowMatrixf f;                 ///< B x D unit rows
+  index_t size() const { return static_cast<index_t>(ids.size()); }
+  int home(index_t i) const {
+    return static_cast<int>(std::upper_bound(offset.begin(), offset.end(), i) - offset.begin()) - 1;
+  }
+};
+
+/// The draws of the queries [first, first + count) of the global batch: their ids and log importance
+/// weights lw = log(kept mass) - log N - log P_n (per-sample: one row per query; shared: one row).
+struct Draws {
+  index_t first = 0, count = 0, k = 0;
+  bool shared = false;
+  RowMatrixi ids;
+  RowMatrixf lw;
+  const index_t* row(index_t i) const { return ids.data() + (shared ? 0 : (i - first) * k); }
+  const float* lw_row(index_t i) const { return lw.data() + (shared ? 0 : (i - first) * k); }
+};
+
+/// Adds sum_t coef[t] v_{ids[t]} (local rows of `bank`) into out (D doubles); tmp: D floats.
+void add_rows(const BankView& bank, const kernels::Table& kt, const index_t* ids, const float* coef, index_t n,
+              double* out, float* tmp) {
+  const index_t dim = bank.dim;
+  for (index_t t = 0; t < n; ++t) {
+    const float* v = bank.row(ids[t]);
+    if (bank.dtype != DType::float32) {
+      kt.widen(bank.dtype, bank.row_data(ids[t]), tmp, dim);
+      v = tmp;
+    }
+    const double c = coef[t];
+    for (index_t d = 0; d < dim; ++d) out[d] += c * v[d];
+  }
+}
+
+/// One rank's sums over its queries, in query order (combined across ranks in rank order).
+struct Sums {
+  double loss = 0.0, p_pos = 0.0, sum_exp = 0.0, collisions = 0.0, z = 0.0;
+};
+
+Sums sum_in_rank_order(const Group& g, const Sums& mine) {
+  const double v[5] = {mine.loss, mine.p_pos, mine.sum_exp, mine.collisions, mine.z};
+  const std::vector<double> all = g.allgather(std::span<const double>(v, 5));
+  Sums s;
+  for (int r = 0; r < g.ranks; ++r) {
+    const double* x = all.data() + 5 * r;
+    s.loss += x[0];
+    s.p_pos += x[1];
+    s.sum_exp += x[2];
+    s.collisions += x[3];
+    s.z += x[4];
+  }
+  return s;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Construction
+
+DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local, index_t n_total,
+                                     std::unique_ptr<NoiseSampler> sampler, EngineConfig config,
+                                     std::vector<std::int64_t> labels)
+    : DistributedEngine(comm, mode, std::move(local), n_total, std::move(sampler), config, std::move(labels), true) {}
+
+DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local, index_t n_total,
+                                     std::unique_ptr<NoiseSampler> sampler, EngineConfig config,
+                                     std::vector<std::int64_t> labels, bool checked_bank)
+    : mode_(mode), n_(n_total), bank_(std::move(local)), sampler_(std::move(sampler)), config_(config) {
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  MEMBANK_CHECK(initialised, "MPI is not initialised: call MPI_Init (or import mpi4py) before making a "
+                "DistributedEngine");
+  MEMBANK_CHECK(comm != MPI_COMM_NULL, "comm is MPI_COMM_NULL: expected a communicator");
+  check_mpi(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup");
+  MPI_Comm_rank(comm_, &rank_);
+  MPI_Comm_size(comm_, &ranks_);
+  const Group g{comm_, rank_, ranks_, &wire_};
+  try {
+    g.check([&] {
+      MEMBANK_CHECK(n_ >= ranks_, "n_total = {} with {} ranks: expected at least one row per rank", n_, ranks_);
+      held_ = mode_ == Distributed::replicated ? RowRange{0, n_} : shard_rows(n_, ranks_, rank_);
+      MEMBANK_CHECK(bank_.size() == held_.size(), "the local bank has {} rows: expected {} ({} mode, rows [{}, {}) "
+                    "of N = {})", bank_.size(), held_.size(), to_string(mode_), held_.begin, held_.end, n_);
+      MEMBANK_CHECK(sampler_ != nullptr, "sampler is null: expected a NoiseSampler over the N = {} rows", n_);
+      MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
+      config_.validate(n_, bank_.dim());
+    });
+    g.check([&] {
+      Fingerprint shape;
+      shape << bank_.dim() << bank_.dtype() << n_ << mode_;
+      check_same(g, shape.h, "bank dimension, storage type, N or mode");
+      check_same(g, fingerprint(config_), "EngineConfig");
+      check_same(g, fingerprint(*sampler_), "sampler");
+      if (mode_ == Distributed::replicated && checked_bank) check_same(g, fingerprint(bank_), "bank (replicated)");
+    });
+    partition_.policy = config_.z_policy;
+    if (config_.z_policy == ZPolicy::fixed) {
+      partition_.initialised = true;
+      partition_.log_z = std::log(config_.z_fixed);
+    }
+    if (!labels.empty()) set_labels(labels);
+  } catch (...) {
+    MPI_Comm_free(&comm_);
+    throw;
+  }
+}
+
+DistributedEngine DistributedEngine::seeded(MPI_Comm comm, Distributed mode, index_t n, index_t dim,
+                                            std::uint64_t bank_seed, DType dtype,
+                                            std::unique_ptr<NoiseSampler> sampler, EngineConfig config,
+                                            std::vector<std::int64_t> labels) {
+  int rank = 0, ranks = 1;
+  MEMBANK_CHECK(comm != MPI_COMM_NULL, "comm is MPI_COMM_NULL: expected a communicator");
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &ranks);
+  WireStats unused;
+  const Group g{comm, rank, ranks, &unused};
+  std::optional<Bank> bank;
+  g.check([&] {
+    const RowRange held = mode == Distributed::replicated ? RowRange{0, n} : shard_rows(n, ranks, rank);
+    bank.emplace(held.size(), dim, bank_seed, dtype, held.begin);
+  });
+  // Banks made from one seed are the same rows on every rank: no fingerprint of them.
+  return DistributedEngine(comm, mode, std::move(*bank), n, std::move(sampler), config, std::move(labels), false);
+}
+
+DistributedEngine::~DistributedEngine() {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
+}
+
+DistributedEngine::DistributedEngine(DistributedEngine&& o) noexcept
+    : comm_(std::exchange(o.comm_, MPI_COMM_NULL)), mode_(o.mode_), rank_(o.rank_), ranks_(o.ranks_), n_(o.n_),
+      held_(o.held_), bank_(std::move(o.bank_)), sampler_(std::move(o.sampler_)), config_(o.config_),
+      partition_(o.partition_), step_(o.step_), labels_(std::move(o.labels_)), classes_(std::move(o.classes_)),
+      class_mass_(std::move(o.class_mass_)), wire_(o.wire_) {}
+
+DistributedEngine& DistributedEngine::operator=(DistributedEngine&& o) noexcept {
+  if (this == &o) return *this;
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (comm_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm_);
+  comm_ = std::exchange(o.comm_, MPI_COMM_NULL);
+  mode_ = o.mode_;
+  rank_ = o.rank_;
+  ranks_ = o.ranks_;
+  n_ = o.n_;
+  held_ = o.held_;
+  bank_ = std::move(o.bank_);
+  sampler_ = std::move(o.sampler_);
+  config_ = o.config_;
+  partition_ = o.partition_;
+  step_ = o.step_;
+  labels_ = std::move(o.labels_);
+  classes_ = std::move(o.classes_);
+  class_mass_ = std::move(o.class_mass_);
+  wire_ = o.wire_;
+  return *this;
+}
+
+void DistributedEngine::set_labels(std::span<const std::int64_t> labels) {
+  const Group g{comm_, rank_, ranks_, &wire_};
+  detail::LabelClasses lc;
+  g.check([&] { lc = detail::label_classes(labels, *sampler_, config_); });
+  g.check([&] {
+    Fingerprint f;
+    f.bytes(labels.data(), labels.size() * sizeof(std::int64_t));
+    check_same(g, f.h, "labels");
+  });
+  labels_.assign(labels.begin(), labels.end());
+  classes_ = std::move(lc.classes);
+  class_mass_ = std::move(lc.mass);
+}
+
+void DistributedEngine::restore_state(const Partition& partition, std::int64_t step) {
+  const Group g{comm_, rank_, ranks_, &wire_};
+  g.check([&] {
+    MEMBANK_CHECK(partition.policy == config_.z_policy, "partition.policy = {}: expected the engine's {}",
+                  to_string(partition.policy), to_string(config_.z_policy));
+    MEMBANK_CHECK(!partition.initialised || std::isfinite(partition.log_z),
+                  "partition.log_z = {}: expected a finite value", partition.log_z);
+    MEMBANK_CHECK(step >= 0, "step = {}: expected a step counter >= 0", step);
+    MEMBANK_CHECK(config_.z_policy != ZPolicy::fixed || (partition.initialised && partition.log_z == partition_.log_z),
+                  "partition.log_z = {}: the fixed policy's Z is log {} = {}", partition.log_z, config_.z_fixed,
+                  partition_.log_z);
+  });
+  g.check([&] {
+    Fingerprint f;
+    f << partition.initialised << partition.log_z << step;
+    check_same(g, f.h, "restored state (partition, step)");
+  });
+  partition_ = partition;
+  step_ = step;
+}
+
+RowMatrixf DistributedEngine::gather_bank(int root) const {
+  const index_t dim = bank_.dim();
+  RowMatrixf mine(bank_.size(), dim);
+  bank_.view().widen_rows(0, bank_.size(), mine.data(), dim);
+  if (mode_ == Distributed::replicated) return rank_ == root ? mine : RowMatrixf();
+  std::vector<int> cnt(static_cast<std::size_t>(ranks_)), displ(static_cast<std::size_t>(ranks_));
+  for (int r = 0; r < ranks_; ++r) {
+    const RowRange rr = shard_rows(n_, ranks_, r);
+    cnt[static_cast<std::size_t>(r)] = mpi_count(static_cast<std::size_t>(rr.size() * dim), "gather_bank");
+    displ[static_cast<std::size_t>(r)] = mpi_count(static_cast<std::size_t>(rr.begin * dim), "gather_bank");
+  }
+  RowMatrixf all = rank_ == root ? RowMatrixf(n_, dim) : RowMatrixf();
+  check_mpi(MPI_Gatherv(mine.data(), cnt[static_cast<std::size_t>(rank_)], MPI_FLOAT, all.data(), cnt.data(),
+                        displ.data(), MPI_FLOAT, root, comm_),
+            "MPI_Gatherv");
+  return all;
+}
+
+std::vector<std::int64_t> DistributedEngine::gather_last_update(int root) const {
+  const std::vector<std::int64_t>& mine = bank_.last_update();
+  if (mode_ == Distributed::replicated) return rank_ == root ? mine : std::vector<std::int64_t>();
+  std::vector<int> cnt(static_cast<std::size_t>(ranks_)), displ(static_cast<std::size_t>(ranks_));
+  for (int r = 0; r < ranks_; ++r) {
+    const RowRange rr = shard_rows(n_, ranks_, r);
+    cnt[static_cast<std::size_t>(r)] = mpi_count(static_cast<std::size_t>(rr.size()), "gather_last_update");
+    displ[static_cast<std::size_t>(r)] = mpi_count(static_cast<std::size_t>(rr.begin), "gather_last_update");
+  }
+  std::vector<std::int64_t> all(rank_ == root ? static_cast<std::size_t>(n_) : 0);
+  check_mpi(MPI_Gatherv(mine.data(), cnt[static_cast<std::size_t>(rank_)], MPI_INT64_T, all.data(), cnt.data(),
+                        displ.data(), MPI_INT64_T, root, comm_),
+            "MPI_Gatherv");
+  return all;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The step
+
+StepStats DistributedEngine::step(FeaturesRef features, IdsRef ids, GradRef grad, bool update) {
+  return run(features, ids, nullptr, grad, update);
+}
+
+StepStats DistributedEngine::step_with_negatives(FeaturesRef features, IdsRef ids, NegativesRef negatives,
+                                                 GradRef grad, bool update) {
+  return run(features, ids, &negatives, grad, update);
+}
+
+StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const NegativesRef* negatives, GradRef grad,
+                                 bool update) {
+  wire_ = {};
+  const Group g{comm_, rank_, ranks_, &wire_};
+  const index_t dim = bank_.dim();
+  const bool full = config_.objective == Objective::full_softmax;
+  const bool shared = config_.negatives == NegativesMode::shared && !full;
+  const bool sharded = mode_ == Distributed::sharded;
+  const auto batch = static_cast<index_t>(ids.size());
+  const double log_n = std::log(static_cast<double>(n_));
+
+  // ---- 1. this rank's slice: the single-process checks, then every rank agrees
+  detail::PreparedFeatures prepared;
+  RowMatrixi neg_local;
+  g.check([&] {
+    MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a slice of at least one id (B_r >= 1)");
+    MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B_r x D)",
+                  grad.rows(), grad.cols(), batch, dim);
+    detail::check_grad_alone(grad, features, ids, negatives, bank_);
+    check_ids(ids, n_, "ids");
+    prepared = detail::prepare_features(features, batch, dim, config_);
+    MEMBANK_CHECK(!needs_labels(config_.objective) || !labels_.empty(),
+                  "objective {} needs labels: give the engine one label per instance (labels=, set_labels)",
+                  to_string(config_.objective));
+    MEMBANK_CHECK(!config_.exclude_same_label || !labels_.empty(),
+                  "exclude_same_label needs labels: give the engine one label per instance (labels=, set_labels)");
+    if (full) return;
+    std::vector<float> log_py(ids.size());
+    sampler_->lookup(ids, log_py);
+    for (std::size_t b = 0; b < ids.size(); ++b)
+      MEMBANK_CHECK(std::isfinite(log_py[b]), "ids[{}] = {} has P_n = 0 under the {} sampler: expected positives "
+                    "with a non-zero noise weight", b, ids[b], to_string(sampler_->kind()));
+    if (!negatives) return;
+    const NegativesRef& neg = *negatives;
+    const index_t want_rows = shared ? 1 : batch;
+    MEMBANK_CHECK(neg.rows() == want_rows && neg.cols() >= 1, "negatives has shape {} x {}: expected {} x K with K "
+                  ">= 1 ({} negatives)", neg.rows(), neg.cols(), want_rows, to_string(config_.negatives));
+    neg_local = neg;
+    std::vector<float> log_pn(static_cast<std::size_t>(neg.cols()));
+    for (index_t i = 0; i < neg.rows(); ++i) {
+      for (index_t j = 0; j < neg.cols(); ++j) {
+        const index_t v = neg(i, j);
+        MEMBANK_CHECK(v >= 0 && v < n_, "negatives({}, {}) = {} is out of range: expected 0 <= id < N = {}", i, j, v,
+                      n_);
+        MEMBANK_CHECK(!config_.exclude_positive || shared || v != ids[static_cast<std::size_t>(i)],
+                      "negatives({}, {}) = {} equals its query's positive, with exclude_positive set", i, j, v);
+        MEMBANK_CHECK(!config_.exclude_same_label || shared ||
+                          classes_[static_cast<std::size_t>(v)] !=
+                              classes_[static_cast<std::size_t>(ids[static_cast<std::size_t>(i)])],
+                      "negatives({}, {}) = {} has its query's label {}, with exclude_same_label set", i, j, v,
+                      labels_[static_cast<std::size_t>(v)]);
+      }
+      sampler_->lookup(std::span<const index_t>(neg_local.row(i).data(), log_pn.size()), log_pn);
+      for (index_t j = 0; j < neg.cols(); ++j)
+        MEMBANK_CHECK(std::isfinite(log_pn[static_cast<std::size_t>(j)]), "negatives({}, {}) = {} has P_n = 0 under "
+                      "the {} sampler: expected ids the sampler can draw", i, j, neg(i, j), to_string(sampler_->kind()));
+    }
+  });
+
+  // ---- 2. the global batch
+  GlobalBatch gb;
+  const index_t k_mine = negatives && !full ? negatives->cols() : config_.k;
+  {
+    const std::int64_t meta[2] = {batch, k_mine};
+    const std::vector<std::int64_t> all = g.allgather(std::span<const std::int64_t>(meta, 2));
+    std::vector<index_t> counts(static_cast<std::size_t>(ranks_)), feature_counts(counts.size());
+    gb.offset.assign(static_cast<std::size_t>(ranks_) + 1, 0);
+    for (int r = 0; r < ranks_; ++r) {
+      counts[static_cast<std::size_t>(r)] = all[static_cast<std::size_t>(2 * r)];
+      feature_counts[static_cast<std::size_t>(r)] = all[static_cast<std::size_t>(2 * r)] * dim;
+      gb.offset[static_cast<std::size_t>(r) + 1] = gb.offset[static_cast<std::size_t>(r)] + counts[static_cast<std::size_t>(r)];
+    }
+    g.check([&] {
+      for (int r = 1; r < ranks_; ++r)
+        MEMBANK_CHECK(all[static_cast<std::size_t>(2 * r + 1)] == all[1], "rank {} passed negatives with K = {}, rank 0 "
+                      "K = {}: expected the same K on every rank", r, all[static_cast<std::size_t>(2 * r + 1)], all[1]);
+    });
+    gb.ids = g.allgatherv(ids, counts);
+    RowMatrixf packed = prepared.view();  // contiguous unit rows
+    gb.f.resize(gb.offset.back(), dim);
+    const std::vector<float> fv = g.allgatherv(std::span<const float>(packed.data(), static_cast<std::size_t>(packed.size())),
+                                               feature_counts);
+    std::copy(fv.begin(), fv.end(), gb.f.data());
+  }
+  const index_t total = gb.size();
+  const index_t first = gb.offset[static_cast<std::size_t>(rank_)];
+  const index_t k = k_mine;
+
+  Sums mine;
+  Partition next;  // the Z state after the step (initialised = false: no change)
+  RowMatrixd gsum = RowMatrixd::Zero(batch, dim);  // this rank's rows of dL/df, in double until the end
+  const kernels::Table& kt = kernels::table();
+  const BankView view = bank_.view();
+  double log_z_used = kNaN;
+
+  if (full) {
+    // ---- full softmax: no draws. Replicated: the exact loss of this rank's queries over the whole
+    // bank. Sharded: every rank's online (max, sum, acc) for every query over its shard, merged at
+    // the query's rank in rank order.
+    const double coef = 1.0 / (static_cast<double>(total) * config_.tau);
+    std::vector<float> vy(static_cast<std::size_t>(dim));
+    if (!sharded) {
+      g.check([&] {
+        const RowMatrixf f = prepared.view();
+        const detail::SoftmaxPartial p = detail::softmax_partial(view, f, config_.tau);
+        for (index_t b = 0; b < batch; ++b) {
+          const index_t y = ids[static_cast<std::size_t>(b)];
+          view.widen_rows(y, 1, vy.data(), dim);
+          const double s_y = kt.dot(vy.data(), DType::float32, f.row(b).data(), dim) * (1.0 / config_.tau);
+          const double log_z = p.max[b] + std::log(p.sum[b]);
+          mine.loss += log_z - s_y;
+          mine.z += std::exp(log_z);
+          mine.p_pos += std::exp(s_y - log_z);
+          for (index_t c = 0; c < dim; ++c) gsum(b, c) = coef * (p.acc(b, c) / p.sum[b] - vy[static_cast<std::size_t>(c)]);
+        }
+      });
+    } else {
+      const index_t width = 2 * dim + 3;  // max, sum, s_y (NaN unless owned), acc (D), v_y (D, 0 unless owned)
+      std::vector<std::vector<double>> send(static_cast<std::size_t>(ranks_));
+      g.check([&] {
+        const detail::SoftmaxPartial p = detail::softmax_partial(view, gb.f, config_.tau);
+        for (int h = 0; h < ranks_; ++h) {
+          auto& out = send[static_cast<std::size_t>(h)];
+          const index_t q0 = gb.offset[static_cast<std::size_t>(h)], q1 = gb.offset[static_cast<std::size_t>(h) + 1];
+          out.assign(static_cast<std::size_t>((q1 - q0) * width), 0.0);
+          for (index_t i = q0; i < q1; ++i) {
+            double* row = out.data() + (i - q0) * width;
+            row[0] = p.max[i];
+            row[1] = p.sum[i];
+            row[2] = kNaN;
+            for (index_t c = 0; c < dim; ++c) row[3 + c] = p.acc(i, c);
+            const index_t y = gb.ids[static_cast<std::size_t>(i)];
+            if (held_.contains(y)) {
+              view.widen_rows(y - held_.begin, 1, vy.data(), dim);
+              row[2] = kt.dot(vy.data(), DType::float32, gb.f.row(i).data(), dim);
+              for (index_t c = 0; c < dim; ++c) row[3 + dim + c] = vy[static_cast<std::size_t>(c)];
+            }
+          }
+        }
+      });
+      const std::vector<std::vector<double>> recv = g.alltoallv(send);
+      for (index_t b = 0; b < batch; ++b) {
+        double m = -std::numeric_limits<double>::infinity(), l = 0.0, s_y = kNaN;
+        for (int r = 0; r < ranks_; ++r) m = std::max(m, recv[static_cast<std::size_t>(r)][static_cast<std::size_t>(b * width)]);
+        std::vector<double> acc(static_cast<std::size_t>(dim), 0.0), v(static_cast<std::size_t>(dim), 0.0);
+        for (int r = 0; r < ranks_; ++r) {
+          const double* row = recv[static_cast<std::size_t>(r)].data() + b * width;
+          const double w = std::exp(row[0] - m);
+          l += row[1] * w;
+          if (!std::isnan(row[2])) s_y = row[2] * (1.0 / config_.tau);
+          for (index_t c = 0; c < dim; ++c) {
+            acc[static_cast<std::size_t>(c)] += row[3 + c] * w;
+            v[static_cast<std::size_t>(c)] += row[3 + dim + c];
+          }
+        }
+        const double log_z = m + std::log(l);
+        mine.loss += log_z - s_y;
+        mine.z += std::exp(log_z);
+        mine.p_pos += std::exp(s_y - log_z);
+        for (index_t c = 0; c < dim; ++c)
+          gsum(b, c) = coef * (acc[static_cast<std::size_t>(c)] / l - static_cast<float>(v[static_cast<std::size_t>(c)]));
+      }
+    }
+  } else {
+    // ---- 3. draws
+    detail::KernelContext cx{view, sampler_.get(), &config_, classes_.empty() ? nullptr : classes_.data(), {},
+                             class_mass_.empty() ? nullptr : class_mass_.data(), k};
+    Draws dr;
+    dr.k = k;
+    dr.shared = shared;
+    dr.first = sharded ? 0 : first;
+    dr.count = sharded ? total : batch;
+    // Caller negatives: sharded ranks need every query's (per-sample: all-gathered); shared must agree.
+    RowMatrixi neg_all;
+    if (negatives) {
+      if (shared) {
+        const std::vector<index_t> all = g.allgather(std::span<const index_t>(neg_local.data(), static_cast<std::size_t>(k)));
+        g.check([&] {
+          for (int r = 1; r < ranks_; ++r)
+            MEMBANK_CHECK(std::equal(all.begin() + r * k, all.begin() + (r + 1) * k, all.begin()), "rank {}'s shared "
+                          "negatives differ from rank 0's: expected the same 1 x K row on every rank", r);
+        });
+      } else if (sharded) {
+        std::vector<index_t> counts(static_cast<std::size_t>(ranks_));
+        for (int r = 0; r < ranks_; ++r)
+          counts[static_cast<std::size_t>(r)] = (gb.offset[static_cast<std::size_t>(r) + 1] - gb.offset[static_cast<std::size_t>(r)]) * k;
+        const std::vector<index_t> all =
+            g.allgatherv(std::span<const index_t>(neg_local.data(), static_cast<std::size_t>(neg_local.size())), counts);
+        neg_all = Eigen::Map<const RowMatrixi>(all.data(), total, k);
+      }
+    }
+    const RowMatrixi& given = sharded && !shared ? neg_all : neg_local;
+    g.check([&] {
+      const index_t rows = shared ? 1 : dr.count;
+      dr.ids.resize(rows, k);
+      dr.lw.resize(rows, k);
+      if (shared) {
+        const std::vector<index_t> excluded = detail::shared_exclusion(config_, gb.ids);
+        double log_kept = 0.0;
+        if (!excluded.empty()) {
+          double mass = 0.0;
+          for (const auto j : excluded) mass += sampler_->prob(j);
+          MEMBANK_CHECK(mass < 1.0, "the global batch's ids carry all of the noise mass ({}): nothing is left to draw "
+                        "shared negatives from with exclude_positive", mass);
+          log_kept = std::log1p(-mass);
+        }
+        std::vector<float> log_pn(static_cast<std::size_t>(k));
+        std::span<index_t> out(dr.ids.data(), static_cast<std::size_t>(k));
+        if (negatives) {
+          std::copy_n(neg_local.data(), k, out.begin());
+          for (index_t j = 0; j < k; ++j)
+            MEMBANK_CHECK(!config_.exclude_positive || config_.exclude_same_label ||
+                              !std::binary_search(excluded.begin(), excluded.end(), out[static_cast<std::size_t>(j)]),
+                          "negatives(0, {}) = {} is an id of the global batch, with exclude_positive set (shared "
+                          "negatives exclude every positive of the batch)", j, out[static_cast<std::size_t>(j)]);
+          sampler_->lookup(out, log_pn);
+        } else {
+          sampler_->draw({config_.seed, step_, 0u, detail::purpose_shared_negatives}, excluded, out, log_pn);
+        }
+        for (index_t j = 0; j < k; ++j)
+          dr.lw(0, j) = static_cast<float>(log_kept - log_n - log_pn[static_cast<std::size_t>(j)]);
+        return;
+      }
+      detail::ExceptionCapture errors;
+#pragma omp parallel
+      {
+        std::vector<float> log_pn;
+        errors.run([&] { log_pn.resize(static_cast<std::size_t>(k)); });
+#pragma omp for schedule(static)
+        for (index_t r = 0; r < dr.count; ++r) {
+          errors.run([&] {
+            const index_t i = dr.first + r;  // the global query row: what keys its draws
+            const index_t y = gb.ids[static_cast<std::size_t>(i)];
+            const detail::QueryExclusion e = detail::exclusion_of(cx, y);
+            const std::span<index_t> out(dr.ids.row(r).data(), static_cast<std::size_t>(k));
+            if (negatives) {
+              const index_t src = sharded ? i : r;
+              std::copy_n(given.row(src).data(), k, out.begin());
+              sampler_->lookup(out, log_pn);
+            } else {
+              sampler_->draw({config_.seed, step_, static_cast<std::uint32_t>(i), detail::purpose_negatives},
+                             e.exclusion, out, log_pn);
+            }
+            for (index_t j = 0; j < k; ++j)
+              dr.lw(r, j) = static_cast<float>(e.log_kept - log_n - log_pn[static_cast<std::size_t>(j)]);
+          });
+        }
+      }
+      errors.rethrow("the distributed step's draws");
+    });
+
+    // ---- 4, 5. this rank's queries' scores (B_r x K) and positive scores
+    RowMatrixf scores(batch, k);
+    std::vector<double> s_pos(static_cast<std::size_t>(batch));
+    // Sharded: the draws this rank owns, per global query, as CSR lists (positions j, local ids).
+    std::vector<index_t> own_start;
+    std::vector<std::int32_t> own_pos;
+    std::vector<index_t> own_local;
+    std::vector<float> own_val;  // scores, then the coefficients
+    const Owners owner(n_, ranks_);
+    if (!sharded) {
+      g.check([&] {
+        detail::ExceptionCapture errors;
+#pragma omp parallel for schedule(dynamic, 8)
+        for (index_t b = 0; b < batch; ++b) {
+          errors.run([&] {
+            const index_t i = first + b;
+            const float* f = gb.f.row(i).data();
+            kt.gather_dots(view.data, view.dtype, view.stride, dim, dr.row(i), k, f, scores.row(b).data());
+            s_pos[static_cast<std::size_t>(b)] =
+                kt.dot(view.row_data(gb.ids[static_cast<std::size_t>(i)]), view.dtype, f, dim);
+          });
+        }
+        errors.rethrow("the distributed step's scores");
+      });
+    } else {
+      std::vector<std::vector<float>> send(static_cast<std::size_t>(ranks_));
+      g.check([&] {
+        own_start.assign(static_cast<std::size_t>(total) + 1, 0);
+        for (index_t i = 0; i < total; ++i) {
+          const index_t* d = dr.row(i);
+          index_t c = 0;
+          for (index_t j = 0; j < k; ++j) c += held_.contains(d[j]);
+          own_start[static_cast<std::size_t>(i) + 1] = own_start[static_cast<std::size_t>(i)] + c;
+        }
+        const auto owned = static_cast<std::size_t>(own_start.back());
+        own_pos.resize(owned);
+        own_local.resize(owned);
+        own_val.resize(owned);
+        detail::ExceptionCapture errors;
+#pragma omp parallel for schedule(dynamic, 8)
+        for (index_t i = 0; i < total; ++i) {
+          errors.run([&] {
+            const index_t* d = dr.row(i);
+            auto t = static_cast<std::size_t>(own_start[static_cast<std::size_t>(i)]);
+            const std::size_t t0 = t;
+            for (index_t j = 0; j < k; ++j)
+              if (held_.contains(d[j])) {
+                own_pos[t] = static_cast<std::int32_t>(j);
+                own_local[t++] = d[j] - held_.begin;
+              }
+            kt.gather_dots(view.data, view.dtype, view.stride, dim, own_local.data() + t0, static_cast<index_t>(t - t0),
+                           gb.f.row(i).data(), own_val.data() + t0);
+          });
+        }
+        errors.rethrow("the distributed step's scores");
+        // To each query's rank: the scores of its queries' draws this rank owns, in (query, draw)
+        // order, then the scores of the positives it owns, in query order.
+        for (int h = 0; h < ranks_; ++h) {
+          const index_t q0 = gb.offset[static_cast<std::size_t>(h)], q1 = gb.offset[static_cast<std::size_t>(h) + 1];
+          auto& out = send[static_cast<std::size_t>(h)];
+          out.assign(own_val.begin() + own_start[static_cast<std::size_t>(q0)], own_val.begin() + own_start[static_cast<std::size_t>(q1)]);
+          for (index_t i = q0; i < q1; ++i) {
+            const index_t y = gb.ids[static_cast<std::size_t>(i)];
+            if (held_.contains(y)) out.push_back(kt.dot(view.row_data(y - held_.begin), view.dtype, gb.f.row(i).data(), dim));
+          }
+        }
+      });
+      const std::vector<std::vector<float>> recv = g.alltoallv(send);
+      std::vector<std::size_t> cur(static_cast<std::size_t>(ranks_), 0);
+      for (index_t b = 0; b < batch; ++b) {
+        const index_t* d = dr.row(first + b);
+        for (index_t j = 0; j < k; ++j) {
+          const auto o = static_cast<std::size_t>(owner(d[j]));
+          scores(b, j) = recv[o][cur[o]++];
+        }
+      }
+      for (index_t b = 0; b < batch; ++b) {
+        const auto o = static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]));
+        s_pos[static_cast<std::size_t>(b)] = recv[o][cur[o]++];
+      }
+    }
+
+    // ---- 6. Z and the objective, at the query's rank
+    const double inv_tau = 1.0 / config_.tau;
+    const bool nce = config_.objective == Objective::nce;
+    const bool same_label = shared && config_.exclude_same_label;
+    // The weights query i sees: its draws' lw, with its own label's shared draws masked (-inf).
+    const auto query_lw = [&](index_t i, std::vector<float>& buf) -> const float* {
+      const float* lw = dr.lw_row(i);
+      if (!same_label) return lw;
+      const std::int32_t c = classes_[static_cast<std::size_t>(gb.ids[static_cast<std::size_t>(i)])];
+      const index_t* d = dr.row(i);
+      for (index_t j = 0; j < k; ++j)
+        buf[static_cast<std::size_t>(j)] =
+            classes_[static_cast<std::size_t>(d[j])] == c ? -std::numeric_limits<float>::infinity() : lw[j];
+      return buf.data();
+    };
+    double log_z = nce && partition_.initialised ? partition_.log_z : kNaN;
+    if (nce && std::isnan(log_z)) {
+      detail::Lse lse;
+      std::vector<float> buf(static_cast<std::size_t>(k));
+      for (index_t b = 0; b < batch; ++b) {
+        const float* lw = query_lw(first + b, buf);
+        detail::Lse q;
+        for (index_t j = 0; j < k; ++j) q.add(scores(b, j) * inv_tau + lw[j]);
+        lse.merge(q);
+      }
+      const double pair[2] = {lse.max, lse.sum};
+      const std::vector<double> all = g.allgather(std::span<const double>(pair, 2));
+      detail::Lse total_lse;
+      for (int r = 0; r < ranks_; ++r) total_lse.merge({all[static_cast<std::size_t>(2 * r)], all[static_cast<std::size_t>(2 * r + 1)]});
+      log_z = detail::log_z_hat(total_lse.value(), static_cast<double>(total) * static_cast<double>(k), n_);
+    }
+    log_z_used = log_z;
+    const kernels::ObjectiveParams params = detail::objective_params(config_, k, n_, log_z);
+    std::vector<kernels::QueryResult> results(static_cast<std::size_t>(batch));
+    std::vector<float> c_pos(static_cast<std::size_t>(batch));
+    g.check([&] {
+      const bool positives_first = detail::takes_positives_first(config_.objective);
+      detail::ExceptionCapture errors;
+#pragma omp parallel
+      {
+        std::vector<float> lw_buf, acc2, w;
+        std::vector<double> d, rescale;
+        std::vector<index_t> iscratch;
+        std::vector<std::int32_t> neg_classes;
+        errors.run([&] {
+          lw_buf.resize(static_cast<std::size_t>(k));
+          acc2.resize(static_cast<std::size_t>(dim));
+          w.resize(static_cast<std::size_t>(k) + 1);
+          rescale.resize(2 * static_cast<std::size_t>((k + 15) / 16));
+          if (positives_first) {
+            d.resize(6 * static_cast<std::size_t>(k + 2));
+            iscratch.resize(3 * static_cast<std::size_t>(k + 1));
+          }
+          if (!classes_.empty()) neg_classes.resize(static_cast<std::size_t>(k));
+        });
+#pragma omp for schedule(dynamic, 4)
+        for (index_t b = 0; b < batch; ++b) {
+          errors.run([&] {
+            const index_t i = first + b;
+            const index_t y = gb.ids[static_cast<std::size_t>(i)];
+            const index_t* draws = dr.row(i);
+            kernels::SharedQuery q{};
+            q.s = scores.row(b).data();  // becomes (1 / B) dL/ds
+            q.lw = query_lw(i, lw_buf);
+            if (!classes_.empty()) {
+              for (index_t j = 0; j < k; ++j) neg_classes[static_cast<std::size_t>(j)] = classes_[static_cast<std::size_t>(draws[j])];
+              q.neg_classes = neg_classes.data();
+              q.cls = classes_[static_cast<std::size_t>(y)];
+            }
+            q.ids = draws;
+            q.k = k;
+            q.y = y;
+            q.s_pos = s_pos[static_cast<std::size_t>(b)];
+            q.lw_pos = -log_n - std::log(sampler_->prob(y));
+            q.coef_scale = 1.0 / static_cast<double>(total);
+            q.rescale = rescale.data();
+            q.scratch = {acc2.data(), w.data(), d.data(), iscratch.data()};
+            kt.shared_query(params, q, results[static_cast<std::size_t>(b)]);
+            c_pos[static_cast<std::size_t>(b)] = static_cast<float>(results[static_cast<std::size_t>(b)].c_pos);
+          });
+        }
+      }
+      errors.rethrow("the distributed step's objective");
+    });
+    for (const auto& r : results) {  // in query order
+      mine.loss += r.loss;
+      mine.p_pos += r.p_pos;
+      mine.sum_exp += r.sum_exp;
+      mine.collisions += static_cast<double>(r.collisions);
+    }
+
+    // ---- 7. dL/df = c_pos v_y + sum_j (dL/ds_j) v_j
+    if (!sharded) {
+      g.check([&] {
+        detail::ExceptionCapture errors;
+#pragma omp parallel
+        {
+          std::vector<float> tmp;
+          errors.run([&] { tmp.resize(static_cast<std::size_t>(dim)); });
+#pragma omp for schedule(dynamic, 8)
+          for (index_t b = 0; b < batch; ++b) {
+            errors.run([&] {
+              const index_t i = first + b;
+              double* out = gsum.row(b).data();
+              const index_t y = gb.ids[static_cast<std::size_t>(i)];
+              add_rows(view, kt, &y, &c_pos[static_cast<std::size_t>(b)], 1, out, tmp.data());
+              add_rows(view, kt, dr.row(i), scores.row(b).data(), k, out, tmp.data());
+            });
+          }
+        }
+        errors.rethrow("the distributed step's gradient");
+      });
+    } else {
+      // The coefficients back to the owners, in the order their scores came.
+      std::vector<std::vector<float>> send(static_cast<std::size_t>(ranks_));
+      for (index_t b = 0; b < batch; ++b) {
+        const index_t* d = dr.row(first + b);
+        for (index_t j = 0; j < k; ++j) send[static_cast<std::size_t>(owner(d[j]))].push_back(scores(b, j));
+      }
+      for (index_t b = 0; b < batch; ++b)
+        send[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))].push_back(c_pos[static_cast<std::size_t>(b)]);
+      const std::vector<std::vector<float>> coef = g.alltoallv(send);
+      // Each owner's partial rows of every query, to the query's rank (float on the wire).
+      std::vector<std::vector<float>> partial(static_cast<std::size_t>(ranks_));
+      RowMatrixd own_rows;
+      g.check([&] {
+        for (int h = 0; h < ranks_; ++h) {
+          const index_t q0 = gb.offset[static_cast<std::size_t>(h)], q1 = gb.offset[static_cast<std::size_t>(h) + 1];
+          const auto& in = coef[static_cast<std::size_t>(h)];
+          const auto base = static_cast<std::size_t>(own_start[static_cast<std::size_t>(q0)]);
+          const auto n_scores = static_cast<std::size_t>(own_start[static_cast<std::size_t>(q1)]) - base;
+          std::copy_n(in.begin(), n_scores, own_val.begin() + static_cast<std::ptrdiff_t>(base));
+          RowMatrixd rows = RowMatrixd::Zero(q1 - q0, dim);
+          std::size_t pos_cursor = n_scores;
+          std::vector<float> tmp(static_cast<std::size_t>(dim));
+          for (index_t i = q0; i < q1; ++i) {
+            const index_t y = gb.ids[static_cast<std::size_t>(i)];
+            if (held_.contains(y)) {
+              const index_t local = y - held_.begin;
+              add_rows(view, kt, &local, &in[pos_cursor++], 1, rows.row(i - q0).data(), tmp.data());
+            }
+          }
+          detail::ExceptionCapture errors;
+#pragma omp parallel
+          {
+            std::vector<float> t2;
+            errors.run([&] { t2.resize(static_cast<std::size_t>(dim)); });
+#pragma omp for schedule(dynamic, 8)
+            for (index_t i = q0; i < q1; ++i) {
+              errors.run([&] {
+                const auto s0 = own_start[static_cast<std::size_t>(i)], s1 = own_start[static_cast<std::size_t>(i) + 1];
+                add_rows(view, kt, own_local.data() + s0, own_val.data() + s0, s1 - s0, rows.row(i - q0).data(), t2.data());
+              });
+            }
+          }
+          errors.rethrow("the distributed step's gradient");
+          if (h == rank_) {
+            own_rows = std::move(rows);
+          } else {
+            auto& out = partial[static_cast<std::size_t>(h)];
+            out.resize(static_cast<std::size_t>(rows.size()));
+            for (index_t e = 0; e < rows.size(); ++e) out[static_cast<std::size_t>(e)] = static_cast<float>(rows.data()[e]);
+          }
+        }
+      });
+      const std::vector<std::vector<float>> parts = g.alltoallv(partial);
+      for (int r = 0; r < ranks_; ++r) {  // in rank order
+        if (r == rank_) {
+          gsum += own_rows;
+        } else {
+          const auto& p = parts[static_cast<std::size_t>(r)];
+          for (index_t e = 0; e < gsum.size(); ++e) gsum.data()[e] += p[static_cast<std::size_t>(e)];
+        }
+      }
+    }
+  }
+
+  // ---- the statistics of the global batch, the same on every rank
+  const Sums sums = sum_in_rank_order(g, mine);
+  StepStats stats;
+  stats.step = step_;
+  const double bt = static_cast<double>(total);
+  stats.loss = sums.loss / bt;
+  stats.mean_p_positive = sums.p_pos / bt;
+  if (full) {
+    stats.z = sums.z / bt;
+    stats.z_estimate = kNaN;
+  } else {
+    const double draws = bt * static_cast<double>(k);
+    const bool nce = config_.objective == Objective::nce;
+    stats.negative_collision_fraction = sums.collisions / draws;
+    const double log_z_hat = detail::log_z_hat(std::log(sums.sum_exp), draws, n_);
+    stats.z_estimate = std::exp(log_z_hat);
+    stats.z = nce ? std::exp(log_z_used) : kNaN;
+    if (reports_mi_bound(config_.objective)) {
+      stats.mi_bound_ceiling = std::log(static_cast<double>(k) + 1.0);
+      stats.mi_lower_bound = stats.mi_bound_ceiling - stats.loss;
+    }
+    if (nce) {
+      next.initialised = true;
+      next.log_z = log_z_used;
+      if (partition_.initialised && config_.z_policy == ZPolicy::ema) {
+        const double a = config_.z_ema;
+        const double x = std::log(a) + partition_.log_z, yv = std::log1p(-a) + log_z_hat;
+        const double mx = std::max(x, yv);
+        next.log_z = mx + std::log(std::exp(x - mx) + std::exp(yv - mx));
+      }
+    }
+  }
+  for (index_t b = 0; b < batch; ++b)
+    for (index_t c = 0; c < dim; ++c) grad(b, c) = static_cast<float>(gsum(b, c));
+  if (config_.normalize_features) detail::backprop_normalisation(prepared, grad);
+
+  // ---- 8. refresh: the global batch in global order (replicated), or each owner's rows (sharded)
+  if (update) {
+    g.check([&] {
+      if (!sharded) {
+        bank_.momentum_update(gb.ids, gb.f, config_.momentum, step_, config_.rounding, config_.seed);
+        return;
+      }
+      std::vector<index_t> local;
+      std::vector<index_t> rows;
+      for (index_t i = 0; i < total; ++i)
+        if (held_.contains(gb.ids[static_cast<std::size_t>(i)])) {
+          local.push_back(gb.ids[static_cast<std::size_t>(i)] - held_.begin);
+          rows.push_back(i);
+        }
+      if (local.empty()) return;
+      RowMatrixf f(static_cast<index_t>(rows.size()), dim);
+      for (std::size_t t = 0; t < rows.size(); ++t) f.row(static_cast<index_t>(t)) = gb.f.row(rows[t]);
+      bank_.momentum_update(local, f, config_.momentum, step_, config_.rounding, config_.seed, held_.begin);
+    });
+  }
+  if (next.initialised) {
+    partition_.initialised = true;
+    partition_.log_z = next.log_z;
+  }
+  ++step_;
+  return stats;
+}
+
+}  // namespace membank

@@ -1,0 +1,288 @@
+// DistributedEngine against the single-process Engine (run under mpirun at np = 1, 2, 3, 4; CTest
+// registers each). Every rank runs the single-process reference on the whole global batch itself and
+// checks its own slice of the distributed result against it:
+//   * loss and dL/df within 1e-6 relative (max |difference| / max |reference| over the rank's rows);
+//   * the bank bit-identical to the reference after every step (replicated: each rank's whole copy;
+//     sharded: each rank's shard), so the replicated copies are also identical to each other;
+//   * the StepStats bit-identical across ranks.
+// Over every objective x {replicated, sharded} x {per-sample, shared} x {uniform, alias} x
+// {fp32, fp16, bf16} (the last two cycled with the objective), slices of uneven size, duplicate ids
+// within and across ranks, and a step with caller negatives.
+// `failure`: a rank's bad input gives every rank the same error, naming that rank, and changes nothing.
+// A check never throws and never stops a rank early: every rank enters every collective.
+#include <membank/distributed.hpp>
+#include <membank/error.hpp>
+
+#include <fmt/format.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace membank;
+
+int g_rank = 0, g_ranks = 1;
+int g_failures = 0, g_checks = 0;
+
+void check(bool ok, const std::string& what) {
+  ++g_checks;
+  if (ok) return;
+  ++g_failures;
+  if (g_failures <= 20) std::cerr << fmt::format("[rank {} of {}] FAILED: {}\n", g_rank, g_ranks, what);
+}
+
+/// max |a - b| / max |b| (0 / 0 = 0).
+double rel_diff(const RowMatrixf& a, const RowMatrixf& b) {
+  double num = 0.0, den = 0.0;
+  for (index_t e = 0; e < a.size(); ++e) {
+    num = std::max(num, std::fabs(static_cast<double>(a.data()[e]) - b.data()[e]));
+    den = std::max(den, std::fabs(static_cast<double>(b.data()[e])));
+  }
+  return den == 0.0 ? num : num / den;
+}
+
+bool same_bits(const RowMatrixf& a, const RowMatrixf& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
+}
+
+std::unique_ptr<NoiseSampler> make_sampler(SamplerKind kind, index_t n) {
+  if (kind == SamplerKind::uniform) return std::make_unique<UniformSampler>(n);
+  std::vector<double> w(static_cast<std::size_t>(n));
+  for (index_t j = 0; j < n; ++j) w[static_cast<std::size_t>(j)] = 1.0 + static_cast<double>((j * 7) % 11);
+  return std::make_unique<AliasSampler>(w);
+}
+
+/// This rank's slice size: uneven across ranks.
+index_t slice_size(int rank) { return 2 + rank % 3; }
+
+struct Case {
+  Objective objective;
+  Distributed mode;
+  NegativesMode negatives;
+  SamplerKind sampler;
+  DType dtype;
+  bool exclude_positive;
+  std::string name() const {
+    return fmt::format("{} {} {} {} {}{}", to_string(objective), to_string(mode), to_string(negatives),
+                       to_string(sampler), to_string(dtype), exclude_positive ? " exclude_positive" : "");
+  }
+};
+
+constexpr index_t kN = 97, kDim = 24, kK = 16;
+
+EngineConfig config_of(const Case& c) {
+  EngineConfig cfg;
+  cfg.k = kK;
+  cfg.tau = 0.2;
+  cfg.momentum = 0.5;
+  cfg.objective = c.objective;
+  cfg.negatives = c.negatives;
+  cfg.exclude_positive = c.exclude_positive;
+  cfg.seed = 11;
+  cfg.z_policy = ZPolicy::ema;
+  return cfg;
+}
+
+std::vector<std::int64_t> labels_of(index_t n) {
+  std::vector<std::int64_t> l(static_cast<std::size_t>(n));
+  for (index_t j = 0; j < n; ++j) l[static_cast<std::size_t>(j)] = j % 5;
+  return l;
+}
+
+/// The global batch of step s: ids with duplicates (within and across slices), unit features.
+void global_batch(int step, std::vector<index_t>& ids, RowMatrixf& f, std::vector<index_t>& offset) {
+  offset.assign(static_cast<std::size_t>(g_ranks) + 1, 0);
+  for (int r = 0; r < g_ranks; ++r) offset[static_cast<std::size_t>(r) + 1] = offset[static_cast<std::size_t>(r)] + slice_size(r);
+  const index_t total = offset.back();
+  std::mt19937_64 gen(1000 + static_cast<std::uint64_t>(step));
+  std::uniform_int_distribution<index_t> pick(0, kN - 1);
+  std::normal_distribution<float> normal;
+  ids.resize(static_cast<std::size_t>(total));
+  for (auto& y : ids) y = pick(gen);
+  if (total > 3) ids[static_cast<std::size_t>(total - 1)] = ids[0];  // a duplicate across ranks (or within one)
+  f.resize(total, kDim);
+  for (index_t i = 0; i < total; ++i) {
+    for (index_t c = 0; c < kDim; ++c) f(i, c) = normal(gen);
+    f.row(i).normalize();
+  }
+}
+
+std::vector<double> allgather_bits(double v) {
+  std::vector<double> all(static_cast<std::size_t>(g_ranks));
+  MPI_Allgather(&v, 1, MPI_DOUBLE, all.data(), 1, MPI_DOUBLE, MPI_COMM_WORLD);
+  return all;
+}
+
+void run_case(const Case& c) {
+  const std::string name = c.name();
+  const EngineConfig cfg = config_of(c);
+  const bool labels = needs_labels(c.objective);
+  Engine ref(Bank(kN, kDim, 5, c.dtype), make_sampler(c.sampler, kN), cfg, labels ? labels_of(kN) : std::vector<std::int64_t>{});
+  DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, c.mode, kN, kDim, 5, c.dtype, make_sampler(c.sampler, kN),
+                                                     cfg, labels ? labels_of(kN) : std::vector<std::int64_t>{});
+  const RowRange held = dist.rows();
+  for (int step = 0; step < 4; ++step) {
+    std::vector<index_t> ids, offset;
+    RowMatrixf f;
+    global_batch(step, ids, f, offset);
+    const index_t total = f.rows();
+    const index_t first = offset[static_cast<std::size_t>(g_rank)], mine = slice_size(g_rank);
+    RowMatrixf g_ref(total, kDim), g(mine, kDim);
+    const RowMatrixf f_mine = f.middleRows(first, mine);
+    const std::vector<index_t> ids_mine(ids.begin() + first, ids.begin() + first + mine);
+    StepStats s_ref, s;
+    const bool given = step == 2 && c.objective != Objective::full_softmax;  // caller negatives
+    if (given) {
+      const RowMatrixi neg = ref.sample(ids, ref.steps_done());
+      s_ref = ref.step_with_negatives(f, ids, neg, g_ref);
+      const RowMatrixi neg_mine = c.negatives == NegativesMode::shared ? neg : RowMatrixi(neg.middleRows(first, mine));
+      s = dist.step_with_negatives(f_mine, ids_mine, neg_mine, g);
+    } else {
+      s_ref = ref.step(f, ids, g_ref);
+      s = dist.step(f_mine, ids_mine, g);
+    }
+    const std::string at = fmt::format("{} step {}", name, step);
+    const double dl = std::fabs(s.loss - s_ref.loss) / std::max(1e-30, std::fabs(s_ref.loss));
+    check(dl <= 1e-6, fmt::format("{}: loss {} against {} (relative {:.2e})", at, s.loss, s_ref.loss, dl));
+    const double dg = rel_diff(g, g_ref.middleRows(first, mine));
+    check(dg <= 1e-6, fmt::format("{}: dL/df relative difference {:.2e}", at, dg));
+    check(std::isnan(s_ref.z) == std::isnan(s.z) && (std::isnan(s.z) || std::fabs(s.z / s_ref.z - 1.0) <= 1e-6),
+          fmt::format("{}: Z {} against {}", at, s.z, s_ref.z));
+    check(std::isnan(s.mean_p_positive) == std::isnan(s_ref.mean_p_positive) &&
+              !(std::fabs(s.mean_p_positive - s_ref.mean_p_positive) > 1e-6 * std::max(1.0, std::fabs(s_ref.mean_p_positive))),
+          fmt::format("{}: mean P(positive) {} against {}", at, s.mean_p_positive, s_ref.mean_p_positive));
+    check(s.negative_collision_fraction == s_ref.negative_collision_fraction,
+          fmt::format("{}: collision fraction {} against {}", at, s.negative_collision_fraction,
+                      s_ref.negative_collision_fraction));
+    check(s.step == s_ref.step, fmt::format("{}: step counter {} against {}", at, s.step, s_ref.step));
+    for (const double v : {s.loss, s.z, s.mean_p_positive}) {
+      const std::vector<double> all = allgather_bits(v);
+      check(std::all_of(all.begin(), all.end(), [&](double x) { return std::memcmp(&x, &all[0], sizeof x) == 0; }),
+            fmt::format("{}: a statistic differs between ranks", at));
+    }
+    // The bank: this rank's rows bit for bit those of the single-process engine.
+    const RowMatrixf whole = ref.bank().to_matrix();
+    const RowMatrixf local = dist.local_bank().to_matrix();
+    check(same_bits(local, whole.middleRows(held.begin, held.size())),
+          fmt::format("{}: the bank's rows [{}, {}) differ from the single-process bank", at, held.begin, held.end));
+    const std::vector<std::int64_t>& lu = dist.local_bank().last_update();
+    check(std::equal(lu.begin(), lu.end(), ref.bank().last_update().begin() + held.begin),
+          fmt::format("{}: last-update steps differ", at));
+  }
+  // The whole bank gathered on rank 0.
+  const RowMatrixf all = dist.gather_bank(0);
+  if (g_rank == 0) check(same_bits(all, ref.bank().to_matrix()), fmt::format("{}: gather_bank differs", name));
+}
+
+void steps() {
+  const Objective objectives[] = {Objective::nce,    Objective::info_nce, Objective::dcl,         Objective::hcl,
+                                  Objective::dhel,   Objective::kcl,      Objective::supcon,      Objective::contrastive,
+                                  Objective::triplet, Objective::full_softmax};
+  const DType dtypes[] = {DType::float32, DType::float16, DType::bfloat16};
+  int cases = 0;
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded})
+    for (std::size_t o = 0; o < std::size(objectives); ++o)
+      for (const NegativesMode neg : {NegativesMode::per_sample, NegativesMode::shared}) {
+        if (objectives[o] == Objective::full_softmax && neg == NegativesMode::shared) continue;
+        for (const SamplerKind sampler : {SamplerKind::uniform, SamplerKind::alias}) {
+          const DType dtype = dtypes[(o + (sampler == SamplerKind::alias ? 1 : 0)) % 3];
+          const bool exclude = (o % 2 == 1) && objectives[o] != Objective::full_softmax;
+          try {
+            run_case({objectives[o], mode, neg, sampler, dtype, exclude});
+          } catch (const std::exception& e) {  // the same on every rank (the engine agrees on errors)
+            check(false, fmt::format("{}: threw {}", Case{objectives[o], mode, neg, sampler, dtype, exclude}.name(), e.what()));
+          }
+          ++cases;
+        }
+      }
+  if (g_rank == 0) std::cout << fmt::format("steps: {} configurations at np = {}\n", cases, g_ranks);
+}
+
+/// Every rank gets the same error, naming the rank whose input was bad; nothing changes.
+void failure() {
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded}) {
+    EngineConfig cfg;
+    cfg.k = 8;
+    cfg.objective = Objective::info_nce;
+    DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, mode, kN, kDim, 3, DType::float32,
+                                                       std::make_unique<UniformSampler>(kN), cfg);
+    const RowMatrixf before = dist.local_bank().to_matrix();
+    std::vector<index_t> ids, offset;
+    RowMatrixf f;
+    global_batch(0, ids, f, offset);
+    const index_t first = offset[static_cast<std::size_t>(g_rank)], mine = slice_size(g_rank);
+    RowMatrixf f_mine = f.middleRows(first, mine), g(mine, kDim);
+    std::vector<index_t> ids_mine(ids.begin() + first, ids.begin() + first + mine);
+    const int bad = g_ranks - 1;
+    if (g_rank == bad) ids_mine[1] = kN + 5;  // out of range on the last rank only
+    std::string message;
+    try {
+      dist.step(f_mine, ids_mine, g);
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    const std::string expect = fmt::format("rank {} of {}", bad, g_ranks);
+    check(message.find(expect) != std::string::npos && message.find("out of range") != std::string::npos,
+          fmt::format("{}: the error names the bad rank and value: '{}'", to_string(mode), message));
+    // The same text on every rank.
+    std::uint64_t h = 1469598103934665603ull;
+    for (const char ch : message) h = (h ^ static_cast<unsigned char>(ch)) * 1099511628211ull;
+    std::vector<std::uint64_t> all(static_cast<std::size_t>(g_ranks));
+    MPI_Allgather(&h, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, MPI_COMM_WORLD);
+    check(std::all_of(all.begin(), all.end(), [&](std::uint64_t x) { return x == all[0]; }),
+          fmt::format("{}: every rank has the same error text", to_string(mode)));
+    check(dist.steps_done() == 0 && same_bits(dist.local_bank().to_matrix(), before),
+          fmt::format("{}: nothing changed after the refused step", to_string(mode)));
+    // A NaN feature on rank 0: the same.
+    if (g_rank == bad) ids_mine[1] = 0;
+    if (g_rank == 0) f_mine(0, 0) = std::nanf("");
+    message.clear();
+    try {
+      dist.step(f_mine, ids_mine, g);
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    check(message.find("rank 0 of") != std::string::npos && message.find("finite") != std::string::npos,
+          fmt::format("{}: NaN on rank 0 named: '{}'", to_string(mode), message));
+    // Ranks that disagree on the configuration are refused at construction, on every rank.
+    EngineConfig other = cfg;
+    if (g_rank == bad && g_ranks > 1) other.tau = 0.5;
+    message.clear();
+    try {
+      DistributedEngine::seeded(MPI_COMM_WORLD, mode, kN, kDim, 3, DType::float32, std::make_unique<UniformSampler>(kN), other);
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    if (g_ranks > 1)
+      check(message.find("EngineConfig differs from rank 0's") != std::string::npos,
+            fmt::format("{}: a different config is refused: '{}'", to_string(mode), message));
+  }
+  if (g_rank == 0) std::cout << fmt::format("failure: checked at np = {}\n", g_ranks);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &g_ranks);
+  const std::string what = argc > 1 ? argv[1] : "all";
+  if (what == "steps" || what == "all") steps();
+  if (what == "failure" || what == "all") failure();
+  int failures = 0, checks = 0;
+  MPI_Allreduce(&g_failures, &failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(&g_checks, &checks, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  if (g_rank == 0)
+    std::cout << fmt::format("{}: {} checks on {} ranks, {} failed\n", what, checks, g_ranks, failures);
+  MPI_Finalize();
+  return failures == 0 && checks > 0 ? 0 : 1;
+}
