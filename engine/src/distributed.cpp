@@ -672,11 +672,11 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     // ---- 3. draws
     detail::KernelContext cx{view, sampler_.get(), &config_, classes_.empty() ? nullptr : classes_.data(), {},
                              class_mass_.empty() ? nullptr : class_mass_.data(), k};
-    Draws dr;
+    Draws dr;  // this rank's queries' draws (shared: the batch's one row)
     dr.k = k;
     dr.shared = shared;
-    dr.first = sharded ? 0 : first;
-    dr.count = sharded ? total : batch;
+    dr.first = first;
+    dr.count = batch;
     // Caller negatives: sharded ranks need every query's (per-sample: all-gathered); shared must agree.
     RowMatrixi neg_all;
     if (negatives) {
@@ -696,9 +696,30 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
         neg_all = Eigen::Map<const RowMatrixi>(all.data(), total, k);
       }
     }
-    const RowMatrixi& given = sharded && !shared ? neg_all : neg_local;
+    // Global query i's K draws into out and their lw into lw (log_pn: K floats of scratch): the
+    // engine's own (keyed by the global row i), or the caller's.
+    const auto draw_query = [&](index_t i, index_t* out, float* lw, std::vector<float>& log_pn) {
+      const index_t y = gb.ids[static_cast<std::size_t>(i)];
+      const detail::QueryExclusion e = detail::exclusion_of(cx, y);
+      const std::span<index_t> ids_out(out, static_cast<std::size_t>(k));
+      if (negatives) {
+        const index_t* src = sharded ? neg_all.row(i).data() : neg_local.row(i - first).data();
+        std::copy_n(src, k, out);
+        sampler_->lookup(ids_out, log_pn);
+      } else {
+        sampler_->draw({config_.seed, step_, static_cast<std::uint32_t>(i), detail::purpose_negatives}, e.exclusion,
+                       ids_out, log_pn);
+      }
+      for (index_t j = 0; j < k; ++j) lw[j] = static_cast<float>(e.log_kept - log_n - log_pn[static_cast<std::size_t>(j)]);
+    };
+    // Sharded: the draws this rank owns, per global query, as CSR lists (local ids; values: their
+    // scores, later their coefficients). Built from blocks of queries drawn at a time, so that only
+    // the block's draws and the owned ones are held (O(B K / R) besides this rank's own queries').
+    std::vector<index_t> own_start;
+    std::vector<index_t> own_local;
+    std::vector<float> own_val;
     g.check([&] {
-      const index_t rows = shared ? 1 : dr.count;
+      const index_t rows = shared ? 1 : batch;
       dr.ids.resize(rows, k);
       dr.lw.resize(rows, k);
       if (shared) {
@@ -726,44 +747,56 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
         }
         for (index_t j = 0; j < k; ++j)
           dr.lw(0, j) = static_cast<float>(log_kept - log_n - log_pn[static_cast<std::size_t>(j)]);
+      }
+      if (!sharded) {
+        if (shared) return;
+        detail::ExceptionCapture errors;
+#pragma omp parallel
+        {
+          std::vector<float> log_pn;
+          errors.run([&] { log_pn.resize(static_cast<std::size_t>(k)); });
+#pragma omp for schedule(static)
+          for (index_t b = 0; b < batch; ++b)
+            errors.run([&] { draw_query(first + b, dr.ids.row(b).data(), dr.lw.row(b).data(), log_pn); });
+        }
+        errors.rethrow("the distributed step's draws");
         return;
       }
-      detail::ExceptionCapture errors;
+      constexpr index_t kDrawBlock = 64;  // queries drawn at a time
+      own_start.assign(static_cast<std::size_t>(total) + 1, 0);
+      RowMatrixi block_ids(shared ? 0 : std::min(kDrawBlock, total), k);
+      RowMatrixf block_lw(block_ids.rows(), k);
+      for (index_t q0 = 0; q0 < total; q0 += kDrawBlock) {
+        const index_t q1 = std::min(total, q0 + kDrawBlock);
+        if (!shared) {
+          detail::ExceptionCapture errors;
 #pragma omp parallel
-      {
-        std::vector<float> log_pn;
-        errors.run([&] { log_pn.resize(static_cast<std::size_t>(k)); });
+          {
+            std::vector<float> log_pn;
+            errors.run([&] { log_pn.resize(static_cast<std::size_t>(k)); });
 #pragma omp for schedule(static)
-        for (index_t r = 0; r < dr.count; ++r) {
-          errors.run([&] {
-            const index_t i = dr.first + r;  // the global query row: what keys its draws
-            const index_t y = gb.ids[static_cast<std::size_t>(i)];
-            const detail::QueryExclusion e = detail::exclusion_of(cx, y);
-            const std::span<index_t> out(dr.ids.row(r).data(), static_cast<std::size_t>(k));
-            if (negatives) {
-              const index_t src = sharded ? i : r;
-              std::copy_n(given.row(src).data(), k, out.begin());
-              sampler_->lookup(out, log_pn);
-            } else {
-              sampler_->draw({config_.seed, step_, static_cast<std::uint32_t>(i), detail::purpose_negatives},
-                             e.exclusion, out, log_pn);
-            }
-            for (index_t j = 0; j < k; ++j)
-              dr.lw(r, j) = static_cast<float>(e.log_kept - log_n - log_pn[static_cast<std::size_t>(j)]);
-          });
+            for (index_t i = q0; i < q1; ++i)
+              errors.run([&] { draw_query(i, block_ids.row(i - q0).data(), block_lw.row(i - q0).data(), log_pn); });
+          }
+          errors.rethrow("the distributed step's draws");
+        }
+        for (index_t i = q0; i < q1; ++i) {
+          const index_t* d = shared ? dr.ids.data() : block_ids.row(i - q0).data();
+          if (!shared && i >= first && i < first + batch) {  // one of this rank's queries: keep its draws
+            std::copy_n(d, k, dr.ids.row(i - first).data());
+            std::copy_n(block_lw.row(i - q0).data(), k, dr.lw.row(i - first).data());
+          }
+          for (index_t j = 0; j < k; ++j)
+            if (held_.contains(d[j])) own_local.push_back(d[j] - held_.begin);
+          own_start[static_cast<std::size_t>(i) + 1] = static_cast<index_t>(own_local.size());
         }
       }
-      errors.rethrow("the distributed step's draws");
+      own_val.resize(own_local.size());
     });
 
     // ---- 4, 5. this rank's queries' scores (B_r x K) and positive scores
     RowMatrixf scores(batch, k);
     std::vector<double> s_pos(static_cast<std::size_t>(batch));
-    // Sharded: the draws this rank owns, per global query, as CSR lists (positions j, local ids).
-    std::vector<index_t> own_start;
-    std::vector<std::int32_t> own_pos;
-    std::vector<index_t> own_local;
-    std::vector<float> own_val;  // scores, then the coefficients
     const Owners owner(n_, ranks_);
     if (!sharded) {
       g.check([&] {
@@ -783,31 +816,13 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     } else {
       std::vector<std::vector<float>> send(static_cast<std::size_t>(ranks_));
       g.check([&] {
-        own_start.assign(static_cast<std::size_t>(total) + 1, 0);
-        for (index_t i = 0; i < total; ++i) {
-          const index_t* d = dr.row(i);
-          index_t c = 0;
-          for (index_t j = 0; j < k; ++j) c += held_.contains(d[j]);
-          own_start[static_cast<std::size_t>(i) + 1] = own_start[static_cast<std::size_t>(i)] + c;
-        }
-        const auto owned = static_cast<std::size_t>(own_start.back());
-        own_pos.resize(owned);
-        own_local.resize(owned);
-        own_val.resize(owned);
         detail::ExceptionCapture errors;
 #pragma omp parallel for schedule(dynamic, 8)
         for (index_t i = 0; i < total; ++i) {
           errors.run([&] {
-            const index_t* d = dr.row(i);
-            auto t = static_cast<std::size_t>(own_start[static_cast<std::size_t>(i)]);
-            const std::size_t t0 = t;
-            for (index_t j = 0; j < k; ++j)
-              if (held_.contains(d[j])) {
-                own_pos[t] = static_cast<std::int32_t>(j);
-                own_local[t++] = d[j] - held_.begin;
-              }
-            kt.gather_dots(view.data, view.dtype, view.stride, dim, own_local.data() + t0, static_cast<index_t>(t - t0),
-                           gb.f.row(i).data(), own_val.data() + t0);
+            const index_t t0 = own_start[static_cast<std::size_t>(i)], t1 = own_start[static_cast<std::size_t>(i) + 1];
+            kt.gather_dots(view.data, view.dtype, view.stride, dim, own_local.data() + t0, t1 - t0, gb.f.row(i).data(),
+                           own_val.data() + t0);
           });
         }
         errors.rethrow("the distributed step's scores");
