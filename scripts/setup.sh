@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config git libeigen3-dev libhdf5-dev hdf5-tools libfmt-dev doctest-dev
           libcli11-dev nlohmann-json3-dev librandom123-dev libomp-dev dataset-fashion-mnist
-          python3 python3-numpy python3-h5py python3-matplotlib python3-dev python3-torch pybind11-dev)
+          python3 python3-numpy python3-h5py python3-matplotlib python3-dev python3-torch pybind11-dev
+          libopenmpi-dev openmpi-bin python3-mpi4py)
 # CI's sanitizer builds (.ci/sanitizers): clang and LLVM's OpenMP for ThreadSanitizer
 [ "$mode" = test ] && packages+=(clang-14 libclang-rt-14-dev libomp-14-dev)
 missing=()

@@ -269,6 +269,43 @@ void failure() {
   if (g_rank == 0) std::cout << fmt::format("failure: checked at np = {}\n", g_ranks);
 }
 
+/// The bytes a step sends, against docs/distributed.md's formulas (per rank, B_r = B / R queries each):
+///   replicated: (R - 1) [B_r (8 + 4 D) + 84]
+///   sharded:    B (R - 1) / R [8 + 8 D + 8 (K + 1) / R] + 96 (R - 1)    (sampled objectives, uniform)
+/// The sharded figure is an expectation (which draws a rank owns is random): within 20 %.
+void wire() {
+  constexpr index_t n = 4000, dim = 32, k = 512, b_r = 8;
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded}) {
+    EngineConfig cfg;
+    cfg.k = k;
+    cfg.objective = Objective::info_nce;
+    DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, mode, n, dim, 3, DType::float32,
+                                                       std::make_unique<UniformSampler>(n), cfg);
+    std::mt19937_64 gen(77 + static_cast<std::uint64_t>(g_rank));
+    std::normal_distribution<float> normal;
+    RowMatrixf f(b_r, dim), g(b_r, dim);
+    std::vector<index_t> ids(static_cast<std::size_t>(b_r));
+    for (index_t b = 0; b < b_r; ++b) {
+      ids[static_cast<std::size_t>(b)] = (g_rank * b_r + b) * 37 % n;
+      for (index_t c = 0; c < dim; ++c) f(b, c) = normal(gen);
+      f.row(b).normalize();
+    }
+    for (int step = 0; step < 3; ++step) {
+      dist.step(f, ids, g);
+      const double R = g_ranks, B = static_cast<double>(b_r) * R;
+      const double formula = mode == Distributed::replicated
+                                 ? (R - 1) * (static_cast<double>(b_r) * (8 + 4 * dim) + 84)
+                                 : B * (R - 1) / R * (8 + 8.0 * dim + 8.0 * (k + 1) / R) + 96 * (R - 1);
+      const auto sent = static_cast<double>(dist.last_wire().bytes_sent);
+      const bool ok = mode == Distributed::replicated ? sent == formula : std::fabs(sent - formula) <= 0.2 * formula;
+      check(ok, fmt::format("{} step {}: {} bytes sent, the formula says {}", to_string(mode), step, sent, formula));
+      if (g_rank == 0 && step == 2)
+        std::cout << fmt::format("wire: {} at np = {}: {} bytes sent per rank, formula {} (ratio {:.3f})\n",
+                                 to_string(mode), g_ranks, sent, formula, formula > 0 ? sent / formula : 1.0);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -278,6 +315,7 @@ int main(int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "all";
   if (what == "steps" || what == "all") steps();
   if (what == "failure" || what == "all") failure();
+  if (what == "wire" || what == "all") wire();
   int failures = 0, checks = 0;
   MPI_Allreduce(&g_failures, &failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   MPI_Allreduce(&g_checks, &checks, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
