@@ -140,19 +140,13 @@ struct Draws {
   const float* lw_row(index_t i) const { return lw.data() + (shared ? 0 : (i - first) * k); }
 };
 
-/// Adds sum_t coef[t] v_{ids[t]} (local rows of `bank`) into out (D doubles); tmp: D floats.
+/// Adds sum_t coef[t] v_{ids[t]} (local rows of `bank`) into out (D doubles): the dispatched kernel
+/// sums in fp32 (as the single-process kernels do) into tmp (D floats), which is then added.
 void add_rows(const BankView& bank, const kernels::Table& kt, const index_t* ids, const float* coef, index_t n,
               double* out, float* tmp) {
-  const index_t dim = bank.dim;
-  for (index_t t = 0; t < n; ++t) {
-    const float* v = bank.row(ids[t]);
-    if (bank.dtype != DType::float32) {
-      kt.widen(bank.dtype, bank.row_data(ids[t]), tmp, dim);
-      v = tmp;
-    }
-    const double c = coef[t];
-    for (index_t d = 0; d < dim; ++d) out[d] += c * v[d];
-  }
+  std::fill_n(tmp, bank.dim, 0.0f);
+  kt.gather_axpy(bank.data, bank.dtype, bank.stride, bank.dim, ids, n, coef, tmp);
+  for (index_t d = 0; d < bank.dim; ++d) out[d] += tmp[d];
 }
 
 /// One rank's sums over its queries, in query order (combined across ranks in rank order).
@@ -457,6 +451,15 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
   const kernels::Table& kt = kernels::table();
   const BankView view = bank_.view();
   double log_z_used = kNaN;
+  // log Zhat of the global batch's draws from each rank's log-sum-exp over its queries (rank order).
+  const auto global_log_z = [&](const detail::Lse& lse) {
+    const double pair[2] = {lse.max, lse.sum};
+    const std::vector<double> all = g.allgather(std::span<const double>(pair, 2));
+    detail::Lse merged;
+    for (int r = 0; r < ranks_; ++r)
+      merged.merge({all[static_cast<std::size_t>(2 * r)], all[static_cast<std::size_t>(2 * r + 1)]});
+    return detail::log_z_hat(merged.value(), static_cast<double>(total) * static_cast<double>(k), n_);
+  };
 
   if (full) {
     // ---- full softmax: no draws. Replicated: the exact loss of this rank's queries over the whole
@@ -478,7 +481,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
           mine.p_pos += std::exp(s_y - log_z);
           for (index_t c = 0; c < dim; ++c) gsum(b, c) = coef * (p.acc(b, c) / p.sum[b] - vy[static_cast<std::size_t>(c)]);
         }
-      });
+      }, &wire_.seconds_scores);
     } else {
       const index_t width = 2 * dim + 3;  // max, sum, s_y (NaN unless owned), acc (D), v_y (D, 0 unless owned)
       std::vector<std::vector<double>> send(static_cast<std::size_t>(ranks_));
@@ -502,7 +505,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
             }
           }
         }
-      });
+      }, &wire_.seconds_scores);
       const std::vector<std::vector<double>> recv = g.alltoallv(send);
       for (index_t b = 0; b < batch; ++b) {
         double m = -std::numeric_limits<double>::infinity(), l = 0.0, s_y = kNaN;
@@ -526,6 +529,33 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
           gsum(b, c) = coef * (acc[static_cast<std::size_t>(c)] / l - static_cast<float>(v[static_cast<std::size_t>(c)]));
       }
     }
+  } else if (!sharded && !shared) {
+    // ---- replicated, per-sample negatives: the single-process engine's fused kernel (one pass over the
+    // rows) over this rank's queries, their draws keyed by their global rows, 1 / B of the global batch.
+    const bool nce = config_.objective == Objective::nce;
+    const detail::KernelContext cx{view, sampler_.get(), &config_, classes_.empty() ? nullptr : classes_.data(),
+                                   classes_.empty() ? kernels::ClassTable{} : kernels::ClassTable{classes_.data(), 4},
+                                   class_mass_.empty() ? nullptr : class_mass_.data(), k};
+    RowMatrixf gk(batch, dim);
+    const detail::StepInput in{gb.f.row(first).data(), dim,  std::span<const index_t>(gb.ids).subspan(static_cast<std::size_t>(first), static_cast<std::size_t>(batch)),
+                               negatives ? &neg_local : nullptr, step_, gk.data(), dim, first, total};
+    double log_z = nce && partition_.initialised ? partition_.log_z : kNaN;
+    if (nce && std::isnan(log_z)) {
+      detail::Lse lse;
+      g.check([&] { lse = detail::lse_per_sample(cx, in, batch, kt); }, &wire_.seconds_scores);
+      log_z = global_log_z(lse);
+    }
+    log_z_used = log_z;
+    std::vector<kernels::QueryResult> results(static_cast<std::size_t>(batch));
+    g.check([&] { detail::per_sample_kernel(cx, in, batch, detail::objective_params(config_, k, n_, log_z), results, kt); },
+            &wire_.seconds_objective);
+    for (const auto& r : results) {  // in query order
+      mine.loss += r.loss;
+      mine.p_pos += r.p_pos;
+      mine.sum_exp += r.sum_exp;
+      mine.collisions += static_cast<double>(r.collisions);
+    }
+    gsum = gk.cast<double>();
   } else {
     // ---- 3. draws
     detail::KernelContext cx{view, sampler_.get(), &config_, classes_.empty() ? nullptr : classes_.data(), {},
@@ -663,7 +693,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
         }
       }
       own_val.resize(own_local.size());
-    });
+    }, &wire_.seconds_draws);
 
     // ---- 4, 5. this rank's queries' scores (B_r x K) and positive scores
     RowMatrixf scores(batch, k);
@@ -683,7 +713,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
           });
         }
         errors.rethrow("the distributed step's scores");
-      });
+      }, &wire_.seconds_scores);
     } else {
       std::vector<std::vector<float>> send(static_cast<std::size_t>(ranks_));
       g.check([&] {
@@ -708,7 +738,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
             if (held_.contains(y)) out.push_back(kt.dot(view.row_data(y - held_.begin), view.dtype, gb.f.row(i).data(), dim));
           }
         }
-      });
+      }, &wire_.seconds_scores);
       const std::vector<std::vector<float>> recv = g.alltoallv(send);
       std::vector<std::size_t> cur(static_cast<std::size_t>(ranks_), 0);
       for (index_t b = 0; b < batch; ++b) {
@@ -749,11 +779,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
         for (index_t j = 0; j < k; ++j) q.add(scores(b, j) * inv_tau + lw[j]);
         lse.merge(q);
       }
-      const double pair[2] = {lse.max, lse.sum};
-      const std::vector<double> all = g.allgather(std::span<const double>(pair, 2));
-      detail::Lse total_lse;
-      for (int r = 0; r < ranks_; ++r) total_lse.merge({all[static_cast<std::size_t>(2 * r)], all[static_cast<std::size_t>(2 * r + 1)]});
-      log_z = detail::log_z_hat(total_lse.value(), static_cast<double>(total) * static_cast<double>(k), n_);
+      log_z = global_log_z(lse);
     }
     log_z_used = log_z;
     const kernels::ObjectiveParams params = detail::objective_params(config_, k, n_, log_z);
@@ -807,7 +833,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
         }
       }
       errors.rethrow("the distributed step's objective");
-    });
+    }, &wire_.seconds_objective);
     for (const auto& r : results) {  // in query order
       mine.loss += r.loss;
       mine.p_pos += r.p_pos;
@@ -835,7 +861,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
           }
         }
         errors.rethrow("the distributed step's gradient");
-      });
+      }, &wire_.seconds_gradient);
     } else {
       // The coefficients back to the owners, in the order their scores came.
       std::vector<std::vector<float>> send(static_cast<std::size_t>(ranks_));
@@ -888,7 +914,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
             for (index_t e = 0; e < rows.size(); ++e) out[static_cast<std::size_t>(e)] = static_cast<float>(rows.data()[e]);
           }
         }
-      });
+      }, &wire_.seconds_gradient);
       const std::vector<std::vector<float>> parts = g.alltoallv(partial);
       for (int r = 0; r < ranks_; ++r) {  // in rank order
         if (r == rank_) {
@@ -955,7 +981,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       RowMatrixf f(static_cast<index_t>(rows.size()), dim);
       for (std::size_t t = 0; t < rows.size(); ++t) f.row(static_cast<index_t>(t)) = gb.f.row(rows[t]);
       bank_.momentum_update(local, f, config_.momentum, step_, config_.rounding, config_.seed, held_.begin);
-    });
+    }, &wire_.seconds_refresh);
   }
   if (next.initialised) {
     partition_.initialised = true;

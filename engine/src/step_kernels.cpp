@@ -89,7 +89,8 @@ struct QueryDraws {
   QueryDraws(const KernelContext& c, const StepInput& input, index_t query, const Exclusion& excluded,
              index_t* ids_out, float* log_pn_out)
       : cx(&c), in(&input), i(query),
-        cursor{{c.cfg->seed, input.step, static_cast<std::uint32_t>(query), purpose_negatives}, excluded, c.k},
+        cursor{{c.cfg->seed, input.step, static_cast<std::uint32_t>(query + input.row0), purpose_negatives}, excluded,
+               c.k},
         ids(ids_out), log_pn(log_pn_out) {}
   static void refill(void* self, index_t from, index_t to) {
     auto& d = *static_cast<QueryDraws*>(self);
@@ -134,6 +135,11 @@ struct ThreadScratch {
 
 double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, index_t batch,
                                  const kernels::Table& kt) {
+  return log_z_hat(lse_per_sample(cx, in, batch, kt).value(), static_cast<double>(batch) * static_cast<double>(cx.k),
+                   cx.bank.rows);
+}
+
+Lse lse_per_sample(const KernelContext& cx, const StepInput& in, index_t batch, const kernels::Table& kt) {
   const index_t dim = cx.bank.dim;
   const double inv_tau = 1.0 / cx.cfg->tau;
   const double log_n = std::log(static_cast<double>(cx.bank.rows));
@@ -168,7 +174,7 @@ double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, i
   errors.rethrow("the engine's Z estimate");
   Lse total;
   for (const auto& q : per_query) total.merge(q);
-  return log_z_hat(total.value(), static_cast<double>(batch) * static_cast<double>(cx.k), cx.bank.rows);
+  return total;
 }
 
 void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t batch,
@@ -183,7 +189,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
   base.dim = cx.bank.dim;
   base.k = cx.k;
   base.classes = cx.class_table;
-  base.coef_scale = 1.0 / static_cast<double>(batch);
+  base.coef_scale = 1.0 / static_cast<double>(in.scale_batch > 0 ? in.scale_batch : batch);
   ExceptionCapture errors;
 #pragma omp parallel
   {

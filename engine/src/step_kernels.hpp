@@ -38,6 +38,8 @@ struct StepInput {
   std::int64_t step;
   float* grad;  ///< B x D output
   index_t g_stride;
+  index_t row0 = 0;         ///< the global row of query 0, which keys the draws (a rank's slice: DistributedEngine)
+  index_t scale_batch = 0;  ///< the B of the batch mean, 1 / B in every coefficient (0: this batch's B)
 };
 
 /// The engine pieces a kernel reads.
@@ -57,6 +59,8 @@ kernels::ObjectiveParams objective_params(const EngineConfig& cfg, index_t k, in
 /// log Zhat of a per-sample step's draws (one scoring pass): the first nce step's Z.
 double estimate_log_z_per_sample(const KernelContext& cx, const StepInput& in, index_t batch,
                                  const kernels::Table& kt);
+/// The log-sum-exp of s / tau + lw over the same draws (merged in query order): its input.
+Lse lse_per_sample(const KernelContext& cx, const StepInput& in, index_t batch, const kernels::Table& kt);
 
 /// Per-sample negatives: one fused pass per query.
 void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t batch,

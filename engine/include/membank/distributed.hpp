@@ -59,10 +59,18 @@ struct RowRange {
 /// ranks one row more. Throws Error unless 1 <= R <= N and 0 <= r < R.
 RowRange shard_rows(index_t n, int ranks, int rank);
 
-/// What a step sent to other ranks (this rank's send buffers, summed over destinations).
+/// What a step sent to other ranks (this rank's send buffers, summed over destinations), and where
+/// this rank's time went (wall seconds; the phases exclude the collectives, which include waiting for
+/// the slowest rank).
 struct WireStats {
   std::int64_t bytes_sent = 0;   ///< payload bytes this rank handed to MPI for other ranks
   std::int64_t collectives = 0;  ///< collective calls of the step
+  double seconds_communication = 0.0;  ///< inside collectives
+  double seconds_draws = 0.0;          ///< drawing negatives (sharded: every global query's) and listing the owned ones
+  double seconds_scores = 0.0;         ///< scoring draws and positives against the rows held
+  double seconds_objective = 0.0;      ///< the objective over this rank's queries' scores
+  double seconds_gradient = 0.0;       ///< sum_j dL/ds_j v_j over the rows held, and the partial rows' sum
+  double seconds_refresh = 0.0;        ///< the momentum refresh of the rows held
 };
 
 class DistributedEngine {

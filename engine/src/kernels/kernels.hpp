@@ -127,6 +127,11 @@ struct Table {
   void (*gather_dots)(const void* bank, DType t, idx stride, idx dim, const idx* ids, idx k, const float* f,
                       float* out);
 
+  /// acc[c] += sum_r coef[r] bank_row(ids[r])[c] for c < dim, r < k, in fp32, rows in order,
+  /// prefetching rows ahead as gather_dots does (the distributed step's sum of weighted rows).
+  void (*gather_axpy)(const void* bank, DType t, idx stride, idx dim, const idx* ids, idx k, const float* coef,
+                      float* acc);
+
   /// dst[c] = src[c] widened to fp32 (exact), c < n; src of type t.
   void (*widen)(DType t, const void* src, float* dst, idx n);
   /// dst[c] = src[c] rounded to type t, c < n: to nearest (ties to even) when `random` is null,

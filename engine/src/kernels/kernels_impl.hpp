@@ -90,6 +90,19 @@ void k_gather_dots(const void* bank, DType t, idx stride, idx dim, const idx* id
   });
 }
 
+void k_gather_axpy(const void* bank, DType t, idx stride, idx dim, const idx* ids, idx k, const float* coef,
+                   float* acc) {
+  with_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    const auto row = [=](idx r) { return static_cast<const T*>(bank) + ids[r] * stride; };
+    prefetch_block(row, 0, k, dim);
+    for (idx k0 = 0; k0 < k; k0 += kBlock) {
+      prefetch_block(row, k0 + kBlock, k, dim);
+      for (idx r = k0; r < min_idx(k0 + kBlock, k); ++r) axpy(coef[r], row(r), acc, dim);
+    }
+  });
+}
+
 void k_widen(DType t, const void* src, float* dst, idx n) {
   with_dtype(t, [&](auto tag) {
     using T = decltype(tag);
@@ -655,7 +668,7 @@ void k_unit_normal_row(const std::uint32_t* key, const std::uint32_t* ctr, idx d
 #define MEMBANK_STR2(x) #x
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
-const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_widen, k_narrow, k_per_sample_query, k_shared_query,
+const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_gather_axpy, k_widen, k_narrow, k_per_sample_query, k_shared_query,
                    k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_first_at_least,
                    k_philox,                       k_momentum_row,   k_unit_normal_row};
 

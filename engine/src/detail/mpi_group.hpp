@@ -1,0 +1,180 @@
+#pragma once
+// The MPI collectives of the distributed engine and its snapshots (distributed.cpp,
+// distributed_snapshot.cpp): calls checked for errors, element counts checked against MPI's int,
+// and Group::agree, by which every rank throws the same Error when any rank failed. Internal.
+#include <membank/distributed.hpp>
+#include <membank/error.hpp>
+
+#include "detail/check.hpp"
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <exception>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace membank::detail {
+
+template <class T>
+MPI_Datatype mpi_type() {
+  if constexpr (std::is_same_v<T, double>) return MPI_DOUBLE;
+  if constexpr (std::is_same_v<T, float>) return MPI_FLOAT;
+  if constexpr (std::is_same_v<T, std::int64_t>) return MPI_INT64_T;
+  if constexpr (std::is_same_v<T, std::uint64_t>) return MPI_UINT64_T;
+  if constexpr (std::is_same_v<T, int>) return MPI_INT;
+  if constexpr (std::is_same_v<T, char>) return MPI_CHAR;
+}
+
+inline void check_mpi(int rc, const char* call) {
+  if (rc == MPI_SUCCESS) return;
+  char text[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, text, &len);
+  MEMBANK_THROW("{} failed: {}", call, std::string(text, static_cast<std::size_t>(len)));
+}
+
+/// An element count as MPI's int (the sizes are the same on every rank, so every rank throws alike).
+inline int mpi_count(std::size_t n, const char* what) {
+  MEMBANK_CHECK(n <= static_cast<std::size_t>(INT_MAX), "{}: {} elements in one message: expected at most 2^31 - 1",
+                what, n);
+  return static_cast<int>(n);
+}
+
+/// The engine's collectives on its communicator, counting what this rank sends to the others.
+struct Group {
+  MPI_Comm comm;
+  int rank, ranks;
+  WireStats* wire;
+
+  /// Counts a collective that began at MPI_Wtime() = t0 and sent `bytes` to other ranks.
+  void sent(std::size_t bytes, double t0) const {
+    wire->bytes_sent += static_cast<std::int64_t>(bytes);
+    ++wire->collectives;
+    wire->seconds_communication += MPI_Wtime() - t0;
+  }
+
+  /// Every rank calls this with its own failure (or none). When any rank failed, every rank throws the
+  /// same Error (OutOfMemory when the first failure was one), naming the first failing rank.
+  void agree(std::exception_ptr error) const {
+    const double t0 = MPI_Wtime();
+    int mine = error ? rank : ranks, first = ranks;
+    check_mpi(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce");
+    sent(sizeof(int) * static_cast<std::size_t>(ranks - 1), t0);
+    if (first == ranks) return;
+    std::string msg;
+    int head[2] = {0, 0};  // message length, out of memory
+    if (rank == first) {
+      try {
+        std::rethrow_exception(error);
+      } catch (const OutOfMemory& e) {
+        msg = e.what();
+        head[1] = 1;
+      } catch (const std::bad_alloc&) {
+        msg = "out of memory (std::bad_alloc)";
+        head[1] = 1;
+      } catch (const std::exception& e) {
+        msg = e.what();
+      } catch (...) {
+        msg = "an exception that is not a std::exception";
+      }
+      if (msg.rfind("membank: ", 0) == 0) msg.erase(0, 9);
+      head[0] = static_cast<int>(std::min<std::size_t>(msg.size(), 1 << 20));
+    }
+    check_mpi(MPI_Bcast(head, 2, MPI_INT, first, comm), "MPI_Bcast");
+    msg.resize(static_cast<std::size_t>(head[0]));
+    check_mpi(MPI_Bcast(msg.data(), head[0], MPI_CHAR, first, comm), "MPI_Bcast");
+    const std::string text = fmt::format("membank: rank {} of {}: {}", first, ranks, msg);
+    if (head[1]) throw OutOfMemory(text);
+    throw Error(text);
+  }
+
+  /// f() on this rank (its time added to *seconds when given), then agree on the outcome.
+  template <class F>
+  void check(F&& f, double* seconds = nullptr) const {
+    const double t0 = MPI_Wtime();
+    std::exception_ptr error;
+    try {
+      f();
+    } catch (...) {
+      error = std::current_exception();
+    }
+    if (seconds) *seconds += MPI_Wtime() - t0;
+    agree(error);
+  }
+
+  /// Every rank's `mine` (the same count on every rank), in rank order.
+  template <class T>
+  std::vector<T> allgather(std::span<const T> mine) const {
+    const double t0 = MPI_Wtime();
+    std::vector<T> all(mine.size() * static_cast<std::size_t>(ranks));
+    const int n = mpi_count(mine.size(), "all-gather");
+    check_mpi(MPI_Allgather(mine.data(), n, mpi_type<T>(), all.data(), n, mpi_type<T>(), comm), "MPI_Allgather");
+    sent(mine.size() * sizeof(T) * static_cast<std::size_t>(ranks - 1), t0);
+    return all;
+  }
+  template <class T>
+  std::vector<T> allgather(const T& mine) const {
+    return allgather(std::span<const T>(&mine, 1));
+  }
+
+  /// Every rank's `mine`, of counts[r] elements each, concatenated in rank order.
+  template <class T>
+  std::vector<T> allgatherv(std::span<const T> mine, const std::vector<index_t>& counts) const {
+    const double t0 = MPI_Wtime();
+    std::vector<int> cnt(static_cast<std::size_t>(ranks)), displ(static_cast<std::size_t>(ranks));
+    std::size_t total = 0;
+    for (int r = 0; r < ranks; ++r) {
+      cnt[static_cast<std::size_t>(r)] = mpi_count(static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]), "all-gather");
+      displ[static_cast<std::size_t>(r)] = mpi_count(total, "all-gather");
+      total += static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
+    }
+    mpi_count(total, "all-gather");
+    std::vector<T> all(total);
+    check_mpi(MPI_Allgatherv(mine.data(), cnt[static_cast<std::size_t>(rank)], mpi_type<T>(), all.data(), cnt.data(),
+                             displ.data(), mpi_type<T>(), comm),
+              "MPI_Allgatherv");
+    sent(mine.size() * sizeof(T) * static_cast<std::size_t>(ranks - 1), t0);
+    return all;
+  }
+
+  /// send[d] to rank d, for every d; returns what each rank sent to this one (recv[s] from rank s).
+  /// The counts travel first (one all-to-all of ints).
+  template <class T>
+  std::vector<std::vector<T>> alltoallv(const std::vector<std::vector<T>>& send) const {
+    double t0 = MPI_Wtime();
+    const auto R = static_cast<std::size_t>(ranks);
+    std::vector<int> scount(R), rcount(R), sdispl(R), rdispl(R);
+    std::size_t stotal = 0, payload = 0;
+    for (std::size_t d = 0; d < R; ++d) {
+      scount[d] = mpi_count(send[d].size(), "all-to-all");
+      sdispl[d] = mpi_count(stotal, "all-to-all");
+      stotal += send[d].size();
+      if (d != static_cast<std::size_t>(rank)) payload += send[d].size() * sizeof(T);
+    }
+    check_mpi(MPI_Alltoall(scount.data(), 1, MPI_INT, rcount.data(), 1, MPI_INT, comm), "MPI_Alltoall");
+    sent(sizeof(int) * (R - 1), t0);
+    t0 = MPI_Wtime();
+    std::size_t rtotal = 0;
+    for (std::size_t s = 0; s < R; ++s) {
+      rdispl[s] = static_cast<int>(rtotal);
+      rtotal += static_cast<std::size_t>(rcount[s]);
+    }
+    std::vector<T> sbuf(stotal), rbuf(rtotal);
+    for (std::size_t d = 0; d < R; ++d) std::copy(send[d].begin(), send[d].end(), sbuf.begin() + sdispl[d]);
+    check_mpi(MPI_Alltoallv(sbuf.data(), scount.data(), sdispl.data(), mpi_type<T>(), rbuf.data(), rcount.data(),
+                            rdispl.data(), mpi_type<T>(), comm),
+              "MPI_Alltoallv");
+    sent(payload, t0);
+    std::vector<std::vector<T>> recv(R);
+    for (std::size_t s = 0; s < R; ++s)
+      recv[s].assign(rbuf.begin() + rdispl[s], rbuf.begin() + rdispl[s] + rcount[s]);
+    return recv;
+  }
+};
+
+}  // namespace membank::detail
