@@ -171,6 +171,22 @@ Sums sum_in_rank_order(const Group& g, const Sums& mine) {
 
 }  // namespace
 
+/// A step's large buffers, kept across steps: their pages are touched once, not in every step (a
+/// fresh multi-megabyte allocation per step cost more in page faults than the arithmetic).
+struct DistributedEngine::Scratch {
+  Draws draws;                        ///< this rank's queries' draws
+  RowMatrixi block_ids;               ///< sharded: a block of global queries' draws
+  RowMatrixf block_lw;
+  std::vector<index_t> own_start;     ///< sharded: CSR of the owned draws per global query
+  std::vector<index_t> own_local;     ///< their local rows
+  std::vector<float> own_val;         ///< their scores, then their coefficients
+  std::vector<float> pos_val;         ///< sharded: scores of the owned positives, per global query
+  RowMatrixf scores;                  ///< this rank's queries' K scores, then coefficients
+  std::vector<float> own_part;        ///< sharded: this rank's own queries' partial rows
+  std::vector<float> send, recv;      ///< flat exchange buffers
+  std::vector<int> scount, rcount, rdispl;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Construction
 
@@ -251,7 +267,7 @@ DistributedEngine::DistributedEngine(DistributedEngine&& o) noexcept
     : comm_(std::exchange(o.comm_, MPI_COMM_NULL)), mode_(o.mode_), rank_(o.rank_), ranks_(o.ranks_), n_(o.n_),
       held_(o.held_), bank_(std::move(o.bank_)), sampler_(std::move(o.sampler_)), config_(o.config_),
       partition_(o.partition_), step_(o.step_), labels_(std::move(o.labels_)), classes_(std::move(o.classes_)),
-      class_mass_(std::move(o.class_mass_)), wire_(o.wire_) {}
+      class_mass_(std::move(o.class_mass_)), wire_(o.wire_), scratch_(std::move(o.scratch_)) {}
 
 DistributedEngine& DistributedEngine::operator=(DistributedEngine&& o) noexcept {
   if (this == &o) return *this;
@@ -273,6 +289,7 @@ DistributedEngine& DistributedEngine::operator=(DistributedEngine&& o) noexcept 
   classes_ = std::move(o.classes_);
   class_mass_ = std::move(o.class_mass_);
   wire_ = o.wire_;
+  scratch_ = std::move(o.scratch_);
   return *this;
 }
 
@@ -560,7 +577,9 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     // ---- 3. draws
     detail::KernelContext cx{view, sampler_.get(), &config_, classes_.empty() ? nullptr : classes_.data(), {},
                              class_mass_.empty() ? nullptr : class_mass_.data(), k};
-    Draws dr;  // this rank's queries' draws (shared: the batch's one row)
+    if (!scratch_) scratch_ = std::make_unique<Scratch>();
+    Scratch& sc = *scratch_;
+    Draws& dr = sc.draws;  // this rank's queries' draws (shared: the batch's one row)
     dr.k = k;
     dr.shared = shared;
     dr.first = first;
@@ -603,9 +622,9 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     // Sharded: the draws this rank owns, per global query, as CSR lists (local ids; values: their
     // scores, later their coefficients). Built from blocks of queries drawn at a time, so that only
     // the block's draws and the owned ones are held (O(B K / R) besides this rank's own queries').
-    std::vector<index_t> own_start;
-    std::vector<index_t> own_local;
-    std::vector<float> own_val;
+    std::vector<index_t>& own_start = sc.own_start;
+    std::vector<index_t>& own_local = sc.own_local;
+    std::vector<float>& own_val = sc.own_val;
     g.check([&] {
       const index_t rows = shared ? 1 : batch;
       dr.ids.resize(rows, k);
@@ -652,8 +671,10 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       }
       constexpr index_t kDrawBlock = 64;  // queries drawn at a time
       own_start.assign(static_cast<std::size_t>(total) + 1, 0);
-      RowMatrixi block_ids(shared ? 0 : std::min(kDrawBlock, total), k);
-      RowMatrixf block_lw(block_ids.rows(), k);
+      RowMatrixi& block_ids = sc.block_ids;
+      RowMatrixf& block_lw = sc.block_lw;
+      block_ids.resize(shared ? 0 : std::min(kDrawBlock, total), k);
+      block_lw.resize(block_ids.rows(), k);
       for (index_t q0 = 0; q0 < total; q0 += kDrawBlock) {
         const index_t q1 = std::min(total, q0 + kDrawBlock);
         if (!shared) {
@@ -696,7 +717,8 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     }, &wire_.seconds_draws);
 
     // ---- 4, 5. this rank's queries' scores (B_r x K) and positive scores
-    RowMatrixf scores(batch, k);
+    RowMatrixf& scores = sc.scores;
+    scores.resize(batch, k);
     std::vector<double> s_pos(static_cast<std::size_t>(batch));
     const Owners owner(n_, ranks_);
     if (!sharded) {
@@ -715,7 +737,6 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
         errors.rethrow("the distributed step's scores");
       }, &wire_.seconds_scores);
     } else {
-      std::vector<std::vector<float>> send(static_cast<std::size_t>(ranks_));
       g.check([&] {
         detail::ExceptionCapture errors;
 #pragma omp parallel for schedule(dynamic, 8)
@@ -727,31 +748,36 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
           });
         }
         errors.rethrow("the distributed step's scores");
+        sc.pos_val.resize(static_cast<std::size_t>(total));
+#pragma omp parallel for schedule(static)
+        for (index_t i = 0; i < total; ++i) {
+          const index_t y = gb.ids[static_cast<std::size_t>(i)];
+          if (held_.contains(y))
+            sc.pos_val[static_cast<std::size_t>(i)] = kt.dot(view.row_data(y - held_.begin), view.dtype, gb.f.row(i).data(), dim);
+        }
         // To each query's rank: the scores of its queries' draws this rank owns, in (query, draw)
         // order, then the scores of the positives it owns, in query order.
+        sc.send.clear();
+        sc.scount.assign(static_cast<std::size_t>(ranks_), 0);
         for (int h = 0; h < ranks_; ++h) {
           const index_t q0 = gb.offset[static_cast<std::size_t>(h)], q1 = gb.offset[static_cast<std::size_t>(h) + 1];
-          auto& out = send[static_cast<std::size_t>(h)];
-          out.assign(own_val.begin() + own_start[static_cast<std::size_t>(q0)], own_val.begin() + own_start[static_cast<std::size_t>(q1)]);
-          for (index_t i = q0; i < q1; ++i) {
-            const index_t y = gb.ids[static_cast<std::size_t>(i)];
-            if (held_.contains(y)) out.push_back(kt.dot(view.row_data(y - held_.begin), view.dtype, gb.f.row(i).data(), dim));
-          }
+          const std::size_t before = sc.send.size();
+          sc.send.insert(sc.send.end(), own_val.begin() + own_start[static_cast<std::size_t>(q0)],
+                         own_val.begin() + own_start[static_cast<std::size_t>(q1)]);
+          for (index_t i = q0; i < q1; ++i)
+            if (held_.contains(gb.ids[static_cast<std::size_t>(i)])) sc.send.push_back(sc.pos_val[static_cast<std::size_t>(i)]);
+          sc.scount[static_cast<std::size_t>(h)] = mpi_count(sc.send.size() - before, "scores");
         }
       }, &wire_.seconds_scores);
-      const std::vector<std::vector<float>> recv = g.alltoallv(send);
-      std::vector<std::size_t> cur(static_cast<std::size_t>(ranks_), 0);
+      g.exchange(sc.send, sc.scount, sc.recv, sc.rcount, sc.rdispl);
+      std::vector<std::size_t> cur(sc.rdispl.begin(), sc.rdispl.end());
       for (index_t b = 0; b < batch; ++b) {
         const index_t* d = dr.row(first + b);
-        for (index_t j = 0; j < k; ++j) {
-          const auto o = static_cast<std::size_t>(owner(d[j]));
-          scores(b, j) = recv[o][cur[o]++];
-        }
+        for (index_t j = 0; j < k; ++j) scores(b, j) = sc.recv[cur[static_cast<std::size_t>(owner(d[j]))]++];
       }
-      for (index_t b = 0; b < batch; ++b) {
-        const auto o = static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]));
-        s_pos[static_cast<std::size_t>(b)] = recv[o][cur[o]++];
-      }
+      for (index_t b = 0; b < batch; ++b)
+        s_pos[static_cast<std::size_t>(b)] =
+            sc.recv[cur[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))]++];
     }
 
     // ---- 6. Z and the objective, at the query's rank
@@ -864,65 +890,72 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       }, &wire_.seconds_gradient);
     } else {
       // The coefficients back to the owners, in the order their scores came.
-      std::vector<std::vector<float>> send(static_cast<std::size_t>(ranks_));
+      const auto R = static_cast<std::size_t>(ranks_);
+      sc.scount.assign(R, 0);
       for (index_t b = 0; b < batch; ++b) {
         const index_t* d = dr.row(first + b);
-        for (index_t j = 0; j < k; ++j) send[static_cast<std::size_t>(owner(d[j]))].push_back(scores(b, j));
+        for (index_t j = 0; j < k; ++j) ++sc.scount[static_cast<std::size_t>(owner(d[j]))];
+        ++sc.scount[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))];
+      }
+      std::vector<std::size_t> cur(R, 0);
+      for (std::size_t o = 1; o < R; ++o) cur[o] = cur[o - 1] + static_cast<std::size_t>(sc.scount[o - 1]);
+      sc.send.resize(cur[R - 1] + static_cast<std::size_t>(sc.scount[R - 1]));
+      for (index_t b = 0; b < batch; ++b) {
+        const index_t* d = dr.row(first + b);
+        for (index_t j = 0; j < k; ++j) sc.send[cur[static_cast<std::size_t>(owner(d[j]))]++] = scores(b, j);
       }
       for (index_t b = 0; b < batch; ++b)
-        send[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))].push_back(c_pos[static_cast<std::size_t>(b)]);
-      const std::vector<std::vector<float>> coef = g.alltoallv(send);
-      // Each owner's partial rows of every query, to the query's rank (float on the wire).
-      std::vector<std::vector<float>> partial(static_cast<std::size_t>(ranks_));
-      RowMatrixd own_rows;
+        sc.send[cur[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))]++] =
+            c_pos[static_cast<std::size_t>(b)];
+      g.exchange(sc.send, sc.scount, sc.recv, sc.rcount, sc.rdispl);
+      // Each owner's partial rows of every query: its own queries' in own_part, the others' in the
+      // flat buffer to their ranks (fp32 on the wire).
       g.check([&] {
+        std::vector<index_t> row_at(static_cast<std::size_t>(total));  // a query's row in its buffer
+        sc.scount.assign(R, 0);
+        index_t offset = 0;
         for (int h = 0; h < ranks_; ++h) {
           const index_t q0 = gb.offset[static_cast<std::size_t>(h)], q1 = gb.offset[static_cast<std::size_t>(h) + 1];
-          const auto& in = coef[static_cast<std::size_t>(h)];
+          // The coefficients of the draws this rank owns of h's queries, in the order of own_val.
           const auto base = static_cast<std::size_t>(own_start[static_cast<std::size_t>(q0)]);
           const auto n_scores = static_cast<std::size_t>(own_start[static_cast<std::size_t>(q1)]) - base;
-          std::copy_n(in.begin(), n_scores, own_val.begin() + static_cast<std::ptrdiff_t>(base));
-          RowMatrixd rows = RowMatrixd::Zero(q1 - q0, dim);
-          std::size_t pos_cursor = n_scores;
-          std::vector<float> tmp(static_cast<std::size_t>(dim));
+          std::copy_n(sc.recv.begin() + sc.rdispl[static_cast<std::size_t>(h)], n_scores,
+                      own_val.begin() + static_cast<std::ptrdiff_t>(base));
+          for (index_t i = q0; i < q1; ++i) row_at[static_cast<std::size_t>(i)] = h == rank_ ? (i - q0) * dim : offset + (i - q0) * dim;
+          if (h != rank_) {
+            sc.scount[static_cast<std::size_t>(h)] = mpi_count(static_cast<std::size_t>((q1 - q0) * dim), "partial rows");
+            offset += (q1 - q0) * dim;
+          }
+        }
+        sc.send.assign(static_cast<std::size_t>(offset), 0.0f);
+        sc.own_part.assign(static_cast<std::size_t>(batch * dim), 0.0f);
+        const auto row_of = [&](index_t i) {
+          const bool mine_q = i >= first && i < first + batch;
+          return (mine_q ? sc.own_part.data() : sc.send.data()) + row_at[static_cast<std::size_t>(i)];
+        };
+        // The positives this rank owns (their coefficients follow the draws' in each rank's part).
+        for (int h = 0; h < ranks_; ++h) {
+          const index_t q0 = gb.offset[static_cast<std::size_t>(h)], q1 = gb.offset[static_cast<std::size_t>(h) + 1];
+          auto at = static_cast<std::size_t>(sc.rdispl[static_cast<std::size_t>(h)]) +
+                    static_cast<std::size_t>(own_start[static_cast<std::size_t>(q1)] - own_start[static_cast<std::size_t>(q0)]);
           for (index_t i = q0; i < q1; ++i) {
             const index_t y = gb.ids[static_cast<std::size_t>(i)];
-            if (held_.contains(y)) {
-              const index_t local = y - held_.begin;
-              add_rows(view, kt, &local, &in[pos_cursor++], 1, rows.row(i - q0).data(), tmp.data());
-            }
+            if (!held_.contains(y)) continue;
+            const index_t local = y - held_.begin;
+            kt.gather_axpy(view.data, view.dtype, view.stride, dim, &local, 1, &sc.recv[at++], row_of(i));
           }
-          detail::ExceptionCapture errors;
-#pragma omp parallel
-          {
-            std::vector<float> t2;
-            errors.run([&] { t2.resize(static_cast<std::size_t>(dim)); });
-#pragma omp for schedule(dynamic, 8)
-            for (index_t i = q0; i < q1; ++i) {
-              errors.run([&] {
-                const auto s0 = own_start[static_cast<std::size_t>(i)], s1 = own_start[static_cast<std::size_t>(i) + 1];
-                add_rows(view, kt, own_local.data() + s0, own_val.data() + s0, s1 - s0, rows.row(i - q0).data(), t2.data());
-              });
-            }
-          }
-          errors.rethrow("the distributed step's gradient");
-          if (h == rank_) {
-            own_rows = std::move(rows);
-          } else {
-            auto& out = partial[static_cast<std::size_t>(h)];
-            out.resize(static_cast<std::size_t>(rows.size()));
-            for (index_t e = 0; e < rows.size(); ++e) out[static_cast<std::size_t>(e)] = static_cast<float>(rows.data()[e]);
-          }
+        }
+#pragma omp parallel for schedule(dynamic, 8)
+        for (index_t i = 0; i < total; ++i) {
+          const auto s0 = own_start[static_cast<std::size_t>(i)], s1 = own_start[static_cast<std::size_t>(i) + 1];
+          kt.gather_axpy(view.data, view.dtype, view.stride, dim, own_local.data() + s0, s1 - s0, own_val.data() + s0,
+                         row_of(i));
         }
       }, &wire_.seconds_gradient);
-      const std::vector<std::vector<float>> parts = g.alltoallv(partial);
+      g.exchange(sc.send, sc.scount, sc.recv, sc.rcount, sc.rdispl);
       for (int r = 0; r < ranks_; ++r) {  // in rank order
-        if (r == rank_) {
-          gsum += own_rows;
-        } else {
-          const auto& p = parts[static_cast<std::size_t>(r)];
-          for (index_t e = 0; e < gsum.size(); ++e) gsum.data()[e] += p[static_cast<std::size_t>(e)];
-        }
+        const float* p = r == rank_ ? sc.own_part.data() : sc.recv.data() + sc.rdispl[static_cast<std::size_t>(r)];
+        for (index_t e = 0; e < gsum.size(); ++e) gsum.data()[e] += p[e];
       }
     }
   }

@@ -131,9 +131,8 @@ class DistributedEngine {
   /// Collective. Every row's last-update step, N of them, on `root` (empty elsewhere).
   std::vector<std::int64_t> gather_last_update(int root = 0) const;
 
-  struct State;  ///< the engine's internals (distributed.cpp)
-
  private:
+  struct Scratch;  ///< a step's large buffers, kept across steps (distributed.cpp)
   DistributedEngine(MPI_Comm comm, Distributed mode, Bank local, index_t n_total, std::unique_ptr<NoiseSampler> sampler,
                     EngineConfig config, std::vector<std::int64_t> labels, bool checked_bank);
   StepStats run(FeaturesRef features, IdsRef ids, const NegativesRef* negatives, GradRef grad, bool update);
@@ -152,6 +151,7 @@ class DistributedEngine {
   std::vector<std::int32_t> classes_;
   std::vector<double> class_mass_;
   WireStats wire_;
+  std::unique_ptr<Scratch> scratch_;
 };
 
 }  // namespace membank

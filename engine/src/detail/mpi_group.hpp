@@ -142,6 +142,38 @@ struct Group {
     return all;
   }
 
+  /// The all-to-all of flat buffers: `send` holds scount[d] elements for each rank d, in rank order;
+  /// `recv` receives what every rank sends here, in rank order, rcount[s] elements from rank s at
+  /// rdispl[s] (the vectors are resized; their capacity is kept across steps). Counts travel first.
+  template <class T>
+  void exchange(const std::vector<T>& send, const std::vector<int>& scount, std::vector<T>& recv,
+                std::vector<int>& rcount, std::vector<int>& rdispl) const {
+    double t0 = MPI_Wtime();
+    const auto R = static_cast<std::size_t>(ranks);
+    std::vector<int> sdispl(R);
+    rcount.resize(R);
+    rdispl.resize(R);
+    std::size_t stotal = 0, payload = 0;
+    for (std::size_t d = 0; d < R; ++d) {
+      sdispl[d] = mpi_count(stotal, "all-to-all");
+      stotal += static_cast<std::size_t>(scount[d]);
+      if (d != static_cast<std::size_t>(rank)) payload += static_cast<std::size_t>(scount[d]) * sizeof(T);
+    }
+    check_mpi(MPI_Alltoall(scount.data(), 1, MPI_INT, rcount.data(), 1, MPI_INT, comm), "MPI_Alltoall");
+    sent(sizeof(int) * (R - 1), t0);
+    t0 = MPI_Wtime();
+    std::size_t rtotal = 0;
+    for (std::size_t s = 0; s < R; ++s) {
+      rdispl[s] = mpi_count(rtotal, "all-to-all");
+      rtotal += static_cast<std::size_t>(rcount[s]);
+    }
+    recv.resize(rtotal);
+    check_mpi(MPI_Alltoallv(send.data(), scount.data(), sdispl.data(), mpi_type<T>(), recv.data(), rcount.data(),
+                            rdispl.data(), mpi_type<T>(), comm),
+              "MPI_Alltoallv");
+    sent(payload, t0);
+  }
+
   /// send[d] to rank d, for every d; returns what each rank sent to this one (recv[s] from rank s).
   /// The counts travel first (one all-to-all of ints).
   template <class T>
