@@ -71,9 +71,16 @@ struct Case {
   SamplerKind sampler;
   DType dtype;
   bool exclude_positive;
+  /// The variants of the configuration beyond these: every field a step reads differently.
+  bool exclude_same_label = false;
+  bool normalize = false;  ///< normalize_features, with features of norm 3
+  ZPolicy z_policy = ZPolicy::ema;
+  Rounding rounding = Rounding::nearest;
   std::string name() const {
-    return fmt::format("{} {} {} {} {}{}", to_string(objective), to_string(mode), to_string(negatives),
-                       to_string(sampler), to_string(dtype), exclude_positive ? " exclude_positive" : "");
+    return fmt::format("{} {} {} {} {}{}{}{} z={} rounding={}", to_string(objective), to_string(mode),
+                       to_string(negatives), to_string(sampler), to_string(dtype),
+                       exclude_positive ? " exclude_positive" : "", exclude_same_label ? " exclude_same_label" : "",
+                       normalize ? " normalize_features" : "", to_string(z_policy), to_string(rounding));
   }
 };
 
@@ -88,7 +95,11 @@ EngineConfig config_of(const Case& c) {
   cfg.negatives = c.negatives;
   cfg.exclude_positive = c.exclude_positive;
   cfg.seed = 11;
-  cfg.z_policy = ZPolicy::ema;
+  cfg.z_policy = c.z_policy;
+  cfg.z_fixed = 50.0;
+  cfg.exclude_same_label = c.exclude_same_label;
+  cfg.normalize_features = c.normalize;
+  cfg.rounding = c.rounding;
   return cfg;
 }
 
@@ -125,7 +136,7 @@ std::vector<double> allgather_bits(double v) {
 void run_case(const Case& c) {
   const std::string name = c.name();
   const EngineConfig cfg = config_of(c);
-  const bool labels = needs_labels(c.objective);
+  const bool labels = needs_labels(c.objective) || c.exclude_same_label;
   Engine ref(Bank(kN, kDim, 5, c.dtype), make_sampler(c.sampler, kN), cfg, labels ? labels_of(kN) : std::vector<std::int64_t>{});
   DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, c.mode, kN, kDim, 5, c.dtype, make_sampler(c.sampler, kN),
                                                      cfg, labels ? labels_of(kN) : std::vector<std::int64_t>{});
@@ -134,6 +145,7 @@ void run_case(const Case& c) {
     std::vector<index_t> ids, offset;
     RowMatrixf f;
     global_batch(step, ids, f, offset);
+    if (c.normalize) f *= 3.0f;
     const index_t total = f.rows();
     const index_t first = offset[static_cast<std::size_t>(g_rank)], mine = slice_size(g_rank);
     RowMatrixf g_ref(total, kDim), g(mine, kDim);
@@ -204,6 +216,33 @@ void steps() {
           ++cases;
         }
       }
+  // The variants: exclusion of the query's label, the engine's normalisation, the Z policies,
+  // stochastic rounding, each in both modes and both negatives modes.
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded})
+    for (const NegativesMode neg : {NegativesMode::per_sample, NegativesMode::shared}) {
+      std::vector<Case> variants;
+      Case c{Objective::supcon, mode, neg, SamplerKind::alias, DType::float32, false};
+      c.exclude_same_label = true;
+      variants.push_back(c);
+      c = {Objective::nce, mode, neg, SamplerKind::uniform, DType::float32, false};
+      c.normalize = true;
+      c.z_policy = ZPolicy::first_batch;
+      variants.push_back(c);
+      c = {Objective::nce, mode, neg, SamplerKind::alias, DType::float16, true};
+      c.z_policy = ZPolicy::fixed;
+      variants.push_back(c);
+      c = {Objective::info_nce, mode, neg, SamplerKind::uniform, DType::bfloat16, false};
+      c.rounding = Rounding::stochastic;
+      variants.push_back(c);
+      for (const Case& v : variants) {
+        try {
+          run_case(v);
+        } catch (const std::exception& e) {
+          check(false, fmt::format("{}: threw {}", v.name(), e.what()));
+        }
+        ++cases;
+      }
+    }
   if (g_rank == 0) std::cout << fmt::format("steps: {} configurations at np = {}\n", cases, g_ranks);
 }
 
