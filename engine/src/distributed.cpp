@@ -309,16 +309,7 @@ void DistributedEngine::set_labels(std::span<const std::int64_t> labels) {
 
 void DistributedEngine::restore_state(const Partition& partition, std::int64_t step) {
   const Group g{comm_, rank_, ranks_, &wire_};
-  g.check([&] {
-    MEMBANK_CHECK(partition.policy == config_.z_policy, "partition.policy = {}: expected the engine's {}",
-                  to_string(partition.policy), to_string(config_.z_policy));
-    MEMBANK_CHECK(!partition.initialised || std::isfinite(partition.log_z),
-                  "partition.log_z = {}: expected a finite value", partition.log_z);
-    MEMBANK_CHECK(step >= 0, "step = {}: expected a step counter >= 0", step);
-    MEMBANK_CHECK(config_.z_policy != ZPolicy::fixed || (partition.initialised && partition.log_z == partition_.log_z),
-                  "partition.log_z = {}: the fixed policy's Z is log {} = {}", partition.log_z, config_.z_fixed,
-                  partition_.log_z);
-  });
+  g.check([&] { detail::check_restored_state(config_, partition_, partition, step); });
   g.check([&] {
     Fingerprint f;
     f << partition.initialised << partition.log_z << step;

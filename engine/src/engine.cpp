@@ -165,14 +165,7 @@ void Engine::set_labels(std::span<const std::int64_t> labels) {
 
 void Engine::restore_state(const Partition& partition, std::int64_t step) {
   discard_prefetch();
-  MEMBANK_CHECK(partition.policy == config_.z_policy, "partition.policy = {}: expected the engine's {}",
-                to_string(partition.policy), to_string(config_.z_policy));
-  MEMBANK_CHECK(!partition.initialised || std::isfinite(partition.log_z),
-                "partition.log_z = {}: expected a finite value", partition.log_z);
-  MEMBANK_CHECK(step >= 0, "step = {}: expected a step counter >= 0", step);
-  MEMBANK_CHECK(config_.z_policy != ZPolicy::fixed || (partition.initialised && partition.log_z == partition_.log_z),
-                "partition.log_z = {}: the fixed policy's Z is log {} = {}", partition.log_z, config_.z_fixed,
-                partition_.log_z);
+  detail::check_restored_state(config_, partition_, partition, step);
   partition_ = partition;
   step_ = step;
 }

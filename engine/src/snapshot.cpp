@@ -4,6 +4,7 @@
 
 #include "detail/check.hpp"
 #include "detail/half.hpp"
+#include "detail/snapshot_parts.hpp"
 
 #include <hdf5.h>
 
@@ -35,6 +36,9 @@ namespace membank {
 namespace {
 
 constexpr const char* kFormat = "membank-snapshot";
+// A shard file of a shard set (docs/snapshot-format.md): rows [row_begin, row_end) of the bank.
+constexpr const char* kShardFormat = "membank-snapshot-shard";
+constexpr int kShardFormatVersion = 1;
 // 3: the bank's dtype (2-byte banks) and the rounding; 2: the objectives' parameters; 1: nce, infonce,
 // full only. Versions 1 and 2 are still read (a float32 bank, nearest rounding).
 constexpr int kFormatVersion = 3;
@@ -311,9 +315,15 @@ DatasetShape shape_of(hid_t ds) {
   return s;
 }
 
+/// Opens dataset `name` of the file at `path`. A virtual dataset's relative source files are looked
+/// for in the file's own directory (a shard set moves as a directory; the working directory plays
+/// no part).
 Handle open_dataset(hid_t file, const char* name, const std::string& path) {
   MEMBANK_CHECK(H5Lexists(file, name, H5P_DEFAULT) > 0, "{}: dataset '{}' is missing", path, name);
-  Handle ds(H5Dopen2(file, name, H5P_DEFAULT), H5Dclose);
+  Handle dapl(H5Pcreate(H5P_DATASET_ACCESS), H5Pclose);
+  const std::string dir = std::filesystem::absolute(path).parent_path().string();
+  H5_CHECK(H5Pset_virtual_prefix(dapl.get(), dir.c_str()), "{}: cannot set the virtual-dataset prefix", path);
+  Handle ds(H5Dopen2(file, name, dapl.get()), H5Dclose);
   H5_CHECK(ds.get(), "{}: '{}' cannot be opened as a dataset", path, name);
   return ds;
 }
@@ -494,6 +504,148 @@ Handle open_file(const std::string& path) {
   return f;
 }
 
+/// True for a generation token: 16 lowercase hex digits.
+bool is_generation(const std::string& g) {
+  return g.size() == 16 && std::all_of(g.begin(), g.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
+
+/// Checks a row dataset of a shard file (or of a single file): rank, length, element class and size,
+/// every chunk stored.
+void check_row_vector(hid_t file, const char* name, index_t n, H5T_class_t cls, std::size_t size,
+                      const std::string& path) {
+  Handle ds = open_dataset(file, name, path);
+  const DatasetShape s = shape_of(ds.get());
+  MEMBANK_CHECK(s.rank == 1 && s.dims[0] == static_cast<hsize_t>(n),
+                "{}: dataset '{}' has rank {} and {} entries: expected ({},)", path, name, s.rank, s.dims[0], n);
+  MEMBANK_CHECK(s.cls == cls && s.elem_size == size, "{}: dataset '{}' has the wrong dtype", path, name);
+  const index_t cr = chunk_rows_of(ds.get());
+  if (cr >= 1) check_storage(ds.get(), n, cr, path, name);
+}
+
+/// Checks the shard file open as `file` against the place its master gives it (or its writer meant):
+/// format, generation, index, rows, shape, type and complete storage of every dataset. Returns
+/// whether its bank is compressed.
+bool check_shard(hid_t file, const std::string& path, const detail::ShardPlace& p, index_t dim, DType dtype,
+                 bool has_labels) {
+  const AttrReader a(file, path);
+  const std::string format = a.has("format") ? a.str("format") : "";
+  MEMBANK_CHECK(format == kShardFormat, "{}: format is '{}': expected '{}'", path, format, kShardFormat);
+  const std::int64_t version = a.i64("format_version");
+  MEMBANK_CHECK(version == kShardFormatVersion, "{}: format_version = {}: this membank reads shard version {}", path,
+                version, kShardFormatVersion);
+  const std::string generation = a.str("generation");
+  MEMBANK_CHECK(generation == p.generation, "{}: generation '{}': expected '{}' (a shard of another save)", path,
+                generation, p.generation);
+  const auto expect = [&](const char* name, std::int64_t want) {
+    const std::int64_t got = a.i64(name);
+    MEMBANK_CHECK(got == want, "{}: attribute {} = {}: expected {}", path, name, got, want);
+  };
+  expect("shard", p.index);
+  expect("shards", p.count);
+  expect("n", p.n);
+  expect("row_begin", p.begin);
+  expect("row_end", p.end);
+  expect("dim", dim);
+  const std::string named = a.str("dtype");
+  MEMBANK_CHECK(named == to_string(dtype), "{}: attribute dtype = '{}': expected '{}'", path, named, to_string(dtype));
+  const index_t rows = p.end - p.begin;
+  Handle bank = open_dataset(file, "bank", path);
+  const DatasetShape bs = shape_of(bank.get());
+  MEMBANK_CHECK(bs.rank == 2 && bs.dims[0] == static_cast<hsize_t>(rows) && bs.dims[1] == static_cast<hsize_t>(dim),
+                "{}: dataset 'bank' is not {} x {}", path, rows, dim);
+  MEMBANK_CHECK(stored_dtype(bank.get(), path, "bank") == dtype, "{}: dataset 'bank' does not hold {}", path,
+                to_string(dtype));
+  const index_t chunk = chunk_rows_of(bank.get());
+  MEMBANK_CHECK(chunk >= 1, "{}: dataset 'bank' is not chunked by rows", path);
+  check_storage(bank.get(), rows, chunk, path, "bank");
+  check_row_vector(file, "last_update", rows, H5T_INTEGER, 8, path);
+  if (has_labels) check_row_vector(file, "labels", rows, H5T_INTEGER, 8, path);
+  return has_filter(bank.get(), H5Z_FILTER_DEFLATE);
+}
+
+/// Checks the master of a shard set: its virtual datasets bank, last_update and (labels) map, in row
+/// order, whole blocks of rows to the datasets of the same name in the same shard files (plain names
+/// in the master's directory), covering all N rows; then every shard file (check_shard). A missing
+/// shard or one of another generation is refused here: HDF5 itself would read its rows as zeros.
+void check_shard_set(hid_t file, SnapshotInfo& info, const std::string& path) {
+  MEMBANK_CHECK(info.shards >= 1 && info.shards <= info.n, "{}: shards = {}: expected 1 <= shards <= n = {}", path,
+                info.shards, info.n);
+  MEMBANK_CHECK(is_generation(info.generation), "{}: generation = '{}': expected 16 hexadecimal digits", path,
+                info.generation);
+  std::vector<std::string> files;
+  std::vector<std::pair<index_t, index_t>> rows;
+  for (const char* name : {"bank", "last_update", "labels"}) {
+    const bool is_bank = std::strcmp(name, "bank") == 0;
+    if (std::strcmp(name, "labels") == 0 && !info.has_labels) continue;
+    Handle ds = open_dataset(file, name, path);
+    Handle dcpl(H5Dget_create_plist(ds.get()), H5Pclose);
+    MEMBANK_CHECK(H5Pget_layout(dcpl.get()) == H5D_VIRTUAL, "{}: dataset '{}' is not virtual: expected the shards' "
+                  "rows, as every row dataset of a shard set's master", path, name);
+    std::size_t count = 0;
+    H5_CHECK(H5Pget_virtual_count(dcpl.get(), &count), "{}: dataset '{}': cannot read its mappings", path, name);
+    MEMBANK_CHECK(count == static_cast<std::size_t>(info.shards), "{}: dataset '{}' maps {} source datasets: expected "
+                  "one per shard, {}", path, name, count, info.shards);
+    index_t next = 0;
+    for (std::size_t i = 0; i < count; ++i) {
+      const auto text = [&](auto get) {
+        const ssize_t len = get(dcpl.get(), i, nullptr, 0);
+        MEMBANK_CHECK(len >= 0 && len < 4096, "{}: dataset '{}': mapping {} cannot be read", path, name, i);
+        std::string t(static_cast<std::size_t>(len) + 1, '\0');
+        get(dcpl.get(), i, t.data(), t.size());
+        t.resize(static_cast<std::size_t>(len));
+        return t;
+      };
+      const std::string fname = text(H5Pget_virtual_filename), dname = text(H5Pget_virtual_dsetname);
+      MEMBANK_CHECK(!fname.empty() && fname.find('/') == std::string::npos && fname != "." && fname != "..",
+                    "{}: dataset '{}' maps shard {} to the file '{}': expected a file name in the master's directory",
+                    path, name, i, fname);
+      MEMBANK_CHECK(dname == name, "{}: dataset '{}' maps shard {} to the dataset '{}': expected '{}'", path, name, i,
+                    dname, name);
+      Handle vspace(H5Pget_virtual_vspace(dcpl.get(), i), H5Sclose);
+      Handle sspace(H5Pget_virtual_srcspace(dcpl.get(), i), H5Sclose);
+      hsize_t lo[2] = {0, 0}, hi[2] = {0, 0};
+      const bool bounded = vspace.ok() && sspace.ok() && H5Sget_select_bounds(vspace.get(), lo, hi) >= 0;
+      const index_t cols = is_bank ? info.dim : 1;
+      const auto b = static_cast<index_t>(lo[0]), e = static_cast<index_t>(hi[0]) + 1;
+      const bool whole_rows = bounded && b == next && e > b && e <= info.n &&
+                              (!is_bank || (lo[1] == 0 && hi[1] == static_cast<hsize_t>(info.dim - 1))) &&
+                              H5Sget_select_npoints(vspace.get()) == (e - b) * cols &&
+                              H5Sget_select_type(sspace.get()) == H5S_SEL_ALL;
+      // The source's own shape (e - b rows) is checked with the shard file: HDF5 learns it on opening.
+      MEMBANK_CHECK(whole_rows, "{}: dataset '{}' maps shard {} to rows {}..{} (columns {}..{}, {} elements): expected "
+                    "the whole source dataset on a block of whole rows from row {}", path, name, i, b, e, lo[1], hi[1],
+                    H5Sget_select_npoints(vspace.get()), next);
+      if (is_bank) {
+        files.push_back(fname);
+        rows.emplace_back(b, e);
+      } else {
+        MEMBANK_CHECK(fname == files[i] && std::pair(b, e) == rows[i], "{}: dataset '{}' maps shard {} to '{}' rows "
+                      "{}..{}: expected dataset 'bank''s '{}' rows {}..{}", path, name, i, fname, b, e, files[i],
+                      rows[i].first, rows[i].second);
+      }
+      next = e;
+    }
+    MEMBANK_CHECK(next == info.n, "{}: dataset '{}' maps rows 0..{}: expected all n = {}", path, name, next, info.n);
+  }
+  const std::filesystem::path dir = std::filesystem::absolute(path).parent_path();
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    const std::string shard = (dir / files[i]).string();
+    const detail::ShardPlace place{info.generation, static_cast<int>(i), info.shards, info.n, rows[i].first,
+                                   rows[i].second};
+    try {
+      MEMBANK_CHECK(std::filesystem::exists(shard), "{}: no such file (a shard set moves as a directory: the master "
+                    "with its shard files)", shard);
+      Handle f = open_file(shard);
+      const bool compressed = check_shard(f.get(), shard, place, info.dim, info.dtype, info.has_labels);
+      if (i == 0) info.compressed = compressed;
+    } catch (const Error& e) {
+      MEMBANK_THROW("{}: shard {} of {}: {}", path, i, info.shards, e.what());
+    }
+  }
+}
+
 SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   AttrReader a(file, path);
   SnapshotInfo info;
@@ -567,26 +719,38 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   MEMBANK_CHECK(bs.dims[0] == static_cast<hsize_t>(info.n) && bs.dims[1] == static_cast<hsize_t>(info.dim),
                 "{}: dataset 'bank' is {} x {} but the attributes say n = {}, dim = {}", path, bs.dims[0], bs.dims[1],
                 info.n, info.dim);
-  info.rows_per_chunk = chunk_rows_of(bank.get());
-  MEMBANK_CHECK(info.rows_per_chunk >= 1, "{}: dataset 'bank' is not chunked by rows", path);
-  check_storage(bank.get(), info.n, info.rows_per_chunk, path, "bank");
-  info.compressed = has_filter(bank.get(), H5Z_FILTER_DEFLATE);
+  // A shard set's master (docs/snapshot-format.md): virtual row datasets over its shard files.
+  const bool is_virtual = [&] {
+    Handle dcpl(H5Dget_create_plist(bank.get()), H5Pclose);
+    return H5Pget_layout(dcpl.get()) == H5D_VIRTUAL;
+  }();
+  MEMBANK_CHECK(is_virtual == a.has("shards"), "{}: {}", path,
+                is_virtual ? "dataset 'bank' is virtual but the attribute 'shards' is missing: expected a shard set's "
+                             "master"
+                           : "the attribute 'shards' marks a shard set's master but dataset 'bank' is not virtual");
+  if (!is_virtual) {
+    info.rows_per_chunk = chunk_rows_of(bank.get());
+    MEMBANK_CHECK(info.rows_per_chunk >= 1, "{}: dataset 'bank' is not chunked by rows", path);
+    check_storage(bank.get(), info.n, info.rows_per_chunk, path, "bank");
+    info.compressed = has_filter(bank.get(), H5Z_FILTER_DEFLATE);
+  }
 
   const auto check_vector = [&](const char* name, H5T_class_t cls, std::size_t size) {
-    Handle ds = open_dataset(file, name, path);
-    const DatasetShape s = shape_of(ds.get());
-    MEMBANK_CHECK(s.rank == 1 && s.dims[0] == static_cast<hsize_t>(info.n),
-                  "{}: dataset '{}' has rank {} and {} entries: expected ({},)", path, name, s.rank, s.dims[0], info.n);
-    MEMBANK_CHECK(s.cls == cls && s.elem_size == size, "{}: dataset '{}' has the wrong dtype", path, name);
-    const index_t cr = chunk_rows_of(ds.get());
-    if (cr >= 1) check_storage(ds.get(), info.n, cr, path, name);
+    check_row_vector(file, name, info.n, cls, size, path);
   };
-  check_vector("last_update", H5T_INTEGER, 8);
+  if (!is_virtual) check_vector("last_update", H5T_INTEGER, 8);
   if (info.sampler == SamplerKind::alias) check_vector("sampler_weights", H5T_FLOAT, 8);
-  if (info.has_labels) check_vector("labels", H5T_INTEGER, 8);
+  if (info.has_labels && !is_virtual) check_vector("labels", H5T_INTEGER, 8);
   MEMBANK_CHECK(info.has_labels || (!needs_labels(c.objective) && !c.exclude_same_label),
                 "{}: the configuration ({}{}) needs labels but the file has no dataset 'labels'", path,
                 to_string(c.objective), c.exclude_same_label ? ", exclude_same_label" : "");
+  if (is_virtual) {
+    info.shards = static_cast<int>(std::clamp<std::int64_t>(a.i64("shards"), -1, std::int64_t{1} << 30));
+    info.generation = a.str("generation");
+    check_shard_set(file, info, path);
+    // read through HDF5's H5Dread of the virtual dataset (no direct chunk reads): about 1 MiB at a time
+    info.rows_per_chunk = rows_per_chunk(info.dim, info.n, dtype_bytes(info.dtype));
+  }
   return info;
 }
 
@@ -600,15 +764,18 @@ SnapshotInfo read_info(hid_t file, const std::string& path) {
   }
 }
 
+/// Entries [r0, r0 + n) of the 1-D dataset `name`.
 template <class T>
-std::vector<T> read_vector(hid_t file, const char* name, index_t n, hid_t memtype, const std::string& path) {
+std::vector<T> read_vector(hid_t file, const char* name, index_t r0, index_t n, hid_t memtype,
+                           const std::string& path) {
   Handle ds = open_dataset(file, name, path);
   std::vector<T> v(static_cast<std::size_t>(n));
-  read_rows(ds.get(), memtype, 0, n, 0, v.data(), path, name);
+  read_rows(ds.get(), memtype, r0, n, 0, v.data(), path, name);
   return v;
 }
 
-Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
+/// Rows [first, end) of the snapshot's bank, a bank of their own (local row i: row first + i).
+Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path, index_t first, index_t end) {
   Handle ds = open_dataset(file, "bank", path);
   // Read chunk-aligned blocks straight into the bank's rows (memory hyperslab over the stride), in
   // the bank's own type: a 2-byte bank gets the stored bits as they are.
@@ -617,7 +784,8 @@ Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
   const double tolerance = unit_tolerance(info.dtype);
   index_t renormalised = 0;
   std::optional<Bank> loaded;
-  const auto read_block = [&](index_t r0, index_t rows, void* dst, index_t stride) {
+  const auto read_block = [&](index_t r, index_t rows, void* dst, index_t stride) {
+    const index_t r0 = first + r;
     const RowSelection sel = select_rows(ds.get(), r0, rows, info.dim, stride);
     H5_CHECK(H5Dread(ds.get(), mtype.get(), sel.memory.get(), sel.file.get(), H5P_DEFAULT, dst),
              "{}: dataset 'bank' rows {}..{} cannot be read (truncated file or checksum mismatch)", path, r0,
@@ -626,12 +794,12 @@ Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path) {
   try {
     if (info.dtype == DType::float32)
       loaded = Bank::from_blocks(
-          info.n, info.dim, block,
+          end - first, info.dim, block,
           [&](index_t r0, index_t rows, float* dst, index_t stride) { read_block(r0, rows, dst, stride); }, tolerance,
           &renormalised);
     else
       loaded = Bank::from_raw_blocks(
-          info.n, info.dim, info.dtype, block,
+          end - first, info.dim, info.dtype, block,
           [&](index_t r0, index_t rows, std::uint16_t* dst, index_t stride) { read_block(r0, rows, dst, stride); },
           tolerance, &renormalised);
   } catch (const Error& e) {
@@ -750,33 +918,49 @@ SnapshotInfo read_snapshot_info(const std::string& path) {
   }
 }
 
-Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels) {
+namespace detail {
+
+SnapshotRows load_snapshot_rows(const std::string& path,
+                                const std::function<std::pair<index_t, index_t>(const SnapshotInfo&)>& rows) {
   Handle f = open_file(path);
-  const SnapshotInfo info = read_info(f.get(), path);
-  std::vector<std::int64_t> last = read_vector<std::int64_t>(f.get(), "last_update", info.n, H5T_NATIVE_INT64, path);
+  SnapshotRows out;
+  out.info = read_info(f.get(), path);
+  const SnapshotInfo& info = out.info;
+  const auto [first, end] = rows(info);
+  MEMBANK_CHECK(first >= 0 && first < end && end <= info.n, "{}: rows {}..{}: expected a non-empty range of the n = {} "
+                "rows", path, first, end, info.n);
+  std::vector<std::int64_t> last =
+      read_vector<std::int64_t>(f.get(), "last_update", first, end - first, H5T_NATIVE_INT64, path);
   for (std::size_t i = 0; i < last.size(); ++i)
     MEMBANK_CHECK(last[i] >= -1 && last[i] <= info.step, "{}: last_update[{}] = {}: expected -1 <= step <= {}",
-                  path, i, last[i], info.step);
-  std::unique_ptr<NoiseSampler> sampler;
+                  path, first + static_cast<index_t>(i), last[i], info.step);
   if (info.sampler == SamplerKind::alias) {
-    const auto w = read_vector<double>(f.get(), "sampler_weights", info.n, H5T_NATIVE_DOUBLE, path);
+    const auto w = read_vector<double>(f.get(), "sampler_weights", 0, info.n, H5T_NATIVE_DOUBLE, path);
     try {
-      sampler = std::make_unique<AliasSampler>(w);
+      out.sampler = std::make_unique<AliasSampler>(w);
     } catch (const Error& e) {
       MEMBANK_THROW("{}: sampler_weights: {}", path, e.what());
     }
   } else {
-    sampler = std::make_unique<UniformSampler>(info.n);
+    out.sampler = std::make_unique<UniformSampler>(info.n);
   }
-  std::vector<std::int64_t> file_labels;
-  if (info.has_labels) file_labels = read_vector<std::int64_t>(f.get(), "labels", info.n, H5T_NATIVE_INT64, path);
-  if (labels && info.has_labels) *labels = file_labels;
-  Bank bank = read_bank(f.get(), info, path);
-  bank.set_last_update(std::move(last));
-  Engine engine(std::move(bank), std::move(sampler), info.config);
+  if (info.has_labels) out.labels = read_vector<std::int64_t>(f.get(), "labels", 0, info.n, H5T_NATIVE_INT64, path);
+  out.bank.emplace(read_bank(f.get(), info, path, first, end));
+  out.bank->set_last_update(std::move(last));
+  return out;
+}
+
+}  // namespace detail
+
+Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels) {
+  detail::SnapshotRows part =
+      detail::load_snapshot_rows(path, [](const SnapshotInfo& info) { return std::pair(index_t{0}, info.n); });
+  const SnapshotInfo& info = part.info;
+  if (labels && info.has_labels) *labels = part.labels;
+  Engine engine(std::move(*part.bank), std::move(part.sampler), info.config);
   if (info.has_labels) {
     try {
-      engine.set_labels(file_labels);
+      engine.set_labels(part.labels);
     } catch (const Error& e) {
       MEMBANK_THROW("{}: labels: {}", path, e.what());
     }
@@ -834,9 +1018,10 @@ void check_destination(const std::string& path, double need, const char* what) {
 /// directory (its root group and name given), which is closed, reopened and checked by `validate`,
 /// fsynced, renamed over the destination, and the directory fsynced: a writer killed at any moment
 /// leaves the previous file as it was. On any failure the temporary is removed and the destination
-/// is untouched.
+/// is untouched. `before_rename` (when given) runs just before the rename, the temporary complete.
 void write_atomically(const std::string& path, const std::function<void(hid_t, const std::string&)>& write,
-                      const std::function<void(hid_t, const std::string&)>& validate) {
+                      const std::function<void(hid_t, const std::string&)>& validate,
+                      const std::function<void()>& before_rename = {}) {
   namespace fs = std::filesystem;
   const fs::path dest = fs::absolute(path);
   const fs::path dir = dest.parent_path();
@@ -879,6 +1064,7 @@ void write_atomically(const std::string& path, const std::function<void(hid_t, c
     validate(f.get(), tmp.string());
   }
   fsync_path(tmp.string(), false);
+  if (before_rename) before_rename();
   MEMBANK_CHECK(std::rename(tmp.c_str(), dest.c_str()) == 0, "{}: cannot rename {} over it: {}", path, tmp.string(),
                 std::strerror(errno));
   cleanup.armed = false;
@@ -909,6 +1095,80 @@ void write_bank_dataset(hid_t root, const char* name, const Bank& bank, int defl
   }
 }
 
+/// The root attributes of a snapshot (a single file or a shard set's master).
+void write_root_attributes(hid_t root, const detail::SnapshotState& s) {
+  const EngineConfig& c = s.config;
+  write_attr(root, "format", std::string(kFormat));
+  write_attr(root, "format_version", std::int64_t{kFormatVersion});
+  write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
+  write_attr(root, "n", s.n);
+  write_attr(root, "dim", s.dim);
+  write_attr(root, "step", s.step);
+  write_attr_u(root, "seed", c.seed);
+  write_attr(root, "k", c.k);
+  write_attr(root, "tau", c.tau);
+  write_attr(root, "momentum", c.momentum);
+  write_attr(root, "objective", to_string(c.objective));
+  write_attr(root, "negatives", to_string(c.negatives));
+  write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
+  write_attr(root, "z_policy", to_string(c.z_policy));
+  write_attr(root, "z_fixed", c.z_fixed);
+  write_attr(root, "z_ema", c.z_ema);
+  write_attr(root, "z_initialised", std::int64_t{s.partition.initialised});
+  write_attr(root, "log_z", s.partition.log_z);
+  write_attr(root, "sampler", to_string(s.sampler.kind()));
+  write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
+  write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
+  write_attr(root, "tau_plus", c.tau_plus);
+  write_attr(root, "beta", c.beta);
+  write_attr(root, "detach_weights", std::int64_t{c.detach_weights});
+  write_attr(root, "kernel_t", c.kernel_t);
+  write_attr(root, "gamma", c.gamma);
+  write_attr(root, "margin", c.effective_margin());
+  write_attr(root, "exclude_same_label", std::int64_t{c.exclude_same_label});
+  write_attr(root, "dtype", to_string(s.dtype));
+  write_attr(root, "rounding", to_string(c.rounding));
+}
+
+/// A chunked, checksummed 1-D dataset of n entries (8 bytes each) from `data`.
+void write_vector(hid_t root, const char* name, hid_t ftype, hid_t mtype, const void* data, index_t n, int deflate,
+                  const std::string& path) {
+  const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
+  Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, deflate, path);
+  write_rows(ds.get(), mtype, 0, n, 0, data);
+}
+
+/// The sampler's weights (alias only: a uniform sampler is its N).
+void write_sampler(hid_t root, const NoiseSampler& sampler, index_t n, int deflate, const std::string& path) {
+  if (sampler.kind() == SamplerKind::alias)
+    write_vector(root, "sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
+                 dynamic_cast<const AliasSampler&>(sampler).weights().data(), n, deflate, path);
+}
+
+/// A virtual dataset `name` of n rows (dim = 0: 1-D) whose rows[i] come from the dataset of the same
+/// name in files[i] (all of it).
+Handle create_virtual(hid_t root, const char* name, hid_t type, index_t n, index_t dim,
+                    const std::vector<std::string>& files, const std::vector<std::pair<index_t, index_t>>& rows,
+                    const std::string& path) {
+  const int rank = dim > 0 ? 2 : 1;
+  const hsize_t dims[2] = {static_cast<hsize_t>(n), static_cast<hsize_t>(dim)};
+  Handle vspace(H5Screate_simple(rank, dims, nullptr), H5Sclose);
+  Handle dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+  for (std::size_t i = 0; i < files.size(); ++i) {
+    const hsize_t start[2] = {static_cast<hsize_t>(rows[i].first), 0};
+    const hsize_t count[2] = {static_cast<hsize_t>(rows[i].second - rows[i].first), static_cast<hsize_t>(dim)};
+    Handle src(H5Screate_simple(rank, count, nullptr), H5Sclose);
+    H5_CHECK(H5Sselect_hyperslab(vspace.get(), H5S_SELECT_SET, start, nullptr, count, nullptr),
+             "{}: cannot select rows {}..{} of '{}'", path, rows[i].first, rows[i].second, name);
+    H5_CHECK(H5Pset_virtual(dcpl.get(), vspace.get(), files[i].c_str(), name, src.get()),
+             "{}: cannot map '{}' rows {}..{} to {}", path, name, rows[i].first, rows[i].second, files[i]);
+  }
+  H5_CHECK(H5Sselect_all(vspace.get()), "{}: cannot select '{}'", path, name);
+  Handle ds(H5Dcreate2(root, name, type, vspace.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT), H5Dclose);
+  H5_CHECK(ds.get(), "{}: cannot create the virtual dataset '{}'", path, name);
+  return ds;
+}
+
 }  // namespace
 
 void check_snapshot_destination(const std::string& path, index_t n, index_t dim, DType dtype) {
@@ -917,9 +1177,19 @@ void check_snapshot_destination(const std::string& path, index_t n, index_t dim,
 
 void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options,
                    std::span<const std::int64_t> labels) {
-  quiet_hdf5();
   if (labels.empty()) labels = engine.labels();  // the engine's own, if it holds any
   const Bank& bank = engine.bank();
+  detail::save_snapshot_file(path, bank,
+                             {engine.config(), engine.partition(), engine.steps_done(), engine.sampler(), bank.size(),
+                              bank.dim(), bank.dtype()},
+                             labels, options);
+}
+
+namespace detail {
+
+void save_snapshot_file(const std::string& path, const Bank& bank, const SnapshotState& state,
+                        std::span<const std::int64_t> labels, const SnapshotOptions& options) {
+  quiet_hdf5();
   const index_t n = bank.size(), dim = bank.dim();
   MEMBANK_CHECK(options.deflate_level >= 0 && options.deflate_level <= 9, "deflate_level = {}: expected 0..9",
                 options.deflate_level);
@@ -931,52 +1201,112 @@ void save_snapshot(const std::string& path, const Engine& engine, const Snapshot
   write_atomically(
       path,
       [&](hid_t root, const std::string&) {
-        const EngineConfig& c = engine.config();
-        write_attr(root, "format", std::string(kFormat));
-        write_attr(root, "format_version", std::int64_t{kFormatVersion});
-        write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
-        write_attr(root, "n", n);
-        write_attr(root, "dim", dim);
-        write_attr(root, "step", engine.steps_done());
-        write_attr_u(root, "seed", c.seed);
-        write_attr(root, "k", c.k);
-        write_attr(root, "tau", c.tau);
-        write_attr(root, "momentum", c.momentum);
-        write_attr(root, "objective", to_string(c.objective));
-        write_attr(root, "negatives", to_string(c.negatives));
-        write_attr(root, "exclude_positive", std::int64_t{c.exclude_positive});
-        write_attr(root, "z_policy", to_string(c.z_policy));
-        write_attr(root, "z_fixed", c.z_fixed);
-        write_attr(root, "z_ema", c.z_ema);
-        write_attr(root, "z_initialised", std::int64_t{engine.partition().initialised});
-        write_attr(root, "log_z", engine.partition().log_z);
-        write_attr(root, "sampler", to_string(engine.sampler().kind()));
-        write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
-        write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
-        write_attr(root, "tau_plus", c.tau_plus);
-        write_attr(root, "beta", c.beta);
-        write_attr(root, "detach_weights", std::int64_t{c.detach_weights});
-        write_attr(root, "kernel_t", c.kernel_t);
-        write_attr(root, "gamma", c.gamma);
-        write_attr(root, "margin", c.effective_margin());
-        write_attr(root, "exclude_same_label", std::int64_t{c.exclude_same_label});
-        write_attr(root, "dtype", to_string(bank.dtype()));
-        write_attr(root, "rounding", to_string(c.rounding));
-
+        write_root_attributes(root, state);
         write_bank_dataset(root, "bank", bank, options.deflate_level, path);
-        const index_t vchunk = std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 8));
-        const auto write_vector = [&](const char* name, hid_t ftype, hid_t mtype, const void* data) {
-          Handle ds = create_dataset(root, name, ftype, n, 0, vchunk, options.deflate_level, path);
-          write_rows(ds.get(), mtype, 0, n, 0, data);
-        };
-        write_vector("last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data());
-        if (engine.sampler().kind() == SamplerKind::alias)
-          write_vector("sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
-                       dynamic_cast<const AliasSampler&>(engine.sampler()).weights().data());
-        if (!labels.empty()) write_vector("labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data());
+        write_vector(root, "last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, bank.last_update().data(), n,
+                     options.deflate_level, path);
+        write_sampler(root, state.sampler, n, options.deflate_level, path);
+        if (!labels.empty())
+          write_vector(root, "labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data(), n, options.deflate_level, path);
       },
       [](hid_t f, const std::string& tmp) { read_info(f, tmp); });
 }
+
+void save_snapshot_shard(const std::string& path, const Bank& rows, std::span<const std::int64_t> labels,
+                         std::int64_t step, const ShardPlace& place, const SnapshotOptions& options) {
+  quiet_hdf5();
+  const index_t n = rows.size(), dim = rows.dim();
+  MEMBANK_CHECK(options.deflate_level >= 0 && options.deflate_level <= 9, "deflate_level = {}: expected 0..9",
+                options.deflate_level);
+  MEMBANK_CHECK(place.end - place.begin == n, "{}: the shard holds {} rows: expected rows {}..{}", path, n,
+                place.begin, place.end);
+  MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == n,
+                "{}: {} labels for the shard's {} rows", path, labels.size(), n);
+  MEMBANK_CHECK(is_generation(place.generation), "{}: generation '{}': expected 16 hexadecimal digits", path,
+                place.generation);
+  check_destination(path, static_cast<double>(snapshot_size_estimate(n, dim, rows.dtype())), "snapshot shard");
+  check_unit_rows(rows, path);
+  write_atomically(
+      path,
+      [&](hid_t root, const std::string&) {
+        write_attr(root, "format", std::string(kShardFormat));
+        write_attr(root, "format_version", std::int64_t{kShardFormatVersion});
+        write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
+        write_attr(root, "generation", place.generation);
+        write_attr(root, "shard", std::int64_t{place.index});
+        write_attr(root, "shards", std::int64_t{place.count});
+        write_attr(root, "n", place.n);
+        write_attr(root, "row_begin", place.begin);
+        write_attr(root, "row_end", place.end);
+        write_attr(root, "dim", dim);
+        write_attr(root, "dtype", to_string(rows.dtype()));
+        write_attr(root, "step", step);
+        write_bank_dataset(root, "bank", rows, options.deflate_level, path);
+        write_vector(root, "last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, rows.last_update().data(), n,
+                     options.deflate_level, path);
+        if (!labels.empty())
+          write_vector(root, "labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data(), n, options.deflate_level, path);
+      },
+      [&](hid_t f, const std::string& tmp) { check_shard(f, tmp, place, dim, rows.dtype(), !labels.empty()); });
+}
+
+void save_snapshot_master(const std::string& path, const SnapshotState& state, bool has_labels,
+                          const std::string& generation, const std::vector<std::string>& files,
+                          const std::vector<std::pair<index_t, index_t>>& rows,
+                          const std::function<void()>& before_rename) {
+  quiet_hdf5();
+  MEMBANK_CHECK(!files.empty() && files.size() == rows.size(), "{}: {} shard files for {} row ranges", path,
+                files.size(), rows.size());
+  MEMBANK_CHECK(is_generation(generation), "{}: generation '{}': expected 16 hexadecimal digits", path, generation);
+  // the master holds attributes, mappings and the sampler's weights: 8 bytes a row and some metadata
+  check_destination(path, 8.0 * static_cast<double>(state.n) + static_cast<double>(1 << 20), "snapshot master");
+  write_atomically(
+      path,
+      [&](hid_t root, const std::string&) {
+        write_root_attributes(root, state);
+        write_attr(root, "shards", static_cast<std::int64_t>(files.size()));
+        write_attr(root, "generation", generation);
+        const Handle ftype = file_type(state.dtype);
+        const Handle bank = create_virtual(root, "bank", ftype.get(), state.n, state.dim, files, rows, path);
+        write_attr(bank.get(), "dtype", to_string(state.dtype));  // as a single file's bank: bfloat16 needs it
+        create_virtual(root, "last_update", H5T_STD_I64LE, state.n, 0, files, rows, path);
+        if (has_labels) create_virtual(root, "labels", H5T_STD_I64LE, state.n, 0, files, rows, path);
+        write_sampler(root, state.sampler, state.n, 0, path);
+      },
+      [](hid_t f, const std::string& tmp) { read_info(f, tmp); }, before_rename);
+}
+
+std::optional<ShardSetNames> read_shard_set_names(const std::string& path) {
+  try {
+    quiet_hdf5();
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path, ec) || H5Fis_hdf5(path.c_str()) <= 0) return std::nullopt;
+    Handle f(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+    if (!f.ok()) return std::nullopt;
+    const AttrReader a(f.get(), path);
+    if (!a.has("shards") || !a.has("generation") || H5Lexists(f.get(), "bank", H5P_DEFAULT) <= 0) return std::nullopt;
+    ShardSetNames names;
+    names.generation = a.str("generation");
+    Handle ds(H5Dopen2(f.get(), "bank", H5P_DEFAULT), H5Dclose);
+    if (!ds.ok()) return std::nullopt;
+    Handle dcpl(H5Dget_create_plist(ds.get()), H5Pclose);
+    std::size_t count = 0;
+    if (H5Pget_layout(dcpl.get()) != H5D_VIRTUAL || H5Pget_virtual_count(dcpl.get(), &count) < 0) return std::nullopt;
+    for (std::size_t i = 0; i < count; ++i) {
+      const ssize_t len = H5Pget_virtual_filename(dcpl.get(), i, nullptr, 0);
+      if (len <= 0 || len >= 4096) continue;
+      std::string t(static_cast<std::size_t>(len) + 1, '\0');
+      H5Pget_virtual_filename(dcpl.get(), i, t.data(), t.size());
+      t.resize(static_cast<std::size_t>(len));
+      names.files.push_back(t);
+    }
+    return names;
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace detail
 
 void export_bank(const std::string& path, const Bank& bank, DType dtype, const std::string& dataset) {
   quiet_hdf5();

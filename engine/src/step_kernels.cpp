@@ -340,6 +340,18 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   return params.log_z;
 }
 
+void check_restored_state(const EngineConfig& config, const Partition& current, const Partition& next,
+                          std::int64_t step) {
+  MEMBANK_CHECK(next.policy == config.z_policy, "partition.policy = {}: expected the engine's {}",
+                to_string(next.policy), to_string(config.z_policy));
+  MEMBANK_CHECK(!next.initialised || std::isfinite(next.log_z), "partition.log_z = {}: expected a finite value",
+                next.log_z);
+  MEMBANK_CHECK(step >= 0, "step = {}: expected a step counter >= 0", step);
+  MEMBANK_CHECK(config.z_policy != ZPolicy::fixed || (next.initialised && next.log_z == current.log_z),
+                "partition.log_z = {}: the fixed policy's Z is log {} = {}", next.log_z, config.z_fixed,
+                current.log_z);
+}
+
 LabelClasses label_classes(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
                            const EngineConfig& config) {
   MEMBANK_CHECK(static_cast<index_t>(labels.size()) == sampler.size(),

@@ -85,6 +85,11 @@ QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y);
 /// otherwise (exclude_same_label masks each query's own label's draws instead).
 std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids);
 
+/// The checks of Engine::restore_state: `next` and `step` may replace the state `current` of an engine
+/// with this config (the same policy, a finite log Z, step >= 0, the fixed policy's own Z).
+void check_restored_state(const EngineConfig& config, const Partition& current, const Partition& next,
+                          std::int64_t step);
+
 /// Labels as class indices 0..C-1 and the P_n mass of each class, checked (Engine::check_labels).
 struct LabelClasses {
   std::vector<std::int32_t> classes;

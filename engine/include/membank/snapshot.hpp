@@ -20,6 +20,11 @@
 //   EngineConfig::rounding). A version 1 or 2 file reads as a float32 bank with nearest rounding.
 //   2-byte rows are stored as they are in memory (bit for bit) and loaded with
 //   Bank::from_raw_blocks: a resumed engine of any type continues bit for bit.
+//   A shard set's master (membank/distributed_snapshot.hpp: a sharded DistributedEngine's snapshot)
+//   has the same attributes plus `shards` and `generation`, and /bank, /last_update, /labels as HDF5
+//   virtual datasets over its shard files; read_snapshot_info, load_snapshot and verify_snapshot read
+//   it as a single file, after checking that every shard file is present, complete and of its
+//   generation (docs/snapshot-format.md, "Shard sets").
 //
 // Saving first checks the destination (directory exists and is writable, free space and the
 // file-size limit hold the estimated size) and that every bank row is finite and unit norm; only then
@@ -61,8 +66,10 @@ struct SnapshotInfo {
   Partition partition;
   SamplerKind sampler = SamplerKind::uniform;
   bool has_labels = false;
-  index_t rows_per_chunk = 0;
+  index_t rows_per_chunk = 0;  ///< a shard set: the rows a load reads at a time
   bool compressed = false;
+  int shards = 0;          ///< a shard set's master: its shard count (0: a single file)
+  std::string generation;  ///< a shard set's master: the token its shard files carry
 };
 
 /// Upper estimate of the bytes of a snapshot of an n x dim bank of `dtype` (uncompressed, labels
