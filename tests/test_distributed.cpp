@@ -13,6 +13,8 @@
 #include <membank/distributed.hpp>
 #include <membank/error.hpp>
 
+#include "mpi_check.hpp"
+
 #include <fmt/format.h>
 #include <mpi.h>
 
@@ -28,16 +30,7 @@
 namespace {
 
 using namespace membank;
-
-int g_rank = 0, g_ranks = 1;
-int g_failures = 0, g_checks = 0;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (ok) return;
-  ++g_failures;
-  if (g_failures <= 20) std::cerr << fmt::format("[rank {} of {}] FAILED: {}\n", g_rank, g_ranks, what);
-}
+using namespace mpi_check;
 
 /// max |a - b| / max |b| (0 / 0 = 0).
 double rel_diff(const RowMatrixf& a, const RowMatrixf& b) {
@@ -47,11 +40,6 @@ double rel_diff(const RowMatrixf& a, const RowMatrixf& b) {
     den = std::max(den, std::fabs(static_cast<double>(b.data()[e])));
   }
   return den == 0.0 ? num : num / den;
-}
-
-bool same_bits(const RowMatrixf& a, const RowMatrixf& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
 }
 
 std::unique_ptr<NoiseSampler> make_sampler(SamplerKind kind, index_t n) {
@@ -348,18 +336,10 @@ void wire() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_ranks);
+  start(&argc, &argv);
   const std::string what = argc > 1 ? argv[1] : "all";
   if (what == "steps" || what == "all") steps();
   if (what == "failure" || what == "all") failure();
   if (what == "wire" || what == "all") wire();
-  int failures = 0, checks = 0;
-  MPI_Allreduce(&g_failures, &failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  MPI_Allreduce(&g_checks, &checks, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (g_rank == 0)
-    std::cout << fmt::format("{}: {} checks on {} ranks, {} failed\n", what, checks, g_ranks, failures);
-  MPI_Finalize();
-  return failures == 0 && checks > 0 ? 0 : 1;
+  return finish(what);
 }

@@ -28,6 +28,8 @@
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
 
+#include "mpi_check.hpp"
+
 #include <fmt/format.h>
 #include <mpi.h>
 
@@ -45,33 +47,8 @@
 namespace {
 
 using namespace membank;
+using namespace mpi_check;
 namespace fs = std::filesystem;
-
-int g_rank = 0, g_ranks = 1;
-int g_failures = 0, g_checks = 0;
-
-void check(bool ok, const std::string& what) {
-  ++g_checks;
-  if (ok) return;
-  ++g_failures;
-  if (g_failures <= 30) std::cerr << fmt::format("[rank {} of {}] FAILED: {}\n", g_rank, g_ranks, what);
-}
-
-/// Runs f, turning an exception into a failed check (the same on every rank for the collective calls).
-void guarded(const std::string& what, const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    check(false, fmt::format("{}: threw {}", what, e.what()));
-  }
-}
-
-bool same_bits(const RowMatrixf& a, const RowMatrixf& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
-}
-
-bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
 constexpr index_t kN = 97, kDim = 24, kK = 12, kBatch = 8;
 constexpr int kS1 = 3, kS2 = 3;  // steps before the save, steps after the load
@@ -489,9 +466,7 @@ void crash_check(const fs::path& dir) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_ranks);
+  start(&argc, &argv);
   const std::string what = argc > 1 ? argv[1] : "";
   const fs::path dir = argc > 2 ? fs::absolute(argv[2]) : fs::path();
   if (dir.empty()) {
@@ -505,10 +480,5 @@ int main(int argc, char** argv) {
   else if (what == "crash_write") crash_write(dir);
   else if (what == "crash_check") crash_check(dir);
   else check(false, fmt::format("unknown command '{}'", what));
-  int failures = 0, checks = 0;
-  MPI_Allreduce(&g_failures, &failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  MPI_Allreduce(&g_checks, &checks, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (g_rank == 0) std::cout << fmt::format("{}: {} checks on {} ranks, {} failed\n", what, checks, g_ranks, failures);
-  MPI_Finalize();
-  return failures == 0 && checks > 0 ? 0 : 1;
+  return finish(what);
 }
