@@ -17,7 +17,16 @@
 // Ctrl-C: the long calls that split exactly into independent parts (knn_evaluate over query
 // blocks, full_softmax_loss over query blocks) check for signals between the parts and raise
 // KeyboardInterrupt; a single engine step or a snapshot save/load runs to its end first.
+//
+// MPI (MEMBANK_PYTHON_MPI, set when the build has MEMBANK_MPI): membank.DistributedEngine, the
+// distributed engine over an mpi4py communicator (its C handle read at run time through
+// MPI._handleof: no build dependency on mpi4py). Every collective call first agrees, over a duplicate
+// of the caller's communicator, on whether each rank's arguments converted: a refused argument raises
+// on every rank instead of leaving the others waiting in the engine's collectives.
 #include <membank/bank.hpp>
+#ifdef MEMBANK_PYTHON_MPI
+#include <membank/distributed.hpp>
+#endif
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 #include <membank/knn.hpp>
@@ -35,6 +44,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
+#include <exception>
+#include <optional>
+#include <type_traits>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -189,7 +202,7 @@ struct NamedRegion {
 };
 
 /// The caller's `out` may share no memory with the inputs of the call, with itself, nor with the bank.
-void check_out_alone(const Matrix2<float>& out, std::initializer_list<NamedRegion> inputs, const Bank& bank) {
+void check_out_alone(const Matrix2<float>& out, std::span<const NamedRegion> inputs, const Bank& bank) {
   const MemoryRegion o = region_of(out);
   check_no_self_overlap(o, "out");
   for (const NamedRegion& in : inputs) check_no_overlap(o, "out", in.region, in.name);
@@ -214,16 +227,30 @@ void check_signals() {
 // ---------------------------------------------------------------------------------------------
 // owners: an Engine (with its mutex) and a Bank that is stand-alone or lives inside an Engine
 
-struct PyEngine {
-  std::unique_ptr<Engine> engine;
+/// What owns a bank handed to an engine: the single-process Engine, or a DistributedEngine (its rank's
+/// rows). Calls on the bank take the owner's mutex.
+struct BankOwner {
   std::mutex mu;
+  virtual ~BankOwner() = default;
+  virtual const Bank& owned_bank() const = 0;
+  /// Empty when the bank is the whole N rows; otherwise why whole-bank calls (kNN, full softmax)
+  /// refuse it (a rank's shard of a sharded DistributedEngine).
+  virtual std::string partial() const { return {}; }
+  /// "an Engine", "a DistributedEngine (rank r of R, rows [b, e) of N)": for messages and repr.
+  virtual std::string owner_name() const = 0;
+};
+
+struct PyEngine final : BankOwner {
+  std::unique_ptr<Engine> engine;
+  const Bank& owned_bank() const override { return engine->bank(); }
+  std::string owner_name() const override { return "an Engine"; }
 };
 
 struct BankState {
   std::unique_ptr<Bank> owned;        ///< a stand-alone bank
-  std::shared_ptr<PyEngine> in;       ///< set once the bank was handed to an engine
+  std::shared_ptr<BankOwner> in;      ///< set once the bank was handed to an engine
   std::mutex mu;                      ///< guards a stand-alone bank's update
-  const Bank& get() const { return in ? in->engine->bank() : *owned; }
+  const Bank& get() const { return in ? in->owned_bank() : *owned; }
 };
 
 struct PyBank {
@@ -242,10 +269,10 @@ std::mutex& hdf5_mutex() {  // HDF5 (serial build) is not thread-safe
 /// Run f on the bank with its owner's lock held and the GIL released (call with the GIL held).
 template <class F>
 auto with_bank(const PyBank& b, F&& f) {
-  const std::shared_ptr<PyEngine> in = b.s->in;  // read under the GIL: Engine(bank) sets it under the GIL
+  const std::shared_ptr<BankOwner> in = b.s->in;  // read under the GIL: Engine(bank) sets it under the GIL
   py::gil_scoped_release nogil;
   std::lock_guard lk(in ? in->mu : b.s->mu);
-  return f(in ? in->engine->bank() : *b.s->owned);
+  return f(in ? in->owned_bank() : *b.s->owned);
 }
 
 /// The numpy dtype of the bank's stored elements: float32, float16 (numpy's float16 is IEEE binary16,
@@ -258,6 +285,14 @@ py::dtype storage_dtype(DType t) {
     case DType::float32: break;
   }
   return py::dtype::of<float>();
+}
+
+/// kNN and the exact full softmax read all N rows, with global ids and labels: a rank's shard of a
+/// sharded DistributedEngine is refused (it would give a wrong answer, not an error, otherwise).
+void require_whole_bank(const PyBank& b, const char* call) {
+  if (!b.s->in) return;
+  const std::string why = b.s->in->partial();
+  if (!why.empty()) throw Error(fmt::format("{}: {}", call, why));
 }
 
 py::array bank_view(const PyBank& b) {
@@ -328,12 +363,45 @@ py::dict config_dict(const EngineConfig& c) {
   return d;
 }
 
+/// The `labels=` argument: an int64 (N,) array, or None (no labels).
+std::vector<std::int64_t> labels_arg(py::handle labels) {
+  if (labels.is_none()) return {};
+  const auto l = vector_arg<std::int64_t>(labels, "labels", "int64", "(N,)");
+  return {l.span().begin(), l.span().end()};
+}
+
+/// The `sampler=` argument: a copy of a NoiseSampler over n rows, or None (uniform).
+std::unique_ptr<NoiseSampler> sampler_arg(py::handle sampler, index_t n, const char* who) {
+  if (sampler.is_none()) return std::make_unique<UniformSampler>(n);
+  const auto& ps = sampler.cast<const PySampler&>();
+  if (ps.s->size() != n)
+    throw Error(fmt::format("{}(sampler): the sampler covers N = {} instances: expected the bank's N = {}", who,
+                            ps.s->size(), n));
+  py::gil_scoped_release nogil;
+  return copy_sampler(*ps.s);
+}
+
+std::string comm_without_mpi() {
+#ifdef MEMBANK_PYTHON_MPI
+  return "Engine(comm=..., distributed=...): use membank.Engine (the package), which makes a "
+         "membank.DistributedEngine, or membank.DistributedEngine itself";
+#else
+  return "Engine(comm=..., distributed=...): this membank was built without MPI (MEMBANK_MPI=OFF, or MPI not "
+         "found at configure time), so there is no DistributedEngine: install libopenmpi-dev and python3-mpi4py "
+         "and configure with -DMEMBANK_MPI=ON";
+#endif
+}
+
 std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, index_t k, double tau, double momentum,
                                       const std::string& objective, const std::string& negatives, bool exclude_positive,
                                       const std::string& z_policy, double z_fixed, double z_ema, std::uint64_t seed,
                                       bool normalize_features, double unit_norm_tolerance, double tau_plus, double beta,
                                       bool detach_weights, double kernel_t, double gamma, py::object margin,
-                                      bool exclude_same_label, py::object labels, const std::string& rounding) {
+                                      bool exclude_same_label, py::object labels, const std::string& rounding,
+                                      py::object comm, py::object distributed) {
+  // Engine(..., comm=...) is turned into a DistributedEngine by Engine.__new__ (membank/__init__.py)
+  // before this runs; here only when the build has no MPI, or when _membank is used on its own.
+  if (!comm.is_none() || !distributed.is_none()) throw Error(comm_without_mpi());
   if (!bank.s->owned)
     throw Error("Engine(bank): this Bank already belongs to an Engine (each engine owns its bank): make a new Bank, "
                 "or use that engine");
@@ -359,24 +427,10 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
   c.exclude_same_label = exclude_same_label;
   c.rounding = rounding_from_string(rounding);
   const index_t n = bank.s->owned->size();
-  std::vector<std::int64_t> label_values;
-  if (!labels.is_none()) {
-    const auto l = vector_arg<std::int64_t>(labels, "labels", "int64", "(N,)");
-    label_values.assign(l.span().begin(), l.span().end());
-  }
+  std::vector<std::int64_t> label_values = labels_arg(labels);
   // Validate before the bank is moved: a refused configuration leaves the Python Bank usable.
   c.validate(n, bank.s->owned->dim());  // also: one step's scratch for K fits in memory (MemoryError)
-  std::unique_ptr<NoiseSampler> s;
-  if (sampler.is_none()) {
-    s = std::make_unique<UniformSampler>(n);
-  } else {
-    const auto& ps = sampler.cast<const PySampler&>();
-    if (ps.s->size() != n)
-      throw Error(fmt::format("Engine(sampler): the sampler covers N = {} instances: expected the bank's N = {}",
-                              ps.s->size(), n));
-    py::gil_scoped_release nogil;
-    s = copy_sampler(*ps.s);
-  }
+  std::unique_ptr<NoiseSampler> s = sampler_arg(sampler, n, "Engine");
   if (!labels.is_none()) Engine::check_labels(label_values, *s, c);  // before the bank moves
   auto pe = std::make_shared<PyEngine>();
   {
@@ -395,9 +449,10 @@ index_t checked_batch(const Vector1<index_t>& ids) {
   return ids.size;
 }
 
-/// Run f on the engine with its lock held and the GIL released (call with the GIL held).
-template <class F>
-auto with_engine(PyEngine& pe, F&& f) {
+/// Run f on the engine (an Engine, or a DistributedEngine) with its lock held and the GIL released
+/// (call with the GIL held).
+template <class PE, class F>
+auto with_engine(PE& pe, F&& f) {
   py::gil_scoped_release nogil;
   std::lock_guard lk(pe.mu);
   return f(*pe.engine);
@@ -406,14 +461,14 @@ auto with_engine(PyEngine& pe, F&& f) {
 /// A step-like call on already converted arguments: the gradient buffer for ids (the caller's `out`,
 /// checked, or a fresh (B, D) array), then call(engine, gradient map) under with_engine; returns
 /// (loss, dL/dfeatures, StepStats).
-template <class F>
-py::tuple engine_step(PyEngine& pe, const Vector1<index_t>& ids, py::object out, std::initializer_list<NamedRegion> inputs,
+template <class PE, class F>
+py::tuple engine_step(PE& pe, const Vector1<index_t>& ids, py::object out, std::initializer_list<NamedRegion> inputs,
                       F&& call) {
   const bool callers_out = !out.is_none();
-  auto g = grad_buffer(std::move(out), checked_batch(ids), pe.engine->bank().dim());
+  auto g = grad_buffer(std::move(out), checked_batch(ids), pe.owned_bank().dim());
   // The bank's storage never moves while the engine lives: its address is read without the lock.
-  if (callers_out) check_out_alone(g, inputs, pe.engine->bank());
-  const StepStats st = with_engine(pe, [&](Engine& e) { return call(e, g.map()); });
+  if (callers_out) check_out_alone(g, std::span<const NamedRegion>(inputs.begin(), inputs.size()), pe.owned_bank());
+  const StepStats st = with_engine(pe, [&](auto& e) { return call(e, g.map()); });
   return step_result(st, g);
 }
 
@@ -452,6 +507,281 @@ FullResult full_softmax_chunked(const PyBank& b, const Matrix2<float>& f, const 
   }
   return r;
 }
+
+
+#ifdef MEMBANK_PYTHON_MPI
+// ---------------------------------------------------------------------------------------------
+// the distributed engine (membank/distributed.hpp) over an mpi4py communicator
+
+/// mpi4py's integer for a handle as the handle: the integer itself (MPICH: an int) or an address
+/// (Open MPI: a pointer). A template, so that only the branch of this MPI's handle type is compiled.
+template <class Handle>
+Handle handle_from_int(py::handle h) {
+  if constexpr (std::is_pointer_v<Handle>) {
+    return reinterpret_cast<Handle>(static_cast<std::uintptr_t>(h.cast<unsigned long long>()));
+  } else {
+    return static_cast<Handle>(h.cast<long long>());
+  }
+}
+
+/// An mpi4py communicator as the C handle, through mpi4py's MPI._handleof (no compile-time dependency
+/// on mpi4py): an integer that is the handle itself (MPICH: an int) or its address (Open MPI: a pointer).
+MPI_Comm comm_arg(py::handle comm) {
+  py::module_ mpi;
+  try {
+    mpi = py::module_::import("mpi4py.MPI");
+  } catch (py::error_already_set& e) {
+    throw Error(fmt::format("comm=: mpi4py could not be imported ({}): apt-get install python3-mpi4py", e.what()));
+  }
+  if (!py::isinstance(comm, mpi.attr("Comm")))
+    throw py::type_error(fmt::format("comm must be an mpi4py communicator (e.g. mpi4py.MPI.COMM_WORLD); got {}",
+                                     type_name(comm)));
+  if (comm.equal(mpi.attr("COMM_NULL"))) throw Error("comm is MPI.COMM_NULL: expected a communicator");
+  return handle_from_int<MPI_Comm>(mpi.attr("_handleof")(comm));
+}
+
+/// The configuration keywords of DistributedEngine: one table, each entry the name and how its value
+/// sets the field; a keyword left out keeps EngineConfig's default, which is Engine's default too.
+EngineConfig config_from_options(const py::dict& options, const char* who) {
+  using Set = void (*)(EngineConfig&, py::handle);
+  static const std::pair<const char*, Set> table[] = {
+      {"k", [](EngineConfig& c, py::handle v) { c.k = v.cast<index_t>(); }},
+      {"tau", [](EngineConfig& c, py::handle v) { c.tau = v.cast<double>(); }},
+      {"momentum", [](EngineConfig& c, py::handle v) { c.momentum = v.cast<double>(); }},
+      {"objective", [](EngineConfig& c, py::handle v) { c.objective = objective_arg(v.cast<std::string>()); }},
+      {"negatives", [](EngineConfig& c, py::handle v) {
+         c.negatives = negatives_mode_from_string(normalise_name(v.cast<std::string>()));
+       }},
+      {"exclude_positive", [](EngineConfig& c, py::handle v) { c.exclude_positive = v.cast<bool>(); }},
+      {"z_policy", [](EngineConfig& c, py::handle v) { c.z_policy = z_policy_from_string(v.cast<std::string>()); }},
+      {"z_fixed", [](EngineConfig& c, py::handle v) { c.z_fixed = v.cast<double>(); }},
+      {"z_ema", [](EngineConfig& c, py::handle v) { c.z_ema = v.cast<double>(); }},
+      {"seed", [](EngineConfig& c, py::handle v) { c.seed = v.cast<std::uint64_t>(); }},
+      {"normalize_features", [](EngineConfig& c, py::handle v) { c.normalize_features = v.cast<bool>(); }},
+      {"unit_norm_tolerance", [](EngineConfig& c, py::handle v) { c.unit_norm_tolerance = v.cast<double>(); }},
+      {"tau_plus", [](EngineConfig& c, py::handle v) { c.tau_plus = v.cast<double>(); }},
+      {"beta", [](EngineConfig& c, py::handle v) { c.beta = v.cast<double>(); }},
+      {"detach_weights", [](EngineConfig& c, py::handle v) { c.detach_weights = v.cast<bool>(); }},
+      {"kernel_t", [](EngineConfig& c, py::handle v) { c.kernel_t = v.cast<double>(); }},
+      {"gamma", [](EngineConfig& c, py::handle v) { c.gamma = v.cast<double>(); }},
+      {"margin", [](EngineConfig& c, py::handle v) {
+         if (!v.is_none()) c.margin = v.cast<double>();
+       }},
+      {"exclude_same_label", [](EngineConfig& c, py::handle v) { c.exclude_same_label = v.cast<bool>(); }},
+      {"rounding", [](EngineConfig& c, py::handle v) { c.rounding = rounding_from_string(v.cast<std::string>()); }},
+  };
+  EngineConfig c;
+  for (const auto& [key, value] : options) {
+    const std::string name = key.cast<std::string>();
+    const auto* e = std::find_if(std::begin(table), std::end(table), [&](const auto& t) { return name == t.first; });
+    if (e == std::end(table)) {
+      std::string names;
+      for (const auto& t : table) names += std::string(names.empty() ? "" : ", ") + t.first;
+      throw py::type_error(fmt::format("{}() got an unexpected keyword argument '{}': expected comm, distributed, "
+                                       "labels or a configuration keyword ({})", who, name, names));
+    }
+    try {
+      e->second(c, value);
+    } catch (py::cast_error&) {
+      throw py::type_error(fmt::format("{}({} = {}): a {} cannot set it", who, name, std::string(py::repr(value)),
+                                       type_name(value)));
+    }
+  }
+  return c;
+}
+
+/// The rows [r.begin, r.end) of `whole` as a bank of their own, bit for bit (stored type, last-update
+/// steps): a shard of a bank that every rank of a sharded engine was given whole.
+Bank slice_rows(const Bank& whole, RowRange r) {
+  const BankView v = whole.view();
+  const double keep = std::numeric_limits<double>::infinity();  // the rows are unit already: keep their bits
+  constexpr index_t block = 4096;
+  Bank out = v.dtype == DType::float32
+                 ? Bank::from_blocks(r.size(), v.dim, block,
+                                     [&](index_t row0, index_t rows, float* dst, index_t ld) {
+                                       for (index_t i = 0; i < rows; ++i)
+                                         std::copy_n(v.row(r.begin + row0 + i), v.dim, dst + i * ld);
+                                     },
+                                     keep, nullptr, DType::float32)
+                 : Bank::from_raw_blocks(r.size(), v.dim, v.dtype, block,
+                                         [&](index_t row0, index_t rows, std::uint16_t* dst, index_t ld) {
+                                           for (index_t i = 0; i < rows; ++i)
+                                             std::copy_n(static_cast<const std::uint16_t*>(v.row_data(r.begin + row0 + i)),
+                                                         v.dim, dst + i * ld);
+                                         },
+                                         keep);
+  const auto& lu = whole.last_update();
+  out.set_last_update({lu.begin() + r.begin, lu.begin() + r.end});
+  return out;
+}
+
+struct PyDistEngine final : BankOwner {
+  std::unique_ptr<DistributedEngine> engine;
+  /// A duplicate of the caller's communicator for argument agreement (all_ranks_agree), apart from
+  /// the engine's own.
+  MPI_Comm guard = MPI_COMM_NULL;
+  int rank = 0;
+
+  ~PyDistEngine() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (guard != MPI_COMM_NULL && !finalized) MPI_Comm_free(&guard);
+  }
+  const Bank& owned_bank() const override { return engine->local_bank(); }
+  std::string owner_name() const override {
+    const RowRange r = engine->rows();
+    return fmt::format("a DistributedEngine ({}, rank {} of {}, rows [{}, {}) of N = {})",
+                       to_string(engine->mode()), engine->rank(), engine->ranks(), r.begin, r.end, engine->size());
+  }
+  std::string partial() const override {
+    const RowRange r = engine->rows();
+    if (r.begin == 0 && r.end == engine->size()) return {};
+    return fmt::format("this Bank is rank {}'s shard, rows [{}, {}) of N = {}, of a sharded DistributedEngine, not "
+                       "the whole bank: gather it with engine.gather_bank(root) and pass Bank.from_array(rows) on "
+                       "that rank", engine->rank(), r.begin, r.end, engine->size());
+  }
+};
+
+/// Runs `local` (this rank's argument conversion and checks) and then tells every rank whether any
+/// rank's failed, before any of them enters the engine's collectives: a refused argument raises on
+/// every rank -- its own error on the rank that refused it, membank.Error naming that rank elsewhere --
+/// instead of leaving the other ranks waiting. Call with the GIL held.
+template <class F>
+void all_ranks_agree(MPI_Comm comm, const char* call, F&& local) {
+  std::exception_ptr err;
+  try {
+    local();
+  } catch (...) {
+    err = std::current_exception();
+  }
+  int rank = 0;
+  MPI_Comm_rank(comm, &rank);
+  int mine = err ? rank : INT_MAX, first = INT_MAX;
+  {
+    py::gil_scoped_release nogil;
+    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm);
+  }
+  if (err) std::rethrow_exception(err);
+  if (first != INT_MAX)
+    throw Error(fmt::format("{}: rank {} refused its arguments (that rank's error says why); nothing changed on "
+                            "any rank", call, first));
+}
+
+/// The common part of DistributedEngine(bank, ...) and DistributedEngine.seeded(...): the caller's
+/// communicator duplicated, the arguments converted on every rank and agreed on, then `make` (which
+/// builds the engine collectively) with the GIL released.
+template <class Convert, class Make>
+std::shared_ptr<PyDistEngine> make_distributed(py::handle comm, const char* who, Convert&& convert, Make&& make) {
+  const MPI_Comm caller = comm_arg(comm);
+  auto pd = std::make_shared<PyDistEngine>();
+  {
+    py::gil_scoped_release nogil;
+    if (MPI_Comm_dup(caller, &pd->guard) != MPI_SUCCESS) throw Error(fmt::format("{}: MPI_Comm_dup failed", who));
+  }
+  MPI_Comm_rank(pd->guard, &pd->rank);
+  all_ranks_agree(pd->guard, who, convert);
+  {
+    py::gil_scoped_release nogil;
+    pd->engine = std::make_unique<DistributedEngine>(make(caller));
+  }
+  return pd;
+}
+
+struct DistArgs {
+  Distributed mode = Distributed::replicated;
+  EngineConfig config;
+  std::vector<std::int64_t> labels;
+  std::unique_ptr<NoiseSampler> sampler;
+};
+
+DistArgs dist_args(py::handle distributed, py::handle sampler, py::handle labels, const py::kwargs& options,
+                   index_t n, const char* who) {
+  DistArgs a;
+  a.mode = distributed_from_string(distributed.cast<std::string>());
+  a.config = config_from_options(options, who);
+  a.labels = labels_arg(labels);
+  a.sampler = sampler_arg(sampler, n, who);
+  return a;
+}
+
+std::shared_ptr<PyDistEngine> make_distributed_from_bank(const PyBank& bank, py::object sampler, py::object comm,
+                                                         py::object distributed, py::object labels,
+                                                         const py::kwargs& options) {
+  constexpr const char* who = "DistributedEngine";
+  DistArgs a;
+  std::optional<Bank> local;  // sharded: this rank's rows, copied
+  index_t n = 0;
+  auto pd = make_distributed(comm, who, [&] {
+    if (!bank.s->owned)
+      throw Error("DistributedEngine(bank): this Bank already belongs to an engine (each engine owns its bank): "
+                  "make a new Bank");
+    n = bank.s->owned->size();
+    a = dist_args(distributed, sampler, labels, options, n, who);
+    // Checked here, on every rank, before the bank moves: a refused configuration leaves the Bank usable.
+    a.config.validate(n, bank.s->owned->dim());
+    if (!a.labels.empty()) Engine::check_labels(a.labels, *a.sampler, a.config);
+    if (a.mode == Distributed::sharded) {
+      int ranks = 1, rank = 0;
+      MPI_Comm_size(comm_arg(comm), &ranks);
+      MPI_Comm_rank(comm_arg(comm), &rank);
+      const RowRange held = shard_rows(n, ranks, rank);
+      py::gil_scoped_release nogil;
+      local.emplace(slice_rows(*bank.s->owned, held));
+    }
+  }, [&](MPI_Comm c) {
+    if (local)  // sharded: the caller's Bank stays as it was (views of it stay valid)
+      return DistributedEngine(c, a.mode, std::move(*local), n, std::move(a.sampler), a.config, std::move(a.labels));
+    std::lock_guard lk(bank.s->mu);
+    DistributedEngine e(c, a.mode, std::move(*bank.s->owned), n, std::move(a.sampler), a.config, std::move(a.labels));
+    bank.s->owned.reset();
+    return e;
+  });
+  if (a.mode == Distributed::replicated) bank.s->in = pd;  // the Bank now shows the engine's rows (as Engine)
+  return pd;
+}
+
+std::shared_ptr<PyDistEngine> make_distributed_seeded(index_t n, index_t dim, std::uint64_t seed, py::object dtype,
+                                                      py::object sampler, py::object comm, py::object distributed,
+                                                      py::object labels, const py::kwargs& options) {
+  constexpr const char* who = "DistributedEngine.seeded";
+  DistArgs a;
+  DType t = DType::float32;
+  auto pd = make_distributed(comm, who, [&] {
+    t = dtype_arg(dtype);
+    if (n < 1) throw Error(fmt::format("{}(n = {}): expected n >= 1", who, n));
+    a = dist_args(distributed, sampler, labels, options, n, who);
+  }, [&](MPI_Comm c) {
+    return DistributedEngine::seeded(c, a.mode, n, dim, seed, t, std::move(a.sampler), a.config, std::move(a.labels));
+  });
+  return pd;
+}
+
+/// What a step's converted arguments tell dist_step: the batch (B_r >= 1) and the regions `out` must not
+/// overlap.
+struct StepInputs {
+  index_t batch = 0;
+  std::vector<NamedRegion> regions;
+};
+
+/// A distributed step: this rank's arguments converted and agreed on by every rank, then the
+/// collective step. Returns (loss, this rank's rows of dL/df, StepStats).
+template <class Convert, class Call>
+py::tuple dist_step(PyDistEngine& pd, const char* who, py::object out, Convert&& convert, Call&& call) {
+  std::optional<Matrix2<float>> g;
+  all_ranks_agree(pd.guard, who, [&] {
+    const StepInputs in = convert();
+    const bool callers_out = !out.is_none();
+    g.emplace(grad_buffer(out, in.batch, pd.owned_bank().dim()));
+    if (callers_out) check_out_alone(*g, in.regions, pd.owned_bank());
+  });
+  const StepStats st = with_engine(pd, [&](DistributedEngine& e) { return call(e, g->map()); });
+  return step_result(st, *g);
+}
+
+[[noreturn]] void not_distributed(const char* what, const char* instead) {
+  throw Error(fmt::format("DistributedEngine.{} is not available: {}", what, instead));
+}
+#endif  // MEMBANK_PYTHON_MPI
 
 }  // namespace
 
@@ -550,7 +880,10 @@ PYBIND11_MODULE(_membank, m) {
       .def("update", [](const PyBank& b, py::handle ids, py::handle features, double momentum, std::int64_t step,
                         const std::string& rounding, std::uint64_t seed) {
              if (b.s->in)
-               throw Error("Bank.update: this bank belongs to an Engine: use Engine.update(features, ids)");
+               throw Error(fmt::format("Bank.update: this bank belongs to {}: {}", b.s->in->owner_name(),
+                                       dynamic_cast<const PyEngine*>(b.s->in.get())
+                                           ? "use Engine.update(features, ids)"
+                                           : "only its step refreshes rows"));
              const Rounding r = rounding_from_string(rounding);
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
@@ -564,7 +897,7 @@ PYBIND11_MODULE(_membank, m) {
            "rounded once at the end, to nearest or stochastically (random bits keyed by seed, step and row).")
       .def("__repr__", [](const PyBank& b) {
         return fmt::format("membank.Bank(n={}, dim={}, dtype={}{})", b.s->get().size(), b.s->get().dim(),
-                           to_string(b.s->get().dtype()), b.s->in ? ", owned by an Engine" : "");
+                           to_string(b.s->get().dtype()), b.s->in ? ", owned by " + b.s->in->owner_name() : "");
       });
 
   // ---- samplers
@@ -616,11 +949,14 @@ PYBIND11_MODULE(_membank, m) {
            py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0, py::arg("detach_weights") = false,
            py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0, py::arg("margin") = py::none(),
            py::arg("exclude_same_label") = false, py::arg("labels") = py::none(), py::arg("rounding") = "nearest",
+           py::arg("comm") = py::none(), py::arg("distributed") = py::none(),
            "objective: nce, infonce, dcl, hcl, dhel, kcl, supcon, contrastive, triplet or full "
            "(docs/objectives.md); labels: int64 (N,), needed by supcon, contrastive, triplet and "
            "exclude_same_label; margin None: the objective's default (contrastive 1.0, triplet 0.2); "
            "rounding: 'nearest' or 'stochastic', how refreshed rows of a float16 / bfloat16 bank are rounded "
-           "(the bank's dtype is chosen when the Bank is made).")
+           "(the bank's dtype is chosen when the Bank is made). comm, distributed: an mpi4py communicator and "
+           "'replicated' | 'sharded': membank.Engine then makes a membank.DistributedEngine instead (builds with "
+           "MPI only; membank.has_mpi).")
       .def_property_readonly("bank", [](std::shared_ptr<PyEngine> pe) {
         auto st = std::make_shared<BankState>();
         st->in = std::move(pe);
@@ -757,16 +1093,196 @@ PYBIND11_MODULE(_membank, m) {
                            c.k, c.tau, to_string(c.objective), to_string(c.negatives), pe.engine->steps_done());
       });
 
+  // ---- DistributedEngine (builds with MPI)
+#ifdef MEMBANK_PYTHON_MPI
+  m.attr("has_mpi") = true;
+  py::class_<PyDistEngine, std::shared_ptr<PyDistEngine>>(m, "DistributedEngine", R"doc(
+One logical bank serving the R ranks of an MPI communicator (membank/distributed.hpp): a step is the
+single-process Engine's step on the global batch, the ranks' slices concatenated in rank order -- the
+same negatives, the same loss (the global mean), the same dL/df rows, the same refresh. Every rank
+passes its own slice (B_r >= 1 rows) and gets its own rows of dL/df and the global StepStats.
+
+distributed: 'replicated' (every rank holds all N rows) or 'sharded' (rank r holds rows
+engine.rows = shard_rows(N, R, r)). Collective calls (marked) must be made by every rank, in the same
+order; an argument refused on one rank raises on every rank (membank.Error naming it) and changes
+nothing. Supported: step, step_with_negatives, set_labels, restore_state, gather_bank,
+gather_last_update, and the accessors; not available (membank.Error): evaluate, sample, update,
+prefetch, bank (use local_bank or gather_bank), snapshots.)doc")
+      .def(py::init(&make_distributed_from_bank), py::arg("bank"), py::arg("sampler") = py::none(), py::kw_only(),
+           py::arg("comm"), py::arg("distributed") = "replicated", py::arg("labels") = py::none(),
+           "Collective. bank: a membank.Bank with all N rows, the same on every rank (replicated: checked; the "
+           "engine takes it, as Engine does, and the Bank then shows the engine's rows; sharded: the engine copies "
+           "this rank's rows and the Bank stays the caller's). comm: an mpi4py communicator (duplicated: the "
+           "engine's messages never meet the caller's). The other keywords are Engine's (k, tau, momentum, "
+           "objective, negatives, ..., rounding), with Engine's defaults; sampler, config and labels must be the "
+           "same on every rank (checked).")
+      .def_static("seeded", &make_distributed_seeded, py::arg("n"), py::arg("dim"), py::arg("seed") = 0,
+                  py::arg("dtype") = "float32", py::arg("sampler") = py::none(), py::kw_only(), py::arg("comm"),
+                  py::arg("distributed") = "replicated", py::arg("labels") = py::none(),
+                  "Collective. The engine over the bank Bank(n, dim, seed, dtype) would be, each rank building only "
+                  "the rows it holds (sharded: N / R rows each, never the whole bank).")
+      .def_property_readonly("mode", [](const PyDistEngine& pd) { return to_string(pd.engine->mode()); },
+                             "'replicated' or 'sharded'")
+      .def_property_readonly("rank", [](const PyDistEngine& pd) { return pd.engine->rank(); })
+      .def_property_readonly("ranks", [](const PyDistEngine& pd) { return pd.engine->ranks(); }, "R")
+      .def_property_readonly("n", [](const PyDistEngine& pd) { return pd.engine->size(); }, "N, the global bank's rows")
+      .def_property_readonly("dim", [](const PyDistEngine& pd) { return pd.engine->dim(); })
+      .def_property_readonly("dtype", [](const PyDistEngine& pd) { return to_string(pd.engine->local_bank().dtype()); })
+      .def_property_readonly("rows", [](const PyDistEngine& pd) {
+        return py::make_tuple(pd.engine->rows().begin, pd.engine->rows().end);
+      }, "(begin, end): the global rows this rank holds (all of them when replicated)")
+      .def_property_readonly("local_bank", [](std::shared_ptr<PyDistEngine> pd) {
+        auto st = std::make_shared<BankState>();
+        st->in = std::move(pd);
+        return PyBank{st};
+      }, "This rank's rows as a membank.Bank (view(), to_float32(), last_update()): local row i is global row "
+         "rows[0] + i. When it is a shard (sharded, R > 1), knn_evaluate and full_softmax_loss refuse it.")
+      .def_property_readonly("bank", [](const PyDistEngine& pd) -> py::object {
+        throw Error(fmt::format("DistributedEngine.bank: a distributed engine has no single bank object: use "
+                                "local_bank (this rank's rows [{}, {}) of N = {}) or gather_bank(root) (all rows, on "
+                                "one rank)", pd.engine->rows().begin, pd.engine->rows().end, pd.engine->size()));
+      })
+      .def_property_readonly("config", [](const PyDistEngine& pd) { return config_dict(pd.engine->config()); })
+      .def_property_readonly("labels", [](PyDistEngine& pd) -> py::object {
+        std::vector<std::int64_t> l = with_engine(pd, [](DistributedEngine& e) { return e.labels(); });
+        if (l.empty()) return py::none();
+        return py::object(to_numpy(std::move(l)));
+      }, "the engine's labels (int64, N), or None")
+      .def("set_labels", [](PyDistEngine& pd, py::handle labels) {
+        std::vector<std::int64_t> l;
+        all_ranks_agree(pd.guard, "DistributedEngine.set_labels", [&] {
+          l = labels_arg(labels);
+          if (labels.is_none()) throw Error("DistributedEngine.set_labels(None): expected int64 (N,) labels");
+        });
+        with_engine(pd, [&](DistributedEngine& e) { e.set_labels(l); });
+      }, py::arg("labels"), "Collective. One int64 label per instance, N of them, the same on every rank.")
+      .def_property_readonly("sampler", [](const PyDistEngine& pd) {
+        return PySampler{std::shared_ptr<const NoiseSampler>(copy_sampler(pd.engine->sampler()))};
+      })
+      .def_property_readonly("steps_done", [](PyDistEngine& pd) {
+        return with_engine(pd, [](DistributedEngine& e) { return e.steps_done(); });
+      })
+      .def_property_readonly("z", [](PyDistEngine& pd) {
+        return with_engine(pd, [](DistributedEngine& e) { return e.partition().z(); });
+      }, "Z (NaN until the first NCE step sets it); the same on every rank")
+      .def_property_readonly("log_z", [](PyDistEngine& pd) -> py::object {
+        const Partition p = with_engine(pd, [](DistributedEngine& e) { return e.partition(); });
+        return p.initialised ? py::object(py::float_(p.log_z)) : py::none();
+      }, "log Z, or None until initialised")
+      .def_property_readonly("last_wire", [](PyDistEngine& pd) {
+        const WireStats w = with_engine(pd, [](DistributedEngine& e) { return e.last_wire(); });
+        py::dict d;
+        d["bytes_sent"] = w.bytes_sent;
+        d["collectives"] = w.collectives;
+        return d;
+      }, "the last step's traffic from this rank: {'bytes_sent': payload bytes handed to MPI for other ranks, "
+         "'collectives': collective calls}")
+      .def("step",
+           [](PyDistEngine& pd, py::handle features, py::handle ids, py::object out, bool update) {
+             std::optional<Vector1<index_t>> y;
+             std::optional<Matrix2<float>> f;
+             return dist_step(pd, "DistributedEngine.step", std::move(out), [&] {
+               y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+               f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+               return StepInputs{checked_batch(*y), {{region_of(*f), "features"}, {region_of(*y), "ids"}}};
+             }, [&](DistributedEngine& e, auto grad) { return e.step(f->cmap(), y->span(), grad, update); });
+           },
+           py::arg("features"), py::arg("ids"), py::arg("out") = py::none(), py::arg("update") = true,
+           "Collective. Engine.step on the global batch: this rank passes its slice (features (B_r, D) float32, ids "
+           "(B_r,) int64, B_r >= 1) and gets (loss, its rows of dL/dfeatures (B_r, D), StepStats), the loss and "
+           "StepStats those of the global batch (its mean), the same on every rank. update=False: the rows are not "
+           "refreshed (Z and the step counter still advance, as Engine.step).")
+      .def("step_with_negatives",
+           [](PyDistEngine& pd, py::handle features, py::handle ids, py::handle negatives, py::object out, bool update) {
+             std::optional<Vector1<index_t>> y;
+             std::optional<Matrix2<float>> f;
+             std::optional<Matrix2<index_t>> neg;
+             return dist_step(pd, "DistributedEngine.step_with_negatives", std::move(out), [&] {
+               y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+               f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+               neg = matrix_arg<index_t>(negatives, "negatives", "int64", "(B, K) or (1, K)");
+               return StepInputs{checked_batch(*y),
+                                 {{region_of(*f), "features"}, {region_of(*y), "ids"}, {region_of(*neg), "negatives"}}};
+             }, [&](DistributedEngine& e, auto grad) {
+               return e.step_with_negatives(f->cmap(), y->span(), neg->cmap(), grad, update);
+             });
+           },
+           py::arg("features"), py::arg("ids"), py::arg("negatives"), py::arg("out") = py::none(),
+           py::arg("update") = true,
+           "Collective. The step with caller negatives: this rank's (B_r, K) rows (per-sample) or the batch's "
+           "(1, K) (shared: the same on every rank, checked), global ids.")
+      .def("gather_bank",
+           [](PyDistEngine& pd, int root) -> py::object {
+             RowMatrixf rows = with_engine(pd, [&](DistributedEngine& e) { return e.gather_bank(root); });
+             if (pd.engine->rank() != root) return py::none();
+             return to_numpy(std::move(rows));
+           },
+           py::arg("root") = 0,
+           "Collective. The whole bank as an (N, D) float32 array (widened exactly) on `root`, None elsewhere: "
+           "for evaluation and small banks (N x D x 4 bytes on root).")
+      .def("gather_last_update",
+           [](PyDistEngine& pd, int root) -> py::object {
+             std::vector<std::int64_t> l = with_engine(pd, [&](DistributedEngine& e) { return e.gather_last_update(root); });
+             if (pd.engine->rank() != root) return py::none();
+             return to_numpy(std::move(l));
+           },
+           py::arg("root") = 0, "Collective. Every row's last-update step, int64 (N,), on `root`; None elsewhere.")
+      .def("restore_state",
+           [](PyDistEngine& pd, std::int64_t step, py::object log_z) {
+             std::optional<double> lz;
+             all_ranks_agree(pd.guard, "DistributedEngine.restore_state", [&] {
+               if (!log_z.is_none()) lz = log_z.cast<double>();
+             });
+             with_engine(pd, [&](DistributedEngine& e) {
+               Partition p = e.partition();
+               if (lz) {
+                 p.initialised = true;
+                 p.log_z = *lz;
+               }
+               e.restore_state(p, step);
+             });
+           },
+           py::arg("step"), py::arg("log_z") = py::none(),
+           "Collective. Set the step counter (and log Z) to resume a run: the same values on every rank.")
+      .def("evaluate", [](const PyDistEngine&, py::args, py::kwargs) {
+        not_distributed("evaluate", "a step without any state change has no distributed form; step(..., "
+                        "update=False) leaves the rows as they are but advances Z and the step counter");
+      })
+      .def("sample", [](const PyDistEngine&, py::args, py::kwargs) {
+        not_distributed("sample", "the negatives of a distributed step are drawn inside it (the same ones the "
+                        "single-process Engine draws for the global batch: Engine.sample on the global ids)");
+      })
+      .def("update", [](const PyDistEngine&, py::args, py::kwargs) {
+        not_distributed("update", "only the step refreshes rows (step(..., update=True))");
+      })
+      .def("prefetch", [](const PyDistEngine&, py::args, py::kwargs) -> bool {
+        not_distributed("prefetch", "a distributed step draws its negatives itself");
+      })
+      .def("__repr__", [](const PyDistEngine& pd) {
+        const auto& c = pd.engine->config();
+        return fmt::format("membank.DistributedEngine(mode={}, rank={}, ranks={}, n={}, rows=[{}, {}), dim={}, "
+                           "dtype={}, k={}, tau={}, objective={}, negatives={}, steps_done={})",
+                           to_string(pd.engine->mode()), pd.engine->rank(), pd.engine->ranks(), pd.engine->size(),
+                           pd.engine->rows().begin, pd.engine->rows().end, pd.engine->dim(),
+                           to_string(pd.engine->local_bank().dtype()), c.k, c.tau, to_string(c.objective),
+                           to_string(c.negatives), pd.engine->steps_done());
+      });
+#else
+  m.attr("has_mpi") = false;
+#endif
+
   // ---- exact full softmax, kNN
   m.def("full_softmax_loss",
         [](const PyBank& b, py::handle features, py::handle ids, double tau, py::object out,
            double unit_norm_tolerance) {
           auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
           auto f = matrix_arg<float>(features, "features", "float32", "(B, D)");
+          require_whole_bank(b, "full_softmax_loss");
           const bool callers_out = !out.is_none();
           auto g = grad_buffer(out, checked_batch(y), b.s->get().dim());
           // On the whole arrays: the blocked calls below would each see only a part of an overlap.
-          if (callers_out) check_out_alone(g, {{region_of(f), "features"}, {region_of(y), "ids"}}, b.s->get());
+          const NamedRegion inputs[] = {{region_of(f), "features"}, {region_of(y), "ids"}};
+          if (callers_out) check_out_alone(g, inputs, b.s->get());
           const FullResult r = full_softmax_chunked(b, f, y, tau, g, unit_norm_tolerance);
           return py::make_tuple(r.loss, g.arr, r.mean_z, r.mean_p);
         },
@@ -789,6 +1305,7 @@ PYBIND11_MODULE(_membank, m) {
   m.def("knn_evaluate",
         [](const PyBank& b, py::handle bank_labels, py::handle queries, py::handle query_labels, index_t k,
            double sigma) {
+          require_whole_bank(b, "knn_evaluate");
           auto bl = vector_arg<std::int64_t>(bank_labels, "bank_labels", "int64", "(N,)");
           auto ql = vector_arg<std::int64_t>(query_labels, "query_labels", "int64", "(Q,)");
           auto q = matrix_arg<float>(queries, "queries", "float32", "(Q, D)");
@@ -846,6 +1363,14 @@ PYBIND11_MODULE(_membank, m) {
         },
         py::arg("path"), py::arg("engine"), py::arg("deflate_level") = 0, py::arg("labels") = py::none(),
         "Save the whole engine state to an HDF5 file, atomically (snapshot.hpp).");
+#ifdef MEMBANK_PYTHON_MPI
+  m.def("save_snapshot",
+        [](const std::string&, const PyDistEngine&, int, py::object) {
+          throw Error("save_snapshot(engine): a DistributedEngine has no snapshot format (yet): gather the rows with "
+                      "engine.gather_bank(root) and save them, or Bank.from_array them into an Engine on that rank");
+        },
+        py::arg("path"), py::arg("engine"), py::arg("deflate_level") = 0, py::arg("labels") = py::none());
+#endif
   m.def("load_snapshot",
         [](const std::string& path, bool return_labels) -> py::object {
           auto pe = std::make_shared<PyEngine>();

@@ -18,6 +18,16 @@ of the bank itself (``engine.bank.view()``); an ``out=`` buffer that shares memo
 the bank is refused. The GIL is released during C++ work.
 
 ``membank.torch`` holds the PyTorch face (autograd Function, drop-in NCEAverage / NCECriterion).
+
+Distributed (builds with MPI: ``membank.has_mpi``): one logical bank over the ranks of an mpi4py
+communicator, each rank passing its slice of the global batch::
+
+    from mpi4py import MPI
+    engine = membank.Engine(membank.Bank(n, 128, seed=0), k=4096, comm=MPI.COMM_WORLD,
+                            distributed="sharded")        # or "replicated"; a membank.DistributedEngine
+    loss, grad, stats = engine.step(my_features, my_ids)  # grad: this rank's rows of dL/df of the global mean
+
+``DistributedEngine.seeded(n, dim, seed, comm=..., distributed="sharded")`` builds only this rank's rows.
 """
 from ._membank import (  # noqa: F401
     AliasSampler,
@@ -39,10 +49,37 @@ from ._membank import (  # noqa: F401
     set_num_threads,
     time_steps,
     verify_snapshot,
+    has_mpi,
 )
+
+if has_mpi:
+    from ._membank import DistributedEngine  # noqa: F401
+
+
+def _engine_new(cls, *args, comm=None, distributed=None, **kwargs):
+    """Engine(..., comm=c, distributed=mode) makes a DistributedEngine over the mpi4py communicator c
+    (mode 'replicated', the default, or 'sharded'); without comm= (or comm=None) an Engine as always."""
+    if comm is None:
+        if distributed is not None:
+            raise Error(f"Engine(distributed = {distributed!r}): needs comm=, the mpi4py communicator of the ranks "
+                        "(e.g. mpi4py.MPI.COMM_WORLD)")
+        return _object_new(cls)
+    if not has_mpi:
+        # one message, the module's own (Engine.__init__ raises it for any comm= without MPI)
+        return _object_new(cls)
+    return DistributedEngine(*args, comm=comm, distributed="replicated" if distributed is None else distributed,
+                             **kwargs)
+
+
+# Engine(...) is the pybind11 class; its __new__ dispatches comm= to DistributedEngine (the returned object
+# is then not an Engine, so Engine.__init__ does not run on it).
+_object_new = Engine.__new__
+Engine.__new__ = staticmethod(_engine_new)
 
 __all__ = [
     "AliasSampler", "Bank", "Engine", "Error", "KnnResult", "NoiseSampler", "StepStats", "UniformSampler",
     "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot", "max_num_threads",
-    "read_snapshot_info", "save_snapshot", "set_num_threads", "time_steps", "verify_snapshot",
+    "read_snapshot_info", "save_snapshot", "set_num_threads", "time_steps", "verify_snapshot", "has_mpi",
 ]
+if has_mpi:
+    __all__ += ["DistributedEngine"]

@@ -28,6 +28,20 @@ computed from the pre-update rows -- the order the reference follows (it refresh
 membank does it as the forward returns, when gradients are being recorded (training); under
 ``torch.no_grad()`` (or for inputs that do not require grad) nothing changes: not the bank, Z nor
 the step counter.
+
+Data parallel (torch DistributedDataParallel, one process per rank, launched by ``mpirun``): give
+``MemoryBankLoss`` a ``membank.DistributedEngine`` (``engine=``, or ``comm=`` and ``distributed=``);
+each rank passes its slice of the global batch and the loss is the global batch's. The gradient
+each rank's backward returns is ``grad_scale`` (default: R, the number of ranks) times its rows of
+dL/df of the global mean loss, so that DDP's averaging of the parameter gradients over the R ranks
+gives exactly the single-process gradient of the global batch::
+
+    model = DistributedDataParallel(net)
+    criterion = MemoryBankLoss(n, 128, k=4096, comm=MPI.COMM_WORLD, distributed="sharded")
+    loss = criterion(model(x_mine), ids_mine)   # the global batch's loss, the same on every rank
+    loss.backward()                             # after DDP's all-reduce: the single-process gradient
+
+Pass ``grad_scale=1`` when your loop sums the ranks' gradients instead of averaging them.
 """
 from __future__ import annotations
 
@@ -73,8 +87,24 @@ def _negatives(neg) -> Optional[np.ndarray]:
     return neg
 
 
+def _is_distributed(engine) -> bool:
+    return _membank.has_mpi and isinstance(engine, _membank.DistributedEngine)
+
+
+def _whole_bank(engine):
+    """The engine's bank when this process holds all N rows (an Engine, or a replicated
+    DistributedEngine); membank.Error naming what to use instead for a rank's shard."""
+    if not _is_distributed(engine):
+        return engine.bank
+    begin, end = engine.rows
+    if (begin, end) != (0, engine.n):
+        raise _membank.Error(f"memory: rank {engine.rank} holds rows [{begin}, {end}) of N = {engine.n} (a sharded "
+                             "DistributedEngine): use engine.local_bank (this rank's rows) or engine.gather_bank(root)")
+    return engine.local_bank
+
+
 class NCEFunction(torch.autograd.Function):
-    """loss = NCEFunction.apply(features, ids, engine, negatives=None, update=True, stats=None)
+    """loss = NCEFunction.apply(features, ids, engine, negatives=None, update=True, stats=None, grad_scale=1.0)
 
     features: (B, D) tensor (unit rows unless the engine normalises them); ids: (B,) instance ids;
     engine: a membank.Engine (its objective decides the loss);
@@ -82,17 +112,26 @@ class NCEFunction(torch.autograd.Function):
     update: True -- one training step (the bank refreshed after the loss, Z and the step counter
     advance); False -- evaluate only, nothing in the engine changes (the negatives default to the
     ones the next step would draw); stats: an optional list that receives the step's
-    membank.StepStats (Z, Zhat, mean P(positive), collisions, step).
+    membank.StepStats (Z, Zhat, mean P(positive), collisions, step); grad_scale: backward returns
+    grad_scale x dL/dfeatures.
+
+    With a membank.DistributedEngine, features and ids are this rank's slice of the global batch, the
+    loss is the global batch's mean (the same on every rank) and dL/dfeatures this rank's rows of its
+    gradient; update=False is refused (a distributed engine has no evaluate-only step).
 
     Returns the 0-d loss (mean over the batch) in features' dtype and device; backward returns
-    dL/dfeatures (times the incoming gradient). The loss is computed in float32 by the engine.
+    grad_scale x dL/dfeatures (times the incoming gradient). The loss is computed in float32 by the engine.
     """
 
     @staticmethod
-    def forward(ctx, features, ids, engine, negatives=None, update=True, stats=None):
+    def forward(ctx, features, ids, engine, negatives=None, update=True, stats=None, grad_scale=1.0):
         f = _features(features)
         y = _ids(ids)
         neg = _negatives(negatives)
+        if not update and _is_distributed(engine):
+            raise _membank.Error(
+                "a DistributedEngine has no evaluate-only step (update=False: gradients off, or features that do "
+                "not require grad): compute the loss in training mode, or evaluate with a single-process Engine")
         if update:
             if neg is None:
                 loss, grad, step_stats = engine.step(f, y)
@@ -103,6 +142,8 @@ class NCEFunction(torch.autograd.Function):
                 neg = engine.sample(y)
             loss, grad, step_stats = engine.evaluate(f, y, neg)
         ctx.grad = torch.from_numpy(grad)
+        if grad_scale != 1.0:
+            ctx.grad.mul_(grad_scale)
         if stats is not None:
             stats.append(step_stats)
         return torch.tensor(loss, dtype=features.dtype, device=features.device)
@@ -111,12 +152,12 @@ class NCEFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         g = ctx.grad.to(device=grad_output.device, dtype=grad_output.dtype) * grad_output
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None
 
 
-def nce_loss(features, ids, engine, negatives=None, update=True, stats=None):
+def nce_loss(features, ids, engine, negatives=None, update=True, stats=None, grad_scale=1.0):
     """Functional form of NCEFunction."""
-    return NCEFunction.apply(features, ids, engine, negatives, update, stats)
+    return NCEFunction.apply(features, ids, engine, negatives, update, stats, grad_scale)
 
 
 # Methods that hand out the tensor's storage (writable whatever the tensor's guards).
@@ -194,7 +235,7 @@ def _bank_tensor(engine) -> torch.Tensor:
     """The engine's bank as a (N, D) tensor of its stored type (torch.float32, float16 or bfloat16), no
     copy, read-only (ReadOnlyBank): writing to it would break the unit-norm invariant, only the engine's
     momentum update writes rows."""
-    view = engine.bank.view()
+    view = _whole_bank(engine).view()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         if engine.dtype == "bfloat16":
@@ -233,12 +274,24 @@ class MemoryBankLoss(nn.Module):
     that type. rounding: "nearest" (None: nearest, or the given engine's) or "stochastic", how
     refreshed rows of a 2-byte bank are rounded. A dtype / rounding that contradicts the bank or
     engine passed raises membank.Error.
+
+    Data parallel: engine= a membank.DistributedEngine, or comm= (an mpi4py communicator) and
+    distributed= ("replicated" or "sharded") to make one (without bank=, each rank builds only the
+    rows it holds: DistributedEngine.seeded). forward takes this rank's slice of the global batch and
+    returns the global loss. grad_scale: the factor of the gradient backward returns -- None: R, the
+    number of ranks, for a DistributedEngine (DDP averages the ranks' parameter gradients: R x this
+    rank's rows of dL/df, averaged over R ranks, is the single-process gradient), 1 for an Engine.
+    ``memory`` is the bank only where the rank holds all rows (replicated); prefetch, snapshots and
+    evaluation without gradients are not available with a DistributedEngine (membank.Error).
     """
 
     def __init__(self, n: int, dim: int, k: int = 4096, tau: float = 0.07, momentum: float = 0.5,
                  z: Optional[float] = None, *, objective: str = "nce", seed: int = 0, bank=None, sampler=None,
-                 engine=None, dtype=None, rounding: Optional[str] = None, **engine_options):
+                 engine=None, dtype=None, rounding: Optional[str] = None, comm=None, distributed=None,
+                 grad_scale: Optional[float] = None, **engine_options):
         super().__init__()
+        if engine is not None and (comm is not None or distributed is not None):
+            raise _membank.Error("comm= / distributed= make a new engine: drop them when passing engine=")
         name = None if dtype is None else _dtype_name(dtype)
         given = engine.dtype if engine is not None else bank.dtype if bank is not None else None
         if name is not None and given is not None and name != given:
@@ -253,10 +306,21 @@ class MemoryBankLoss(nn.Module):
             if z is not None and z > 0:
                 engine_options.setdefault("z_policy", "fixed")
                 engine_options.setdefault("z_fixed", float(z))
-            engine = _membank.Engine(bank, sampler, k=int(k), tau=float(tau), momentum=float(momentum),
-                                     objective=objective, seed=int(seed),
-                                     rounding="nearest" if rounding is None else rounding, **engine_options)
+            options = dict(k=int(k), tau=float(tau), momentum=float(momentum), objective=objective, seed=int(seed),
+                           rounding="nearest" if rounding is None else rounding, **engine_options)
+            if comm is not None and bank is None and _membank.has_mpi:
+                # each rank builds only its rows: the bank Bank(n, dim, seed, dtype) would be
+                engine = _membank.DistributedEngine.seeded(int(n), int(dim), int(seed), name or "float32", sampler,
+                                                           comm=comm, distributed=distributed or "replicated",
+                                                           **options)
+            else:
+                if bank is None:
+                    bank = _membank.Bank(int(n), int(dim), seed=int(seed), dtype=name or "float32")
+                engine = _membank.Engine(bank, sampler, comm=comm, distributed=distributed, **options)
         self.engine = engine
+        if grad_scale is None:
+            grad_scale = float(engine.ranks) if _is_distributed(engine) else 1.0
+        self.grad_scale = float(grad_scale)
         self.last_stats = None
 
     @classmethod
@@ -290,14 +354,18 @@ class MemoryBankLoss(nn.Module):
     def forward(self, features: torch.Tensor, ids: torch.Tensor, negatives=None) -> torch.Tensor:
         update = torch.is_grad_enabled() and features.requires_grad
         sink = []
-        loss = NCEFunction.apply(features, ids, self.engine, negatives, update, sink)
+        loss = NCEFunction.apply(features, ids, self.engine, negatives, update, sink, self.grad_scale)
         self.last_stats = sink[0] if sink else None  # membank.StepStats of this call
         return loss
 
     def extra_repr(self) -> str:
         c = self.engine.config
-        return (f"n={self.engine.bank.n}, dim={self.engine.bank.dim}, dtype={self.engine.dtype}, k={c['k']}, "
-                f"tau={c['tau']}, momentum={c['momentum']}, objective={c['objective']}, negatives={c['negatives']}")
+        e = self.engine
+        where = (f", {e.mode} rank {e.rank} of {e.ranks}, grad_scale={self.grad_scale:g}" if _is_distributed(e)
+                 else "")
+        n, dim = (e.n, e.dim) if _is_distributed(e) else (e.bank.n, e.bank.dim)
+        return (f"n={n}, dim={dim}, dtype={e.dtype}, k={c['k']}, tau={c['tau']}, momentum={c['momentum']}, "
+                f"objective={c['objective']}, negatives={c['negatives']}{where}")
 
 
 class NCEAverage(MemoryBankLoss):

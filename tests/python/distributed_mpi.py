@@ -1,0 +1,323 @@
+"""membank.DistributedEngine and membank.torch with torch DistributedDataParallel, under mpirun (CTest
+runs it at np = 2; any np >= 1 works). Every rank computes the single-process reference itself -- a
+membank.Engine over the same bank, stepping on the whole global batch -- and checks its own slice of the
+distributed result against it:
+
+  * loss and this rank's rows of dL/df within 1e-6 relative, StepStats the same on every rank, and the
+    bank identical to the reference's after every step (gathered on rank 0, and each rank's own rows),
+    in both modes, over objectives, samplers, storage types, negatives modes, uneven slices and ids
+    that repeat within and across ranks, with drawn and with caller negatives;
+  * DistributedEngine.seeded holds the rows of Bank(n, dim, seed, dtype), each rank only its own;
+  * an argument refused on one rank raises on every rank (naming that rank), changes nothing, and the
+    next step still agrees with the reference: no rank is left waiting;
+  * membank.torch in a DDP loop (gloo, initialised from the MPI ranks): after DDP averages the ranks'
+    parameter gradients, they equal the single-process gradient of the global batch -- the factor R of
+    grad_scale -- and grad_scale=1 gives 1/R of it.
+
+Any failure aborts the whole job (MPI_Abort) with the rank's traceback: no rank hangs in a collective.
+Exits 77 (skipped) without mpi4py, torch, or a membank built with MPI."""
+import copy
+import os
+import socket
+import sys
+import traceback
+
+import numpy as np
+
+try:
+    from mpi4py import MPI
+except ImportError:
+    print("SKIPPED: mpi4py is not installed (apt-get install python3-mpi4py)")
+    sys.exit(77)
+
+import membank as mb  # noqa: E402
+
+if not mb.has_mpi:
+    print("SKIPPED: membank was built without MPI (MEMBANK_MPI=OFF)")
+    sys.exit(77)
+
+comm = MPI.COMM_WORLD
+R, RANK = comm.size, comm.rank
+checks = 0
+
+
+def check(ok, what):
+    global checks
+    checks += 1
+    if not ok:
+        raise AssertionError(f"[rank {RANK} of {R}] {what}")
+
+
+def rel(a, b):
+    """max |a - b| / max |b| (0 / 0 = 0)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    den = np.abs(b).max() if b.size else 0.0
+    num = np.abs(a - b).max() if a.size else 0.0
+    return num if den == 0 else num / den
+
+
+def unit_rows(rng, rows, dim):
+    x = rng.standard_normal((rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def slices(b, ranks):
+    """Uneven slices of a global batch of b rows: the first b mod R ranks one row more."""
+    sizes = [b // ranks + (1 if r < b % ranks else 0) for r in range(ranks)]
+    starts = np.cumsum([0] + sizes)
+    return [slice(int(starts[r]), int(starts[r + 1])) for r in range(ranks)]
+
+
+def shard_rows(n, ranks, r):
+    base, extra = divmod(n, ranks)
+    begin = r * base + min(r, extra)
+    return begin, begin + base + (1 if r < extra else 0)
+
+
+N, DIM, K = 61, 16, 12
+
+
+def sampler_for(kind):
+    if kind == "uniform":
+        return None
+    return mb.AliasSampler(1.0 + (np.arange(N) * 7 % 11).astype(np.float64))
+
+
+def test_steps_equal_single_process():
+    """Loss, dL/df rows, StepStats and bank against the single-process Engine on the global batch."""
+    configs = [
+        dict(objective="nce", negatives="per-sample", sampler="uniform", dtype="float32"),
+        dict(objective="infonce", negatives="shared", sampler="alias", dtype="float16"),
+        dict(objective="dcl", negatives="per-sample", sampler="alias", dtype="bfloat16", exclude_positive=True),
+        dict(objective="full", negatives="per-sample", sampler="uniform", dtype="float32"),
+        dict(objective="nce", negatives="per-sample", sampler="uniform", dtype="float32", z_policy="ema",
+             caller_negatives=True),
+    ]
+    b = 2 * R + 3  # uneven slices whenever R > 1
+    mine = slices(b, R)[RANK]
+    for mode in ("replicated", "sharded"):
+        for c in configs:
+            c = dict(c)
+            sampler, dtype = c.pop("sampler"), c.pop("dtype")
+            caller_negatives = c.pop("caller_negatives", False)
+            opts = dict(k=K, tau=0.1, momentum=0.5, seed=11, **c)
+            ref = mb.Engine(mb.Bank(N, DIM, seed=3, dtype=dtype), sampler_for(sampler), **opts)
+            eng = mb.Engine(mb.Bank(N, DIM, seed=3, dtype=dtype), sampler_for(sampler), comm=comm, distributed=mode,
+                            **opts)
+            what = f"{mode} {c} {sampler} {dtype}{' caller negatives' if caller_negatives else ''}"
+            check(isinstance(eng, mb.DistributedEngine) and eng.mode == mode and eng.ranks == R and eng.rank == RANK,
+                  f"{what}: {eng!r}")
+            check(eng.config == ref.config, f"{what}: config {eng.config} != {ref.config}")
+            begin, end = eng.rows
+            check((begin, end) == ((0, N) if mode == "replicated" else shard_rows(N, R, RANK)), f"{what}: rows")
+            rng = np.random.default_rng(5)  # the same global batches on every rank
+            for step in range(3):
+                f = unit_rows(rng, b, DIM)
+                ids = rng.integers(0, N, b)
+                ids[-1] = ids[0]  # a duplicate id, across ranks when R > 1
+                ids[1] = ids[0] if b > 2 else ids[1]
+                if caller_negatives:
+                    neg = rng.integers(0, N, (b, K))
+                    lr, gr, sr = ref.step_with_negatives(f, ids, neg)
+                    ld, gd, sd = eng.step_with_negatives(np.ascontiguousarray(f[mine]), ids[mine].copy(),
+                                                         np.ascontiguousarray(neg[mine]))
+                else:
+                    lr, gr, sr = ref.step(f, ids)
+                    ld, gd, sd = eng.step(np.ascontiguousarray(f[mine]), ids[mine].copy())
+                at = f"{what} step {step}"
+                check(abs(ld - lr) <= 1e-6 * abs(lr), f"{at}: loss {ld} != {lr}")
+                check(gd.shape == (mine.stop - mine.start, DIM), f"{at}: grad shape {gd.shape}")
+                check(rel(gd, gr[mine]) <= 1e-6, f"{at}: dL/df rows differ by {rel(gd, gr[mine])}")
+                check(sd.step == sr.step == step and eng.steps_done == ref.steps_done, f"{at}: step counter")
+                for name in ("z", "z_estimate", "mean_p_positive"):
+                    a, r = getattr(sd, name), getattr(sr, name)
+                    check((np.isnan(a) and np.isnan(r)) or abs(a - r) <= 1e-6 * abs(r), f"{at}: {name} {a} != {r}")
+                stats = comm.allgather(np.array([sd.loss, sd.z, sd.z_estimate, sd.mean_p_positive,
+                                                 sd.negative_collision_fraction, sd.mi_lower_bound]).tobytes())
+                check(all(s == stats[0] for s in stats), f"{at}: StepStats differ between ranks (bit for bit)")
+                rows = ref.bank.to_float32()
+                check(np.array_equal(eng.local_bank.to_float32(), rows[begin:end]), f"{at}: this rank's rows")
+                check(np.array_equal(eng.local_bank.last_update(), ref.bank.last_update()[begin:end]),
+                      f"{at}: this rank's last-update steps")
+                whole = eng.gather_bank(0)
+                check((whole is None) == (RANK != 0), f"{at}: gather_bank on rank {RANK}")
+                if RANK == 0:
+                    check(np.array_equal(whole, rows), f"{at}: gathered bank differs from the reference")
+                    check(np.array_equal(eng.gather_last_update(0), ref.bank.last_update()), f"{at}: last updates")
+                else:
+                    check(eng.gather_last_update(0) is None, f"{at}: gather_last_update off root")
+                wire = eng.last_wire
+                check(wire["collectives"] > 0 and (wire["bytes_sent"] > 0) == (R > 1), f"{at}: last_wire {wire}")
+
+
+def test_seeded_and_bank_handover():
+    for mode in ("replicated", "sharded"):
+        for dtype in ("float32", "bfloat16"):
+            eng = mb.DistributedEngine.seeded(N, DIM, 7, dtype, comm=comm, distributed=mode, k=K)
+            begin, end = eng.rows
+            whole = mb.Bank(N, DIM, seed=7, dtype=dtype)
+            check(np.array_equal(eng.local_bank.to_float32(), whole.to_float32()[begin:end]),
+                  f"seeded {mode} {dtype}: this rank's rows are not those of Bank(n, dim, seed, dtype)")
+            check(eng.local_bank.n == end - begin and eng.n == N and eng.dim == DIM and eng.dtype == dtype,
+                  f"seeded {mode} {dtype}: sizes")
+            if mode == "sharded" and R > 1:
+                try:
+                    mb.knn_evaluate(eng.local_bank, np.zeros(N, np.int64), unit_rows(np.random.default_rng(0), 2, DIM),
+                                    np.zeros(2, np.int64), k=5)
+                    check(False, "knn_evaluate accepted a rank's shard")
+                except mb.Error as e:
+                    check("gather_bank" in str(e), f"knn on a shard: {e}")
+    # sharded: the engine copies this rank's rows and the caller's Bank stays usable, views included;
+    # replicated: the engine takes the Bank, which then shows the engine's rows (as Engine does)
+    bank = mb.Bank(N, DIM, seed=4)
+    view = bank.view()
+    before = view.copy()
+    eng = mb.Engine(bank, comm=comm, distributed="sharded", k=K)
+    check(not bank.owned_by_engine and np.array_equal(bank.view(), before), "sharded: the Bank was not left as it was")
+    f = unit_rows(np.random.default_rng(1), 2, DIM)
+    eng.step(f, np.array([RANK, N - 1 - RANK]))
+    check(np.array_equal(view, before), "sharded: the caller's Bank changed with the engine's step")
+    bank = mb.Bank(N, DIM, seed=4)
+    eng = mb.Engine(bank, comm=comm, distributed="replicated", k=K)
+    check(bank.owned_by_engine and "DistributedEngine" in repr(bank), f"replicated: {bank!r}")
+    eng.step(f, np.array([RANK, N - 1 - RANK]))
+    check(np.array_equal(bank.to_float32(), eng.local_bank.to_float32()), "replicated: the Bank is not the engine's")
+
+
+def test_refused_argument_raises_everywhere():
+    """A bad argument on one rank (a conversion refused in Python, or the engine's own check) raises on
+    every rank, names that rank, changes nothing; the next step agrees with the reference."""
+    for mode in ("replicated", "sharded"):
+        ref = mb.Engine(mb.Bank(N, DIM, seed=2), k=K, seed=5)
+        eng = mb.Engine(mb.Bank(N, DIM, seed=2), k=K, seed=5, comm=comm, distributed=mode)
+        b = 2 * R
+        mine = slices(b, R)[RANK]
+        rng = np.random.default_rng(9)
+        f, ids = unit_rows(rng, b, DIM), rng.integers(0, N, b)
+        bad = R - 1  # the last rank passes float64 features
+        try:
+            x = f[mine].astype(np.float64) if RANK == bad else np.ascontiguousarray(f[mine])
+            eng.step(x, ids[mine].copy())
+            check(False, f"{mode}: a float64 slice on rank {bad} was accepted")
+        except TypeError as e:
+            check(RANK == bad and "float32" in str(e), f"{mode}: {e}")
+        except mb.Error as e:
+            check(RANK != bad and f"rank {bad}" in str(e), f"{mode}: {e}")
+        # the engine's own check: an id out of range on rank 0
+        try:
+            y = ids[mine].copy()
+            if RANK == 0:
+                y[0] = N + 3
+            eng.step(np.ascontiguousarray(f[mine]), y)
+            check(False, f"{mode}: id {N + 3} was accepted")
+        except mb.Error as e:
+            check("rank 0" in str(e), f"{mode}: {e}")
+        check(eng.steps_done == 0, f"{mode}: a refused step changed the counter")
+        lr, gr, _ = ref.step(f, ids)
+        ld, gd, _ = eng.step(np.ascontiguousarray(f[mine]), ids[mine].copy())
+        check(abs(ld - lr) <= 1e-6 * abs(lr) and rel(gd, gr[mine]) <= 1e-6, f"{mode}: the step after the errors")
+        for call, args in (("evaluate", (f, ids, ids[None, :])), ("sample", (ids,)), ("update", (f, ids)),
+                           ("prefetch", (ids,))):
+            try:
+                getattr(eng, call)(*args)
+                check(False, f"DistributedEngine.{call} was accepted")
+            except mb.Error as e:
+                check(f"DistributedEngine.{call} is not available" in str(e), str(e))
+        try:
+            eng.bank
+            check(False, "DistributedEngine.bank was accepted")
+        except mb.Error as e:
+            check("local_bank" in str(e), str(e))
+
+
+def init_torch_distributed():
+    """torch.distributed (gloo) over the MPI ranks: a free port chosen on rank 0, broadcast."""
+    import torch.distributed as dist
+    port = None
+    if RANK == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=RANK, world_size=R)
+    return dist
+
+
+def test_torch_ddp_gradient():
+    """DDP averages the ranks' parameter gradients: with grad_scale = R (the default for a
+    DistributedEngine) the result is the single-process gradient of the global batch."""
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:
+        if RANK == 0:
+            print("torch is not installed: the DDP part is skipped")
+        return
+    from membank.torch import MemoryBankLoss
+    dist = init_torch_distributed()
+    b, n, dim, k = 3 * R + 1, 97, 8, 16
+    mine = slices(b, R)[RANK]
+    for mode in ("replicated", "sharded"):
+        for scale in (None, 1.0):
+            torch.manual_seed(0)  # the same initial weights on every rank
+            net = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.Tanh(), torch.nn.Linear(20, dim)).double()
+            ref_net = copy.deepcopy(net)
+            ddp = DistributedDataParallel(net)
+            crit = MemoryBankLoss(n, dim, k=k, tau=0.1, seed=3, objective="infonce", comm=comm, distributed=mode,
+                                  grad_scale=scale)
+            ref_crit = MemoryBankLoss(n, dim, k=k, tau=0.1, seed=3, objective="infonce")
+            check(crit.grad_scale == (R if scale is None else 1.0), f"grad_scale {crit.grad_scale}")
+            gen = torch.Generator().manual_seed(42)
+            for step in range(2):
+                x = torch.randn(b, 12, generator=gen, dtype=torch.float64)
+                ids = torch.randperm(n, generator=gen)[:b]
+                ddp.zero_grad()
+                ref_net.zero_grad()
+                loss = crit(F.normalize(ddp(x[mine]), dim=1), ids[mine])
+                loss.backward()
+                ref_loss = ref_crit(F.normalize(ref_net(x), dim=1), ids)
+                ref_loss.backward()
+                at = f"DDP {mode} grad_scale={scale} step {step}"
+                check(abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item()),
+                      f"{at}: loss {loss.item()} != {ref_loss.item()}")
+                factor = 1.0 if scale is None else 1.0 / R
+                for (name, p), q in zip(net.named_parameters(), ref_net.parameters()):
+                    err = rel(p.grad.numpy(), factor * q.grad.numpy())
+                    check(err <= 1e-5, f"{at}: {name}'s gradient differs from the single-process one by {err}")
+                with torch.no_grad():  # the same update on both: the next step starts from equal weights
+                    for p, q in zip(net.parameters(), ref_net.parameters()):
+                        p -= 0.5 * p.grad
+                        q -= 0.5 * factor * q.grad
+    # a distributed engine has no evaluate-only step: refused on every rank, as one clear error
+    crit = MemoryBankLoss(n, dim, k=k, comm=comm, distributed="sharded")
+    try:
+        with torch.no_grad():
+            crit(F.normalize(torch.randn(2, dim), dim=1), torch.tensor([RANK, RANK + 2]))
+        check(False, "an evaluate-only call on a DistributedEngine was accepted")
+    except mb.Error as e:
+        check("no evaluate-only step" in str(e), str(e))
+    dist.destroy_process_group()
+
+
+def main():
+    for t in (test_steps_equal_single_process, test_seeded_and_bank_handover, test_refused_argument_raises_everywhere,
+              test_torch_ddp_gradient):
+        t()
+        comm.Barrier()
+        if RANK == 0:
+            print(f"{t.__name__}: ok", flush=True)
+    total = comm.allreduce(checks)
+    if RANK == 0:
+        print(f"ok: {total} checks on {R} ranks")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException:  # noqa: B902 -- any failure ends every rank, never a hang
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
