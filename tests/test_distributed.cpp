@@ -297,8 +297,8 @@ void failure() {
 }
 
 /// The bytes a step sends, against docs/distributed.md's formulas (per rank, B_r = B / R queries each):
-///   replicated: (R - 1) [B_r (8 + 4 D) + 72]
-///   sharded:    B (R - 1) / R [8 + 8 D + 8 (K + 1) / R] + 96 (R - 1)    (sampled objectives, uniform)
+///   replicated: (R - 1) [B_r (8 + 4 D) + 96]
+///   sharded:    B (R - 1) / R [8 + 8 D + 8 (K + 1) / R] + 148 (R - 1)    (sampled objectives, uniform)
 /// The sharded figure is an expectation (which draws a rank owns is random): within 20 %.
 void wire() {
   constexpr index_t n = 4000, dim = 32, k = 512, b_r = 8;
@@ -321,8 +321,8 @@ void wire() {
       dist.step(f, ids, g);
       const double R = g_ranks, B = static_cast<double>(b_r) * R;
       const double formula = mode == Distributed::replicated
-                                 ? (R - 1) * (static_cast<double>(b_r) * (8 + 4 * dim) + 72)
-                                 : B * (R - 1) / R * (8 + 8.0 * dim + 8.0 * (k + 1) / R) + 96 * (R - 1);
+                                 ? (R - 1) * (static_cast<double>(b_r) * (8 + 4 * dim) + 96)
+                                 : B * (R - 1) / R * (8 + 8.0 * dim + 8.0 * (k + 1) / R) + 148 * (R - 1);
       const auto sent = static_cast<double>(dist.last_wire().bytes_sent);
       const bool ok = mode == Distributed::replicated ? sent == formula : std::fabs(sent - formula) <= 0.2 * formula;
       check(ok, fmt::format("{} step {}: {} bytes sent, the formula says {}", to_string(mode), step, sent, formula));

@@ -95,10 +95,20 @@ std::uint64_t fingerprint(const EngineConfig& c) {
 std::uint64_t fingerprint(const NoiseSampler& s) {
   Fingerprint f;
   f << s.kind() << s.size();
-  if (s.kind() != SamplerKind::uniform) {
+  if (const auto* alias = dynamic_cast<const AliasSampler*>(&s)) {  // its weights in place: no O(N) copy
+    const std::vector<double>& w = alias->weights();
+    f.bytes(w.data(), w.size() * sizeof(double));
+  } else if (s.kind() != SamplerKind::uniform) {
     const std::vector<double> p = s.probs();
     f.bytes(p.data(), p.size() * sizeof(double));
   }
+  return f.h;
+}
+
+std::uint64_t fingerprint(std::span<const std::int64_t> labels) {
+  Fingerprint f;
+  f << labels.size();
+  f.bytes(labels.data(), labels.size() * sizeof(std::int64_t));
   return f.h;
 }
 
@@ -110,12 +120,18 @@ std::uint64_t fingerprint(const Bank& bank) {
   return f.h;
 }
 
-/// Error on every rank naming the first rank whose fingerprint differs from rank 0's.
-void check_same(const Group& g, std::uint64_t mine, const char* what) {
+/// Error on every rank naming the first rank whose fingerprint of `what[i]` differs from rank 0's.
+/// Collective, and called outside Group::check (it holds its own): the fingerprints are computed
+/// first, inside a check of their own, so that no rank can throw between two collectives.
+void check_same(const Group& g, std::span<const std::uint64_t> mine, std::span<const char* const> what) {
   const std::vector<std::uint64_t> all = g.allgather(mine);
-  for (int r = 1; r < g.ranks; ++r)
-    MEMBANK_CHECK(all[static_cast<std::size_t>(r)] == all[0], "rank {}'s {} differs from rank 0's: expected the same "
-                  "on every rank", r, what);
+  const std::size_t n = mine.size();
+  g.check([&] {
+    for (std::size_t i = 0; i < n; ++i)
+      for (int r = 1; r < g.ranks; ++r)
+        MEMBANK_CHECK(all[static_cast<std::size_t>(r) * n + i] == all[i], "rank {}'s {} differs from rank 0's: expected "
+                      "the same on every rank", r, what[i]);
+  });
 }
 
 /// The global batch, as every rank holds it after the all-gather.
@@ -147,6 +163,25 @@ void add_rows(const BankView& bank, const kernels::Table& kt, const index_t* ids
   std::fill_n(tmp, bank.dim, 0.0f);
   kt.gather_axpy(bank.data, bank.dtype, bank.stride, bank.dim, ids, n, coef, tmp);
   for (index_t d = 0; d < bank.dim; ++d) out[d] += tmp[d];
+}
+
+/// Bytes of a step's buffers on this rank (docs/distributed.md, "Memory per rank"), for a global batch
+/// of `total` queries of which `batch` are this rank's: checked against what the process can allocate
+/// before the step allocates them (saturating).
+std::int64_t step_bytes(index_t total, index_t batch, index_t dim, index_t k, bool full, bool sharded) {
+  std::int64_t need = mul_sat(total, add_sat(mul_sat(dim, 8), 16));  // the global queries (and their copy)
+  need = add_sat(need, mul_sat(batch, mul_sat(dim, 8)));              // this rank's rows of dL/df
+  if (full) {
+    if (sharded) need = add_sat(need, mul_sat(mul_sat(total, 2), mul_sat(add_sat(mul_sat(dim, 2), 3), 8)));
+    return need;
+  }
+  need = add_sat(need, mul_sat(batch, mul_sat(k, 16)));  // this rank's queries' draws, weights, scores
+  if (sharded) {
+    need = add_sat(need, mul_sat(64, mul_sat(k, 12)));                 // a block of draws
+    need = add_sat(need, mul_sat(total, mul_sat(k, 12)));              // the owned draws (at most all of them)
+    need = add_sat(need, mul_sat(total, mul_sat(dim, 8)));             // the partial rows, sent and received
+  }
+  return need;
 }
 
 /// One rank's sums over its queries, in query order (combined across ranks in rank order).
@@ -218,14 +253,19 @@ DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local
       MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
       config_.validate(n_, bank_.dim());
     });
+    std::uint64_t fp[5] = {};
     g.check([&] {
       Fingerprint shape;
       shape << bank_.dim() << bank_.dtype() << n_ << mode_;
-      check_same(g, shape.h, "bank dimension, storage type, N or mode");
-      check_same(g, fingerprint(config_), "EngineConfig");
-      check_same(g, fingerprint(*sampler_), "sampler");
-      if (mode_ == Distributed::replicated && checked_bank) check_same(g, fingerprint(bank_), "bank (replicated)");
+      fp[0] = shape.h;
+      fp[1] = fingerprint(config_);
+      fp[2] = fingerprint(*sampler_);
+      fp[3] = fingerprint(labels);  // labels given on some ranks only are refused too
+      if (mode_ == Distributed::replicated && checked_bank) fp[4] = fingerprint(bank_);
     });
+    const char* const what[5] = {"bank dimension, storage type, N or mode", "EngineConfig", "sampler", "labels",
+                                 "bank (replicated)"};
+    check_same(g, fp, what);
     partition_.policy = config_.z_policy;
     if (config_.z_policy == ZPolicy::fixed) {
       partition_.initialised = true;
@@ -242,18 +282,36 @@ DistributedEngine DistributedEngine::seeded(MPI_Comm comm, Distributed mode, ind
                                             std::uint64_t bank_seed, DType dtype,
                                             std::unique_ptr<NoiseSampler> sampler, EngineConfig config,
                                             std::vector<std::int64_t> labels) {
-  int rank = 0, ranks = 1;
+  int initialised = 0;
+  MPI_Initialized(&initialised);
+  MEMBANK_CHECK(initialised, "MPI is not initialised: call MPI_Init (or import mpi4py) before making a "
+                "DistributedEngine");
   MEMBANK_CHECK(comm != MPI_COMM_NULL, "comm is MPI_COMM_NULL: expected a communicator");
-  MPI_Comm_rank(comm, &rank);
-  MPI_Comm_size(comm, &ranks);
+  // The checks below run on a duplicate: the caller's communicator carries none of the engine's messages.
+  MPI_Comm own = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_dup(comm, &own), "MPI_Comm_dup");
+  int rank = 0, ranks = 1;
+  MPI_Comm_rank(own, &rank);
+  MPI_Comm_size(own, &ranks);
   WireStats unused;
-  const Group g{comm, rank, ranks, &unused};
+  const Group g{own, rank, ranks, &unused};
   std::optional<Bank> bank;
-  g.check([&] {
-    const RowRange held = mode == Distributed::replicated ? RowRange{0, n} : shard_rows(n, ranks, rank);
-    bank.emplace(held.size(), dim, bank_seed, dtype, held.begin);
-  });
-  // Banks made from one seed are the same rows on every rank: no fingerprint of them.
+  try {
+    // Banks made from one seed are the same rows on every rank: the seed and shape are compared,
+    // not the rows.
+    Fingerprint f;
+    f << bank_seed << n << dim << dtype << mode;
+    const char* const what[1] = {"bank seed, N, dimension, storage type or mode"};
+    check_same(g, std::span<const std::uint64_t>(&f.h, 1), what);
+    g.check([&] {
+      const RowRange held = mode == Distributed::replicated ? RowRange{0, n} : shard_rows(n, ranks, rank);
+      bank.emplace(held.size(), dim, bank_seed, dtype, held.begin);
+    });
+  } catch (...) {
+    MPI_Comm_free(&own);
+    throw;
+  }
+  MPI_Comm_free(&own);
   return DistributedEngine(comm, mode, std::move(*bank), n, std::move(sampler), config, std::move(labels), false);
 }
 
@@ -296,12 +354,13 @@ DistributedEngine& DistributedEngine::operator=(DistributedEngine&& o) noexcept 
 void DistributedEngine::set_labels(std::span<const std::int64_t> labels) {
   const Group g{comm_, rank_, ranks_, &wire_};
   detail::LabelClasses lc;
-  g.check([&] { lc = detail::label_classes(labels, *sampler_, config_); });
+  std::uint64_t fp = 0;
   g.check([&] {
-    Fingerprint f;
-    f.bytes(labels.data(), labels.size() * sizeof(std::int64_t));
-    check_same(g, f.h, "labels");
+    fp = fingerprint(labels);
+    lc = detail::label_classes(labels, *sampler_, config_);
   });
+  const char* const what[1] = {"labels"};
+  check_same(g, std::span<const std::uint64_t>(&fp, 1), what);
   labels_.assign(labels.begin(), labels.end());
   classes_ = std::move(lc.classes);
   class_mass_ = std::move(lc.mass);
@@ -310,11 +369,10 @@ void DistributedEngine::set_labels(std::span<const std::int64_t> labels) {
 void DistributedEngine::restore_state(const Partition& partition, std::int64_t step) {
   const Group g{comm_, rank_, ranks_, &wire_};
   g.check([&] { detail::check_restored_state(config_, partition_, partition, step); });
-  g.check([&] {
-    Fingerprint f;
-    f << partition.initialised << partition.log_z << step;
-    check_same(g, f.h, "restored state (partition, step)");
-  });
+  Fingerprint f;
+  f << partition.initialised << partition.log_z << step;
+  const char* const what[1] = {"restored state (partition, step)"};
+  check_same(g, std::span<const std::uint64_t>(&f.h, 1), what);
   partition_ = partition;
   step_ = step;
 }
@@ -427,24 +485,36 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
   // ---- 2. the global batch
   GlobalBatch gb;
   const index_t k_mine = negatives && !full ? negatives->cols() : config_.k;
+  RowMatrixd gsum;  // this rank's rows of dL/df, in double until the end
   {
-    const std::int64_t meta[2] = {batch, k_mine};
-    const std::vector<std::int64_t> all = g.allgather(std::span<const std::int64_t>(meta, 2));
+    // Every rank's slice size, K, and whether it passed negatives and asked for the refresh: the
+    // call must be the same collective on every rank.
+    const std::int64_t meta[3] = {batch, k_mine, (update ? 1 : 0) | (negatives ? 2 : 0)};
+    const std::vector<std::int64_t> all = g.allgather(std::span<const std::int64_t>(meta, 3));
     std::vector<index_t> counts(static_cast<std::size_t>(ranks_)), feature_counts(counts.size());
-    gb.offset.assign(static_cast<std::size_t>(ranks_) + 1, 0);
-    for (int r = 0; r < ranks_; ++r) {
-      counts[static_cast<std::size_t>(r)] = all[static_cast<std::size_t>(2 * r)];
-      feature_counts[static_cast<std::size_t>(r)] = all[static_cast<std::size_t>(2 * r)] * dim;
-      gb.offset[static_cast<std::size_t>(r) + 1] = gb.offset[static_cast<std::size_t>(r)] + counts[static_cast<std::size_t>(r)];
-    }
+    RowMatrixf packed;
     g.check([&] {
-      for (int r = 1; r < ranks_; ++r)
-        MEMBANK_CHECK(all[static_cast<std::size_t>(2 * r + 1)] == all[1], "rank {} passed negatives with K = {}, rank 0 "
-                      "K = {}: expected the same K on every rank", r, all[static_cast<std::size_t>(2 * r + 1)], all[1]);
+      const auto at = [&](int r, int field) { return all[static_cast<std::size_t>(3 * r + field)]; };
+      for (int r = 1; r < ranks_; ++r) {
+        MEMBANK_CHECK(at(r, 2) == at(0, 2), "rank {} called {} with update = {}, rank 0 {} with update = {}: expected "
+                      "the same call on every rank", r, at(r, 2) & 2 ? "step_with_negatives" : "step", (at(r, 2) & 1) == 1,
+                      at(0, 2) & 2 ? "step_with_negatives" : "step", (at(0, 2) & 1) == 1);
+        MEMBANK_CHECK(at(r, 1) == at(0, 1), "rank {} passed negatives with K = {}, rank 0 K = {}: expected the same K "
+                      "on every rank", r, at(r, 1), at(0, 1));
+      }
+      gb.offset.assign(static_cast<std::size_t>(ranks_) + 1, 0);
+      for (int r = 0; r < ranks_; ++r) {
+        counts[static_cast<std::size_t>(r)] = at(r, 0);
+        feature_counts[static_cast<std::size_t>(r)] = at(r, 0) * dim;
+        gb.offset[static_cast<std::size_t>(r) + 1] = gb.offset[static_cast<std::size_t>(r)] + at(r, 0);
+      }
+      require_memory(step_bytes(gb.offset.back(), batch, dim, k_mine, full, sharded), fmt::format(
+          "a distributed step of B = {} queries (this rank {}), K = {}, D = {}", gb.offset.back(), batch, k_mine, dim));
+      packed = prepared.view();  // contiguous unit rows
+      gb.f.resize(gb.offset.back(), dim);
+      gsum = RowMatrixd::Zero(batch, dim);
     });
     gb.ids = g.allgatherv(ids, counts);
-    RowMatrixf packed = prepared.view();  // contiguous unit rows
-    gb.f.resize(gb.offset.back(), dim);
     const std::vector<float> fv = g.allgatherv(std::span<const float>(packed.data(), static_cast<std::size_t>(packed.size())),
                                                feature_counts);
     std::copy(fv.begin(), fv.end(), gb.f.data());
@@ -455,7 +525,6 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
 
   Sums mine;
   Partition next;  // the Z state after the step (initialised = false: no change)
-  RowMatrixd gsum = RowMatrixd::Zero(batch, dim);  // this rank's rows of dL/df, in double until the end
   const kernels::Table& kt = kernels::table();
   const BankView view = bank_.view();
   double log_z_used = kNaN;
@@ -492,15 +561,17 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       }, &wire_.seconds_scores);
     } else {
       const index_t width = 2 * dim + 3;  // max, sum, s_y (NaN unless owned), acc (D), v_y (D, 0 unless owned)
-      std::vector<std::vector<double>> send(static_cast<std::size_t>(ranks_));
+      // Every query's triple, in query order: the part for rank h is its queries' rows.
+      std::vector<double> send, recv;
+      std::vector<int> scount(static_cast<std::size_t>(ranks_)), rcount, rdispl;
       g.check([&] {
         const detail::SoftmaxPartial p = detail::softmax_partial(view, gb.f, config_.tau);
+        send.assign(static_cast<std::size_t>(total * width), 0.0);
         for (int h = 0; h < ranks_; ++h) {
-          auto& out = send[static_cast<std::size_t>(h)];
           const index_t q0 = gb.offset[static_cast<std::size_t>(h)], q1 = gb.offset[static_cast<std::size_t>(h) + 1];
-          out.assign(static_cast<std::size_t>((q1 - q0) * width), 0.0);
+          scount[static_cast<std::size_t>(h)] = mpi_count(static_cast<std::size_t>((q1 - q0) * width), "softmax partials");
           for (index_t i = q0; i < q1; ++i) {
-            double* row = out.data() + (i - q0) * width;
+            double* row = send.data() + i * width;
             row[0] = p.max[i];
             row[1] = p.sum[i];
             row[2] = kNaN;
@@ -514,13 +585,16 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
           }
         }
       }, &wire_.seconds_scores);
-      const std::vector<std::vector<double>> recv = g.alltoallv(send);
+      g.exchange(send, scount, recv, rcount, rdispl);
+      std::vector<double> acc(static_cast<std::size_t>(dim)), v(static_cast<std::size_t>(dim));
       for (index_t b = 0; b < batch; ++b) {
+        const auto row_of = [&](int r) { return recv.data() + rdispl[static_cast<std::size_t>(r)] + b * width; };
         double m = -std::numeric_limits<double>::infinity(), l = 0.0, s_y = kNaN;
-        for (int r = 0; r < ranks_; ++r) m = std::max(m, recv[static_cast<std::size_t>(r)][static_cast<std::size_t>(b * width)]);
-        std::vector<double> acc(static_cast<std::size_t>(dim), 0.0), v(static_cast<std::size_t>(dim), 0.0);
+        for (int r = 0; r < ranks_; ++r) m = std::max(m, row_of(r)[0]);
+        std::fill(acc.begin(), acc.end(), 0.0);
+        std::fill(v.begin(), v.end(), 0.0);
         for (int r = 0; r < ranks_; ++r) {
-          const double* row = recv[static_cast<std::size_t>(r)].data() + b * width;
+          const double* row = row_of(r);
           const double w = std::exp(row[0] - m);
           l += row[1] * w;
           if (!std::isnan(row[2])) s_y = row[2] * (1.0 / config_.tau);
@@ -591,7 +665,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
           counts[static_cast<std::size_t>(r)] = (gb.offset[static_cast<std::size_t>(r) + 1] - gb.offset[static_cast<std::size_t>(r)]) * k;
         const std::vector<index_t> all =
             g.allgatherv(std::span<const index_t>(neg_local.data(), static_cast<std::size_t>(neg_local.size())), counts);
-        neg_all = Eigen::Map<const RowMatrixi>(all.data(), total, k);
+        g.check([&] { neg_all = Eigen::Map<const RowMatrixi>(all.data(), total, k); });
       }
     }
     // Global query i's K draws into out and their lw into lw (log_pn: K floats of scratch): the
@@ -709,8 +783,11 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
 
     // ---- 4, 5. this rank's queries' scores (B_r x K) and positive scores
     RowMatrixf& scores = sc.scores;
-    scores.resize(batch, k);
-    std::vector<double> s_pos(static_cast<std::size_t>(batch));
+    std::vector<double> s_pos;
+    g.check([&] {
+      scores.resize(batch, k);
+      s_pos.resize(static_cast<std::size_t>(batch));
+    });
     const Owners owner(n_, ranks_);
     if (!sharded) {
       g.check([&] {
@@ -882,22 +959,24 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     } else {
       // The coefficients back to the owners, in the order their scores came.
       const auto R = static_cast<std::size_t>(ranks_);
-      sc.scount.assign(R, 0);
-      for (index_t b = 0; b < batch; ++b) {
-        const index_t* d = dr.row(first + b);
-        for (index_t j = 0; j < k; ++j) ++sc.scount[static_cast<std::size_t>(owner(d[j]))];
-        ++sc.scount[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))];
-      }
-      std::vector<std::size_t> cur(R, 0);
-      for (std::size_t o = 1; o < R; ++o) cur[o] = cur[o - 1] + static_cast<std::size_t>(sc.scount[o - 1]);
-      sc.send.resize(cur[R - 1] + static_cast<std::size_t>(sc.scount[R - 1]));
-      for (index_t b = 0; b < batch; ++b) {
-        const index_t* d = dr.row(first + b);
-        for (index_t j = 0; j < k; ++j) sc.send[cur[static_cast<std::size_t>(owner(d[j]))]++] = scores(b, j);
-      }
-      for (index_t b = 0; b < batch; ++b)
-        sc.send[cur[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))]++] =
-            c_pos[static_cast<std::size_t>(b)];
+      g.check([&] {
+        sc.scount.assign(R, 0);
+        for (index_t b = 0; b < batch; ++b) {
+          const index_t* d = dr.row(first + b);
+          for (index_t j = 0; j < k; ++j) ++sc.scount[static_cast<std::size_t>(owner(d[j]))];
+          ++sc.scount[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))];
+        }
+        std::vector<std::size_t> cur(R, 0);
+        for (std::size_t o = 1; o < R; ++o) cur[o] = cur[o - 1] + static_cast<std::size_t>(sc.scount[o - 1]);
+        sc.send.resize(cur[R - 1] + static_cast<std::size_t>(sc.scount[R - 1]));
+        for (index_t b = 0; b < batch; ++b) {
+          const index_t* d = dr.row(first + b);
+          for (index_t j = 0; j < k; ++j) sc.send[cur[static_cast<std::size_t>(owner(d[j]))]++] = scores(b, j);
+        }
+        for (index_t b = 0; b < batch; ++b)
+          sc.send[cur[static_cast<std::size_t>(owner(gb.ids[static_cast<std::size_t>(first + b)]))]++] =
+              c_pos[static_cast<std::size_t>(b)];
+      }, &wire_.seconds_objective);
       g.exchange(sc.send, sc.scount, sc.recv, sc.rcount, sc.rdispl);
       // Each owner's partial rows of every query: its own queries' in own_part, the others' in the
       // flat buffer to their ranks (fp32 on the wire).

@@ -107,12 +107,16 @@ struct Group {
     agree(error);
   }
 
+  // The collectives below allocate what they receive inside a check (an allocation that fails on one
+  // rank makes every rank throw, none waits in a collective the failed rank never enters).
+
   /// Every rank's `mine` (the same count on every rank), in rank order.
   template <class T>
   std::vector<T> allgather(std::span<const T> mine) const {
+    std::vector<T> all;
+    check([&] { all.resize(mine.size() * static_cast<std::size_t>(ranks)); });
     const double t0 = MPI_Wtime();
-    std::vector<T> all(mine.size() * static_cast<std::size_t>(ranks));
-    const int n = mpi_count(mine.size(), "all-gather");
+    const int n = mpi_count(mine.size(), "all-gather");  // the same count on every rank: thrown alike
     check_mpi(MPI_Allgather(mine.data(), n, mpi_type<T>(), all.data(), n, mpi_type<T>(), comm), "MPI_Allgather");
     sent(mine.size() * sizeof(T) * static_cast<std::size_t>(ranks - 1), t0);
     return all;
@@ -122,19 +126,24 @@ struct Group {
     return allgather(std::span<const T>(&mine, 1));
   }
 
-  /// Every rank's `mine`, of counts[r] elements each, concatenated in rank order.
+  /// Every rank's `mine`, of counts[r] elements each (the same counts on every rank), concatenated
+  /// in rank order.
   template <class T>
   std::vector<T> allgatherv(std::span<const T> mine, const std::vector<index_t>& counts) const {
-    const double t0 = MPI_Wtime();
     std::vector<int> cnt(static_cast<std::size_t>(ranks)), displ(static_cast<std::size_t>(ranks));
-    std::size_t total = 0;
-    for (int r = 0; r < ranks; ++r) {
-      cnt[static_cast<std::size_t>(r)] = mpi_count(static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]), "all-gather");
-      displ[static_cast<std::size_t>(r)] = mpi_count(total, "all-gather");
-      total += static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
-    }
-    mpi_count(total, "all-gather");
-    std::vector<T> all(total);
+    std::vector<T> all;
+    check([&] {
+      std::size_t total = 0;
+      for (int r = 0; r < ranks; ++r) {
+        cnt[static_cast<std::size_t>(r)] =
+            mpi_count(static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]), "all-gather");
+        displ[static_cast<std::size_t>(r)] = mpi_count(total, "all-gather");
+        total += static_cast<std::size_t>(counts[static_cast<std::size_t>(r)]);
+      }
+      mpi_count(total, "all-gather");
+      all.resize(total);
+    });
+    const double t0 = MPI_Wtime();
     check_mpi(MPI_Allgatherv(mine.data(), cnt[static_cast<std::size_t>(rank)], mpi_type<T>(), all.data(), cnt.data(),
                              displ.data(), mpi_type<T>(), comm),
               "MPI_Allgatherv");
@@ -145,67 +154,42 @@ struct Group {
   /// The all-to-all of flat buffers: `send` holds scount[d] elements for each rank d, in rank order;
   /// `recv` receives what every rank sends here, in rank order, rcount[s] elements from rank s at
   /// rdispl[s] (the vectors are resized; their capacity is kept across steps). Counts travel first.
+  /// The displacements are MPI ints: a total of 2^31 elements or more on any rank is one Error on
+  /// every rank.
   template <class T>
   void exchange(const std::vector<T>& send, const std::vector<int>& scount, std::vector<T>& recv,
                 std::vector<int>& rcount, std::vector<int>& rdispl) const {
-    double t0 = MPI_Wtime();
     const auto R = static_cast<std::size_t>(ranks);
     std::vector<int> sdispl(R);
-    rcount.resize(R);
-    rdispl.resize(R);
-    std::size_t stotal = 0, payload = 0;
-    for (std::size_t d = 0; d < R; ++d) {
-      sdispl[d] = mpi_count(stotal, "all-to-all");
-      stotal += static_cast<std::size_t>(scount[d]);
-      if (d != static_cast<std::size_t>(rank)) payload += static_cast<std::size_t>(scount[d]) * sizeof(T);
-    }
+    std::size_t payload = 0;
+    check([&] {
+      rcount.resize(R);
+      rdispl.resize(R);
+      std::size_t stotal = 0;
+      for (std::size_t d = 0; d < R; ++d) {
+        sdispl[d] = mpi_count(stotal, "all-to-all");
+        stotal += static_cast<std::size_t>(scount[d]);
+        if (d != static_cast<std::size_t>(rank)) payload += static_cast<std::size_t>(scount[d]) * sizeof(T);
+      }
+      mpi_count(stotal, "all-to-all");
+    });
+    double t0 = MPI_Wtime();
     check_mpi(MPI_Alltoall(scount.data(), 1, MPI_INT, rcount.data(), 1, MPI_INT, comm), "MPI_Alltoall");
     sent(sizeof(int) * (R - 1), t0);
+    check([&] {
+      std::size_t rtotal = 0;
+      for (std::size_t s = 0; s < R; ++s) {
+        rdispl[s] = mpi_count(rtotal, "all-to-all");
+        rtotal += static_cast<std::size_t>(rcount[s]);
+      }
+      mpi_count(rtotal, "all-to-all");
+      recv.resize(rtotal);
+    });
     t0 = MPI_Wtime();
-    std::size_t rtotal = 0;
-    for (std::size_t s = 0; s < R; ++s) {
-      rdispl[s] = mpi_count(rtotal, "all-to-all");
-      rtotal += static_cast<std::size_t>(rcount[s]);
-    }
-    recv.resize(rtotal);
     check_mpi(MPI_Alltoallv(send.data(), scount.data(), sdispl.data(), mpi_type<T>(), recv.data(), rcount.data(),
                             rdispl.data(), mpi_type<T>(), comm),
               "MPI_Alltoallv");
     sent(payload, t0);
-  }
-
-  /// send[d] to rank d, for every d; returns what each rank sent to this one (recv[s] from rank s).
-  /// The counts travel first (one all-to-all of ints).
-  template <class T>
-  std::vector<std::vector<T>> alltoallv(const std::vector<std::vector<T>>& send) const {
-    double t0 = MPI_Wtime();
-    const auto R = static_cast<std::size_t>(ranks);
-    std::vector<int> scount(R), rcount(R), sdispl(R), rdispl(R);
-    std::size_t stotal = 0, payload = 0;
-    for (std::size_t d = 0; d < R; ++d) {
-      scount[d] = mpi_count(send[d].size(), "all-to-all");
-      sdispl[d] = mpi_count(stotal, "all-to-all");
-      stotal += send[d].size();
-      if (d != static_cast<std::size_t>(rank)) payload += send[d].size() * sizeof(T);
-    }
-    check_mpi(MPI_Alltoall(scount.data(), 1, MPI_INT, rcount.data(), 1, MPI_INT, comm), "MPI_Alltoall");
-    sent(sizeof(int) * (R - 1), t0);
-    t0 = MPI_Wtime();
-    std::size_t rtotal = 0;
-    for (std::size_t s = 0; s < R; ++s) {
-      rdispl[s] = static_cast<int>(rtotal);
-      rtotal += static_cast<std::size_t>(rcount[s]);
-    }
-    std::vector<T> sbuf(stotal), rbuf(rtotal);
-    for (std::size_t d = 0; d < R; ++d) std::copy(send[d].begin(), send[d].end(), sbuf.begin() + sdispl[d]);
-    check_mpi(MPI_Alltoallv(sbuf.data(), scount.data(), sdispl.data(), mpi_type<T>(), rbuf.data(), rcount.data(),
-                            rdispl.data(), mpi_type<T>(), comm),
-              "MPI_Alltoallv");
-    sent(payload, t0);
-    std::vector<std::vector<T>> recv(R);
-    for (std::size_t s = 0; s < R; ++s)
-      recv[s].assign(rbuf.begin() + rdispl[s], rbuf.begin() + rdispl[s] + rcount[s]);
-    return recv;
   }
 };
 
