@@ -11,8 +11,14 @@
 //
 // Output: one JSON line per configuration ("record": "config"), per skipped configuration ("skipped")
 // and per summary ("crossover", "threads"); or a text table. Plots: benchmarks/plot_scale.py.
+//
+// The ranks series (--series ranks, builds with MPI) is `membank bench step --distributed MODE` at the
+// base point, launched by this command under --mpiexec once per R of --ranks (this program's own
+// binary): one "record": "ranks" line per R, with the step time (slowest rank's), bytes sent, peak
+// RSS and bank bytes per rank.
 #include "bench_common.hpp"
 #include "commands.hpp"
+#include "distributed_cli.hpp"
 #include "options.hpp"
 #include "machine_info.hpp"
 
@@ -70,6 +76,14 @@ struct ScaleOptions {
   bool inject_check_failure = false;
   std::string out;
   std::string summarize;
+  std::vector<int> ranks = {1, 2};       // the ranks series' R values
+  std::string distributed = "sharded";   // the ranks series' mode
+  int ranks_threads = 0;                 // threads per rank in the ranks series (0: processors / R, at least 1)
+#ifdef MEMBANK_MPIEXEC
+  std::string mpiexec = MEMBANK_MPIEXEC " " MEMBANK_MPIEXEC_NP;
+#else
+  std::string mpiexec = "mpiexec -n";
+#endif
 };
 
 /// One configuration of the sweep.
@@ -550,6 +564,56 @@ void summarize(const std::vector<nlohmann::json>& rows, Sink& sink) {
   }
 }
 
+/// The ranks series: `bench step --distributed` at the base point for each R, under --mpiexec.
+void run_ranks_series(const ScaleOptions& o, Sink& sink) {
+  MEMBANK_CHECK(kBuiltWithMpi, "--series ranks: {}", no_mpi_message());
+  std::vector<char> self(4096);
+  const ssize_t len = ::readlink("/proc/self/exe", self.data(), self.size() - 1);
+  MEMBANK_CHECK(len > 0, "--series ranks: cannot find this program (/proc/self/exe)");
+  const std::string exe(self.data(), static_cast<std::size_t>(len));
+  double first_ms = std::nan("");
+  int first_r = 0;
+  for (const int r : o.ranks) {
+    const int threads = o.ranks_threads > 0 ? o.ranks_threads : std::max(1, omp_get_num_procs() / r);
+    const std::string cmdline = fmt::format(
+        "{} {} '{}' bench step --distributed {} --n {} --dim {} --k {} --batch {} --repeats {} --seed {} --dtype {} "
+        "--threads {} --json 2>&1", o.mpiexec, r, exe, o.distributed, o.base_n, o.base_dim, o.base_k, o.base_batch,
+        o.repeats, o.seed, o.dtype, threads);
+    std::FILE* pipe = ::popen(cmdline.c_str(), "r");
+    MEMBANK_CHECK(pipe != nullptr, "--series ranks: cannot run {}", cmdline);
+    std::string output, json_line;
+    std::vector<char> buf(1 << 16);
+    while (std::fgets(buf.data(), static_cast<int>(buf.size()), pipe)) {
+      const std::string line(buf.data());
+      output += line;
+      if (!line.empty() && line.front() == '{') json_line = line;
+    }
+    const int status = ::pclose(pipe);
+    if (status != 0 || json_line.empty())
+      throw ProblemFound(fmt::format("--series ranks: R = {}: `{}` failed (status {}): {}", r, cmdline, status,
+                                     output.size() > 2000 ? output.substr(output.size() - 2000) : output));
+    nlohmann::json row = nlohmann::json::parse(json_line);
+    row["bench"] = "scale";
+    row["record"] = "ranks";
+    row["series"] = "ranks";
+    row["command"] = cmdline;
+    const double ms = row["step_ms"].get<double>();
+    if (std::isnan(first_ms)) {
+      first_ms = ms;
+      first_r = r;
+    }
+    row["step_vs_first_ranks"] = first_ms / ms;
+    double sent = 0, rss = 0, bank = 0;
+    for (const auto& v : row["bytes_sent_per_rank"]) sent = std::max(sent, v.get<double>());
+    for (const auto& v : row["peak_rss_bytes_per_rank"]) rss = std::max(rss, v.get<double>());
+    for (const auto& v : row["bank_bytes_per_rank"]) bank = std::max(bank, v.get<double>());
+    sink.row(row, fmt::format("ranks   R={:<3} {} N={} D={} K={} B={} t={}/rank: step {:.2f} ms (x{:.2f} against R = "
+                              "{}), sent {:.1f} kB per step per rank, bank {:.1f} MB and peak RSS {:.1f} MB per rank "
+                              "(largest)", r, o.distributed, o.base_n, o.base_dim, o.base_k, o.base_batch, threads, ms,
+                              first_ms / ms, first_r, sent * 1e-3, bank * 1e-6, rss * 1e-6));
+  }
+}
+
 void apply_quick(ScaleOptions& o, const CLI::App& cmd) {
   auto unset = [&](const char* name) { return cmd.count(name) == 0; };
   if (unset("--n")) o.ns = {10'000, 30'000, 100'000};
@@ -596,7 +660,14 @@ void run_bench_scale(ScaleOptions o, const CLI::App& cmd) {
   std::sort(o.ns.begin(), o.ns.end());
   std::sort(o.far_ns.begin(), o.far_ns.end());
   const std::vector<Config> configs = plan(o, max_threads);
-  MEMBANK_CHECK(!configs.empty(), "the sweep is empty: check --series and the lists");
+  const bool ranks_series = std::find(o.series.begin(), o.series.end(), "ranks") != o.series.end();
+  MEMBANK_CHECK(!configs.empty() || ranks_series, "the sweep is empty: check --series and the lists");
+  MEMBANK_CHECK(!ranks_series || kBuiltWithMpi, "--series ranks: {}", no_mpi_message());
+  if (configs.empty()) {  // the ranks series alone
+    Sink sink(o);
+    run_ranks_series(o, sink);
+    return;
+  }
   const Progress progress(configs.size(), isatty(2) == 1);
   Sink sink(o);
   for (int t : o.threads)
@@ -658,6 +729,7 @@ void run_bench_scale(ScaleOptions o, const CLI::App& cmd) {
   progress.finish();
 
   summarize(rows, sink);
+  if (ranks_series) run_ranks_series(o, sink);
   if (o.plot) {
     MEMBANK_CHECK(!o.out.empty(), "--plot needs --out FILE (the plots are written beside it)");
     const std::string cmdline = fmt::format("/usr/bin/python3 '{}/benchmarks/plot_scale.py' '{}'", MEMBANK_SOURCE_DIR, o.out);
@@ -698,8 +770,23 @@ void add_bench_scale(CLI::App& bench) {
                   "samplers: uniform, alias (over random weights in [0.5, 2))");
   add_list_option(*cmd, "--objective", o->objectives, one_of({"nce", "infonce", "full"}), "names",
                   "objectives: nce, infonce, full (exact softmax over the bank)");
-  add_list_option(*cmd, "--series", o->series, one_of({"n", "far", "k", "batch", "dim", "threads"}), "names",
-                  "series to run, in order: n, far, k, batch, dim, threads");
+  add_list_option(*cmd, "--series", o->series, one_of({"n", "far", "k", "batch", "dim", "threads", "ranks"}), "names",
+                  "series to run, in order: n, far, k, batch, dim, threads; and ranks (not by default; last; builds "
+                  "with MPI): `membank bench step --distributed` at the base point for each R of --ranks, launched "
+                  "by this command as `MPIEXEC R membank bench step ...` (--mpiexec)");
+  add_list_option(*cmd, "--ranks", o->ranks, integer_in(1, 4096), "integers in [1, 4096]",
+                  "R values of the ranks series (the same global batch --base-batch at every R)");
+  cmd->add_option("--distributed", o->distributed, "the ranks series' DistributedEngine mode: sharded or replicated")
+      ->capture_default_str()
+      ->check(distributed_mode());
+  cmd->add_option("--ranks-threads", o->ranks_threads,
+                  "OpenMP threads per rank in the ranks series (0: the processor count / R, at least 1)")
+      ->capture_default_str()
+      ->check(thread_count());
+  cmd->add_option("--mpiexec", o->mpiexec,
+                  "the launcher of the ranks series, followed by R (e.g. \"mpirun --oversubscribe --mca btl self,vader "
+                  "-np\"; as root, OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 in the environment)")
+      ->capture_default_str();
   cmd->add_option("--base-n", o->base_n, "N of the K, batch, dim and threads series")->capture_default_str()->check(
       integer_in(1));
   cmd->add_option("--base-k", o->base_k, "K elsewhere")->capture_default_str()->check(integer_in(1));

@@ -1,8 +1,11 @@
 // `membank bench step`: the median time of one whole training step (sample, score, loss, gradient,
 // bank update) against `floor_ms`, the time of the work no implementation can avoid -- reading the
 // same B x (K + 1) random bank rows and taking one dot product with each -- measured in the same run.
+// With --distributed (under mpirun): the DistributedEngine's step at R ranks, each passing its slice of
+// the same global batch: the step time (max over ranks), bytes sent and peak memory per rank.
 #include "bench_common.hpp"
 #include "commands.hpp"
+#include "distributed_cli.hpp"
 #include "options.hpp"
 #include "machine_info.hpp"
 
@@ -18,6 +21,8 @@
 #include <climits>
 #include <cmath>
 #include <memory>
+#include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -39,6 +44,8 @@ struct StepOptions {
   double overlap_ms = -1.0;  ///< >= 0: also time steps after this much simulated caller compute, with and without prefetch
   std::uint64_t seed = 1;
   bool json = false;
+  std::string distributed;  ///< "", replicated or sharded
+  double check_max_gb = 1.0;  ///< --distributed: the single-process self-check runs up to this bank size
 };
 
 /// Medians of one configuration: step and floor (ms), and the median of the ratios of each step to
@@ -186,8 +193,187 @@ void run_dtypes(const StepOptions& o, const std::vector<std::string>& types) {
     fmt::print("  (medians over the rounds; ratios are medians of the per-round ratios)\n");
 }
 
+#ifdef MEMBANK_WITH_MPI
+/// Per-rank figures gathered on rank 0.
+struct RankFigures {
+  double bytes_sent = 0, collectives = 0, peak_rss = 0, bank_bytes = 0, row_begin = 0, row_end = 0, batch = 0;
+};
+
+/// --distributed: the DistributedEngine's step under mpirun. Every rank makes the same global batches
+/// (ids uniform over N, unit Gaussian features, from --seed) and passes its slice (batch_slice). The
+/// first step is checked against the single-process Engine's step on the whole batch (on rank 0, when
+/// the bank is at most --check-max-gb): loss and dL/df within 1e-6 relative. Then a warm-up step and
+/// --repeats timed steps, each started together (MPI_Barrier) and timed per rank; a step's time is the
+/// slowest rank's.
+void run_distributed(const StepOptions& o) {
+  run_with_mpi([&](int rank, int ranks) {
+    const MPI_Comm world = MPI_COMM_WORLD;
+    const bool root = rank == 0;
+    const Distributed mode = distributed_from_string(o.distributed);
+    const DType dtype = dtype_from_string(o.dtype);
+    EngineConfig cfg;
+    cfg.k = o.k;
+    cfg.negatives = negatives_mode_from_string(o.negatives);
+    cfg.objective = objective_from_string(o.objective);
+    cfg.seed = o.seed;
+    collective([&] {  // (the same on every rank)
+      MEMBANK_CHECK(o.batch >= ranks, "--batch {} with {} ranks: expected a global batch of at least one query per "
+                    "rank", o.batch, ranks);
+      MEMBANK_CHECK(o.n >= ranks, "--n {} with {} ranks: expected at least one bank row per rank", o.n, ranks);
+      cfg.validate(o.n, o.dim);
+    });
+    const double full_bank_bytes = static_cast<double>(o.n) * static_cast<double>(o.dim) * dtype_bytes(dtype);
+    if (root && !o.json)
+      fmt::print(stderr, "building a {} x {} {} bank ({:.2f} GB) {} over {} ranks ...\n", o.n, o.dim, o.dtype,
+                 full_bank_bytes * 1e-9, o.distributed, ranks);
+    // The sampler and the inputs as StepBench makes them (one generator from --seed: alias weights first).
+    std::mt19937_64 rng(o.seed);
+    std::uniform_int_distribution<index_t> any_id(0, o.n - 1);
+    std::vector<double> weights;
+    auto make_sampler = [&]() -> std::unique_ptr<NoiseSampler> {
+      if (sampler_kind_from_string(o.sampler) == SamplerKind::alias) return std::make_unique<AliasSampler>(weights);
+      return std::make_unique<UniformSampler>(o.n);
+    };
+    if (sampler_kind_from_string(o.sampler) == SamplerKind::alias) {
+      weights.resize(static_cast<std::size_t>(o.n));
+      std::uniform_real_distribution<double> u(0.5, 2.0);
+      for (auto& w : weights) w = u(rng);
+    }
+    std::vector<std::int64_t> labels;
+    if (needs_labels(cfg.objective)) {
+      labels.resize(static_cast<std::size_t>(o.n));
+      for (std::size_t j = 0; j < labels.size(); ++j) labels[j] = static_cast<std::int64_t>(j % 10);
+    }
+    const double t_build = now_ms();
+    DistributedEngine engine = collective([&] {
+      return DistributedEngine::seeded(world, mode, o.n, o.dim, o.seed, dtype, make_sampler(), cfg, labels);
+    });
+    const double build_ms = now_ms() - t_build;
+    const BatchSlice mine = batch_slice(o.batch, ranks, rank);
+    const int batches = o.repeats + 2;
+    std::vector<std::vector<index_t>> ids;
+    std::vector<RowMatrixf> feats;
+    RowMatrixf first_features;  // the whole first batch (the self-check's)
+    std::vector<index_t> first_ids;
+    for (int i = 0; i < batches; ++i) {
+      std::vector<index_t> v(static_cast<std::size_t>(o.batch));
+      for (auto& y : v) y = any_id(rng);
+      RowMatrixf f = random_unit_rows(o.batch, o.dim, rng);
+      ids.emplace_back(v.begin() + mine.begin, v.begin() + mine.begin + mine.size);
+      feats.emplace_back(f.middleRows(mine.begin, mine.size));
+      if (i == 0) {
+        first_features = std::move(f);
+        first_ids = std::move(v);
+      }
+    }
+    RowMatrixf grad(mine.size, o.dim);
+
+    // The self-check: the first step against the single-process engine on the whole batch (rank 0).
+    const bool check = full_bank_bytes <= o.check_max_gb * 1e9 && cfg.objective != Objective::full_softmax;
+    std::optional<Engine> reference;
+    if (check && root) reference.emplace(Bank(o.n, o.dim, o.seed, dtype), make_sampler(), cfg, labels);
+    const StepStats got = collective([&] { return engine.step(feats[0], ids[0], grad); });
+    std::vector<int> counts(static_cast<std::size_t>(ranks)), displs(static_cast<std::size_t>(ranks));
+    for (int r = 0; r < ranks; ++r) {
+      const BatchSlice sl = batch_slice(o.batch, ranks, r);
+      counts[static_cast<std::size_t>(r)] = static_cast<int>(sl.size * o.dim);
+      displs[static_cast<std::size_t>(r)] = static_cast<int>(sl.begin * o.dim);
+    }
+    RowMatrixf all_grad(root ? o.batch : 0, o.dim);
+    if (check)
+      MPI_Gatherv(grad.data(), counts[static_cast<std::size_t>(rank)], MPI_FLOAT, all_grad.data(), counts.data(),
+                  displs.data(), MPI_FLOAT, 0, world);
+    agreed(world, [&] {
+      if (!check || !root) return;
+      RowMatrixf ref_grad(o.batch, o.dim);
+      const StepStats ref = reference->step(first_features, first_ids, ref_grad);
+      reference.reset();
+      const double dl = std::fabs(got.loss - ref.loss) / std::max(1e-30, std::fabs(ref.loss));
+      const double dg = (all_grad - ref_grad).cwiseAbs().maxCoeff() / std::max(1e-30f, ref_grad.cwiseAbs().maxCoeff());
+      if (!(dl <= 1e-6 && dg <= 1e-6))
+        throw ProblemFound(fmt::format("self-check failed: the distributed step's loss {} against the single-process "
+                                       "engine's {} (relative {:.2e}), dL/df relative difference {:.2e}: expected "
+                                       "both within 1e-6", got.loss, ref.loss, dl, dg));
+    });
+    collective([&] { engine.step(feats[1], ids[1], grad); });  // warm-up
+    reset_peak_rss();  // (rank 0's reference engine is gone)
+
+    std::vector<double> ms, bytes, collectives;
+    for (int i = 2; i < batches; ++i) {
+      MPI_Barrier(world);
+      const double t0 = now_ms();
+      collective([&] { engine.step(feats[static_cast<std::size_t>(i)], ids[static_cast<std::size_t>(i)], grad); });
+      ms.push_back(now_ms() - t0);
+      bytes.push_back(static_cast<double>(engine.last_wire().bytes_sent));
+      collectives.push_back(static_cast<double>(engine.last_wire().collectives));
+    }
+    std::vector<double> slowest(ms.size()), build_slowest(1);
+    MPI_Allreduce(ms.data(), slowest.data(), static_cast<int>(ms.size()), MPI_DOUBLE, MPI_MAX, world);
+    MPI_Allreduce(&build_ms, build_slowest.data(), 1, MPI_DOUBLE, MPI_MAX, world);
+    const RankFigures f{median(bytes), median(collectives), peak_rss_bytes(),
+                        static_cast<double>(engine.rows().size()) * static_cast<double>(o.dim) * dtype_bytes(dtype),
+                        static_cast<double>(engine.rows().begin), static_cast<double>(engine.rows().end),
+                        static_cast<double>(mine.size)};
+    std::vector<RankFigures> per(static_cast<std::size_t>(ranks));
+    MPI_Gather(&f, sizeof f / sizeof(double), MPI_DOUBLE, per.data(), sizeof f / sizeof(double), MPI_DOUBLE, 0, world);
+    if (!root) return;
+
+    const double step_med = median(slowest);
+    auto column = [&](double RankFigures::*m) {
+      std::vector<double> v;
+      for (const auto& p : per) v.push_back(p.*m);
+      return v;
+    };
+    const int threads = omp_get_max_threads();
+    nlohmann::json row = {
+        {"bench", "step"}, {"distributed", o.distributed}, {"ranks", ranks}, {"n", o.n}, {"dim", o.dim}, {"k", o.k},
+        {"batch", o.batch}, {"batch_per_rank", column(&RankFigures::batch)}, {"threads_per_rank", threads},
+        {"negatives", o.negatives}, {"sampler", o.sampler}, {"objective", o.objective}, {"dtype", o.dtype},
+        {"step_ms", step_med}, {"step_min_ms", *std::min_element(slowest.begin(), slowest.end())},
+        {"step_max_ms", *std::max_element(slowest.begin(), slowest.end())}, {"step_time", "max over ranks"},
+        {"repeats", o.repeats}, {"bytes_sent_per_rank", column(&RankFigures::bytes_sent)},
+        {"collectives_per_step", column(&RankFigures::collectives)},
+        {"peak_rss_bytes_per_rank", column(&RankFigures::peak_rss)},
+        {"bank_bytes_per_rank", column(&RankFigures::bank_bytes)}, {"bank_bytes", full_bank_bytes},
+        {"bank_build_ms", build_slowest[0]},
+        {"self_check", check ? "passed: loss and dL/df within 1e-6 of the single-process engine"
+                             : "skipped (full softmax, or the bank is over --check-max-gb)"},
+        {"cpu", cpu_model()}, {"build", MEMBANK_BUILD_TYPE}, {"version", MEMBANK_VERSION_STRING},
+        {"git", git_revision()}, {"isa", to_string(active_isa())}};
+    if (o.json) {
+      fmt::print("{}\n", row.dump());
+      return;
+    }
+    fmt::print("membank bench step --distributed {}: {} ranks, N = {}, D = {}, K = {}, B = {} (global), {} rows, {} "
+               "negatives, {} sampler, {}, {} threads per rank, {} kernels\n", o.distributed, ranks, o.n, o.dim, o.k,
+               o.batch, o.dtype, o.negatives, o.sampler, o.objective, threads, to_string(active_isa()));
+    fmt::print("  self-check: {}\n", row["self_check"].get<std::string>());
+    fmt::print("  step   median {:8.2f} ms   (min {:.2f}, max {:.2f}, {} steps; each step's time is the slowest "
+               "rank's)\n", step_med, row["step_min_ms"].get<double>(), row["step_max_ms"].get<double>(), o.repeats);
+    for (int r = 0; r < ranks; ++r) {
+      const RankFigures& p = per[static_cast<std::size_t>(r)];
+      fmt::print("  rank {}: rows [{:.0f}, {:.0f}), {:.0f} queries; bank {:.1f} MB, peak RSS {:.1f} MB; sent {:.1f} kB "
+                 "per step in {:.0f} collectives\n", r, p.row_begin, p.row_end, p.batch, p.bank_bytes * 1e-6,
+                 p.peak_rss * 1e-6, p.bytes_sent * 1e-3, p.collectives);
+    }
+  });
+}
+#endif
+
 void run_bench_step(StepOptions o) {
   apply_threads(o.threads);
+  if (!o.distributed.empty()) {
+    MEMBANK_CHECK(kBuiltWithMpi, "--distributed: {}", no_mpi_message());
+    MEMBANK_CHECK(o.objective != "all" && o.negatives != "both" && o.dtype.find(',') == std::string::npos &&
+                      o.overlap_ms < 0,
+                  "--distributed: expected one --objective (not all), one --negatives (not both), one --dtype and no "
+                  "--overlap-ms");
+    o.dtype = to_string(dtype_from_string(o.dtype));
+#ifdef MEMBANK_WITH_MPI
+    run_distributed(o);
+#endif
+    return;
+  }
   if (o.dtype.find(',') != std::string::npos) {
     std::vector<std::string> types;
     for (std::size_t at = 0; at <= o.dtype.size();) {
@@ -269,6 +455,18 @@ void add_bench_step(CLI::App& bench) {
       integer_in(1, INT_MAX));
   cmd->add_option("--seed", o->seed, "seed of the bank, the inputs and the negatives")->capture_default_str()->check(seed_value());
   cmd->add_flag("--json", o->json, "print one JSON object instead of text");
+  cmd->add_option("--distributed", o->distributed,
+                  "the DistributedEngine's step under mpirun (mpirun -np R membank bench step --distributed sharded): "
+                  "the bank replicated on every rank or sharded; --batch is the global batch, split over the ranks, "
+                  "the same batches at any R. Prints the step time (median over --repeats of the slowest rank's), "
+                  "bytes sent per rank per step, peak RSS and bank bytes per rank; the first step is checked against "
+                  "the single-process engine (up to --check-max-gb). No floor. Needs a build with MPI")
+      ->check(distributed_mode());
+  cmd->add_option("--check-max-gb", o->check_max_gb,
+                  "--distributed: largest bank (GB) for which rank 0 checks the first step against a single-process "
+                  "engine of its own (it holds the whole bank for the check)")
+      ->capture_default_str()
+      ->check(number_in(0.0, false));
   cmd->callback(command([o] { run_bench_step(*o); }));
 }
 

@@ -2,6 +2,7 @@
 #include "cli.hpp"
 
 #include "commands.hpp"
+#include "distributed_cli.hpp"
 #include "options.hpp"
 
 #include <membank/error.hpp>
@@ -33,6 +34,8 @@ extern "C" void on_sigint(int) {
 }
 
 int fail(int code, const std::string& what) {
+  // Under mpirun every rank meets the same command-line and shared errors: rank 0 reports them.
+  if (launcher_rank() != 0) return code;
   fmt::print(stderr, "error: {}\n", what);
   std::fflush(stderr);
   return code;

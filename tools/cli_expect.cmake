@@ -1,8 +1,9 @@
 # Runs one command line and checks its exit status and messages (CTest's own properties cannot check
 # an exact exit status). Usage:
-#   cmake -DRC=<status> [-DMSG=<text>] [-DMSG2=<text>] [-DNOT=<text>] [-DSHELL_PREFIX=<sh code>]
+#   cmake -DRC=<status> [-DMSG=<text>] [-DMSG2=<text>] [-DNOT=<text>] [-DREGEX=<regex>] [-DSHELL_PREFIX=<sh code>]
 #         -P cli_expect.cmake -- <program> <args...>
-# MSG and MSG2 must occur literally in stdout + stderr, NOT must not; RC must be the exit status (a
+# MSG and MSG2 must occur literally in stdout + stderr, NOT must not, REGEX (a CMake regular expression)
+# must match; RC must be the exit status (a
 # death by signal never matches). SHELL_PREFIX runs the command through /bin/sh after that code
 # (e.g. "ulimit -f 64").
 set(args)
@@ -33,6 +34,9 @@ foreach(want MSG MSG2)
     endif()
   endif()
 endforeach()
+if(DEFINED REGEX AND NOT "${all}" MATCHES "${REGEX}")
+  message(FATAL_ERROR "expected output matching the regular expression: ${REGEX}")
+endif()
 if(DEFINED NOT)
   string(FIND "${all}" "${NOT}" at)
   if(NOT at EQUAL -1)

@@ -93,8 +93,9 @@ class Encoder {
   virtual ~Encoder() = default;
   virtual const Mat<S>& forward(const Mat<S>& x) = 0;
   virtual void backward(const Mat<S>& dz) = 0;
-  /// Every parameter array with its gradient, weights first (then biases).
-  virtual std::vector<std::pair<Mat<S>*, const Mat<S>*>> parameters() = 0;
+  /// Every parameter array with its gradient, weights first (then biases). A caller may overwrite the
+  /// gradients between backward() and sgd() (data-parallel training sums them over the ranks).
+  virtual std::vector<std::pair<Mat<S>*, Mat<S>*>> parameters() = 0;
   virtual std::string describe() const = 0;
 
   /// Momentum SGD on the last backward's gradients; weight decay on the weights only.
@@ -147,7 +148,7 @@ class Mlp final : public Encoder<S> {
     gb1_ = dh_.colwise().sum();
   }
 
-  std::vector<std::pair<Mat<S>*, const Mat<S>*>> parameters() override {
+  std::vector<std::pair<Mat<S>*, Mat<S>*>> parameters() override {
     return {{&w1_, &gw1_}, {&w2_, &gw2_}, {&b1_, &gb1_}, {&b2_, &gb2_}};
   }
 
@@ -212,7 +213,7 @@ class ConvNet final : public Encoder<S> {
     gb1_ = dy1_.colwise().sum();
   }
 
-  std::vector<std::pair<Mat<S>*, const Mat<S>*>> parameters() override {
+  std::vector<std::pair<Mat<S>*, Mat<S>*>> parameters() override {
     return {{&w1_, &gw1_}, {&w2_, &gw2_}, {&w3_, &gw3_}, {&b1_, &gb1_}, {&b2_, &gb2_}, {&b3_, &gb3_}};
   }
 

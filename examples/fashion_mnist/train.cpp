@@ -3,8 +3,19 @@
 // engine's memory bank (N = 60,000) and NCE with K negatives (or the exact full softmax). Per epoch:
 // loss, and weighted-kNN / 1-NN accuracy of the 10,000 test images against the bank. Writes the
 // final bank as an HDF5 snapshot with the training labels.
+//
+// --distributed (under mpirun, R ranks): data-parallel training. Every rank draws the same global
+// batch (the single-process run's: same shuffle, same augmentation) and takes its slice of it
+// (batch_slice: contiguous, rank order = batch order); forward, DistributedEngine::step and backward
+// run on the slice; the encoder's gradients are summed over the ranks in rank order
+// (allreduce_sum_rank_order: the same bits on every rank, so the encoders stay identical) and every
+// rank takes the same SGD step. Rank 0 gathers the bank for each epoch's kNN and prints.
 #include "check.hpp"
 #include "commands.hpp"
+#include "distributed_cli.hpp"
+#ifdef MEMBANK_WITH_MPI
+#include <membank/distributed_snapshot.hpp>
+#endif
 #include "options.hpp"
 #include "encoders.hpp"
 
@@ -72,6 +83,14 @@ struct TrainOptions {
   index_t train_images = 0;
   std::string out;
   bool json = false;
+  std::string distributed;  // "", replicated or sharded
+};
+
+/// Where a run executes: one process (ranks = 1, no mode), or rank `rank` of a distributed run.
+struct RankInfo {
+  int rank = 0, ranks = 1;
+  std::string mode;  ///< "" (one process), replicated or sharded
+  bool distributed() const { return !mode.empty(); }
 };
 
 /// An IDX file (gzip-compressed or plain) as bytes, after checking its magic and dimensions.
@@ -199,8 +218,12 @@ KnnResult knn_of(const RowMatrixf& train_features, const RowMatrixf& test_featur
 
 /// One training run with the options' objective and K. Prints a line per epoch (unless quiet) and
 /// returns the per-epoch figures; the engine is left for the caller to snapshot.
-nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<Engine>& engine_out, bool quiet) {
+/// Distributed runs: rank 0's work (the kNN, the output) is ranks' own, other ranks skip it.
+nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<Engine>& engine_out, bool quiet,
+                         const RankInfo& where = {}) {
   const auto t_start = std::chrono::steady_clock::now();
+  const bool root = where.rank == 0, distributed = where.distributed();
+  quiet = quiet || !root;
   const index_t n = d.train.images.rows();
   const std::string what = o.objective == "full" ? std::string("full softmax") : fmt::format("{} K={}", o.objective, o.k);
   EngineConfig cfg;
@@ -224,14 +247,33 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   // The bank starts from the untrained encoder's features of the unaugmented images (or uniform on the
   // sphere): random rows would spend the first epochs pulling each image towards an arbitrary point.
   RowMatrixf start = encode(*net, d.train.images);
-  const KnnResult untrained = knn_of(start, encode(*net, d.test.images), d, o.tau);
+  KnnResult untrained{};
+  if (root) untrained = knn_of(start, encode(*net, d.test.images), d, o.tau);
   // The training labels go to the engine only where the objective uses them (supervised objectives,
   // exclude_same_label): the self-supervised runs never see a label.
   std::vector<std::int64_t> labels;
   if (needs_labels(cfg.objective) || cfg.exclude_same_label) labels.assign(d.train.labels.begin(), d.train.labels.end());
-  auto engine = std::make_unique<Engine>(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
-                                                                 : Bank(n, o.dim, o.seed, dtype),
-                                         std::make_unique<UniformSampler>(n), cfg, std::move(labels));
+  std::unique_ptr<Engine> engine;
+#ifdef MEMBANK_WITH_MPI
+  std::optional<DistributedEngine> dist;  // distributed runs
+  if (distributed) {
+    const Distributed mode = distributed_from_string(where.mode);
+    collective([&] {  // (every rank raises the same errors here)
+      if (o.bank_init == "encoder") {
+        const RowRange held = mode == Distributed::replicated ? RowRange{0, n} : shard_rows(n, where.ranks, where.rank);
+        dist.emplace(MPI_COMM_WORLD, mode, Bank::from_rows(start.middleRows(held.begin, held.size()), dtype), n,
+                     std::make_unique<UniformSampler>(n), cfg, std::move(labels));
+      } else {
+        dist.emplace(DistributedEngine::seeded(MPI_COMM_WORLD, mode, n, o.dim, o.seed, dtype,
+                                               std::make_unique<UniformSampler>(n), cfg, std::move(labels)));
+      }
+    });
+  }
+#endif
+  if (!distributed)
+    engine = std::make_unique<Engine>(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
+                                                               : Bank(n, o.dim, o.seed, dtype),
+                                      std::make_unique<UniformSampler>(n), cfg, std::move(labels));
   start.resize(0, 0);
   if (!quiet)
     fmt::print("epoch  0  (untrained {})          kNN top-1 {:6.2f}%  top-5 {:6.2f}%  1-NN {:6.2f}%\n",
@@ -239,8 +281,13 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   std::mt19937_64 rng(o.seed);
   std::vector<index_t> order(static_cast<std::size_t>(n));
   std::iota(order.begin(), order.end(), index_t{0});
-  RowMatrixf x(o.batch, 784), grad(o.batch, o.dim);
+  // Every rank makes the whole global batch x (the same draws as one process); its slice goes forward.
+  const BatchSlice mine = batch_slice(o.batch, where.ranks, where.rank);
+  RowMatrixf x(o.batch, 784), x_mine, grad(mine.size, o.dim);
   std::vector<index_t> ids(static_cast<std::size_t>(o.batch));
+  [[maybe_unused]] const IdsRef ids_mine = IdsRef(ids).subspan(static_cast<std::size_t>(mine.begin), static_cast<std::size_t>(mine.size));
+  std::vector<float> grads, scratch;     // distributed: the encoder's gradients, packed, and the all-reduce's room
+  std::int64_t wire_bytes = 0, wire_steps = 0;  // distributed: bytes this rank sent (engine and all-reduce)
   nlohmann::json epochs = nlohmann::json::array();
   epochs.push_back(with_knn({{"epoch", 0}, {"loss", nullptr}, {"seconds", 0.0}}, untrained));
   const index_t total = n / o.batch;
@@ -257,19 +304,54 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
         ids[static_cast<std::size_t>(b)] = order[static_cast<std::size_t>(b0 + b)];
         augment(o.augment, o.max_shift, d.train.images.row(ids[static_cast<std::size_t>(b)]).data(), x.row(b).data(), rng);
       }
-      const RowMatrixf& z = net->forward(x);
-      const StepStats st = engine->step(z, ids, grad);
-      MEMBANK_CHECK(std::isfinite(st.loss), "{}: the loss became {} at epoch {} step {} (lower --lr)", what, st.loss,
-                    epoch, steps);
+      StepStats st;
+      if (!distributed) {
+        st = engine->step(net->forward(x), ids, grad);
+      } else {
+#ifdef MEMBANK_WITH_MPI
+        x_mine = x.middleRows(mine.begin, mine.size);
+        const RowMatrixf& z = net->forward(x_mine);
+        st = collective([&] { return dist->step(z, ids_mine, grad); });
+        wire_bytes += dist->last_wire().bytes_sent;
+#endif
+      }
+      // (the loss is the global batch's, the same on every rank: every rank stops here together)
+      if (!std::isfinite(st.loss))
+        collective([&] {
+          MEMBANK_THROW("{}: the loss became {} at epoch {} step {} (lower --lr)", what, st.loss, epoch, steps);
+        });
       loss_sum += st.loss;
       net->backward(grad);
+#ifdef MEMBANK_WITH_MPI
+      if (distributed) {  // the global batch's gradient: the ranks' sums over their rows, summed in rank order
+        auto params = net->parameters();
+        grads.clear();
+        for (auto& [p, g] : params) grads.insert(grads.end(), g->data(), g->data() + g->size());
+        wire_bytes += allreduce_sum_rank_order(MPI_COMM_WORLD, grads.data(), grads.size(), scratch);
+        std::size_t at = 0;
+        for (auto& [p, g] : params) {
+          std::copy_n(grads.data() + at, g->size(), g->data());
+          at += static_cast<std::size_t>(g->size());
+        }
+        ++wire_steps;
+      }
+#endif
       net->sgd(lr, 0.9f, o.weight_decay);
       ++steps;
-      if (steps % 10 == 0 || steps == total) progress(what, epoch, steps, total, loss_sum / static_cast<double>(steps));
+      if (root && (steps % 10 == 0 || steps == total))
+        progress(what, epoch, steps, total, loss_sum / static_cast<double>(steps));
     }
+    // The kNN against the whole bank: distributed runs gather it on rank 0 (fp32 rows).
+    RowMatrixf gathered;
+#ifdef MEMBANK_WITH_MPI
+    if (distributed) collective([&] { gathered = dist->gather_bank(0); });
+#endif
+    if (!root) continue;
+    const BankView bank = distributed ? BankView{gathered.data(), gathered.rows(), gathered.cols(), gathered.cols(),
+                                                 DType::float32}
+                                      : engine->bank().view();
     const RowMatrixf test_features = encode(*net, d.test.images);
-    const KnnResult r = knn_evaluate(engine->bank().view(), d.train.labels, test_features, d.test.labels,
-                                     KnnOptions{200, o.tau});
+    const KnnResult r = knn_evaluate(bank, d.train.labels, test_features, d.test.labels, KnnOptions{200, o.tau});
     std::optional<KnnResult> fresh;  // the same kNN against freshly encoded training images
     if (o.fresh_knn) fresh = knn_of(encode(*net, d.train.images), test_features, d, o.tau);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
@@ -285,14 +367,44 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
                    100 * fresh->nn1);
     }
   }
+#ifdef MEMBANK_WITH_MPI
+  // The final bank with the training labels, as one process writes it: a shard set (sharded) or one
+  // file from rank 0 (replicated), membank/distributed_snapshot.hpp.
+  if (distributed && !o.snapshot.empty()) {
+    const std::vector<std::int64_t> labels64(d.train.labels.begin(), d.train.labels.end());
+    collective([&] {
+      dist->set_labels(labels64);
+      save_distributed_snapshot(o.snapshot, *dist);
+    });
+    if (!quiet) fmt::print("bank written to {} (membank snapshot inspect {})\n", o.snapshot, o.snapshot);
+  }
+#endif
   engine_out = std::move(engine);
-  return with_knn({{"objective", o.objective},
-                   {"k", o.objective == "full" ? nlohmann::json(nullptr) : nlohmann::json(o.k)},
-                   {"encoder", net->describe()},
-                   {"bank_dtype", o.bank_dtype},
-                   {"rounding", o.rounding},
-                   {"epochs", epochs}},
-                  last);
+  nlohmann::json result = with_knn({{"objective", o.objective},
+                                    {"k", o.objective == "full" ? nlohmann::json(nullptr) : nlohmann::json(o.k)},
+                                    {"encoder", net->describe()},
+                                    {"bank_dtype", o.bank_dtype},
+                                    {"rounding", o.rounding},
+                                    {"batch", o.batch},
+                                    {"seed", o.seed},
+                                    {"epochs", epochs}},
+                                   last);
+  result["distributed"] = distributed ? nlohmann::json(where.mode) : nlohmann::json(nullptr);
+  result["ranks"] = where.ranks;
+  if (distributed) {
+    // rank 0's bytes sent per step (engine and gradient all-reduce); every rank's, in rank order
+    const double mine_per_step = wire_steps ? static_cast<double>(wire_bytes) / static_cast<double>(wire_steps) : 0.0;
+    std::vector<double> per_rank(static_cast<std::size_t>(where.ranks));
+#ifdef MEMBANK_WITH_MPI
+    collective([&] {
+      MPI_Gather(&mine_per_step, 1, MPI_DOUBLE, per_rank.data(), 1, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    });
+#endif
+    result["wire_bytes_per_step_per_rank"] = per_rank;
+    result["gradient_allreduce"] = "rank order (MPI_Alltoallv of blocks, sums in rank order, MPI_Allgatherv)";
+    result["batch_per_rank"] = mine.size;
+  }
+  return result;
 }
 
 /// Features that need no training, measured by the same kNN: raw pixels in [0, 1], pixels with the
@@ -415,7 +527,43 @@ void run_compare(const TrainOptions& o, const Data& d) {
   if (o.json) fmt::print("{}\n", all.dump());
 }
 
-void run_train(const TrainOptions& o) {
+/// --distributed: the run under MPI, rank 0 printing and writing.
+void run_train_distributed(const TrainOptions& o, const Data& d) {
+#ifdef MEMBANK_WITH_MPI
+  run_with_mpi([&](int rank, int ranks) {
+    collective([&] {  // (the same on every rank)
+      MEMBANK_CHECK(o.batch >= ranks, "--batch {} with {} ranks: expected a global batch of at least one image per rank",
+                    o.batch, ranks);
+      MEMBANK_CHECK(d.train.images.rows() >= ranks, "--train-images {}: fewer images than the {} ranks",
+                    d.train.images.rows(), ranks);
+    });
+    const bool root = rank == 0;
+    if (!o.json && root) {
+      print_header(o, d.train.images.rows());
+      fmt::print("distributed: {} bank over {} ranks, global batch {} ({} to {} images per rank), encoder gradients "
+                 "summed in rank order\n", o.distributed, ranks, o.batch, o.batch / ranks,
+                 (o.batch + ranks - 1) / ranks);
+    }
+    std::unique_ptr<Engine> unused;
+    const nlohmann::json result = train_run(o, d, unused, o.json, RankInfo{rank, ranks, o.distributed});
+    if (!root) return;
+    write_json(o, result);
+    if (o.json) fmt::print("{}\n", result.dump());
+  });
+#else
+  (void)o;
+  (void)d;
+  MEMBANK_THROW("--distributed: {}", no_mpi_message());
+#endif
+}
+
+void run_train(TrainOptions o, bool snapshot_given) {
+  if (!o.distributed.empty()) {
+    MEMBANK_CHECK(kBuiltWithMpi, "--distributed: {}", no_mpi_message());
+    MEMBANK_CHECK(!o.compare, "--compare with --distributed: expected one of them (the comparison table runs in one "
+                  "process)");
+  }
+  (void)snapshot_given;
   apply_threads(o.threads);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // one line per epoch, also into a file or a pipe
   Data d{load_split(o.data, "train"), load_split(o.data, "t10k")};
@@ -439,6 +587,10 @@ void run_train(const TrainOptions& o) {
   if (!o.out.empty()) require_output_space("--out", o.out, 1e6);
   if (o.compare) {
     run_compare(o, d);
+    return;
+  }
+  if (!o.distributed.empty()) {
+    run_train_distributed(o, d);
     return;
   }
   if (!o.json) print_header(o, d.train.images.rows());
@@ -561,7 +713,16 @@ void add_train(CLI::App& app) {
                 "momentum-averaged features of augmented views from across the epoch)");
   cmd->add_option("--out", o->out, "also write the JSON result to this file")->check(output_file());
   cmd->add_flag("--json", o->json, "print one JSON object at the end instead of text");
-  cmd->callback(command([o] { run_train(*o); }));
+  cmd->add_option("--distributed", o->distributed,
+                  "data-parallel training under mpirun (mpirun -np R membank train --distributed sharded): the bank "
+                  "replicated on every rank or sharded over the ranks (DistributedEngine); --batch is the global "
+                  "batch, split over the ranks in rank order, so every R sees the single-process run's batches; the "
+                  "encoder's gradients are summed over the ranks in rank order (identical on every rank; not bit-"
+                  "identical to one process, whose sums run in another order); rank 0 prints and writes --out. "
+                  "--snapshot writes a shard set (sharded) or one file (replicated). Not with --compare. Needs a build with "
+                  "MPI")
+      ->check(distributed_mode());
+  cmd->callback(command([o, cmd] { run_train(*o, cmd->count("--snapshot") > 0); }));
 }
 
 }  // namespace membank::tools
