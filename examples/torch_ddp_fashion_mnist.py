@@ -99,15 +99,8 @@ def main():
     init_process_group(comm)
     torch.set_num_threads(a.threads)
     membank.set_num_threads(a.threads)
-    x_train, y_train = single.load(a.data, "train")
-    x_test, y_test = single.load(a.data, "test")
-    if a.limit:
-        x_train, y_train = x_train[:a.limit], y_train[:a.limit]
-        x_test, y_test = x_test[:max(a.limit // 6, 100)], y_test[:max(a.limit // 6, 100)]
+    x_train, y_train, x_test, y_test = single.load_splits(a, ap)
     ndata = len(x_train)
-    if ndata < max(a.batch, 200):
-        ap.error(f"--limit {a.limit}: the kNN (k = 200) and one batch of {a.batch} need at least "
-                 f"max(200, batch) training images")
     train_labels, test_labels = y_train.numpy(), y_test.numpy()
 
     t_start = time.time()

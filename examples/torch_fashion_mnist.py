@@ -153,6 +153,22 @@ def knn(bank, bank_labels, queries, query_labels, tau):
     return membank.knn_evaluate(bank, bank_labels, queries, query_labels, k=200, sigma=tau)
 
 
+
+def load_splits(a, ap):
+    """The training and test images and labels under --data, cut to --limit (a sixth as many test
+    images, at least 100); an error through the argument parser when the kNN (k = 200) or one batch
+    would have too few training images."""
+    x_train, y_train = load(a.data, "train")
+    x_test, y_test = load(a.data, "test")
+    if a.limit:
+        x_train, y_train = x_train[:a.limit], y_train[:a.limit]
+        x_test, y_test = x_test[:max(a.limit // 6, 100)], y_test[:max(a.limit // 6, 100)]
+    if len(x_train) < max(a.batch, 200):
+        ap.error(f"--limit {a.limit}: the kNN (k = 200) and one batch of {a.batch} need at least "
+                 f"max(200, batch) training images")
+    return x_train, y_train, x_test, y_test
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
@@ -197,15 +213,8 @@ def main():
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     membank.set_num_threads(a.threads)
-    x_train, y_train = load(a.data, "train")
-    x_test, y_test = load(a.data, "test")
-    if a.limit:
-        x_train, y_train = x_train[:a.limit], y_train[:a.limit]
-        x_test, y_test = x_test[:max(a.limit // 6, 100)], y_test[:max(a.limit // 6, 100)]
+    x_train, y_train, x_test, y_test = load_splits(a, ap)
     ndata = len(x_train)
-    if ndata < max(a.batch, 200):
-        ap.error(f"--limit {a.limit}: the kNN (k = 200) and one batch of {a.batch} need at least "
-                 f"max(200, batch) training images")
     train_labels, test_labels = y_train.numpy(), y_test.numpy()
 
     t_start = time.time()

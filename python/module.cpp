@@ -22,10 +22,13 @@
 // distributed engine over an mpi4py communicator (its C handle read at run time through
 // MPI._handleof: no build dependency on mpi4py). Every collective call first agrees, over a duplicate
 // of the caller's communicator, on whether each rank's arguments converted: a refused argument raises
-// on every rank instead of leaving the others waiting in the engine's collectives.
+// on every rank instead of leaving the others waiting in the engine's collectives. Snapshots of a
+// DistributedEngine (save_snapshot(path, dist), load_snapshot(path, comm=...)) are collective too, and
+// also agree that every rank passed the same path and options.
 #include <membank/bank.hpp>
 #ifdef MEMBANK_PYTHON_MPI
 #include <membank/distributed.hpp>
+#include <membank/distributed_snapshot.hpp>
 #endif
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
@@ -74,6 +77,22 @@ std::string strides_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+/// A file path argument: a str (or bytes), as a std::string; TypeError otherwise.
+std::string path_arg(py::handle path, const char* who) {
+  if (!py::isinstance<py::str>(path) && !py::isinstance<py::bytes>(path))
+    throw py::type_error(fmt::format("{}: path must be a str; got {}", who, type_name(path)));
+  return path.cast<std::string>();
+}
+
+/// An int argument (an int or anything with __index__); TypeError otherwise.
+int int_arg(py::handle value, const char* who, const char* name) {
+  try {
+    return value.cast<int>();
+  } catch (py::cast_error&) {
+    throw py::type_error(fmt::format("{}: {} must be an int; got {}", who, name, type_name(value)));
+  }
+}
 
 py::array require_ndarray(py::handle obj, const char* arg, const char* want) {
   if (!py::isinstance<py::array>(obj)) {
@@ -778,6 +797,79 @@ py::tuple dist_step(PyDistEngine& pd, const char* who, py::object out, Convert&&
   return step_result(st, *g);
 }
 
+/// Collective over `comm`: rank 0's `value` is broadcast and compared with every rank's; a rank whose
+/// value differs raises membank.Error naming both, the others membank.Error naming that rank
+/// (all_ranks_agree). For arguments a collective call needs the same on every rank (a snapshot's path).
+void all_ranks_same(MPI_Comm comm, const char* who, const char* name, const std::string& value) {
+  std::string root = value;
+  {
+    py::gil_scoped_release nogil;
+    int size = static_cast<int>(std::min<std::size_t>(root.size(), INT_MAX));
+    MPI_Bcast(&size, 1, MPI_INT, 0, comm);
+    root.resize(static_cast<std::size_t>(size));
+    MPI_Bcast(root.data(), size, MPI_CHAR, 0, comm);
+  }
+  all_ranks_agree(comm, who, [&] {
+    if (value != root)
+      throw Error(fmt::format("{}: {} = {} on this rank but {} on rank 0: a collective call takes the same {} on "
+                              "every rank", who, name, value, root, name));
+  });
+}
+
+/// Collective (save_snapshot of a DistributedEngine): the arguments converted and agreed on by every
+/// rank (the same path and deflate level everywhere), then save_distributed_snapshot.
+void save_distributed(py::handle path, PyDistEngine& pd, py::handle deflate_level, py::handle labels) {
+  constexpr const char* who = "save_snapshot(path, DistributedEngine)";
+  std::string p;
+  SnapshotOptions options;
+  all_ranks_agree(pd.guard, who, [&] {
+    p = path_arg(path, who);
+    options.deflate_level = int_arg(deflate_level, who, "deflate_level");
+    if (!labels.is_none())
+      throw Error(fmt::format("{}: labels= is for an Engine; a DistributedEngine saves the labels it holds "
+                              "(engine.labels): set them with engine.set_labels(labels) (collective) and drop labels=",
+                              who));
+  });
+  all_ranks_same(pd.guard, who, "path", p);
+  all_ranks_same(pd.guard, who, "deflate_level", std::to_string(options.deflate_level));
+  py::gil_scoped_release nogil;
+  std::lock_guard hl(hdf5_mutex());
+  std::lock_guard lk(pd.mu);
+  save_distributed_snapshot(p, *pd.engine, options);
+}
+
+/// Collective (load_snapshot(path, comm=...)): the arguments converted and agreed on by every rank,
+/// then load_distributed_snapshot over the caller's communicator.
+std::shared_ptr<PyDistEngine> load_distributed(py::handle path, py::handle comm, py::handle distributed) {
+  constexpr const char* who = "load_snapshot(path, comm=...)";
+  const MPI_Comm caller = comm_arg(comm);
+  auto pd = std::make_shared<PyDistEngine>();
+  {
+    py::gil_scoped_release nogil;
+    if (MPI_Comm_dup(caller, &pd->guard) != MPI_SUCCESS) throw Error(fmt::format("{}: MPI_Comm_dup failed", who));
+  }
+  MPI_Comm_rank(pd->guard, &pd->rank);
+  std::string p;
+  Distributed mode = Distributed::replicated;
+  all_ranks_agree(pd->guard, who, [&] {
+    p = path_arg(path, who);
+    if (!distributed.is_none()) {
+      if (!py::isinstance<py::str>(distributed))
+        throw py::type_error(fmt::format("{}: distributed must be 'replicated' or 'sharded'; got {}", who,
+                                         type_name(distributed)));
+      mode = distributed_from_string(distributed.cast<std::string>());
+    }
+  });
+  all_ranks_same(pd->guard, who, "path", p);
+  all_ranks_same(pd->guard, who, "distributed", to_string(mode));
+  {
+    py::gil_scoped_release nogil;
+    std::lock_guard hl(hdf5_mutex());
+    pd->engine = std::make_unique<DistributedEngine>(load_distributed_snapshot(p, caller, mode));
+  }
+  return pd;
+}
+
 [[noreturn]] void not_distributed(const char* what, const char* instead) {
   throw Error(fmt::format("DistributedEngine.{} is not available: {}", what, instead));
 }
@@ -1106,8 +1198,9 @@ distributed: 'replicated' (every rank holds all N rows) or 'sharded' (rank r hol
 engine.rows = shard_rows(N, R, r)). Collective calls (marked) must be made by every rank, in the same
 order; an argument refused on one rank raises on every rank (membank.Error naming it) and changes
 nothing. Supported: step, step_with_negatives, set_labels, restore_state, gather_bank,
-gather_last_update, and the accessors; not available (membank.Error): evaluate, sample, update,
-prefetch, bank (use local_bank or gather_bank), snapshots.)doc")
+gather_last_update, the accessors, and snapshots (membank.save_snapshot(path, engine) and
+membank.load_snapshot(path, comm=..., distributed=...), collective); not available (membank.Error):
+evaluate, sample, update, prefetch, bank (use local_bank or gather_bank).)doc")
       .def(py::init(&make_distributed_from_bank), py::arg("bank"), py::arg("sampler") = py::none(), py::kw_only(),
            py::arg("comm"), py::arg("distributed") = "replicated", py::arg("labels") = py::none(),
            "Collective. bank: a membank.Bank with all N rows, the same on every rank (replicated: checked; the "
@@ -1364,27 +1457,50 @@ prefetch, bank (use local_bank or gather_bank), snapshots.)doc")
         py::arg("path"), py::arg("engine"), py::arg("deflate_level") = 0, py::arg("labels") = py::none(),
         "Save the whole engine state to an HDF5 file, atomically (snapshot.hpp).");
 #ifdef MEMBANK_PYTHON_MPI
-  m.def("save_snapshot",
-        [](const std::string&, const PyDistEngine&, int, py::object) {
-          throw Error("save_snapshot(engine): a DistributedEngine has no snapshot format (yet): gather the rows with "
-                      "engine.gather_bank(root) and save them, or Bank.from_array them into an Engine on that rank");
-        },
-        py::arg("path"), py::arg("engine"), py::arg("deflate_level") = 0, py::arg("labels") = py::none());
+  m.def("save_snapshot", &save_distributed, py::arg("path"), py::arg("engine"), py::arg("deflate_level") = 0,
+        py::arg("labels") = py::none(),
+        "Collective: every rank of a DistributedEngine calls it, with the same path and deflate_level. Sharded: a "
+        "shard set (a shard file per rank next to `path`, and the master `path`, whose virtual datasets bank, "
+        "last_update and labels h5py reads as whole arrays); replicated: one ordinary snapshot written by rank 0. "
+        "Atomic as a set; the engine's own labels are saved (labels= is refused: use engine.set_labels). Any "
+        "rank count, in either mode, loads it (load_snapshot(path, comm=...)), and so does load_snapshot(path) in "
+        "one process. An error on any rank raises membank.Error on every rank (distributed_snapshot.hpp).");
 #endif
   m.def("load_snapshot",
-        [](const std::string& path, bool return_labels) -> py::object {
-          auto pe = std::make_shared<PyEngine>();
-          std::vector<std::int64_t> labels;
-          {
-            py::gil_scoped_release nogil;
-            std::lock_guard hl(hdf5_mutex());
-            pe->engine = std::make_unique<Engine>(load_snapshot(path, return_labels ? &labels : nullptr));
+        [](py::handle path, bool return_labels, py::object comm, py::object distributed) -> py::object {
+          if (comm.is_none()) {
+            if (!distributed.is_none())
+              throw Error(fmt::format("load_snapshot(distributed = {}): needs comm=, the mpi4py communicator of the "
+                                      "ranks (e.g. mpi4py.MPI.COMM_WORLD)", std::string(py::repr(distributed))));
+            const std::string p = path_arg(path, "load_snapshot");
+            auto pe = std::make_shared<PyEngine>();
+            std::vector<std::int64_t> labels;
+            {
+              py::gil_scoped_release nogil;
+              std::lock_guard hl(hdf5_mutex());
+              pe->engine = std::make_unique<Engine>(load_snapshot(p, return_labels ? &labels : nullptr));
+            }
+            if (!return_labels) return py::cast(pe);
+            return py::make_tuple(pe, labels.empty() ? py::object(py::none()) : py::object(to_numpy(std::move(labels))));
           }
-          if (!return_labels) return py::cast(pe);
-          return py::make_tuple(pe, labels.empty() ? py::object(py::none()) : py::object(to_numpy(std::move(labels))));
+#ifdef MEMBANK_PYTHON_MPI
+          auto pd = load_distributed(path, comm, distributed);
+          if (!return_labels) return py::cast(pd);
+          std::vector<std::int64_t> labels = pd->engine->labels();
+          return py::make_tuple(pd, labels.empty() ? py::object(py::none()) : py::object(to_numpy(std::move(labels))));
+#else
+          throw Error("load_snapshot(comm=...): this membank was built without MPI (MEMBANK_MPI=OFF, or MPI not "
+                      "found at configure time), so there is no DistributedEngine: install libopenmpi-dev and "
+                      "python3-mpi4py, reconfigure, and rebuild");
+#endif
         },
-        py::arg("path"), py::arg("return_labels") = false,
-        "An Engine that continues exactly where the saved one stopped; with return_labels, (engine, labels or None).");
+        py::arg("path"), py::arg("return_labels") = false, py::kw_only(), py::arg("comm") = py::none(),
+        py::arg("distributed") = py::none(),
+        "An Engine that continues exactly where the saved one stopped; with return_labels, (engine, labels or None). "
+        "A snapshot file, or the master of a shard set (a sharded DistributedEngine's snapshot). With comm= (an "
+        "mpi4py communicator; collective, the same path on every rank): a membank.DistributedEngine over its ranks "
+        "in mode distributed ('replicated', the default, or 'sharded'), from a shard set saved by any number of "
+        "ranks or a single file; an error on any rank raises membank.Error on every rank.");
   m.def("read_snapshot_info", [](const std::string& path) {
           SnapshotInfo i;
           {

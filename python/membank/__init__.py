@@ -28,6 +28,8 @@ communicator, each rank passing its slice of the global batch::
     loss, grad, stats = engine.step(my_features, my_ids)  # grad: this rank's rows of dL/df of the global mean
 
 ``DistributedEngine.seeded(n, dim, seed, comm=..., distributed="sharded")`` builds only this rank's rows.
+``save_snapshot(path, engine)`` with a DistributedEngine and ``load_snapshot(path, comm=...,
+distributed=...)`` are collective (a sharded engine writes a shard set: any rank count loads it).
 """
 from ._membank import (  # noqa: F401
     AliasSampler,

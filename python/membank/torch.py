@@ -281,8 +281,9 @@ class MemoryBankLoss(nn.Module):
     returns the global loss. grad_scale: the factor of the gradient backward returns -- None: R, the
     number of ranks, for a DistributedEngine (DDP averages the ranks' parameter gradients: R x this
     rank's rows of dL/df, averaged over R ranks, is the single-process gradient), 1 for an Engine.
-    ``memory`` is the bank only where the rank holds all rows (replicated); prefetch, snapshots and
-    evaluation without gradients are not available with a DistributedEngine (membank.Error).
+    ``memory`` is the bank only where the rank holds all rows (replicated); prefetch and evaluation
+    without gradients are not available with a DistributedEngine (membank.Error). Snapshots are
+    collective with one: every rank calls save_snapshot, and from_snapshot(path, comm=, distributed=).
     """
 
     def __init__(self, n: int, dim: int, k: int = 4096, tau: float = 0.07, momentum: float = 0.5,
@@ -324,11 +325,14 @@ class MemoryBankLoss(nn.Module):
         self.last_stats = None
 
     @classmethod
-    def from_snapshot(cls, path: str):
-        """A module continuing the run saved by save_snapshot (bank, Z, step counter, configuration)."""
-        engine = _membank.load_snapshot(path)
+    def from_snapshot(cls, path: str, *, comm=None, distributed=None, grad_scale: Optional[float] = None):
+        """A module continuing the run saved by save_snapshot (bank, Z, step counter, configuration). With
+        comm= (collective): over a membank.DistributedEngine in mode distributed ('replicated' | 'sharded'),
+        from a snapshot saved by any number of ranks."""
+        engine = _membank.load_snapshot(path, comm=comm, distributed=distributed)
         c = engine.config
-        return cls(engine.bank.n, engine.bank.dim, c["k"], c["tau"], c["momentum"], engine=engine)
+        n, dim = (engine.n, engine.dim) if _is_distributed(engine) else (engine.bank.n, engine.bank.dim)
+        return cls(n, dim, c["k"], c["tau"], c["momentum"], engine=engine, grad_scale=grad_scale)
 
     def save_snapshot(self, path: str, labels=None, deflate_level: int = 0):
         _membank.save_snapshot(path, self.engine, deflate_level=deflate_level, labels=labels)

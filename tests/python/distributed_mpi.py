@@ -19,33 +19,10 @@ Exits 77 (skipped) without mpi4py, torch, or a membank built with MPI."""
 import copy
 import os
 import socket
-import sys
-import traceback
 
 import numpy as np
 
-try:
-    from mpi4py import MPI
-except ImportError:
-    print("SKIPPED: mpi4py is not installed (apt-get install python3-mpi4py)")
-    sys.exit(77)
-
-import membank as mb  # noqa: E402
-
-if not mb.has_mpi:
-    print("SKIPPED: membank was built without MPI (MEMBANK_MPI=OFF)")
-    sys.exit(77)
-
-comm = MPI.COMM_WORLD
-R, RANK = comm.size, comm.rank
-checks = 0
-
-
-def check(ok, what):
-    global checks
-    checks += 1
-    if not ok:
-        raise AssertionError(f"[rank {RANK} of {R}] {what}")
+from mpi_harness import R, RANK, check, comm, mb, run, total_checks  # noqa: E402  (skips without MPI)
 
 
 def rel(a, b):
@@ -309,15 +286,10 @@ def main():
         comm.Barrier()
         if RANK == 0:
             print(f"{t.__name__}: ok", flush=True)
-    total = comm.allreduce(checks)
+    total = total_checks()
     if RANK == 0:
         print(f"ok: {total} checks on {R} ranks")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:  # noqa: B902 -- any failure ends every rank, never a hang
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+    run(main)

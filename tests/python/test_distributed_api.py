@@ -121,10 +121,48 @@ class TestDistributedEngine(unittest.TestCase):
                 getattr(dist, call)(*args)
         with self.assertRaisesRegex(mb.Error, "local_bank"):
             dist.bank
-        with self.assertRaisesRegex(mb.Error, "gather_bank"):
+        with self.assertRaisesRegex(mb.Error, "/nonexistent"):
             mb.save_snapshot("/nonexistent/x.h5", dist)
+        with self.assertRaisesRegex(mb.Error, "set_labels"):
+            mb.save_snapshot("/nonexistent/x.h5", dist, labels=np.arange(self.N))
+        with self.assertRaisesRegex(TypeError, "path must be a str"):
+            mb.save_snapshot(3, dist)
+        with self.assertRaisesRegex(mb.Error, "/nonexistent"):
+            mb.load_snapshot("/nonexistent/x.h5", comm=MPI.COMM_WORLD, distributed="sharded")
+        with self.assertRaisesRegex(mb.Error, "bogus"):
+            mb.load_snapshot("/nonexistent/x.h5", comm=MPI.COMM_WORLD, distributed="bogus")
+        with self.assertRaisesRegex(TypeError, "mpi4py communicator"):
+            mb.load_snapshot("/nonexistent/x.h5", comm=3)
         with self.assertRaisesRegex(mb.Error, "only its step refreshes rows"):
             dist.local_bank.update(ids, f)
+
+    def test_snapshot_round_trip(self):
+        """save_snapshot / load_snapshot(comm=) at R = 1: the loaded engine continues as the saved one, in
+        either mode; load_snapshot(path) without comm= is an Engine holding the same state."""
+        import os
+        import tempfile
+        rng = np.random.default_rng(3)
+        batches = [(unit_rows(rng, 5, self.D), rng.integers(0, self.N, 5)) for _ in range(4)]
+        with tempfile.TemporaryDirectory() as d:
+            for saved in ("sharded", "replicated"):
+                _, dist = self.engines(saved, objective="infonce", labels=np.arange(self.N) % 3)
+                for f, ids in batches[:2]:
+                    dist.step(f, ids)
+                path = os.path.join(d, saved + ".h5")
+                mb.save_snapshot(path, dist, deflate_level=1)
+                expected = [dist.step(f, ids)[0] for f, ids in batches[2:]]
+                one = mb.load_snapshot(path)
+                self.assertIs(type(one), mb.Engine)
+                self.assertEqual(one.steps_done, 2)
+                for mode in ("sharded", "replicated", None):
+                    loaded, labels = mb.load_snapshot(path, True, comm=MPI.COMM_WORLD, distributed=mode)
+                    self.assertIsInstance(loaded, mb.DistributedEngine)
+                    self.assertEqual((loaded.mode, loaded.steps_done), (mode or "replicated", 2))
+                    np.testing.assert_array_equal(labels, np.arange(self.N) % 3)
+                    self.assertEqual([loaded.step(f, ids)[0] for f, ids in batches[2:]], expected)
+                    np.testing.assert_array_equal(loaded.gather_bank(), dist.gather_bank())
+        with self.assertRaisesRegex(mb.Error, "needs comm="):
+            mb.load_snapshot("x.h5", distributed="sharded")
 
     def test_seeded_is_the_seeded_bank(self):
         for dtype in ("float32", "float16"):
