@@ -456,30 +456,9 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       MEMBANK_CHECK(std::isfinite(log_py[b]), "ids[{}] = {} has P_n = 0 under the {} sampler: expected positives "
                     "with a non-zero noise weight", b, ids[b], to_string(sampler_->kind()));
     if (!negatives) return;
-    const NegativesRef& neg = *negatives;
-    const index_t want_rows = shared ? 1 : batch;
-    MEMBANK_CHECK(neg.rows() == want_rows && neg.cols() >= 1, "negatives has shape {} x {}: expected {} x K with K "
-                  ">= 1 ({} negatives)", neg.rows(), neg.cols(), want_rows, to_string(config_.negatives));
-    neg_local = neg;
-    std::vector<float> log_pn(static_cast<std::size_t>(neg.cols()));
-    for (index_t i = 0; i < neg.rows(); ++i) {
-      for (index_t j = 0; j < neg.cols(); ++j) {
-        const index_t v = neg(i, j);
-        MEMBANK_CHECK(v >= 0 && v < n_, "negatives({}, {}) = {} is out of range: expected 0 <= id < N = {}", i, j, v,
-                      n_);
-        MEMBANK_CHECK(!config_.exclude_positive || shared || v != ids[static_cast<std::size_t>(i)],
-                      "negatives({}, {}) = {} equals its query's positive, with exclude_positive set", i, j, v);
-        MEMBANK_CHECK(!config_.exclude_same_label || shared ||
-                          classes_[static_cast<std::size_t>(v)] !=
-                              classes_[static_cast<std::size_t>(ids[static_cast<std::size_t>(i)])],
-                      "negatives({}, {}) = {} has its query's label {}, with exclude_same_label set", i, j, v,
-                      labels_[static_cast<std::size_t>(v)]);
-      }
-      sampler_->lookup(std::span<const index_t>(neg_local.row(i).data(), log_pn.size()), log_pn);
-      for (index_t j = 0; j < neg.cols(); ++j)
-        MEMBANK_CHECK(std::isfinite(log_pn[static_cast<std::size_t>(j)]), "negatives({}, {}) = {} has P_n = 0 under "
-                      "the {} sampler: expected ids the sampler can draw", i, j, neg(i, j), to_string(sampler_->kind()));
-    }
+    // The batch-level check of shared negatives (no id of the global batch) runs after the all-gather.
+    detail::check_negatives(*negatives, ids, {}, n_, config_, classes_, labels_, *sampler_);
+    neg_local = *negatives;
   });
 
   // ---- 2. the global batch

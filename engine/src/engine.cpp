@@ -279,38 +279,8 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
 
   const bool full = config_.objective == Objective::full_softmax;
   const bool shared = config_.negatives == NegativesMode::shared;
-  if (negatives && !full && !own_draws) {
-    const index_t want_rows = shared ? 1 : batch;
-    MEMBANK_CHECK(negatives->rows() == want_rows && negatives->cols() >= 1,
-                  "negatives has shape {} x {}: expected {} x K with K >= 1 ({} negatives)", negatives->rows(),
-                  negatives->cols(), want_rows, to_string(config_.negatives));
-    for (index_t i = 0; i < negatives->rows(); ++i)
-      for (index_t j = 0; j < negatives->cols(); ++j) {
-        const index_t v = (*negatives)(i, j);
-        MEMBANK_CHECK(v >= 0 && v < bank_.size(), "negatives({}, {}) = {} is out of range: expected 0 <= id < N = {}",
-                      i, j, v, bank_.size());
-        MEMBANK_CHECK(!config_.exclude_positive || shared || v != ids[static_cast<std::size_t>(i)],
-                      "negatives({}, {}) = {} equals its query's positive, with exclude_positive set", i, j, v);
-        MEMBANK_CHECK(!config_.exclude_same_label || shared ||
-                          classes_[static_cast<std::size_t>(v)] !=
-                              classes_[static_cast<std::size_t>(ids[static_cast<std::size_t>(i)])],
-                      "negatives({}, {}) = {} has its query's label {}, with exclude_same_label set", i, j, v,
-                      labels_[static_cast<std::size_t>(v)]);
-        MEMBANK_CHECK(!config_.exclude_positive || config_.exclude_same_label || !shared ||
-                          std::find(ids.begin(), ids.end(), v) == ids.end(),
-                      "negatives(0, {}) = {} is an id of the batch, with exclude_positive set (shared negatives "
-                      "exclude every positive of the batch)", j, v);
-      }
-    // A noise sample the sampler can never draw (P_n = 0) has no NCE term: refuse it.
-    std::vector<float> log_pn(static_cast<std::size_t>(negatives->cols()));
-    for (index_t i = 0; i < negatives->rows(); ++i) {
-      sampler_->lookup(std::span<const index_t>(negatives->row(i).data(), log_pn.size()), log_pn);
-      for (index_t j = 0; j < negatives->cols(); ++j)
-        MEMBANK_CHECK(std::isfinite(log_pn[static_cast<std::size_t>(j)]),
-                      "negatives({}, {}) = {} has P_n = 0 under the {} sampler: expected ids the sampler can draw",
-                      i, j, (*negatives)(i, j), to_string(sampler_->kind()));
-    }
-  }
+  if (negatives && !full && !own_draws)
+    detail::check_negatives(*negatives, ids, ids, bank_.size(), config_, classes_, labels_, *sampler_);
 
   Computed result;
   StepStats& stats = result.stats;

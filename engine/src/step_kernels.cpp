@@ -340,6 +340,41 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   return params.log_z;
 }
 
+void check_negatives(const Eigen::Ref<const RowMatrixi, 0, Eigen::OuterStride<>>& negatives, IdsRef ids,
+                     IdsRef batch_ids, index_t n, const EngineConfig& config, const std::vector<std::int32_t>& classes,
+                     const std::vector<std::int64_t>& labels, const NoiseSampler& sampler) {
+  const bool shared = config.negatives == NegativesMode::shared;
+  const auto want_rows = shared ? index_t{1} : static_cast<index_t>(ids.size());
+  MEMBANK_CHECK(negatives.rows() == want_rows && negatives.cols() >= 1,
+                "negatives has shape {} x {}: expected {} x K with K >= 1 ({} negatives)", negatives.rows(),
+                negatives.cols(), want_rows, to_string(config.negatives));
+  for (index_t i = 0; i < negatives.rows(); ++i)
+    for (index_t j = 0; j < negatives.cols(); ++j) {
+      const index_t v = negatives(i, j);
+      MEMBANK_CHECK(v >= 0 && v < n, "negatives({}, {}) = {} is out of range: expected 0 <= id < N = {}", i, j, v, n);
+      MEMBANK_CHECK(!config.exclude_positive || shared || v != ids[static_cast<std::size_t>(i)],
+                    "negatives({}, {}) = {} equals its query's positive, with exclude_positive set", i, j, v);
+      MEMBANK_CHECK(!config.exclude_same_label || shared ||
+                        classes[static_cast<std::size_t>(v)] !=
+                            classes[static_cast<std::size_t>(ids[static_cast<std::size_t>(i)])],
+                    "negatives({}, {}) = {} has its query's label {}, with exclude_same_label set", i, j, v,
+                    labels[static_cast<std::size_t>(v)]);
+      MEMBANK_CHECK(!config.exclude_positive || config.exclude_same_label || !shared ||
+                        std::find(batch_ids.begin(), batch_ids.end(), v) == batch_ids.end(),
+                    "negatives(0, {}) = {} is an id of the batch, with exclude_positive set (shared negatives "
+                    "exclude every positive of the batch)", j, v);
+    }
+  // A noise sample the sampler can never draw (P_n = 0) has no NCE term: refuse it.
+  std::vector<float> log_pn(static_cast<std::size_t>(negatives.cols()));
+  for (index_t i = 0; i < negatives.rows(); ++i) {
+    sampler.lookup(std::span<const index_t>(negatives.row(i).data(), log_pn.size()), log_pn);
+    for (index_t j = 0; j < negatives.cols(); ++j)
+      MEMBANK_CHECK(std::isfinite(log_pn[static_cast<std::size_t>(j)]),
+                    "negatives({}, {}) = {} has P_n = 0 under the {} sampler: expected ids the sampler can draw", i, j,
+                    negatives(i, j), to_string(sampler.kind()));
+  }
+}
+
 void check_restored_state(const EngineConfig& config, const Partition& current, const Partition& next,
                           std::int64_t step) {
   MEMBANK_CHECK(next.policy == config.z_policy, "partition.policy = {}: expected the engine's {}",

@@ -85,6 +85,14 @@ QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y);
 /// otherwise (exclude_same_label masks each query's own label's draws instead).
 std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids);
 
+/// The checks of caller negatives (Engine::step_with_negatives) of a batch with these `ids`: shape
+/// (B x K per-sample, 1 x K shared; K >= 1), ids in [0, n), the exclusions (per-sample: not the
+/// query's positive, not its label; shared with exclude_positive: no id of `batch_ids`, which may be
+/// empty to skip that check), and P_n > 0. `classes` and `labels`: the engine's (empty without labels).
+void check_negatives(const Eigen::Ref<const RowMatrixi, 0, Eigen::OuterStride<>>& negatives, IdsRef ids,
+                     IdsRef batch_ids, index_t n, const EngineConfig& config, const std::vector<std::int32_t>& classes,
+                     const std::vector<std::int64_t>& labels, const NoiseSampler& sampler);
+
 /// The checks of Engine::restore_state: `next` and `step` may replace the state `current` of an engine
 /// with this config (the same policy, a finite log Z, step >= 0, the fixed policy's own Z).
 void check_restored_state(const EngineConfig& config, const Partition& current, const Partition& next,
