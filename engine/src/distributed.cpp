@@ -156,13 +156,10 @@ struct Draws {
   const float* lw_row(index_t i) const { return lw.data() + (shared ? 0 : (i - first) * k); }
 };
 
-/// Adds sum_t coef[t] v_{ids[t]} (local rows of `bank`) into out (D doubles): the dispatched kernel
-/// sums in fp32 (as the single-process kernels do) into tmp (D floats), which is then added.
+/// Adds sum_t coef[t] v_{ids[t]} (local rows of `bank`) into out (D doubles): the dispatched kernel.
 void add_rows(const BankView& bank, const kernels::Table& kt, const index_t* ids, const float* coef, index_t n,
-              double* out, float* tmp) {
-  std::fill_n(tmp, bank.dim, 0.0f);
-  kt.gather_axpy(bank.data, bank.dtype, bank.stride, bank.dim, ids, n, coef, tmp);
-  for (index_t d = 0; d < bank.dim; ++d) out[d] += tmp[d];
+              double* out) {
+  kt.gather_axpy(bank.data, bank.dtype, bank.stride, bank.dim, ids, n, coef, out);
 }
 
 /// Bytes of a step's buffers on this rank (docs/distributed.md, "Memory per rank"), for a global batch
@@ -217,7 +214,7 @@ struct DistributedEngine::Scratch {
   std::vector<float> own_val;         ///< their scores, then their coefficients
   std::vector<float> pos_val;         ///< sharded: scores of the owned positives, per global query
   RowMatrixf scores;                  ///< this rank's queries' K scores, then coefficients
-  std::vector<float> own_part;        ///< sharded: this rank's own queries' partial rows
+  std::vector<double> part;           ///< sharded: every query's partial row over the rows held
   std::vector<float> send, recv;      ///< flat exchange buffers
   std::vector<int> scount, rcount, rdispl;
 };
@@ -917,23 +914,14 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     // ---- 7. dL/df = c_pos v_y + sum_j (dL/ds_j) v_j
     if (!sharded) {
       g.check([&] {
-        detail::ExceptionCapture errors;
-#pragma omp parallel
-        {
-          std::vector<float> tmp;
-          errors.run([&] { tmp.resize(static_cast<std::size_t>(dim)); });
-#pragma omp for schedule(dynamic, 8)
-          for (index_t b = 0; b < batch; ++b) {
-            errors.run([&] {
-              const index_t i = first + b;
-              double* out = gsum.row(b).data();
-              const index_t y = gb.ids[static_cast<std::size_t>(i)];
-              add_rows(view, kt, &y, &c_pos[static_cast<std::size_t>(b)], 1, out, tmp.data());
-              add_rows(view, kt, dr.row(i), scores.row(b).data(), k, out, tmp.data());
-            });
-          }
+#pragma omp parallel for schedule(dynamic, 8)
+        for (index_t b = 0; b < batch; ++b) {
+          const index_t i = first + b;
+          double* out = gsum.row(b).data();
+          const index_t y = gb.ids[static_cast<std::size_t>(i)];
+          add_rows(view, kt, &y, &c_pos[static_cast<std::size_t>(b)], 1, out);
+          add_rows(view, kt, dr.row(i), scores.row(b).data(), k, out);
         }
-        errors.rethrow("the distributed step's gradient");
       }, &wire_.seconds_gradient);
     } else {
       // The coefficients back to the owners, in the order their scores came.
@@ -957,8 +945,8 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
               c_pos[static_cast<std::size_t>(b)];
       }, &wire_.seconds_objective);
       g.exchange(sc.send, sc.scount, sc.recv, sc.rcount, sc.rdispl);
-      // Each owner's partial rows of every query: its own queries' in own_part, the others' in the
-      // flat buffer to their ranks (fp32 on the wire).
+      // Each owner's partial rows of every query, summed in double: its own queries' kept, the
+      // others' rounded to fp32 into the flat buffer to their ranks.
       g.check([&] {
         std::vector<index_t> row_at(static_cast<std::size_t>(total));  // a query's row in its buffer
         sc.scount.assign(R, 0);
@@ -976,12 +964,8 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
             offset += (q1 - q0) * dim;
           }
         }
-        sc.send.assign(static_cast<std::size_t>(offset), 0.0f);
-        sc.own_part.assign(static_cast<std::size_t>(batch * dim), 0.0f);
-        const auto row_of = [&](index_t i) {
-          const bool mine_q = i >= first && i < first + batch;
-          return (mine_q ? sc.own_part.data() : sc.send.data()) + row_at[static_cast<std::size_t>(i)];
-        };
+        sc.part.assign(static_cast<std::size_t>(total * dim), 0.0);
+        const auto row_of = [&](index_t i) { return sc.part.data() + i * dim; };
         // The positives this rank owns (their coefficients follow the draws' in each rank's part).
         for (int h = 0; h < ranks_; ++h) {
           const index_t q0 = gb.offset[static_cast<std::size_t>(h)], q1 = gb.offset[static_cast<std::size_t>(h) + 1];
@@ -1000,11 +984,23 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
           kt.gather_axpy(view.data, view.dtype, view.stride, dim, own_local.data() + s0, s1 - s0, own_val.data() + s0,
                          row_of(i));
         }
+        sc.send.resize(static_cast<std::size_t>(offset));
+        for (index_t i = 0; i < total; ++i) {
+          if (i >= first && i < first + batch) continue;
+          const double* p = row_of(i);
+          float* out = sc.send.data() + row_at[static_cast<std::size_t>(i)];
+          for (index_t c = 0; c < dim; ++c) out[c] = static_cast<float>(p[c]);
+        }
       }, &wire_.seconds_gradient);
       g.exchange(sc.send, sc.scount, sc.recv, sc.rcount, sc.rdispl);
       for (int r = 0; r < ranks_; ++r) {  // in rank order
-        const float* p = r == rank_ ? sc.own_part.data() : sc.recv.data() + sc.rdispl[static_cast<std::size_t>(r)];
-        for (index_t e = 0; e < gsum.size(); ++e) gsum.data()[e] += p[e];
+        if (r == rank_) {
+          const double* p = sc.part.data() + first * dim;
+          for (index_t e = 0; e < gsum.size(); ++e) gsum.data()[e] += p[e];
+        } else {
+          const float* p = sc.recv.data() + sc.rdispl[static_cast<std::size_t>(r)];
+          for (index_t e = 0; e < gsum.size(); ++e) gsum.data()[e] += p[e];
+        }
       }
     }
   }

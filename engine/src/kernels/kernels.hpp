@@ -127,10 +127,11 @@ struct Table {
   void (*gather_dots)(const void* bank, DType t, idx stride, idx dim, const idx* ids, idx k, const float* f,
                       float* out);
 
-  /// acc[c] += sum_r coef[r] bank_row(ids[r])[c] for c < dim, r < k, in fp32, rows in order,
-  /// prefetching rows ahead as gather_dots does (the distributed step's sum of weighted rows).
+  /// acc[c] += sum_r coef[r] bank_row(ids[r])[c] for c < dim, r < k, in double, rows in order,
+  /// prefetching rows ahead as gather_dots does (the distributed step's sum of weighted rows: in
+  /// double, it stays within the single-process engine's own fp32 rounding of the same sum).
   void (*gather_axpy)(const void* bank, DType t, idx stride, idx dim, const idx* ids, idx k, const float* coef,
-                      float* acc);
+                      double* acc);
 
   /// dst[c] = src[c] widened to fp32 (exact), c < n; src of type t.
   void (*widen)(DType t, const void* src, float* dst, idx n);

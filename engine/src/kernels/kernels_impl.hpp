@@ -91,14 +91,19 @@ void k_gather_dots(const void* bank, DType t, idx stride, idx dim, const idx* id
 }
 
 void k_gather_axpy(const void* bank, DType t, idx stride, idx dim, const idx* ids, idx k, const float* coef,
-                   float* acc) {
+                   double* acc) {
   with_dtype(t, [&](auto tag) {
     using T = decltype(tag);
     const auto row = [=](idx r) { return static_cast<const T*>(bank) + ids[r] * stride; };
     prefetch_block(row, 0, k, dim);
     for (idx k0 = 0; k0 < k; k0 += kBlock) {
       prefetch_block(row, k0 + kBlock, k, dim);
-      for (idx r = k0; r < min_idx(k0 + kBlock, k); ++r) axpy(coef[r], row(r), acc, dim);
+      for (idx r = k0; r < min_idx(k0 + kBlock, k); ++r) {
+        const T* __restrict v = row(r);
+        const double c = coef[r];
+#pragma omp simd
+        for (idx d = 0; d < dim; ++d) acc[d] += c * static_cast<double>(widen(v[d]));
+      }
     }
   });
 }
