@@ -375,6 +375,7 @@ void DistributedEngine::restore_state(const Partition& partition, std::int64_t s
 }
 
 RowMatrixf DistributedEngine::gather_bank(int root) const {
+  MEMBANK_CHECK(root >= 0 && root < ranks_, "root = {}: expected a rank 0 <= root < {}", root, ranks_);
   const index_t dim = bank_.dim();
   RowMatrixf mine(bank_.size(), dim);
   bank_.view().widen_rows(0, bank_.size(), mine.data(), dim);
@@ -393,6 +394,7 @@ RowMatrixf DistributedEngine::gather_bank(int root) const {
 }
 
 std::vector<std::int64_t> DistributedEngine::gather_last_update(int root) const {
+  MEMBANK_CHECK(root >= 0 && root < ranks_, "root = {}: expected a rank 0 <= root < {}", root, ranks_);
   const std::vector<std::int64_t>& mine = bank_.last_update();
   if (mode_ == Distributed::replicated) return rank_ == root ? mine : std::vector<std::int64_t>();
   std::vector<int> cnt(static_cast<std::size_t>(ranks_)), displ(static_cast<std::size_t>(ranks_));

@@ -126,7 +126,8 @@ class DistributedEngine {
   const WireStats& last_wire() const { return wire_; }
 
   /// Collective. The whole bank as N x D fp32 rows (widened) on `root` (empty elsewhere): tests and
-  /// small banks.
+  /// small banks (N x D < 2^31; larger is one Error on every rank). Every rank passes the same root,
+  /// 0 <= root < R (Error otherwise).
   RowMatrixf gather_bank(int root = 0) const;
   /// Collective. Every row's last-update step, N of them, on `root` (empty elsewhere).
   std::vector<std::int64_t> gather_last_update(int root = 0) const;
