@@ -27,7 +27,6 @@
 #include <bit>
 #include <climits>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -140,15 +139,12 @@ struct GlobalBatch {
   std::vector<index_t> ids;     ///< B
   RowMatrixf f;                 ///< B x D unit rows
   index_t size() const { return static_cast<index_t>(ids.size()); }
-  int home(index_t i) const {
-    return static_cast<int>(std::upper_bound(offset.begin(), offset.end(), i) - offset.begin()) - 1;
-  }
 };
 
-/// The draws of the queries [first, first + count) of the global batch: their ids and log importance
+/// The draws of this rank's queries (global rows first, first + 1, ...): their ids and log importance
 /// weights lw = log(kept mass) - log N - log P_n (per-sample: one row per query; shared: one row).
 struct Draws {
-  index_t first = 0, count = 0, k = 0;
+  index_t first = 0, k = 0;
   bool shared = false;
   RowMatrixi ids;
   RowMatrixf lw;
@@ -626,7 +622,6 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     dr.k = k;
     dr.shared = shared;
     dr.first = first;
-    dr.count = batch;
     // Caller negatives: sharded ranks need every query's (per-sample: all-gathered); shared must agree.
     RowMatrixi neg_all;
     if (negatives) {
@@ -672,32 +667,10 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       const index_t rows = shared ? 1 : batch;
       dr.ids.resize(rows, k);
       dr.lw.resize(rows, k);
-      if (shared) {
-        const std::vector<index_t> excluded = detail::shared_exclusion(config_, gb.ids);
-        double log_kept = 0.0;
-        if (!excluded.empty()) {
-          double mass = 0.0;
-          for (const auto j : excluded) mass += sampler_->prob(j);
-          MEMBANK_CHECK(mass < 1.0, "the global batch's ids carry all of the noise mass ({}): nothing is left to draw "
-                        "shared negatives from with exclude_positive", mass);
-          log_kept = std::log1p(-mass);
-        }
-        std::vector<float> log_pn(static_cast<std::size_t>(k));
-        std::span<index_t> out(dr.ids.data(), static_cast<std::size_t>(k));
-        if (negatives) {
-          std::copy_n(neg_local.data(), k, out.begin());
-          for (index_t j = 0; j < k; ++j)
-            MEMBANK_CHECK(!config_.exclude_positive || config_.exclude_same_label ||
-                              !std::binary_search(excluded.begin(), excluded.end(), out[static_cast<std::size_t>(j)]),
-                          "negatives(0, {}) = {} is an id of the global batch, with exclude_positive set (shared "
-                          "negatives exclude every positive of the batch)", j, out[static_cast<std::size_t>(j)]);
-          sampler_->lookup(out, log_pn);
-        } else {
-          sampler_->draw({config_.seed, step_, 0u, detail::purpose_shared_negatives}, excluded, out, log_pn);
-        }
-        for (index_t j = 0; j < k; ++j)
-          dr.lw(0, j) = static_cast<float>(log_kept - log_n - log_pn[static_cast<std::size_t>(j)]);
-      }
+      if (shared)
+        detail::shared_draws(*sampler_, config_, gb.ids, step_, negatives ? neg_local.data() : nullptr,
+                             std::span<index_t>(dr.ids.data(), static_cast<std::size_t>(k)),
+                             std::span<float>(dr.lw.data(), static_cast<std::size_t>(k)));
       if (!sharded) {
         if (shared) return;
         detail::ExceptionCapture errors;
@@ -977,14 +950,13 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
             const index_t y = gb.ids[static_cast<std::size_t>(i)];
             if (!held_.contains(y)) continue;
             const index_t local = y - held_.begin;
-            kt.gather_axpy(view.data, view.dtype, view.stride, dim, &local, 1, &sc.recv[at++], row_of(i));
+            add_rows(view, kt, &local, &sc.recv[at++], 1, row_of(i));
           }
         }
 #pragma omp parallel for schedule(dynamic, 8)
         for (index_t i = 0; i < total; ++i) {
           const auto s0 = own_start[static_cast<std::size_t>(i)], s1 = own_start[static_cast<std::size_t>(i) + 1];
-          kt.gather_axpy(view.data, view.dtype, view.stride, dim, own_local.data() + s0, s1 - s0, own_val.data() + s0,
-                         row_of(i));
+          add_rows(view, kt, own_local.data() + s0, own_val.data() + s0, s1 - s0, row_of(i));
         }
         sc.send.resize(static_cast<std::size_t>(offset));
         for (index_t i = 0; i < total; ++i) {
@@ -1028,16 +1000,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       stats.mi_bound_ceiling = std::log(static_cast<double>(k) + 1.0);
       stats.mi_lower_bound = stats.mi_bound_ceiling - stats.loss;
     }
-    if (nce) {
-      next.initialised = true;
-      next.log_z = log_z_used;
-      if (partition_.initialised && config_.z_policy == ZPolicy::ema) {
-        const double a = config_.z_ema;
-        const double x = std::log(a) + partition_.log_z, yv = std::log1p(-a) + log_z_hat;
-        const double mx = std::max(x, yv);
-        next.log_z = mx + std::log(std::exp(x - mx) + std::exp(yv - mx));
-      }
-    }
+    if (nce) next = detail::partition_after(config_, partition_, log_z_used, log_z_hat);
   }
   for (index_t b = 0; b < batch; ++b)
     for (index_t c = 0; c < dim; ++c) grad(b, c) = static_cast<float>(gsum(b, c));

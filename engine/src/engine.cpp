@@ -324,16 +324,7 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
       stats.mi_bound_ceiling = std::log(static_cast<double>(k) + 1.0);
       stats.mi_lower_bound = stats.mi_bound_ceiling - stats.loss;
     }
-    if (nce) {  // the Z state after this step
-      result.partition.initialised = true;
-      result.partition.log_z = log_z;
-      if (partition_.initialised && config_.z_policy == ZPolicy::ema) {
-        const double a = config_.z_ema;
-        const double x = std::log(a) + partition_.log_z, yv = std::log1p(-a) + log_z_hat;
-        const double mx = std::max(x, yv);
-        result.partition.log_z = mx + std::log(std::exp(x - mx) + std::exp(yv - mx));
-      }
-    }
+    if (nce) result.partition = detail::partition_after(config_, partition_, log_z, log_z_hat);  // Z after the step
   }
   if (config_.normalize_features) {
     backprop_normalisation(prepared, grad);

@@ -61,6 +61,31 @@ std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids) {
   return u;
 }
 
+void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef batch_ids, std::int64_t step,
+                  const index_t* given, std::span<index_t> ids, std::span<float> lw) {
+  const std::vector<index_t> excluded = shared_exclusion(cfg, batch_ids);
+  double log_kept = 0.0;
+  if (!excluded.empty()) {
+    double mass = 0.0;
+    for (const auto j : excluded) mass += sampler.prob(j);
+    MEMBANK_CHECK(mass < 1.0, "the batch's ids carry all of the noise mass ({}): nothing is left to draw "
+                  "shared negatives from with exclude_positive", mass);
+    log_kept = std::log1p(-mass);
+  }
+  if (given) {
+    std::copy_n(given, ids.size(), ids.begin());
+    for (std::size_t j = 0; j < ids.size(); ++j)
+      MEMBANK_CHECK(!std::binary_search(excluded.begin(), excluded.end(), ids[j]),
+                    "negatives(0, {}) = {} is an id of the batch, with exclude_positive set (shared negatives "
+                    "exclude every positive of the batch)", j, ids[j]);
+    sampler.lookup(ids, lw);
+  } else {
+    sampler.draw({cfg.seed, step, 0u, purpose_shared_negatives}, excluded, ids, lw);
+  }
+  const double log_n = std::log(static_cast<double>(sampler.size()));
+  for (auto& x : lw) x = static_cast<float>(log_kept - log_n - x);  // log P_n in, lw out
+}
+
 QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y) {
   QueryExclusion e;
   if (cx.cfg->exclude_same_label) {
@@ -234,24 +259,8 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   // exclude_same_label: each query masks the draws of its own label (weight 0, P_n unconditioned,
   // which keeps every estimate over the draws unbiased).
   std::vector<index_t> neg(static_cast<std::size_t>(k));
-  std::vector<float> log_pn(static_cast<std::size_t>(k));
-  double log_kept = 0.0;
-  const std::vector<index_t> excluded = shared_exclusion(*cx.cfg, in.ids);
-  if (!excluded.empty()) {
-    double mass = 0.0;
-    for (const auto j : excluded) mass += cx.sampler->prob(j);
-    MEMBANK_CHECK(mass < 1.0, "the batch's ids carry all of the noise mass ({}): nothing is left to draw "
-                  "shared negatives from with exclude_positive", mass);
-    log_kept = std::log1p(-mass);
-  }
-  if (in.negatives) {
-    std::copy_n(in.negatives->data(), k, neg.begin());
-    cx.sampler->lookup(neg, log_pn);
-  } else {
-    cx.sampler->draw({cx.cfg->seed, in.step, 0u, purpose_shared_negatives}, excluded, neg, log_pn);
-  }
   std::vector<float> lw(static_cast<std::size_t>(k));
-  for (std::size_t j = 0; j < lw.size(); ++j) lw[j] = static_cast<float>(log_kept - log_n - log_pn[j]);
+  shared_draws(*cx.sampler, *cx.cfg, in.ids, in.step, in.negatives ? in.negatives->data() : nullptr, neg, lw);
   std::vector<std::int32_t> neg_classes;
   if (cx.classes) {
     neg_classes.resize(static_cast<std::size_t>(k));
@@ -373,6 +382,19 @@ void check_negatives(const Eigen::Ref<const RowMatrixi, 0, Eigen::OuterStride<>>
                     "negatives({}, {}) = {} has P_n = 0 under the {} sampler: expected ids the sampler can draw", i, j,
                     negatives(i, j), to_string(sampler.kind()));
   }
+}
+
+Partition partition_after(const EngineConfig& config, const Partition& current, double log_z_used, double log_z_hat) {
+  Partition next = current;
+  next.initialised = true;
+  next.log_z = log_z_used;
+  if (current.initialised && config.z_policy == ZPolicy::ema) {
+    const double a = config.z_ema;
+    const double x = std::log(a) + current.log_z, yv = std::log1p(-a) + log_z_hat;
+    const double mx = std::max(x, yv);
+    next.log_z = mx + std::log(std::exp(x - mx) + std::exp(yv - mx));
+  }
+  return next;
 }
 
 void check_restored_state(const EngineConfig& config, const Partition& current, const Partition& next,

@@ -85,6 +85,17 @@ QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y);
 /// otherwise (exclude_same_label masks each query's own label's draws instead).
 std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids);
 
+/// A batch's K shared draws into `ids` and their log importance weights lw = log(kept mass) - log N -
+/// log P_n into `lw`: the caller's `given` (K ids, checked not to be ids of the batch under the
+/// exclusion), or drawn at `step`. With exclude_positive, P_n is conditioned on the batch's ids
+/// (shared_exclusion); Error when they carry all of the noise mass.
+void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef batch_ids, std::int64_t step,
+                  const index_t* given, std::span<index_t> ids, std::span<float> lw);
+
+/// The nce Z state after a step that used log Z = log_z_used and estimated log_z_hat from its draws:
+/// log_z_used, or under the ema policy (once initialised) log(a Z + (1 - a) Zhat), in log space.
+Partition partition_after(const EngineConfig& config, const Partition& current, double log_z_used, double log_z_hat);
+
 /// The checks of caller negatives (Engine::step_with_negatives) of a batch with these `ids`: shape
 /// (B x K per-sample, 1 x K shared; K >= 1), ids in [0, n), the exclusions (per-sample: not the
 /// query's positive, not its label; shared with exclude_positive: no id of `batch_ids`, which may be
