@@ -21,8 +21,10 @@ struct PreparedFeatures {
   }
 };
 
-inline PreparedFeatures prepare_features(FeaturesRef features, index_t batch, index_t dim, const EngineConfig& cfg) {
-  check_features(features, batch, dim, "features");
+/// `arg` names the argument in the messages.
+inline PreparedFeatures prepare_features(FeaturesRef features, index_t batch, index_t dim, const EngineConfig& cfg,
+                                         const char* arg = "features") {
+  check_features(features, batch, dim, arg);
   PreparedFeatures p;
   p.rows = batch;
   p.cols = dim;
@@ -39,7 +41,7 @@ inline PreparedFeatures prepare_features(FeaturesRef features, index_t batch, in
     p.data = p.copy.data();
     p.stride = dim;
   } else {
-    check_unit_norm(features, cfg.unit_norm_tolerance, "features");
+    check_unit_norm(features, cfg.unit_norm_tolerance, arg);
     p.data = features.data();
     p.stride = features.outerStride();
   }

@@ -1,0 +1,76 @@
+#pragma once
+// Negatives that are keys the caller computed -- a queue's slots (Queue), the other samples of the
+// batch (InBatch) -- instead of rows drawn from a bank. There is no noise distribution: every key
+// counts once (the objectives' log importance weight lw = 0, the positive's too), and a key that
+// must not be a negative of a query (its own instance, its label, itself) is masked: it is no entry
+// of that query at all, so the query's K is its count of unmasked keys (what dcl's, hcl's and kcl's
+// formulas count). Scores are one GEMM per block of queries; each query's objective turns its row
+// into coef_scale dL/ds in place (the shared-negatives kernel of the dispatched table); the caller
+// adds those rows times the keys with one more GEMM. Internal to the library.
+#include <membank/engine.hpp>
+
+#include "kernels/kernels.hpp"
+
+#include <cstdint>
+#include <vector>
+
+namespace membank::detail {
+
+/// The objectives a keyed step runs: every one but nce (whose posterior P / (P + K P_n) models
+/// draws from a noise distribution over N instances, which keys do not have) and the full softmax
+/// (a bank's). Throws Error naming `mechanism` otherwise; checks the configuration's ranges too.
+void check_keyed_config(const EngineConfig& config, const char* mechanism);
+
+/// A batch of queries against M keys.
+struct KeyedInput {
+  const float* q = nullptr;    ///< B x D unit queries, q_stride apart
+  index_t q_stride = 0;
+  const float* pos = nullptr;  ///< B x D unit positive keys, pos_stride apart
+  index_t pos_stride = 0;
+  const float* keys = nullptr; ///< M x D unit keys, key_stride apart
+  index_t key_stride = 0;
+  index_t batch = 0, dim = 0, m = 0;
+  /// Key j holds query i's own instance when key_ids[j] == query_ids[i] (ids < 0 match nothing;
+  /// null: unknown): masked with mask_same_id, else counted in QueryResult::collisions. With
+  /// mask_same_class, key j is masked when key_classes[j] == query_classes[i] (classes < 0 match
+  /// nothing). The classes also tell the objectives with labels which keys share the query's label.
+  const index_t* query_ids = nullptr;
+  const index_t* key_ids = nullptr;
+  const std::int32_t* query_classes = nullptr;
+  const std::int32_t* key_classes = nullptr;
+  bool mask_same_id = false;
+  bool mask_same_class = false;
+  double coef_scale = 1.0;  ///< 1 / (the B of the batch mean)
+};
+
+/// Per-thread scratch of keyed_rows, for M keys of dimension D.
+struct KeyedScratch {
+  std::vector<float> s, lw, acc2, w;
+  std::vector<double> d, rescale;
+  std::vector<index_t> ids, i, slot;
+  std::vector<std::int32_t> classes;
+  void allocate(index_t m, index_t dim, bool positives_first);
+};
+
+/// Bytes keyed_rows' scratch takes per thread (what KeyedScratch::allocate allocates).
+std::int64_t keyed_scratch_bytes(index_t m, index_t dim, bool positives_first);
+
+/// Queries [r0, r0 + rows): s (rows x M, lds apart) receives S = Q K^T, then each row's objective
+/// over its unmasked keys turns it into coef_scale dL/ds (0 for a masked key); out[i] receives
+/// query i's result, c_pos already scaled by coef_scale. Throws Error when a query has no unmasked
+/// key. No allocation.
+void keyed_rows(const KeyedInput& in, const kernels::ObjectiveParams& params, index_t r0, index_t rows, float* s,
+                index_t lds, KeyedScratch& scratch, kernels::QueryResult* out, const kernels::Table& kt);
+
+/// Labels as class indices for keyed_rows: equal labels, equal classes (0, 1, ... in order of first
+/// appearance over `labels` then `more`); `present[j] == 0` marks an entry with no label (class -1).
+std::vector<std::int32_t> classes_of(std::span<const std::int64_t> labels, std::span<const std::uint8_t> present,
+                                     std::span<const std::int64_t> more, std::vector<std::int32_t>* more_classes);
+
+/// The step's statistics from its queries' results, in query order: the mean loss and P(positive),
+/// the fraction of the B x M entries that are unmasked keys of the query's own instance, and the
+/// InfoNCE bound log(M + 1) - L where the objective reports one. z and z_estimate are NaN (no Z).
+StepStats keyed_stats(const EngineConfig& config, const std::vector<kernels::QueryResult>& out, index_t m,
+                      std::int64_t step);
+
+}  // namespace membank::detail

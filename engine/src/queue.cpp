@@ -1,0 +1,250 @@
+// Queue (queue.hpp): the ring's state and its step -- validate, score every query against the
+// ring through the keyed driver (keyed.cpp), then enqueue.
+#include <membank/error.hpp>
+#include <membank/memory.hpp>
+#include <membank/queue.hpp>
+
+#include "detail/check.hpp"
+#include "detail/features.hpp"
+#include "detail/parallel.hpp"
+#include "keyed.hpp"
+#include "step_kernels.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace membank {
+
+namespace {
+
+constexpr index_t kQueryBlock = 16;  // queries per GEMM block (fixed: results do not depend on threads)
+
+/// ids: empty or B ids >= 0; labels: empty or B, and present when the configuration needs them.
+void check_ids_labels(const EngineConfig& config, index_t batch, IdsRef ids, LabelsRef labels) {
+  MEMBANK_CHECK(ids.empty() || static_cast<index_t>(ids.size()) == batch,
+                "ids has {} entries: expected none or B = {} (one instance id per key)", ids.size(), batch);
+  for (std::size_t b = 0; b < ids.size(); ++b)
+    MEMBANK_CHECK(ids[b] >= 0, "ids[{}] = {}: expected an instance id >= 0", b, ids[b]);
+  MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == batch,
+                "labels has {} entries: expected none or B = {} (one label per key)", labels.size(), batch);
+  MEMBANK_CHECK(!labels.empty() || !needs_labels(config.objective),
+                "objective {} needs labels: expected B = {} labels with the batch", to_string(config.objective), batch);
+  MEMBANK_CHECK(!labels.empty() || !config.exclude_same_label,
+                "exclude_same_label needs labels: expected B = {} labels with the batch", batch);
+}
+
+}  // namespace
+
+std::int64_t queue_step_scratch_bytes(const EngineConfig& config, index_t batch, index_t capacity, index_t dim,
+                                      DType dtype, int threads) {
+  std::int64_t per_thread = add_sat(mul_sat(kQueryBlock, mul_sat(capacity, 4)),
+                                    detail::keyed_scratch_bytes(capacity, dim, detail::takes_positives_first(config.objective)));
+  std::int64_t bytes = add_sat(mul_sat(threads, per_thread), mul_sat(batch, 64));  // results
+  if (dtype != DType::float32) bytes = add_sat(bytes, mul_sat(capacity, mul_sat(dim, 4)));
+  bytes = add_sat(bytes, mul_sat(capacity, 4));  // the slots' classes
+  if (config.normalize_features) bytes = add_sat(bytes, mul_sat(2, mul_sat(batch, add_sat(mul_sat(dim, 4), 8))));
+  return bytes;
+}
+
+Queue::Queue(index_t capacity, index_t dim, EngineConfig config, DType dtype)
+    : keys_([&] {
+        MEMBANK_CHECK(capacity >= 1, "capacity Q = {}: expected a queue of at least one key", capacity);
+        MEMBANK_CHECK(dim >= 1, "dim D = {}: expected D >= 1", dim);
+        detail::check_keyed_config(config, "a queue");
+        return Bank(capacity, dim, config.seed, dtype);
+      }()),
+      config_(config),
+      ids_(static_cast<std::size_t>(capacity), -1),
+      labels_(static_cast<std::size_t>(capacity), 0),
+      labelled_(static_cast<std::size_t>(capacity), 0) {}
+
+struct Queue::Computed {
+  StepStats stats;
+  detail::PreparedFeatures keys;  ///< the unit keys the loss saw (enqueued as they are)
+};
+
+Queue::Computed Queue::compute(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids,
+                               LabelsRef labels) const {
+  // ---- validation
+  const index_t batch = queries.rows();
+  const index_t dim = keys_.dim(), q = keys_.size();
+  MEMBANK_CHECK(batch >= 1, "queries has 0 rows: expected a batch of at least one query (B >= 1)");
+  MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
+                grad.rows(), grad.cols(), batch, dim);
+  const int threads = omp_get_max_threads();
+  require_memory(queue_step_scratch_bytes(config_, batch, q, dim, keys_.dtype(), threads),
+                 fmt::format("a queue step of B = {} queries against Q = {} keys (D = {}, {} threads)", batch, q, dim,
+                             threads));
+  Computed result;
+  const detail::PreparedFeatures pq = detail::prepare_features(queries, batch, dim, config_, "queries");
+  result.keys = detail::prepare_features(keys, batch, dim, config_, "keys");
+  check_ids_labels(config_, batch, ids, labels);
+
+  // ---- the ring as fp32 rows, and the classes of the slots and queries
+  RowMatrixf wide;
+  const float* ring = nullptr;
+  index_t ring_stride = 0;
+  if (keys_.dtype() == DType::float32) {
+    ring = keys_.row(0);
+    ring_stride = keys_.stride();
+  } else {
+    wide.resize(q, dim);
+    keys_.view().widen_rows(0, q, wide.data(), dim);
+    ring = wide.data();
+    ring_stride = dim;
+  }
+  std::vector<std::int32_t> slot_classes, query_classes;
+  if (!labels.empty()) slot_classes = detail::classes_of(labels_, labelled_, labels, &query_classes);
+
+  detail::KeyedInput in;
+  in.q = pq.data;
+  in.q_stride = pq.stride;
+  in.pos = result.keys.data;
+  in.pos_stride = result.keys.stride;
+  in.keys = ring;
+  in.key_stride = ring_stride;
+  in.batch = batch;
+  in.dim = dim;
+  in.m = q;
+  in.query_ids = ids.empty() ? nullptr : ids.data();
+  in.key_ids = ids_.data();
+  in.mask_same_id = config_.exclude_positive;
+  if (!labels.empty()) {
+    in.query_classes = query_classes.data();
+    in.key_classes = slot_classes.data();
+    in.mask_same_class = config_.exclude_same_label;
+  }
+  in.coef_scale = 1.0 / static_cast<double>(batch);
+
+  // ---- per block of 16 queries: scores, objective, dL/dq = c_pos k+ + coefficients x ring
+  const kernels::Table& kt = kernels::table();
+  const kernels::ObjectiveParams params = detail::objective_params(config_, q, q, std::numeric_limits<double>::quiet_NaN());
+  std::vector<kernels::QueryResult> out(static_cast<std::size_t>(batch));
+  const bool positives_first = detail::takes_positives_first(config_.objective);
+  const index_t blocks = (batch + kQueryBlock - 1) / kQueryBlock;
+  detail::ExceptionCapture errors;
+#pragma omp parallel
+  {
+    detail::KeyedScratch scratch;
+    std::vector<float> s;
+    errors.run([&] {  // inside the capture
+      scratch.allocate(q, dim, positives_first);
+      s.resize(static_cast<std::size_t>(kQueryBlock * q));
+    });
+#pragma omp for schedule(dynamic, 1)
+    for (index_t blk = 0; blk < blocks; ++blk) {
+      errors.run([&] {
+        const index_t r0 = blk * kQueryBlock, rows = std::min(kQueryBlock, batch - r0);
+        detail::keyed_rows(in, params, r0, rows, s.data(), q, scratch, out.data(), kt);
+        for (index_t i = r0; i < r0 + rows; ++i) {
+          const auto c_pos = static_cast<float>(out[static_cast<std::size_t>(i)].c_pos);
+          const float* kp = in.pos + i * in.pos_stride;
+          for (index_t c = 0; c < dim; ++c) grad(i, c) = c_pos * kp[c];
+        }
+        kt.gemm_ab_acc(rows, dim, q, s.data(), q, ring, ring_stride, grad.data() + r0 * grad.outerStride(),
+                       grad.outerStride());
+      });
+    }
+  }
+  errors.rethrow("the queue's step");
+  result.stats = detail::keyed_stats(config_, out, q, step_);
+  if (config_.normalize_features) detail::backprop_normalisation(pq, grad);
+  return result;
+}
+
+StepStats Queue::step(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids, LabelsRef labels,
+                      bool enqueue) {
+  const MemoryRegion g = MemoryRegion::of_matrix(grad);
+  check_no_self_overlap(g, "grad");
+  check_no_overlap(g, "grad", MemoryRegion::of_matrix(queries), "queries");
+  check_no_overlap(g, "grad", MemoryRegion::of_matrix(keys), "keys");
+  check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
+  check_no_overlap(g, "grad", MemoryRegion::of_span(labels), "labels");
+  keys_.check_no_overlap(g, "grad");
+  return detail::translate_bad_alloc("Queue::step", [&] {
+    const Computed c = compute(queries, keys, grad, ids, labels);
+    // ---- commit: the ring (it may still throw, before writing), then the counter
+    if (enqueue) push(c.keys.view(), ids, labels);
+    ++step_;
+    return c.stats;
+  });
+}
+
+StepStats Queue::evaluate(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids, LabelsRef labels) const {
+  const MemoryRegion g = MemoryRegion::of_matrix(grad);
+  check_no_self_overlap(g, "grad");
+  check_no_overlap(g, "grad", MemoryRegion::of_matrix(queries), "queries");
+  check_no_overlap(g, "grad", MemoryRegion::of_matrix(keys), "keys");
+  check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
+  check_no_overlap(g, "grad", MemoryRegion::of_span(labels), "labels");
+  keys_.check_no_overlap(g, "grad");
+  return detail::translate_bad_alloc("Queue::evaluate", [&] { return compute(queries, keys, grad, ids, labels).stats; });
+}
+
+void Queue::enqueue(FeaturesRef keys, IdsRef ids, LabelsRef labels) {
+  const index_t batch = keys.rows();
+  MEMBANK_CHECK(batch >= 1, "keys has 0 rows: expected at least one key");
+  detail::translate_bad_alloc("Queue::enqueue", [&] {
+    const detail::PreparedFeatures p = detail::prepare_features(keys, batch, keys_.dim(), config_, "keys");
+    MEMBANK_CHECK(ids.empty() || static_cast<index_t>(ids.size()) == batch,
+                  "ids has {} entries: expected none or B = {} (one instance id per key)", ids.size(), batch);
+    for (std::size_t b = 0; b < ids.size(); ++b)
+      MEMBANK_CHECK(ids[b] >= 0, "ids[{}] = {}: expected an instance id >= 0", b, ids[b]);
+    MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == batch,
+                  "labels has {} entries: expected none or B = {} (one label per key)", labels.size(), batch);
+    push(p.view(), ids, labels);
+  });
+}
+
+void Queue::push(FeaturesRef unit_keys, IdsRef ids, LabelsRef labels) {
+  const index_t batch = unit_keys.rows(), q = keys_.size();
+  const index_t kept = std::min(batch, q);  // with B > Q only the last Q keys remain
+  const index_t first = batch - kept;
+  std::vector<index_t> slots(static_cast<std::size_t>(kept));
+  for (index_t t = 0; t < kept; ++t) slots[static_cast<std::size_t>(t)] = (position_ + first + t) % q;
+  // m = 0: each slot becomes normalise(key), rounded to the queue's type (the keys may be rows of the
+  // ring itself: momentum_update copies them first). It validates before it writes.
+  keys_.momentum_update(slots, unit_keys.bottomRows(kept), 0.0, step_, config_.rounding, config_.seed);
+  for (index_t t = 0; t < kept; ++t) {
+    const auto slot = static_cast<std::size_t>(slots[static_cast<std::size_t>(t)]);
+    const auto b = static_cast<std::size_t>(first + t);
+    ids_[slot] = ids.empty() ? -1 : ids[b];
+    labels_[slot] = labels.empty() ? 0 : labels[b];
+    labelled_[slot] = labels.empty() ? 0 : 1;
+  }
+  position_ = (position_ + batch) % q;
+  enqueued_ += batch;
+}
+
+void Queue::restore(State state) {
+  const index_t q = keys_.size();
+  MEMBANK_CHECK(state.keys.size() == q && state.keys.dim() == keys_.dim(),
+                "state.keys is {} x {}: expected the queue's Q x D = {} x {}", state.keys.size(), state.keys.dim(), q,
+                keys_.dim());
+  MEMBANK_CHECK(state.keys.dtype() == keys_.dtype(), "state.keys is {}: expected the queue's {}",
+                to_string(state.keys.dtype()), to_string(keys_.dtype()));
+  const auto n = static_cast<std::size_t>(q);
+  MEMBANK_CHECK(state.ids.size() == n && state.labels.size() == n && state.labelled.size() == n,
+                "state has {} ids, {} labels and {} flags: expected Q = {} of each", state.ids.size(),
+                state.labels.size(), state.labelled.size(), q);
+  for (std::size_t j = 0; j < n; ++j) {
+    MEMBANK_CHECK(state.ids[j] >= -1, "state.ids[{}] = {}: expected an instance id >= 0, or -1 for none", j,
+                  state.ids[j]);
+    MEMBANK_CHECK(state.labelled[j] <= 1, "state.labelled[{}] = {}: expected 0 or 1", j, state.labelled[j]);
+  }
+  MEMBANK_CHECK(state.position >= 0 && state.position < q, "state.position = {}: expected 0 <= position < Q = {}",
+                state.position, q);
+  MEMBANK_CHECK(state.enqueued >= 0 && state.step >= 0,
+                "state.enqueued = {}, state.step = {}: expected counts >= 0", state.enqueued, state.step);
+  keys_ = std::move(state.keys);
+  ids_ = std::move(state.ids);
+  labels_ = std::move(state.labels);
+  labelled_ = std::move(state.labelled);
+  position_ = state.position;
+  enqueued_ = state.enqueued;
+  step_ = state.step;
+}
+
+}  // namespace membank
