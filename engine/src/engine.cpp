@@ -252,15 +252,15 @@ void Engine::update(FeaturesRef features, IdsRef ids) {
   });
 }
 
-Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
-                                 bool own_draws) const {
+Engine::Computed Engine::compute_on(const Bank& bank, const Partition& partition, FeaturesRef features, IdsRef ids,
+                                    const RowMatrixi* negatives, GradRef grad, bool own_draws) const {
   // ---- validation: nothing below it throws for a caller error after a mutation
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id (B >= 1)");
   const auto batch = static_cast<index_t>(ids.size());
-  const index_t dim = bank_.dim();
+  const index_t dim = bank.dim();
   MEMBANK_CHECK(grad.rows() == batch && grad.cols() == dim, "grad has shape {} x {}: expected {} x {} (B x D)",
                 grad.rows(), grad.cols(), batch, dim);
-  check_ids(ids, bank_.size(), "ids");
+  check_ids(ids, bank.size(), "ids");
   const index_t k_used =
       negatives && config_.objective != Objective::full_softmax ? negatives->cols() : config_.k;
   require_memory(step_scratch_bytes(config_, batch, dim, k_used, omp_get_max_threads()),
@@ -280,29 +280,29 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
   const bool full = config_.objective == Objective::full_softmax;
   const bool shared = config_.negatives == NegativesMode::shared;
   if (negatives && !full && !own_draws)
-    detail::check_negatives(*negatives, ids, ids, bank_.size(), config_, classes_, labels_, *sampler_);
+    detail::check_negatives(*negatives, ids, ids, bank.size(), config_, classes_, labels_, *sampler_);
 
   Computed result;
   StepStats& stats = result.stats;
   stats.step = step_;
   if (full) {
     // The exact reference needs no sampling and no Z state.
-    stats.loss = full_softmax_loss(bank_.view(), prepared.view(), ids, config_.tau, grad, &stats.z,
+    stats.loss = full_softmax_loss(bank.view(), prepared.view(), ids, config_.tau, grad, &stats.z,
                                    &stats.mean_p_positive, config_.unit_norm_tolerance);
     stats.z_estimate = kNaN;
   } else {
     const index_t k = negatives ? negatives->cols() : config_.k;
-    const detail::KernelContext cx = make_context(bank_, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
+    const detail::KernelContext cx = make_context(bank, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
     const bool nce = config_.objective == Objective::nce;
     const kernels::Table& kt = kernels::table();  // the instruction set, picked once per step
     const detail::StepInput in{prepared.data, prepared.stride, ids, negatives, step_, grad.data(), grad.outerStride()};
     std::vector<kernels::QueryResult> out(static_cast<std::size_t>(batch));
-    double log_z = nce && partition_.initialised ? partition_.log_z : kNaN;
+    double log_z = nce && partition.initialised ? partition.log_z : kNaN;
     if (shared) {
-      log_z = detail::shared_kernel(cx, in, batch, detail::objective_params(config_, k, bank_.size(), log_z), out, kt);
+      log_z = detail::shared_kernel(cx, in, batch, detail::objective_params(config_, k, bank.size(), log_z), out, kt);
     } else {
       if (nce && std::isnan(log_z)) log_z = detail::estimate_log_z_per_sample(cx, in, batch, kt);
-      detail::per_sample_kernel(cx, in, batch, detail::objective_params(config_, k, bank_.size(), log_z), out, kt);
+      detail::per_sample_kernel(cx, in, batch, detail::objective_params(config_, k, bank.size(), log_z), out, kt);
     }
     double loss = 0.0, p_pos = 0.0, sum_exp = 0.0;
     index_t collisions = 0;
@@ -317,14 +317,14 @@ Engine::Computed Engine::compute(FeaturesRef features, IdsRef ids, const RowMatr
     stats.mean_p_positive = p_pos / static_cast<double>(batch);
     stats.negative_collision_fraction = static_cast<double>(collisions) / draws;
     // sum_exp sums e^{s / tau + lw} over the draws: Zhat = N sum / (B K).
-    const double log_z_hat = detail::log_z_hat(std::log(sum_exp), draws, bank_.size());
+    const double log_z_hat = detail::log_z_hat(std::log(sum_exp), draws, bank.size());
     stats.z_estimate = std::exp(log_z_hat);
     stats.z = nce ? std::exp(log_z) : kNaN;
     if (reports_mi_bound(config_.objective)) {
       stats.mi_bound_ceiling = std::log(static_cast<double>(k) + 1.0);
       stats.mi_lower_bound = stats.mi_bound_ceiling - stats.loss;
     }
-    if (nce) result.partition = detail::partition_after(config_, partition_, log_z, log_z_hat);  // Z after the step
+    if (nce) result.partition = detail::partition_after(config_, partition, log_z, log_z_hat);  // Z after the step
   }
   if (config_.normalize_features) {
     backprop_normalisation(prepared, grad);

@@ -56,6 +56,8 @@
 
 namespace membank {
 
+class MultiViewEngine;
+
 enum class NegativesMode { per_sample, shared };
 enum class ZPolicy { first_batch, ema, fixed };
 
@@ -219,6 +221,10 @@ class Engine {
   void restore_state(const Partition& partition, std::int64_t step);
 
  private:
+  // MultiViewEngine (multiview.hpp) holds an Engine for view 0's bank, the sampler, the labels and
+  // the step counter, and scores each pair of views through compute_on() with the pair's bank and Z.
+  friend class MultiViewEngine;
+
   struct Computed {
     StepStats stats;
     Partition partition;  ///< Z state after the step (initialised = false: no change)
@@ -227,7 +233,13 @@ class Engine {
   /// Validate, then compute loss and gradient; changes nothing in the engine. `own_draws`: the
   /// negatives are the engine's own draws for this step (a prefetch), not re-validated.
   Computed compute(FeaturesRef features, IdsRef ids, const RowMatrixi* negatives, GradRef grad,
-                   bool own_draws = false) const;
+                   bool own_draws = false) const {
+    return compute_on(bank_, partition_, features, ids, negatives, grad, own_draws);
+  }
+  /// compute() scored against `bank` (N x D like the engine's own, any dtype) with the Z state
+  /// `partition` in place of the engine's: one pair of views of a MultiViewEngine.
+  Computed compute_on(const Bank& bank, const Partition& partition, FeaturesRef features, IdsRef ids,
+                      const RowMatrixi* negatives, GradRef grad, bool own_draws) const;
   RowMatrixi sample_impl(IdsRef ids, std::int64_t step) const;
   /// Error unless the engine holds labels where the objective or exclude_same_label needs them.
   void check_labels_present() const;
