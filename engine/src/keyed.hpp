@@ -9,6 +9,7 @@
 // adds those rows times the keys with one more GEMM. Internal to the library.
 #include <membank/engine.hpp>
 
+#include "detail/features.hpp"
 #include "kernels/kernels.hpp"
 
 #include <cstdint>
@@ -66,6 +67,13 @@ void keyed_rows(const KeyedInput& in, const kernels::ObjectiveParams& params, in
 /// appearance over `labels` then `more`); `present[j] == 0` marks an entry with no label (class -1).
 std::vector<std::int32_t> classes_of(std::span<const std::int64_t> labels, std::span<const std::uint8_t> present,
                                      std::span<const std::int64_t> more, std::vector<std::int32_t>* more_classes);
+
+/// What a queue step computed before it commits (Queue, DistributedQueue).
+struct QueueComputed {
+  StepStats stats;
+  std::vector<kernels::QueryResult> out;  ///< per query, in order
+  PreparedFeatures keys;                  ///< the unit keys the loss saw (enqueued as they are)
+};
 
 /// The step's statistics from its queries' results, in query order: the mean loss and P(positive),
 /// the fraction of the B x M entries that are unmasked keys of the query's own instance, and the

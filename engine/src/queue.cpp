@@ -60,13 +60,8 @@ Queue::Queue(index_t capacity, index_t dim, EngineConfig config, DType dtype)
       labels_(static_cast<std::size_t>(capacity), 0),
       labelled_(static_cast<std::size_t>(capacity), 0) {}
 
-struct Queue::Computed {
-  StepStats stats;
-  detail::PreparedFeatures keys;  ///< the unit keys the loss saw (enqueued as they are)
-};
-
-Queue::Computed Queue::compute(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids,
-                               LabelsRef labels) const {
+detail::QueueComputed Queue::compute(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids,
+                                    LabelsRef labels, index_t mean_over) const {
   // ---- validation
   const index_t batch = queries.rows();
   const index_t dim = keys_.dim(), q = keys_.size();
@@ -77,7 +72,7 @@ Queue::Computed Queue::compute(FeaturesRef queries, FeaturesRef keys, GradRef gr
   require_memory(queue_step_scratch_bytes(config_, batch, q, dim, keys_.dtype(), threads),
                  fmt::format("a queue step of B = {} queries against Q = {} keys (D = {}, {} threads)", batch, q, dim,
                              threads));
-  Computed result;
+  detail::QueueComputed result;
   const detail::PreparedFeatures pq = detail::prepare_features(queries, batch, dim, config_, "queries");
   result.keys = detail::prepare_features(keys, batch, dim, config_, "keys");
   check_ids_labels(config_, batch, ids, labels);
@@ -116,12 +111,13 @@ Queue::Computed Queue::compute(FeaturesRef queries, FeaturesRef keys, GradRef gr
     in.key_classes = slot_classes.data();
     in.mask_same_class = config_.exclude_same_label;
   }
-  in.coef_scale = 1.0 / static_cast<double>(batch);
+  in.coef_scale = 1.0 / static_cast<double>(mean_over > 0 ? mean_over : batch);
 
   // ---- per block of 16 queries: scores, objective, dL/dq = c_pos k+ + coefficients x ring
   const kernels::Table& kt = kernels::table();
   const kernels::ObjectiveParams params = detail::objective_params(config_, q, q, std::numeric_limits<double>::quiet_NaN());
-  std::vector<kernels::QueryResult> out(static_cast<std::size_t>(batch));
+  std::vector<kernels::QueryResult>& out = result.out;
+  out.resize(static_cast<std::size_t>(batch));
   const bool positives_first = detail::takes_positives_first(config_.objective);
   const index_t blocks = (batch + kQueryBlock - 1) / kQueryBlock;
   detail::ExceptionCapture errors;
@@ -154,8 +150,7 @@ Queue::Computed Queue::compute(FeaturesRef queries, FeaturesRef keys, GradRef gr
   return result;
 }
 
-StepStats Queue::step(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids, LabelsRef labels,
-                      bool enqueue) {
+void Queue::check_grad_alone(GradRef grad, FeaturesRef queries, FeaturesRef keys, IdsRef ids, LabelsRef labels) const {
   const MemoryRegion g = MemoryRegion::of_matrix(grad);
   check_no_self_overlap(g, "grad");
   check_no_overlap(g, "grad", MemoryRegion::of_matrix(queries), "queries");
@@ -163,8 +158,13 @@ StepStats Queue::step(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRe
   check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
   check_no_overlap(g, "grad", MemoryRegion::of_span(labels), "labels");
   keys_.check_no_overlap(g, "grad");
+}
+
+StepStats Queue::step(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids, LabelsRef labels,
+                      bool enqueue) {
+  check_grad_alone(grad, queries, keys, ids, labels);
   return detail::translate_bad_alloc("Queue::step", [&] {
-    const Computed c = compute(queries, keys, grad, ids, labels);
+    const detail::QueueComputed c = compute(queries, keys, grad, ids, labels);
     // ---- commit: the ring (it may still throw, before writing), then the counter
     if (enqueue) push(c.keys.view(), ids, labels);
     ++step_;
@@ -173,13 +173,7 @@ StepStats Queue::step(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRe
 }
 
 StepStats Queue::evaluate(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids, LabelsRef labels) const {
-  const MemoryRegion g = MemoryRegion::of_matrix(grad);
-  check_no_self_overlap(g, "grad");
-  check_no_overlap(g, "grad", MemoryRegion::of_matrix(queries), "queries");
-  check_no_overlap(g, "grad", MemoryRegion::of_matrix(keys), "keys");
-  check_no_overlap(g, "grad", MemoryRegion::of_span(ids), "ids");
-  check_no_overlap(g, "grad", MemoryRegion::of_span(labels), "labels");
-  keys_.check_no_overlap(g, "grad");
+  check_grad_alone(grad, queries, keys, ids, labels);
   return detail::translate_bad_alloc("Queue::evaluate", [&] { return compute(queries, keys, grad, ids, labels).stats; });
 }
 

@@ -49,6 +49,10 @@
 
 namespace membank {
 
+namespace detail {
+struct QueueComputed;
+}
+
 using LabelsRef = std::span<const std::int64_t>;
 
 class Queue {
@@ -111,8 +115,13 @@ class Queue {
   void restore(State state);
 
  private:
-  struct Computed;
-  Computed compute(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids, LabelsRef labels) const;
+  friend class DistributedQueue;  // a rank's share of a global step: compute(), then push() of every rank's keys
+  /// Validate, then loss and dL/dq with the 1/B of a batch mean over `mean_over` queries (0: this
+  /// batch's B); changes nothing.
+  detail::QueueComputed compute(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids, LabelsRef labels,
+                                index_t mean_over = 0) const;
+  /// grad overlaps nothing it must not (Error otherwise).
+  void check_grad_alone(GradRef grad, FeaturesRef queries, FeaturesRef keys, IdsRef ids, LabelsRef labels) const;
   void push(FeaturesRef unit_keys, IdsRef ids, LabelsRef labels);
 
   Bank keys_;

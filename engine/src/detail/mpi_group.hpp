@@ -1,8 +1,10 @@
 #pragma once
 // The MPI collectives of the distributed engine and its snapshots (distributed.cpp,
 // distributed_snapshot.cpp): calls checked for errors, element counts checked against MPI's int,
-// and Group::agree, by which every rank throws the same Error when any rank failed. Internal.
+// Group::agree, by which every rank throws the same Error when any rank failed, and the fingerprints
+// by which ranks check that they were given the same thing. Internal.
 #include <membank/distributed.hpp>
+#include <membank/engine.hpp>
 #include <membank/error.hpp>
 
 #include "detail/check.hpp"
@@ -10,6 +12,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <bit>
 #include <climits>
 #include <cstdint>
 #include <exception>
@@ -192,5 +195,42 @@ struct Group {
     sent(payload, t0);
   }
 };
+
+
+/// FNV-1a over bytes: the fingerprints by which ranks check that they were given the same thing.
+struct Fingerprint {
+  std::uint64_t h = 1469598103934665603ull;
+  void bytes(const void* p, std::size_t n) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  }
+  template <class T>
+  Fingerprint& operator<<(const T& v) {
+    bytes(&v, sizeof v);
+    return *this;
+  }
+};
+
+inline std::uint64_t fingerprint(const EngineConfig& c) {
+  Fingerprint f;
+  f << c.k << c.tau << c.momentum << c.objective << c.negatives << c.exclude_positive << c.z_policy << c.z_fixed
+    << c.z_ema << c.seed << c.normalize_features << c.unit_norm_tolerance << c.tau_plus << c.beta << c.detach_weights
+    << c.kernel_t << c.gamma << std::bit_cast<std::uint64_t>(c.margin) << c.exclude_same_label << c.rounding;
+  return f.h;
+}
+
+/// Error on every rank naming the first rank whose fingerprint of `what[i]` differs from rank 0's.
+/// Collective, and called outside Group::check (it holds its own): the fingerprints are computed
+/// first, inside a check of their own, so that no rank can throw between two collectives.
+inline void check_same(const Group& g, std::span<const std::uint64_t> mine, std::span<const char* const> what) {
+  const std::vector<std::uint64_t> all = g.allgather(mine);
+  const std::size_t n = mine.size();
+  g.check([&] {
+    for (std::size_t i = 0; i < n; ++i)
+      for (int r = 1; r < g.ranks; ++r)
+        MEMBANK_CHECK(all[static_cast<std::size_t>(r) * n + i] == all[i], "rank {}'s {} differs from rank 0's: expected "
+                      "the same on every rank", r, what[i]);
+  });
+}
 
 }  // namespace membank::detail
