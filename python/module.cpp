@@ -32,8 +32,10 @@
 #endif
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
+#include <membank/in_batch.hpp>
 #include <membank/knn.hpp>
 #include <membank/memory.hpp>
+#include <membank/queue.hpp>
 #include <membank/sampler.hpp>
 #include <membank/snapshot.hpp>
 #include <membank/threads.hpp>
@@ -52,6 +54,7 @@
 #include <optional>
 #include <type_traits>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -229,11 +232,12 @@ void check_out_alone(const Matrix2<float>& out, std::span<const NamedRegion> inp
 }
 
 /// The gradient buffer: the caller's `out` (checked, written in place) or a fresh (B, D) array.
-Matrix2<float> grad_buffer(py::object out, index_t rows, index_t cols) {
-  if (out.is_none()) return matrix_arg<float>(py::array_t<float>({rows, cols}), "out", "float32", "(B, D)", true);
-  Matrix2<float> g = matrix_arg<float>(out, "out", "float32", "(B, D)", true);
+/// `name`: the argument's name in messages ("out"; "out_a" / "out_b" for InBatch.step).
+Matrix2<float> grad_buffer(py::object out, index_t rows, index_t cols, const char* name = "out") {
+  if (out.is_none()) return matrix_arg<float>(py::array_t<float>({rows, cols}), name, "float32", "(B, D)", true);
+  Matrix2<float> g = matrix_arg<float>(out, name, "float32", "(B, D)", true);
   if (g.rows != rows || g.cols != cols)
-    throw py::value_error(fmt::format("out has shape {}: expected ({}, {}) (B, D)", shape_str(g.arr), rows, cols));
+    throw py::value_error(fmt::format("{} has shape {}: expected ({}, {}) (B, D)", name, shape_str(g.arr), rows, cols));
   return g;
 }
 
@@ -411,6 +415,101 @@ std::string comm_without_mpi() {
 #endif
 }
 
+/// The fields of EngineConfig only an Engine reads (a Queue and an InBatch leave them at their defaults).
+struct EngineOnlyArgs {
+  index_t k;
+  double momentum;
+  const std::string* negatives;
+  const std::string* z_policy;
+  double z_fixed, z_ema;
+};
+
+/// The EngineConfig of the keyword arguments that Engine, Queue and InBatch share (the objective, its
+/// parameters, the masks, normalisation, seed and rounding), plus Engine's own when `engine_only` is
+/// given. The names are read in the order of Engine's keywords, so a call with several bad values
+/// names the same one first whichever class it constructs.
+EngineConfig make_config(const std::string& objective, double tau, bool exclude_positive, std::uint64_t seed,
+                         bool normalize_features, double unit_norm_tolerance, double tau_plus, double beta,
+                         bool detach_weights, double kernel_t, double gamma, py::handle margin,
+                         bool exclude_same_label, const std::string& rounding,
+                         const EngineOnlyArgs* engine_only = nullptr) {
+  EngineConfig c;
+  if (engine_only) c.k = engine_only->k;
+  c.tau = tau;
+  if (engine_only) c.momentum = engine_only->momentum;
+  c.objective = objective_arg(objective);
+  if (engine_only) c.negatives = negatives_mode_from_string(normalise_name(*engine_only->negatives));
+  c.exclude_positive = exclude_positive;
+  if (engine_only) {
+    c.z_policy = z_policy_from_string(*engine_only->z_policy);
+    c.z_fixed = engine_only->z_fixed;
+    c.z_ema = engine_only->z_ema;
+  }
+  c.seed = seed;
+  c.normalize_features = normalize_features;
+  c.unit_norm_tolerance = unit_norm_tolerance;
+  c.tau_plus = tau_plus;
+  c.beta = beta;
+  c.detach_weights = detach_weights;
+  c.kernel_t = kernel_t;
+  c.gamma = gamma;
+  if (!margin.is_none()) c.margin = margin.cast<double>();
+  c.exclude_same_label = exclude_same_label;
+  c.rounding = rounding_from_string(rounding);
+  return c;
+}
+
+/// The configuration keywords of DistributedEngine (and of a pickled Queue's or InBatch's config dict):
+/// one table, each entry the name and how its value sets the field; a keyword left out keeps
+/// EngineConfig's default, which is Engine's default too.
+EngineConfig config_from_options(const py::dict& options, const char* who) {
+  using Set = void (*)(EngineConfig&, py::handle);
+  static const std::pair<const char*, Set> table[] = {
+      {"k", [](EngineConfig& c, py::handle v) { c.k = v.cast<index_t>(); }},
+      {"tau", [](EngineConfig& c, py::handle v) { c.tau = v.cast<double>(); }},
+      {"momentum", [](EngineConfig& c, py::handle v) { c.momentum = v.cast<double>(); }},
+      {"objective", [](EngineConfig& c, py::handle v) { c.objective = objective_arg(v.cast<std::string>()); }},
+      {"negatives", [](EngineConfig& c, py::handle v) {
+         c.negatives = negatives_mode_from_string(normalise_name(v.cast<std::string>()));
+       }},
+      {"exclude_positive", [](EngineConfig& c, py::handle v) { c.exclude_positive = v.cast<bool>(); }},
+      {"z_policy", [](EngineConfig& c, py::handle v) { c.z_policy = z_policy_from_string(v.cast<std::string>()); }},
+      {"z_fixed", [](EngineConfig& c, py::handle v) { c.z_fixed = v.cast<double>(); }},
+      {"z_ema", [](EngineConfig& c, py::handle v) { c.z_ema = v.cast<double>(); }},
+      {"seed", [](EngineConfig& c, py::handle v) { c.seed = v.cast<std::uint64_t>(); }},
+      {"normalize_features", [](EngineConfig& c, py::handle v) { c.normalize_features = v.cast<bool>(); }},
+      {"unit_norm_tolerance", [](EngineConfig& c, py::handle v) { c.unit_norm_tolerance = v.cast<double>(); }},
+      {"tau_plus", [](EngineConfig& c, py::handle v) { c.tau_plus = v.cast<double>(); }},
+      {"beta", [](EngineConfig& c, py::handle v) { c.beta = v.cast<double>(); }},
+      {"detach_weights", [](EngineConfig& c, py::handle v) { c.detach_weights = v.cast<bool>(); }},
+      {"kernel_t", [](EngineConfig& c, py::handle v) { c.kernel_t = v.cast<double>(); }},
+      {"gamma", [](EngineConfig& c, py::handle v) { c.gamma = v.cast<double>(); }},
+      {"margin", [](EngineConfig& c, py::handle v) {
+         if (!v.is_none()) c.margin = v.cast<double>();
+       }},
+      {"exclude_same_label", [](EngineConfig& c, py::handle v) { c.exclude_same_label = v.cast<bool>(); }},
+      {"rounding", [](EngineConfig& c, py::handle v) { c.rounding = rounding_from_string(v.cast<std::string>()); }},
+  };
+  EngineConfig c;
+  for (const auto& [key, value] : options) {
+    const std::string name = key.cast<std::string>();
+    const auto* e = std::find_if(std::begin(table), std::end(table), [&](const auto& t) { return name == t.first; });
+    if (e == std::end(table)) {
+      std::string names;
+      for (const auto& t : table) names += std::string(names.empty() ? "" : ", ") + t.first;
+      throw py::type_error(fmt::format("{}() got an unexpected keyword argument '{}': expected comm, distributed, "
+                                       "labels or a configuration keyword ({})", who, name, names));
+    }
+    try {
+      e->second(c, value);
+    } catch (py::cast_error&) {
+      throw py::type_error(fmt::format("{}({} = {}): a {} cannot set it", who, name, std::string(py::repr(value)),
+                                       type_name(value)));
+    }
+  }
+  return c;
+}
+
 std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, index_t k, double tau, double momentum,
                                       const std::string& objective, const std::string& negatives, bool exclude_positive,
                                       const std::string& z_policy, double z_fixed, double z_ema, std::uint64_t seed,
@@ -424,27 +523,10 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
   if (!bank.s->owned)
     throw Error("Engine(bank): this Bank already belongs to an Engine (each engine owns its bank): make a new Bank, "
                 "or use that engine");
-  EngineConfig c;
-  c.k = k;
-  c.tau = tau;
-  c.momentum = momentum;
-  c.objective = objective_arg(objective);
-  c.negatives = negatives_mode_from_string(normalise_name(negatives));
-  c.exclude_positive = exclude_positive;
-  c.z_policy = z_policy_from_string(z_policy);
-  c.z_fixed = z_fixed;
-  c.z_ema = z_ema;
-  c.seed = seed;
-  c.normalize_features = normalize_features;
-  c.unit_norm_tolerance = unit_norm_tolerance;
-  c.tau_plus = tau_plus;
-  c.beta = beta;
-  c.detach_weights = detach_weights;
-  c.kernel_t = kernel_t;
-  c.gamma = gamma;
-  if (!margin.is_none()) c.margin = margin.cast<double>();
-  c.exclude_same_label = exclude_same_label;
-  c.rounding = rounding_from_string(rounding);
+  const EngineOnlyArgs engine_only{k, momentum, &negatives, &z_policy, z_fixed, z_ema};
+  const EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features, unit_norm_tolerance,
+                                     tau_plus, beta, detach_weights, kernel_t, gamma, margin, exclude_same_label,
+                                     rounding, &engine_only);
   const index_t n = bank.s->owned->size();
   std::vector<std::int64_t> label_values = labels_arg(labels);
   // Validate before the bank is moved: a refused configuration leaves the Python Bank usable.
@@ -557,56 +639,6 @@ MPI_Comm comm_arg(py::handle comm) {
                                      type_name(comm)));
   if (comm.equal(mpi.attr("COMM_NULL"))) throw Error("comm is MPI.COMM_NULL: expected a communicator");
   return handle_from_int<MPI_Comm>(mpi.attr("_handleof")(comm));
-}
-
-/// The configuration keywords of DistributedEngine: one table, each entry the name and how its value
-/// sets the field; a keyword left out keeps EngineConfig's default, which is Engine's default too.
-EngineConfig config_from_options(const py::dict& options, const char* who) {
-  using Set = void (*)(EngineConfig&, py::handle);
-  static const std::pair<const char*, Set> table[] = {
-      {"k", [](EngineConfig& c, py::handle v) { c.k = v.cast<index_t>(); }},
-      {"tau", [](EngineConfig& c, py::handle v) { c.tau = v.cast<double>(); }},
-      {"momentum", [](EngineConfig& c, py::handle v) { c.momentum = v.cast<double>(); }},
-      {"objective", [](EngineConfig& c, py::handle v) { c.objective = objective_arg(v.cast<std::string>()); }},
-      {"negatives", [](EngineConfig& c, py::handle v) {
-         c.negatives = negatives_mode_from_string(normalise_name(v.cast<std::string>()));
-       }},
-      {"exclude_positive", [](EngineConfig& c, py::handle v) { c.exclude_positive = v.cast<bool>(); }},
-      {"z_policy", [](EngineConfig& c, py::handle v) { c.z_policy = z_policy_from_string(v.cast<std::string>()); }},
-      {"z_fixed", [](EngineConfig& c, py::handle v) { c.z_fixed = v.cast<double>(); }},
-      {"z_ema", [](EngineConfig& c, py::handle v) { c.z_ema = v.cast<double>(); }},
-      {"seed", [](EngineConfig& c, py::handle v) { c.seed = v.cast<std::uint64_t>(); }},
-      {"normalize_features", [](EngineConfig& c, py::handle v) { c.normalize_features = v.cast<bool>(); }},
-      {"unit_norm_tolerance", [](EngineConfig& c, py::handle v) { c.unit_norm_tolerance = v.cast<double>(); }},
-      {"tau_plus", [](EngineConfig& c, py::handle v) { c.tau_plus = v.cast<double>(); }},
-      {"beta", [](EngineConfig& c, py::handle v) { c.beta = v.cast<double>(); }},
-      {"detach_weights", [](EngineConfig& c, py::handle v) { c.detach_weights = v.cast<bool>(); }},
-      {"kernel_t", [](EngineConfig& c, py::handle v) { c.kernel_t = v.cast<double>(); }},
-      {"gamma", [](EngineConfig& c, py::handle v) { c.gamma = v.cast<double>(); }},
-      {"margin", [](EngineConfig& c, py::handle v) {
-         if (!v.is_none()) c.margin = v.cast<double>();
-       }},
-      {"exclude_same_label", [](EngineConfig& c, py::handle v) { c.exclude_same_label = v.cast<bool>(); }},
-      {"rounding", [](EngineConfig& c, py::handle v) { c.rounding = rounding_from_string(v.cast<std::string>()); }},
-  };
-  EngineConfig c;
-  for (const auto& [key, value] : options) {
-    const std::string name = key.cast<std::string>();
-    const auto* e = std::find_if(std::begin(table), std::end(table), [&](const auto& t) { return name == t.first; });
-    if (e == std::end(table)) {
-      std::string names;
-      for (const auto& t : table) names += std::string(names.empty() ? "" : ", ") + t.first;
-      throw py::type_error(fmt::format("{}() got an unexpected keyword argument '{}': expected comm, distributed, "
-                                       "labels or a configuration keyword ({})", who, name, names));
-    }
-    try {
-      e->second(c, value);
-    } catch (py::cast_error&) {
-      throw py::type_error(fmt::format("{}({} = {}): a {} cannot set it", who, name, std::string(py::repr(value)),
-                                       type_name(value)));
-    }
-  }
-  return c;
 }
 
 /// The rows [r.begin, r.end) of `whole` as a bank of their own, bit for bit (stored type, last-update
@@ -874,6 +906,219 @@ std::shared_ptr<PyDistEngine> load_distributed(py::handle path, py::handle comm,
   throw Error(fmt::format("DistributedEngine.{} is not available: {}", what, instead));
 }
 #endif  // MEMBANK_PYTHON_MPI
+
+// ---------------------------------------------------------------------------------------------
+// Queue (MoCo's ring of keys, membank/queue.hpp) and InBatch (SimCLR's in-batch negatives,
+// membank/in_batch.hpp)
+
+/// A Queue with its mutex (two Python threads may share one: their calls run one after the other).
+/// Q, D and the dtype never change (restore() requires the same), so they are kept here and read
+/// without the lock.
+struct PyQueue {
+  std::unique_ptr<Queue> queue;
+  std::mutex mu;
+  index_t capacity = 0, dim = 0;
+  DType dtype = DType::float32;
+};
+
+std::shared_ptr<PyQueue> make_queue(index_t capacity, index_t dim, const EngineConfig& config, DType dtype) {
+  auto pq = std::make_shared<PyQueue>();
+  {
+    py::gil_scoped_release nogil;  // Q seeded keys: O(Q D)
+    pq->queue = std::make_unique<Queue>(capacity, dim, config, dtype);
+  }
+  pq->capacity = capacity;
+  pq->dim = dim;
+  pq->dtype = dtype;
+  return pq;
+}
+
+/// Run f on the queue with its lock held and the GIL released (call with the GIL held).
+template <class F>
+auto with_queue(PyQueue& pq, F&& f) {
+  py::gil_scoped_release nogil;
+  std::lock_guard lk(pq.mu);
+  return f(*pq.queue);
+}
+
+/// ids= / labels= of a Queue or InBatch call: a contiguous int64 (B,) array, or None (none given).
+template <class T>
+Vector1<T> optional_vector(py::handle obj, const char* arg) {
+  if (obj.is_none()) return {};
+  return vector_arg<T>(obj, arg, "int64", "(B,)");
+}
+
+/// `out` (named `name`) may share no memory with itself nor with the inputs of the call.
+void check_out_alone(const Matrix2<float>& out, const char* name, std::span<const NamedRegion> inputs) {
+  const MemoryRegion o = region_of(out);
+  check_no_self_overlap(o, name);
+  for (const NamedRegion& in : inputs) check_no_overlap(o, name, in.region, in.name);
+}
+
+/// Queue.step / Queue.evaluate: arguments converted (refused with the fix in the message), the gradient
+/// buffer (the caller's `out`, checked, or a fresh (B, D) array), then call(queue, ...) with the lock
+/// held and the GIL released. Returns (loss, dL/dqueries, StepStats), as Engine.step.
+template <class F>
+py::tuple queue_call(PyQueue& pq, py::handle queries, py::handle keys, py::handle ids, py::handle labels,
+                     py::object out, F&& call) {
+  auto qf = matrix_arg<float>(queries, "queries", "float32", "(B, D)");
+  auto kf = matrix_arg<float>(keys, "keys", "float32", "(B, D)");
+  auto y = optional_vector<index_t>(ids, "ids");
+  auto l = optional_vector<std::int64_t>(labels, "labels");
+  if (qf.rows == 0) throw Error("queries has 0 rows: expected a batch of at least one query (B >= 1)");
+  const bool callers_out = !out.is_none();
+  auto g = grad_buffer(std::move(out), qf.rows, pq.dim);
+  const NamedRegion inputs[] = {{region_of(qf), "queries"}, {region_of(kf), "keys"}, {region_of(y), "ids"},
+                                {region_of(l), "labels"}};
+  const StepStats st = with_queue(pq, [&](Queue& q) {
+    if (callers_out) {
+      check_out_alone(g, "out", inputs);
+      q.keys().check_no_overlap(region_of(g), "out");
+    }
+    return call(q, qf.cmap(), kf.cmap(), g.map(), y.span(), l.span());
+  });
+  return step_result(st, g);
+}
+
+/// An int64 from a state dict's entry; TypeError naming it otherwise.
+std::int64_t int64_item(py::handle value, const char* name) {
+  try {
+    return value.cast<std::int64_t>();
+  } catch (py::cast_error&) {
+    throw py::type_error(fmt::format("Queue.restore: {} must be an int; got {}", name, type_name(value)));
+  }
+}
+
+/// Queue.state(): copies of everything Queue::State holds, the keys as stored (float32, float16, or the
+/// uint16 words of bfloat16) with their last-update steps.
+py::dict queue_state(PyQueue& pq) {
+  const index_t q = pq.capacity, dim = pq.dim;
+  const auto es = static_cast<std::size_t>(dtype_bytes(pq.dtype));
+  py::array keys(storage_dtype(pq.dtype), std::vector<py::ssize_t>{q, dim});
+  py::array_t<bool> labelled(q);
+  auto* dst = static_cast<unsigned char*>(keys.mutable_data());
+  auto* flags = labelled.mutable_data();
+  std::vector<std::int64_t> last_update, labels;
+  std::vector<index_t> ids;
+  index_t position = 0;
+  std::int64_t enqueued = 0, step = 0;
+  with_queue(pq, [&](Queue& qu) {
+    const BankView v = qu.keys().view();
+    for (index_t i = 0; i < q; ++i)
+      std::memcpy(dst + static_cast<std::size_t>(i * dim) * es, v.row_data(i), static_cast<std::size_t>(dim) * es);
+    last_update = qu.keys().last_update();
+    ids = qu.ids();
+    labels = qu.labels();
+    for (index_t i = 0; i < q; ++i) flags[i] = qu.labelled()[static_cast<std::size_t>(i)] != 0;
+    position = qu.position();
+    enqueued = qu.enqueued();
+    step = qu.steps_done();
+  });
+  py::dict d;
+  d["capacity"] = q;
+  d["dim"] = dim;
+  d["dtype"] = to_string(pq.dtype);
+  d["keys"] = keys;
+  d["last_update"] = to_numpy(std::move(last_update));
+  d["ids"] = to_numpy(std::move(ids));
+  d["labels"] = to_numpy(std::move(labels));
+  d["labelled"] = labelled;
+  d["position"] = position;
+  d["enqueued"] = enqueued;
+  d["step"] = step;
+  return d;
+}
+
+/// Queue.restore(state): every entry converted and checked first (a refused state changes nothing),
+/// the keys kept bit for bit.
+void queue_restore(PyQueue& pq, py::handle state) {
+  if (!py::isinstance<py::dict>(state))
+    throw py::type_error(fmt::format("Queue.restore: state must be a dict (what Queue.state() returns); got {}",
+                                     type_name(state)));
+  const auto d = py::reinterpret_borrow<py::dict>(state);
+  const auto item = [&](const char* key) -> py::object {
+    if (!d.contains(key))
+      throw Error(fmt::format("Queue.restore: state has no '{}': expected the dict Queue.state() returns (keys, "
+                              "last_update, ids, labels, labelled, position, enqueued, step)", key));
+    return d[key];
+  };
+  const index_t q = pq.capacity, dim = pq.dim;
+  const py::dtype want = storage_dtype(pq.dtype);
+  const std::string want_keys = fmt::format("a C-contiguous {} ({}, {}) array (the queue's {} keys as Queue.state() "
+                                            "returns them)", std::string(py::str(want.attr("name"))), q, dim,
+                                            to_string(pq.dtype));
+  py::array keys = require_ndarray(item("keys"), "state['keys']", want_keys.c_str());
+  if (!keys.dtype().equal(want))
+    throw py::type_error(fmt::format("state['keys'] must be {}; got dtype {}", want_keys,
+                                     std::string(py::str(keys.dtype()))));
+  if (keys.ndim() != 2 || keys.shape(0) != q || keys.shape(1) != dim)
+    throw py::value_error(fmt::format("state['keys'] must be {}; got shape {}", want_keys, shape_str(keys)));
+  if (!(keys.flags() & py::array::c_style))
+    throw py::value_error(fmt::format("state['keys'] must be {}: pass np.ascontiguousarray(keys)", want_keys));
+  require_aligned(keys, "state['keys']", static_cast<std::size_t>(dtype_bytes(pq.dtype)));
+  const auto lu = vector_arg<std::int64_t>(item("last_update"), "state['last_update']", "int64", "(Q,)");
+  const auto ids = vector_arg<index_t>(item("ids"), "state['ids']", "int64", "(Q,)");
+  const auto labels = vector_arg<std::int64_t>(item("labels"), "state['labels']", "int64", "(Q,)");
+  py::array flags = require_ndarray(item("labelled"), "state['labelled']", "a contiguous bool (Q,) array");
+  if (!flags.dtype().equal(py::dtype::of<bool>()) && !flags.dtype().equal(py::dtype::of<std::uint8_t>()))
+    throw py::type_error(fmt::format("state['labelled'] must be a contiguous bool (Q,) array; got dtype {}: pass "
+                                     "labelled.astype(bool)", std::string(py::str(flags.dtype()))));
+  if (flags.ndim() != 1 || (flags.shape(0) > 1 && flags.strides(0) != 1))
+    throw py::value_error(fmt::format("state['labelled'] must be a contiguous bool (Q,) array; got shape {}: pass "
+                                      "np.ascontiguousarray(labelled.reshape(-1))", shape_str(flags)));
+  const std::int64_t position = int64_item(item("position"), "state['position']");
+  const std::int64_t enqueued = int64_item(item("enqueued"), "state['enqueued']");
+  const std::int64_t step = int64_item(item("step"), "state['step']");
+  const auto* flag_data = static_cast<const std::uint8_t*>(flags.data());
+  std::vector<std::uint8_t> labelled(flag_data, flag_data + flags.shape(0));
+  std::vector<index_t> id_values(ids.data, ids.data + ids.size);
+  std::vector<std::int64_t> label_values(labels.data, labels.data + labels.size);
+  std::vector<std::int64_t> last_update(lu.data, lu.data + lu.size);
+  const void* src = keys.data();
+  const DType dtype = pq.dtype;
+  py::gil_scoped_release nogil;
+  // The keys as a bank of their own, bit for bit: rows within the snapshots' unit-norm tolerance are kept
+  // as they are, any other is refused (never renormalised behind the caller's back).
+  const double tolerance = std::max(1e-4, row_norm_tolerance(dtype));
+  index_t off = 0;
+  constexpr index_t block = 4096;
+  Bank bank = dtype == DType::float32
+                ? Bank::from_blocks(q, dim, block,
+                                    [&](index_t row0, index_t rows, float* out, index_t ld) {
+                                      const auto* f = static_cast<const float*>(src);
+                                      for (index_t i = 0; i < rows; ++i)
+                                        std::copy_n(f + (row0 + i) * dim, dim, out + i * ld);
+                                    },
+                                    tolerance, &off, DType::float32)
+                : Bank::from_raw_blocks(q, dim, dtype, block,
+                                        [&](index_t row0, index_t rows, std::uint16_t* out, index_t ld) {
+                                          const auto* w = static_cast<const std::uint16_t*>(src);
+                                          for (index_t i = 0; i < rows; ++i)
+                                            std::copy_n(w + (row0 + i) * dim, dim, out + i * ld);
+                                        },
+                                        tolerance, &off);
+  if (off != 0)
+    throw Error(fmt::format("Queue.restore: state['keys'] has {} rows that are not unit-norm (within {:g}): expected "
+                            "the keys Queue.state() returns", off, tolerance));
+  bank.set_last_update(std::move(last_update));  // Error on a wrong length
+  Queue::State st{std::move(bank), std::move(id_values), std::move(label_values), std::move(labelled),
+                  position, enqueued, step};
+  std::lock_guard lk(pq.mu);
+  pq.queue->restore(std::move(st));  // checks the rest; changes nothing on an error
+}
+
+/// The queue's configuration as Queue(...) keywords read it back (pickling).
+py::tuple queue_getstate(PyQueue& pq) {
+  return py::make_tuple(pq.capacity, pq.dim, to_string(pq.dtype), config_dict(pq.queue->config()), queue_state(pq));
+}
+
+std::shared_ptr<PyQueue> queue_setstate(const py::tuple& t) {
+  if (t.size() != 5) throw Error("Queue.__setstate__: expected the 5-tuple Queue.__getstate__ returns");
+  const EngineConfig c = config_from_options(t[3].cast<py::dict>(), "Queue.__setstate__");
+  auto pq = make_queue(t[0].cast<index_t>(), t[1].cast<index_t>(), c, dtype_arg(t[2]));
+  queue_restore(*pq, t[4]);
+  return pq;
+}
 
 }  // namespace
 
@@ -1183,6 +1428,176 @@ PYBIND11_MODULE(_membank, m) {
                            "steps_done={})",
                            pe.engine->bank().size(), pe.engine->bank().dim(), to_string(pe.engine->bank().dtype()),
                            c.k, c.tau, to_string(c.objective), to_string(c.negatives), pe.engine->steps_done());
+      });
+
+  // ---- Queue (MoCo) and InBatch (SimCLR)
+  py::class_<PyQueue, std::shared_ptr<PyQueue>>(m, "Queue", R"doc(
+MoCo's memory (He et al., CVPR 2020; membank/queue.hpp): a ring of Q keys from the caller's momentum
+encoder, the shared negatives of every query, refreshed first in, first out. A step scores each query
+against its positive key and the whole queue, returns the loss and dL/dqueries (no gradient flows
+into the keys), then enqueues the batch's keys (the oldest go out; Q need not be a multiple of B).
+
+A new queue holds Q seeded unit keys (seed) with no id and no label. With exclude_positive, a slot
+holding the query's own instance id (an accidental hit) is no negative of that query; with
+exclude_same_label, neither is a slot of its label. Objectives: infonce (MoCo's), dcl, hcl, dhel, kcl,
+and with labels supcon, contrastive, triplet (nce and full need a bank: membank.Error).)doc")
+      .def(py::init([](index_t capacity, index_t dim, const std::string& objective, double tau, py::handle dtype,
+                       std::uint64_t seed, bool exclude_positive, bool exclude_same_label, bool normalize_features,
+                       double unit_norm_tolerance, double tau_plus, double beta, bool detach_weights, double kernel_t,
+                       double gamma, py::object margin, const std::string& rounding) {
+             const EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features,
+                                                unit_norm_tolerance, tau_plus, beta, detach_weights, kernel_t, gamma,
+                                                margin, exclude_same_label, rounding);
+             return make_queue(capacity, dim, c, dtype_arg(dtype));
+           }),
+           py::arg("capacity"), py::arg("dim"), py::arg("objective") = "infonce", py::arg("tau") = 0.07, py::kw_only(),
+           py::arg("dtype") = "float32", py::arg("seed") = 0, py::arg("exclude_positive") = false,
+           py::arg("exclude_same_label") = false, py::arg("normalize_features") = false,
+           py::arg("unit_norm_tolerance") = 1e-3, py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0,
+           py::arg("detach_weights") = false, py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0,
+           py::arg("margin") = py::none(), py::arg("rounding") = "nearest",
+           "A queue of Q = capacity keys of dimension dim, stored as dtype ('float32', 'float16', 'bfloat16'). The "
+           "objective keywords are Engine's (same names, same defaults but objective = 'infonce'); rounding: how an "
+           "enqueued key is rounded to a 2-byte dtype ('nearest' | 'stochastic').")
+      .def("step",
+           [](PyQueue& pq, py::handle queries, py::handle keys, py::handle ids, py::handle labels, bool enqueue,
+              py::object out) {
+             return queue_call(pq, queries, keys, ids, labels, std::move(out),
+                               [&](Queue& q, auto qm, auto km, auto g, auto y, auto l) {
+                                 return q.step(qm, km, g, y, l, enqueue);
+                               });
+           },
+           py::arg("queries"), py::arg("keys"), py::arg("ids") = py::none(), py::arg("labels") = py::none(),
+           py::arg("enqueue") = true, py::arg("out") = py::none(),
+           "One step: (loss, dL/dqueries (B, D) float32, StepStats), as Engine.step. queries: float32 (B, D) from the "
+           "encoder being trained; keys: their positive keys, float32 (B, D) from the momentum encoder (unit rows, "
+           "unless normalize_features); ids, labels: int64 (B,) or None (stored with the keys; what exclude_positive "
+           "and the labelled objectives compare). Scores against the queue as it is, then (enqueue=True) enqueues "
+           "the keys. The step counter advances either way.")
+      .def("evaluate",
+           [](PyQueue& pq, py::handle queries, py::handle keys, py::handle ids, py::handle labels, py::object out) {
+             return queue_call(pq, queries, keys, ids, labels, std::move(out),
+                               [&](Queue& q, auto qm, auto km, auto g, auto y, auto l) {
+                                 return q.evaluate(qm, km, g, y, l);
+                               });
+           },
+           py::arg("queries"), py::arg("keys"), py::arg("ids") = py::none(), py::arg("labels") = py::none(),
+           py::arg("out") = py::none(),
+           "What step() would return now, changing nothing (no enqueue, no counter): (loss, dL/dqueries, StepStats).")
+      .def("enqueue",
+           [](PyQueue& pq, py::handle keys, py::handle ids, py::handle labels) {
+             auto kf = matrix_arg<float>(keys, "keys", "float32", "(B, D)");
+             auto y = optional_vector<index_t>(ids, "ids");
+             auto l = optional_vector<std::int64_t>(labels, "labels");
+             with_queue(pq, [&](Queue& q) { q.enqueue(kf.cmap(), y.span(), l.span()); });
+           },
+           py::arg("keys"), py::arg("ids") = py::none(), py::arg("labels") = py::none(),
+           "Enqueue B keys (float32 (B, D)) with their ids and labels (int64 (B,) or None), without a step.")
+      .def_property_readonly("capacity", [](const PyQueue& pq) { return pq.capacity; }, "Q")
+      .def_property_readonly("dim", [](const PyQueue& pq) { return pq.dim; }, "D")
+      .def_property_readonly("dtype", [](const PyQueue& pq) { return to_string(pq.dtype); },
+                             "the keys' element type: 'float32', 'float16' or 'bfloat16'")
+      .def_property_readonly("config", [](const PyQueue& pq) { return config_dict(pq.queue->config()); })
+      .def_property_readonly("position", [](PyQueue& pq) { return with_queue(pq, [](Queue& q) { return q.position(); }); },
+                             "the slot the next key is written to (the oldest key once the ring is full)")
+      .def_property_readonly("enqueued", [](PyQueue& pq) { return with_queue(pq, [](Queue& q) { return q.enqueued(); }); },
+                             "keys enqueued since the queue was made")
+      .def_property_readonly("steps_done", [](PyQueue& pq) {
+        return with_queue(pq, [](Queue& q) { return q.steps_done(); });
+      })
+      .def("keys", [](PyQueue& pq) { return to_numpy(with_queue(pq, [](Queue& q) { return q.keys().to_matrix(); })); },
+           "A copy of the keys in slot order, widened to float32 (exactly): (Q, D).")
+      .def("last_update", [](PyQueue& pq) {
+             return to_numpy(with_queue(pq, [](Queue& q) { return q.keys().last_update(); }));
+           }, "Per slot, the step counter at which its key was enqueued (-1: a seeded key), int64 (Q,).")
+      .def("ids", [](PyQueue& pq) { return to_numpy(with_queue(pq, [](Queue& q) { return q.ids(); })); },
+           "Per slot, the instance id of its key (-1: none), int64 (Q,) (a copy).")
+      .def("labels", [](PyQueue& pq) { return to_numpy(with_queue(pq, [](Queue& q) { return q.labels(); })); },
+           "Per slot, the label of its key (0 where labelled() is False), int64 (Q,) (a copy).")
+      .def("labelled", [](PyQueue& pq) {
+             py::array_t<bool> a(pq.capacity);
+             bool* dst = a.mutable_data();
+             with_queue(pq, [&](Queue& q) {
+               for (std::size_t j = 0; j < q.labelled().size(); ++j) dst[j] = q.labelled()[j] != 0;
+             });
+             return a;
+           }, "Per slot, whether its key has a label, bool (Q,) (a copy).")
+      .def("state", &queue_state,
+           "The whole state as a dict of copies: keys (Q, D) as stored (float32, float16, or bfloat16's uint16 "
+           "words), last_update, ids, labels (int64 (Q,)), labelled (bool (Q,)), position, enqueued, step, and "
+           "capacity, dim, dtype. restore(state) on a queue of the same Q, D and dtype continues bit for bit.")
+      .def("restore", &queue_restore, py::arg("state"),
+           "Replace the state with a dict from state() (resume). Everything is checked first (shapes, dtypes, ranges, "
+           "unit keys): a refused state raises and changes nothing.")
+      .def(py::pickle(&queue_getstate, &queue_setstate))
+      .def("__repr__", [](PyQueue& pq) {
+        const auto [position, steps] =
+            with_queue(pq, [](Queue& q) { return std::pair{q.position(), q.steps_done()}; });
+        const EngineConfig& c = pq.queue->config();
+        return fmt::format("membank.Queue(capacity={}, dim={}, dtype={}, objective={}, tau={}, position={}, "
+                           "steps_done={})", pq.capacity, pq.dim, to_string(pq.dtype), to_string(c.objective), c.tau,
+                           position, steps);
+      });
+
+  py::class_<InBatch>(m, "InBatch", R"doc(
+SimCLR's negatives (Chen et al., ICML 2020; membank/in_batch.hpp): no stored memory, the other samples
+of the batch. A step takes two views of B instances, a and b (2B samples); each sample's positive is
+its partner, its negatives the other 2B - 2 samples (infonce: NT-Xent). The loss is the mean over the
+2B samples; the gradient of each view collects both roles of its samples, dL/dZ = (C + C^T) Z. With
+exclude_positive and ids, samples of the same instance id are no negatives of each other; with
+exclude_same_label, no sample of the query's label. Stateless: step() may run in several threads.)doc")
+      .def(py::init([](const std::string& objective, double tau, bool exclude_positive, bool exclude_same_label,
+                       bool normalize_features, double unit_norm_tolerance, double tau_plus, double beta,
+                       bool detach_weights, double kernel_t, double gamma, py::object margin) {
+             return InBatch(make_config(objective, tau, exclude_positive, 0, normalize_features, unit_norm_tolerance,
+                                        tau_plus, beta, detach_weights, kernel_t, gamma, margin, exclude_same_label,
+                                        "nearest"));
+           }),
+           py::arg("objective") = "infonce", py::arg("tau") = 0.07, py::kw_only(), py::arg("exclude_positive") = false,
+           py::arg("exclude_same_label") = false, py::arg("normalize_features") = false,
+           py::arg("unit_norm_tolerance") = 1e-3, py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0,
+           py::arg("detach_weights") = false, py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0,
+           py::arg("margin") = py::none(),
+           "The objective keywords are Engine's (same names, same defaults but objective = 'infonce'); nothing is "
+           "stored or drawn, so there is no seed, dtype nor rounding.")
+      .def("step",
+           [](const InBatch& ib, py::handle view_a, py::handle view_b, py::handle ids, py::handle labels,
+              py::object out_a, py::object out_b) {
+             auto a = matrix_arg<float>(view_a, "view_a", "float32", "(B, D)");
+             auto b = matrix_arg<float>(view_b, "view_b", "float32", "(B, D)");
+             auto y = optional_vector<index_t>(ids, "ids");
+             auto l = optional_vector<std::int64_t>(labels, "labels");
+             if (a.rows < 2)
+               throw Error(fmt::format("view_a has {} rows: expected B >= 2 instances (a sample's negatives are the "
+                                       "other 2B - 2 samples)", a.rows));
+             const bool own_a = !out_a.is_none(), own_b = !out_b.is_none();
+             auto ga = grad_buffer(std::move(out_a), a.rows, a.cols, "out_a");
+             auto gb = grad_buffer(std::move(out_b), a.rows, a.cols, "out_b");
+             const NamedRegion inputs[] = {{region_of(a), "view_a"}, {region_of(b), "view_b"}, {region_of(y), "ids"},
+                                           {region_of(l), "labels"}};
+             if (own_a) check_out_alone(ga, "out_a", inputs);
+             if (own_b) check_out_alone(gb, "out_b", inputs);
+             if (own_a && own_b) check_no_overlap(region_of(ga), "out_a", region_of(gb), "out_b");
+             StepStats st;
+             {
+               py::gil_scoped_release nogil;
+               st = ib.step(a.cmap(), b.cmap(), ga.map(), gb.map(), y.span(), l.span());
+             }
+             return py::make_tuple(st.loss, ga.arr, gb.arr, st);
+           },
+           py::arg("view_a"), py::arg("view_b"), py::arg("ids") = py::none(), py::arg("labels") = py::none(),
+           py::arg("out_a") = py::none(), py::arg("out_b") = py::none(),
+           "(loss, dL/dview_a, dL/dview_b, StepStats): Engine.step's tuple with a gradient per view. view_a, view_b: "
+           "float32 (B, D), B >= 2 (unit rows, unless normalize_features); ids, labels: int64 (B,) or None, one per "
+           "instance (both views share it). StepStats.step is 0 (no counter).")
+      .def_property_readonly("config", [](const InBatch& ib) { return config_dict(ib.config()); })
+      .def(py::pickle([](const InBatch& ib) { return py::make_tuple(config_dict(ib.config())); },
+                      [](const py::tuple& t) {
+                        if (t.size() != 1) throw Error("InBatch.__setstate__: expected the 1-tuple InBatch.__getstate__ returns");
+                        return InBatch(config_from_options(t[0].cast<py::dict>(), "InBatch.__setstate__"));
+                      }))
+      .def("__repr__", [](const InBatch& ib) {
+        return fmt::format("membank.InBatch(objective={}, tau={})", to_string(ib.config().objective), ib.config().tau);
       });
 
   // ---- DistributedEngine (builds with MPI)

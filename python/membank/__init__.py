@@ -17,6 +17,12 @@ allocation that fails) raises ``MemoryError`` with the bytes needed and availabl
 of the bank itself (``engine.bank.view()``); an ``out=`` buffer that shares memory with an input or
 the bank is refused. The GIL is released during C++ work.
 
+MoCo's queue and SimCLR's in-batch negatives over the same objectives::
+
+    queue = membank.Queue(65536, 128, tau=0.2)             # Q keys from a momentum encoder
+    loss, grad_q, stats = queue.step(q, k, ids)            # scores q vs k and the queue, then enqueues k
+    loss, grad_a, grad_b, stats = membank.InBatch(tau=0.5).step(z_a, z_b)   # NT-Xent over 2B samples
+
 ``membank.torch`` holds the PyTorch face (autograd Function, drop-in NCEAverage / NCECriterion).
 
 Distributed (builds with MPI: ``membank.has_mpi``): one logical bank over the ranks of an mpi4py
@@ -36,8 +42,10 @@ from ._membank import (  # noqa: F401
     Bank,
     Engine,
     Error,
+    InBatch,
     KnnResult,
     NoiseSampler,
+    Queue,
     StepStats,
     UniformSampler,
     full_softmax_loss,
@@ -79,7 +87,8 @@ _object_new = Engine.__new__
 Engine.__new__ = staticmethod(_engine_new)
 
 __all__ = [
-    "AliasSampler", "Bank", "Engine", "Error", "KnnResult", "NoiseSampler", "StepStats", "UniformSampler",
+    "AliasSampler", "Bank", "Engine", "Error", "InBatch", "KnnResult", "NoiseSampler", "Queue", "StepStats",
+    "UniformSampler",
     "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot", "max_num_threads",
     "read_snapshot_info", "save_snapshot", "set_num_threads", "time_steps", "verify_snapshot", "has_mpi",
 ]

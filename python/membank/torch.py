@@ -55,27 +55,28 @@ from torch import nn
 from . import _membank
 
 __all__ = ["NCEFunction", "nce_loss", "MemoryBankLoss", "NCEAverage", "NCECriterion", "ReadOnlyBank",
-           "reference_nce_criterion"]
+           "reference_nce_criterion", "QueueFunction", "QueueLoss", "InBatchFunction", "InBatchLoss"]
 
 
-def _features(x: torch.Tensor) -> np.ndarray:
+def _features(x: torch.Tensor, name: str = "features") -> np.ndarray:
     """x as the float32 (B, D) C-contiguous numpy array the engine reads (a view when x already is)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"features must be a torch.Tensor (B, D); got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor (B, D); got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"features must be 2-D (B, D); got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be 2-D (B, D); got shape {tuple(x.shape)}")
     # Inputs are only read, so a conversion here cannot lose a write: float64 (gradcheck), half
     # precision, CUDA or non-contiguous inputs become a float32 CPU copy.
     return x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
 
 
-def _ids(y: torch.Tensor) -> np.ndarray:
+def _ids(y: torch.Tensor, name: str = "ids", what: str = "instance indices") -> np.ndarray:
     if isinstance(y, np.ndarray):
         return np.ascontiguousarray(y, dtype=np.int64)
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"ids must be a torch.Tensor of instance indices (B,); got {type(y).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of {what} (B,); got {type(y).__name__}")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise TypeError(f"ids must be an integer tensor (torch.long); got {y.dtype}: pass y.long()")
+        raise TypeError(f"{name} must be an integer tensor (torch.long); got {y.dtype}: pass "
+                        f"{'y' if name == 'ids' else name}.long()")
     return y.detach().to(device="cpu", dtype=torch.int64).contiguous().view(-1).numpy()
 
 
@@ -424,3 +425,182 @@ class NCECriterion(nn.Module):
         if x.dim() == 0:
             return x
         return reference_nce_criterion(x, self.nLem)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoCo's queue and SimCLR's in-batch negatives: the same autograd pattern over membank.Queue / membank.InBatch.
+# QueueLoss and InBatchLoss take the same forward arguments, (a, b, ids=None, labels=None): switching between
+# them is one object.
+
+def _optional_ids(y, name: str, what: str):
+    return None if y is None else _ids(y, name, what)
+
+
+def _grad_like(grad: torch.Tensor, grad_output: torch.Tensor, like) -> torch.Tensor:
+    """The engine's float32 CPU gradient times the incoming one, in the dtype and device of the input
+    (like: its (dtype, device))."""
+    dtype, device = like
+    return grad.to(device=device, dtype=dtype) * grad_output.to(device=device, dtype=dtype)
+
+
+class QueueFunction(torch.autograd.Function):
+    """loss = QueueFunction.apply(q, k, queue, ids=None, labels=None, update=True, stats=None)
+
+    q: (B, D) queries from the encoder being trained; k: (B, D) their positive keys from the momentum
+    encoder; queue: a membank.Queue (its objective decides the loss); ids, labels: (B,) integer tensors or
+    None (stored with the keys; what exclude_positive and the labelled objectives compare).
+    update: True -- one training step: the loss against the queue as it is, then k enqueued (the oldest
+    keys go out) and the step counter advanced; False -- evaluate only, the queue unchanged.
+    stats: an optional list that receives the step's membank.StepStats.
+
+    Returns the 0-d loss (mean over the batch) in q's dtype and device; backward returns dL/dq (times the
+    incoming gradient) and no gradient for k: MoCo's keys come from the momentum encoder, which follows
+    the trained encoder by a moving average of its parameters (m = 0.999), not by backpropagation.
+    Computed in float32 by the engine.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, queue, ids=None, labels=None, update=True, stats=None):
+        qa = _features(q, "q")
+        ka = _features(k, "k")
+        y = _optional_ids(ids, "ids", "instance indices")
+        lab = _optional_ids(labels, "labels", "labels")
+        if update:
+            loss, grad, step_stats = queue.step(qa, ka, y, lab, enqueue=True)
+        else:
+            loss, grad, step_stats = queue.evaluate(qa, ka, y, lab)
+        ctx.grad = torch.from_numpy(grad)
+        ctx.like = (q.dtype, q.device)
+        if stats is not None:
+            stats.append(step_stats)
+        return torch.tensor(loss, dtype=q.dtype, device=q.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        return _grad_like(ctx.grad, grad_output, ctx.like), None, None, None, None, None, None
+
+
+class QueueLoss(nn.Module):
+    """MoCo's loss (He et al., CVPR 2020) over a membank.Queue of keys, as an nn.Module.
+
+    ``QueueLoss(queue)`` with a ``membank.Queue``, or ``QueueLoss(capacity, dim, **options)`` to make one
+    (options: Queue's keywords -- objective="infonce", tau=0.07, dtype, seed, exclude_positive, ...)::
+
+        criterion = QueueLoss(membank.Queue(65536, 128, tau=0.2, exclude_positive=True))
+        q = F.normalize(encoder_q(x_q), dim=1)
+        with torch.no_grad():
+            momentum_update(encoder_k, encoder_q, m=0.999)
+            k = F.normalize(encoder_k(x_k), dim=1)
+        loss = criterion(q, k, ids)     # scores q against k and the queue, then enqueues k
+        loss.backward()                 # dL/dq; k gets no gradient
+
+    forward(q, k, ids=None, labels=None) returns the 0-d loss (mean over the batch). **Call it once per
+    training step**: each training call enqueues that batch's keys (and advances the step counter), as
+    MoCo's ``_dequeue_and_enqueue`` does after each forward. Under ``torch.no_grad()`` (or when q does not
+    require grad) it only evaluates: the queue does not change. k is detached: it gets no gradient
+    (pass the momentum encoder's output). ``last_stats`` holds the last call's membank.StepStats.
+    The queue travels in ``state_dict()`` (extra state: Queue.state()), so a checkpoint restores it.
+    """
+
+    def __init__(self, queue, dim: Optional[int] = None, **queue_options):
+        super().__init__()
+        if not isinstance(queue, _membank.Queue):
+            if dim is None:
+                raise TypeError(f"QueueLoss(queue): expected a membank.Queue, or QueueLoss(capacity, dim, "
+                                f"**options); got {type(queue).__name__}")
+            queue = _membank.Queue(int(queue), int(dim), **queue_options)
+        elif dim is not None or queue_options:
+            raise TypeError("QueueLoss(queue): dim and Queue options belong to membank.Queue(...); drop them when "
+                            "passing a queue")
+        self.queue = queue
+        self.last_stats = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, ids=None, labels=None) -> torch.Tensor:
+        update = torch.is_grad_enabled() and q.requires_grad
+        sink = []
+        loss = QueueFunction.apply(q, k.detach(), self.queue, ids, labels, update, sink)
+        self.last_stats = sink[0] if sink else None
+        return loss
+
+    def get_extra_state(self):
+        return self.queue.state()
+
+    def set_extra_state(self, state):
+        self.queue.restore(state)
+
+    def extra_repr(self) -> str:
+        c = self.queue.config
+        return (f"capacity={self.queue.capacity}, dim={self.queue.dim}, dtype={self.queue.dtype}, "
+                f"objective={c['objective']}, tau={c['tau']}, exclude_positive={c['exclude_positive']}")
+
+
+class InBatchFunction(torch.autograd.Function):
+    """loss = InBatchFunction.apply(z_a, z_b, in_batch, ids=None, labels=None, stats=None)
+
+    z_a, z_b: (B, D) two views of B instances (B >= 2); in_batch: a membank.InBatch (its objective decides
+    the loss; infonce is SimCLR's NT-Xent over the 2B samples); ids, labels: (B,) integer tensors or None,
+    one per instance. Returns the 0-d loss (mean over the 2B samples) in z_a's dtype and device; backward
+    returns dL/dz_a and dL/dz_b (times the incoming gradient). Nothing is stored: no state changes.
+    """
+
+    @staticmethod
+    def forward(ctx, z_a, z_b, in_batch, ids=None, labels=None, stats=None):
+        a = _features(z_a, "z_a")
+        b = _features(z_b, "z_b")
+        y = _optional_ids(ids, "ids", "instance indices")
+        lab = _optional_ids(labels, "labels", "labels")
+        loss, grad_a, grad_b, step_stats = in_batch.step(a, b, y, lab)
+        ctx.grad_a = torch.from_numpy(grad_a)
+        ctx.grad_b = torch.from_numpy(grad_b)
+        ctx.like = ((z_a.dtype, z_a.device), (z_b.dtype, z_b.device))
+        if stats is not None:
+            stats.append(step_stats)
+        return torch.tensor(loss, dtype=z_a.dtype, device=z_a.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        ga = _grad_like(ctx.grad_a, grad_output, ctx.like[0]) if ctx.needs_input_grad[0] else None
+        gb = _grad_like(ctx.grad_b, grad_output, ctx.like[1]) if ctx.needs_input_grad[1] else None
+        return ga, gb, None, None, None, None
+
+
+class InBatchLoss(nn.Module):
+    """SimCLR's loss (Chen et al., ICML 2020): the other samples of the batch as negatives, as an nn.Module.
+
+    ``InBatchLoss(in_batch)`` with a ``membank.InBatch``, or ``InBatchLoss(**options)`` to make one
+    (InBatch's keywords: objective="infonce", tau=0.07, exclude_positive, ...)::
+
+        criterion = InBatchLoss(membank.InBatch(tau=0.5))
+        z_a = F.normalize(head(encoder(x_a)), dim=1)
+        z_b = F.normalize(head(encoder(x_b)), dim=1)
+        loss = criterion(z_a, z_b)      # NT-Xent over the 2B samples
+        loss.backward()                 # dL/dz_a and dL/dz_b
+
+    forward(z_a, z_b, ids=None, labels=None) -- the arguments QueueLoss takes, so the two swap by changing the
+    criterion object -- returns the 0-d loss (mean over the 2B samples). Stateless: any number of calls per
+    step. ``last_stats`` holds the last call's membank.StepStats.
+    """
+
+    def __init__(self, in_batch=None, **options):
+        super().__init__()
+        if in_batch is None:
+            in_batch = _membank.InBatch(**options)
+        elif not isinstance(in_batch, _membank.InBatch):
+            raise TypeError(f"InBatchLoss(in_batch): expected a membank.InBatch or None; got {type(in_batch).__name__}")
+        elif options:
+            raise TypeError("InBatchLoss(in_batch): the options belong to membank.InBatch(...); drop them when passing "
+                            "one")
+        self.in_batch = in_batch
+        self.last_stats = None
+
+    def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, ids=None, labels=None) -> torch.Tensor:
+        sink = []
+        loss = InBatchFunction.apply(z_a, z_b, self.in_batch, ids, labels, sink)
+        self.last_stats = sink[0] if sink else None
+        return loss
+
+    def extra_repr(self) -> str:
+        c = self.in_batch.config
+        return f"objective={c['objective']}, tau={c['tau']}, exclude_positive={c['exclude_positive']}"
