@@ -1,6 +1,8 @@
 // `membank snapshot inspect|verify|import|export`: look into a snapshot, check it completely, make one
 // from another tool's (N, D) dataset, or write its bank as a plain dataset for another tool. Banks of
-// every storage type (float32, float16, bfloat16); --dtype converts on import and export.
+// every storage type (float32, float16, bfloat16); --dtype converts on import and export. inspect and
+// verify read every kind of snapshot (an engine's, a queue's, a multi-view engine's); import and
+// export are about an engine's bank.
 #include "commands.hpp"
 #include "options.hpp"
 
@@ -8,8 +10,10 @@
 #include <membank/snapshot.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -77,26 +81,141 @@ std::map<std::string, index_t> staleness_histogram(const std::vector<std::int64_
   return out;
 }
 
-void inspect(const std::string& file, bool json) {
-  const SnapshotInfo info = read_snapshot_info(file);
-  std::vector<std::int64_t> labels;
-  const Engine engine = load_snapshot(file, &labels);
-  const BankView v = engine.bank().view();
-  double lo = std::numeric_limits<double>::infinity(), hi = 0.0, sum = 0.0;
-  std::vector<float> row(static_cast<std::size_t>(v.dim));  // a row of any type, widened (exact)
+/// Minimum, maximum and mean of the rows' norms (rows of any type, widened exactly).
+struct NormStats {
+  double lo = std::numeric_limits<double>::infinity(), hi = 0.0, mean = 0.0;
+};
+
+NormStats row_norms(const Bank& bank) {
+  const BankView v = bank.view();
+  NormStats s;
+  double sum = 0.0;
+  std::vector<float> row(static_cast<std::size_t>(v.dim));
   for (index_t i = 0; i < v.rows; ++i) {
     v.widen_rows(i, 1, row.data(), v.dim);
     double sq = 0.0;
     for (const float x : row) sq += static_cast<double>(x) * x;
     const double norm = std::sqrt(sq);
-    lo = std::min(lo, norm);
-    hi = std::max(hi, norm);
+    s.lo = std::min(s.lo, norm);
+    s.hi = std::max(s.hi, norm);
     sum += norm;
   }
+  s.mean = sum / static_cast<double>(v.rows);
+  return s;
+}
+
+/// The configuration's fields every kind prints in JSON.
+nlohmann::json config_json(const EngineConfig& c) {
+  return {{"objective", to_string(c.objective)}, {"tau", c.tau}, {"seed", c.seed},
+          {"rounding", to_string(c.rounding)}, {"exclude_positive", c.exclude_positive},
+          {"exclude_same_label", c.exclude_same_label}, {"normalize_features", c.normalize_features},
+          {"unit_norm_tolerance", c.unit_norm_tolerance}, {"tau_plus", c.tau_plus}, {"beta", c.beta},
+          {"detach_weights", c.detach_weights}, {"kernel_t", c.kernel_t}, {"gamma", c.gamma},
+          {"margin", c.effective_margin()}};
+}
+
+void inspect_queue(const std::string& file, bool json) {
+  const QueueSnapshotInfo info = read_queue_snapshot_info(file);
+  const Queue queue = load_queue_snapshot(file);
+  const NormStats norms = row_norms(queue.keys());
+  const auto hist = staleness_histogram(queue.keys().last_update(), info.step);
+  const EngineConfig& c = info.config;
+  const auto with_id = std::count_if(queue.ids().begin(), queue.ids().end(), [](index_t id) { return id >= 0; });
+  const auto labelled = std::count(queue.labelled().begin(), queue.labelled().end(), std::uint8_t{1});
+  nlohmann::json j = config_json(c);
+  j.update({{"file", file}, {"kind", "queue"}, {"format", info.format}, {"format_version", info.format_version},
+            {"engine_version", info.engine_version}, {"capacity", info.capacity}, {"dim", info.dim},
+            {"dtype", to_string(info.dtype)}, {"step", info.step}, {"position", info.position},
+            {"enqueued", info.enqueued}, {"slots_with_id", with_id}, {"slots_labelled", labelled},
+            {"rows_per_chunk", info.rows_per_chunk}, {"compressed", info.compressed}, {"norm_min", norms.lo},
+            {"norm_max", norms.hi}, {"norm_mean", norms.mean}, {"staleness_histogram", hist}});
+  if (json) {
+    fmt::print("{}\n", j.dump());
+    return;
+  }
+  fmt::print("{}\n  format {} v{}, kind queue (written by membank {})\n", file, info.format, info.format_version,
+             info.engine_version);
+  fmt::print("  ring of {} x {} {} keys{}, {} rows per chunk{}\n", info.capacity, info.dim, to_string(info.dtype),
+             info.dtype == DType::float32 ? "" : fmt::format(" (rounding {})", to_string(c.rounding)),
+             info.rows_per_chunk, info.compressed ? ", deflate" : "");
+  fmt::print("  step {}  position {}  enqueued {}  slots with an id {}  labelled {}\n", info.step, info.position,
+             info.enqueued, with_id, labelled);
+  fmt::print("  objective {}  tau {}{}{}{}  seed {}\n", to_string(c.objective), c.tau,
+             c.exclude_positive ? "  (accidental hits masked)" : "", c.exclude_same_label ? "  (same label masked)" : "",
+             c.normalize_features ? "  (features normalised)" : "", c.seed);
+  fmt::print("  {}\n", objective_parameters(c));
+  fmt::print("  key norms: min {:.9f}  max {:.9f}  mean {:.9f}\n", norms.lo, norms.hi, norms.mean);
+  fmt::print("  staleness (steps since a slot was last written):\n");
+  for (const auto& [bin, count] : hist) fmt::print("    {:>14}  {}\n", bin, count);
+}
+
+void inspect_multiview(const std::string& file, bool json) {
+  const MultiViewSnapshotInfo info = read_multiview_snapshot_info(file);
+  const MultiViewEngine engine = load_multiview_snapshot(file);
+  const EngineConfig& c = info.config;
+  nlohmann::json j = config_json(c);
+  std::vector<std::string> dtypes;
+  for (const DType t : info.dtypes) dtypes.push_back(to_string(t));
+  nlohmann::json pairs = nlohmann::json::array(), views = nlohmann::json::array();
+  for (std::size_t p = 0; p < info.pairs.size(); ++p) {
+    const Partition& z = info.partitions[p];
+    pairs.push_back({{"query", info.pairs[p].query}, {"bank", info.pairs[p].bank}, {"z_initialised", z.initialised},
+                     {"z", z.initialised ? std::exp(z.log_z) : 0.0}});
+  }
+  std::vector<NormStats> norms;
+  for (index_t v = 0; v < info.views; ++v) {
+    norms.push_back(row_norms(engine.bank(v)));
+    views.push_back({{"view", v}, {"dtype", to_string(engine.bank(v).dtype())}, {"norm_min", norms.back().lo},
+                     {"norm_max", norms.back().hi}, {"norm_mean", norms.back().mean},
+                     {"staleness_histogram", staleness_histogram(engine.bank(v).last_update(), info.step)}});
+  }
+  j.update({{"file", file}, {"kind", "multiview"}, {"format", info.format}, {"format_version", info.format_version},
+            {"engine_version", info.engine_version}, {"views", info.views}, {"n", info.n}, {"dim", info.dim},
+            {"dtypes", dtypes}, {"graph", to_string(info.graph)}, {"step", info.step}, {"k", c.k},
+            {"momentum", c.momentum}, {"negatives", to_string(c.negatives)}, {"z_policy", to_string(c.z_policy)},
+            {"sampler", to_string(info.sampler)}, {"labels", info.has_labels}, {"compressed", info.compressed},
+            {"pairs", pairs}, {"banks", views}});
+  if (json) {
+    fmt::print("{}\n", j.dump());
+    return;
+  }
+  fmt::print("{}\n  format {} v{}, kind multiview (written by membank {})\n", file, info.format,
+             info.format_version, info.engine_version);
+  fmt::print("  {} views of {} x {} banks ({}), {} graph of {} pairs, labels: {}{}\n", info.views, info.n, info.dim,
+             fmt::join(dtypes, ", "), to_string(info.graph), info.pairs.size(), info.has_labels ? "yes" : "no",
+             info.compressed ? ", deflate" : "");
+  fmt::print("  step {}  objective {}  K {}  tau {}  m {}  negatives {}{}  sampler {}  seed {}\n", info.step,
+             to_string(c.objective), c.k, c.tau, c.momentum, to_string(c.negatives),
+             c.exclude_positive ? " (positive excluded)" : "", to_string(info.sampler), c.seed);
+  fmt::print("  {}\n", objective_parameters(c));
+  fmt::print("  Z policy {}:\n", to_string(c.z_policy));
+  for (std::size_t p = 0; p < info.pairs.size(); ++p) {
+    const Partition& z = info.partitions[p];
+    fmt::print("    pair {} -> {}  Z = {}\n", info.pairs[p].query, info.pairs[p].bank,
+               z.initialised ? fmt::format("{:.6g}", std::exp(z.log_z)) : "(not set)");
+  }
+  for (index_t v = 0; v < info.views; ++v) {
+    const NormStats& s = norms[static_cast<std::size_t>(v)];
+    fmt::print("  view {} ({}): row norms min {:.9f}  max {:.9f}  mean {:.9f}\n", v, dtypes[static_cast<std::size_t>(v)],
+               s.lo, s.hi, s.mean);
+  }
+}
+
+void inspect(const std::string& file, bool json) {
+  switch (read_snapshot_kind(file)) {
+    case SnapshotKind::queue: return inspect_queue(file, json);
+    case SnapshotKind::multiview: return inspect_multiview(file, json);
+    case SnapshotKind::engine: break;
+  }
+  const SnapshotInfo info = read_snapshot_info(file);
+  std::vector<std::int64_t> labels;
+  const Engine engine = load_snapshot(file, &labels);
+  const NormStats norms = row_norms(engine.bank());
+  const double lo = norms.lo, hi = norms.hi;
   const auto hist = staleness_histogram(engine.bank().last_update(), info.step);
   const EngineConfig& c = info.config;
   nlohmann::json j = {
-      {"file", file}, {"format", info.format}, {"format_version", info.format_version},
+      {"file", file}, {"kind", "engine"}, {"format", info.format}, {"format_version", info.format_version},
       {"engine_version", info.engine_version}, {"n", info.n}, {"dim", info.dim}, {"dtype", to_string(info.dtype)},
       {"rounding", to_string(c.rounding)}, {"step", info.step},
       {"objective", to_string(c.objective)}, {"k", c.k}, {"tau", c.tau}, {"momentum", c.momentum},
@@ -106,13 +225,13 @@ void inspect(const std::string& file, bool json) {
       {"labels", info.has_labels}, {"rows_per_chunk", info.rows_per_chunk}, {"compressed", info.compressed},
       {"tau_plus", c.tau_plus}, {"beta", c.beta}, {"detach_weights", c.detach_weights}, {"kernel_t", c.kernel_t},
       {"gamma", c.gamma}, {"margin", c.effective_margin()}, {"exclude_same_label", c.exclude_same_label},
-      {"norm_min", lo}, {"norm_max", hi}, {"norm_mean", sum / static_cast<double>(v.rows)},
+      {"norm_min", lo}, {"norm_max", hi}, {"norm_mean", norms.mean},
       {"staleness_histogram", hist}};
   if (json) {
     fmt::print("{}\n", j.dump());
     return;
   }
-  fmt::print("{}\n  format {} v{} (written by membank {})\n", file, info.format, info.format_version,
+  fmt::print("{}\n  format {} v{}, kind engine (written by membank {})\n", file, info.format, info.format_version,
              info.engine_version);
   fmt::print("  bank {} x {} {}{}, {} rows per chunk{}, labels: {}\n", info.n, info.dim, to_string(info.dtype),
              info.dtype == DType::float32 ? "" : fmt::format(" (rounding {})", to_string(c.rounding)),
@@ -123,7 +242,7 @@ void inspect(const std::string& file, bool json) {
   fmt::print("  Z policy {}  Z = {}  sampler {}  seed {}\n", to_string(c.z_policy),
              info.partition.initialised ? fmt::format("{:.6g}", std::exp(info.partition.log_z)) : "(not set)",
              to_string(info.sampler), c.seed);
-  fmt::print("  row norms: min {:.9f}  max {:.9f}  mean {:.9f}\n", lo, hi, sum / static_cast<double>(v.rows));
+  fmt::print("  row norms: min {:.9f}  max {:.9f}  mean {:.9f}\n", lo, hi, norms.mean);
   fmt::print("  staleness (steps since a row was last written):\n");
   for (const auto& [bin, count] : hist) fmt::print("    {:>14}  {}\n", bin, count);
 }
@@ -132,11 +251,14 @@ void inspect(const std::string& file, bool json) {
 
 void add_snapshot(CLI::App& app) {
   auto* snap = app.add_subcommand("snapshot", "Inspect, verify, import or export HDF5 snapshots of the engine "
-                                              "(banks of float32, float16 or bfloat16 rows)");
+                                              "(banks of float32, float16 or bfloat16 rows); inspect and verify also "
+                                              "read snapshots of a queue and of a multi-view engine");
   snap->require_subcommand(1);
   auto file = std::make_shared<std::string>();
   auto json = std::make_shared<bool>(false);
-  auto* ins = snap->add_subcommand("inspect", "Print a snapshot's metadata, row-norm statistics and staleness histogram");
+  auto* ins = snap->add_subcommand("inspect", "Print a snapshot's kind, metadata, row-norm statistics and staleness "
+                                              "histogram (an engine's bank, a queue's keys, a multi-view engine's "
+                                              "banks and pairs)");
   ins->add_option("FILE", *file, "snapshot (.h5)")->required()->check(input_file());
   ins->add_flag("--json", *json, "print one JSON object");
   ins->callback(command([file, json] { inspect(*file, *json); }));
@@ -196,6 +318,23 @@ void add_snapshot(CLI::App& app) {
   ver->callback(command([vfile] {
     const auto problems = verify_snapshot(*vfile);
     if (problems.empty()) {
+      switch (read_snapshot_kind(*vfile)) {
+        case SnapshotKind::queue: {
+          const QueueSnapshotInfo info = read_queue_snapshot_info(*vfile);
+          fmt::print("{}: ok (queue of {} x {} {} keys, step {}, format v{})\n", *vfile, info.capacity, info.dim,
+                     to_string(info.dtype), info.step, info.format_version);
+          return;
+        }
+        case SnapshotKind::multiview: {
+          const MultiViewSnapshotInfo info = read_multiview_snapshot_info(*vfile);
+          std::vector<std::string> dtypes;
+          for (const DType t : info.dtypes) dtypes.push_back(to_string(t));
+          fmt::print("{}: ok (multiview engine, {} views of {} x {} banks ({}), step {}, format v{})\n", *vfile,
+                     info.views, info.n, info.dim, fmt::join(dtypes, ", "), info.step, info.format_version);
+          return;
+        }
+        case SnapshotKind::engine: break;
+      }
       const SnapshotInfo info = read_snapshot_info(*vfile);
       fmt::print("{}: ok ({} x {} {} bank, step {}, format v{})\n", *vfile, info.n, info.dim, to_string(info.dtype),
                  info.step, info.format_version);

@@ -40,8 +40,13 @@ constexpr const char* kFormat = "membank-snapshot";
 constexpr const char* kShardFormat = "membank-snapshot-shard";
 constexpr int kShardFormatVersion = 1;
 // 3: the bank's dtype (2-byte banks) and the rounding; 2: the objectives' parameters; 1: nce, infonce,
-// full only. Versions 1 and 2 are still read (a float32 bank, nearest rounding).
+// full only. Versions 1 and 2 are still read (a float32 bank, nearest rounding). An engine snapshot is
+// still written as version 3 (with the attribute kind = "engine", which earlier readers ignore).
 constexpr int kFormatVersion = 3;
+// 4: the kinds queue and multiview (docs/snapshot-format.md); only they are written as version 4, so
+// an earlier membank refuses them by their version.
+constexpr int kMemoriesFormatVersion = 4;
+constexpr int kLatestFormatVersion = 4;
 constexpr index_t kChunkBytes = index_t{1} << 20;
 constexpr double kUnitTolerance = 1e-4;  // a saved float32 row further than this from unit norm is corrupt
 
@@ -646,26 +651,67 @@ void check_shard_set(hid_t file, SnapshotInfo& info, const std::string& path) {
   }
 }
 
-SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
-  AttrReader a(file, path);
-  SnapshotInfo info;
-  info.format = a.has("format") ? a.str("format") : "";
-  MEMBANK_CHECK(info.format == kFormat, "{}: format is '{}': expected '{}' (use import_bank for a plain (N, D) "
-                "dataset)", path, info.format, kFormat);
+// ---- kinds and headers ----------------------------------------------------------------------
+
+/// A snapshot's identification: format, version and kind, checked against each other.
+struct Header {
+  std::string format;
+  int version = 0;
+  SnapshotKind kind = SnapshotKind::engine;
+};
+
+const char* article(SnapshotKind k) { return k == SnapshotKind::engine ? "an" : "a"; }
+
+const char* loader_of(SnapshotKind k) {
+  switch (k) {
+    case SnapshotKind::queue: return "load_queue_snapshot";
+    case SnapshotKind::multiview: return "load_multiview_snapshot";
+    case SnapshotKind::engine: break;
+  }
+  return "load_snapshot";
+}
+
+/// Reads and checks format, format_version and kind (absent: engine): an engine snapshot has
+/// versions 1 to 3, a queue or multi-view snapshot version 4.
+Header read_header(hid_t file, const std::string& path) {
+  const AttrReader a(file, path);
+  Header h;
+  h.format = a.has("format") ? a.str("format") : "";
+  MEMBANK_CHECK(h.format == kFormat, "{}: format is '{}': expected '{}' (use import_bank for a plain (N, D) "
+                "dataset)", path, h.format, kFormat);
   const std::int64_t version = a.i64("format_version");
-  MEMBANK_CHECK(version >= 1 && version <= kFormatVersion, "{}: format_version = {}: this membank reads versions "
-                "1 to {}", path, version, kFormatVersion);
-  info.format_version = static_cast<int>(version);
-  info.engine_version = a.str("engine_version");
-  info.n = a.i64("n");
-  info.dim = a.i64("dim");
-  MEMBANK_CHECK(info.n >= 1 && info.dim >= 1 && info.dim <= (1 << 20), "{}: n = {}, dim = {}: expected n >= 1 and "
-                "1 <= dim <= 2^20", path, info.n, info.dim);
-  MEMBANK_CHECK(info.n <= std::numeric_limits<std::int64_t>::max() / 4 / info.dim,
-                "{}: n = {} x dim = {} x 4 bytes overflows int64", path, info.n, info.dim);
-  info.step = a.i64("step");
-  MEMBANK_CHECK(info.step >= 0, "{}: step = {}: expected >= 0", path, info.step);
-  EngineConfig& c = info.config;
+  MEMBANK_CHECK(version >= 1 && version <= kLatestFormatVersion, "{}: format_version = {}: this membank reads "
+                "versions 1 to {}", path, version, kLatestFormatVersion);
+  h.version = static_cast<int>(version);
+  if (a.has("kind")) {
+    const std::string kind = a.str("kind");
+    try {
+      h.kind = snapshot_kind_from_string(kind);
+    } catch (const Error&) {
+      MEMBANK_THROW("{}: attribute kind = '{}': expected one of engine, queue, multiview", path, kind);
+    }
+  }
+  if (h.kind == SnapshotKind::engine)
+    MEMBANK_CHECK(version <= kFormatVersion, "{}: format_version = {}: an engine snapshot has versions 1 to {} "
+                  "(version {} holds queue and multiview snapshots)", path, version, kFormatVersion,
+                  kMemoriesFormatVersion);
+  else
+    MEMBANK_CHECK(version == kMemoriesFormatVersion, "{}: format_version = {}: {} {} snapshot has version {}", path,
+                  version, article(h.kind), to_string(h.kind), kMemoriesFormatVersion);
+  return h;
+}
+
+/// Throws one Error naming both kinds (and the loader of the one found) unless the file holds `want`.
+void expect_kind(const Header& h, SnapshotKind want, const std::string& path) {
+  MEMBANK_CHECK(h.kind == want, "{}: expected {} {} snapshot, found {} {} snapshot ({} reads it)", path,
+                article(want), to_string(want), article(h.kind), to_string(h.kind), loader_of(h.kind));
+}
+
+/// The configuration's attributes of a file of format version `version` (write_config_attributes):
+/// the version 2 ones read with their defaults from a version 1 file, rounding as nearest before
+/// version 3.
+EngineConfig read_config_attributes(const AttrReader& a, int version) {
+  EngineConfig c;
   c.seed = a.u64("seed");
   c.k = a.i64("k");
   c.tau = a.f64("tau");
@@ -678,10 +724,7 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   c.z_ema = a.f64("z_ema");
   c.normalize_features = a.i64("normalize_features") != 0;
   c.unit_norm_tolerance = a.f64("unit_norm_tolerance");
-  if (version >= 3) {  // earlier files hold float32 banks, which rounding does not affect
-    info.dtype = dtype_from_string(a.str("dtype"));
-    c.rounding = rounding_from_string(a.str("rounding"));
-  }
+  if (version >= 3) c.rounding = rounding_from_string(a.str("rounding"));
   if (version >= 2) {  // version 1 files predate these: the defaults reproduce them
     c.tau_plus = a.f64("tau_plus");
     c.beta = a.f64("beta");
@@ -691,6 +734,30 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
     c.margin = a.f64("margin");
     c.exclude_same_label = a.i64("exclude_same_label") != 0;
   }
+  return c;
+}
+
+SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
+  AttrReader a(file, path);
+  SnapshotInfo info;
+  const Header header = read_header(file, path);
+  expect_kind(header, SnapshotKind::engine, path);
+  info.format = header.format;
+  const std::int64_t version = header.version;
+  info.format_version = header.version;
+  info.engine_version = a.str("engine_version");
+  info.n = a.i64("n");
+  info.dim = a.i64("dim");
+  MEMBANK_CHECK(info.n >= 1 && info.dim >= 1 && info.dim <= (1 << 20), "{}: n = {}, dim = {}: expected n >= 1 and "
+                "1 <= dim <= 2^20", path, info.n, info.dim);
+  MEMBANK_CHECK(info.n <= std::numeric_limits<std::int64_t>::max() / 4 / info.dim,
+                "{}: n = {} x dim = {} x 4 bytes overflows int64", path, info.n, info.dim);
+  info.step = a.i64("step");
+  MEMBANK_CHECK(info.step >= 0, "{}: step = {}: expected >= 0", path, info.step);
+  info.config = read_config_attributes(a, header.version);
+  EngineConfig& c = info.config;
+  // earlier files hold float32 banks, which rounding does not affect
+  if (version >= 3) info.dtype = dtype_from_string(a.str("dtype"));
   try {
     c.validate(info.n);
   } catch (const Error& e) {
@@ -774,42 +841,48 @@ std::vector<T> read_vector(hid_t file, const char* name, index_t r0, index_t n, 
   return v;
 }
 
-/// Rows [first, end) of the snapshot's bank, a bank of their own (local row i: row first + i).
-Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path, index_t first, index_t end) {
-  Handle ds = open_dataset(file, "bank", path);
+/// Rows [first, end) of the (n, dim) rows dataset `name` of type `dtype` (validated before), read
+/// `block` rows at a time, a bank of their own (local row i: row first + i).
+Bank read_bank_rows(hid_t file, const char* name, index_t dim, DType dtype, index_t block, const std::string& path,
+                    index_t first, index_t end) {
+  Handle ds = open_dataset(file, name, path);
   // Read chunk-aligned blocks straight into the bank's rows (memory hyperslab over the stride), in
   // the bank's own type: a 2-byte bank gets the stored bits as they are.
-  const index_t block = info.rows_per_chunk;
-  const Handle mtype = memory_type(info.dtype);
-  const double tolerance = unit_tolerance(info.dtype);
+  const Handle mtype = memory_type(dtype);
+  const double tolerance = unit_tolerance(dtype);
   index_t renormalised = 0;
   std::optional<Bank> loaded;
   const auto read_block = [&](index_t r, index_t rows, void* dst, index_t stride) {
     const index_t r0 = first + r;
-    const RowSelection sel = select_rows(ds.get(), r0, rows, info.dim, stride);
+    const RowSelection sel = select_rows(ds.get(), r0, rows, dim, stride);
     H5_CHECK(H5Dread(ds.get(), mtype.get(), sel.memory.get(), sel.file.get(), H5P_DEFAULT, dst),
-             "{}: dataset 'bank' rows {}..{} cannot be read (truncated file or checksum mismatch)", path, r0,
+             "{}: dataset '{}' rows {}..{} cannot be read (truncated file or checksum mismatch)", path, name, r0,
              r0 + rows);
   };
   try {
-    if (info.dtype == DType::float32)
+    if (dtype == DType::float32)
       loaded = Bank::from_blocks(
-          end - first, info.dim, block,
+          end - first, dim, block,
           [&](index_t r0, index_t rows, float* dst, index_t stride) { read_block(r0, rows, dst, stride); }, tolerance,
           &renormalised);
     else
       loaded = Bank::from_raw_blocks(
-          end - first, info.dim, info.dtype, block,
+          end - first, dim, dtype, block,
           [&](index_t r0, index_t rows, std::uint16_t* dst, index_t stride) { read_block(r0, rows, dst, stride); },
           tolerance, &renormalised);
   } catch (const Error& e) {
     if (std::string(e.what()).find(path) != std::string::npos) throw;
-    MEMBANK_THROW("{}: dataset 'bank': {}", path, e.what());
+    MEMBANK_THROW("{}: dataset '{}': {}", path, name, e.what());
   }
   Bank bank = std::move(*loaded);
-  MEMBANK_CHECK(renormalised == 0, "{}: {} {} bank rows are not unit norm (|norm - 1| > {}): the snapshot is "
-                "corrupt", path, renormalised, to_string(info.dtype), tolerance);
+  MEMBANK_CHECK(renormalised == 0, "{}: {} {} rows of dataset '{}' are not unit norm (|norm - 1| > {}): the "
+                "snapshot is corrupt", path, renormalised, to_string(dtype), name, tolerance);
   return bank;
+}
+
+/// Rows [first, end) of the snapshot's bank, a bank of their own (local row i: row first + i).
+Bank read_bank(hid_t file, const SnapshotInfo& info, const std::string& path, index_t first, index_t end) {
+  return read_bank_rows(file, "bank", info.dim, info.dtype, info.rows_per_chunk, path, first, end);
 }
 
 /// The norm of row i, widened to fp32 (exact) into `buf` (dim floats), summed in double.
@@ -971,8 +1044,15 @@ Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels)
 
 std::vector<std::string> verify_snapshot(const std::string& path) {
   try {
-    std::vector<std::int64_t> labels;  // read too: every dataset's checksums are checked
-    load_snapshot(path, &labels);
+    switch (read_snapshot_kind(path)) {
+      case SnapshotKind::queue: load_queue_snapshot(path); break;
+      case SnapshotKind::multiview: load_multiview_snapshot(path); break;
+      case SnapshotKind::engine: {
+        std::vector<std::int64_t> labels;  // read too: every dataset's checksums are checked
+        load_snapshot(path, &labels);
+        break;
+      }
+    }
   } catch (const Error& e) {
     return {e.what()};
   }
@@ -1095,15 +1175,8 @@ void write_bank_dataset(hid_t root, const char* name, const Bank& bank, int defl
   }
 }
 
-/// The root attributes of a snapshot (a single file or a shard set's master).
-void write_root_attributes(hid_t root, const detail::SnapshotState& s) {
-  const EngineConfig& c = s.config;
-  write_attr(root, "format", std::string(kFormat));
-  write_attr(root, "format_version", std::int64_t{kFormatVersion});
-  write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
-  write_attr(root, "n", s.n);
-  write_attr(root, "dim", s.dim);
-  write_attr(root, "step", s.step);
+/// Every field of the configuration as a root attribute (read_config_attributes reads them back).
+void write_config_attributes(hid_t root, const EngineConfig& c) {
   write_attr_u(root, "seed", c.seed);
   write_attr(root, "k", c.k);
   write_attr(root, "tau", c.tau);
@@ -1114,9 +1187,6 @@ void write_root_attributes(hid_t root, const detail::SnapshotState& s) {
   write_attr(root, "z_policy", to_string(c.z_policy));
   write_attr(root, "z_fixed", c.z_fixed);
   write_attr(root, "z_ema", c.z_ema);
-  write_attr(root, "z_initialised", std::int64_t{s.partition.initialised});
-  write_attr(root, "log_z", s.partition.log_z);
-  write_attr(root, "sampler", to_string(s.sampler.kind()));
   write_attr(root, "normalize_features", std::int64_t{c.normalize_features});
   write_attr(root, "unit_norm_tolerance", c.unit_norm_tolerance);
   write_attr(root, "tau_plus", c.tau_plus);
@@ -1126,8 +1196,29 @@ void write_root_attributes(hid_t root, const detail::SnapshotState& s) {
   write_attr(root, "gamma", c.gamma);
   write_attr(root, "margin", c.effective_margin());
   write_attr(root, "exclude_same_label", std::int64_t{c.exclude_same_label});
-  write_attr(root, "dtype", to_string(s.dtype));
   write_attr(root, "rounding", to_string(c.rounding));
+}
+
+/// format, format_version and kind of a new file, and the membank that writes it.
+void write_header(hid_t root, SnapshotKind kind) {
+  write_attr(root, "format", std::string(kFormat));
+  write_attr(root, "format_version",
+             std::int64_t{kind == SnapshotKind::engine ? kFormatVersion : kMemoriesFormatVersion});
+  write_attr(root, "kind", to_string(kind));
+  write_attr(root, "engine_version", std::string(MEMBANK_VERSION_STRING));
+}
+
+/// The root attributes of a snapshot (a single file or a shard set's master).
+void write_root_attributes(hid_t root, const detail::SnapshotState& s) {
+  write_header(root, SnapshotKind::engine);
+  write_attr(root, "n", s.n);
+  write_attr(root, "dim", s.dim);
+  write_attr(root, "step", s.step);
+  write_config_attributes(root, s.config);
+  write_attr(root, "z_initialised", std::int64_t{s.partition.initialised});
+  write_attr(root, "log_z", s.partition.log_z);
+  write_attr(root, "sampler", to_string(s.sampler.kind()));
+  write_attr(root, "dtype", to_string(s.dtype));
 }
 
 /// A chunked, checksummed 1-D dataset of n entries (8 bytes each) from `data`.
@@ -1404,4 +1495,404 @@ Bank import_bank(const std::string& path, const std::string& dataset, index_t* r
   }
 }
 
+
+// ---- kinds: queue and multi-view snapshots (docs/snapshot-format.md) ------------------------------
+
+std::string to_string(SnapshotKind kind) {
+  switch (kind) {
+    case SnapshotKind::queue: return "queue";
+    case SnapshotKind::multiview: return "multiview";
+    case SnapshotKind::engine: break;
+  }
+  return "engine";
+}
+
+SnapshotKind snapshot_kind_from_string(const std::string& s) {
+  if (s == "engine") return SnapshotKind::engine;
+  if (s == "queue") return SnapshotKind::queue;
+  if (s == "multiview") return SnapshotKind::multiview;
+  MEMBANK_THROW("snapshot kind '{}': expected one of engine, queue, multiview", s);
+}
+
+namespace {
+
+static_assert(sizeof(index_t) == sizeof(std::int64_t), "ids are stored as int64");
+
+/// `f()`, every Error naming the file (the parsers and validators it calls do not know it).
+template <class F>
+auto naming_file(const std::string& path, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const Error& e) {
+    if (std::string(e.what()).find(path) != std::string::npos) throw;
+    MEMBANK_THROW("{}: {}", path, e.what());
+  }
+}
+
+/// n and dim as the attributes give them: n >= 1, 1 <= dim <= 2^20, and `copies` banks of n x dim
+/// 4-byte elements addressable.
+void check_sizes(const std::string& path, const char* n_name, index_t n, index_t dim, index_t copies = 1) {
+  MEMBANK_CHECK(n >= 1 && dim >= 1 && dim <= (1 << 20), "{}: {} = {}, dim = {}: expected {} >= 1 and 1 <= dim <= "
+                "2^20", path, n_name, n, dim, n_name);
+  MEMBANK_CHECK(n <= std::numeric_limits<std::int64_t>::max() / 4 / dim / copies,
+                "{}: {} = {} x dim = {} x 4 bytes{} overflows int64", path, n_name, n, dim,
+                copies > 1 ? fmt::format(" x {} views", copies) : std::string());
+}
+
+/// The storage of a rows dataset checked: its layout and compression.
+struct RowsLayout {
+  index_t rows_per_chunk = 0;
+  bool compressed = false;
+};
+
+/// Checks the (n, dim) rows dataset `name` (a bank, a queue's keys) as a single file's /bank is
+/// checked: rank 2, of type `dtype` (its `dtype` attribute agreeing), (n, dim), chunked by rows, every
+/// chunk stored.
+RowsLayout check_rows_dataset(hid_t file, const char* name, index_t n, index_t dim, DType dtype,
+                              const std::string& path) {
+  Handle ds = open_dataset(file, name, path);
+  const DatasetShape s = shape_of(ds.get());
+  MEMBANK_CHECK(s.rank == 2, "{}: dataset '{}' has rank {}: expected 2 ({} x {})", path, name, s.rank, n, dim);
+  const std::optional<DType> stored = stored_dtype(ds.get(), path, name);
+  if (stored != dtype) {
+    Handle type(H5Dget_type(ds.get()), H5Tclose);
+    MEMBANK_THROW("{}: dataset '{}' holds {}: expected {}{}", path, name, type_description(type.get()),
+                  to_string(dtype),
+                  dtype == DType::bfloat16 ? " words (16-bit unsigned integers with the attribute dtype = 'bfloat16')"
+                                           : "");
+  }
+  MEMBANK_CHECK(s.dims[0] == static_cast<hsize_t>(n) && s.dims[1] == static_cast<hsize_t>(dim),
+                "{}: dataset '{}' is {} x {} but the attributes say {} x {}", path, name, s.dims[0], s.dims[1], n, dim);
+  RowsLayout out;
+  out.rows_per_chunk = chunk_rows_of(ds.get());
+  MEMBANK_CHECK(out.rows_per_chunk >= 1, "{}: dataset '{}' is not chunked by rows", path, name);
+  check_storage(ds.get(), n, out.rows_per_chunk, path, name);
+  out.compressed = has_filter(ds.get(), H5Z_FILTER_DEFLATE);
+  return out;
+}
+
+/// Every last-update step in [-1, step]; `what` names the vector in the message.
+void check_last_update(const std::vector<std::int64_t>& last, std::int64_t step, const std::string& path,
+                       const std::string& what) {
+  for (std::size_t i = 0; i < last.size(); ++i)
+    MEMBANK_CHECK(last[i] >= -1 && last[i] <= step, "{}: {}: entry {} is {}: expected a last-update step in [-1, "
+                  "step = {}]", path, what, i, last[i], step);
+}
+
+/// A small (rows, cols) int64 dataset, chunked whole, checksummed.
+void write_small_matrix(hid_t root, const char* name, const std::vector<std::int64_t>& data, index_t rows,
+                        index_t cols, int deflate, const std::string& path) {
+  Handle ds = create_dataset(root, name, H5T_STD_I64LE, rows, cols, rows, deflate, path);
+  write_rows(ds.get(), H5T_NATIVE_INT64, 0, rows, cols, data.data());
+}
+
+// ---- queue ------------------------------------------------------------------------------------
+
+QueueSnapshotInfo read_queue_info_checked(hid_t file, const std::string& path) {
+  const Header header = read_header(file, path);
+  expect_kind(header, SnapshotKind::queue, path);
+  const AttrReader a(file, path);
+  QueueSnapshotInfo info;
+  info.format = header.format;
+  info.format_version = header.version;
+  info.engine_version = a.str("engine_version");
+  info.capacity = a.i64("capacity");
+  info.dim = a.i64("dim");
+  check_sizes(path, "capacity", info.capacity, info.dim);
+  info.dtype = dtype_from_string(a.str("dtype"));
+  info.step = a.i64("step");
+  MEMBANK_CHECK(info.step >= 0, "{}: step = {}: expected >= 0", path, info.step);
+  info.position = a.i64("position");
+  MEMBANK_CHECK(info.position >= 0 && info.position < info.capacity,
+                "{}: position = {}: expected 0 <= position < capacity = {}", path, info.position, info.capacity);
+  info.enqueued = a.i64("enqueued");
+  MEMBANK_CHECK(info.enqueued >= 0, "{}: enqueued = {}: expected >= 0", path, info.enqueued);
+  info.config = read_config_attributes(a, header.version);
+  try {
+    (void)Queue(1, 1, info.config);  // the queue's own checks of its configuration, on a queue of one key
+  } catch (const Error& e) {
+    MEMBANK_THROW("{}: invalid configuration: {}", path, e.what());
+  }
+  const RowsLayout keys = check_rows_dataset(file, "keys", info.capacity, info.dim, info.dtype, path);
+  info.rows_per_chunk = keys.rows_per_chunk;
+  info.compressed = keys.compressed;
+  check_row_vector(file, "last_update", info.capacity, H5T_INTEGER, 8, path);
+  check_row_vector(file, "ids", info.capacity, H5T_INTEGER, 8, path);
+  check_row_vector(file, "labels", info.capacity, H5T_INTEGER, 8, path);
+  check_row_vector(file, "labelled", info.capacity, H5T_INTEGER, 1, path);
+  return info;
+}
+
+QueueSnapshotInfo read_queue_info(hid_t file, const std::string& path) {
+  return naming_file(path, [&] { return read_queue_info_checked(file, path); });
+}
+
+// ---- multi-view -------------------------------------------------------------------------------
+
+std::string view_group(index_t v) { return fmt::format("view_{}", v); }
+
+/// A group's string attribute, the error naming the group.
+std::string group_str(hid_t file, const std::string& group, const char* name, const std::string& path) {
+  MEMBANK_CHECK(H5Lexists(file, group.c_str(), H5P_DEFAULT) > 0, "{}: group '{}' is missing", path, group);
+  Handle g(H5Gopen2(file, group.c_str(), H5P_DEFAULT), H5Gclose);
+  H5_CHECK(g.get(), "{}: '{}' cannot be opened as a group", path, group);
+  return AttrReader(g.get(), fmt::format("{}: group '{}'", path, group)).str(name);
+}
+
+MultiViewSnapshotInfo read_multiview_info_checked(hid_t file, const std::string& path) {
+  const Header header = read_header(file, path);
+  expect_kind(header, SnapshotKind::multiview, path);
+  const AttrReader a(file, path);
+  MultiViewSnapshotInfo info;
+  info.format = header.format;
+  info.format_version = header.version;
+  info.engine_version = a.str("engine_version");
+  info.views = a.i64("views");
+  MEMBANK_CHECK(info.views >= 2 && info.views <= 4096, "{}: views = {}: expected 2 <= V <= 4096", path, info.views);
+  info.n = a.i64("n");
+  info.dim = a.i64("dim");
+  check_sizes(path, "n", info.n, info.dim, info.views);
+  info.step = a.i64("step");
+  MEMBANK_CHECK(info.step >= 0, "{}: step = {}: expected >= 0", path, info.step);
+  info.graph = view_graph_from_string(a.str("graph"));
+  EngineConfig& c = info.config;
+  c = read_config_attributes(a, header.version);
+  try {
+    c.validate(info.n, info.dim);
+  } catch (const Error& e) {
+    MEMBANK_THROW("{}: invalid configuration: {}", path, e.what());
+  }
+  info.sampler = sampler_kind_from_string(a.str("sampler"));
+  info.has_labels = H5Lexists(file, "labels", H5P_DEFAULT) > 0;
+
+  // The views: a group view_<v> each, with its bank's type, rows and last-update steps; no more.
+  for (index_t v = 0; v < info.views; ++v) {
+    const std::string g = view_group(v);
+    info.dtypes.push_back(dtype_from_string(group_str(file, g, "dtype", path)));
+    const std::string bank = g + "/bank", last = g + "/last_update";
+    const RowsLayout layout = check_rows_dataset(file, bank.c_str(), info.n, info.dim, info.dtypes.back(), path);
+    if (v == 0) info.compressed = layout.compressed;
+    check_row_vector(file, last.c_str(), info.n, H5T_INTEGER, 8, path);
+  }
+  const std::string extra = view_group(info.views);
+  MEMBANK_CHECK(H5Lexists(file, extra.c_str(), H5P_DEFAULT) <= 0, "{}: views = {} but the file holds a group '{}'",
+                path, info.views, extra);
+  if (info.sampler == SamplerKind::alias) check_row_vector(file, "sampler_weights", info.n, H5T_FLOAT, 8, path);
+  if (info.has_labels) check_row_vector(file, "labels", info.n, H5T_INTEGER, 8, path);
+  MEMBANK_CHECK(info.has_labels || (!needs_labels(c.objective) && !c.exclude_same_label),
+                "{}: the configuration ({}{}) needs labels but the file has no dataset 'labels'", path,
+                to_string(c.objective), c.exclude_same_label ? ", exclude_same_label" : "");
+
+  // The pairs of the graph, in order, and each one's Z state.
+  info.pairs = view_pairs(info.graph, info.views);
+  const auto np = static_cast<index_t>(info.pairs.size());
+  {
+    Handle ds = open_dataset(file, "pairs", path);
+    const DatasetShape s = shape_of(ds.get());
+    MEMBANK_CHECK(s.rank == 2 && s.dims[0] == static_cast<hsize_t>(np) && s.dims[1] == 2 && s.cls == H5T_INTEGER &&
+                      s.elem_size == 8,
+                  "{}: dataset 'pairs' is not ({}, 2) int64: expected the {} graph's {} pairs over V = {} views", path,
+                  np, to_string(info.graph), np, info.views);
+    const index_t cr = chunk_rows_of(ds.get());
+    if (cr >= 1) check_storage(ds.get(), np, cr, path, "pairs");
+    std::vector<std::int64_t> stored(static_cast<std::size_t>(2 * np));
+    read_rows(ds.get(), H5T_NATIVE_INT64, 0, np, 2, stored.data(), path, "pairs");
+    for (index_t p = 0; p < np; ++p) {
+      const ViewPair& want = info.pairs[static_cast<std::size_t>(p)];
+      const std::int64_t q = stored[static_cast<std::size_t>(2 * p)], b = stored[static_cast<std::size_t>(2 * p + 1)];
+      MEMBANK_CHECK(q == want.query && b == want.bank, "{}: pairs[{}] = ({}, {}): expected ({}, {}), pair {} of the {} "
+                    "graph over V = {} views", path, p, q, b, want.query, want.bank, p, to_string(info.graph),
+                    info.views);
+    }
+  }
+  check_row_vector(file, "z_initialised", np, H5T_INTEGER, 8, path);
+  check_row_vector(file, "log_z", np, H5T_FLOAT, 8, path);
+  const auto init = read_vector<std::int64_t>(file, "z_initialised", 0, np, H5T_NATIVE_INT64, path);
+  const auto log_z = read_vector<double>(file, "log_z", 0, np, H5T_NATIVE_DOUBLE, path);
+  for (std::size_t p = 0; p < init.size(); ++p) {
+    MEMBANK_CHECK(init[p] == 0 || init[p] == 1, "{}: z_initialised[{}] = {}: expected 0 or 1", path, p, init[p]);
+    MEMBANK_CHECK(init[p] == 0 || std::isfinite(log_z[p]), "{}: log_z[{}] = {} (pair {} -> {}): expected finite",
+                  path, p, log_z[p], info.pairs[p].query, info.pairs[p].bank);
+    info.partitions.push_back(Partition{c.z_policy, init[p] != 0, log_z[p]});
+  }
+  return info;
+}
+
+MultiViewSnapshotInfo read_multiview_info(hid_t file, const std::string& path) {
+  return naming_file(path, [&] { return read_multiview_info_checked(file, path); });
+}
+
+}  // namespace
+
+SnapshotKind read_snapshot_kind(const std::string& path) {
+  Handle f = open_file(path);
+  return naming_file(path, [&] { return read_header(f.get(), path).kind; });
+}
+
+void save_snapshot(const std::string& path, const Queue& queue, const SnapshotOptions& options) {
+  quiet_hdf5();
+  MEMBANK_CHECK(options.deflate_level >= 0 && options.deflate_level <= 9, "deflate_level = {}: expected 0..9",
+                options.deflate_level);
+  const Bank& keys = queue.keys();
+  const index_t q = keys.size(), dim = keys.dim();
+  // the keys and four vectors of Q entries (three of 8 bytes, one of 1)
+  check_destination(path, static_cast<double>(snapshot_size_estimate(q, dim, keys.dtype())) + static_cast<double>(q),
+                    "snapshot");
+  // What load refuses is never written, checked before any file exists.
+  check_unit_rows(keys, path);
+  check_last_update(keys.last_update(), queue.steps_done(), path, "the queue's keys' last_update");
+  write_atomically(
+      path,
+      [&](hid_t root, const std::string&) {
+        write_header(root, SnapshotKind::queue);
+        write_attr(root, "capacity", q);
+        write_attr(root, "dim", dim);
+        write_attr(root, "dtype", to_string(keys.dtype()));
+        write_attr(root, "step", queue.steps_done());
+        write_attr(root, "position", queue.position());
+        write_attr(root, "enqueued", queue.enqueued());
+        write_config_attributes(root, queue.config());
+        const int deflate = options.deflate_level;
+        write_bank_dataset(root, "keys", keys, deflate, path);
+        write_vector(root, "last_update", H5T_STD_I64LE, H5T_NATIVE_INT64, keys.last_update().data(), q, deflate, path);
+        write_vector(root, "ids", H5T_STD_I64LE, H5T_NATIVE_INT64, queue.ids().data(), q, deflate, path);
+        write_vector(root, "labels", H5T_STD_I64LE, H5T_NATIVE_INT64, queue.labels().data(), q, deflate, path);
+        write_vector(root, "labelled", H5T_STD_U8LE, H5T_NATIVE_UINT8, queue.labelled().data(), q, deflate, path);
+      },
+      [](hid_t f, const std::string& tmp) { read_queue_info(f, tmp); });
+}
+
+QueueSnapshotInfo read_queue_snapshot_info(const std::string& path) {
+  Handle f = open_file(path);
+  return read_queue_info(f.get(), path);
+}
+
+Queue load_queue_snapshot(const std::string& path) {
+  Handle f = open_file(path);
+  const QueueSnapshotInfo info = read_queue_info(f.get(), path);
+  const index_t q = info.capacity;
+  // The small vectors first (each checked), then the keys; the queue is built only from a whole state.
+  std::vector<std::int64_t> last = read_vector<std::int64_t>(f.get(), "last_update", 0, q, H5T_NATIVE_INT64, path);
+  check_last_update(last, info.step, path, "dataset 'last_update'");
+  std::vector<index_t> ids = read_vector<index_t>(f.get(), "ids", 0, q, H5T_NATIVE_INT64, path);
+  for (std::size_t j = 0; j < ids.size(); ++j)
+    MEMBANK_CHECK(ids[j] >= -1, "{}: ids[{}] = {}: expected an instance id >= 0, or -1 for none", path, j, ids[j]);
+  std::vector<std::int64_t> labels = read_vector<std::int64_t>(f.get(), "labels", 0, q, H5T_NATIVE_INT64, path);
+  std::vector<std::uint8_t> labelled = read_vector<std::uint8_t>(f.get(), "labelled", 0, q, H5T_NATIVE_UINT8, path);
+  for (std::size_t j = 0; j < labelled.size(); ++j)
+    MEMBANK_CHECK(labelled[j] <= 1, "{}: labelled[{}] = {}: expected 0 or 1", path, j, labelled[j]);
+  Bank keys = read_bank_rows(f.get(), "keys", info.dim, info.dtype, info.rows_per_chunk, path, 0, q);
+  keys.set_last_update(std::move(last));
+  return naming_file(path, [&] {
+    Queue queue(q, info.dim, info.config, info.dtype);
+    queue.restore({std::move(keys), std::move(ids), std::move(labels), std::move(labelled), info.position,
+                   info.enqueued, info.step});
+    return queue;
+  });
+}
+
+void save_snapshot(const std::string& path, const MultiViewEngine& engine, const SnapshotOptions& options) {
+  quiet_hdf5();
+  MEMBANK_CHECK(options.deflate_level >= 0 && options.deflate_level <= 9, "deflate_level = {}: expected 0..9",
+                options.deflate_level);
+  const index_t views = engine.views(), n = engine.bank(0).size(), dim = engine.bank(0).dim();
+  double need = 0.0;
+  for (index_t v = 0; v < views; ++v)
+    need += static_cast<double>(snapshot_size_estimate(n, dim, engine.bank(v).dtype()));
+  check_destination(path, need, "snapshot");
+  for (index_t v = 0; v < views; ++v) {
+    check_unit_rows(engine.bank(v), path);
+    check_last_update(engine.bank(v).last_update(), engine.steps_done(), path,
+                      fmt::format("view {}'s last_update", v));
+  }
+  const std::vector<std::int64_t>& labels = engine.labels();
+  const std::vector<ViewPair>& pairs = engine.pairs();
+  const auto np = static_cast<index_t>(pairs.size());
+  std::vector<std::int64_t> pair_views, init;
+  std::vector<double> log_z;
+  for (std::size_t p = 0; p < pairs.size(); ++p) {
+    pair_views.push_back(pairs[p].query);
+    pair_views.push_back(pairs[p].bank);
+    init.push_back(engine.partition(p).initialised ? 1 : 0);
+    log_z.push_back(engine.partition(p).log_z);
+  }
+  write_atomically(
+      path,
+      [&](hid_t root, const std::string&) {
+        const int deflate = options.deflate_level;
+        write_header(root, SnapshotKind::multiview);
+        write_attr(root, "views", views);
+        write_attr(root, "n", n);
+        write_attr(root, "dim", dim);
+        write_attr(root, "step", engine.steps_done());
+        write_attr(root, "graph", to_string(engine.graph()));
+        write_config_attributes(root, engine.config());
+        write_attr(root, "sampler", to_string(engine.sampler().kind()));
+        for (index_t v = 0; v < views; ++v) {
+          const Bank& bank = engine.bank(v);
+          const std::string g = view_group(v);
+          {
+            Handle group(H5Gcreate2(root, g.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
+            H5_CHECK(group.get(), "{}: cannot create group '{}'", path, g);
+            write_attr(group.get(), "dtype", to_string(bank.dtype()));
+          }
+          write_bank_dataset(root, (g + "/bank").c_str(), bank, deflate, path);
+          write_vector(root, (g + "/last_update").c_str(), H5T_STD_I64LE, H5T_NATIVE_INT64,
+                       bank.last_update().data(), n, deflate, path);
+        }
+        write_sampler(root, engine.sampler(), n, deflate, path);
+        if (!labels.empty())
+          write_vector(root, "labels", H5T_STD_I64LE, H5T_NATIVE_INT64, labels.data(), n, deflate, path);
+        write_small_matrix(root, "pairs", pair_views, np, 2, deflate, path);
+        write_vector(root, "z_initialised", H5T_STD_I64LE, H5T_NATIVE_INT64, init.data(), np, deflate, path);
+        write_vector(root, "log_z", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, log_z.data(), np, deflate, path);
+      },
+      [](hid_t f, const std::string& tmp) { read_multiview_info(f, tmp); });
+}
+
+MultiViewSnapshotInfo read_multiview_snapshot_info(const std::string& path) {
+  Handle f = open_file(path);
+  return read_multiview_info(f.get(), path);
+}
+
+MultiViewEngine load_multiview_snapshot(const std::string& path) {
+  Handle f = open_file(path);
+  const MultiViewSnapshotInfo info = read_multiview_info(f.get(), path);
+  const index_t n = info.n;
+  // Every view's last-update steps (checked), the sampler and the labels, then the banks; the engine
+  // is built only once everything has been read.
+  std::vector<std::vector<std::int64_t>> last;
+  for (index_t v = 0; v < info.views; ++v) {
+    const std::string name = view_group(v) + "/last_update";
+    last.push_back(read_vector<std::int64_t>(f.get(), name.c_str(), 0, n, H5T_NATIVE_INT64, path));
+    check_last_update(last.back(), info.step, path, fmt::format("dataset '{}'", name));
+  }
+  std::unique_ptr<NoiseSampler> sampler;
+  if (info.sampler == SamplerKind::alias) {
+    const auto w = read_vector<double>(f.get(), "sampler_weights", 0, n, H5T_NATIVE_DOUBLE, path);
+    try {
+      sampler = std::make_unique<AliasSampler>(w);
+    } catch (const Error& e) {
+      MEMBANK_THROW("{}: sampler_weights: {}", path, e.what());
+    }
+  } else {
+    sampler = std::make_unique<UniformSampler>(n);
+  }
+  std::vector<std::int64_t> labels;
+  if (info.has_labels) labels = read_vector<std::int64_t>(f.get(), "labels", 0, n, H5T_NATIVE_INT64, path);
+  std::vector<Bank> banks;
+  for (index_t v = 0; v < info.views; ++v) {
+    const std::string name = view_group(v) + "/bank";
+    Handle ds = open_dataset(f.get(), name.c_str(), path);
+    const index_t block = chunk_rows_of(ds.get());
+    banks.push_back(read_bank_rows(f.get(), name.c_str(), info.dim, info.dtypes[static_cast<std::size_t>(v)], block,
+                                   path, 0, n));
+    banks.back().set_last_update(std::move(last[static_cast<std::size_t>(v)]));
+  }
+  return naming_file(path, [&] {
+    MultiViewEngine engine(std::move(banks), std::move(sampler), info.config, info.graph, std::move(labels));
+    engine.restore_state(info.partitions, info.step);
+    return engine;
+  });
+}
 }  // namespace membank

@@ -11,8 +11,9 @@
 //   /last_update  int64 (N): the step at which each row was last written (-1: never)
 //   /sampler_weights  float64 (N), alias sampler only: its normalised weights
 //   /labels       int64 (N), optional per-instance labels
-//   root attributes: format, format_version, engine_version, n, dim, step, seed, k, tau, momentum,
-//   objective, negatives, exclude_positive, z_policy, z_fixed, z_ema, z_initialised, log_z, sampler,
+//   root attributes: format, format_version, kind ("engine"; absent in older files), engine_version,
+//   n, dim, step, seed, k, tau, momentum, objective, negatives, exclude_positive, z_policy, z_fixed,
+//   z_ema, z_initialised, log_z, sampler,
 //   normalize_features, unit_norm_tolerance; since version 2 also the objectives' parameters
 //   tau_plus, beta, detach_weights, kernel_t, gamma, margin (the effective one) and
 //   exclude_same_label (a version 1 file reads with their defaults); since version 3 also dtype (the
@@ -41,8 +42,22 @@
 // max(1e-4, row_norm_tolerance(dtype)) for the 2-byte types (the rounding of each element). Peak
 // memory of save and load is the bank plus one chunk.
 //
+// Kinds. A snapshot holds one of three things, named by the root attribute `kind`: an Engine
+// ("engine"; files without the attribute are engine snapshots), a Queue ("queue": its ring of keys,
+// per-slot ids, labels and flags, ring position, keys enqueued, step counter and configuration) or a
+// MultiViewEngine ("multiview": V banks, one group view_<v> each, the shared sampler, labels,
+// configuration and step counter, the view graph and every pair's Z state). Queue and multi-view
+// snapshots are format version 4 (an earlier membank refuses them by their version); engine
+// snapshots are still written as version 3. Each loader refuses the other kinds with one Error
+// ("expected a queue snapshot, found a multiview snapshot"); read_snapshot_kind tells them apart and
+// verify_snapshot checks any of them. The new kinds are written and validated as an engine snapshot
+// is: the same destination checks, temporary, fsync and rename, the same storage of the rows
+// (docs/snapshot-format.md, "Queue snapshots" and "Multi-view snapshots").
+//
 // Thread safety: HDF5 (serial build) is not thread-safe; do not call these concurrently.
 #include <membank/engine.hpp>
+#include <membank/multiview.hpp>
+#include <membank/queue.hpp>
 
 #include <optional>
 #include <string>
@@ -93,12 +108,14 @@ void check_snapshot_destination(const std::string& path, index_t n, index_t dim,
 void save_snapshot(const std::string& path, const Engine& engine, const SnapshotOptions& options = {},
                    std::span<const std::int64_t> labels = {});
 
-/// Read and validate the metadata only (cheap). Throws Error naming the file and the problem.
+/// Read and validate the metadata only (cheap). Throws Error naming the file and the problem (a queue
+/// or multi-view snapshot included: read_snapshot_kind tells the kinds apart).
 SnapshotInfo read_snapshot_info(const std::string& path);
 
 /// Load a snapshot into a new Engine that continues exactly where the saved one stopped (same
 /// step counter, Z, bank, sampler, configuration, labels: the engine holds the file's labels, and
-/// they also go to *labels when asked), with a bank of the saved type. Reads format versions 1 to 3.
+/// they also go to *labels when asked), with a bank of the saved type. Reads format versions 1 to 3;
+/// a queue or multi-view snapshot is refused with one Error naming its kind.
 /// Throws Error naming the file and the problem; nothing is allocated for the bank before the
 /// metadata and storage sizes validate.
 Engine load_snapshot(const std::string& path, std::vector<std::int64_t>* labels = nullptr);
@@ -124,7 +141,86 @@ Bank import_bank(const std::string& path, const std::string& dataset = "bank", i
 void export_bank(const std::string& path, const Bank& bank, DType dtype = DType::float32,
                  const std::string& dataset = "bank");
 
-/// Full check of a snapshot (metadata, checksums, every row); returns the problems found (empty: ok).
+/// Full check of a snapshot of any kind (metadata, checksums, every row: the whole load of its
+/// kind); returns the problems found (empty: ok).
 std::vector<std::string> verify_snapshot(const std::string& path);
+
+// ---- kinds: queue and multi-view snapshots ------------------------------------------------------
+
+/// What a snapshot holds (its root attribute `kind`).
+enum class SnapshotKind { engine, queue, multiview };
+/// "engine", "queue" or "multiview".
+std::string to_string(SnapshotKind kind);
+/// Parse the names printed by to_string; throw Error naming the value and the choices otherwise.
+SnapshotKind snapshot_kind_from_string(const std::string& s);
+
+/// The kind of the snapshot at `path` (engine for a file without the attribute), after checking its
+/// format, format version and kind (a version the kind was never written with is refused). Reads
+/// nothing else. Throws Error naming the file and the problem.
+SnapshotKind read_snapshot_kind(const std::string& path);
+
+/// Metadata of a queue snapshot (attributes and dataset shapes; no keys read).
+struct QueueSnapshotInfo {
+  std::string format;
+  int format_version = 0;
+  std::string engine_version;
+  index_t capacity = 0, dim = 0;  ///< Q and D
+  DType dtype = DType::float32;   ///< the keys' storage type
+  std::int64_t step = 0;          ///< Queue::steps_done()
+  index_t position = 0;           ///< Queue::position()
+  std::int64_t enqueued = 0;      ///< Queue::enqueued()
+  EngineConfig config;            ///< the queue's whole configuration, as Queue::config() held it
+  index_t rows_per_chunk = 0;
+  bool compressed = false;
+};
+
+/// Save the queue's whole state (Queue::State and its configuration) to `path`, atomically and with
+/// the checks of save_snapshot (destination, every key finite and unit norm within its type's
+/// tolerance, every slot's last-update step in [-1, steps_done()]; the destination untouched on any
+/// failure).
+void save_snapshot(const std::string& path, const Queue& queue, const SnapshotOptions& options = {});
+
+/// Read and validate a queue snapshot's metadata. Throws Error naming the file and the problem (an
+/// engine or multi-view snapshot included).
+QueueSnapshotInfo read_queue_snapshot_info(const std::string& path);
+
+/// Load a queue snapshot into a new Queue that continues exactly where the saved one stopped: the
+/// same keys (bit for bit, of the saved type) and their last-update steps, ids, labels, flags,
+/// position, enqueued count, step counter and configuration. Everything is validated before the
+/// queue is built (as Queue::restore validates a state, and every key as a snapshot's rows are);
+/// throws Error naming the file and the problem, and returns nothing half-built.
+Queue load_queue_snapshot(const std::string& path);
+
+/// Metadata of a multi-view snapshot (attributes, dataset shapes and the pairs' Z states; no rows
+/// read).
+struct MultiViewSnapshotInfo {
+  std::string format;
+  int format_version = 0;
+  std::string engine_version;
+  index_t views = 0, n = 0, dim = 0;
+  std::vector<DType> dtypes;  ///< each view's bank type
+  std::int64_t step = 0;
+  EngineConfig config;
+  ViewGraph graph = ViewGraph::full;
+  std::vector<ViewPair> pairs;           ///< view_pairs(graph, views), as stored
+  std::vector<Partition> partitions;     ///< each pair's Z state, in the order of pairs
+  SamplerKind sampler = SamplerKind::uniform;
+  bool has_labels = false;
+  bool compressed = false;
+};
+
+/// Save the multi-view engine's whole state (every bank with its last-update steps, the sampler,
+/// labels, configuration, view graph, every pair's Z state, the step counter) to `path`, atomically
+/// and with the checks of save_snapshot (every bank's rows).
+void save_snapshot(const std::string& path, const MultiViewEngine& engine, const SnapshotOptions& options = {});
+
+/// Read and validate a multi-view snapshot's metadata. Throws Error naming the file and the problem.
+MultiViewSnapshotInfo read_multiview_snapshot_info(const std::string& path);
+
+/// Load a multi-view snapshot into a new MultiViewEngine that continues exactly where the saved one
+/// stopped (banks bit for bit, each of its saved type, last-update steps, sampler, labels, config,
+/// graph, Z states, step counter). Throws Error naming the file and the problem; nothing is returned
+/// half-built.
+MultiViewEngine load_multiview_snapshot(const std::string& path);
 
 }  // namespace membank
