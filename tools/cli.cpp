@@ -57,6 +57,7 @@ int run_cli(int argc, const char* const* argv, bool parse_only) {
   add_bench_knn(*bench);
   add_bench_scale(*bench);
   add_bench_soak(*bench);
+  add_bench_memories(*bench);
   add_snapshot(app);
   add_train(app);
   g_parse_only = parse_only;

@@ -25,6 +25,7 @@ void add_bench_snapshot(CLI::App& bench);
 void add_bench_knn(CLI::App& bench);
 void add_bench_scale(CLI::App& bench);
 void add_bench_soak(CLI::App& bench);
+void add_bench_memories(CLI::App& bench);  // queue, multiview
 void add_snapshot(CLI::App& app);
 void add_train(CLI::App& app);
 

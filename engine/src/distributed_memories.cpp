@@ -142,7 +142,7 @@ StepStats DistributedQueue::step(FeaturesRef queries, FeaturesRef keys, GradRef 
   g.check([&] {
     queue_.check_grad_alone(grad, queries, keys, ids, labels);
     c = detail::translate_bad_alloc("DistributedQueue::step", [&] {
-      return queue_.compute(queries, keys, grad, ids, labels, batch);
+      return queue_.compute(queries, keys, grad, ids, labels, batch, &queue_.scores_);
     });
   });
 

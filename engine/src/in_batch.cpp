@@ -26,7 +26,7 @@ InBatch::InBatch(EngineConfig config) : config_(config) { detail::check_keyed_co
 
 std::int64_t in_batch_scratch_bytes(const EngineConfig& config, index_t batch, index_t dim, int threads) {
   const index_t n = mul_sat(batch, 2);
-  std::int64_t bytes = mul_sat(threads, detail::keyed_scratch_bytes(n, dim, detail::takes_positives_first(config.objective)));
+  std::int64_t bytes = detail::keyed_scratch_bytes(n, n, dim, detail::takes_positives_first(config.objective), threads);
   bytes = add_sat(bytes, mul_sat(n, mul_sat(n, 4)));          // scores, then coefficients
   bytes = add_sat(bytes, mul_sat(n, add_sat(mul_sat(dim, 4), 88)));  // the samples, ids, classes, results
   if (config.normalize_features) bytes = add_sat(bytes, mul_sat(n, add_sat(mul_sat(dim, 8), 8)));
@@ -115,23 +115,10 @@ StepStats InBatch::step(FeaturesRef view_a, FeaturesRef view_b, GradRef grad_a, 
         detail::objective_params(config_, n - 2, n, std::numeric_limits<double>::quiet_NaN());
     std::vector<kernels::QueryResult> out(static_cast<std::size_t>(n));
     RowMatrixf c(n, n), g(n, dim);
-    const bool positives_first = detail::takes_positives_first(config_.objective);
+    detail::keyed_scores(in, c.data(), n, kt);
+    detail::keyed_objectives(in, params, c.data(), n, out, kt);
+    for (index_t i = 0; i < n; ++i) c(i, (i + batch) % n) += static_cast<float>(out[static_cast<std::size_t>(i)].c_pos);
     const index_t blocks = (n + kQueryBlock - 1) / kQueryBlock;
-    detail::ExceptionCapture errors;
-#pragma omp parallel
-    {
-      detail::KeyedScratch scratch;
-      errors.run([&] { scratch.allocate(n, dim, positives_first); });  // inside the capture
-#pragma omp for schedule(dynamic, 1)
-      for (index_t blk = 0; blk < blocks; ++blk) {
-        errors.run([&] {
-          const index_t r0 = blk * kQueryBlock, rows = std::min(kQueryBlock, n - r0);
-          detail::keyed_rows(in, params, r0, rows, c.data() + r0 * n, n, scratch, out.data(), kt);
-          for (index_t i = r0; i < r0 + rows; ++i) c(i, (i + batch) % n) += static_cast<float>(out[static_cast<std::size_t>(i)].c_pos);
-        });
-      }
-    }
-    errors.rethrow("the in-batch step");
 #pragma omp parallel for schedule(dynamic, 1)
     for (index_t blk = 0; blk < blocks; ++blk) {
       const index_t r0 = blk * kQueryBlock, rows = std::min(kQueryBlock, n - r0);

@@ -4,9 +4,9 @@
 // counts once (the objectives' log importance weight lw = 0, the positive's too), and a key that
 // must not be a negative of a query (its own instance, its label, itself) is masked: it is no entry
 // of that query at all, so the query's K is its count of unmasked keys (what dcl's, hcl's and kcl's
-// formulas count). Scores are one GEMM per block of queries; each query's objective turns its row
-// into coef_scale dL/ds in place (the shared-negatives kernel of the dispatched table); the caller
-// adds those rows times the keys with one more GEMM. Internal to the library.
+// formulas count). Scores are one GEMM per tile of keys; each query's objective turns its row into
+// coef_scale dL/ds in place (the shared-negatives kernel of the dispatched table); dL/dq adds those
+// rows times the keys with one more GEMM per tile. Internal to the library.
 #include <membank/engine.hpp>
 
 #include "detail/features.hpp"
@@ -44,26 +44,30 @@ struct KeyedInput {
   double coef_scale = 1.0;  ///< 1 / (the B of the batch mean)
 };
 
-/// Per-thread scratch of keyed_rows, for M keys of dimension D.
-struct KeyedScratch {
-  std::vector<float> s, lw, acc2, w;
-  std::vector<double> d, rescale;
-  std::vector<index_t> ids, i, slot;
-  std::vector<std::int32_t> classes;
-  void allocate(index_t m, index_t dim, bool positives_first);
-};
+/// The keys are processed in tiles of this many (fixed: results do not depend on the thread count).
+/// A tile's GEMM packs its keys once for the whole batch.
+inline constexpr index_t kKeyTile = 4096;
 
-/// Bytes keyed_rows' scratch takes per thread (what KeyedScratch::allocate allocates).
-std::int64_t keyed_scratch_bytes(index_t m, index_t dim, bool positives_first);
+/// Bytes the three phases below allocate besides the B x M scores, on `threads` threads:
+/// per-thread objective scratch (about 37 M bytes, 72 M more for triplet) and the gradient's
+/// per-tile partial products (4 B D per tile).
+std::int64_t keyed_scratch_bytes(index_t batch, index_t m, index_t dim, bool positives_first, int threads);
 
-/// Queries [r0, r0 + rows): s (rows x M, lds apart) receives S = Q K^T, then each row's objective
-/// over its unmasked keys turns it into coef_scale dL/ds (0 for a masked key); out[i] receives
-/// query i's result, c_pos already scaled by coef_scale. Throws Error when a query has no unmasked
-/// key. No allocation.
-void keyed_rows(const KeyedInput& in, const kernels::ObjectiveParams& params, index_t r0, index_t rows, float* s,
-                index_t lds, KeyedScratch& scratch, kernels::QueryResult* out, const kernels::Table& kt);
+/// S = Q K^T into s (B x M, row stride lds), tile by tile of keys, in parallel over tiles.
+void keyed_scores(const KeyedInput& in, float* s, index_t lds, const kernels::Table& kt);
 
-/// Labels as class indices for keyed_rows: equal labels, equal classes (0, 1, ... in order of first
+/// Each query's objective over its unmasked keys turns its row of s into coef_scale dL/ds (0 for a
+/// masked key); out (B long) receives each query's result, c_pos already scaled by coef_scale. In
+/// parallel over queries. Throws Error when a query has no unmasked key.
+void keyed_objectives(const KeyedInput& in, const kernels::ObjectiveParams& params, float* s, index_t lds,
+                      std::vector<kernels::QueryResult>& out, const kernels::Table& kt);
+
+/// dL/dq = c_pos k+ + C K into grad (B x D, row stride g_stride), from the coefficients C in s: each
+/// tile of keys adds its partial product, and the partials are summed in tile order.
+void keyed_gradient(const KeyedInput& in, const float* s, index_t lds, const std::vector<kernels::QueryResult>& out,
+                    float* grad, index_t g_stride, const kernels::Table& kt);
+
+/// Labels as class indices for the masks: equal labels, equal classes (0, 1, ... in order of first
 /// appearance over `labels` then `more`); `present[j] == 0` marks an entry with no label (class -1).
 std::vector<std::int32_t> classes_of(std::span<const std::int64_t> labels, std::span<const std::uint8_t> present,
                                      std::span<const std::int64_t> more, std::vector<std::int32_t>* more_classes);

@@ -19,8 +19,6 @@ namespace membank {
 
 namespace {
 
-constexpr index_t kQueryBlock = 16;  // queries per GEMM block (fixed: results do not depend on threads)
-
 /// ids: empty or B ids >= 0; labels: empty or B, and present when the configuration needs them.
 void check_ids_labels(const EngineConfig& config, index_t batch, IdsRef ids, LabelsRef labels) {
   MEMBANK_CHECK(ids.empty() || static_cast<index_t>(ids.size()) == batch,
@@ -39,10 +37,11 @@ void check_ids_labels(const EngineConfig& config, index_t batch, IdsRef ids, Lab
 
 std::int64_t queue_step_scratch_bytes(const EngineConfig& config, index_t batch, index_t capacity, index_t dim,
                                       DType dtype, int threads) {
-  std::int64_t per_thread = add_sat(mul_sat(kQueryBlock, mul_sat(capacity, 4)),
-                                    detail::keyed_scratch_bytes(capacity, dim, detail::takes_positives_first(config.objective)));
-  std::int64_t bytes = add_sat(mul_sat(threads, per_thread), mul_sat(batch, 64));  // results
-  if (dtype != DType::float32) bytes = add_sat(bytes, mul_sat(capacity, mul_sat(dim, 4)));
+  // the B x Q scores (then coefficients), the objective's per-thread scratch and the gradient's partials
+  std::int64_t bytes = add_sat(mul_sat(batch, mul_sat(capacity, 4)),
+                               detail::keyed_scratch_bytes(batch, capacity, dim,
+                                                           detail::takes_positives_first(config.objective), threads));
+  if (dtype != DType::float32) bytes = add_sat(bytes, mul_sat(capacity, mul_sat(dim, 4)));  // the widened ring
   bytes = add_sat(bytes, mul_sat(capacity, 4));  // the slots' classes
   if (config.normalize_features) bytes = add_sat(bytes, mul_sat(2, mul_sat(batch, add_sat(mul_sat(dim, 4), 8))));
   return bytes;
@@ -61,7 +60,7 @@ Queue::Queue(index_t capacity, index_t dim, EngineConfig config, DType dtype)
       labelled_(static_cast<std::size_t>(capacity), 0) {}
 
 detail::QueueComputed Queue::compute(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids,
-                                    LabelsRef labels, index_t mean_over) const {
+                                    LabelsRef labels, index_t mean_over, RowMatrixf* scores) const {
   // ---- validation
   const index_t batch = queries.rows();
   const index_t dim = keys_.dim(), q = keys_.size();
@@ -113,38 +112,17 @@ detail::QueueComputed Queue::compute(FeaturesRef queries, FeaturesRef keys, Grad
   }
   in.coef_scale = 1.0 / static_cast<double>(mean_over > 0 ? mean_over : batch);
 
-  // ---- per block of 16 queries: scores, objective, dL/dq = c_pos k+ + coefficients x ring
+  // ---- scores, each query's objective over its row, then dL/dq = c_pos k+ + coefficients x ring
   const kernels::Table& kt = kernels::table();
   const kernels::ObjectiveParams params = detail::objective_params(config_, q, q, std::numeric_limits<double>::quiet_NaN());
   std::vector<kernels::QueryResult>& out = result.out;
   out.resize(static_cast<std::size_t>(batch));
-  const bool positives_first = detail::takes_positives_first(config_.objective);
-  const index_t blocks = (batch + kQueryBlock - 1) / kQueryBlock;
-  detail::ExceptionCapture errors;
-#pragma omp parallel
-  {
-    detail::KeyedScratch scratch;
-    std::vector<float> s;
-    errors.run([&] {  // inside the capture
-      scratch.allocate(q, dim, positives_first);
-      s.resize(static_cast<std::size_t>(kQueryBlock * q));
-    });
-#pragma omp for schedule(dynamic, 1)
-    for (index_t blk = 0; blk < blocks; ++blk) {
-      errors.run([&] {
-        const index_t r0 = blk * kQueryBlock, rows = std::min(kQueryBlock, batch - r0);
-        detail::keyed_rows(in, params, r0, rows, s.data(), q, scratch, out.data(), kt);
-        for (index_t i = r0; i < r0 + rows; ++i) {
-          const auto c_pos = static_cast<float>(out[static_cast<std::size_t>(i)].c_pos);
-          const float* kp = in.pos + i * in.pos_stride;
-          for (index_t c = 0; c < dim; ++c) grad(i, c) = c_pos * kp[c];
-        }
-        kt.gemm_ab_acc(rows, dim, q, s.data(), q, ring, ring_stride, grad.data() + r0 * grad.outerStride(),
-                       grad.outerStride());
-      });
-    }
-  }
-  errors.rethrow("the queue's step");
+  RowMatrixf local;
+  RowMatrixf& s = scores ? *scores : local;
+  if (s.rows() != batch || s.cols() != q) s.resize(batch, q);
+  detail::keyed_scores(in, s.data(), q, kt);
+  detail::keyed_objectives(in, params, s.data(), q, out, kt);
+  detail::keyed_gradient(in, s.data(), q, out, grad.data(), grad.outerStride(), kt);
   result.stats = detail::keyed_stats(config_, out, q, step_);
   if (config_.normalize_features) detail::backprop_normalisation(pq, grad);
   return result;
@@ -164,7 +142,7 @@ StepStats Queue::step(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRe
                       bool enqueue) {
   check_grad_alone(grad, queries, keys, ids, labels);
   return detail::translate_bad_alloc("Queue::step", [&] {
-    const detail::QueueComputed c = compute(queries, keys, grad, ids, labels);
+    const detail::QueueComputed c = compute(queries, keys, grad, ids, labels, 0, &scores_);
     // ---- commit: the ring (it may still throw, before writing), then the counter
     if (enqueue) push(c.keys.view(), ids, labels);
     ++step_;

@@ -34,11 +34,12 @@
 // k, momentum, negatives, z_policy, z_fixed and z_ema have no part (Q is the negatives' count).
 //
 // Memory: Q D bytes of the dtype for the keys plus 25 Q for ids, labels and flags; a step's
-// scratch is 64 Q floats per thread (a block of scores) plus about 40 Q bytes per thread
-// (queue_step_scratch_bytes). Time: two GEMMs of B x D x Q, and O(B Q) for the objective.
+// scratch is the B x Q scores (kept by the queue from one step to the next), about 40 Q bytes per
+// thread, and 4 B D per tile of 4096 keys (queue_step_scratch_bytes). Time: two GEMMs of B x D x Q,
+// each tile of keys packed once for the whole batch, and O(B Q) for the objective.
 //
-// Results are bit-identical for any OpenMP thread count (queries are processed in fixed blocks of
-// 16). Thread safety: as Engine (const methods may run concurrently with each other).
+// Results are bit-identical for any OpenMP thread count (the keys are processed in fixed tiles of
+// 4096, the partial products summed in tile order). Thread safety: as Engine (const methods may run concurrently with each other).
 // Aliasing: as Engine: grad may overlap nothing (itself, queries, keys, ids, labels, the queue).
 #include <membank/bank.hpp>
 #include <membank/engine.hpp>
@@ -117,9 +118,10 @@ class Queue {
  private:
   friend class DistributedQueue;  // a rank's share of a global step: compute(), then push() of every rank's keys
   /// Validate, then loss and dL/dq with the 1/B of a batch mean over `mean_over` queries (0: this
-  /// batch's B); changes nothing.
+  /// batch's B); changes nothing. `scores`: a buffer for the B x Q scores kept across steps (its
+  /// pages are not faulted in again each step), or null.
   detail::QueueComputed compute(FeaturesRef queries, FeaturesRef keys, GradRef grad, IdsRef ids, LabelsRef labels,
-                                index_t mean_over = 0) const;
+                                index_t mean_over = 0, RowMatrixf* scores = nullptr) const;
   /// grad overlaps nothing it must not (Error otherwise).
   void check_grad_alone(GradRef grad, FeaturesRef queries, FeaturesRef keys, IdsRef ids, LabelsRef labels) const;
   void push(FeaturesRef unit_keys, IdsRef ids, LabelsRef labels);
@@ -132,12 +134,13 @@ class Queue {
   index_t position_ = 0;
   std::int64_t enqueued_ = 0;
   std::int64_t step_ = 0;
+  RowMatrixf scores_;  ///< step()'s B x Q scores, kept for the next step of the same B
 };
 
 /// Bytes of scratch one queue step allocates besides the caller's buffers (B queries, Q keys,
-/// dimension D, `threads` threads): per thread a 16 x Q block of scores and the objective's
-/// per-query scratch; a widened copy of a 2-byte queue (4 Q D); B results; the normalised copies
-/// with normalize_features.
+/// dimension D, `threads` threads): the B x Q scores, the objective's per-thread scratch, the
+/// gradient's partial products per tile of keys, a widened copy of a 2-byte queue (4 Q D), the
+/// normalised copies with normalize_features.
 std::int64_t queue_step_scratch_bytes(const EngineConfig& config, index_t batch, index_t capacity, index_t dim,
                                       DType dtype, int threads);
 

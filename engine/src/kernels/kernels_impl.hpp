@@ -235,9 +235,16 @@ O make_objective(const ObjectiveParams& p, objectives::Positive pos, const Query
 /// them get s = 0 and lw = -inf (every weight e^{... + lw} of theirs is 0).
 template <class Score, class LogWeight>
 inline void fill_block(Entries& x, idx rows, Score score, LogWeight lw) {
-  for (idx r = 0; r < kBlock; ++r) {
-    x.s[r] = r < rows ? score(r) : 0.0;
-    x.lw[r] = r < rows ? lw(r) : -objectives::kInf;
+  if (rows == kBlock) {  // a whole block: no per-row condition, so the loads and widenings vectorise
+    for (idx r = 0; r < kBlock; ++r) {
+      x.s[r] = score(r);
+      x.lw[r] = lw(r);
+    }
+  } else {
+    for (idx r = 0; r < kBlock; ++r) {
+      x.s[r] = r < rows ? score(r) : 0.0;
+      x.lw[r] = r < rows ? lw(r) : -objectives::kInf;
+    }
   }
   x.rows = rows;
 }
