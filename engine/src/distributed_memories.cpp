@@ -31,8 +31,12 @@ MPI_Comm duplicate(MPI_Comm comm, const char* what) {
   return out;
 }
 
+/// Frees a communicator of ours, unless MPI is already finalised (an object outliving MPI_Finalize,
+/// e.g. at the exit of a Python interpreter whose mpi4py finalised first).
 void release(MPI_Comm& comm) {
-  if (comm != MPI_COMM_NULL) MPI_Comm_free(&comm);
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (comm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm);
   comm = MPI_COMM_NULL;
 }
 

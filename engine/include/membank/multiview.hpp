@@ -21,8 +21,8 @@
 // pairs() lists them in lexicographic order, which is the order of MultiViewStats::pairs, of
 // partitions() and of the gradient sums.
 //
-// Shared draws: the negatives are drawn once per step and every pair uses them (CMC samples its
-// indices once for both memories): they are exactly what Engine::sample(ids, step) draws at the
+// Shared draws: every pair uses the same negatives (CMC samples its indices once for both
+// memories): they are exactly what Engine::sample(ids, step) draws at the
 // step counter (per-sample B x K or shared 1 x K, with exclude_positive / exclude_same_label as
 // configured), i.e. multiview.sample(ids, steps_done()). Each pair has its own Z state (Partition):
 // z_policy applies per pair (first_batch: the pair's own Zhat of its first step; ema: the pair's
@@ -37,12 +37,14 @@
 // Banks: the same N and D in every view (Error otherwise); the dtypes may differ per view (each
 // pair reads its bank's type). The sampler and the labels are shared by all views.
 //
-// Cost per step: one draw of the negatives (B K ids per-sample, K shared), then one Engine-like
-// evaluation per pair, one after the other (each parallel inside): V (V - 1) pair evaluations for the
-// full graph, 2 (V - 1) for the core graph, plus V refreshes of B rows. Memory: the V banks, the
-// draws (B K 8 bytes per-sample, K 8 shared; the single-view engine draws inside its kernel
-// instead), V + 1 B x D float gradient buffers (the caller's grads are written only once every pair
-// has succeeded), and one pair's scratch (step_scratch_bytes) at a time.
+// Cost per step: one Engine-like evaluation per pair, one after the other (each parallel inside),
+// each drawing the step's negatives inside its kernel as the single-view step does (the draws are a
+// pure function of seed, counter, row and id, so every pair draws the same ones; drawing them once
+// into a B x K array that every pair reads was measured slower, as it does not overlap the draws
+// with the gathers): V (V - 1) pair evaluations for the full graph, 2 (V - 1) for the core graph,
+// plus V refreshes of B rows. Memory: the V banks, V + 1 B x D float gradient buffers (the caller's
+// grads are written only once every pair has succeeded), and one pair's scratch
+// (step_scratch_bytes) at a time.
 //
 // Randomness and threads: as Engine, the draws are a pure function of (seed, step counter, query
 // row), every pair is bit-identical for any OpenMP thread count and the sums run in pair order, so
