@@ -25,9 +25,15 @@
 // on every rank instead of leaving the others waiting in the engine's collectives. Snapshots of a
 // DistributedEngine (save_snapshot(path, dist), load_snapshot(path, comm=...)) are collective too, and
 // also agree that every rank passed the same path and options.
+// membank.DistributedQueue and membank.DistributedInBatch (distributed_memories.hpp) follow the same
+// pattern (membank.Queue(..., comm=) / membank.InBatch(..., comm=) make them: membank/__init__.py).
+//
+// membank.MultiViewEngine (multiview.hpp, CMC): V banks, view v's seeded as Bank(n, dim, seed + v), or
+// copied from banks=; step takes and returns lists of V arrays.
 #include <membank/bank.hpp>
 #ifdef MEMBANK_PYTHON_MPI
 #include <membank/distributed.hpp>
+#include <membank/distributed_memories.hpp>
 #include <membank/distributed_snapshot.hpp>
 #endif
 #include <membank/engine.hpp>
@@ -35,6 +41,7 @@
 #include <membank/in_batch.hpp>
 #include <membank/knn.hpp>
 #include <membank/memory.hpp>
+#include <membank/multiview.hpp>
 #include <membank/queue.hpp>
 #include <membank/sampler.hpp>
 #include <membank/snapshot.hpp>
@@ -981,20 +988,21 @@ py::tuple queue_call(PyQueue& pq, py::handle queries, py::handle keys, py::handl
 }
 
 /// An int64 from a state dict's entry; TypeError naming it otherwise.
-std::int64_t int64_item(py::handle value, const char* name) {
+std::int64_t int64_item(py::handle value, const char* name, const char* who = "Queue.restore") {
   try {
     return value.cast<std::int64_t>();
   } catch (py::cast_error&) {
-    throw py::type_error(fmt::format("Queue.restore: {} must be an int; got {}", name, type_name(value)));
+    throw py::type_error(fmt::format("{}: {} must be an int; got {}", who, name, type_name(value)));
   }
 }
 
 /// Queue.state(): copies of everything Queue::State holds, the keys as stored (float32, float16, or the
-/// uint16 words of bfloat16) with their last-update steps.
-py::dict queue_state(PyQueue& pq) {
-  const index_t q = pq.capacity, dim = pq.dim;
-  const auto es = static_cast<std::size_t>(dtype_bytes(pq.dtype));
-  py::array keys(storage_dtype(pq.dtype), std::vector<py::ssize_t>{q, dim});
+/// uint16 words of bfloat16) with their last-update steps. `with_q(f)` runs f(const Queue&) under the
+/// owner's lock with the GIL released (a Queue, or the ring of a DistributedQueue).
+template <class WithQueue>
+py::dict queue_state_of(index_t q, index_t dim, DType dtype, WithQueue&& with_q) {
+  const auto es = static_cast<std::size_t>(dtype_bytes(dtype));
+  py::array keys(storage_dtype(dtype), std::vector<py::ssize_t>{q, dim});
   py::array_t<bool> labelled(q);
   auto* dst = static_cast<unsigned char*>(keys.mutable_data());
   auto* flags = labelled.mutable_data();
@@ -1002,7 +1010,7 @@ py::dict queue_state(PyQueue& pq) {
   std::vector<index_t> ids;
   index_t position = 0;
   std::int64_t enqueued = 0, step = 0;
-  with_queue(pq, [&](Queue& qu) {
+  with_q([&](const Queue& qu) {
     const BankView v = qu.keys().view();
     for (index_t i = 0; i < q; ++i)
       std::memcpy(dst + static_cast<std::size_t>(i * dim) * es, v.row_data(i), static_cast<std::size_t>(dim) * es);
@@ -1017,7 +1025,7 @@ py::dict queue_state(PyQueue& pq) {
   py::dict d;
   d["capacity"] = q;
   d["dim"] = dim;
-  d["dtype"] = to_string(pq.dtype);
+  d["dtype"] = to_string(dtype);
   d["keys"] = keys;
   d["last_update"] = to_numpy(std::move(last_update));
   d["ids"] = to_numpy(std::move(ids));
@@ -1029,24 +1037,28 @@ py::dict queue_state(PyQueue& pq) {
   return d;
 }
 
-/// Queue.restore(state): every entry converted and checked first (a refused state changes nothing),
-/// the keys kept bit for bit.
-void queue_restore(PyQueue& pq, py::handle state) {
+py::dict queue_state(PyQueue& pq) {
+  return queue_state_of(pq.capacity, pq.dim, pq.dtype, [&](auto&& f) { return with_queue(pq, f); });
+}
+
+/// A state dict (what Queue.state() returns) as a Queue::State for a queue of Q = q, D = dim and
+/// `dtype`: every entry converted and checked first (a refused state raises), the keys kept bit for
+/// bit. `who` names the call in messages ("Queue.restore").
+Queue::State queue_state_from(py::handle state, index_t q, index_t dim, DType dtype, const char* who) {
   if (!py::isinstance<py::dict>(state))
-    throw py::type_error(fmt::format("Queue.restore: state must be a dict (what Queue.state() returns); got {}",
+    throw py::type_error(fmt::format("{}: state must be a dict (what Queue.state() returns); got {}", who,
                                      type_name(state)));
   const auto d = py::reinterpret_borrow<py::dict>(state);
   const auto item = [&](const char* key) -> py::object {
     if (!d.contains(key))
-      throw Error(fmt::format("Queue.restore: state has no '{}': expected the dict Queue.state() returns (keys, "
-                              "last_update, ids, labels, labelled, position, enqueued, step)", key));
+      throw Error(fmt::format("{}: state has no '{}': expected the dict Queue.state() returns (keys, "
+                              "last_update, ids, labels, labelled, position, enqueued, step)", who, key));
     return d[key];
   };
-  const index_t q = pq.capacity, dim = pq.dim;
-  const py::dtype want = storage_dtype(pq.dtype);
+  const py::dtype want = storage_dtype(dtype);
   const std::string want_keys = fmt::format("a C-contiguous {} ({}, {}) array (the queue's {} keys as Queue.state() "
                                             "returns them)", std::string(py::str(want.attr("name"))), q, dim,
-                                            to_string(pq.dtype));
+                                            to_string(dtype));
   py::array keys = require_ndarray(item("keys"), "state['keys']", want_keys.c_str());
   if (!keys.dtype().equal(want))
     throw py::type_error(fmt::format("state['keys'] must be {}; got dtype {}", want_keys,
@@ -1055,7 +1067,7 @@ void queue_restore(PyQueue& pq, py::handle state) {
     throw py::value_error(fmt::format("state['keys'] must be {}; got shape {}", want_keys, shape_str(keys)));
   if (!(keys.flags() & py::array::c_style))
     throw py::value_error(fmt::format("state['keys'] must be {}: pass np.ascontiguousarray(keys)", want_keys));
-  require_aligned(keys, "state['keys']", static_cast<std::size_t>(dtype_bytes(pq.dtype)));
+  require_aligned(keys, "state['keys']", static_cast<std::size_t>(dtype_bytes(dtype)));
   const auto lu = vector_arg<std::int64_t>(item("last_update"), "state['last_update']", "int64", "(Q,)");
   const auto ids = vector_arg<index_t>(item("ids"), "state['ids']", "int64", "(Q,)");
   const auto labels = vector_arg<std::int64_t>(item("labels"), "state['labels']", "int64", "(Q,)");
@@ -1066,16 +1078,15 @@ void queue_restore(PyQueue& pq, py::handle state) {
   if (flags.ndim() != 1 || (flags.shape(0) > 1 && flags.strides(0) != 1))
     throw py::value_error(fmt::format("state['labelled'] must be a contiguous bool (Q,) array; got shape {}: pass "
                                       "np.ascontiguousarray(labelled.reshape(-1))", shape_str(flags)));
-  const std::int64_t position = int64_item(item("position"), "state['position']");
-  const std::int64_t enqueued = int64_item(item("enqueued"), "state['enqueued']");
-  const std::int64_t step = int64_item(item("step"), "state['step']");
+  const std::int64_t position = int64_item(item("position"), "state['position']", who);
+  const std::int64_t enqueued = int64_item(item("enqueued"), "state['enqueued']", who);
+  const std::int64_t step = int64_item(item("step"), "state['step']", who);
   const auto* flag_data = static_cast<const std::uint8_t*>(flags.data());
   std::vector<std::uint8_t> labelled(flag_data, flag_data + flags.shape(0));
   std::vector<index_t> id_values(ids.data, ids.data + ids.size);
   std::vector<std::int64_t> label_values(labels.data, labels.data + labels.size);
   std::vector<std::int64_t> last_update(lu.data, lu.data + lu.size);
   const void* src = keys.data();
-  const DType dtype = pq.dtype;
   py::gil_scoped_release nogil;
   // The keys as a bank of their own, bit for bit: rows within the snapshots' unit-norm tolerance are kept
   // as they are, any other is refused (never renormalised behind the caller's back).
@@ -1098,11 +1109,18 @@ void queue_restore(PyQueue& pq, py::handle state) {
                                         },
                                         tolerance, &off);
   if (off != 0)
-    throw Error(fmt::format("Queue.restore: state['keys'] has {} rows that are not unit-norm (within {:g}): expected "
-                            "the keys Queue.state() returns", off, tolerance));
+    throw Error(fmt::format("{}: state['keys'] has {} rows that are not unit-norm (within {:g}): expected "
+                            "the keys Queue.state() returns", who, off, tolerance));
   bank.set_last_update(std::move(last_update));  // Error on a wrong length
-  Queue::State st{std::move(bank), std::move(id_values), std::move(label_values), std::move(labelled),
-                  position, enqueued, step};
+  return Queue::State{std::move(bank), std::move(id_values), std::move(label_values), std::move(labelled),
+                      position, enqueued, step};
+}
+
+/// Queue.restore(state): every entry converted and checked first (a refused state changes nothing),
+/// the keys kept bit for bit.
+void queue_restore(PyQueue& pq, py::handle state) {
+  Queue::State st = queue_state_from(state, pq.capacity, pq.dim, pq.dtype, "Queue.restore");
+  py::gil_scoped_release nogil;
   std::lock_guard lk(pq.mu);
   pq.queue->restore(std::move(st));  // checks the rest; changes nothing on an error
 }
@@ -1118,6 +1136,421 @@ std::shared_ptr<PyQueue> queue_setstate(const py::tuple& t) {
   auto pq = make_queue(t[0].cast<index_t>(), t[1].cast<index_t>(), c, dtype_arg(t[2]));
   queue_restore(*pq, t[4]);
   return pq;
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// MultiViewEngine (CMC over V banks, membank/multiview.hpp)
+
+/// A bank copied bit for bit (stored type, rows, last-update steps): a membank.Bank given in banks=.
+Bank copy_bank(const Bank& whole) {
+  const BankView v = whole.view();
+  const double keep = std::numeric_limits<double>::infinity();  // the rows are unit already: keep their bits
+  constexpr index_t block = 4096;
+  Bank out = v.dtype == DType::float32
+                 ? Bank::from_blocks(v.rows, v.dim, block,
+                                     [&](index_t row0, index_t rows, float* dst, index_t ld) {
+                                       for (index_t i = 0; i < rows; ++i)
+                                         std::copy_n(v.row(row0 + i), v.dim, dst + i * ld);
+                                     },
+                                     keep, nullptr, DType::float32)
+                 : Bank::from_raw_blocks(v.rows, v.dim, v.dtype, block,
+                                         [&](index_t row0, index_t rows, std::uint16_t* dst, index_t ld) {
+                                           for (index_t i = 0; i < rows; ++i)
+                                             std::copy_n(static_cast<const std::uint16_t*>(v.row_data(row0 + i)),
+                                                         v.dim, dst + i * ld);
+                                         },
+                                         keep);
+  out.set_last_update(whole.last_update());
+  return out;
+}
+
+/// A MultiViewEngine with its mutex (two Python threads may share one: their calls run one after the
+/// other). N, D and V never change, so they are kept here and read without the lock.
+struct PyMultiView {
+  std::unique_ptr<MultiViewEngine> mv;
+  std::mutex mu;
+  index_t n = 0, dim = 0, views = 0;
+};
+
+template <class F>
+auto with_multiview(PyMultiView& pm, F&& f) {
+  py::gil_scoped_release nogil;
+  std::lock_guard lk(pm.mu);
+  return f(*pm.mv);
+}
+
+/// What MultiViewEngine.step returns besides the loss and the gradients: the total loss, each pair's
+/// StepStats and the pairs themselves (query view, bank view), in pair order.
+struct PyMultiViewStats {
+  MultiViewStats stats;
+  std::vector<ViewPair> pairs;
+};
+
+/// dtype= of MultiViewEngine: None (each view's default), one dtype for every view, or a list / tuple
+/// of V of them (None entries: that view's default). Empty optionals: the default.
+std::vector<std::optional<DType>> view_dtypes_arg(py::handle dtype, index_t views) {
+  std::vector<std::optional<DType>> out(static_cast<std::size_t>(views));
+  if (dtype.is_none()) return out;
+  if (py::isinstance<py::list>(dtype) || py::isinstance<py::tuple>(dtype)) {
+    const auto seq = py::reinterpret_borrow<py::sequence>(dtype);
+    if (static_cast<index_t>(seq.size()) != views)
+      throw Error(fmt::format("MultiViewEngine(dtype=): a list of {} dtypes: expected one per view (V = {}), or a "
+                              "single dtype for every view", seq.size(), views));
+    for (index_t v = 0; v < views; ++v)
+      if (!seq[static_cast<std::size_t>(v)].is_none())
+        out[static_cast<std::size_t>(v)] = dtype_arg(seq[static_cast<std::size_t>(v)]);
+    return out;
+  }
+  const DType t = dtype_arg(dtype);
+  for (auto& d : out) d = t;
+  return out;
+}
+
+/// An optional int keyword (n=, dim=, views=) as index_t; TypeError naming it otherwise.
+std::optional<index_t> optional_index(py::handle value, const char* who, const char* name) {
+  if (value.is_none()) return std::nullopt;
+  try {
+    return value.cast<index_t>();
+  } catch (py::cast_error&) {
+    throw py::type_error(fmt::format("{}: {} must be an int; got {}", who, name, type_name(value)));
+  }
+}
+
+std::shared_ptr<PyMultiView> make_multiview(py::object n_arg, py::object dim_arg, py::object views_arg,
+                                            const std::string& graph_name, py::object sampler, py::object banks,
+                                            py::object weights, py::object dtype, index_t k, double tau,
+                                            double momentum, const std::string& objective,
+                                            const std::string& negatives, bool exclude_positive,
+                                            const std::string& z_policy, double z_fixed, double z_ema,
+                                            std::uint64_t seed, bool normalize_features, double unit_norm_tolerance,
+                                            double tau_plus, double beta, bool detach_weights, double kernel_t,
+                                            double gamma, py::object margin, bool exclude_same_label,
+                                            py::object labels, const std::string& rounding) {
+  constexpr const char* who = "MultiViewEngine";
+  const EngineOnlyArgs engine_only{k, momentum, &negatives, &z_policy, z_fixed, z_ema};
+  const EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features, unit_norm_tolerance,
+                                     tau_plus, beta, detach_weights, kernel_t, gamma, margin, exclude_same_label,
+                                     rounding, &engine_only);
+  const ViewGraph graph = view_graph_from_string(graph_name);
+  std::optional<index_t> n = optional_index(n_arg, who, "n"), dim = optional_index(dim_arg, who, "dim"),
+                         views = optional_index(views_arg, who, "views");
+
+  // The banks given (float32 (N, D) arrays, or membank.Bank objects): their V, N and D.
+  std::vector<py::object> given;
+  if (!banks.is_none()) {
+    if (!py::isinstance<py::list>(banks) && !py::isinstance<py::tuple>(banks))
+      throw py::type_error(fmt::format("{}(banks=): expected a list of V float32 (N, D) arrays or membank.Bank "
+                                       "objects, one per view; got {}", who, type_name(banks)));
+    for (py::handle b : py::reinterpret_borrow<py::sequence>(banks)) given.push_back(py::reinterpret_borrow<py::object>(b));
+    if (views && *views != static_cast<index_t>(given.size()))
+      throw Error(fmt::format("{}(views = {}): banks holds {} entries: expected one bank per view", who, *views,
+                              given.size()));
+    views = static_cast<index_t>(given.size());
+  }
+  const index_t v_count = views.value_or(2);
+  if (v_count < 2) throw Error(fmt::format("{}(views = {}): expected V >= 2 views", who, v_count));
+  const std::vector<std::optional<DType>> dtypes = view_dtypes_arg(dtype, v_count);
+
+  std::vector<Bank> bank_list;
+  if (given.empty()) {
+    if (!n || !dim)
+      throw py::type_error(fmt::format("{}(): n and dim are required without banks= (view v's bank is then "
+                                       "Bank(n, dim, seed + v, dtype))", who));
+    if (*n < 1 || *dim < 1) throw Error(fmt::format("{}(n = {}, dim = {}): expected n >= 1 and dim >= 1", who, *n, *dim));
+    c.validate(*n, *dim);  // before V banks are built
+  } else {
+    // Shapes first (cheap), then the configuration, then the copies.
+    std::vector<std::string> names;
+    for (index_t v = 0; v < v_count; ++v) {
+      const py::object& b = given[static_cast<std::size_t>(v)];
+      names.push_back(fmt::format("banks[{}]", v));
+      index_t bn = 0, bd = 0;
+      if (py::isinstance<PyBank>(b)) {
+        const auto& pb = b.cast<const PyBank&>();
+        bn = pb.s->get().size();
+        bd = pb.s->get().dim();
+        const auto want = dtypes[static_cast<std::size_t>(v)];
+        if (want && *want != pb.s->get().dtype())
+          throw Error(fmt::format("{}(dtype=): banks[{}] is a {} Bank: drop dtype= for it (a Bank is copied as "
+                                  "stored) or pass its rows", who, v, to_string(pb.s->get().dtype())));
+      } else {
+        const auto m = matrix_arg<float>(b, names.back().c_str(), "float32", "(N, D)");
+        bn = m.rows;
+        bd = m.cols;
+      }
+      if (n && bn != *n)
+        throw Error(fmt::format("{}(n = {}): {} has N = {} rows", who, *n, names.back(), bn));
+      if (dim && bd != *dim)
+        throw Error(fmt::format("{}(dim = {}): {} has D = {} columns", who, *dim, names.back(), bd));
+      n = bn;
+      dim = bd;
+    }
+    c.validate(*n, *dim);
+  }
+  std::unique_ptr<NoiseSampler> s;
+  if (!weights.is_none()) {
+    if (!sampler.is_none()) throw Error(fmt::format("{}: pass sampler= or weights=, not both", who));
+    const auto w = vector_arg<double>(weights, "weights", "float64", "(N,)");
+    if (w.size != *n)
+      throw Error(fmt::format("{}(weights): {} weights: expected one per instance (N = {})", who, w.size, *n));
+    py::gil_scoped_release nogil;
+    s = std::make_unique<AliasSampler>(w.span());
+  } else {
+    s = sampler_arg(sampler, *n, who);
+  }
+  std::vector<std::int64_t> label_values = labels_arg(labels);
+  if (!labels.is_none()) Engine::check_labels(label_values, *s, c);
+
+  if (given.empty()) {
+    py::gil_scoped_release nogil;
+    for (index_t v = 0; v < v_count; ++v)
+      bank_list.emplace_back(*n, *dim, seed + static_cast<std::uint64_t>(v),
+                             dtypes[static_cast<std::size_t>(v)].value_or(DType::float32));
+  } else {
+    for (index_t v = 0; v < v_count; ++v) {
+      const py::object& b = given[static_cast<std::size_t>(v)];
+      if (py::isinstance<PyBank>(b)) {
+        bank_list.push_back(with_bank(b.cast<const PyBank&>(), [](const Bank& bank) { return copy_bank(bank); }));
+      } else {
+        const std::string name = fmt::format("banks[{}]", v);
+        const auto m = matrix_arg<float>(b, name.c_str(), "float32", "(N, D)");
+        const DType t = dtypes[static_cast<std::size_t>(v)].value_or(DType::float32);
+        py::gil_scoped_release nogil;
+        bank_list.push_back(Bank::from_rows(m.cmap(), t));
+      }
+    }
+  }
+  auto pm = std::make_shared<PyMultiView>();
+  pm->n = *n;
+  pm->dim = *dim;
+  pm->views = v_count;
+  py::gil_scoped_release nogil;
+  pm->mv = std::make_unique<MultiViewEngine>(std::move(bank_list), std::move(s), c, graph, std::move(label_values));
+  return pm;
+}
+
+/// The V feature arrays of a multi-view call (a list or tuple of float32 (B, D) arrays, named
+/// features[v] in messages). Their count is the engine's to check (it names V).
+std::vector<Matrix2<float>> view_features_arg(py::handle features) {
+  if (!py::isinstance<py::list>(features) && !py::isinstance<py::tuple>(features))
+    throw py::type_error(fmt::format("features must be a list (or tuple) of float32 (B, D) arrays, one per view; "
+                                     "got {}", type_name(features)));
+  std::vector<Matrix2<float>> out;
+  index_t v = 0;
+  for (py::handle f : py::reinterpret_borrow<py::sequence>(features)) {
+    const std::string name = fmt::format("features[{}]", v++);
+    out.push_back(matrix_arg<float>(f, name.c_str(), "float32", "(B, D)"));
+  }
+  return out;
+}
+
+/// The V gradient buffers: the caller's `out` list (each checked: float32 (B, D), writable) or fresh
+/// arrays.
+std::vector<Matrix2<float>> view_grads_arg(py::object out, index_t views, index_t batch, index_t dim) {
+  std::vector<Matrix2<float>> g;
+  if (out.is_none()) {
+    for (index_t v = 0; v < views; ++v) g.push_back(grad_buffer(py::none(), batch, dim));
+    return g;
+  }
+  if (!py::isinstance<py::list>(out) && !py::isinstance<py::tuple>(out))
+    throw py::type_error(fmt::format("out must be a list of V = {} float32 (B, D) arrays (one per view) or None; "
+                                     "got {}", views, type_name(out)));
+  const auto seq = py::reinterpret_borrow<py::sequence>(out);
+  if (static_cast<index_t>(seq.size()) != views)
+    throw Error(fmt::format("out has {} entries: expected V = {} (one (B, D) buffer per view)", seq.size(), views));
+  for (index_t v = 0; v < views; ++v) {
+    const std::string name = fmt::format("out[{}]", v);
+    g.push_back(grad_buffer(seq[static_cast<std::size_t>(v)], batch, dim, name.c_str()));
+  }
+  return g;
+}
+
+/// step / evaluate: the arguments converted, then call(engine, features, ids, grads) under the lock
+/// with the GIL released. Returns (loss, [dL/df^v], MultiViewStats).
+template <class F>
+py::tuple multiview_call(PyMultiView& pm, py::handle features, py::handle ids, py::object out, F&& call) {
+  auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+  std::vector<Matrix2<float>> f = view_features_arg(features);
+  const index_t batch = checked_batch(y);
+  std::vector<Matrix2<float>> g = view_grads_arg(std::move(out), pm.views, batch, pm.dim);
+  std::vector<FeaturesRef> fr;
+  fr.reserve(f.size());
+  for (const auto& m : f) fr.emplace_back(m.cmap());
+  std::vector<GradRef> gr;
+  gr.reserve(g.size());
+  for (auto& m : g) gr.emplace_back(m.map());
+  PyMultiViewStats st;
+  st.stats = with_multiview(pm, [&](MultiViewEngine& mv) {
+    st.pairs = mv.pairs();
+    return call(mv, std::span<const FeaturesRef>(fr), y.span(), std::span<GradRef>(gr));
+  });
+  py::list grads;
+  for (auto& m : g) grads.append(m.arr);
+  const double loss = st.stats.loss;
+  return py::make_tuple(loss, grads, std::move(st));
+}
+
+py::list pairs_list(const std::vector<ViewPair>& pairs) {
+  py::list out;
+  for (const ViewPair& p : pairs) out.append(py::make_tuple(p.query, p.bank));
+  return out;
+}
+
+#ifdef MEMBANK_PYTHON_MPI
+// ---------------------------------------------------------------------------------------------
+// DistributedQueue and DistributedInBatch (membank/distributed_memories.hpp) over an mpi4py communicator
+
+/// The caller's communicator duplicated for argument agreement (all_ranks_agree), apart from the
+/// engine's own duplicate. Freed unless MPI is already finalised.
+struct CommGuard {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int rank = 0, ranks = 1;
+  CommGuard() = default;
+  CommGuard(const CommGuard&) = delete;
+  CommGuard& operator=(const CommGuard&) = delete;
+  ~CommGuard() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (comm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&comm);
+  }
+  void dup(MPI_Comm caller, const char* who) {
+    py::gil_scoped_release nogil;
+    if (MPI_Comm_dup(caller, &comm) != MPI_SUCCESS) throw Error(fmt::format("{}: MPI_Comm_dup failed", who));
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &ranks);
+  }
+};
+
+/// Drops `owned` without running its destructor when MPI is already finalised (an object still alive
+/// at interpreter exit, after mpi4py's MPI_Finalize): freeing its communicator then would abort.
+template <class T>
+void release_unless_finalized(std::unique_ptr<T>& owned) {
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) (void)owned.release();  // leaked at exit, on purpose
+}
+
+/// A DistributedQueue with its mutex. Q, D and the dtype never change: kept here, read without the lock.
+struct PyDistQueue {
+  std::unique_ptr<DistributedQueue> dq;
+  std::mutex mu;
+  CommGuard guard;
+  index_t capacity = 0, dim = 0;
+  DType dtype = DType::float32;
+  ~PyDistQueue() { release_unless_finalized(dq); }
+};
+
+template <class F>
+auto with_dist_queue(PyDistQueue& pd, F&& f) {
+  py::gil_scoped_release nogil;
+  std::lock_guard lk(pd.mu);
+  return f(*pd.dq);
+}
+
+/// Collective: `make_queue()` (this rank's Queue, built from the arguments inside the agreement, so a
+/// refused argument raises on every rank), then the DistributedQueue over `comm` (which compares the
+/// queues' fingerprints: the same configuration and state on every rank).
+template <class MakeQueue>
+std::shared_ptr<PyDistQueue> make_dist_queue(py::handle comm, const char* who, MakeQueue&& make_local) {
+  const MPI_Comm caller = comm_arg(comm);
+  auto pd = std::make_shared<PyDistQueue>();
+  pd->guard.dup(caller, who);
+  std::shared_ptr<PyQueue> local;
+  all_ranks_agree(pd->guard.comm, who, [&] { local = make_local(); });
+  pd->capacity = local->capacity;
+  pd->dim = local->dim;
+  pd->dtype = local->dtype;
+  py::gil_scoped_release nogil;
+  pd->dq = std::make_unique<DistributedQueue>(caller, std::move(*local->queue));
+  return pd;
+}
+
+/// A copy of `pq` (configuration and whole state, keys bit for bit) as a fresh PyQueue.
+std::shared_ptr<PyQueue> copy_queue(PyQueue& pq, const char* who) {
+  const EngineConfig c = pq.queue->config();
+  auto copy = make_queue(pq.capacity, pq.dim, c, pq.dtype);
+  Queue::State st = queue_state_from(queue_state(pq), pq.capacity, pq.dim, pq.dtype, who);
+  py::gil_scoped_release nogil;
+  copy->queue->restore(std::move(st));
+  return copy;
+}
+
+py::tuple dist_queue_step(PyDistQueue& pd, py::handle queries, py::handle keys, py::handle ids, py::handle labels,
+                          bool enqueue, py::object out) {
+  Matrix2<float> qf, kf, g;
+  Vector1<index_t> y;
+  Vector1<std::int64_t> l;
+  all_ranks_agree(pd.guard.comm, "DistributedQueue.step", [&] {
+    qf = matrix_arg<float>(queries, "queries", "float32", "(B, D)");
+    kf = matrix_arg<float>(keys, "keys", "float32", "(B, D)");
+    y = optional_vector<index_t>(ids, "ids");
+    l = optional_vector<std::int64_t>(labels, "labels");
+    if (qf.rows == 0)
+      throw Error("queries has 0 rows: expected this rank's slice of at least one query (B_r >= 1)");
+    const bool callers_out = !out.is_none();
+    g = grad_buffer(out, qf.rows, pd.dim);
+    if (callers_out) {
+      const NamedRegion inputs[] = {{region_of(qf), "queries"}, {region_of(kf), "keys"}, {region_of(y), "ids"},
+                                    {region_of(l), "labels"}};
+      check_out_alone(g, "out", inputs);
+      with_dist_queue(pd, [&](DistributedQueue& d) { d.queue().keys().check_no_overlap(region_of(g), "out"); });
+    }
+  });
+  const StepStats st = with_dist_queue(pd, [&](DistributedQueue& d) {
+    return d.step(qf.cmap(), kf.cmap(), g.map(), y.span(), l.span(), enqueue);
+  });
+  return step_result(st, g);
+}
+
+/// Collective: the ring replaced by `state` (Queue.state()'s dict), the same on every rank (checked by
+/// the DistributedQueue's fingerprints); a refused state changes nothing on any rank.
+void dist_queue_restore(PyDistQueue& pd, py::handle state) {
+  constexpr const char* who = "DistributedQueue.restore";
+  std::shared_ptr<PyQueue> local;
+  all_ranks_agree(pd.guard.comm, who, [&] {
+    local = make_queue(pd.capacity, pd.dim, pd.dq->queue().config(), pd.dtype);
+    Queue::State st = queue_state_from(state, pd.capacity, pd.dim, pd.dtype, who);
+    py::gil_scoped_release nogil;
+    local->queue->restore(std::move(st));
+  });
+  py::gil_scoped_release nogil;
+  std::lock_guard lk(pd.mu);
+  DistributedQueue next(pd.guard.comm, std::move(*local->queue));  // collective; Error on every rank on a mismatch
+  *pd.dq = std::move(next);
+}
+
+/// A DistributedInBatch with its mutex.
+struct PyDistInBatch {
+  std::unique_ptr<DistributedInBatch> ib;
+  std::mutex mu;
+  CommGuard guard;
+  ~PyDistInBatch() { release_unless_finalized(ib); }
+};
+
+py::dict wire_dict(const WireStats& w) {
+  py::dict d;
+  d["bytes_sent"] = w.bytes_sent;
+  d["collectives"] = w.collectives;
+  return d;
+}
+
+std::string dist_comm_without(const char* cls) {
+  return fmt::format("{}(comm=...): use membank.{} (the package), which makes a membank.Distributed{}, or "
+                     "membank.Distributed{} itself", cls, cls, cls, cls);
+}
+#endif  // MEMBANK_PYTHON_MPI
+
+/// Queue(comm=) / InBatch(comm=) reaching the single-process class: a build without MPI (or _membank
+/// used on its own).
+[[noreturn]] void memory_comm_refused(const char* cls) {
+#ifdef MEMBANK_PYTHON_MPI
+  throw Error(dist_comm_without(cls));
+#else
+  throw Error(fmt::format("{}(comm=...): this membank was built without MPI (MEMBANK_MPI=OFF, or MPI not found at "
+                          "configure time), so there is no Distributed{}: install libopenmpi-dev and python3-mpi4py "
+                          "and configure with -DMEMBANK_MPI=ON", cls, cls));
+#endif
 }
 
 }  // namespace
@@ -1444,7 +1877,10 @@ and with labels supcon, contrastive, triplet (nce and full need a bank: membank.
       .def(py::init([](index_t capacity, index_t dim, const std::string& objective, double tau, py::handle dtype,
                        std::uint64_t seed, bool exclude_positive, bool exclude_same_label, bool normalize_features,
                        double unit_norm_tolerance, double tau_plus, double beta, bool detach_weights, double kernel_t,
-                       double gamma, py::object margin, const std::string& rounding) {
+                       double gamma, py::object margin, const std::string& rounding, py::object comm) {
+             // Queue(..., comm=...) is turned into a DistributedQueue by Queue.__new__ (membank/__init__.py)
+             // before this runs; here only when the build has no MPI, or when _membank is used on its own.
+             if (!comm.is_none()) memory_comm_refused("Queue");
              const EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features,
                                                 unit_norm_tolerance, tau_plus, beta, detach_weights, kernel_t, gamma,
                                                 margin, exclude_same_label, rounding);
@@ -1455,10 +1891,11 @@ and with labels supcon, contrastive, triplet (nce and full need a bank: membank.
            py::arg("exclude_same_label") = false, py::arg("normalize_features") = false,
            py::arg("unit_norm_tolerance") = 1e-3, py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0,
            py::arg("detach_weights") = false, py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0,
-           py::arg("margin") = py::none(), py::arg("rounding") = "nearest",
+           py::arg("margin") = py::none(), py::arg("rounding") = "nearest", py::arg("comm") = py::none(),
            "A queue of Q = capacity keys of dimension dim, stored as dtype ('float32', 'float16', 'bfloat16'). The "
            "objective keywords are Engine's (same names, same defaults but objective = 'infonce'); rounding: how an "
-           "enqueued key is rounded to a 2-byte dtype ('nearest' | 'stochastic').")
+           "enqueued key is rounded to a 2-byte dtype ('nearest' | 'stochastic'). comm: an mpi4py communicator: "
+           "membank.Queue then makes a membank.DistributedQueue instead (builds with MPI only; membank.has_mpi).")
       .def("step",
            [](PyQueue& pq, py::handle queries, py::handle keys, py::handle ids, py::handle labels, bool enqueue,
               py::object out) {
@@ -1548,7 +1985,8 @@ exclude_positive and ids, samples of the same instance id are no negatives of ea
 exclude_same_label, no sample of the query's label. Stateless: step() may run in several threads.)doc")
       .def(py::init([](const std::string& objective, double tau, bool exclude_positive, bool exclude_same_label,
                        bool normalize_features, double unit_norm_tolerance, double tau_plus, double beta,
-                       bool detach_weights, double kernel_t, double gamma, py::object margin) {
+                       bool detach_weights, double kernel_t, double gamma, py::object margin, py::object comm) {
+             if (!comm.is_none()) memory_comm_refused("InBatch");  // as Queue(comm=...)
              return InBatch(make_config(objective, tau, exclude_positive, 0, normalize_features, unit_norm_tolerance,
                                         tau_plus, beta, detach_weights, kernel_t, gamma, margin, exclude_same_label,
                                         "nearest"));
@@ -1557,9 +1995,10 @@ exclude_same_label, no sample of the query's label. Stateless: step() may run in
            py::arg("exclude_same_label") = false, py::arg("normalize_features") = false,
            py::arg("unit_norm_tolerance") = 1e-3, py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0,
            py::arg("detach_weights") = false, py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0,
-           py::arg("margin") = py::none(),
+           py::arg("margin") = py::none(), py::arg("comm") = py::none(),
            "The objective keywords are Engine's (same names, same defaults but objective = 'infonce'); nothing is "
-           "stored or drawn, so there is no seed, dtype nor rounding.")
+           "stored or drawn, so there is no seed, dtype nor rounding. comm: an mpi4py communicator: membank.InBatch "
+           "then makes a membank.DistributedInBatch instead (builds with MPI only; membank.has_mpi).")
       .def("step",
            [](const InBatch& ib, py::handle view_a, py::handle view_b, py::handle ids, py::handle labels,
               py::object out_a, py::object out_b) {
@@ -1598,6 +2037,199 @@ exclude_same_label, no sample of the query's label. Stateless: step() may run in
                       }))
       .def("__repr__", [](const InBatch& ib) {
         return fmt::format("membank.InBatch(objective={}, tau={})", to_string(ib.config().objective), ib.config().tau);
+      });
+
+  // ---- MultiViewEngine (CMC)
+  py::class_<PyMultiViewStats>(m, "MultiViewStats",
+                               "What MultiViewEngine.step reports besides the gradients (multiview.hpp).")
+      .def_property_readonly("loss", [](const PyMultiViewStats& s) { return s.stats.loss; },
+                             "L, the sum of the pairs' losses (each the mean over the batch), in pair order")
+      .def_property_readonly("pairs", [](const PyMultiViewStats& s) { return s.stats.pairs; },
+                             "each pair's StepStats, in the order of pair_views (the engine's pairs)")
+      .def_property_readonly("pair_views", [](const PyMultiViewStats& s) { return pairs_list(s.pairs); },
+                             "the pairs (query view, bank view), in pair order")
+      .def_property_readonly("step", [](const PyMultiViewStats& s) {
+        return s.stats.pairs.empty() ? std::int64_t{0} : s.stats.pairs.front().step;
+      }, "the step counter this step used")
+      .def("pair", [](const PyMultiViewStats& s, index_t query, index_t bank) {
+        for (std::size_t p = 0; p < s.pairs.size(); ++p)
+          if (s.pairs[p] == ViewPair{query, bank}) return s.stats.pairs[p];
+        throw Error(fmt::format("MultiViewStats.pair({}, {}): not a scored pair: expected one of {}", query, bank,
+                                std::string(py::repr(pairs_list(s.pairs)))));
+      }, py::arg("query"), py::arg("bank"), "The StepStats of pair (query view, bank view).")
+      .def("__len__", [](const PyMultiViewStats& s) { return s.stats.pairs.size(); })
+      .def("__repr__", [](const PyMultiViewStats& s) {
+        std::string p;
+        for (std::size_t i = 0; i < s.pairs.size(); ++i)
+          p += fmt::format("{}({}, {}): {:.6g}", i ? ", " : "", s.pairs[i].query, s.pairs[i].bank, s.stats.pairs[i].loss);
+        return fmt::format("MultiViewStats(loss={:.6g}, pairs=[{}])", s.stats.loss, p);
+      });
+
+  py::class_<PyMultiView, std::shared_ptr<PyMultiView>>(m, "MultiViewEngine", R"doc(
+Contrastive multiview coding (Tian et al., CMC, ECCV 2020) over memory banks (membank/multiview.hpp):
+V >= 2 views of the same N instances, one bank per view. A step takes every view's unit features
+f^v (B, D) and the batch's ids, scores the ordered pairs (a, b) of the view graph -- view a's queries
+against view b's bank, each pair exactly Engine's objective (NCE by default) -- and returns
+L = sum over the pairs of L_ab and dL/df^a = sum over the pairs (a, b) of dL_ab/df^a. The negatives
+are drawn once per step and shared by every pair (engine.sample(ids, step)); each pair has its own Z
+state (z_policy per pair). Then each bank b is refreshed by momentum with view b's features.
+
+graph: 'full' (every ordered pair a != b) or 'core' (view 0 with each other view: (0, b) and (b, 0));
+for V = 2 both are [(0, 1), (1, 0)]. Pairs are listed in lexicographic order: the order of
+stats.pairs, partitions and the gradient sums.)doc")
+      .def(py::init(&make_multiview), py::arg("n") = py::none(), py::arg("dim") = py::none(),
+           py::arg("views") = py::none(), py::arg("graph") = "full", py::arg("sampler") = py::none(), py::kw_only(),
+           py::arg("banks") = py::none(), py::arg("weights") = py::none(), py::arg("dtype") = py::none(),
+           py::arg("k") = 4096, py::arg("tau") = 0.07, py::arg("momentum") = 0.5, py::arg("objective") = "nce",
+           py::arg("negatives") = "per-sample", py::arg("exclude_positive") = false,
+           py::arg("z_policy") = "first_batch", py::arg("z_fixed") = 0.0, py::arg("z_ema") = 0.99,
+           py::arg("seed") = 0, py::arg("normalize_features") = false, py::arg("unit_norm_tolerance") = 1e-3,
+           py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0, py::arg("detach_weights") = false,
+           py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0, py::arg("margin") = py::none(),
+           py::arg("exclude_same_label") = false, py::arg("labels") = py::none(), py::arg("rounding") = "nearest",
+           "n, dim, views (default 2): without banks=, view v's bank is Bank(n, dim, seed + v, dtype) -- what "
+           "membank.Bank(n, dim, seed=seed + v) holds -- so view 0's bank is the one MemoryBankLoss(n, dim, "
+           "seed=seed) starts from. banks: instead, a list of V float32 (N, D) arrays (copied, each row normalised, "
+           "stored as dtype) or membank.Bank objects (copied bit for bit, dtype kept); n, dim, views, if given, must "
+           "agree. dtype: None (float32), one dtype for every view, or a list of V ('float32', 'float16', "
+           "'bfloat16'). sampler: a NoiseSampler over N (default uniform), or weights: float64 (N,) for an alias "
+           "sampler; shared by the views, as are the labels. The other keywords are Engine's, with Engine's "
+           "defaults (seed keys the draws and stochastic rounding).")
+      .def("step",
+           [](PyMultiView& pm, py::handle features, py::handle ids, bool update, py::object out) {
+             return multiview_call(pm, features, ids, std::move(out),
+                                   [&](MultiViewEngine& mv, std::span<const FeaturesRef> f, IdsRef y,
+                                       std::span<GradRef> g) { return mv.step(f, y, g, update); });
+           },
+           py::arg("features"), py::arg("ids"), py::arg("update") = true, py::arg("out") = py::none(),
+           "One step: (loss, [dL/df^v for each view, float32 (B, D)], MultiViewStats). features: a list of V "
+           "float32 (B, D) arrays (unit rows unless normalize_features), one per view; ids: int64 (B,). Draws the "
+           "negatives for the step counter, scores every pair against the pre-update banks, then (update=True) "
+           "refreshes each bank with its view's features. The counter and the pairs' Z states advance either way. "
+           "out: a list of V float32 (B, D) buffers to write the gradients into.")
+      .def("evaluate",
+           [](PyMultiView& pm, py::handle features, py::handle ids, py::object out) {
+             return multiview_call(pm, features, ids, std::move(out),
+                                   [&](MultiViewEngine& mv, std::span<const FeaturesRef> f, IdsRef y,
+                                       std::span<GradRef> g) {
+               const std::vector<Partition> before = mv.partitions();
+               const std::int64_t step = mv.steps_done();
+               MultiViewStats st = mv.step(f, y, g, false);
+               mv.restore_state(before, step);  // the same states: cannot be refused
+               return st;
+             });
+           },
+           py::arg("features"), py::arg("ids"), py::arg("out") = py::none(),
+           "What step() would return now, changing nothing (no refresh; the counter and Z states are put back): "
+           "(loss, [dL/df^v], MultiViewStats), with the negatives of the next step.")
+      .def("update",
+           [](PyMultiView& pm, py::handle features, py::handle ids) {
+             auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+             std::vector<Matrix2<float>> f = view_features_arg(features);
+             std::vector<FeaturesRef> fr;
+             fr.reserve(f.size());
+             for (const auto& mat : f) fr.emplace_back(mat.cmap());
+             with_multiview(pm, [&](MultiViewEngine& mv) { mv.update(fr, y.span()); });
+           },
+           py::arg("features"), py::arg("ids"),
+           "Momentum refresh of every bank v with features[v] at ids (what step does when update=True), recording "
+           "the current step counter.")
+      .def("sample",
+           [](PyMultiView& pm, py::handle ids, py::object step) {
+             auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
+             const bool next = step.is_none();
+             const std::int64_t at = next ? 0 : step.cast<std::int64_t>();
+             RowMatrixi r = with_multiview(pm, [&](MultiViewEngine& mv) {
+               return mv.sample(y.span(), next ? mv.steps_done() : at);
+             });
+             return to_numpy(std::move(r));
+           },
+           py::arg("ids"), py::arg("step") = py::none(),
+           "The negatives every pair of a step at `step` (default: the next step) uses: int64 (B, K) or (1, K), "
+           "what Engine.sample draws with the same seed, sampler and configuration.")
+      .def("bank",
+           [](PyMultiView& pm, index_t v) {
+             return to_numpy(with_multiview(pm, [&](MultiViewEngine& mv) { return mv.bank(v).to_matrix(); }));
+           },
+           py::arg("v"), "A copy of view v's bank widened to float32 (exactly): (N, D).")
+      .def("last_update",
+           [](PyMultiView& pm, index_t v) {
+             return to_numpy(with_multiview(pm, [&](MultiViewEngine& mv) { return mv.bank(v).last_update(); }));
+           },
+           py::arg("v"), "Copy of each row's last-update step in view v's bank (-1: never), int64 (N,).")
+      .def_property_readonly("dtypes", [](PyMultiView& pm) {
+        return with_multiview(pm, [&](MultiViewEngine& mv) {
+          std::vector<std::string> d;
+          for (index_t v = 0; v < mv.views(); ++v) d.push_back(to_string(mv.bank(v).dtype()));
+          return d;
+        });
+      }, "each view's bank element type")
+      .def_property_readonly("views", [](const PyMultiView& pm) { return pm.views; }, "V")
+      .def_property_readonly("n", [](const PyMultiView& pm) { return pm.n; }, "N")
+      .def_property_readonly("dim", [](const PyMultiView& pm) { return pm.dim; }, "D")
+      .def_property_readonly("graph", [](const PyMultiView& pm) { return to_string(pm.mv->graph()); })
+      .def_property_readonly("pairs", [](const PyMultiView& pm) { return pairs_list(pm.mv->pairs()); },
+                             "the scored pairs (query view, bank view), in their fixed (lexicographic) order")
+      .def("pair_index", [](const PyMultiView& pm, index_t query, index_t bank) { return pm.mv->pair_index(query, bank); },
+           py::arg("query"), py::arg("bank"), "The position of pair (query, bank) in pairs.")
+      .def_property_readonly("partitions", [](PyMultiView& pm) {
+        const std::vector<Partition> ps = with_multiview(pm, [](MultiViewEngine& mv) { return mv.partitions(); });
+        py::list out;
+        for (const Partition& p : ps) out.append(p.initialised ? py::object(py::float_(p.log_z)) : py::none());
+        return out;
+      }, "each pair's log Z (None until initialised), in the order of pairs")
+      .def_property_readonly("steps_done", [](PyMultiView& pm) {
+        return with_multiview(pm, [](MultiViewEngine& mv) { return mv.steps_done(); });
+      })
+      .def("restore_state",
+           [](PyMultiView& pm, py::handle partitions, std::int64_t step) {
+             if (!py::isinstance<py::list>(partitions) && !py::isinstance<py::tuple>(partitions))
+               throw py::type_error(fmt::format("partitions must be a list of log Z values (float, or None for an "
+                                                "uninitialised pair), one per pair, as engine.partitions; got {}",
+                                                type_name(partitions)));
+             std::vector<Partition> ps;
+             const ZPolicy policy = pm.mv->config().z_policy;
+             index_t i = 0;
+             for (py::handle h : py::reinterpret_borrow<py::sequence>(partitions)) {
+               Partition p;
+               p.policy = policy;
+               if (!h.is_none()) {
+                 try {
+                   p.log_z = h.cast<double>();
+                 } catch (py::cast_error&) {
+                   throw py::type_error(fmt::format("partitions[{}] must be a float (log Z) or None; got {}", i,
+                                                    type_name(h)));
+                 }
+                 p.initialised = true;
+               }
+               ps.push_back(p);
+               ++i;
+             }
+             with_multiview(pm, [&](MultiViewEngine& mv) { mv.restore_state(std::move(ps), step); });
+           },
+           py::arg("partitions"), py::arg("step"),
+           "Set every pair's log Z (a list as partitions returns it) and the step counter, to resume a run "
+           "(with banks= holding the saved banks). membank.Error, nothing changed, on a wrong count, a non-finite "
+           "log Z, a fixed policy's Z other than z_fixed, or step < 0.")
+      .def_property_readonly("config", [](const PyMultiView& pm) { return config_dict(pm.mv->config()); })
+      .def_property_readonly("sampler", [](const PyMultiView& pm) {
+        return PySampler{std::shared_ptr<const NoiseSampler>(copy_sampler(pm.mv->sampler()))};
+      })
+      .def_property_readonly("labels", [](PyMultiView& pm) -> py::object {
+        std::vector<std::int64_t> l = with_multiview(pm, [](MultiViewEngine& mv) { return mv.labels(); });
+        if (l.empty()) return py::none();
+        return py::object(to_numpy(std::move(l)));
+      }, "the labels shared by the views (int64, N), or None")
+      .def("set_labels", [](PyMultiView& pm, py::handle labels) {
+        const auto l = vector_arg<std::int64_t>(labels, "labels", "int64", "(N,)");
+        with_multiview(pm, [&](MultiViewEngine& mv) { mv.set_labels(l.span()); });
+      }, py::arg("labels"), "One int64 label per instance, shared by the views (as Engine.set_labels).")
+      .def("__repr__", [](PyMultiView& pm) {
+        const auto& c = pm.mv->config();
+        const std::int64_t steps = with_multiview(pm, [](MultiViewEngine& mv) { return mv.steps_done(); });
+        return fmt::format("membank.MultiViewEngine(n={}, dim={}, views={}, graph={}, k={}, tau={}, objective={}, "
+                           "negatives={}, steps_done={})", pm.n, pm.dim, pm.views, to_string(pm.mv->graph()), c.k,
+                           c.tau, to_string(c.objective), to_string(c.negatives), steps);
       });
 
   // ---- DistributedEngine (builds with MPI)
@@ -1777,6 +2409,201 @@ evaluate, sample, update, prefetch, bank (use local_bank or gather_bank).)doc")
       });
 #else
   m.attr("has_mpi") = false;
+#endif
+
+#ifdef MEMBANK_PYTHON_MPI
+  // ---- DistributedQueue and DistributedInBatch (builds with MPI)
+  py::class_<PyDistQueue, std::shared_ptr<PyDistQueue>>(m, "DistributedQueue", R"doc(
+MoCo's queue over the R ranks of an MPI communicator (membank/distributed_memories.hpp): every rank
+holds the whole ring, a step is Queue.step on the global batch (the ranks' slices concatenated in rank
+order): this rank's queries are scored against the ring, its rows of dL/dq carry the 1/B of the global
+batch mean, then every rank enqueues the whole global batch's keys in rank order -- the ring stays
+identical on every rank, and to the single-process ring fed the global batches. The loss and StepStats
+are the global batch's, the same on every rank.
+
+Collective calls (step, restore, the constructors) must be made by every rank in the same order; an
+argument refused on one rank raises on every rank (membank.Error naming it) and changes nothing.
+Not available (membank.Error): evaluate and enqueue (a step enqueues the global batch).)doc")
+      .def(py::init([](index_t capacity, index_t dim, const std::string& objective, double tau, py::handle dtype,
+                       std::uint64_t seed, bool exclude_positive, bool exclude_same_label, bool normalize_features,
+                       double unit_norm_tolerance, double tau_plus, double beta, bool detach_weights, double kernel_t,
+                       double gamma, py::object margin, const std::string& rounding, py::object comm) {
+             return make_dist_queue(comm, "DistributedQueue", [&] {
+               const EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features,
+                                                  unit_norm_tolerance, tau_plus, beta, detach_weights, kernel_t,
+                                                  gamma, margin, exclude_same_label, rounding);
+               return make_queue(capacity, dim, c, dtype_arg(dtype));
+             });
+           }),
+           py::arg("capacity"), py::arg("dim"), py::arg("objective") = "infonce", py::arg("tau") = 0.07, py::kw_only(),
+           py::arg("dtype") = "float32", py::arg("seed") = 0, py::arg("exclude_positive") = false,
+           py::arg("exclude_same_label") = false, py::arg("normalize_features") = false,
+           py::arg("unit_norm_tolerance") = 1e-3, py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0,
+           py::arg("detach_weights") = false, py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0,
+           py::arg("margin") = py::none(), py::arg("rounding") = "nearest", py::arg("comm"),
+           "Collective. Queue's arguments (the same on every rank: checked) and comm, an mpi4py communicator "
+           "(duplicated). membank.Queue(..., comm=comm) makes one.")
+      .def_static("from_queue",
+                  [](PyQueue& queue, py::object comm) {
+                    return make_dist_queue(comm, "DistributedQueue.from_queue",
+                                           [&] { return copy_queue(queue, "DistributedQueue.from_queue"); });
+                  },
+                  py::arg("queue"), py::kw_only(), py::arg("comm"),
+                  "Collective. A DistributedQueue holding a copy of `queue` (configuration and whole state, e.g. a "
+                  "restored ring); every rank passes the same queue (checked). `queue` itself is left as it is.")
+      .def("step", &dist_queue_step, py::arg("queries"), py::arg("keys"), py::arg("ids") = py::none(),
+           py::arg("labels") = py::none(), py::arg("enqueue") = true, py::arg("out") = py::none(),
+           "Collective. Queue.step on the global batch: this rank passes its slice (queries, keys float32 (B_r, D), "
+           "B_r >= 1; ids, labels int64 (B_r,) or None, on every rank or on none) and gets (loss, its rows of "
+           "dL/dqueries (B_r, D), StepStats), the loss and StepStats the global batch's (its mean). enqueue: the "
+           "same on every rank.")
+      .def("evaluate", [](const PyDistQueue&, py::args, py::kwargs) {
+        throw Error("DistributedQueue.evaluate is not available: a distributed step enqueues the global batch; "
+                    "evaluate with a single-process membank.Queue (e.g. restored from DistributedQueue.state())");
+      })
+      .def("enqueue", [](const PyDistQueue&, py::args, py::kwargs) {
+        throw Error("DistributedQueue.enqueue is not available: step() enqueues every rank's keys in rank order");
+      })
+      .def("restore", &dist_queue_restore, py::arg("state"),
+           "Collective. Replace the ring with a dict from state() (the same on every rank: checked). A refused state "
+           "raises on every rank and changes nothing.")
+      .def_property_readonly("rank", [](const PyDistQueue& pd) { return pd.dq->rank(); })
+      .def_property_readonly("ranks", [](const PyDistQueue& pd) { return pd.dq->ranks(); }, "R")
+      .def_property_readonly("capacity", [](const PyDistQueue& pd) { return pd.capacity; }, "Q")
+      .def_property_readonly("dim", [](const PyDistQueue& pd) { return pd.dim; }, "D")
+      .def_property_readonly("dtype", [](const PyDistQueue& pd) { return to_string(pd.dtype); })
+      .def_property_readonly("config", [](PyDistQueue& pd) {
+        return config_dict(with_dist_queue(pd, [](DistributedQueue& d) { return d.queue().config(); }));
+      })
+      .def_property_readonly("position", [](PyDistQueue& pd) {
+        return with_dist_queue(pd, [](DistributedQueue& d) { return d.queue().position(); });
+      })
+      .def_property_readonly("enqueued", [](PyDistQueue& pd) {
+        return with_dist_queue(pd, [](DistributedQueue& d) { return d.queue().enqueued(); });
+      })
+      .def_property_readonly("steps_done", [](PyDistQueue& pd) {
+        return with_dist_queue(pd, [](DistributedQueue& d) { return d.queue().steps_done(); });
+      })
+      .def("keys", [](PyDistQueue& pd) {
+        return to_numpy(with_dist_queue(pd, [](DistributedQueue& d) { return d.queue().keys().to_matrix(); }));
+      }, "A copy of the ring's keys in slot order, widened to float32: (Q, D), the same on every rank.")
+      .def("last_update", [](PyDistQueue& pd) {
+        return to_numpy(with_dist_queue(pd, [](DistributedQueue& d) { return d.queue().keys().last_update(); }));
+      })
+      .def("ids", [](PyDistQueue& pd) {
+        return to_numpy(with_dist_queue(pd, [](DistributedQueue& d) { return d.queue().ids(); }));
+      })
+      .def("labels", [](PyDistQueue& pd) {
+        return to_numpy(with_dist_queue(pd, [](DistributedQueue& d) { return d.queue().labels(); }));
+      })
+      .def("labelled", [](PyDistQueue& pd) {
+        py::array_t<bool> a(pd.capacity);
+        bool* dst = a.mutable_data();
+        with_dist_queue(pd, [&](DistributedQueue& d) {
+          for (std::size_t j = 0; j < d.queue().labelled().size(); ++j) dst[j] = d.queue().labelled()[j] != 0;
+        });
+        return a;
+      })
+      .def("state", [](PyDistQueue& pd) {
+        return queue_state_of(pd.capacity, pd.dim, pd.dtype,
+                              [&](auto&& f) { return with_dist_queue(pd, [&](DistributedQueue& d) { return f(d.queue()); }); });
+      }, "The ring's state as Queue.state() gives it (the same on every rank): Queue.restore / "
+         "DistributedQueue.restore take it.")
+      .def_property_readonly("last_wire", [](PyDistQueue& pd) {
+        return wire_dict(with_dist_queue(pd, [](DistributedQueue& d) { return d.last_wire(); }));
+      }, "the last step's traffic from this rank: {'bytes_sent', 'collectives'}")
+      .def("__repr__", [](PyDistQueue& pd) {
+        const auto [position, steps] = with_dist_queue(
+            pd, [](DistributedQueue& d) { return std::pair{d.queue().position(), d.queue().steps_done()}; });
+        const EngineConfig& c = pd.dq->queue().config();
+        return fmt::format("membank.DistributedQueue(rank={}, ranks={}, capacity={}, dim={}, dtype={}, objective={}, "
+                           "tau={}, position={}, steps_done={})", pd.dq->rank(), pd.dq->ranks(), pd.capacity, pd.dim,
+                           to_string(pd.dtype), to_string(c.objective), c.tau, position, steps);
+      });
+
+  py::class_<PyDistInBatch, std::shared_ptr<PyDistInBatch>>(m, "DistributedInBatch", R"doc(
+SimCLR's in-batch negatives over the R ranks of an MPI communicator (membank/distributed_memories.hpp):
+a sample's negatives are the other 2B - 2 samples of the *global* batch (the ranks' slices concatenated
+in rank order). A step all-gathers both views (and ids, labels), every rank runs InBatch.step on the
+global batch and keeps its own rows of each view's gradient -- bit for bit the single-process rows.
+The loss (the mean over the 2B global samples) and StepStats are the same on every rank. step is
+collective; an argument refused on one rank raises on every rank (membank.Error naming it).)doc")
+      .def(py::init([](const std::string& objective, double tau, bool exclude_positive, bool exclude_same_label,
+                       bool normalize_features, double unit_norm_tolerance, double tau_plus, double beta,
+                       bool detach_weights, double kernel_t, double gamma, py::object margin, py::object comm) {
+             constexpr const char* who = "DistributedInBatch";
+             const MPI_Comm caller = comm_arg(comm);
+             auto pd = std::make_shared<PyDistInBatch>();
+             pd->guard.dup(caller, who);
+             EngineConfig c;
+             all_ranks_agree(pd->guard.comm, who, [&] {
+               c = make_config(objective, tau, exclude_positive, 0, normalize_features, unit_norm_tolerance, tau_plus,
+                               beta, detach_weights, kernel_t, gamma, margin, exclude_same_label, "nearest");
+               (void)InBatch(c);  // its own checks, on every rank before the collective
+             });
+             py::gil_scoped_release nogil;
+             pd->ib = std::make_unique<DistributedInBatch>(caller, InBatch(c));
+             return pd;
+           }),
+           py::arg("objective") = "infonce", py::arg("tau") = 0.07, py::kw_only(), py::arg("exclude_positive") = false,
+           py::arg("exclude_same_label") = false, py::arg("normalize_features") = false,
+           py::arg("unit_norm_tolerance") = 1e-3, py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0,
+           py::arg("detach_weights") = false, py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0,
+           py::arg("margin") = py::none(), py::arg("comm"),
+           "Collective. InBatch's keywords (the same on every rank: checked) and comm, an mpi4py communicator "
+           "(duplicated). membank.InBatch(..., comm=comm) makes one.")
+      .def("step",
+           [](PyDistInBatch& pd, py::handle view_a, py::handle view_b, py::handle ids, py::handle labels,
+              py::object out_a, py::object out_b) {
+             Matrix2<float> a, b, ga, gb;
+             Vector1<index_t> y;
+             Vector1<std::int64_t> l;
+             all_ranks_agree(pd.guard.comm, "DistributedInBatch.step", [&] {
+               a = matrix_arg<float>(view_a, "view_a", "float32", "(B, D)");
+               b = matrix_arg<float>(view_b, "view_b", "float32", "(B, D)");
+               y = optional_vector<index_t>(ids, "ids");
+               l = optional_vector<std::int64_t>(labels, "labels");
+               if (a.rows < 1)
+                 throw Error("view_a has 0 rows: expected this rank's slice of at least one instance (B_r >= 1)");
+               const bool own_a = !out_a.is_none(), own_b = !out_b.is_none();
+               ga = grad_buffer(out_a, a.rows, a.cols, "out_a");
+               gb = grad_buffer(out_b, a.rows, a.cols, "out_b");
+               const NamedRegion inputs[] = {{region_of(a), "view_a"}, {region_of(b), "view_b"},
+                                             {region_of(y), "ids"}, {region_of(l), "labels"}};
+               if (own_a) check_out_alone(ga, "out_a", inputs);
+               if (own_b) check_out_alone(gb, "out_b", inputs);
+               if (own_a && own_b) check_no_overlap(region_of(ga), "out_a", region_of(gb), "out_b");
+             });
+             StepStats st;
+             {
+               py::gil_scoped_release nogil;
+               std::lock_guard lk(pd.mu);
+               st = pd.ib->step(a.cmap(), b.cmap(), ga.map(), gb.map(), y.span(), l.span());
+             }
+             return py::make_tuple(st.loss, ga.arr, gb.arr, st);
+           },
+           py::arg("view_a"), py::arg("view_b"), py::arg("ids") = py::none(), py::arg("labels") = py::none(),
+           py::arg("out_a") = py::none(), py::arg("out_b") = py::none(),
+           "Collective. InBatch.step on the global batch: this rank passes its slice of both views (float32 "
+           "(B_r, D), B_r >= 1; the global B >= 2) and ids / labels (int64 (B_r,) or None, on every rank or on "
+           "none); returns (loss, its rows of dL/dview_a, of dL/dview_b, StepStats), the loss the global mean.")
+      .def_property_readonly("rank", [](const PyDistInBatch& pd) { return pd.ib->rank(); })
+      .def_property_readonly("ranks", [](const PyDistInBatch& pd) { return pd.ib->ranks(); }, "R")
+      .def_property_readonly("config", [](const PyDistInBatch& pd) { return config_dict(pd.ib->in_batch().config()); })
+      .def_property_readonly("last_wire", [](PyDistInBatch& pd) {
+        WireStats w;
+        {
+          py::gil_scoped_release nogil;
+          std::lock_guard lk(pd.mu);
+          w = pd.ib->last_wire();
+        }
+        return wire_dict(w);
+      }, "the last step's traffic from this rank: {'bytes_sent', 'collectives'}")
+      .def("__repr__", [](const PyDistInBatch& pd) {
+        const EngineConfig& c = pd.ib->in_batch().config();
+        return fmt::format("membank.DistributedInBatch(rank={}, ranks={}, objective={}, tau={})", pd.ib->rank(),
+                           pd.ib->ranks(), to_string(c.objective), c.tau);
+      });
 #endif
 
   // ---- exact full softmax, kNN

@@ -36,6 +36,13 @@ communicator, each rank passing its slice of the global batch::
 ``DistributedEngine.seeded(n, dim, seed, comm=..., distributed="sharded")`` builds only this rank's rows.
 ``save_snapshot(path, engine)`` with a DistributedEngine and ``load_snapshot(path, comm=...,
 distributed=...)`` are collective (a sharded engine writes a shard set: any rank count loads it).
+``Queue(..., comm=c)`` and ``InBatch(..., comm=c)`` make a ``DistributedQueue`` / ``DistributedInBatch``:
+each rank passes its slice, the step is the single-process step on the global batch.
+
+Contrastive multiview coding (CMC) over V banks, one per view::
+
+    mv = membank.MultiViewEngine(n, 128, views=2, k=4096, tau=0.07, z_policy="first_batch")
+    loss, (grad_l, grad_ab), stats = mv.step([f_l, f_ab], ids)   # stats.pairs: per (query view, bank view)
 """
 from ._membank import (  # noqa: F401
     AliasSampler,
@@ -44,6 +51,8 @@ from ._membank import (  # noqa: F401
     Error,
     InBatch,
     KnnResult,
+    MultiViewEngine,
+    MultiViewStats,
     NoiseSampler,
     Queue,
     StepStats,
@@ -63,7 +72,7 @@ from ._membank import (  # noqa: F401
 )
 
 if has_mpi:
-    from ._membank import DistributedEngine  # noqa: F401
+    from ._membank import DistributedEngine, DistributedInBatch, DistributedQueue  # noqa: F401
 
 
 def _engine_new(cls, *args, comm=None, distributed=None, **kwargs):
@@ -86,11 +95,27 @@ def _engine_new(cls, *args, comm=None, distributed=None, **kwargs):
 _object_new = Engine.__new__
 Engine.__new__ = staticmethod(_engine_new)
 
+
+def _memory_new(distributed_name):
+    """Queue(..., comm=c) / InBatch(..., comm=c): a DistributedQueue / DistributedInBatch over the mpi4py
+    communicator c (collective); without comm= (or comm=None) the single-process class as always."""
+    def new(cls, *args, comm=None, **kwargs):
+        if comm is None or not has_mpi:
+            # without MPI: the class's own __init__ raises its one message for any comm=
+            return _object_new(cls)
+        return globals()[distributed_name](*args, comm=comm, **kwargs)
+    return staticmethod(new)
+
+
+Queue.__new__ = _memory_new("DistributedQueue")
+InBatch.__new__ = _memory_new("DistributedInBatch")
+
 __all__ = [
-    "AliasSampler", "Bank", "Engine", "Error", "InBatch", "KnnResult", "NoiseSampler", "Queue", "StepStats",
+    "AliasSampler", "Bank", "Engine", "Error", "InBatch", "KnnResult", "MultiViewEngine", "MultiViewStats",
+    "NoiseSampler", "Queue", "StepStats",
     "UniformSampler",
     "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot", "max_num_threads",
     "read_snapshot_info", "save_snapshot", "set_num_threads", "time_steps", "verify_snapshot", "has_mpi",
 ]
 if has_mpi:
-    __all__ += ["DistributedEngine"]
+    __all__ += ["DistributedEngine", "DistributedInBatch", "DistributedQueue"]

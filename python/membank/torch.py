@@ -41,7 +41,12 @@ gives exactly the single-process gradient of the global batch::
     loss = criterion(model(x_mine), ids_mine)   # the global batch's loss, the same on every rank
     loss.backward()                             # after DDP's all-reduce: the single-process gradient
 
-Pass ``grad_scale=1`` when your loop sums the ranks' gradients instead of averaging them.
+Pass ``grad_scale=1`` when your loop sums the ranks' gradients instead of averaging them. ``QueueLoss`` with
+a ``membank.DistributedQueue`` and ``InBatchLoss`` with a ``membank.DistributedInBatch`` follow the same
+rule (the loss is the global batch's mean; backward returns grad_scale = R times this rank's rows).
+
+Contrastive multiview coding: ``MultiViewLoss(membank.MultiViewEngine(...))``, forward(list of V views'
+features, ids) -> the summed loss of every pair, gradients to every view.
 """
 from __future__ import annotations
 
@@ -55,7 +60,8 @@ from torch import nn
 from . import _membank
 
 __all__ = ["NCEFunction", "nce_loss", "MemoryBankLoss", "NCEAverage", "NCECriterion", "ReadOnlyBank",
-           "reference_nce_criterion", "QueueFunction", "QueueLoss", "InBatchFunction", "InBatchLoss"]
+           "reference_nce_criterion", "QueueFunction", "QueueLoss", "InBatchFunction", "InBatchLoss",
+           "MultiViewFunction", "MultiViewLoss"]
 
 
 def _features(x: torch.Tensor, name: str = "features") -> np.ndarray:
@@ -90,6 +96,23 @@ def _negatives(neg) -> Optional[np.ndarray]:
 
 def _is_distributed(engine) -> bool:
     return _membank.has_mpi and isinstance(engine, _membank.DistributedEngine)
+
+
+def _is_distributed_queue(queue) -> bool:
+    return _membank.has_mpi and isinstance(queue, _membank.DistributedQueue)
+
+
+def _is_distributed_in_batch(in_batch) -> bool:
+    return _membank.has_mpi and isinstance(in_batch, _membank.DistributedInBatch)
+
+
+def _default_grad_scale(grad_scale, distributed: bool, obj) -> float:
+    """grad_scale=None: R (the ranks) for a distributed memory, whose loss is the global batch's mean and whose
+    gradient is this rank's rows of it (DDP then averages the ranks' parameter gradients: R x rows / R); 1
+    otherwise."""
+    if grad_scale is None:
+        return float(obj.ranks) if distributed else 1.0
+    return float(grad_scale)
 
 
 def _whole_bank(engine):
@@ -444,14 +467,19 @@ def _grad_like(grad: torch.Tensor, grad_output: torch.Tensor, like) -> torch.Ten
 
 
 class QueueFunction(torch.autograd.Function):
-    """loss = QueueFunction.apply(q, k, queue, ids=None, labels=None, update=True, stats=None)
+    """loss = QueueFunction.apply(q, k, queue, ids=None, labels=None, update=True, stats=None, grad_scale=1.0)
 
     q: (B, D) queries from the encoder being trained; k: (B, D) their positive keys from the momentum
     encoder; queue: a membank.Queue (its objective decides the loss); ids, labels: (B,) integer tensors or
     None (stored with the keys; what exclude_positive and the labelled objectives compare).
     update: True -- one training step: the loss against the queue as it is, then k enqueued (the oldest
     keys go out) and the step counter advanced; False -- evaluate only, the queue unchanged.
-    stats: an optional list that receives the step's membank.StepStats.
+    stats: an optional list that receives the step's membank.StepStats; grad_scale: backward returns
+    grad_scale x dL/dq.
+
+    With a membank.DistributedQueue (collective), q, k, ids and labels are this rank's slice of the global
+    batch, the loss is the global batch's mean (the same on every rank) and dL/dq this rank's rows of its
+    gradient; update=False is refused (a distributed queue has no evaluate-only step).
 
     Returns the 0-d loss (mean over the batch) in q's dtype and device; backward returns dL/dq (times the
     incoming gradient) and no gradient for k: MoCo's keys come from the momentum encoder, which follows
@@ -460,16 +488,23 @@ class QueueFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, queue, ids=None, labels=None, update=True, stats=None):
+    def forward(ctx, q, k, queue, ids=None, labels=None, update=True, stats=None, grad_scale=1.0):
         qa = _features(q, "q")
         ka = _features(k, "k")
         y = _optional_ids(ids, "ids", "instance indices")
         lab = _optional_ids(labels, "labels", "labels")
         if update:
             loss, grad, step_stats = queue.step(qa, ka, y, lab, enqueue=True)
+        elif _is_distributed_queue(queue):
+            raise _membank.Error(
+                "a DistributedQueue has no evaluate-only step (update=False: gradients off, or q that does not "
+                "require grad): compute the loss in training mode, or evaluate with a single-process membank.Queue "
+                "restored from queue.state()")
         else:
             loss, grad, step_stats = queue.evaluate(qa, ka, y, lab)
         ctx.grad = torch.from_numpy(grad)
+        if grad_scale != 1.0:
+            ctx.grad.mul_(grad_scale)
         ctx.like = (q.dtype, q.device)
         if stats is not None:
             stats.append(step_stats)
@@ -478,7 +513,7 @@ class QueueFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        return _grad_like(ctx.grad, grad_output, ctx.like), None, None, None, None, None, None
+        return _grad_like(ctx.grad, grad_output, ctx.like), None, None, None, None, None, None, None
 
 
 class QueueLoss(nn.Module):
@@ -501,25 +536,33 @@ class QueueLoss(nn.Module):
     require grad) it only evaluates: the queue does not change. k is detached: it gets no gradient
     (pass the momentum encoder's output). ``last_stats`` holds the last call's membank.StepStats.
     The queue travels in ``state_dict()`` (extra state: Queue.state()), so a checkpoint restores it.
+
+    Data parallel: a ``membank.DistributedQueue`` (``QueueLoss(membank.Queue(..., comm=MPI.COMM_WORLD))``, or
+    ``QueueLoss(capacity, dim, comm=...)``): each rank passes its slice of the global batch, the loss is the
+    global batch's and every rank's ring stays the single-process ring. grad_scale: the factor of the gradient
+    backward returns -- None: R for a DistributedQueue (DDP averages the ranks' parameter gradients, so
+    R x this rank's rows gives the single-process gradient of the global batch), 1 for a Queue. Loading a
+    state_dict is then collective (DistributedQueue.restore); evaluation under ``torch.no_grad()`` raises.
     """
 
-    def __init__(self, queue, dim: Optional[int] = None, **queue_options):
+    def __init__(self, queue, dim: Optional[int] = None, *, grad_scale: Optional[float] = None, **queue_options):
         super().__init__()
-        if not isinstance(queue, _membank.Queue):
+        if not isinstance(queue, _membank.Queue) and not _is_distributed_queue(queue):
             if dim is None:
-                raise TypeError(f"QueueLoss(queue): expected a membank.Queue, or QueueLoss(capacity, dim, "
-                                f"**options); got {type(queue).__name__}")
+                raise TypeError(f"QueueLoss(queue): expected a membank.Queue (or DistributedQueue), or "
+                                f"QueueLoss(capacity, dim, **options); got {type(queue).__name__}")
             queue = _membank.Queue(int(queue), int(dim), **queue_options)
         elif dim is not None or queue_options:
             raise TypeError("QueueLoss(queue): dim and Queue options belong to membank.Queue(...); drop them when "
                             "passing a queue")
         self.queue = queue
+        self.grad_scale = _default_grad_scale(grad_scale, _is_distributed_queue(queue), queue)
         self.last_stats = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, ids=None, labels=None) -> torch.Tensor:
         update = torch.is_grad_enabled() and q.requires_grad
         sink = []
-        loss = QueueFunction.apply(q, k.detach(), self.queue, ids, labels, update, sink)
+        loss = QueueFunction.apply(q, k.detach(), self.queue, ids, labels, update, sink, self.grad_scale)
         self.last_stats = sink[0] if sink else None
         return loss
 
@@ -531,21 +574,25 @@ class QueueLoss(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.queue.config
+        where = (f", rank {self.queue.rank} of {self.queue.ranks}, grad_scale={self.grad_scale:g}"
+                 if _is_distributed_queue(self.queue) else "")
         return (f"capacity={self.queue.capacity}, dim={self.queue.dim}, dtype={self.queue.dtype}, "
-                f"objective={c['objective']}, tau={c['tau']}, exclude_positive={c['exclude_positive']}")
+                f"objective={c['objective']}, tau={c['tau']}, exclude_positive={c['exclude_positive']}{where}")
 
 
 class InBatchFunction(torch.autograd.Function):
-    """loss = InBatchFunction.apply(z_a, z_b, in_batch, ids=None, labels=None, stats=None)
+    """loss = InBatchFunction.apply(z_a, z_b, in_batch, ids=None, labels=None, stats=None, grad_scale=1.0)
 
     z_a, z_b: (B, D) two views of B instances (B >= 2); in_batch: a membank.InBatch (its objective decides
     the loss; infonce is SimCLR's NT-Xent over the 2B samples); ids, labels: (B,) integer tensors or None,
     one per instance. Returns the 0-d loss (mean over the 2B samples) in z_a's dtype and device; backward
-    returns dL/dz_a and dL/dz_b (times the incoming gradient). Nothing is stored: no state changes.
+    returns grad_scale x dL/dz_a and dL/dz_b (times the incoming gradient). Nothing is stored: no state
+    changes. With a membank.DistributedInBatch (collective), the inputs are this rank's slice (B_r >= 1),
+    the negatives the whole global batch, the loss the global mean and the gradients this rank's rows.
     """
 
     @staticmethod
-    def forward(ctx, z_a, z_b, in_batch, ids=None, labels=None, stats=None):
+    def forward(ctx, z_a, z_b, in_batch, ids=None, labels=None, stats=None, grad_scale=1.0):
         a = _features(z_a, "z_a")
         b = _features(z_b, "z_b")
         y = _optional_ids(ids, "ids", "instance indices")
@@ -553,6 +600,9 @@ class InBatchFunction(torch.autograd.Function):
         loss, grad_a, grad_b, step_stats = in_batch.step(a, b, y, lab)
         ctx.grad_a = torch.from_numpy(grad_a)
         ctx.grad_b = torch.from_numpy(grad_b)
+        if grad_scale != 1.0:
+            ctx.grad_a.mul_(grad_scale)
+            ctx.grad_b.mul_(grad_scale)
         ctx.like = ((z_a.dtype, z_a.device), (z_b.dtype, z_b.device))
         if stats is not None:
             stats.append(step_stats)
@@ -563,7 +613,7 @@ class InBatchFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         ga = _grad_like(ctx.grad_a, grad_output, ctx.like[0]) if ctx.needs_input_grad[0] else None
         gb = _grad_like(ctx.grad_b, grad_output, ctx.like[1]) if ctx.needs_input_grad[1] else None
-        return ga, gb, None, None, None, None
+        return ga, gb, None, None, None, None, None
 
 
 class InBatchLoss(nn.Module):
@@ -581,26 +631,133 @@ class InBatchLoss(nn.Module):
     forward(z_a, z_b, ids=None, labels=None) -- the arguments QueueLoss takes, so the two swap by changing the
     criterion object -- returns the 0-d loss (mean over the 2B samples). Stateless: any number of calls per
     step. ``last_stats`` holds the last call's membank.StepStats.
+
+    Data parallel: a ``membank.DistributedInBatch`` (``InBatchLoss(membank.InBatch(..., comm=MPI.COMM_WORLD))``
+    or ``InBatchLoss(comm=...)``): each rank passes its slice, the negatives are the whole global batch and the
+    loss its mean; every call is collective. grad_scale: None -- R for a DistributedInBatch (DDP's averaging
+    then gives the single-process gradient of the global batch), 1 for an InBatch.
     """
 
-    def __init__(self, in_batch=None, **options):
+    def __init__(self, in_batch=None, *, grad_scale: Optional[float] = None, **options):
         super().__init__()
         if in_batch is None:
             in_batch = _membank.InBatch(**options)
-        elif not isinstance(in_batch, _membank.InBatch):
-            raise TypeError(f"InBatchLoss(in_batch): expected a membank.InBatch or None; got {type(in_batch).__name__}")
+        elif not isinstance(in_batch, _membank.InBatch) and not _is_distributed_in_batch(in_batch):
+            raise TypeError(f"InBatchLoss(in_batch): expected a membank.InBatch (or DistributedInBatch) or None; got "
+                            f"{type(in_batch).__name__}")
         elif options:
             raise TypeError("InBatchLoss(in_batch): the options belong to membank.InBatch(...); drop them when passing "
                             "one")
         self.in_batch = in_batch
+        self.grad_scale = _default_grad_scale(grad_scale, _is_distributed_in_batch(in_batch), in_batch)
         self.last_stats = None
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, ids=None, labels=None) -> torch.Tensor:
         sink = []
-        loss = InBatchFunction.apply(z_a, z_b, self.in_batch, ids, labels, sink)
+        loss = InBatchFunction.apply(z_a, z_b, self.in_batch, ids, labels, sink, self.grad_scale)
         self.last_stats = sink[0] if sink else None
         return loss
 
     def extra_repr(self) -> str:
         c = self.in_batch.config
-        return f"objective={c['objective']}, tau={c['tau']}, exclude_positive={c['exclude_positive']}"
+        where = (f", rank {self.in_batch.rank} of {self.in_batch.ranks}, grad_scale={self.grad_scale:g}"
+                 if _is_distributed_in_batch(self.in_batch) else "")
+        return f"objective={c['objective']}, tau={c['tau']}, exclude_positive={c['exclude_positive']}{where}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contrastive multiview coding (Tian et al., CMC): V views, one bank each, every pair of the view graph scored.
+
+class MultiViewFunction(torch.autograd.Function):
+    """loss = MultiViewFunction.apply(engine, ids, update, stats, *features)
+
+    engine: a membank.MultiViewEngine; ids: (B,) instance ids; update: True -- one training step (every
+    bank refreshed with its view's features after the loss, the counter and the pairs' Z states advance);
+    False -- evaluate only, nothing in the engine changes (MultiViewEngine.evaluate: the next step's
+    negatives); stats: an optional list that receives the step's membank.MultiViewStats; features: the V
+    views' (B, D) tensors (unit rows unless the engine normalises them), in view order.
+
+    Returns the 0-d loss L = sum over the pairs of L_ab (each the mean over the batch) in features[0]'s
+    dtype and device; backward returns dL/df^v for every view (times the incoming gradient), each in its
+    view's dtype and device. Computed in float32 by the engine.
+    """
+
+    @staticmethod
+    def forward(ctx, engine, ids, update, stats, *features):
+        arrays = [_features(f, f"features[{v}]") for v, f in enumerate(features)]
+        y = _ids(ids)
+        if update:
+            loss, grads, step_stats = engine.step(arrays, y)
+        else:
+            loss, grads, step_stats = engine.evaluate(arrays, y)
+        ctx.grads = [torch.from_numpy(g) for g in grads]
+        ctx.like = [(f.dtype, f.device) for f in features]
+        if stats is not None:
+            stats.append(step_stats)
+        return torch.tensor(loss, dtype=features[0].dtype, device=features[0].device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        grads = tuple(_grad_like(g, grad_output, like) if ctx.needs_input_grad[4 + v] else None
+                      for v, (g, like) in enumerate(zip(ctx.grads, ctx.like)))
+        return (None, None, None, None) + grads
+
+
+class MultiViewLoss(nn.Module):
+    """CMC's loss (Tian et al., ECCV 2020) over a membank.MultiViewEngine, as an nn.Module.
+
+    ``MultiViewLoss(engine)`` with a ``membank.MultiViewEngine``, or ``MultiViewLoss(n, dim, views=2,
+    **options)`` to make one (MultiViewEngine's keywords: graph, k, tau, momentum, objective, z_policy,
+    seed, dtype, banks, sampler / weights, ...)::
+
+        criterion = MultiViewLoss(membank.MultiViewEngine(n, 128, views=2, k=4096, tau=0.07, momentum=0.5))
+        f_l = F.normalize(encoder_l(x_l), dim=1)       # view 0 (e.g. the L channel)
+        f_ab = F.normalize(encoder_ab(x_ab), dim=1)    # view 1 (the ab channels)
+        loss = criterion([f_l, f_ab], ids)             # L_(0,1) + L_(1,0): each view against the other's bank
+        loss.backward()                                # dL/df_l and dL/df_ab
+
+    forward(features, ids): features a list or tuple of the V views' (B, D) tensors; returns the 0-d loss,
+    the sum over the scored pairs. A training call (gradients on, some view requiring grad) is one engine
+    step: call it once per training step. Under ``torch.no_grad()`` (or when no view requires grad) it only
+    evaluates: banks, Z states and the step counter stay as they are. ``last_stats`` holds the last call's
+    membank.MultiViewStats (stats.pairs: each pair's StepStats, stats.pair_views: the pairs).
+    """
+
+    def __init__(self, engine, dim: Optional[int] = None, views: int = 2, **engine_options):
+        super().__init__()
+        if not isinstance(engine, _membank.MultiViewEngine):
+            if dim is None or isinstance(engine, (_membank.Engine, _membank.Queue, _membank.InBatch)):
+                raise TypeError(f"MultiViewLoss(engine): expected a membank.MultiViewEngine, or MultiViewLoss(n, dim, "
+                                f"views=2, **options); got {type(engine).__name__}")
+            engine = _membank.MultiViewEngine(int(engine), int(dim), int(views), **engine_options)
+        elif dim is not None or views != 2 or engine_options:
+            raise TypeError("MultiViewLoss(engine): dim, views and the options belong to membank.MultiViewEngine(...); "
+                            "drop them when passing an engine")
+        self.engine = engine
+        self.last_stats = None
+
+    def forward(self, features, ids) -> torch.Tensor:
+        if not isinstance(features, (list, tuple)):
+            raise TypeError(f"features must be a list or tuple of the V = {self.engine.views} views' (B, D) tensors; "
+                            f"got {type(features).__name__}")
+        if len(features) != self.engine.views:
+            raise ValueError(f"features holds {len(features)} tensors: expected V = {self.engine.views} (one per view)")
+        for v, f in enumerate(features):
+            if not isinstance(f, torch.Tensor):
+                raise TypeError(f"features[{v}] must be a torch.Tensor (B, D); got {type(f).__name__}")
+        update = torch.is_grad_enabled() and any(f.requires_grad for f in features)
+        sink = []
+        loss = MultiViewFunction.apply(self.engine, ids, update, sink, *features)
+        self.last_stats = sink[0] if sink else None
+        return loss
+
+    def bank(self, v: int) -> torch.Tensor:
+        """A float32 copy of view v's bank, (N, D)."""
+        return torch.from_numpy(self.engine.bank(v))
+
+    def extra_repr(self) -> str:
+        c = self.engine.config
+        e = self.engine
+        return (f"n={e.n}, dim={e.dim}, views={e.views}, graph={e.graph}, k={c['k']}, tau={c['tau']}, "
+                f"momentum={c['momentum']}, objective={c['objective']}, negatives={c['negatives']}")
