@@ -54,6 +54,10 @@ struct Scratch {
 
 index_t tiles_of(index_t m) { return (m + kKeyTile - 1) / kKeyTile; }
 
+void shared_objective(const KeyedInput& in, const kernels::ObjectiveParams& params, index_t i, float* s, index_t k,
+                      const index_t* ids, const std::int32_t* classes, std::int32_t cls, index_t y, Scratch& scratch,
+                      kernels::QueryResult& out, const kernels::Table& kt);
+
 /// Query i's objective over its row (M scores at `row`, coefficients out).
 void query_objective(const KeyedInput& in, const kernels::ObjectiveParams& params, index_t i, float* row,
                      Scratch& scratch, kernels::QueryResult& out, const kernels::Table& kt) {
@@ -84,6 +88,25 @@ void query_objective(const KeyedInput& in, const kernels::ObjectiveParams& param
     classes = scratch.classes.data();
   }
   const bool compact = s != row;
+  if (params.objective == Objective::info_nce) {  // MoCo's and SimCLR's: the streamlined pass
+    kt.keyed_info_nce(params.inv_tau, kt.dot(in.pos + i * in.pos_stride, DType::float32, in.q + i * in.q_stride, in.dim),
+                      in.coef_scale, s, k, out);
+    out.collisions = 0;
+    if (y >= 0)
+      for (index_t t = 0; t < k; ++t) out.collisions += ids[t] == y;
+  } else {
+    shared_objective(in, params, i, s, k, ids, classes, cls, y, scratch, out, kt);
+  }
+  if (compact) {
+    std::fill(row, row + in.m, 0.0f);
+    for (index_t t = 0; t < k; ++t) row[scratch.slot[static_cast<std::size_t>(t)]] = s[t];
+  }
+}
+
+/// The objectives' own pass (kernels.hpp's shared_query) over query i's k entries.
+void shared_objective(const KeyedInput& in, const kernels::ObjectiveParams& params, index_t i, float* s, index_t k,
+                      const index_t* ids, const std::int32_t* classes, std::int32_t cls, index_t y, Scratch& scratch,
+                      kernels::QueryResult& out, const kernels::Table& kt) {
   kernels::ObjectiveParams p = params;
   p.k = static_cast<double>(k);
   p.k_entries = k;
@@ -101,10 +124,6 @@ void query_objective(const KeyedInput& in, const kernels::ObjectiveParams& param
   q.rescale = scratch.rescale.data();
   q.scratch = {scratch.acc2.data(), scratch.w.data(), scratch.d.data(), scratch.i.data()};
   kt.shared_query(p, q, out);
-  if (compact) {
-    std::fill(row, row + in.m, 0.0f);
-    for (index_t t = 0; t < k; ++t) row[scratch.slot[static_cast<std::size_t>(t)]] = s[t];
-  }
 }
 
 }  // namespace

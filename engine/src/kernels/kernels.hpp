@@ -145,6 +145,12 @@ struct Table {
   void (*per_sample_query)(const ObjectiveParams& p, const PerSampleQuery& q, QueryResult& out);
   /// Loss and coefficients of one query of a shared-negatives batch (see SharedQuery).
   void (*shared_query)(const ObjectiveParams& p, const SharedQuery& q, QueryResult& out);
+  /// shared_query's infonce with every weight 0 (keys that count once: a queue's, a batch's), in
+  /// three vectorised passes over the row instead of the objectives' blocks of 16 in double: the
+  /// maximum, then e^{s_j / tau - max} in fp32 (each to about 1e-7 |s_j| / tau relative; summed per
+  /// chunk of 1024, the chunks in double), then the scale. s: k scores in, coef_scale dL/ds out;
+  /// out.collisions is left to the caller.
+  void (*keyed_info_nce)(double inv_tau, double s_pos, double coef_scale, float* s, idx k, QueryResult& out);
 
   /// C = alpha * A B^T, row-major: A m x d (lda), B n x d (ldb), C m x n (ldc).
   void (*gemm_abt)(idx m, idx n, idx d, float alpha, const float* a, idx lda, const float* b, idx ldb, float* c,

@@ -539,6 +539,38 @@ void k_shared_query(const ObjectiveParams& p, const SharedQuery& q, QueryResult&
   objectives::with_objective(p, [&](auto tag) { shared<typename decltype(tag)::type>(p, q, out); });
 }
 
+void k_keyed_info_nce(double inv_tau, double s_pos, double coef_scale, float* s, idx k, QueryResult& out) {
+  // Float exponentials, 16 lanes (the double ones of this Eigen run a lane at a time behind a
+  // float-to-double cast): each e^{l_j - m} to about 1e-7 (|s_j| / tau) relative, summed in fp32 per
+  // chunk of 1024 and the chunks in double, in order.
+  constexpr idx kChunk = 1024;
+  Eigen::Map<Eigen::ArrayXf> x(s, k);
+  const double l_pos = s_pos * inv_tau;
+  const double s_max = k > 0 ? static_cast<double>(x.maxCoeff()) : -objectives::kInf;
+  const double m = l_pos > s_max * inv_tau ? l_pos : s_max * inv_tau;  // inv_tau > 0: the largest logit
+  const auto inv_tau_f = static_cast<float>(inv_tau), m_f = static_cast<float>(m);
+  double sum = 0.0;  // sum_j e^{l_j - m}
+  // Each chunk through an aligned buffer: Eigen's vectorised loops start with scalar elements up to
+  // the first aligned one, so on the row itself the exponentials (scalar and vector ones differ in the
+  // last bit) and the sum would depend on the row's address.
+  alignas(64) float buf[kChunk];
+  for (idx c0 = 0; c0 < k; c0 += kChunk) {
+    const idx n = min_idx(kChunk, k - c0);
+    Eigen::Map<Eigen::ArrayXf, Eigen::Aligned64> chunk(buf, n);
+    chunk = x.segment(c0, n);
+    chunk = (chunk * inv_tau_f - m_f).exp();
+    sum += static_cast<double>(chunk.sum());
+    x.segment(c0, n) = chunk;
+  }
+  const double e_pos = std::exp(l_pos - m);
+  const double total = e_pos + sum;
+  x *= static_cast<float>(inv_tau * coef_scale / total);  // p_j / tau, times coef_scale
+  out.loss = std::log(total) + m - l_pos;
+  out.p_pos = e_pos / total;
+  out.c_pos = (out.p_pos - 1.0) * inv_tau * coef_scale;
+  out.sum_exp = sum * std::exp(m);
+}
+
 void k_gemm_abt(idx m, idx n, idx d, float alpha, const float* a, idx lda, const float* b, idx ldb, float* c,
                 idx ldc) {
   const CMap A(a, m, d, Eigen::OuterStride<>(lda));
@@ -681,7 +713,7 @@ void k_unit_normal_row(const std::uint32_t* key, const std::uint32_t* ctr, idx d
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
 const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_gather_axpy, k_widen, k_narrow, k_per_sample_query, k_shared_query,
-                   k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_first_at_least,
+                   k_keyed_info_nce,               k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_first_at_least,
                    k_philox,                       k_momentum_row,   k_unit_normal_row};
 
 }  // namespace
