@@ -117,6 +117,20 @@ inline std::vector<Variant> all_variants() {
   return out;
 }
 
+/// An EngineConfig carrying the variant's objective and parameters (the rest at their defaults).
+inline membank::EngineConfig objective_config(const Variant& v) {
+  membank::EngineConfig c;
+  c.objective = v.obj;
+  c.tau = v.tau;
+  c.tau_plus = v.tau_plus;
+  c.beta = v.beta;
+  c.detach_weights = v.detach;
+  c.kernel_t = v.kernel_t;
+  c.gamma = v.gamma;
+  c.margin = v.margin;
+  return c;
+}
+
 inline double margin_of(const Variant& v) {
   if (!std::isnan(v.margin)) return v.margin;
   return v.obj == Objective::triplet ? 0.2 : 1.0;

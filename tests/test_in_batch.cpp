@@ -46,15 +46,7 @@ Views make_views(index_t batch, std::mt19937_64& rng, bool duplicate = false) {
 }
 
 EngineConfig config_of(const Variant& v, bool exclude_positive, bool exclude_label) {
-  EngineConfig c;
-  c.objective = v.obj;
-  c.tau = v.tau;
-  c.tau_plus = v.tau_plus;
-  c.beta = v.beta;
-  c.detach_weights = v.detach;
-  c.kernel_t = v.kernel_t;
-  c.gamma = v.gamma;
-  c.margin = v.margin;
+  EngineConfig c = objective_config(v);
   c.exclude_positive = exclude_positive;
   c.exclude_same_label = exclude_label;
   return c;

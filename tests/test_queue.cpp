@@ -32,15 +32,7 @@ constexpr index_t kB = 5;
 enum class Mask { none, hits, label };
 
 EngineConfig queue_config(const Variant& v, Mask mask) {
-  EngineConfig c;
-  c.objective = v.obj;
-  c.tau = v.tau;
-  c.tau_plus = v.tau_plus;
-  c.beta = v.beta;
-  c.detach_weights = v.detach;
-  c.kernel_t = v.kernel_t;
-  c.gamma = v.gamma;
-  c.margin = v.margin;
+  EngineConfig c = objective_config(v);
   c.exclude_positive = mask == Mask::hits;
   c.exclude_same_label = mask == Mask::label;
   c.seed = 11;

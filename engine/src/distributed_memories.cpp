@@ -232,19 +232,8 @@ StepStats DistributedInBatch::step(FeaturesRef view_a, FeaturesRef view_b, GradR
     for (const auto& [gr, name] : {std::pair{&grad_a, "grad_a"}, std::pair{&grad_b, "grad_b"}})
       MEMBANK_CHECK(gr->rows() == mine && gr->cols() == dim, "{} has shape {} x {}: expected {} x {} (B_r x D)", name,
                     gr->rows(), gr->cols(), mine, dim);
-    MEMBANK_CHECK(ids.empty() || static_cast<index_t>(ids.size()) == mine,
-                  "ids has {} entries: expected none or B_r = {}", ids.size(), mine);
-    MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == mine,
-                  "labels has {} entries: expected none or B_r = {}", labels.size(), mine);
-    const MemoryRegion ga = MemoryRegion::of_matrix(grad_a), gb = MemoryRegion::of_matrix(grad_b);
-    for (const auto& [gr, name] : {std::pair{ga, "grad_a"}, std::pair{gb, "grad_b"}}) {
-      check_no_self_overlap(gr, name);
-      check_no_overlap(gr, name, MemoryRegion::of_matrix(view_a), "view_a");
-      check_no_overlap(gr, name, MemoryRegion::of_matrix(view_b), "view_b");
-      check_no_overlap(gr, name, MemoryRegion::of_span(ids), "ids");
-      check_no_overlap(gr, name, MemoryRegion::of_span(labels), "labels");
-    }
-    check_no_overlap(ga, "grad_a", gb, "grad_b");
+    detail::check_ids_labels(nullptr, mine, ids, labels, "instance of this rank's slice");
+    detail::check_in_batch_grads(grad_a, grad_b, view_a, view_b, ids, labels);
   });
   const RowMatrixf a = gather_rows(g, view_a, offset, dim);
   const RowMatrixf b = gather_rows(g, view_b, offset, dim);

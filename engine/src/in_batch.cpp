@@ -35,15 +35,7 @@ std::int64_t in_batch_scratch_bytes(const EngineConfig& config, index_t batch, i
 
 StepStats InBatch::step(FeaturesRef view_a, FeaturesRef view_b, GradRef grad_a, GradRef grad_b, IdsRef ids,
                         LabelsRef labels) const {
-  const MemoryRegion ga = MemoryRegion::of_matrix(grad_a), gb = MemoryRegion::of_matrix(grad_b);
-  for (const auto& [g, name] : {std::pair{ga, "grad_a"}, std::pair{gb, "grad_b"}}) {
-    check_no_self_overlap(g, name);
-    check_no_overlap(g, name, MemoryRegion::of_matrix(view_a), "view_a");
-    check_no_overlap(g, name, MemoryRegion::of_matrix(view_b), "view_b");
-    check_no_overlap(g, name, MemoryRegion::of_span(ids), "ids");
-    check_no_overlap(g, name, MemoryRegion::of_span(labels), "labels");
-  }
-  check_no_overlap(ga, "grad_a", gb, "grad_b");
+  detail::check_in_batch_grads(grad_a, grad_b, view_a, view_b, ids, labels);
   return detail::translate_bad_alloc("InBatch::step", [&] {
     // ---- validation
     const index_t batch = view_a.rows(), dim = view_a.cols();
@@ -59,16 +51,7 @@ StepStats InBatch::step(FeaturesRef view_a, FeaturesRef view_b, GradRef grad_a, 
                    fmt::format("an in-batch step of B = {} instances (D = {}, {} threads)", batch, dim, threads));
     const detail::PreparedFeatures pa = detail::prepare_features(view_a, batch, dim, config_, "view_a");
     const detail::PreparedFeatures pb = detail::prepare_features(view_b, batch, dim, config_, "view_b");
-    MEMBANK_CHECK(ids.empty() || static_cast<index_t>(ids.size()) == batch,
-                  "ids has {} entries: expected none or B = {} (one instance id per pair of views)", ids.size(), batch);
-    for (std::size_t b = 0; b < ids.size(); ++b)
-      MEMBANK_CHECK(ids[b] >= 0, "ids[{}] = {}: expected an instance id >= 0", b, ids[b]);
-    MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == batch,
-                  "labels has {} entries: expected none or B = {} (one label per instance)", labels.size(), batch);
-    MEMBANK_CHECK(!labels.empty() || !needs_labels(config_.objective),
-                  "objective {} needs labels: expected B = {} labels with the batch", to_string(config_.objective), batch);
-    MEMBANK_CHECK(!labels.empty() || !config_.exclude_same_label,
-                  "exclude_same_label needs labels: expected B = {} labels with the batch", batch);
+    detail::check_ids_labels(&config_, batch, ids, labels, "instance");
 
     // ---- the 2B samples (view a, then view b), their instances and classes
     RowMatrixf z(n, dim);

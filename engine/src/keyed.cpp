@@ -14,6 +14,7 @@
 #include <limits>
 #include <memory>
 #include <unordered_map>
+#include <utility>
 
 namespace membank::detail {
 
@@ -25,6 +26,34 @@ void check_keyed_config(const EngineConfig& config, const char* mechanism) {
                 to_string(config.objective), mechanism);
   // K and the bank's N play no part: every other range is the engine's.
   config.validate(std::numeric_limits<index_t>::max());
+}
+
+void check_ids_labels(const EngineConfig* config, index_t batch, IdsRef ids, std::span<const std::int64_t> labels,
+                      const char* per) {
+  MEMBANK_CHECK(ids.empty() || static_cast<index_t>(ids.size()) == batch,
+                "ids has {} entries: expected none or B = {} (one instance id per {})", ids.size(), batch, per);
+  for (std::size_t b = 0; b < ids.size(); ++b)
+    MEMBANK_CHECK(ids[b] >= 0, "ids[{}] = {}: expected an instance id >= 0", b, ids[b]);
+  MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == batch,
+                "labels has {} entries: expected none or B = {} (one label per {})", labels.size(), batch, per);
+  if (!config) return;
+  MEMBANK_CHECK(!labels.empty() || !needs_labels(config->objective),
+                "objective {} needs labels: expected B = {} labels with the batch", to_string(config->objective), batch);
+  MEMBANK_CHECK(!labels.empty() || !config->exclude_same_label,
+                "exclude_same_label needs labels: expected B = {} labels with the batch", batch);
+}
+
+void check_in_batch_grads(GradRef grad_a, GradRef grad_b, FeaturesRef view_a, FeaturesRef view_b, IdsRef ids,
+                          std::span<const std::int64_t> labels) {
+  const MemoryRegion ga = MemoryRegion::of_matrix(grad_a), gb = MemoryRegion::of_matrix(grad_b);
+  for (const auto& [g, name] : {std::pair{ga, "grad_a"}, std::pair{gb, "grad_b"}}) {
+    check_no_self_overlap(g, name);
+    check_no_overlap(g, name, MemoryRegion::of_matrix(view_a), "view_a");
+    check_no_overlap(g, name, MemoryRegion::of_matrix(view_b), "view_b");
+    check_no_overlap(g, name, MemoryRegion::of_span(ids), "ids");
+    check_no_overlap(g, name, MemoryRegion::of_span(labels), "labels");
+  }
+  check_no_overlap(ga, "grad_a", gb, "grad_b");
 }
 
 namespace {

@@ -22,6 +22,17 @@ namespace membank::detail {
 /// (a bank's). Throws Error naming `mechanism` otherwise; checks the configuration's ranges too.
 void check_keyed_config(const EngineConfig& config, const char* mechanism);
 
+/// The optional arguments of a keyed step: ids empty or B instance ids >= 0, labels empty or B long
+/// (`per`: what one id or label goes with, for the messages), and, unless `config` is null, labels
+/// present where the objective or exclude_same_label needs them.
+void check_ids_labels(const EngineConfig* config, index_t batch, IdsRef ids, std::span<const std::int64_t> labels,
+                      const char* per);
+
+/// An in-batch step's two gradient buffers overlap nothing they must not: themselves, each other,
+/// the views, the ids, the labels (Error naming both).
+void check_in_batch_grads(GradRef grad_a, GradRef grad_b, FeaturesRef view_a, FeaturesRef view_b, IdsRef ids,
+                          std::span<const std::int64_t> labels);
+
 /// A batch of queries against M keys.
 struct KeyedInput {
   const float* q = nullptr;    ///< B x D unit queries, q_stride apart

@@ -17,24 +17,6 @@
 
 namespace membank {
 
-namespace {
-
-/// ids: empty or B ids >= 0; labels: empty or B, and present when the configuration needs them.
-void check_ids_labels(const EngineConfig& config, index_t batch, IdsRef ids, LabelsRef labels) {
-  MEMBANK_CHECK(ids.empty() || static_cast<index_t>(ids.size()) == batch,
-                "ids has {} entries: expected none or B = {} (one instance id per key)", ids.size(), batch);
-  for (std::size_t b = 0; b < ids.size(); ++b)
-    MEMBANK_CHECK(ids[b] >= 0, "ids[{}] = {}: expected an instance id >= 0", b, ids[b]);
-  MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == batch,
-                "labels has {} entries: expected none or B = {} (one label per key)", labels.size(), batch);
-  MEMBANK_CHECK(!labels.empty() || !needs_labels(config.objective),
-                "objective {} needs labels: expected B = {} labels with the batch", to_string(config.objective), batch);
-  MEMBANK_CHECK(!labels.empty() || !config.exclude_same_label,
-                "exclude_same_label needs labels: expected B = {} labels with the batch", batch);
-}
-
-}  // namespace
-
 std::int64_t queue_step_scratch_bytes(const EngineConfig& config, index_t batch, index_t capacity, index_t dim,
                                       DType dtype, int threads) {
   // the B x Q scores (then coefficients), the objective's per-thread scratch and the gradient's partials
@@ -74,7 +56,7 @@ detail::QueueComputed Queue::compute(FeaturesRef queries, FeaturesRef keys, Grad
   detail::QueueComputed result;
   const detail::PreparedFeatures pq = detail::prepare_features(queries, batch, dim, config_, "queries");
   result.keys = detail::prepare_features(keys, batch, dim, config_, "keys");
-  check_ids_labels(config_, batch, ids, labels);
+  detail::check_ids_labels(&config_, batch, ids, labels, "key");
 
   // ---- the ring as fp32 rows, and the classes of the slots and queries
   RowMatrixf wide;
@@ -160,12 +142,7 @@ void Queue::enqueue(FeaturesRef keys, IdsRef ids, LabelsRef labels) {
   MEMBANK_CHECK(batch >= 1, "keys has 0 rows: expected at least one key");
   detail::translate_bad_alloc("Queue::enqueue", [&] {
     const detail::PreparedFeatures p = detail::prepare_features(keys, batch, keys_.dim(), config_, "keys");
-    MEMBANK_CHECK(ids.empty() || static_cast<index_t>(ids.size()) == batch,
-                  "ids has {} entries: expected none or B = {} (one instance id per key)", ids.size(), batch);
-    for (std::size_t b = 0; b < ids.size(); ++b)
-      MEMBANK_CHECK(ids[b] >= 0, "ids[{}] = {}: expected an instance id >= 0", b, ids[b]);
-    MEMBANK_CHECK(labels.empty() || static_cast<index_t>(labels.size()) == batch,
-                  "labels has {} entries: expected none or B = {} (one label per key)", labels.size(), batch);
+    detail::check_ids_labels(nullptr, batch, ids, labels, "key");
     push(p.view(), ids, labels);
   });
 }
