@@ -10,6 +10,24 @@
 // run on the slice; the encoder's gradients are summed over the ranks in rank order
 // (allreduce_sum_rank_order: the same bits on every rank, so the encoders stay identical) and every
 // rank takes the same SGD step. Rank 0 gathers the bank for each epoch's kNN and prints.
+//
+// --memory / --views: where the negatives are kept (one process only, for now).
+//   bank      the memory bank above (Wu et al. 2018): one augmentation per image, K draws from N rows.
+//   queue     MoCo (He et al. 2020): a key encoder, a momentum copy of the encoder (same architecture
+//             and initial weights; after every SGD step theta_k <- m theta_k + (1 - m) theta_q), and
+//             membank::Queue, a FIFO ring of its last Q keys. Two independent augmentations of each
+//             image: q = encoder(query view), k = key encoder(key view), no gradient into k; the
+//             queue's step gives dL/dq and enqueues k; backward through the encoder only.
+//   in-batch  SimCLR (Chen et al. 2020): two augmentations of each image, one forward of the 2B stacked
+//             rows, membank::InBatch on the two halves (K = 2B - 2), one backward of the stacked grads.
+//   --views 2 CMC (Tian et al. 2020): membank::MultiViewEngine with one bank per view, each view's
+//             features against the other view's bank (pairs (0, 1) and (1, 0), losses summed). CMC
+//             proper encodes different channels of an image (L and ab) with an encoder per view; a
+//             grayscale image has one channel, so here the two views are two augmentations of each
+//             image, through one shared encoder (one forward of the 2B stacked rows).
+// kNN: "memory kNN" is against the bank's rows (--views 2: view 0's bank); queue and in-batch keep no
+// per-instance memory, so theirs is against the encoder's features of the unaugmented training
+// images. Every run also reports that one ("encoder kNN"), so the mechanisms compare on one footing.
 #include "check.hpp"
 #include "commands.hpp"
 #include "distributed_cli.hpp"
@@ -20,7 +38,10 @@
 #include "encoders.hpp"
 
 #include <membank/error.hpp>
+#include <membank/in_batch.hpp>
 #include <membank/knn.hpp>
+#include <membank/multiview.hpp>
+#include <membank/queue.hpp>
 #include <membank/snapshot.hpp>
 
 #include <fmt/format.h>
@@ -32,6 +53,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -40,6 +62,7 @@
 #include <numeric>
 #include <optional>
 #include <random>
+#include <set>
 
 namespace membank::tools {
 
@@ -84,7 +107,25 @@ struct TrainOptions {
   std::string out;
   bool json = false;
   std::string distributed;  // "", replicated or sharded
+  std::string memory = "bank";  // where the negatives are kept: bank, queue (MoCo) or in-batch (SimCLR)
+  index_t queue_size = 4096;    // --memory queue: Q keys
+  double key_momentum = 0.999;  // --memory queue: momentum of the key encoder (MoCo's)
+  int views = 1;                // 2: CMC, one bank per view (two augmentations, one shared encoder)
+
+  bool has_bank() const { return memory == "bank"; }
+  /// Negatives per query: K draws from a bank, the queue's Q keys, or the batch's other 2B - 2 samples.
+  index_t negatives() const { return memory == "queue" ? queue_size : memory == "in-batch" ? 2 * batch - 2 : k; }
 };
+
+/// The objective and the memory, as the header and the progress bar name them.
+std::string describe_run(const TrainOptions& o) {
+  const std::string objective = o.objective == "full" ? std::string("full softmax") : o.objective;
+  if (o.memory == "queue") return fmt::format("{}, queue Q={} (key momentum {})", objective, o.queue_size, o.key_momentum);
+  if (o.memory == "in-batch") return fmt::format("{}, in-batch K=2B-2={}", objective, o.negatives());
+  const std::string k = o.objective == "full" ? std::string() : fmt::format(" K={}", o.k);
+  if (o.views == 2) return fmt::format("{}{}, CMC 2 views (2 banks, shared encoder)", objective, k);
+  return objective + k;
+}
 
 /// Where a run executes: one process (ranks = 1, no mode), or rank `rank` of a distributed run.
 struct RankInfo {
@@ -216,16 +257,28 @@ KnnResult knn_of(const RowMatrixf& train_features, const RowMatrixf& test_featur
                       KnnOptions{200, sigma});
 }
 
-/// One training run with the options' objective and K. Prints a line per epoch (unless quiet) and
-/// returns the per-epoch figures; the engine is left for the caller to snapshot.
-/// Distributed runs: rank 0's work (the kNN, the output) is ranks' own, other ranks skip it.
+/// theta_k <- m theta_k + (1 - m) theta_q for every parameter array (MoCo's key encoder update).
+void momentum_update(Encoder<float>& key, Encoder<float>& query, double m) {
+  auto pk = key.parameters(), pq = query.parameters();
+  const auto mf = static_cast<float>(m), rest = static_cast<float>(1.0 - m);
+  for (std::size_t i = 0; i < pk.size(); ++i) *pk[i].first = mf * *pk[i].first + rest * *pq[i].first;
+}
+
+/// One training run with the options' objective and memory (--memory, --views). Prints a line per
+/// epoch (unless quiet) and returns the per-epoch figures; the engine (single bank, one process) is
+/// left for the caller to snapshot. Distributed runs: rank 0's work (the kNN, the output) is ranks'
+/// own, other ranks skip it.
 nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<Engine>& engine_out, bool quiet,
                          const RankInfo& where = {}) {
   const auto t_start = std::chrono::steady_clock::now();
   const bool root = where.rank == 0, distributed = where.distributed();
   quiet = quiet || !root;
+  const bool use_queue = o.memory == "queue", in_batch = o.memory == "in-batch", cmc = o.views == 2;
+  MEMBANK_CHECK(!distributed || (o.has_bank() && !cmc), "--distributed with --memory {} --views {}: not supported yet",
+                o.memory, o.views);
+  const bool two_views = use_queue || in_batch || cmc;  // two augmentations of every image per step
   const index_t n = d.train.images.rows();
-  const std::string what = o.objective == "full" ? std::string("full softmax") : fmt::format("{} K={}", o.objective, o.k);
+  const std::string what = describe_run(o);
   EngineConfig cfg;
   cfg.k = o.objective == "full" ? 1 : o.k;
   cfg.tau = o.tau;
@@ -251,9 +304,14 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   if (root) untrained = knn_of(start, encode(*net, d.test.images), d, o.tau);
   // The training labels go to the engine only where the objective uses them (supervised objectives,
   // exclude_same_label): the self-supervised runs never see a label.
+  const bool label_step = needs_labels(cfg.objective) || cfg.exclude_same_label;
   std::vector<std::int64_t> labels;
-  if (needs_labels(cfg.objective) || cfg.exclude_same_label) labels.assign(d.train.labels.begin(), d.train.labels.end());
+  if (label_step && o.has_bank()) labels.assign(d.train.labels.begin(), d.train.labels.end());
   std::unique_ptr<Engine> engine;
+  std::optional<MultiViewEngine> multiview;  // --views 2
+  std::optional<Queue> queue;                // --memory queue
+  std::unique_ptr<Encoder<float>> key_net;   // --memory queue: the momentum copy of net
+  std::optional<InBatch> pairs;              // --memory in-batch
 #ifdef MEMBANK_WITH_MPI
   std::optional<DistributedEngine> dist;  // distributed runs
   if (distributed) {
@@ -270,58 +328,123 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
     });
   }
 #endif
-  if (!distributed)
-    engine = std::make_unique<Engine>(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
-                                                               : Bank(n, o.dim, o.seed, dtype),
-                                      std::make_unique<UniformSampler>(n), cfg, std::move(labels));
+  if (!distributed) {
+    if (use_queue) {
+      // Same architecture and seed: the key encoder starts with the encoder's weights. The queue
+      // starts with Q seeded unit keys (as MoCo's starts from random normalised keys); --bank-dtype
+      // is its storage type.
+      key_net = make_encoder<float>(o.encoder, o.width, o.dim, o.seed);
+      queue.emplace(o.queue_size, o.dim, cfg, dtype);
+    } else if (in_batch) {
+      pairs.emplace(cfg);
+    } else if (cmc) {
+      // Both banks start as the single bank does: the untrained encoder's features (the same rows in
+      // both), or random unit rows (seed + v for view v).
+      std::vector<Bank> banks;
+      for (index_t v = 0; v < 2; ++v)
+        banks.push_back(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
+                                                 : Bank(n, o.dim, o.seed + static_cast<std::uint64_t>(v), dtype));
+      multiview.emplace(std::move(banks), std::make_unique<UniformSampler>(n), cfg, ViewGraph::full, std::move(labels));
+    } else {
+      engine = std::make_unique<Engine>(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
+                                                                 : Bank(n, o.dim, o.seed, dtype),
+                                        std::make_unique<UniformSampler>(n), cfg, std::move(labels));
+    }
+  }
   start.resize(0, 0);
-  if (!quiet)
+  const char* knn_against = use_queue || in_batch ? "encoder"  // no per-instance memory
+                            : cmc                 ? "bank of view 0"
+                                                  : "bank";
+  if (!quiet) {
+    if (use_queue || in_batch)
+      fmt::print("kNN: against the encoder's features of the unaugmented training images (no per-instance memory: the "
+                 "memory kNN is the encoder kNN)\n");
+    else
+      fmt::print("kNN: against {}; encoder kNN: against the encoder's features of the unaugmented training images\n",
+                 cmc ? "view 0's bank" : "the bank's rows");
     fmt::print("epoch  0  (untrained {})          kNN top-1 {:6.2f}%  top-5 {:6.2f}%  1-NN {:6.2f}%\n",
                net->describe(), 100 * untrained.top1, 100 * untrained.top5, 100 * untrained.nn1);
+  }
   std::mt19937_64 rng(o.seed);
   std::vector<index_t> order(static_cast<std::size_t>(n));
   std::iota(order.begin(), order.end(), index_t{0});
   // Every rank makes the whole global batch x (the same draws as one process); its slice goes forward.
   const BatchSlice mine = batch_slice(o.batch, where.ranks, where.rank);
-  RowMatrixf x(o.batch, 784), x_mine, grad(mine.size, o.dim);
-  std::vector<index_t> ids(static_cast<std::size_t>(o.batch));
+  const index_t B = o.batch;
+  // x: the batch (one view), or the query views (queue); xb: the key views (queue); x2: the 2B
+  // stacked rows, view a then view b (in-batch, CMC). grad2: their gradients, stacked the same way.
+  RowMatrixf x(two_views && !use_queue ? 0 : B, 784), xb(use_queue ? B : 0, 784), x2(two_views && !use_queue ? 2 * B : 0, 784);
+  RowMatrixf x_mine, grad(mine.size, o.dim), grad2(two_views ? 2 * B : 0, o.dim);
+  std::vector<index_t> ids(static_cast<std::size_t>(B));
+  std::vector<std::int64_t> batch_labels;  // queue, in-batch: the batch's labels, where the objective uses them
   [[maybe_unused]] const IdsRef ids_mine = IdsRef(ids).subspan(static_cast<std::size_t>(mine.begin), static_cast<std::size_t>(mine.size));
   std::vector<float> grads, scratch;     // distributed: the encoder's gradients, packed, and the all-reduce's room
   std::int64_t wire_bytes = 0, wire_steps = 0;  // distributed: bytes this rank sent (engine and all-reduce)
   nlohmann::json epochs = nlohmann::json::array();
-  epochs.push_back(with_knn({{"epoch", 0}, {"loss", nullptr}, {"seconds", 0.0}}, untrained));
-  const index_t total = n / o.batch;
-  KnnResult last = untrained;
+  epochs.push_back(with_knn({{"epoch", 0}, {"loss", nullptr}, {"seconds", 0.0}, {"train_seconds", 0.0},
+                             {"encoder", with_knn({}, untrained)}},
+                            untrained));
+  const index_t total = n / B;
+  KnnResult last = untrained, last_encoder = untrained;
+  double train_seconds = 0.0;  // the training steps of every epoch (no evaluation)
   for (int epoch = 1; epoch <= o.epochs; ++epoch) {
+    const auto t_epoch = std::chrono::steady_clock::now();
     std::shuffle(order.begin(), order.end(), rng);
     // cosine schedule over the steps
     double loss_sum = 0.0;
     index_t steps = 0;
-    for (index_t b0 = 0; b0 + o.batch <= n; b0 += o.batch) {
+    for (index_t b0 = 0; b0 + B <= n; b0 += B) {
       const double t = static_cast<double>((epoch - 1) * total + steps) / static_cast<double>(o.epochs * total);
       const auto lr = static_cast<float>(o.lr * 0.5 * (1.0 + std::cos(3.141592653589793 * t)));
-      for (index_t b = 0; b < o.batch; ++b) {
-        ids[static_cast<std::size_t>(b)] = order[static_cast<std::size_t>(b0 + b)];
-        augment(o.augment, o.max_shift, d.train.images.row(ids[static_cast<std::size_t>(b)]).data(), x.row(b).data(), rng);
+      for (index_t b = 0; b < B; ++b) {
+        const index_t id = order[static_cast<std::size_t>(b0 + b)];
+        ids[static_cast<std::size_t>(b)] = id;
+        const float* image = d.train.images.row(id).data();
+        if (!two_views) {
+          augment(o.augment, o.max_shift, image, x.row(b).data(), rng);
+        } else {  // two independent augmentations: view a, then view b
+          augment(o.augment, o.max_shift, image, use_queue ? x.row(b).data() : x2.row(b).data(), rng);
+          augment(o.augment, o.max_shift, image, use_queue ? xb.row(b).data() : x2.row(B + b).data(), rng);
+        }
       }
-      StepStats st;
-      if (!distributed) {
-        st = engine->step(net->forward(x), ids, grad);
-      } else {
+      if (label_step && !o.has_bank()) {
+        batch_labels.resize(static_cast<std::size_t>(B));
+        for (index_t b = 0; b < B; ++b)
+          batch_labels[static_cast<std::size_t>(b)] = d.train.labels[static_cast<std::size_t>(ids[static_cast<std::size_t>(b)])];
+      }
+      double loss = 0.0;
+      if (distributed) {
 #ifdef MEMBANK_WITH_MPI
         x_mine = x.middleRows(mine.begin, mine.size);
         const RowMatrixf& z = net->forward(x_mine);
-        st = collective([&] { return dist->step(z, ids_mine, grad); });
+        const StepStats st = collective([&] { return dist->step(z, ids_mine, grad); });
+        loss = st.loss;
         wire_bytes += dist->last_wire().bytes_sent;
 #endif
+      } else if (use_queue) {
+        const RowMatrixf& q = net->forward(x);
+        const RowMatrixf& k = key_net->forward(xb);  // no backward through the key encoder
+        loss = queue->step(q, k, grad, ids, batch_labels, true).loss;
+      } else if (in_batch || cmc) {
+        const RowMatrixf& z = net->forward(x2);
+        auto grad_a = grad2.topRows(B), grad_b = grad2.bottomRows(B);
+        if (in_batch) {
+          loss = pairs->step(z.topRows(B), z.bottomRows(B), grad_a, grad_b, ids, batch_labels).loss;
+        } else {
+          const std::array<FeaturesRef, 2> views{z.topRows(B), z.bottomRows(B)};
+          std::array<GradRef, 2> view_grads{grad_a, grad_b};
+          loss = multiview->step(views, ids, view_grads).loss;  // the two pairs' losses, summed (CMC's)
+        }
+      } else {
+        loss = engine->step(net->forward(x), ids, grad).loss;
       }
       // (the loss is the global batch's, the same on every rank: every rank stops here together)
-      if (!std::isfinite(st.loss))
+      if (!std::isfinite(loss))
         collective([&] {
-          MEMBANK_THROW("{}: the loss became {} at epoch {} step {} (lower --lr)", what, st.loss, epoch, steps);
+          MEMBANK_THROW("{}: the loss became {} at epoch {} step {} (lower --lr)", what, loss, epoch, steps);
         });
-      loss_sum += st.loss;
-      net->backward(grad);
+      loss_sum += loss;
+      net->backward(two_views && !use_queue ? grad2 : grad);
 #ifdef MEMBANK_WITH_MPI
       if (distributed) {  // the global batch's gradient: the ranks' sums over their rows, summed in rank order
         auto params = net->parameters();
@@ -337,36 +460,48 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
       }
 #endif
       net->sgd(lr, 0.9f, o.weight_decay);
+      if (use_queue) momentum_update(*key_net, *net, o.key_momentum);
       ++steps;
       if (root && (steps % 10 == 0 || steps == total))
         progress(what, epoch, steps, total, loss_sum / static_cast<double>(steps));
     }
+    const double epoch_train_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_epoch).count();
+    train_seconds += epoch_train_seconds;
     // The kNN against the whole bank: distributed runs gather it on rank 0 (fp32 rows).
     RowMatrixf gathered;
 #ifdef MEMBANK_WITH_MPI
     if (distributed) collective([&] { gathered = dist->gather_bank(0); });
 #endif
     if (!root) continue;
-    const BankView bank = distributed ? BankView{gathered.data(), gathered.rows(), gathered.cols(), gathered.cols(),
-                                                 DType::float32}
-                                      : engine->bank().view();
     const RowMatrixf test_features = encode(*net, d.test.images);
-    const KnnResult r = knn_evaluate(bank, d.train.labels, test_features, d.test.labels, KnnOptions{200, o.tau});
-    std::optional<KnnResult> fresh;  // the same kNN against freshly encoded training images
-    if (o.fresh_knn) fresh = knn_of(encode(*net, d.train.images), test_features, d, o.tau);
+    // The encoder's features of the unaugmented training images, for every memory.
+    const KnnResult encoder_knn = knn_of(encode(*net, d.train.images), test_features, d, o.tau);
+    KnnResult r = encoder_knn;  // queue, in-batch: no per-instance memory
+    if (o.has_bank()) {
+      const BankView bank = distributed ? BankView{gathered.data(), gathered.rows(), gathered.cols(), gathered.cols(),
+                                                   DType::float32}
+                            : cmc       ? multiview->bank(0).view()
+                                        : engine->bank().view();
+      r = knn_evaluate(bank, d.train.labels, test_features, d.test.labels, KnnOptions{200, o.tau});
+    }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
     const double loss = loss_sum / static_cast<double>(steps);
-    epochs.push_back(with_knn({{"epoch", epoch}, {"loss", loss}, {"seconds", secs}}, r));
-    if (fresh) epochs.back()["fresh"] = with_knn({}, *fresh);
+    epochs.push_back(with_knn({{"epoch", epoch}, {"loss", loss}, {"seconds", secs}, {"train_seconds", epoch_train_seconds},
+                               {"encoder", with_knn({}, encoder_knn)}},
+                              r));
+    if (o.fresh_knn) epochs.back()["fresh"] = with_knn({}, encoder_knn);  // (the former name of "encoder")
     last = r;
-    if (!quiet) {
-      fmt::print("epoch {:2d}  loss {:8.4f}  kNN top-1 {:6.2f}%  top-5 {:6.2f}%  1-NN {:6.2f}%  ({:.0f} s)\n", epoch,
-                 loss, 100 * r.top1, 100 * r.top5, 100 * r.nn1, secs);
-      if (fresh)
-        fmt::print("          re-encoded training images: kNN top-1 {:6.2f}%  1-NN {:6.2f}%\n", 100 * fresh->top1,
-                   100 * fresh->nn1);
-    }
+    last_encoder = encoder_knn;
+    if (!quiet)
+      fmt::print("epoch {:2d}  loss {:8.4f}  kNN top-1 {:6.2f}%  top-5 {:6.2f}%  1-NN {:6.2f}%  encoder kNN top-1 "
+                 "{:6.2f}%  1-NN {:6.2f}%  ({:.1f} s training, {:.0f} s in all)\n",
+                 epoch, loss, 100 * r.top1, 100 * r.top5, 100 * r.nn1, 100 * encoder_knn.top1, 100 * encoder_knn.nn1,
+                 epoch_train_seconds, secs);
   }
+  const double seconds_per_epoch = train_seconds / static_cast<double>(o.epochs);
+  if (!quiet)
+    fmt::print("time per epoch: {:.1f} s of training steps (mean over {} epochs; the kNN evaluation not counted)\n",
+               seconds_per_epoch, o.epochs);
 #ifdef MEMBANK_WITH_MPI
   // The final bank with the training labels, as one process writes it: a shard set (sharded) or one
   // file from rank 0 (replicated), membank/distributed_snapshot.hpp.
@@ -381,7 +516,15 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
 #endif
   engine_out = std::move(engine);
   nlohmann::json result = with_knn({{"objective", o.objective},
-                                    {"k", o.objective == "full" ? nlohmann::json(nullptr) : nlohmann::json(o.k)},
+                                    {"k", o.objective == "full" && o.has_bank() ? nlohmann::json(nullptr)
+                                                                                : nlohmann::json(o.negatives())},
+                                    {"memory", o.memory},
+                                    {"views", o.views},
+                                    {"queue_size", use_queue ? nlohmann::json(o.queue_size) : nlohmann::json(nullptr)},
+                                    {"key_momentum", use_queue ? nlohmann::json(o.key_momentum) : nlohmann::json(nullptr)},
+                                    {"knn_against", knn_against},
+                                    {"encoder_knn", with_knn({}, last_encoder)},
+                                    {"seconds_per_epoch", seconds_per_epoch},
                                     {"encoder", net->describe()},
                                     {"bank_dtype", o.bank_dtype},
                                     {"rounding", o.rounding},
@@ -440,9 +583,11 @@ void print_header(const TrainOptions& o, index_t n) {
   fmt::print("membank train: Fashion-MNIST, N = {}, {} encoder (width {}), D = {}, {}, tau = {}, m = {}, B = {}, "
              "lr = {}, augment {}, {} epochs, {} threads\n",
              n, o.encoder, o.width, o.dim,
-             o.compare ? (o.compare_only.empty() ? std::string("every objective")
-                                                 : fmt::format("objectives {}", fmt::join(o.compare_only, ", ")))
-                       : fmt::format("objective {} (K = {})", o.objective, o.k),
+             o.compare ? (o.compare_only.empty() ? fmt::format("every objective, then the memories with {}", o.objective)
+                          : o.compare_only == std::vector<std::string>{"memory"}
+                              ? fmt::format("the memories with {}", o.objective)
+                              : fmt::format("rows {}", fmt::join(o.compare_only, ", ")))
+                       : fmt::format("objective {}", describe_run(o)),
              o.tau,
              o.momentum, o.batch, o.lr, o.augment, o.epochs, omp_get_max_threads());
 }
@@ -465,10 +610,83 @@ std::pair<double, double> mean_std(const std::vector<double>& v) {
   return {m, v.size() > 1 ? std::sqrt(ss / static_cast<double>(v.size() - 1)) : std::numeric_limits<double>::quiet_NaN()};
 }
 
+/// `values` as "a, b, c" in percent.
+std::string raw_percent(const std::vector<double>& values) {
+  std::string raw;
+  for (const double x : values) raw += fmt::format("{}{:.2f}", raw.empty() ? "" : ", ", 100 * x);
+  return raw;
+}
+
+/// The comparison's block of memories: the same objective (--objective), encoder, budget and protocol
+/// with the negatives kept in a bank, a queue of Q = 4096 or 16384 keys (MoCo), the batch's other
+/// samples (SimCLR) or two banks, one per view (CMC), each over --seeds seeds. Per row: the final
+/// epoch's memory kNN and encoder kNN (mean +- sample std, raw values) and the training seconds per
+/// epoch (mean over the seeds). Rows whose memory the objective does not apply to are listed as not run.
+nlohmann::json compare_memories(const TrainOptions& o, const Data& d) {
+  struct MemoryRun {
+    std::string label, memory;
+    index_t queue_size;
+    int views;
+  };
+  const std::vector<MemoryRun> configs = {{"bank", "bank", 0, 1},
+                                          {"queue Q = 4096", "queue", 4096, 1},
+                                          {"queue Q = 16384", "queue", 16384, 1},
+                                          {"in-batch (2 views)", "in-batch", 0, 1},
+                                          {"CMC 2 views (2 banks)", "bank", 0, 2}};
+  const bool keyed_applies = o.objective != "nce" && o.objective != "full";
+  if (!o.json)
+    fmt::print("memories, objective {} (banks: K = {}; queue: key momentum {}; in-batch: K = 2B - 2 = {}); memory kNN "
+               "against the bank (CMC: view 0's), for queue and in-batch the encoder's features; encoder kNN against "
+               "the encoder's features of the unaugmented training images; training seconds per epoch (mean over "
+               "seeds, evaluation not counted):\n",
+               o.objective, o.k, o.key_momentum, 2 * o.batch - 2);
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& c : configs) {
+    if (c.memory != "bank" && !keyed_applies) {
+      const std::string why = fmt::format("objective {} does not apply to --memory {}", o.objective, c.memory);
+      rows.push_back({{"label", c.label}, {"memory", c.memory}, {"skipped", why}});
+      if (!o.json) fmt::print("  {:24} not run: {}\n", c.label, why);
+      continue;
+    }
+    std::vector<double> top1, encoder_top1, per_epoch;
+    nlohmann::json per_seed = nlohmann::json::array();
+    double seconds = 0.0;
+    for (int i = 0; i < o.seeds; ++i) {
+      TrainOptions run = o;
+      run.memory = c.memory;
+      run.views = c.views;
+      if (c.queue_size > 0) run.queue_size = c.queue_size;
+      run.seed = o.seed + static_cast<std::uint64_t>(i);
+      std::unique_ptr<Engine> engine;
+      const auto t0 = std::chrono::steady_clock::now();
+      per_seed.push_back(train_run(run, d, engine, true));
+      seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      top1.push_back(per_seed.back()["knn_top1"].get<double>());
+      encoder_top1.push_back(per_seed.back()["encoder_knn"]["knn_top1"].get<double>());
+      per_epoch.push_back(per_seed.back()["seconds_per_epoch"].get<double>());
+    }
+    const auto [mean, sd] = mean_std(top1);
+    const auto [enc_mean, enc_sd] = mean_std(encoder_top1);
+    const double secs_per_epoch = mean_std(per_epoch).first;
+    rows.push_back({{"label", c.label}, {"memory", c.memory}, {"views", c.views},
+                    {"queue_size", c.queue_size > 0 ? nlohmann::json(c.queue_size) : nlohmann::json(nullptr)},
+                    {"objective", o.objective}, {"knn_top1_mean", mean}, {"knn_top1_std", sd}, {"knn_top1", top1},
+                    {"encoder_knn_top1_mean", enc_mean}, {"encoder_knn_top1_std", enc_sd},
+                    {"encoder_knn_top1", encoder_top1}, {"seconds_per_epoch", secs_per_epoch}, {"seconds", seconds},
+                    {"seeds", per_seed}});
+    if (!o.json)
+      fmt::print("  {:24} memory kNN {:6.2f} +- {:4.2f}% [{}]  encoder kNN {:6.2f} +- {:4.2f}% [{}]  {:5.1f} s/epoch\n",
+                 c.label, 100 * mean, 100 * sd, raw_percent(top1), 100 * enc_mean, 100 * enc_sd,
+                 raw_percent(encoder_top1), secs_per_epoch);
+  }
+  return rows;
+}
+
 /// The comparison table: the paper's Table 1 on this data (NCE with K = 1, 10, 512, 4096 and the exact
 /// softmax) and every other objective, same encoder, budget and protocol, each over --seeds seeds
 /// (seed, seed + 1, ...): the final epoch's kNN top-1 as mean +- sample std with the raw values. The
-/// objectives that train on labels come in a block of their own; features that need no training first.
+/// objectives that train on labels come in a block of their own; features that need no training first;
+/// the block of memories (compare_memories) last.
 void run_compare(const TrainOptions& o, const Data& d) {
   const auto base = baselines(o, d);
   const std::vector<CompareRun> configs = {
@@ -522,7 +740,10 @@ void run_compare(const TrainOptions& o, const Data& d) {
                  seconds);
     }
   }
-  const nlohmann::json all = {{"baselines", base}, {"runs", runs}, {"seeds", o.seeds}};
+  nlohmann::json all = {{"baselines", base}, {"runs", runs}, {"seeds", o.seeds}};
+  if (o.compare_only.empty() ||
+      std::find(o.compare_only.begin(), o.compare_only.end(), "memory") != o.compare_only.end())
+    all["memory_runs"] = compare_memories(o, d);
   write_json(o, all);
   if (o.json) fmt::print("{}\n", all.dump());
 }
@@ -557,13 +778,69 @@ void run_train_distributed(const TrainOptions& o, const Data& d) {
 #endif
 }
 
-void run_train(TrainOptions o, bool snapshot_given) {
+/// The options given on the command line (not their defaults), for the checks of combinations.
+using Given = std::set<std::string>;
+
+/// One error for a combination of --memory, --views and the other options that does not apply (or is
+/// not supported yet), before any data is read. A run without a bank writes no snapshot unless
+/// --snapshot asks for one, which is refused.
+void check_memory_options(TrainOptions& o, const Given& given) {
+  const auto has = [&](const char* name) { return given.count(name) > 0; };
+  if (o.compare) {
+    for (const char* name : {"--memory", "--views", "--queue-size"})
+      MEMBANK_CHECK(!has(name), "{} with --compare: the comparison's block of memories (--compare-only memory) sets "
+                    "each row's memory, views and queue size", name);
+    return;
+  }
+  const bool keyed = o.memory == "queue" || o.memory == "in-batch";
+  MEMBANK_CHECK(o.views == 1 || o.has_bank(), "--views {} with --memory {}: not supported (CMC keeps one bank per "
+                "view); expected --memory bank", o.views, o.memory);
+  if (!o.distributed.empty()) {
+    MEMBANK_CHECK(o.has_bank(), "--distributed with --memory {}: not supported yet (the distributed run keeps a "
+                  "bank, sharded or replicated); expected --memory bank", o.memory);
+    MEMBANK_CHECK(o.views == 1, "--distributed with --views {}: not supported yet (the distributed run keeps one "
+                  "bank); expected --views 1", o.views);
+  }
+  MEMBANK_CHECK(!keyed || (o.objective != "nce" && o.objective != "full"),
+                "--memory {} with --objective {}: does not apply ({}); expected infonce, dcl, hcl, dhel, kcl, or with "
+                "labels supcon, contrastive, triplet", o.memory, o.objective,
+                o.objective == "nce" ? "nce models draws from a noise distribution over the N instances of a bank"
+                                     : "the exact softmax runs over the N rows of a bank");
+  MEMBANK_CHECK(o.memory == "queue" || !has("--queue-size"), "--queue-size with --memory {}: applies to --memory "
+                "queue only", o.memory);
+  MEMBANK_CHECK(o.memory == "queue" || !has("--key-momentum"), "--key-momentum with --memory {}: applies to --memory "
+                "queue only (the bank's momentum is --momentum)", o.memory);
+  if (keyed) {
+    const std::string negatives = o.memory == "queue" ? "the queue's --queue-size keys"
+                                                      : "the batch's other 2B - 2 samples";
+    MEMBANK_CHECK(!has("--k"), "--k with --memory {}: does not apply (the negatives are {})", o.memory, negatives);
+    MEMBANK_CHECK(!has("--momentum"), "--momentum with --memory {}: does not apply (no bank to refresh{})", o.memory,
+                  o.memory == "queue" ? "; the key encoder's momentum is --key-momentum" : "");
+    MEMBANK_CHECK(!has("--bank-init"), "--bank-init with --memory {}: does not apply (no bank{})", o.memory,
+                  o.memory == "queue" ? "; the queue starts with seeded random keys" : "");
+  }
+  if (o.memory == "in-batch") {
+    for (const char* name : {"--bank-dtype", "--rounding"})
+      MEMBANK_CHECK(!has(name), "{} with --memory in-batch: does not apply (nothing is stored)", name);
+    MEMBANK_CHECK(o.batch >= 2, "--batch {} with --memory in-batch: expected at least 2 images per batch (each "
+                  "sample's negatives are the batch's others)", o.batch);
+  }
+  if (!o.has_bank() || o.views != 1) {
+    const std::string which = o.has_bank() ? fmt::format("--views {}", o.views) : "--memory " + o.memory;
+    MEMBANK_CHECK(!has("--snapshot") || o.snapshot.empty(), "--snapshot with {}: not supported yet (a snapshot holds "
+                  "one bank, and this run keeps {}); leave --snapshot out or pass --snapshot ''", which,
+                  o.has_bank() ? "one bank per view" : "none");
+    o.snapshot.clear();  // (the default's file is not written)
+  }
+}
+
+void run_train(TrainOptions o, const Given& given) {
+  check_memory_options(o, given);
   if (!o.distributed.empty()) {
     MEMBANK_CHECK(kBuiltWithMpi, "--distributed: {}", no_mpi_message());
     MEMBANK_CHECK(!o.compare, "--compare with --distributed: expected one of them (the comparison table runs in one "
                   "process)");
   }
-  (void)snapshot_given;
   apply_threads(o.threads);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // one line per epoch, also into a file or a pipe
   Data d{load_split(o.data, "train"), load_split(o.data, "t10k")};
@@ -613,9 +890,10 @@ void add_train(CLI::App& app) {
       "train",
       "Instance discrimination on Fashion-MNIST: a small encoder (CNN or MLP), augmentation, the memory bank and "
       "an objective against K draws from it (dhel by default); per epoch the loss and the weighted-kNN (k = 200, sigma = tau) / 1-NN accuracy of the 10,000 test "
-      "images against the bank; the final bank is saved as an HDF5 snapshot. --compare runs the comparison table "
-      "(NCE K = 1, 10, 512, 4096, the exact softmax, every other objective; --seeds each) against untrained "
-      "features.");
+      "images against the bank; the final bank is saved as an HDF5 snapshot. --memory queue (MoCo) or in-batch "
+      "(SimCLR) and --views 2 (CMC) keep the negatives elsewhere. --compare runs the comparison table "
+      "(NCE K = 1, 10, 512, 4096, the exact softmax, every other objective, then the memories; --seeds each) "
+      "against untrained features.");
   cmd->add_option("--data", o->data, "directory of the IDX files")->capture_default_str()->check(existing_directory(false));
   cmd->add_option("--encoder", o->encoder, "mlp (784-W-D) or cnn (conv5x5-W/2, pool, conv5x5-W, pool, linear; try --width 32)")
       ->capture_default_str()
@@ -702,15 +980,50 @@ void add_train(CLI::App& app) {
   cmd->add_flag("--compare", o->compare,
                 "run the comparison table instead: raw pixels, centred pixels, a random projection, then NCE with "
                 "K = 1, 10, 512, 4096, the exact full softmax and every other objective, each trained with the same "
-                "options over --seeds seeds (13 configurations x 3 seeds: about an hour on 2 cores)");
+                "options over --seeds seeds (13 configurations x 3 seeds: about an hour on 2 cores), then the block of "
+                "memories with --objective: bank, queue Q = 4096, queue Q = 16384, in-batch, CMC 2 views (memory kNN, "
+                "encoder kNN, seconds per epoch)");
   cmd->add_option("--compare-only", o->compare_only,
-                  "--compare: only the rows of these objectives (comma-separated; nce selects its four K rows, "
-                  "full the exact softmax); the baselines always run")
+                  "--compare: only these rows (comma-separated): objectives (nce selects its four K rows, full the "
+                  "exact softmax) and/or memory (the block of memories, with --objective); the baselines always run")
       ->delimiter(',')
-      ->check(one_of({"nce", "full", "infonce", "dcl", "hcl", "dhel", "kcl", "supcon", "contrastive", "triplet"}));
+      ->check(one_of({"nce", "full", "infonce", "dcl", "hcl", "dhel", "kcl", "supcon", "contrastive", "triplet",
+                      "memory"}));
   cmd->add_flag("--fresh-knn", o->fresh_knn,
-                "also measure the kNN against the training images encoded afresh each epoch (the bank holds "
-                "momentum-averaged features of augmented views from across the epoch)");
+                "kept for compatibility: every run now measures the kNN against the training images encoded afresh "
+                "each epoch (the 'encoder kNN'; the bank holds momentum-averaged features of augmented views from "
+                "across the epoch); this flag also writes it under its former JSON name, 'fresh'");
+  cmd->add_option("--memory", o->memory,
+                  "where the negatives are kept. bank: the memory bank of N rows (Wu et al.), one augmentation per "
+                  "image, K draws. queue: MoCo's (He et al.): a key encoder, a momentum copy of the encoder "
+                  "(--key-momentum), and a FIFO ring of its last --queue-size keys (starting as seeded random keys, "
+                  "stored as --bank-dtype); two augmentations per image, the query view through the encoder, the key "
+                  "view through the key encoder (no gradient), every key of the queue a negative of every query. "
+                  "in-batch: SimCLR's (Chen et al.): two augmentations per image, each sample's negatives the batch's "
+                  "other 2B - 2 samples. queue and in-batch keep no per-instance memory: their kNN is against the "
+                  "encoder's features of the unaugmented training images; not with --objective nce or full, "
+                  "--distributed or --snapshot")
+      ->capture_default_str()
+      ->check(one_of({"bank", "queue", "in-batch"}));
+  cmd->add_option("--queue-size", o->queue_size,
+                  "--memory queue: Q, the keys the queue holds (every query's negatives); need not be a multiple of "
+                  "--batch")
+      ->capture_default_str()
+      ->check(integer_in(1, 1 << 24));
+  cmd->add_option("--key-momentum", o->key_momentum,
+                  "--memory queue: momentum m of the key encoder, which starts as a copy of the encoder and after each "
+                  "SGD step becomes theta_k <- m theta_k + (1 - m) theta_q (MoCo's 0.999; 0: a copy of the encoder)")
+      ->capture_default_str()
+      ->check(number_in(0.0, false, 1.0));
+  cmd->add_option("--views", o->views,
+                  "1, or 2: CMC (Tian et al.) over two banks, one per view: each view's features are scored against "
+                  "the other view's bank (both pairs, losses summed) and each bank is refreshed with its own view's "
+                  "features; both banks start as --bank-init says. CMC proper encodes different channels (L and ab) "
+                  "with an encoder per view; a grayscale image has one channel, so here the two views are two "
+                  "augmentations of each image through one shared encoder. The memory kNN is against view 0's bank. "
+                  "Only with --memory bank; not with --distributed or --snapshot")
+      ->capture_default_str()
+      ->check(integer_in(1, 2));
   cmd->add_option("--out", o->out, "also write the JSON result to this file")->check(output_file());
   cmd->add_flag("--json", o->json, "print one JSON object at the end instead of text");
   cmd->add_option("--distributed", o->distributed,
@@ -722,7 +1035,13 @@ void add_train(CLI::App& app) {
                   "--snapshot writes a shard set (sharded) or one file (replicated). Not with --compare. Needs a build with "
                   "MPI")
       ->check(distributed_mode());
-  cmd->callback(command([o, cmd] { run_train(*o, cmd->count("--snapshot") > 0); }));
+  cmd->callback(command([o, cmd] {
+    Given given;
+    for (const char* name : {"--snapshot", "--k", "--momentum", "--bank-init", "--bank-dtype", "--rounding",
+                             "--queue-size", "--key-momentum", "--memory", "--views"})
+      if (cmd->count(name) > 0) given.insert(name);
+    run_train(*o, given);
+  }));
 }
 
 }  // namespace membank::tools
