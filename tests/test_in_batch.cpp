@@ -41,7 +41,7 @@ Views make_views(index_t batch, std::mt19937_64& rng, bool duplicate = false) {
     v.ids.push_back(100 + i);
     v.labels.push_back(label(rng));
   }
-  if (duplicate) v.ids[batch - 1] = v.ids[0];
+  if (duplicate) v.ids[static_cast<std::size_t>(batch - 1)] = v.ids[0];
   return v;
 }
 

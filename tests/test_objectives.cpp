@@ -40,7 +40,6 @@ using namespace mbtest;
 
 namespace {
 
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr index_t kN = 200;
 constexpr index_t kD = 24;
 constexpr index_t kB = 5;
