@@ -308,4 +308,7 @@ TEST_CASE("sampler kind names round-trip") {
   CHECK(to_string(SamplerKind::alias) == "alias");
   CHECK(sampler_kind_from_string("uniform") == SamplerKind::uniform);
   CHECK(sampler_kind_from_string("alias") == SamplerKind::alias);
+  for (const SamplerKind k : {SamplerKind::uniform, SamplerKind::alias, SamplerKind::dynamic, SamplerKind::cluster})
+    CHECK(sampler_kind_from_string(to_string(k)) == k);
+  CHECK_THROWS_WITH_AS(sampler_kind_from_string("Uniform"), doctest::Contains("expected 'uniform'"), Error);
 }

@@ -13,12 +13,20 @@
 
 namespace membank {
 
-std::string to_string(SamplerKind kind) { return kind == SamplerKind::uniform ? "uniform" : "alias"; }
+std::string to_string(SamplerKind kind) {
+  switch (kind) {
+    case SamplerKind::uniform: return "uniform";
+    case SamplerKind::alias: return "alias";
+    case SamplerKind::dynamic: return "dynamic";
+    case SamplerKind::cluster: return "cluster";
+  }
+  MEMBANK_THROW("SamplerKind {}: not a sampler kind", static_cast<int>(kind));
+}
 
 SamplerKind sampler_kind_from_string(const std::string& s) {
-  if (s == "uniform") return SamplerKind::uniform;
-  if (s == "alias") return SamplerKind::alias;
-  MEMBANK_THROW("sampler = '{}': expected 'uniform' or 'alias'", s);
+  for (const SamplerKind k : {SamplerKind::uniform, SamplerKind::alias, SamplerKind::dynamic, SamplerKind::cluster})
+    if (s == to_string(k)) return k;
+  MEMBANK_THROW("sampler = '{}': expected 'uniform', 'alias', 'dynamic' or 'cluster'", s);
 }
 
 namespace {

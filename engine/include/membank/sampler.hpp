@@ -19,9 +19,11 @@
 
 namespace membank {
 
-enum class SamplerKind { uniform, alias };
+/// uniform: P_n = 1/N. alias: fixed caller weights. dynamic: weights that change during training.
+/// cluster: a query-dependent proposal q(j|f) over k-means clusters of the bank.
+enum class SamplerKind { uniform, alias, dynamic, cluster };
 std::string to_string(SamplerKind kind);
-/// "uniform" or "alias"; throws Error otherwise.
+/// "uniform", "alias", "dynamic" or "cluster"; throws Error otherwise.
 SamplerKind sampler_kind_from_string(const std::string& s);
 
 /// Names one random stream: draws for `row` (a query of the batch, or 0 for shared negatives) at
