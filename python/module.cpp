@@ -43,6 +43,7 @@
 #include <membank/memory.hpp>
 #include <membank/multiview.hpp>
 #include <membank/queue.hpp>
+#include <membank/cluster_sampler.hpp>
 #include <membank/sampler.hpp>
 #include <membank/snapshot.hpp>
 #include <membank/threads.hpp>
@@ -365,6 +366,8 @@ Objective objective_arg(const std::string& s) {
 
 std::unique_ptr<NoiseSampler> copy_sampler(const NoiseSampler& s) {
   if (s.kind() == SamplerKind::alias) return std::make_unique<AliasSampler>(static_cast<const AliasSampler&>(s));
+  if (s.kind() == SamplerKind::cluster)
+    return std::make_unique<ClusterSampler>(static_cast<const ClusterSampler&>(s));
   return std::make_unique<UniformSampler>(s.size());
 }
 
@@ -1707,6 +1710,26 @@ PYBIND11_MODULE(_membank, m) {
           return PySampler{std::make_shared<AliasSampler>(w.span())};
         },
         py::arg("weights"), "P_n(j) = w_j / sum(w), Vose alias table (O(N) build, O(1) draws).");
+  m.def("ClusterSampler",
+        [](const PyBank& bank, index_t clusters, double epsilon, double beta, std::int64_t refresh_every,
+           int iterations, std::uint64_t seed) {
+          ClusterConfig c;
+          c.clusters = clusters;
+          c.epsilon = epsilon;
+          c.beta = beta;
+          c.refresh_every = refresh_every;
+          c.iterations = iterations;
+          c.seed = seed;
+          return with_bank(bank, [&](const Bank& b) {
+            return PySampler{std::make_shared<ClusterSampler>(b.view(), c)};
+          });
+        },
+        py::arg("bank"), py::kw_only(), py::arg("clusters") = 1024, py::arg("epsilon") = 0.1, py::arg("beta") = 10.0,
+        py::arg("refresh_every") = 0, py::arg("iterations") = 3, py::arg("seed") = 0,
+        "A query-dependent proposal over k-means clusters of the bank (cluster_sampler.hpp): q(j | f) = eps / N + "
+        "(1 - eps) pi_k(f) / n_k with pi_k(f) proportional to n_k exp(beta f . c_k). Fitted to the bank now; an "
+        "Engine refreshes it every refresh_every steps (0: only on Engine.refresh_sampler()). The objectives use "
+        "q(j | f) where they use P_n(j).");
 
   // ---- Engine
   py::class_<PyEngine, std::shared_ptr<PyEngine>>(m, "Engine",
@@ -1826,21 +1849,27 @@ PYBIND11_MODULE(_membank, m) {
            "Announce the next step's ids (e.g. from the data loader, before the forward pass): a background thread "
            "draws that step's negatives meanwhile; the next step with exactly these ids uses them (same results, "
            "stats.prefetched). Per-sample negatives only (returns False otherwise).")
+      .def("refresh_sampler", [](PyEngine& pe) { with_engine(pe, [](Engine& e) { e.refresh_sampler(); }); },
+           "Re-fit a ClusterSampler to the bank as it is now (e.g. once per epoch); Error for other samplers.")
       .def("sample",
-           [](PyEngine& pe, py::handle ids, py::object step) {
+           [](PyEngine& pe, py::handle ids, py::object step, py::object features) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              const bool next = step.is_none();
              const std::int64_t at = next ? 0 : step.cast<std::int64_t>();
+             std::optional<Matrix2<float>> f;
+             if (!features.is_none()) f = matrix_arg<float>(features, "features", "float32", "(B, D)");
              RowMatrixi r;
              {
                py::gil_scoped_release nogil;
                std::lock_guard lk(pe.mu);
-               r = pe.engine->sample(y.span(), next ? pe.engine->steps_done() : at);
+               const std::int64_t s = next ? pe.engine->steps_done() : at;
+               r = f ? pe.engine->sample(y.span(), s, f->cmap()) : pe.engine->sample(y.span(), s);
              }
              return to_numpy(std::move(r));
            },
-           py::arg("ids"), py::arg("step") = py::none(),
-           "The negatives a step would draw at `step` (default: the next step): int64 (B, K) or (1, K).")
+           py::arg("ids"), py::arg("step") = py::none(), py::arg("features") = py::none(),
+           "The negatives a step would draw at `step` (default: the next step): int64 (B, K) or (1, K). A "
+           "ClusterSampler's draws depend on the queries: pass the step's features (float32 (B, D)).")
       .def("restore_state",
            [](PyEngine& pe, std::int64_t step, py::object log_z) {
              const bool set_z = !log_z.is_none();

@@ -211,6 +211,8 @@ DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local
                     "of N = {})", bank_.size(), held_.size(), to_string(mode_), held_.begin, held_.end, n_);
       MEMBANK_CHECK(sampler_ != nullptr, "sampler is null: expected a NoiseSampler over the N = {} rows", n_);
       MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
+      MEMBANK_CHECK(!sampler_->query_dependent(), "the {} sampler with a DistributedEngine: not supported yet (its "
+                    "clusters span every rank's rows); use uniform or alias", to_string(sampler_->kind()));
       config_.validate(n_, bank_.dim());
     });
     std::uint64_t fp[5] = {};

@@ -2,6 +2,7 @@
 // the step's orchestration: validate everything, compute loss and gradient (step_kernels.cpp, the
 // dispatched kernels and the objectives under objectives/), then commit. The names and checks of the
 // configuration live in config.cpp.
+#include <membank/cluster_sampler.hpp>
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 #include <membank/memory.hpp>
@@ -52,9 +53,20 @@ detail::KernelContext make_context(const Bank& bank, const NoiseSampler& sampler
 /// log_pn: K floats of scratch. The one draw shared by sample() and prefetch().
 void draw_query(const detail::KernelContext& cx, std::int64_t step, index_t i, index_t y, index_t* out,
                 std::vector<float>& log_pn) {
-  const detail::QueryExclusion e = detail::exclusion_of(cx, y);
-  cx.sampler->draw({cx.cfg->seed, step, static_cast<std::uint32_t>(i), detail::purpose_negatives}, e.exclusion,
-                   std::span<index_t>(out, static_cast<std::size_t>(cx.k)), log_pn);
+  const detail::QueryExclusion e = detail::exclusion_of(cx, y, cx.query(i));
+  DrawCursor cursor{{cx.cfg->seed, step, static_cast<std::uint32_t>(i), detail::purpose_negatives}, e.exclusion,
+                    cx.k};
+  cursor.query = cx.query(i);
+  cx.sampler->draw_next(cursor, std::span<index_t>(out, static_cast<std::size_t>(cx.k)), log_pn);
+}
+
+/// A query-dependent sampler's refusals: what its draws cannot be combined with.
+void check_query_dependent(const NoiseSampler& sampler, const EngineConfig& config) {
+  if (!sampler.query_dependent()) return;
+  MEMBANK_CHECK(!config.exclude_same_label,
+                "exclude_same_label with the {} sampler: not supported yet (the mass of the query's label under "
+                "q(. | f) is not computed); use exclude_positive, or a static sampler",
+                to_string(sampler.kind()));
 }
 
 /// classes narrowed to T, each index < 2^(8 sizeof T).
@@ -83,6 +95,10 @@ Engine::Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig co
   MEMBANK_CHECK(sampler_->size() == bank_.size(), "sampler has N = {}: expected the bank's N = {}",
                 sampler_->size(), bank_.size());
   config_.validate(bank_.size(), bank_.dim());
+  check_query_dependent(*sampler_, config_);
+  if (const auto* cs = dynamic_cast<const ClusterSampler*>(sampler_.get()))
+    MEMBANK_CHECK(cs->centroids().cols() == bank_.dim(), "the cluster sampler's centroids have D = {}: expected "
+                  "the bank's D = {}", cs->centroids().cols(), bank_.dim());
   partition_.policy = config_.z_policy;
   if (config_.z_policy == ZPolicy::fixed) {
     partition_.initialised = true;
@@ -115,7 +131,9 @@ bool Engine::prefetch(IdsRef next_ids) {
   check_ids(next_ids, bank_.size(), "next_ids");
   check_labels_present();
   discard_prefetch();
-  if (config_.negatives == NegativesMode::shared || config_.objective == Objective::full_softmax) return false;
+  if (config_.negatives == NegativesMode::shared || config_.objective == Objective::full_softmax ||
+      sampler_->query_dependent())
+    return false;
   auto p = detail::translate_bad_alloc("Engine::prefetch", [&] {
     auto q = std::make_unique<Prefetch>();
     q->ids.assign(next_ids.begin(), next_ids.end());
@@ -207,26 +225,50 @@ StepStats Engine::evaluate(FeaturesRef features, IdsRef ids, NegativesRef negati
 }
 
 RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
-  return detail::translate_bad_alloc("Engine::sample", [&] { return sample_impl(ids, step); });
+  return detail::translate_bad_alloc("Engine::sample", [&] { return sample_impl(ids, step, nullptr); });
 }
 
-RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step) const {
+RowMatrixi Engine::sample(IdsRef ids, std::int64_t step, FeaturesRef features) const {
+  return detail::translate_bad_alloc("Engine::sample", [&] { return sample_impl(ids, step, &features); });
+}
+
+void Engine::refresh_sampler() {
+  auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get());
+  MEMBANK_CHECK(cs != nullptr, "refresh_sampler: the engine's {} sampler has no clusters to refresh: expected a "
+                "cluster sampler", to_string(sampler_->kind()));
+  discard_prefetch();
+  cs->refresh(bank_.view(), step_);
+}
+
+RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step, const FeaturesRef* features) const {
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
   check_ids(ids, bank_.size(), "ids");
   const auto batch = static_cast<index_t>(ids.size());
   const index_t k = config_.k;
+  // A query-dependent sampler draws from q(. | f): condition it on the (prepared) features.
+  std::unique_ptr<Conditioned> conditioned;
+  if (sampler_->query_dependent()) {
+    MEMBANK_CHECK(features != nullptr, "the {} sampler's draws depend on the queries: pass the step's features "
+                  "to sample(ids, step, features)", to_string(sampler_->kind()));
+    MEMBANK_CHECK(features->rows() == batch, "features has {} rows: expected one per id (B = {})", features->rows(),
+                  batch);
+    const PreparedFeatures p = prepare_features(*features, batch, bank_.dim(), config_);
+    conditioned = sampler_->condition(p.data, p.stride, batch, bank_.dim());
+  }
   if (config_.negatives == NegativesMode::shared) {
     RowMatrixi out(1, k);
     std::vector<float> log_pn(static_cast<std::size_t>(k));
     const std::vector<index_t> excluded = detail::shared_exclusion(config_, ids);
-    sampler_->draw({config_.seed, step, 0u, detail::purpose_shared_negatives}, excluded,
-                   std::span<index_t>(out.data(), static_cast<std::size_t>(k)), log_pn);
+    DrawCursor cursor{{config_.seed, step, 0u, detail::purpose_shared_negatives}, Exclusion{excluded}, k};
+    cursor.query = {conditioned.get(), conditioned ? batch : 0};
+    sampler_->draw_next(cursor, std::span<index_t>(out.data(), static_cast<std::size_t>(k)), log_pn);
     return out;
   }
   require_memory(add_sat(mul_sat(batch, mul_sat(k, 8)), mul_sat(omp_get_max_threads(), mul_sat(k, 4))),
                  fmt::format("sample: B x K = {} x {} negatives", batch, k));
   check_labels_present();
-  const detail::KernelContext cx = make_context(bank_, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
+  detail::KernelContext cx = make_context(bank_, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
+  cx.conditioned = conditioned.get();
   RowMatrixi out(batch, k);
   detail::ExceptionCapture errors;
 #pragma omp parallel
@@ -292,7 +334,11 @@ Engine::Computed Engine::compute_on(const Bank& bank, const Partition& partition
     stats.z_estimate = kNaN;
   } else {
     const index_t k = negatives ? negatives->cols() : config_.k;
-    const detail::KernelContext cx = make_context(bank, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
+    detail::KernelContext cx = make_context(bank, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
+    // A query-dependent sampler's q(. | f_i) for this batch's features (and their mean, row B).
+    const std::unique_ptr<Conditioned> conditioned =
+        sampler_->query_dependent() ? sampler_->condition(prepared.data, prepared.stride, batch, dim) : nullptr;
+    cx.conditioned = conditioned.get();
     const bool nce = config_.objective == Objective::nce;
     const kernels::Table& kt = kernels::table();  // the instruction set, picked once per step
     const detail::StepInput in{prepared.data, prepared.stride, ids, negatives, step_, grad.data(), grad.outerStride()};
@@ -338,6 +384,9 @@ StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negati
   // (A step that then throws has consumed it: only speed is lost.)
   const std::unique_ptr<Prefetch> p = std::move(prefetch_);
   if (p && p->worker.joinable()) p->worker.join();
+  // A cluster sampler due a refresh at this counter refreshes first: it depends on the bank and the
+  // counter only, so a step that then fails leaves what any next step would have refreshed to.
+  if (auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get()); cs && cs->due(step_)) cs->refresh(bank_.view(), step_);
   const bool use = p && !negatives && !p->error && p->step == step_ &&
                    std::equal(ids.begin(), ids.end(), p->ids.begin(), p->ids.end());
   Computed result = use ? compute(features, ids, &p->negatives, grad, true) : compute(features, ids, negatives, grad);

@@ -43,6 +43,9 @@ Engine MultiViewEngine::make_core(std::vector<Bank>& banks, std::unique_ptr<Nois
     MEMBANK_CHECK(banks[v].size() == banks[0].size() && banks[v].dim() == banks[0].dim(),
                   "banks[{}] is N x D = {} x {}: expected banks[0]'s {} x {} (every view holds the same N instances "
                   "in the same dimension)", v, banks[v].size(), banks[v].dim(), banks[0].size(), banks[0].dim());
+  MEMBANK_CHECK(sampler == nullptr || !sampler->query_dependent(),
+                "the {} sampler with a MultiViewEngine: not supported yet (every pair would need its own "
+                "q(. | f)); use uniform or alias", to_string(sampler->kind()));
   // The engine checks the sampler, the config (against N and D) and the labels.
   return Engine(std::move(banks[0]), std::move(sampler), config, std::move(labels));
 }

@@ -64,6 +64,18 @@ bool Exclusion::contains(index_t j) const {
   return std::binary_search(ids.begin(), ids.end(), j);
 }
 
+std::unique_ptr<Conditioned> NoiseSampler::condition(const float*, index_t, index_t, index_t) const {
+  MEMBANK_THROW("the {} sampler does not depend on the query: there is nothing to condition", to_string(kind()));
+}
+
+double NoiseSampler::prob_given(index_t, QueryRef) const {
+  MEMBANK_THROW("the {} sampler does not depend on the query: expected a null QueryRef", to_string(kind()));
+}
+
+void NoiseSampler::lookup_given(QueryRef, std::span<const index_t>, std::span<float>) const {
+  MEMBANK_THROW("the {} sampler does not depend on the query: expected a null QueryRef", to_string(kind()));
+}
+
 UniformSampler::UniformSampler(index_t n) : NoiseSampler(n) {
   MEMBANK_CHECK(n >= 1, "n = {}: expected at least one instance", n);
 }

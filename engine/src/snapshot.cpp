@@ -1,3 +1,4 @@
+#include <membank/cluster_sampler.hpp>
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
 #include <membank/version.hpp>
@@ -841,6 +842,68 @@ std::vector<T> read_vector(hid_t file, const char* name, index_t r0, index_t n, 
   return v;
 }
 
+/// A cluster sampler's state (write_sampler): the group sampler_cluster, its config as attributes,
+/// the centroids (C x D float32) and each row's cluster (N int32).
+std::unique_ptr<NoiseSampler> read_cluster_sampler(hid_t file, index_t n, index_t dim, const std::string& path) {
+  MEMBANK_CHECK(H5Lexists(file, "sampler_cluster", H5P_DEFAULT) > 0,
+                "{}: the sampler is 'cluster' but the group 'sampler_cluster' is missing", path);
+  Handle g(H5Gopen2(file, "sampler_cluster", H5P_DEFAULT), H5Gclose);
+  H5_CHECK(g.get(), "{}: 'sampler_cluster' cannot be opened as a group", path);
+  const AttrReader a(g.get(), path);
+  ClusterConfig c;
+  c.clusters = a.i64("clusters");
+  c.epsilon = a.f64("epsilon");
+  c.beta = a.f64("beta");
+  c.refresh_every = a.i64("refresh_every");
+  const std::int64_t iterations = a.i64("iterations");
+  MEMBANK_CHECK(iterations >= 0 && iterations <= std::numeric_limits<int>::max(),
+                "{}: sampler_cluster: iterations = {}: expected 0 <= iterations < 2^31", path, iterations);
+  c.iterations = static_cast<int>(iterations);
+  c.seed = a.u64("seed");
+  const std::int64_t refreshed_at = a.i64("refreshed_at");
+  try {
+    c.validate(n);
+  } catch (const Error& e) {
+    MEMBANK_THROW("{}: sampler_cluster: {}", path, e.what());
+  }
+  Handle cds = open_dataset(file, "sampler_cluster/centroids", path);
+  const DatasetShape cs = shape_of(cds.get());
+  MEMBANK_CHECK(cs.rank == 2 && cs.dims[0] == static_cast<hsize_t>(c.clusters) &&
+                    cs.dims[1] == static_cast<hsize_t>(dim) && cs.cls == H5T_FLOAT && cs.elem_size == 4,
+                "{}: dataset 'sampler_cluster/centroids': expected ({}, {}) float32", path, c.clusters, dim);
+  RowMatrixf centroids(c.clusters, dim);
+  read_rows(cds.get(), H5T_NATIVE_FLOAT, 0, c.clusters, dim, centroids.data(), path, "sampler_cluster/centroids");
+  check_row_vector(file, "sampler_cluster/assignment", n, H5T_INTEGER, 4, path);
+  auto assignment = read_vector<std::int32_t>(file, "sampler_cluster/assignment", 0, n, H5T_NATIVE_INT32, path);
+  try {
+    return std::make_unique<ClusterSampler>(c, std::move(centroids), std::move(assignment), refreshed_at);
+  } catch (const Error& e) {
+    MEMBANK_THROW("{}: sampler_cluster: {}", path, e.what());
+  }
+}
+
+/// The sampler a snapshot stores (write_sampler), of the kind its attribute names.
+std::unique_ptr<NoiseSampler> read_sampler(hid_t file, SamplerKind kind, index_t n, index_t dim,
+                                           const std::string& path) {
+  switch (kind) {
+    case SamplerKind::uniform:
+      return std::make_unique<UniformSampler>(n);
+    case SamplerKind::alias: {
+      const auto w = read_vector<double>(file, "sampler_weights", 0, n, H5T_NATIVE_DOUBLE, path);
+      try {
+        return std::make_unique<AliasSampler>(w);
+      } catch (const Error& e) {
+        MEMBANK_THROW("{}: sampler_weights: {}", path, e.what());
+      }
+    }
+    case SamplerKind::cluster:
+      return read_cluster_sampler(file, n, dim, path);
+    default:
+      break;
+  }
+  MEMBANK_THROW("{}: sampler '{}': this build cannot load that sampler's state", path, to_string(kind));
+}
+
 /// Rows [first, end) of the (n, dim) rows dataset `name` of type `dtype` (validated before), read
 /// `block` rows at a time, a bank of their own (local row i: row first + i).
 Bank read_bank_rows(hid_t file, const char* name, index_t dim, DType dtype, index_t block, const std::string& path,
@@ -1007,16 +1070,7 @@ SnapshotRows load_snapshot_rows(const std::string& path,
   for (std::size_t i = 0; i < last.size(); ++i)
     MEMBANK_CHECK(last[i] >= -1 && last[i] <= info.step, "{}: last_update[{}] = {}: expected -1 <= step <= {}",
                   path, first + static_cast<index_t>(i), last[i], info.step);
-  if (info.sampler == SamplerKind::alias) {
-    const auto w = read_vector<double>(f.get(), "sampler_weights", 0, info.n, H5T_NATIVE_DOUBLE, path);
-    try {
-      out.sampler = std::make_unique<AliasSampler>(w);
-    } catch (const Error& e) {
-      MEMBANK_THROW("{}: sampler_weights: {}", path, e.what());
-    }
-  } else {
-    out.sampler = std::make_unique<UniformSampler>(info.n);
-  }
+  out.sampler = read_sampler(f.get(), info.sampler, info.n, info.dim, path);
   if (info.has_labels) out.labels = read_vector<std::int64_t>(f.get(), "labels", 0, info.n, H5T_NATIVE_INT64, path);
   out.bank.emplace(read_bank(f.get(), info, path, first, end));
   out.bank->set_last_update(std::move(last));
@@ -1229,11 +1283,39 @@ void write_vector(hid_t root, const char* name, hid_t ftype, hid_t mtype, const 
   write_rows(ds.get(), mtype, 0, n, 0, data);
 }
 
-/// The sampler's weights (alias only: a uniform sampler is its N).
+/// A cluster sampler's whole state (read_cluster_sampler reads it back).
+void write_cluster_sampler(hid_t root, const ClusterSampler& s, int deflate, const std::string& path) {
+  const ClusterConfig& c = s.config();
+  const index_t k = c.clusters, d = s.centroids().cols(), n = s.size();
+  {
+    Handle ds = create_dataset(root, "sampler_cluster/centroids", H5T_IEEE_F32LE, k, d, rows_per_chunk(d, k), deflate,
+                               path);
+    write_rows(ds.get(), H5T_NATIVE_FLOAT, 0, k, d, s.centroids().data());
+  }
+  {
+    Handle ds = create_dataset(root, "sampler_cluster/assignment", H5T_STD_I32LE, n, 0,
+                               std::max<index_t>(1, std::min<index_t>(n, kChunkBytes / 4)), deflate, path);
+    write_rows(ds.get(), H5T_NATIVE_INT32, 0, n, 0, s.assignment().data());
+  }
+  Handle g(H5Gopen2(root, "sampler_cluster", H5P_DEFAULT), H5Gclose);
+  H5_CHECK(g.get(), "{}: cannot open the group 'sampler_cluster'", path);
+  write_attr(g.get(), "clusters", std::int64_t{c.clusters});
+  write_attr(g.get(), "epsilon", c.epsilon);
+  write_attr(g.get(), "beta", c.beta);
+  write_attr(g.get(), "refresh_every", std::int64_t{c.refresh_every});
+  write_attr(g.get(), "iterations", std::int64_t{c.iterations});
+  write_attr_u(g.get(), "seed", c.seed);
+  write_attr(g.get(), "refreshed_at", std::int64_t{s.refreshed_at()});
+}
+
+/// The sampler's state: an alias sampler's weights, a cluster sampler's clusters (a uniform sampler
+/// is its N).
 void write_sampler(hid_t root, const NoiseSampler& sampler, index_t n, int deflate, const std::string& path) {
   if (sampler.kind() == SamplerKind::alias)
     write_vector(root, "sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
                  dynamic_cast<const AliasSampler&>(sampler).weights().data(), n, deflate, path);
+  else if (sampler.kind() == SamplerKind::cluster)
+    write_cluster_sampler(root, dynamic_cast<const ClusterSampler&>(sampler), deflate, path);
 }
 
 /// A virtual dataset `name` of n rows (dim = 0: 1-D) whose rows[i] come from the dataset of the same
@@ -1867,17 +1949,7 @@ MultiViewEngine load_multiview_snapshot(const std::string& path) {
     last.push_back(read_vector<std::int64_t>(f.get(), name.c_str(), 0, n, H5T_NATIVE_INT64, path));
     check_last_update(last.back(), info.step, path, fmt::format("dataset '{}'", name));
   }
-  std::unique_ptr<NoiseSampler> sampler;
-  if (info.sampler == SamplerKind::alias) {
-    const auto w = read_vector<double>(f.get(), "sampler_weights", 0, n, H5T_NATIVE_DOUBLE, path);
-    try {
-      sampler = std::make_unique<AliasSampler>(w);
-    } catch (const Error& e) {
-      MEMBANK_THROW("{}: sampler_weights: {}", path, e.what());
-    }
-  } else {
-    sampler = std::make_unique<UniformSampler>(n);
-  }
+  std::unique_ptr<NoiseSampler> sampler = read_sampler(f.get(), info.sampler, n, info.dim, path);
   std::vector<std::int64_t> labels;
   if (info.has_labels) labels = read_vector<std::int64_t>(f.get(), "labels", 0, n, H5T_NATIVE_INT64, path);
   std::vector<Bank> banks;

@@ -62,12 +62,12 @@ std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids) {
 }
 
 void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef batch_ids, std::int64_t step,
-                  const index_t* given, std::span<index_t> ids, std::span<float> lw) {
+                  const index_t* given, std::span<index_t> ids, std::span<float> lw, QueryRef query) {
   const std::vector<index_t> excluded = shared_exclusion(cfg, batch_ids);
   double log_kept = 0.0;
   if (!excluded.empty()) {
     double mass = 0.0;
-    for (const auto j : excluded) mass += sampler.prob(j);
+    for (const auto j : excluded) mass += sampler.prob_for(j, query);
     MEMBANK_CHECK(mass < 1.0, "the batch's ids carry all of the noise mass ({}): nothing is left to draw "
                   "shared negatives from with exclude_positive", mass);
     log_kept = std::log1p(-mass);
@@ -78,15 +78,18 @@ void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef b
       MEMBANK_CHECK(!std::binary_search(excluded.begin(), excluded.end(), ids[j]),
                     "negatives(0, {}) = {} is an id of the batch, with exclude_positive set (shared negatives "
                     "exclude every positive of the batch)", j, ids[j]);
-    sampler.lookup(ids, lw);
+    sampler.lookup_for(query, ids, lw);
   } else {
-    sampler.draw({cfg.seed, step, 0u, purpose_shared_negatives}, excluded, ids, lw);
+    DrawCursor cursor{{cfg.seed, step, 0u, purpose_shared_negatives}, Exclusion{excluded},
+                      static_cast<index_t>(ids.size())};
+    cursor.query = query;
+    sampler.draw_next(cursor, ids, lw);
   }
   const double log_n = std::log(static_cast<double>(sampler.size()));
   for (auto& x : lw) x = static_cast<float>(log_kept - log_n - x);  // log P_n in, lw out
 }
 
-QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y) {
+QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y, QueryRef query) {
   QueryExclusion e;
   if (cx.cfg->exclude_same_label) {
     const std::int32_t c = cx.classes[y];
@@ -95,7 +98,7 @@ QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y) {
     e.log_kept = std::log1p(-cx.class_mass[c]);
   } else if (cx.cfg->exclude_positive) {
     e.exclusion.ids = std::span<const index_t>(&y, 1);
-    e.log_kept = std::log1p(-cx.sampler->prob(y));
+    e.log_kept = std::log1p(-cx.sampler->prob_for(y, query));
   }
   return e;
 }
@@ -116,7 +119,9 @@ struct QueryDraws {
       : cx(&c), in(&input), i(query),
         cursor{{c.cfg->seed, input.step, static_cast<std::uint32_t>(query + input.row0), purpose_negatives}, excluded,
                c.k},
-        ids(ids_out), log_pn(log_pn_out) {}
+        ids(ids_out), log_pn(log_pn_out) {
+    cursor.query = c.query(query);
+  }
   static void refill(void* self, index_t from, index_t to) {
     auto& d = *static_cast<QueryDraws*>(self);
     const auto n = static_cast<std::size_t>(to - from);
@@ -124,7 +129,7 @@ struct QueryDraws {
     const std::span<float> log_pn(d.log_pn + from, n);
     if (d.in->negatives) {
       std::copy_n(d.in->negatives->data() + d.i * d.in->negatives->cols() + from, n, ids.begin());
-      d.cx->sampler->lookup(ids, log_pn);
+      d.cx->sampler->lookup_for(d.cursor.query, ids, log_pn);
     } else {
       d.cx->sampler->draw_next(d.cursor, ids, log_pn);
     }
@@ -184,7 +189,7 @@ Lse lse_per_sample(const KernelContext& cx, const StepInput& in, index_t batch, 
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
         const index_t y = in.ids[static_cast<std::size_t>(i)];
-        const QueryExclusion e = exclusion_of(cx, y);
+        const QueryExclusion e = exclusion_of(cx, y, cx.query(i));
         QueryDraws draws(cx, in, i, e.exclusion, ids_buf.data(), log_pn_buf.data());
         QueryDraws::refill(&draws, 0, cx.k);
         kt.gather_dots(cx.bank.data, cx.bank.dtype, cx.bank.stride, dim, ids_buf.data(), cx.k, in.f + i * in.f_stride,
@@ -224,14 +229,14 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
     for (index_t i = 0; i < batch; ++i) {
       errors.run([&] {
         const index_t y = in.ids[static_cast<std::size_t>(i)];
-        const QueryExclusion e = exclusion_of(cx, y);
+        const QueryExclusion e = exclusion_of(cx, y, cx.query(i));
         QueryDraws draws(cx, in, i, e.exclusion, scratch.ids.data(), scratch.log_pn.data());
         kernels::PerSampleQuery q = base;
         q.ids = scratch.ids.data();
         q.log_pn = scratch.log_pn.data();
         q.refill = {&QueryDraws::refill, &draws};
         q.lw_shift = e.log_kept - log_n;
-        q.lw_pos = -log_n - std::log(cx.sampler->prob(y));
+        q.lw_pos = -log_n - std::log(cx.sampler->prob_for(y, cx.query(i)));
         q.f = in.f + i * in.f_stride;
         q.g = in.grad + i * in.g_stride;
         q.vy = cx.bank.row_data(y);
@@ -260,7 +265,8 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
   // which keeps every estimate over the draws unbiased).
   std::vector<index_t> neg(static_cast<std::size_t>(k));
   std::vector<float> lw(static_cast<std::size_t>(k));
-  shared_draws(*cx.sampler, *cx.cfg, in.ids, in.step, in.negatives ? in.negatives->data() : nullptr, neg, lw);
+  const QueryRef mean = cx.query(batch);  // a query-dependent sampler's batch mean
+  shared_draws(*cx.sampler, *cx.cfg, in.ids, in.step, in.negatives ? in.negatives->data() : nullptr, neg, lw, mean);
   std::vector<std::int32_t> neg_classes;
   if (cx.classes) {
     neg_classes.resize(static_cast<std::size_t>(k));
@@ -330,7 +336,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
           q.k = k;
           q.y = y;
           q.s_pos = kt.dot(vy, DType::float32, f, dim);
-          q.lw_pos = -log_n - std::log(cx.sampler->prob(y));
+          q.lw_pos = -log_n - std::log(cx.sampler->prob_for(y, mean));
           q.coef_scale = 1.0 / static_cast<double>(batch);
           q.rescale = scratch.rescale.data();
           q.scratch = scratch.view();

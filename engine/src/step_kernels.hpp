@@ -51,6 +51,10 @@ struct KernelContext {
   kernels::ClassTable class_table;  ///< the same, narrowest width (the per-sample kernel's)
   const double* class_mass;     ///< P_n mass per class, or null
   index_t k;                    ///< draws per query
+  /// A query-dependent sampler's q(. | f_i) for this batch (rows 0..B-1, row B their mean), or null.
+  const Conditioned* conditioned = nullptr;
+  /// Query i's distribution: q(. | f_i), or P_n.
+  QueryRef query(index_t i) const { return {conditioned, conditioned ? i : 0}; }
 };
 
 /// The objective's parameters for this step (nce's log Z filled in by the caller).
@@ -79,7 +83,7 @@ struct QueryExclusion {
   Exclusion exclusion;
   double log_kept = 0.0;
 };
-QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y);
+QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y, QueryRef query = {});
 
 /// The ids shared negatives avoid: every id of the batch with exclude_positive (sorted), none
 /// otherwise (exclude_same_label masks each query's own label's draws instead).
@@ -88,9 +92,10 @@ std::vector<index_t> shared_exclusion(const EngineConfig& cfg, IdsRef ids);
 /// A batch's K shared draws into `ids` and their log importance weights lw = log(kept mass) - log N -
 /// log P_n into `lw`: the caller's `given` (K ids, checked not to be ids of the batch under the
 /// exclusion), or drawn at `step`. With exclude_positive, P_n is conditioned on the batch's ids
-/// (shared_exclusion); Error when they carry all of the noise mass.
+/// (shared_exclusion); Error when they carry all of the noise mass. `query`: the distribution the
+/// draws come from (a query-dependent sampler's batch mean), P_n when null.
 void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef batch_ids, std::int64_t step,
-                  const index_t* given, std::span<index_t> ids, std::span<float> lw);
+                  const index_t* given, std::span<index_t> ids, std::span<float> lw, QueryRef query = {});
 
 /// The nce Z state after a step that used log Z = log_z_used and estimated log_z_hat from its draws:
 /// log_z_used, or under the ema policy (once initialised) log(a Z + (1 - a) Zhat), in log space.

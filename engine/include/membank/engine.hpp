@@ -192,8 +192,8 @@ class Engine {
   /// drawing its own. Results are bit for bit those without the call (the draws are the same; the
   /// step reads them as step_with_negatives would, without re-validating its own draws). A step with
   /// other ids, or any other call that changes the step counter or the labels, discards the
-  /// prefetch. Per-sample negatives only: with shared negatives or the full softmax it does nothing
-  /// and returns false. The draws take B K 8 bytes (8 MB at B = 256, K = 4096) and one thread.
+  /// prefetch. Per-sample negatives only: with shared negatives, the full softmax or a
+  /// query-dependent sampler (whose draws need the step's features) it does nothing and returns false. The draws take B K 8 bytes (8 MB at B = 256, K = 4096) and one thread.
   /// The rows themselves are not copied ahead: a staged copy of the B (K + 1) rows is as many bytes
   /// as the gather reads, written and read again (docs/architecture.md).
   /// Throws Error (nothing started) on empty or out-of-range ids, or missing labels.
@@ -207,8 +207,19 @@ class Engine {
   void update(FeaturesRef features, IdsRef ids);
 
   /// The negatives step() would draw at step counter `step` for these ids: B x K (per-sample) or
-  /// 1 x K (shared). Identical for any thread count.
+  /// 1 x K (shared). Identical for any thread count. A query-dependent sampler (ClusterSampler) draws
+  /// from q(. | f): use the overload with the step's features (Error here).
   RowMatrixi sample(IdsRef ids, std::int64_t step) const;
+  /// The same for a query-dependent sampler, whose draws depend on the features (B x D, as step()
+  /// takes them). A static sampler ignores them.
+  RowMatrixi sample(IdsRef ids, std::int64_t step, FeaturesRef features) const;
+
+  /// Re-fits a cluster sampler to the bank as it is now (ClusterSampler::refresh; the state is used
+  /// from the current step counter on): for a schedule of the caller's own, e.g. once per epoch.
+  /// The engine also refreshes by itself every config().refresh_every steps of the sampler, at the
+  /// start of the step that is due (the refresh depends on the bank and the counter only). Throws
+  /// Error for any other sampler.
+  void refresh_sampler();
 
   const Bank& bank() const { return bank_; }
   const NoiseSampler& sampler() const { return *sampler_; }
@@ -240,7 +251,7 @@ class Engine {
   /// `partition` in place of the engine's: one pair of views of a MultiViewEngine.
   Computed compute_on(const Bank& bank, const Partition& partition, FeaturesRef features, IdsRef ids,
                       const RowMatrixi* negatives, GradRef grad, bool own_draws) const;
-  RowMatrixi sample_impl(IdsRef ids, std::int64_t step) const;
+  RowMatrixi sample_impl(IdsRef ids, std::int64_t step, const FeaturesRef* features) const;
   /// Error unless the engine holds labels where the objective or exclude_same_label needs them.
   void check_labels_present() const;
   /// compute(), then commit Z, the bank rows (if update) and the counter.

@@ -45,6 +45,21 @@ struct Exclusion {
   bool contains(index_t j) const;
 };
 
+/// A query-dependent sampler's distributions q(. | f_i) for the rows of one batch, made by
+/// NoiseSampler::condition() from the batch's features: opaque to the caller, who hands row i's
+/// QueryRef to the calls that take one.
+class Conditioned {
+ public:
+  virtual ~Conditioned() = default;
+};
+
+/// Which distribution a call uses: the sampler's P_n (null batch), or q(. | f_row) of a conditioned
+/// batch.
+struct QueryRef {
+  const Conditioned* batch = nullptr;
+  index_t row = 0;
+};
+
 /// One stream of draws taken a piece at a time (NoiseSampler::draw_next): the pieces of a cursor, in
 /// order, hold exactly the draws that one draw() of all of them at once gives. The engine's kernel
 /// draws a block of negatives just before it requests their rows, so that drawing overlaps reading.
@@ -58,6 +73,7 @@ struct DrawCursor {
   std::uint64_t spare = 0;       ///< uniform: the unused second half of the last block
   bool has_spare = false;
   std::uint64_t redraws = 0;     ///< alias: redraws so far (they take blocks total, total + 1, ...)
+  QueryRef query{};              ///< the query's distribution (query-dependent samplers); P_n otherwise
 };
 
 class NoiseSampler {
@@ -90,6 +106,23 @@ class NoiseSampler {
   /// The next ids.size() draws of the cursor's stream (the same preconditions; throws Error, drawing
   /// nothing, if they would pass cursor.total). One virtual call per piece, a templated loop inside.
   virtual void draw_next(DrawCursor& cursor, std::span<index_t> ids, std::span<float> log_pn) const = 0;
+  /// Whether the distribution depends on the query: q(j | f) (ClusterSampler). The engine then
+  /// conditions the sampler on each step's features and passes each query's QueryRef to the draws,
+  /// lookups and probabilities, which use q(j | f) wherever a static sampler's use P_n(j).
+  virtual bool query_dependent() const { return false; }
+  /// q(. | f_i) for the B rows of f (B x D unit rows, `stride` floats apart), and in row B their mean
+  /// (1/B) sum_i q(. | f_i): one distribution for negatives the batch shares. Query-dependent samplers
+  /// only (Error otherwise). `f` is read during the call only.
+  virtual std::unique_ptr<Conditioned> condition(const float* f, index_t stride, index_t batch, index_t dim) const;
+  /// q(j | query), or P_n(j) for a null query. Throws Error if j is out of range.
+  double prob_for(index_t j, QueryRef query) const { return query.batch ? prob_given(j, query) : prob(j); }
+  /// lookup() under q(. | query) (P_n for a null query).
+  void lookup_for(QueryRef query, std::span<const index_t> ids, std::span<float> log_pn) const {
+    if (query.batch)
+      lookup_given(query, ids, log_pn);
+    else
+      lookup(ids, log_pn);
+  }
   /// The same with a sorted list of excluded ids only.
   void draw(const StreamKey& key, std::span<const index_t> excluded, std::span<index_t> ids,
             std::span<float> log_pn) const {
@@ -98,6 +131,9 @@ class NoiseSampler {
 
  protected:
   explicit NoiseSampler(index_t n) : n_(n) {}
+  /// A query-dependent sampler's q(j | query) and lookups (query.batch is one of its own).
+  virtual double prob_given(index_t j, QueryRef query) const;
+  virtual void lookup_given(QueryRef query, std::span<const index_t> ids, std::span<float> log_pn) const;
   index_t n_;
 };
 

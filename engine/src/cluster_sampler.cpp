@@ -1,0 +1,389 @@
+// ClusterSampler: spherical k-means over the bank, the per-query mixture q(. | f) and its draws.
+// The mathematics is in membank/cluster_sampler.hpp.
+#include <membank/cluster_sampler.hpp>
+#include <membank/error.hpp>
+#include <membank/linalg.hpp>
+
+#include "detail/check.hpp"
+#include "detail/parallel.hpp"
+#include "detail/philox.hpp"
+#include "detail/prefetch.hpp"
+#include "kernels/kernels.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+namespace membank {
+
+void ClusterConfig::validate(index_t n) const {
+  MEMBANK_CHECK(clusters >= 1 && clusters <= n, "clusters = {}: expected 1 <= C <= N = {}", clusters, n);
+  MEMBANK_CHECK(std::isfinite(epsilon) && epsilon > 0.0 && epsilon <= 1.0,
+                "epsilon = {}: expected 0 < epsilon <= 1 (the uniform share keeps q > 0 on every row)", epsilon);
+  MEMBANK_CHECK(std::isfinite(beta) && beta >= 0.0, "beta = {}: expected a finite beta >= 0", beta);
+  MEMBANK_CHECK(refresh_every >= 0, "refresh_every = {}: expected >= 0 (0: refresh only when asked)", refresh_every);
+  MEMBANK_CHECK(iterations >= 0, "iterations = {}: expected >= 0", iterations);
+}
+
+namespace {
+
+constexpr int kMaxConsecutiveRejections = 1000000;
+constexpr index_t kAssignTile = 256;  // rows per product in an assignment pass (fixed: any thread count)
+constexpr index_t kQueryBlock = 16;   // queries per product when conditioning
+constexpr std::uint32_t kPurposeClusterInit = 5;  // detail::Purpose's next free value
+
+double uniform53(std::uint32_t hi, std::uint32_t lo) {
+  return static_cast<double>(detail::join64(hi, lo) >> 11) * 0x1.0p-53;
+}
+
+/// Each row's nearest centroid by dot product (ties: the lowest index), rows in fixed tiles.
+void assign_rows(const BankView& bank, const RowMatrixf& centroids, std::vector<std::int32_t>& out) {
+  const index_t n = bank.rows, d = bank.dim, c = centroids.rows();
+  detail::ExceptionCapture errors;
+#pragma omp parallel
+  {
+    std::vector<float> tile, scores;
+    errors.run([&] {
+      tile.resize(static_cast<std::size_t>(kAssignTile * d));
+      scores.resize(static_cast<std::size_t>(kAssignTile * c));
+    });
+#pragma omp for schedule(dynamic, 1)
+    for (index_t t = 0; t < (n + kAssignTile - 1) / kAssignTile; ++t) {
+      errors.run([&] {
+        const index_t first = t * kAssignTile, rows = std::min(kAssignTile, n - first);
+        bank.widen_rows(first, rows, tile.data(), d);
+        matmul(rows, c, d, tile.data(), d, centroids.data(), d, true, scores.data(), c);
+        for (index_t r = 0; r < rows; ++r) {
+          const float* s = scores.data() + r * c;
+          out[static_cast<std::size_t>(first + r)] = static_cast<std::int32_t>(std::max_element(s, s + c) - s);
+        }
+      });
+    }
+  }
+  errors.rethrow("the cluster sampler's assignment pass");
+}
+
+/// Rows sorted by cluster (ascending within), with each cluster's first position and size.
+void sort_members(const std::vector<std::int32_t>& assignment, index_t c, std::vector<index_t>& sizes,
+                  std::vector<index_t>& offsets, std::vector<std::uint32_t>& members) {
+  sizes.assign(static_cast<std::size_t>(c), 0);
+  for (const auto k : assignment) ++sizes[static_cast<std::size_t>(k)];
+  offsets.assign(static_cast<std::size_t>(c) + 1, 0);
+  for (index_t k = 0; k < c; ++k)
+    offsets[static_cast<std::size_t>(k) + 1] = offsets[static_cast<std::size_t>(k)] + sizes[static_cast<std::size_t>(k)];
+  members.resize(assignment.size());
+  std::vector<index_t> next(offsets.begin(), offsets.end() - 1);
+  for (std::size_t j = 0; j < assignment.size(); ++j)
+    members[static_cast<std::size_t>(next[static_cast<std::size_t>(assignment[j])]++)] = static_cast<std::uint32_t>(j);
+}
+
+/// Each centroid becomes its members' normalised mean (summed in row order in double); an empty
+/// cluster, or one whose members cancel, keeps its centroid.
+void update_centroids(const BankView& bank, const std::vector<index_t>& offsets,
+                      const std::vector<std::uint32_t>& members, RowMatrixf& centroids) {
+  const index_t d = bank.dim, c = centroids.rows();
+  detail::ExceptionCapture errors;
+#pragma omp parallel
+  {
+    std::vector<float> row;
+    std::vector<double> sum;
+    errors.run([&] {
+      row.resize(static_cast<std::size_t>(d));
+      sum.resize(static_cast<std::size_t>(d));
+    });
+#pragma omp for schedule(dynamic, 8)
+    for (index_t k = 0; k < c; ++k) {
+      errors.run([&] {
+        std::fill(sum.begin(), sum.end(), 0.0);
+        for (index_t m = offsets[static_cast<std::size_t>(k)]; m < offsets[static_cast<std::size_t>(k) + 1]; ++m) {
+          bank.widen_rows(members[static_cast<std::size_t>(m)], 1, row.data(), d);
+          for (index_t e = 0; e < d; ++e) sum[static_cast<std::size_t>(e)] += row[static_cast<std::size_t>(e)];
+        }
+        double norm = 0.0;
+        for (const double x : sum) norm += x * x;
+        norm = std::sqrt(norm);
+        if (norm > 0.0 && std::isfinite(norm))
+          for (index_t e = 0; e < d; ++e) centroids(k, e) = static_cast<float>(sum[static_cast<std::size_t>(e)] / norm);
+      });
+    }
+  }
+  errors.rethrow("the cluster sampler's centroid update");
+}
+
+/// C distinct rows picked by the seed (a partial Fisher-Yates shuffle), normalised.
+RowMatrixf initial_centroids(const BankView& bank, index_t c, std::uint64_t seed) {
+  std::vector<std::uint32_t> perm(static_cast<std::size_t>(bank.rows));
+  std::iota(perm.begin(), perm.end(), 0u);
+  detail::Stream stream({seed, 0, 0u, kPurposeClusterInit});
+  for (index_t i = 0; i < c; ++i) {
+    const auto r = stream.next();
+    const auto j = i + static_cast<index_t>(detail::scale_to(detail::join64(r.v[0], r.v[1]),
+                                                             static_cast<std::uint64_t>(bank.rows - i)));
+    std::swap(perm[static_cast<std::size_t>(i)], perm[static_cast<std::size_t>(j)]);
+  }
+  RowMatrixf out(c, bank.dim);
+  for (index_t k = 0; k < c; ++k) {
+    bank.widen_rows(perm[static_cast<std::size_t>(k)], 1, out.row(k).data(), bank.dim);
+    const float norm = out.row(k).norm();
+    if (norm > 0.0f) out.row(k) /= norm;
+  }
+  return out;
+}
+
+/// The per-query mixtures of one batch: row r (B queries, then their mean) holds, per cluster k, the
+/// cumulative weight the draw searches, pi_k, and log q(j | f_r) of the cluster's rows.
+struct ClusterBatch final : Conditioned {
+  index_t rows = 0, c = 0;
+  std::vector<double> cdf, pi;
+  std::vector<float> log_q;
+  const double* cdf_row(index_t r) const { return cdf.data() + r * c; }
+};
+
+const ClusterBatch& batch_of(QueryRef q, index_t n_clusters) {
+  const auto* b = dynamic_cast<const ClusterBatch*>(q.batch);
+  MEMBANK_CHECK(b != nullptr && b->c == n_clusters, "the QueryRef was not conditioned by this cluster sampler");
+  MEMBANK_CHECK(q.row >= 0 && q.row < b->rows, "QueryRef row {}: expected 0 <= row < {} (B queries and their mean)",
+                q.row, b->rows);
+  return *b;
+}
+
+void check_piece(const DrawCursor& c, std::size_t draws, std::size_t log_pn_size) {
+  MEMBANK_CHECK(draws == log_pn_size, "a piece of {} draws with {} log P_n slots: expected as many of each", draws,
+                log_pn_size);
+  MEMBANK_CHECK(c.drawn >= 0 && c.drawn <= c.total &&
+                    static_cast<std::uint64_t>(draws) <= static_cast<std::uint64_t>(c.total - c.drawn),
+                "a piece of {} draws after {} of a stream of {}: expected at most {}", draws, c.drawn, c.total,
+                c.total - c.drawn);
+}
+
+}  // namespace
+
+ClusterSampler::ClusterSampler(const BankView& bank, ClusterConfig config)
+    : NoiseSampler(bank.rows), config_(config) {
+  config_.validate(bank.rows);
+  MEMBANK_CHECK(bank.rows < (index_t{1} << 32), "the bank has N = {} rows: expected fewer than 2^32", bank.rows);
+  eps_ = std::ceil(config_.epsilon * 0x1.0p53) * 0x1.0p-53;
+  centroids_ = initial_centroids(bank, config_.clusters, config_.seed);
+  assignment_.resize(static_cast<std::size_t>(bank.rows));
+  refresh(bank, 0);
+}
+
+ClusterSampler::ClusterSampler(ClusterConfig config, RowMatrixf centroids, std::vector<std::int32_t> assignment,
+                               std::int64_t refreshed_at)
+    : NoiseSampler(static_cast<index_t>(assignment.size())), config_(config) {
+  const auto n = static_cast<index_t>(assignment.size());
+  MEMBANK_CHECK(n >= 1 && n < (index_t{1} << 32), "assignment has {} entries: expected one per row, 1 <= N < 2^32", n);
+  config_.validate(n);
+  MEMBANK_CHECK(centroids.rows() == config_.clusters && centroids.cols() >= 1,
+                "centroids has shape {} x {}: expected C = {} rows of D >= 1", centroids.rows(), centroids.cols(),
+                config_.clusters);
+  MEMBANK_CHECK(centroids.allFinite(), "centroids hold a non-finite value: expected finite centroids");
+  for (index_t j = 0; j < n; ++j) {
+    const std::int32_t k = assignment[static_cast<std::size_t>(j)];
+    MEMBANK_CHECK(k >= 0 && k < config_.clusters, "assignment[{}] = {}: expected a cluster in [0, {})", j, k,
+                  config_.clusters);
+  }
+  MEMBANK_CHECK(refreshed_at >= 0, "refreshed_at = {}: expected a step counter >= 0", refreshed_at);
+  eps_ = std::ceil(config_.epsilon * 0x1.0p53) * 0x1.0p-53;
+  centroids_ = std::move(centroids);
+  assignment_ = std::move(assignment);
+  refreshed_at_ = refreshed_at;
+  index_members();
+}
+
+void ClusterSampler::index_members() { sort_members(assignment_, config_.clusters, sizes_, offsets_, members_); }
+
+void ClusterSampler::refresh(const BankView& bank, std::int64_t step) {
+  MEMBANK_CHECK(bank.rows == n_ && bank.dim == centroids_.cols(),
+                "the bank is {} x {}: expected the sampler's N x D = {} x {}", bank.rows, bank.dim, n_,
+                centroids_.cols());
+  MEMBANK_CHECK(step >= 0, "step = {}: expected a step counter >= 0", step);
+  // Work on copies: the sampler changes only once the whole refresh has succeeded.
+  RowMatrixf centroids = centroids_;
+  std::vector<std::int32_t> assignment(assignment_.size());
+  std::vector<index_t> sizes, offsets;
+  std::vector<std::uint32_t> members;
+  for (int it = 0; it < config_.iterations; ++it) {
+    assign_rows(bank, centroids, assignment);
+    sort_members(assignment, config_.clusters, sizes, offsets, members);
+    update_centroids(bank, offsets, members, centroids);
+  }
+  assign_rows(bank, centroids, assignment);
+  centroids_ = std::move(centroids);
+  assignment_ = std::move(assignment);
+  refreshed_at_ = step;
+  index_members();
+}
+
+double ClusterSampler::prob(index_t j) const {
+  MEMBANK_CHECK(j >= 0 && j < n_, "j = {} is out of range: expected 0 <= j < N = {}", j, n_);
+  return 1.0 / static_cast<double>(n_);
+}
+
+std::vector<double> ClusterSampler::probs() const {
+  return std::vector<double>(static_cast<std::size_t>(n_), 1.0 / static_cast<double>(n_));
+}
+
+void ClusterSampler::lookup(std::span<const index_t> ids, std::span<float> log_pn) const {
+  std::fill_n(log_pn.begin(), ids.size(), static_cast<float>(-std::log(static_cast<double>(n_))));
+}
+
+double ClusterSampler::prob_given(index_t j, QueryRef query) const {
+  const ClusterBatch& b = batch_of(query, config_.clusters);
+  MEMBANK_CHECK(j >= 0 && j < n_, "j = {} is out of range: expected 0 <= j < N = {}", j, n_);
+  const auto k = static_cast<std::size_t>(assignment_[static_cast<std::size_t>(j)]);
+  return eps_ / static_cast<double>(n_) +
+         (1.0 - eps_) * b.pi[static_cast<std::size_t>(query.row * b.c) + k] / static_cast<double>(sizes_[k]);
+}
+
+void ClusterSampler::lookup_given(QueryRef query, std::span<const index_t> ids, std::span<float> log_pn) const {
+  const ClusterBatch& b = batch_of(query, config_.clusters);
+  const float* log_q = b.log_q.data() + query.row * b.c;
+  for (std::size_t t = 0; t < ids.size(); ++t)
+    log_pn[t] = log_q[assignment_[static_cast<std::size_t>(ids[t])]];
+}
+
+std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t stride, index_t batch,
+                                                       index_t dim) const {
+  const index_t c = config_.clusters;
+  MEMBANK_CHECK(batch >= 1, "batch = {}: expected at least one query", batch);
+  MEMBANK_CHECK(dim == centroids_.cols(), "the queries have D = {}: expected the centroids' D = {}", dim,
+                centroids_.cols());
+  MEMBANK_CHECK(stride >= dim, "stride = {}: expected at least D = {}", stride, dim);
+  for (index_t i = 0; i < batch; ++i)
+    for (index_t e = 0; e < dim; ++e)
+      MEMBANK_CHECK(std::isfinite(f[i * stride + e]), "f({}, {}) = {}: expected finite features", i, e,
+                    f[i * stride + e]);
+  auto out = std::make_unique<ClusterBatch>();
+  ClusterBatch& b = *out;
+  b.rows = batch + 1;
+  b.c = c;
+  const auto cells = static_cast<std::size_t>(b.rows * c);
+  b.cdf.resize(cells);
+  b.pi.resize(cells);
+  b.log_q.resize(cells);
+  std::vector<double> log_size(static_cast<std::size_t>(c));
+  for (index_t k = 0; k < c; ++k) {
+    const index_t size = sizes_[static_cast<std::size_t>(k)];
+    log_size[static_cast<std::size_t>(k)] =
+        size > 0 ? std::log(static_cast<double>(size)) : -std::numeric_limits<double>::infinity();
+  }
+  const double n = static_cast<double>(n_);
+  // One row's weights -> its cdf, and pi, log q from the normalised weights.
+  const auto finish_row = [&](index_t r) {
+    double* cdf = b.cdf.data() + r * c;
+    double* pi = b.pi.data() + r * c;
+    float* log_q = b.log_q.data() + r * c;
+    double total = 0.0;
+    for (index_t k = 0; k < c; ++k) cdf[k] = total += pi[k];  // pi holds the weights until here
+    for (index_t k = 0; k < c; ++k) {
+      pi[k] /= total;
+      const index_t size = sizes_[static_cast<std::size_t>(k)];
+      log_q[k] = size > 0 ? static_cast<float>(std::log(eps_ / n + (1.0 - eps_) * pi[k] / static_cast<double>(size)))
+                          : -std::numeric_limits<float>::infinity();
+    }
+  };
+  detail::ExceptionCapture errors;
+#pragma omp parallel
+  {
+    std::vector<float> s;
+    errors.run([&] { s.resize(static_cast<std::size_t>(kQueryBlock * c)); });
+#pragma omp for schedule(dynamic, 1)
+    for (index_t i0 = 0; i0 < batch; i0 += kQueryBlock) {
+      errors.run([&] {
+        const index_t rows = std::min(kQueryBlock, batch - i0);
+        matmul(rows, c, dim, f + i0 * stride, stride, centroids_.data(), dim, true, s.data(), c);
+        for (index_t r = 0; r < rows; ++r) {
+          const float* sr = s.data() + r * c;
+          double* w = b.pi.data() + (i0 + r) * c;
+          double top = -std::numeric_limits<double>::infinity();
+          for (index_t k = 0; k < c; ++k) {
+            w[k] = config_.beta * static_cast<double>(sr[k]) + log_size[static_cast<std::size_t>(k)];
+            top = std::max(top, w[k]);
+          }
+          for (index_t k = 0; k < c; ++k) w[k] = std::exp(w[k] - top);
+          finish_row(i0 + r);
+        }
+      });
+    }
+  }
+  errors.rethrow("the cluster sampler's conditioning");
+  // Row B: the batch's mean mixture, summed over the queries in order.
+  double* mean = b.pi.data() + batch * c;
+  std::fill(mean, mean + c, 0.0);
+  for (index_t i = 0; i < batch; ++i)
+    for (index_t k = 0; k < c; ++k) mean[k] += b.pi[static_cast<std::size_t>(i * c + k)];
+  finish_row(batch);
+  return out;
+}
+
+void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::span<float> log_pn) const {
+  check_piece(cur, ids.size(), log_pn.size());
+  const ClusterBatch* b = cur.query.batch ? &batch_of(cur.query, config_.clusters) : nullptr;
+  const auto n = static_cast<std::uint64_t>(n_);
+  const index_t c = config_.clusters;
+  const float log_uniform = static_cast<float>(-std::log(static_cast<double>(n_)));
+  const double* cdf = b ? b->cdf_row(cur.query.row) : nullptr;
+  const float* log_q = b ? b->log_q.data() + cur.query.row * c : nullptr;
+  const double total = b ? cdf[c - 1] : 1.0;
+  // Draw t of the stream takes Philox blocks 2t (the branch coin, the cluster's uniform) and 2t + 1
+  // (the row: uniform over N, or over the cluster's members); the r-th redraw of an excluded draw
+  // takes blocks 2(total + r) and 2(total + r) + 1.
+  const auto resolve = [&](const std::array<std::uint32_t, 8>& w, index_t& id, float& lp) {
+    if (!b) {
+      id = static_cast<index_t>(detail::scale_to(detail::join64(w[4], w[5]), n));
+      lp = log_uniform;
+      return;
+    }
+    if (uniform53(w[0], w[1]) < eps_) {
+      id = static_cast<index_t>(detail::scale_to(detail::join64(w[4], w[5]), n));
+    } else {
+      const double u = uniform53(w[2], w[3]) * total;
+      // The first cluster whose cumulative weight passes u (rounding can leave u at the total: the
+      // last cluster with members then).
+      auto k = static_cast<index_t>(std::upper_bound(cdf, cdf + c, u) - cdf);
+      if (k == c) k = c - 1;
+      while (sizes_[static_cast<std::size_t>(k)] == 0) --k;
+      const auto size = static_cast<std::uint64_t>(sizes_[static_cast<std::size_t>(k)]);
+      id = members_[static_cast<std::size_t>(offsets_[static_cast<std::size_t>(k)]) +
+                    detail::scale_to(detail::join64(w[6], w[7]), size)];
+    }
+    lp = log_q[assignment_[static_cast<std::size_t>(id)]];
+  };
+  const kernels::Table& kt = kernels::table();
+  const detail::StreamCounter counter(cur.key);
+  constexpr std::size_t kChunk = 32;  // draws per vectorised Philox call
+  std::array<std::uint32_t, 4 * 2 * kChunk> words;
+  const std::size_t k = ids.size();
+  for (std::size_t t0 = 0; t0 < k; t0 += kChunk) {
+    const std::size_t m = std::min(kChunk, k - t0);
+    const auto blocks = static_cast<std::int64_t>(2 * m);
+    counter.blocks(kt, 2 * (static_cast<std::uint64_t>(cur.drawn) + t0), blocks, words.data());
+    const auto word = [&](std::size_t wi, std::size_t blk) { return words[wi * 2 * m + blk]; };
+    for (std::size_t t = 0; t < m; ++t) {
+      const std::array<std::uint32_t, 8> w = {word(0, 2 * t),     word(1, 2 * t),     word(2, 2 * t),
+                                              word(3, 2 * t),     word(0, 2 * t + 1), word(1, 2 * t + 1),
+                                              word(2, 2 * t + 1), word(3, 2 * t + 1)};
+      resolve(w, ids[t0 + t], log_pn[t0 + t]);
+    }
+  }
+  if (!cur.excluded.empty()) {
+    detail::Stream redraw(cur.key, 2 * (static_cast<std::uint64_t>(cur.total) + cur.redraws));
+    for (std::size_t t = 0; t < k; ++t) {
+      for (int rejections = 0; cur.excluded.contains(ids[t]);) {
+        MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
+                      "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of the "
+                      "proposal's mass", rejections);
+        ++cur.redraws;
+        const auto r0 = redraw.next();
+        const auto r1 = redraw.next();
+        resolve({r0.v[0], r0.v[1], r0.v[2], r0.v[3], r1.v[0], r1.v[1], r1.v[2], r1.v[3]}, ids[t], log_pn[t]);
+      }
+    }
+  }
+  cur.drawn += static_cast<index_t>(k);
+}
+
+}  // namespace membank
