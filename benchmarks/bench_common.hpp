@@ -3,6 +3,7 @@
 // random-gather floor of an NCE step, a timed engine step (StepBench), and the process's peak
 // resident memory (Linux /proc).
 #include <membank/bank.hpp>
+#include <membank/cluster_sampler.hpp>
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 #include <membank/sampler.hpp>
@@ -78,6 +79,7 @@ struct StepSetup {
   index_t batch = 256;
   NegativesMode negatives = NegativesMode::per_sample;
   SamplerKind sampler = SamplerKind::uniform;  ///< alias: over weights drawn uniformly in [0.5, 2)
+  index_t clusters = 1024;  ///< cluster sampler: C (fitted with one Lloyd step, timed as cluster_fit_ms)
   Objective objective = Objective::nce;
   DType dtype = DType::float32;  ///< the bank's storage type
   std::uint64_t seed = 1;
@@ -110,6 +112,15 @@ class StepBench {
     const double t0 = now_ms();
     Bank bank(s.n, s.dim, s.seed, s.dtype);
     bank_build_ms = now_ms() - t0;
+    if (s.sampler == SamplerKind::cluster) {  // fitted to the bank, so made after it
+      ClusterConfig cc;
+      cc.clusters = std::min(s.clusters, s.n);
+      cc.iterations = 1;
+      cc.seed = s.seed;
+      const double t1 = now_ms();
+      sampler = std::make_unique<ClusterSampler>(bank.view(), cc);
+      cluster_fit_ms = now_ms() - t1;
+    }
     // Objectives that train on labels get ten classes, instance j in class j mod 10.
     std::vector<std::int64_t> labels;
     if (needs_labels(s.objective)) {
@@ -133,7 +144,7 @@ class StepBench {
     MEMBANK_CHECK(steps >= 1 && static_cast<std::size_t>(steps) + 2 <= ids_.size(),
                   "steps = {}: expected 1 ..{}", steps, ids_.size() - 2);
     if (s_.objective != Objective::full_softmax) {
-      const RowMatrixi drawn = engine_->sample(ids_[0], engine_->steps_done());
+      const RowMatrixi drawn = engine_->sample(ids_[0], engine_->steps_done(), feats_[0]);
       RowMatrixf g2(s_.batch, s_.dim);
       const StepStats ref = engine_->evaluate(feats_[0], ids_[0], drawn, g2);
       if (s_.inject_check_failure) g2(0, 0) += 1.0f;
@@ -225,6 +236,7 @@ class StepBench {
 
   const Engine& engine() const { return *engine_; }
   double alias_build_ms = 0.0;  ///< Vose table build (alias sampler only)
+  double cluster_fit_ms = 0.0;  ///< k-means fit: one Lloyd step and the assignment (cluster sampler only)
   double bank_build_ms = 0.0;   ///< bank allocation and random initialisation
 
  private:

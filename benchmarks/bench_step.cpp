@@ -38,6 +38,7 @@ struct StepOptions {
   int threads = 0;
   std::string negatives = "per-sample";
   std::string sampler = "uniform";
+  index_t clusters = 1024;  ///< --sampler cluster: C
   std::string objective = "nce";
   std::string dtype = "float32";  ///< one type, or a comma-separated list measured in one run
   int repeats = 15;
@@ -72,6 +73,7 @@ StepSetup setup_of(const StepOptions& o, const std::string& dtype) {
   setup.batch = o.batch;
   setup.negatives = negatives_mode_from_string(o.negatives);
   setup.sampler = sampler_kind_from_string(o.sampler);
+  setup.clusters = o.clusters;
   setup.objective = objective_from_string(o.objective);
   setup.dtype = dtype_from_string(dtype);
   setup.seed = o.seed;
@@ -108,6 +110,8 @@ StepFigures run_one(const StepOptions& o) {
       {"median_step_over_median_floor", step_med / floor_med},
       {"floor_gb_per_s", gbytes / (floor_med * 1e-3)},
       {"alias_build_ms", alias_build_ms},
+      {"clusters", setup.sampler == SamplerKind::cluster ? nlohmann::json(o.clusters) : nlohmann::json(nullptr)},
+      {"cluster_fit_ms", bench.cluster_fit_ms},
       {"repeats", o.repeats},     {"cpu", cpu_model()},
       {"build", MEMBANK_BUILD_TYPE}, {"version", MEMBANK_VERSION_STRING},
       {"git", git_revision()},    {"checksum", std::isfinite(checksum)},
@@ -141,6 +145,9 @@ StepFigures run_one(const StepOptions& o) {
   fmt::print("  step / floor = {:.2f}   (median of the {} paired ratios; the medians' ratio: {:.2f})\n", ratio,
              step_ms.size(), step_med / floor_med);
   if (alias_build_ms > 0) fmt::print("  alias table built in {:.1f} ms\n", alias_build_ms);
+  if (bench.cluster_fit_ms > 0)
+    fmt::print("  {} clusters fitted in {:.1f} s (one Lloyd step and the assignment: 2 N C D multiply-adds each)\n",
+               std::min(o.clusters, o.n), bench.cluster_fit_ms * 1e-3);
   if (o.overlap_ms >= 0) {
     const double p = row["step_after_overlap_ms"].get<double>(), a = row["step_after_overlap_prefetched_ms"].get<double>();
     fmt::print("  after {:.1f} ms of caller compute: step {:.2f} ms; with the ids announced first (prefetch) {:.2f} ms: "
@@ -217,6 +224,8 @@ void run_distributed(const StepOptions& o) {
     cfg.objective = objective_from_string(o.objective);
     cfg.seed = o.seed;
     collective([&] {  // (the same on every rank)
+      MEMBANK_CHECK(o.sampler == "uniform" || o.sampler == "alias", "--sampler {} with --distributed: not supported "
+                    "yet (a DistributedEngine takes uniform or alias)", o.sampler);
       MEMBANK_CHECK(o.batch >= ranks, "--batch {} with {} ranks: expected a global batch of at least one query per "
                     "rank", o.batch, ranks);
       MEMBANK_CHECK(o.n >= ranks, "--n {} with {} ranks: expected at least one bank row per rank", o.n, ranks);
@@ -433,9 +442,12 @@ void add_bench_step(CLI::App& bench) {
                   "in this run, with their ratio)")
       ->capture_default_str()
       ->check(one_of({"per-sample", "shared", "both"}));
-  cmd->add_option("--sampler", o->sampler, "noise distribution: uniform, or alias over random weights")
+  cmd->add_option("--sampler", o->sampler,
+                  "noise distribution: uniform, alias over random weights, or cluster (the query-dependent proposal "
+                  "over --clusters k-means clusters of the bank)")
       ->capture_default_str()
-      ->check(one_of({"uniform", "alias"}));
+      ->check(one_of({"uniform", "alias", "cluster"}));
+  cmd->add_option("--clusters", o->clusters, "--sampler cluster: C")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--objective", o->objective,
                   "nce, infonce, dcl, hcl, dhel, kcl, supcon, contrastive, triplet (the supervised three over ten "
                   "classes, instance j in class j mod 10), full (exact softmax over the bank), or all (every one "

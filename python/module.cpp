@@ -1679,6 +1679,21 @@ PYBIND11_MODULE(_membank, m) {
       .def_property_readonly("kind", [](const PySampler& s) { return to_string(s.s->kind()); })
       .def("prob", [](const PySampler& s, index_t j) { return s.s->prob(j); }, py::arg("j"))
       .def("probs", [](const PySampler& s) { return to_numpy(s.s->probs()); }, "Every P_n(j), float64 (N,).")
+      .def_property_readonly("cluster_state", [](const PySampler& s) -> py::object {
+        const auto* c = dynamic_cast<const ClusterSampler*>(s.s.get());
+        if (!c) return py::none();
+        py::dict d;
+        d["centroids"] = py::array_t<float>({c->centroids().rows(), c->centroids().cols()}, c->centroids().data());
+        d["assignment"] = to_numpy(std::vector<std::int32_t>(c->assignment()));
+        d["epsilon"] = c->epsilon();
+        d["beta"] = c->config().beta;
+        d["clusters"] = c->config().clusters;
+        d["refresh_every"] = c->config().refresh_every;
+        d["iterations"] = c->config().iterations;
+        d["refreshed_at"] = c->refreshed_at();
+        return d;
+      }, "A ClusterSampler's state (copies): centroids float32 (C, D), assignment int32 (N,), epsilon (as "
+         "realised), beta, clusters, refresh_every, iterations, refreshed_at; None for other samplers.")
       .def("draw",
            [](const PySampler& s, index_t k, std::uint64_t seed, std::int64_t step, std::uint32_t row, py::object excluded) {
              if (k < 1) throw Error(fmt::format("draw(k = {}): expected k >= 1", k));

@@ -330,44 +330,62 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
   const double total = b ? cdf[c - 1] : 1.0;
   // Draw t of the stream takes Philox blocks 2t (the branch coin, the cluster's uniform) and 2t + 1
   // (the row: uniform over N, or over the cluster's members); the r-th redraw of an excluded draw
-  // takes blocks 2(total + r) and 2(total + r) + 1.
-  const auto resolve = [&](const std::array<std::uint32_t, 8>& w, index_t& id, float& lp) {
-    if (!b) {
-      id = static_cast<index_t>(detail::scale_to(detail::join64(w[4], w[5]), n));
-      lp = log_uniform;
-      return;
+  // takes blocks 2(total + r) and 2(total + r) + 1. A draw resolves in two halves: pick() finds the
+  // row's place (a uniform row, or a slot of the member table, whose cluster is then known) and
+  // requests that memory; finish() reads it. Between the two, a chunk's requests are all in flight.
+  struct Pick {
+    std::uint64_t at;  // the row (uniform branch) or the member table's slot
+    std::int32_t cluster;  // -1: the uniform branch (the row's cluster is read in finish)
+  };
+  const auto pick = [&](const std::uint32_t* w) -> Pick {
+    if (!b || uniform53(w[0], w[1]) < eps_) {
+      const std::uint64_t j = detail::scale_to(detail::join64(w[4], w[5]), n);
+      if (b) detail::prefetch_line(assignment_.data() + j);
+      return {j, -1};
     }
-    if (uniform53(w[0], w[1]) < eps_) {
-      id = static_cast<index_t>(detail::scale_to(detail::join64(w[4], w[5]), n));
+    // The first cluster whose cumulative weight passes u, by a branch-free binary search (rounding
+    // can leave u at the total: then the last cluster with members).
+    const double u = uniform53(w[2], w[3]) * total;
+    index_t lo = 0;
+    for (index_t len = c; len > 1;) {
+      const index_t half = len / 2;
+      lo = cdf[lo + half] <= u ? lo + half : lo;
+      len -= half;
+    }
+    index_t k = std::min(lo + (cdf[lo] <= u ? 1 : 0), c - 1);
+    while (sizes_[static_cast<std::size_t>(k)] == 0) --k;
+    const auto size = static_cast<std::uint64_t>(sizes_[static_cast<std::size_t>(k)]);
+    const std::uint64_t slot = static_cast<std::uint64_t>(offsets_[static_cast<std::size_t>(k)]) +
+                               detail::scale_to(detail::join64(w[6], w[7]), size);
+    detail::prefetch_line(members_.data() + slot);
+    return {slot, static_cast<std::int32_t>(k)};
+  };
+  const auto finish = [&](const Pick& p, index_t& id, float& lp) {
+    if (p.cluster < 0) {
+      id = static_cast<index_t>(p.at);
+      lp = b ? log_q[assignment_[p.at]] : log_uniform;
     } else {
-      const double u = uniform53(w[2], w[3]) * total;
-      // The first cluster whose cumulative weight passes u (rounding can leave u at the total: the
-      // last cluster with members then).
-      auto k = static_cast<index_t>(std::upper_bound(cdf, cdf + c, u) - cdf);
-      if (k == c) k = c - 1;
-      while (sizes_[static_cast<std::size_t>(k)] == 0) --k;
-      const auto size = static_cast<std::uint64_t>(sizes_[static_cast<std::size_t>(k)]);
-      id = members_[static_cast<std::size_t>(offsets_[static_cast<std::size_t>(k)]) +
-                    detail::scale_to(detail::join64(w[6], w[7]), size)];
+      id = members_[p.at];
+      lp = log_q[p.cluster];
     }
-    lp = log_q[assignment_[static_cast<std::size_t>(id)]];
   };
   const kernels::Table& kt = kernels::table();
   const detail::StreamCounter counter(cur.key);
   constexpr std::size_t kChunk = 32;  // draws per vectorised Philox call
   std::array<std::uint32_t, 4 * 2 * kChunk> words;
+  std::array<Pick, kChunk> picks;
   const std::size_t k = ids.size();
   for (std::size_t t0 = 0; t0 < k; t0 += kChunk) {
     const std::size_t m = std::min(kChunk, k - t0);
-    const auto blocks = static_cast<std::int64_t>(2 * m);
-    counter.blocks(kt, 2 * (static_cast<std::uint64_t>(cur.drawn) + t0), blocks, words.data());
-    const auto word = [&](std::size_t wi, std::size_t blk) { return words[wi * 2 * m + blk]; };
+    counter.blocks(kt, 2 * (static_cast<std::uint64_t>(cur.drawn) + t0), static_cast<std::int64_t>(2 * m),
+                   words.data());
     for (std::size_t t = 0; t < m; ++t) {
-      const std::array<std::uint32_t, 8> w = {word(0, 2 * t),     word(1, 2 * t),     word(2, 2 * t),
-                                              word(3, 2 * t),     word(0, 2 * t + 1), word(1, 2 * t + 1),
-                                              word(2, 2 * t + 1), word(3, 2 * t + 1)};
-      resolve(w, ids[t0 + t], log_pn[t0 + t]);
+      const auto word = [&](std::size_t wi, std::size_t blk) { return words[wi * 2 * m + blk]; };
+      const std::uint32_t w[8] = {word(0, 2 * t),     word(1, 2 * t),     word(2, 2 * t),     word(3, 2 * t),
+                                  word(0, 2 * t + 1), word(1, 2 * t + 1), word(2, 2 * t + 1), word(3, 2 * t + 1)};
+      picks[t] = pick(w);
     }
+    for (std::size_t t = 0; t < m; ++t) finish(picks[t], ids[t0 + t], log_pn[t0 + t]);
   }
   if (!cur.excluded.empty()) {
     detail::Stream redraw(cur.key, 2 * (static_cast<std::uint64_t>(cur.total) + cur.redraws));
@@ -379,7 +397,8 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
         ++cur.redraws;
         const auto r0 = redraw.next();
         const auto r1 = redraw.next();
-        resolve({r0.v[0], r0.v[1], r0.v[2], r0.v[3], r1.v[0], r1.v[1], r1.v[2], r1.v[3]}, ids[t], log_pn[t]);
+        const std::uint32_t w[8] = {r0.v[0], r0.v[1], r0.v[2], r0.v[3], r1.v[0], r1.v[1], r1.v[2], r1.v[3]};
+        finish(pick(w), ids[t], log_pn[t]);
       }
     }
   }

@@ -37,6 +37,7 @@
 #include "options.hpp"
 #include "encoders.hpp"
 
+#include <membank/cluster_sampler.hpp>
 #include <membank/error.hpp>
 #include <membank/in_batch.hpp>
 #include <membank/knn.hpp>
@@ -111,6 +112,11 @@ struct TrainOptions {
   index_t queue_size = 4096;    // --memory queue: Q keys
   double key_momentum = 0.999;  // --memory queue: momentum of the key encoder (MoCo's)
   int views = 1;                // 2: CMC, one bank per view (two augmentations, one shared encoder)
+  std::string sampler = "uniform";  // the bank's noise distribution: uniform, or cluster (q(j | f))
+  index_t clusters = 1024;          // --sampler cluster: C
+  double cluster_epsilon = 0.1;     // --sampler cluster: the uniform share
+  double cluster_beta = -1.0;       // --sampler cluster: sharpness (< 0: 1 / tau, the scores' own scale)
+  int cluster_iterations = 3;       // --sampler cluster: Lloyd steps per refresh (once per epoch)
 
   bool has_bank() const { return memory == "bank"; }
   /// Negatives per query: K draws from a bank, the queue's Q keys, or the batch's other 2B - 2 samples.
@@ -124,6 +130,7 @@ std::string describe_run(const TrainOptions& o) {
   if (o.memory == "in-batch") return fmt::format("{}, in-batch K=2B-2={}", objective, o.negatives());
   const std::string k = o.objective == "full" ? std::string() : fmt::format(" K={}", o.k);
   if (o.views == 2) return fmt::format("{}{}, CMC 2 views (2 banks, shared encoder)", objective, k);
+  if (o.sampler == "cluster") return fmt::format("{}{}, cluster sampler C={}", objective, k, o.clusters);
   return objective + k;
 }
 
@@ -346,9 +353,22 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
                                                  : Bank(n, o.dim, o.seed + static_cast<std::uint64_t>(v), dtype));
       multiview.emplace(std::move(banks), std::make_unique<UniformSampler>(n), cfg, ViewGraph::full, std::move(labels));
     } else {
-      engine = std::make_unique<Engine>(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
-                                                                 : Bank(n, o.dim, o.seed, dtype),
-                                        std::make_unique<UniformSampler>(n), cfg, std::move(labels));
+      Bank bank = o.bank_init == "encoder" ? Bank::from_rows(start, dtype) : Bank(n, o.dim, o.seed, dtype);
+      std::unique_ptr<NoiseSampler> sampler;
+      if (o.sampler == "cluster") {
+        // Fitted to the starting bank; the engine refreshes it at the start of every epoch.
+        ClusterConfig cc;
+        cc.clusters = std::min(o.clusters, n);
+        cc.epsilon = o.cluster_epsilon;
+        cc.beta = o.cluster_beta < 0.0 ? 1.0 / o.tau : o.cluster_beta;
+        cc.refresh_every = n / o.batch;
+        cc.iterations = o.cluster_iterations;
+        cc.seed = o.seed;
+        sampler = std::make_unique<ClusterSampler>(bank.view(), cc);
+      } else {
+        sampler = std::make_unique<UniformSampler>(n);
+      }
+      engine = std::make_unique<Engine>(std::move(bank), std::move(sampler), cfg, std::move(labels));
     }
   }
   start.resize(0, 0);
@@ -519,6 +539,8 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
                                     {"k", o.objective == "full" && o.has_bank() ? nlohmann::json(nullptr)
                                                                                 : nlohmann::json(o.negatives())},
                                     {"memory", o.memory},
+                                    {"sampler", o.sampler},
+                                    {"clusters", o.sampler == "cluster" ? nlohmann::json(o.clusters) : nlohmann::json(nullptr)},
                                     {"views", o.views},
                                     {"queue_size", use_queue ? nlohmann::json(o.queue_size) : nlohmann::json(nullptr)},
                                     {"key_momentum", use_queue ? nlohmann::json(o.key_momentum) : nlohmann::json(nullptr)},
@@ -787,7 +809,7 @@ using Given = std::set<std::string>;
 void check_memory_options(TrainOptions& o, const Given& given) {
   const auto has = [&](const char* name) { return given.count(name) > 0; };
   if (o.compare) {
-    for (const char* name : {"--memory", "--views", "--queue-size"})
+    for (const char* name : {"--memory", "--views", "--queue-size", "--sampler"})
       MEMBANK_CHECK(!has(name), "{} with --compare: the comparison's block of memories (--compare-only memory) sets "
                     "each row's memory, views and queue size", name);
     return;
@@ -825,6 +847,19 @@ void check_memory_options(TrainOptions& o, const Given& given) {
     MEMBANK_CHECK(o.batch >= 2, "--batch {} with --memory in-batch: expected at least 2 images per batch (each "
                   "sample's negatives are the batch's others)", o.batch);
   }
+  if (o.sampler != "uniform") {
+    MEMBANK_CHECK(o.has_bank() && o.views == 1 && o.distributed.empty(),
+                  "--sampler {} with {}: not supported yet (the cluster sampler conditions one bank's draws on the "
+                  "queries of one process); expected --memory bank, --views 1, no --distributed", o.sampler,
+                  !o.has_bank() ? "--memory " + o.memory : o.views != 1 ? "--views 2" : "--distributed");
+    MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
+                  "nothing)", o.sampler);
+    MEMBANK_CHECK(!o.exclude_same_label, "--sampler {} with --exclude-same-label: not supported yet (the label's mass "
+                  "under q(. | f) is not computed)", o.sampler);
+  }
+  for (const char* name : {"--clusters", "--cluster-epsilon", "--cluster-beta", "--cluster-iterations"})
+    MEMBANK_CHECK(o.sampler == "cluster" || !has(name), "{} with --sampler {}: applies to --sampler cluster only",
+                  name, o.sampler);
   if (!o.has_bank() || o.views != 1) {
     const std::string which = o.has_bank() ? fmt::format("--views {}", o.views) : "--memory " + o.memory;
     MEMBANK_CHECK(!has("--snapshot") || o.snapshot.empty(), "--snapshot with {}: not supported yet (a snapshot holds "
@@ -1005,6 +1040,29 @@ void add_train(CLI::App& app) {
                   "--distributed or --snapshot")
       ->capture_default_str()
       ->check(one_of({"bank", "queue", "in-batch"}));
+  cmd->add_option("--sampler", o->sampler,
+                  "the bank's noise distribution. uniform: P_n = 1/N. cluster: negatives that are hard for each image, "
+                  "drawn with their exact probability: spherical k-means of the bank into --clusters clusters "
+                  "(refreshed at the start of every epoch), and per image f the mixture q(j | f) = eps / N + "
+                  "(1 - eps) pi_k(f) / n_k, pi_k(f) proportional to n_k exp(beta f . c_k); the objective uses q(j | f) "
+                  "where it uses P_n(j). --memory bank, one process, one view")
+      ->capture_default_str()
+      ->check(one_of({"uniform", "cluster"}));
+  cmd->add_option("--clusters", o->clusters, "--sampler cluster: C, the k-means clusters (at most N)")
+      ->capture_default_str()
+      ->check(integer_in(1));
+  cmd->add_option("--cluster-epsilon", o->cluster_epsilon,
+                  "--sampler cluster: eps, the uniform share of each image's mixture (> 0 keeps every row drawable)")
+      ->capture_default_str()
+      ->check(CLI::Range(1e-9, 1.0));
+  cmd->add_option("--cluster-beta", o->cluster_beta,
+                  "--sampler cluster: beta, how sharply the mixture favours the clusters near the image (default "
+                  "1 / --tau, the scores' own scale; 0: uniform)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--cluster-iterations", o->cluster_iterations,
+                  "--sampler cluster: Lloyd steps of each refresh (warm-started from the last centroids)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000));
   cmd->add_option("--queue-size", o->queue_size,
                   "--memory queue: Q, the keys the queue holds (every query's negatives); need not be a multiple of "
                   "--batch")
@@ -1038,7 +1096,8 @@ void add_train(CLI::App& app) {
   cmd->callback(command([o, cmd] {
     Given given;
     for (const char* name : {"--snapshot", "--k", "--momentum", "--bank-init", "--bank-dtype", "--rounding",
-                             "--queue-size", "--key-momentum", "--memory", "--views"})
+                             "--queue-size", "--key-momentum", "--memory", "--views", "--sampler", "--clusters",
+                             "--cluster-epsilon", "--cluster-beta", "--cluster-iterations"})
       if (cmd->count(name) > 0) given.insert(name);
     run_train(*o, given);
   }));
