@@ -138,6 +138,9 @@ struct ClusterBatch final : Conditioned {
   index_t rows = 0, c = 0;
   std::vector<double> cdf, pi;
   std::vector<float> log_q;
+  /// A guide table per row (Chen and Asau's): guide[g] is at most the first cluster whose cumulative
+  /// weight passes g / C of the total, so a draw's search starts there and moves on a step or two.
+  std::vector<std::int32_t> guide;
   const double* cdf_row(index_t r) const { return cdf.data() + r * c; }
 };
 
@@ -264,6 +267,7 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t s
   b.cdf.resize(cells);
   b.pi.resize(cells);
   b.log_q.resize(cells);
+  b.guide.resize(cells);
   std::vector<double> log_size(static_cast<std::size_t>(c));
   for (index_t k = 0; k < c; ++k) {
     const index_t size = sizes_[static_cast<std::size_t>(k)];
@@ -278,6 +282,15 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t s
     float* log_q = b.log_q.data() + r * c;
     double total = 0.0;
     for (index_t k = 0; k < c; ++k) cdf[k] = total += pi[k];  // pi holds the weights until here
+    // The guide's edges are shrunk by 2^-40 so that rounding never puts a start past the cluster a
+    // draw's u selects: the forward scan from it then finds exactly the first cdf[k] > u.
+    std::int32_t* guide = b.guide.data() + r * c;
+    index_t at = 0;
+    for (index_t g = 0; g < c; ++g) {
+      const double edge = total * (static_cast<double>(g) / static_cast<double>(c)) * (1.0 - 0x1.0p-40);
+      while (at < c - 1 && cdf[at] <= edge) ++at;
+      guide[g] = static_cast<std::int32_t>(at);
+    }
     for (index_t k = 0; k < c; ++k) {
       pi[k] /= total;
       const index_t size = sizes_[static_cast<std::size_t>(k)];
@@ -328,6 +341,7 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
   const double* cdf = b ? b->cdf_row(cur.query.row) : nullptr;
   const float* log_q = b ? b->log_q.data() + cur.query.row * c : nullptr;
   const double total = b ? cdf[c - 1] : 1.0;
+  const std::int32_t* guide = b ? b->guide.data() + cur.query.row * c : nullptr;
   // Draw t of the stream takes Philox blocks 2t (the branch coin, the cluster's uniform) and 2t + 1
   // (the row: uniform over N, or over the cluster's members); the r-th redraw of an excluded draw
   // takes blocks 2(total + r) and 2(total + r) + 1. A draw resolves in two halves: pick() finds the
@@ -343,16 +357,16 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
       if (b) detail::prefetch_line(assignment_.data() + j);
       return {j, -1};
     }
-    // The first cluster whose cumulative weight passes u, by a branch-free binary search (rounding
-    // can leave u at the total: then the last cluster with members).
-    const double u = uniform53(w[2], w[3]) * total;
-    index_t lo = 0;
-    for (index_t len = c; len > 1;) {
-      const index_t half = len / 2;
-      lo = cdf[lo + half] <= u ? lo + half : lo;
-      len -= half;
-    }
-    index_t k = std::min(lo + (cdf[lo] <= u ? 1 : 0), c - 1);
+    // The first cluster whose cumulative weight passes u: from the guide's start, a step or two on
+    // (rounding can leave u at the total: then the last cluster with members).
+    const double u01 = uniform53(w[2], w[3]);
+    const double u = u01 * total;
+    index_t k = guide[static_cast<index_t>(u01 * static_cast<double>(c))];
+    // Two steps without a branch cover almost every draw (a branch on the count would mispredict);
+    // the loop takes the rest.
+    k = std::min(k + (cdf[k] <= u ? 1 : 0), c - 1);
+    k = std::min(k + (cdf[k] <= u ? 1 : 0), c - 1);
+    while (cdf[k] <= u && k < c - 1) ++k;
     while (sizes_[static_cast<std::size_t>(k)] == 0) --k;
     const auto size = static_cast<std::uint64_t>(sizes_[static_cast<std::size_t>(k)]);
     const std::uint64_t slot = static_cast<std::uint64_t>(offsets_[static_cast<std::size_t>(k)]) +
