@@ -233,7 +233,7 @@ double bytes_needed(const Config& c, int steps) {
   const double n = static_cast<double>(c.n);
   const double stride = static_cast<double>((c.dim + 15) / 16 * 16);
   double b = n * stride * dtype_bytes(c.dtype) + n * 8.0;
-  if (c.sampler == SamplerKind::alias) b += n * (24.0 + 8.0 + 8.0 + 8.0);
+  if (c.sampler == SamplerKind::alias) b += n * (16.0 + 4.0 + 8.0 + 8.0);  // cell, threshold bits, P_n, weights
   b += static_cast<double>(c.batch) * static_cast<double>(c.k + 1) * 8.0 * 2.0;
   b += (steps + 2.0) * static_cast<double>(c.batch) * static_cast<double>(c.dim) * 4.0 * 2.0;
   return b + 64e6;  // the process itself, allocator slack

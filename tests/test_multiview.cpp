@@ -395,8 +395,10 @@ TEST_CASE("each pair keeps its own Z state: first_batch, ema and fixed") {
           CHECK(rel_err(mv.partition(p).z(), want) < kTol);
           z[p] = want;
         }
+        // The pairs' own estimates: a shared Z would make them equal to the last bit. (They differ by
+        // about 1e-3 relative here: 1e-6 does not hang on the particular draws of the seed.)
         if (s == 0 && zp != ZPolicy::fixed)
-          for (std::size_t p = 1; p < np; ++p) CHECK(rel_err(z[p], z[0]) > 1e-3);  // the pairs' own estimates
+          for (std::size_t p = 1; p < np; ++p) CHECK(rel_err(z[p], z[0]) > 1e-6);
       }
     }
 }

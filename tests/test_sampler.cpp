@@ -13,7 +13,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <random>
+#include <span>
 #include <vector>
 
 using namespace membank;
@@ -122,6 +124,118 @@ TEST_CASE("AliasSampler draws follow P_n (chi-square at a fixed seed)") {
   for (auto& v : pu) v = v > 0 ? 1.0 / 49 : 0.0;
   const double xu = chi2(counts, pu, total, &cu);
   CHECK(xu > 10 * chi2_q999(cu - 1));
+}
+
+namespace {
+
+/// The probability with which the table draws each id, from its cells (brute force, in double): a
+/// draw picks cell i with probability 1/N, then keeps i with probability keep_probability(i) or goes
+/// to alias i.
+std::vector<double> realised_pn(const AliasSampler& s) {
+  const std::size_t n = static_cast<std::size_t>(s.size());
+  const std::span<const AliasSampler::Cell> cells = s.cells();
+  REQUIRE(cells.size() == n);
+  std::vector<double> got(n, 0.0);
+  for (std::size_t i = 0; i < n; ++i) {
+    const double keep = s.keep_probability(static_cast<index_t>(i));
+    REQUIRE(keep >= 0.0);
+    REQUIRE(keep <= 1.0);
+    REQUIRE(cells[i].alias < n);
+    got[i] += keep;
+    got[cells[i].alias] += 1.0 - keep;
+  }
+  for (double& g : got) g /= static_cast<double>(n);
+  return got;
+}
+
+/// Weight sets for the table's tests: random weights with about a tenth of them zero (N = 1000 and
+/// N = 100003, neither a power of two; the larger one is built on several threads), one weight
+/// 10^12 times the others, a single weight, equal weights, and weights spanning 30 orders of
+/// magnitude.
+std::vector<std::vector<double>> table_weight_sets() {
+  std::mt19937_64 rng(21);
+  std::vector<std::vector<double>> sets;
+  for (const index_t n : {index_t{1000}, index_t{100003}}) {
+    std::vector<double> w = random_weights(n, rng);
+    for (std::size_t j = 0; j < w.size(); j += 1 + rng() % 19) w[j] = 0.0;
+    sets.push_back(w);
+  }
+  std::vector<double> heavy(257, 1.0);
+  heavy[100] = 1e12;
+  sets.push_back(heavy);
+  sets.push_back({3.5});
+  sets.push_back(std::vector<double>(96, 0.25));
+  std::vector<double> wide(5000);
+  std::uniform_real_distribution<double> e(-15.0, 15.0);
+  for (double& x : wide) x = std::pow(10.0, e(rng));
+  sets.push_back(wide);
+  return sets;
+}
+
+}  // namespace
+
+TEST_CASE("AliasSampler's table realises P_n to rounding") {
+  // Guards the table's construction (the pairing of small and large cells, the split 53-bit
+  // thresholds): for each weight set, the probability of each id summed over the cells (keep
+  // probability to the cell's own id, the rest to its alias, each cell 1/N) equals w_j / sum(w)
+  // computed here within 1e-12 relative, plus what rounding cannot avoid:
+  // - a keep probability is a multiple of 2^-53 (what a 53-bit coin can realise), so each of the
+  //   1 + a_j cells that give id j mass (its own, and the a_j that alias it) may be off by
+  //   2^-53 / N; this matters only where N p_j is below about 10^-4 (the 10^12 weight's neighbours);
+  // - the cells hand out exactly 1, the reported P_n sum to 1 only up to the rounding of the total
+  //   (2^-53 relative), and what is missing lands on the one cell left unpaired at the end, with
+  //   the rounding of the updates that pass down to it: 2 2^-53 more for a cell that is its own
+  //   alias (N = 100003 uses about a third of one).
+  // A zero weight must get exactly 0.
+  for (const std::vector<double>& w : table_weight_sets()) {
+    INFO("N = " << w.size());
+    const AliasSampler s(w);
+    const std::vector<double> p = normalised(w);
+    const std::vector<double> got = realised_pn(s);
+    const std::span<const AliasSampler::Cell> cells = s.cells();
+    std::vector<double> givers(w.size(), 1.0);  // 1 + a_j
+    for (const AliasSampler::Cell& c : cells) givers[c.alias] += 1.0;
+    const auto nd = static_cast<double>(w.size());
+    const double quantum = 0x1.0p-53 / nd;
+    double worst = 0.0;  // the largest error in units of its tolerance
+    bool zeros_ok = true;
+    for (std::size_t j = 0; j < w.size(); ++j) {
+      if (p[j] == 0.0) {
+        zeros_ok = zeros_ok && got[j] == 0.0;
+        continue;
+      }
+      const double left_over = cells[j].alias == j ? 0x1.0p-53 * 2.0 : 0.0;
+      worst = std::max(worst, std::abs(got[j] - p[j]) / (1e-12 * p[j] + givers[j] * quantum + left_over));
+    }
+    CHECK(zeros_ok);
+    CHECK(worst <= 1.0);
+  }
+}
+
+TEST_CASE("AliasSampler's table is the same bit for bit on 1 and 2 threads") {
+  // Guards the parallel passes of the construction (snapshots store the weights and rebuild the
+  // table): built under 1 and 2 OpenMP threads, from weights large enough for the parallel path, the
+  // cells, keep probabilities, P_n and the stored weights are equal bit for bit.
+  for (const std::vector<double>& w : table_weight_sets()) {
+    INFO("N = " << w.size());
+    std::unique_ptr<AliasSampler> one, two;
+    {
+      ThreadCount tc(1);
+      one = std::make_unique<AliasSampler>(w);
+    }
+    {
+      ThreadCount tc(2);
+      two = std::make_unique<AliasSampler>(w);
+    }
+    REQUIRE(one->cells().size() == two->cells().size());
+    CHECK(std::memcmp(one->cells().data(), two->cells().data(), one->cells().size_bytes()) == 0);
+    bool keep_equal = true;
+    for (index_t j = 0; j < one->size(); ++j) keep_equal = keep_equal && one->keep_probability(j) == two->keep_probability(j);
+    CHECK(keep_equal);
+    const std::vector<double> p1 = one->probs(), p2 = two->probs();
+    CHECK(std::memcmp(p1.data(), p2.data(), p1.size() * sizeof(double)) == 0);
+    CHECK(std::equal(one->weights().begin(), one->weights().end(), w.begin()));
+  }
 }
 
 TEST_CASE("UniformSampler draws are uniform and P_n = 1/N") {
@@ -251,6 +365,51 @@ TEST_CASE("draw_next: the pieces of a cursor are exactly one draw of all of them
       CHECK(cursor.next_block == before.next_block);
       CHECK(cursor.redraws == before.redraws);
     }
+}
+
+TEST_CASE("draw_next: streams interleaved on one thread, in the engine's pieces, equal whole draws") {
+  // Guards the alias sampler's blocks made ahead (kept per thread for the next piece of the same
+  // stream, whichever sampler draws it): stream A and stream B of one sampler, and stream A of a
+  // second sampler of another size (C, one piece of 64 ahead of A, so that it continues where A's
+  // blocks made ahead begin) are drawn a piece at a time in turn -- A, C, then B twice -- in pieces
+  // of 64 as the engine's kernel draws them, then of 64 and 37 alternately. Each stream equals one
+  // draw() of the whole of it, ids and log P_n bit for bit.
+  std::mt19937_64 rng(9);
+  const AliasSampler a(random_weights(5000, rng)), b(random_weights(777, rng));
+  constexpr std::size_t k = 2000;
+  for (const std::size_t odd : {std::size_t{64}, std::size_t{37}}) {
+    INFO("pieces of 64 and " << odd);
+    struct Drawn {
+      const AliasSampler* s;
+      StreamKey key;
+      DrawCursor cursor{};
+      std::size_t at = 0;
+      std::vector<index_t> ids = std::vector<index_t>(k);
+      std::vector<float> log_pn = std::vector<float>(k);
+      void piece(std::size_t n) {
+        n = std::min(n, k - at);
+        s->draw_next(cursor, std::span(ids).subspan(at, n), std::span(log_pn).subspan(at, n));
+        at += n;
+      }
+    };
+    std::vector<Drawn> streams{{&a, {3, 4, 5, 2}}, {&a, {3, 4, 6, 2}}, {&b, {3, 4, 5, 2}}};
+    for (Drawn& d : streams) d.cursor = DrawCursor{d.key, Exclusion{}, static_cast<index_t>(k)};
+    streams[2].piece(64);
+    for (std::size_t turn = 0; streams[0].at < k || streams[1].at < k || streams[2].at < k; ++turn) {
+      const std::size_t n = turn % 2 == 0 ? 64 : odd;
+      streams[0].piece(n);
+      streams[2].piece(n);
+      streams[1].piece(n);
+      streams[1].piece(n);
+    }
+    for (const Drawn& d : streams) {
+      std::vector<index_t> ids(k);
+      std::vector<float> log_pn(k);
+      d.s->draw(d.key, Exclusion{}, ids, log_pn);
+      CHECK(ids == d.ids);
+      CHECK(std::memcmp(log_pn.data(), d.log_pn.data(), k * sizeof(float)) == 0);
+    }
+  }
 }
 
 TEST_CASE("UniformSampler's stream is Philox4x32-10 halves with excluded ids skipped") {

@@ -84,7 +84,7 @@ TEST_CASE("snapshot fixtures: format-1 files load with every recorded field") {
     if (fx.alias) {
       REQUIRE(e.sampler().kind() == membank::SamplerKind::alias);
       const auto& alias = dynamic_cast<const membank::AliasSampler&>(e.sampler());
-      CHECK(alias.weights() == mbfixture::weights(fx));  // exactly as the writer was given them
+      CHECK(std::ranges::equal(alias.weights(), mbfixture::weights(fx)));  // exactly as the writer was given them
       double total = 0.0;
       for (const double w : mbfixture::weights(fx)) total += w;
       const std::vector<double> p = e.sampler().probs();

@@ -12,9 +12,12 @@
 // concurrently from any number of threads.
 #include <membank/types.hpp>
 
+#include <cstddef>
 #include <memory>
+#include <new>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace membank {
@@ -83,7 +86,9 @@ class NoiseSampler {
   /// N, the number of instances.
   index_t size() const { return n_; }
   /// P_n(j), the probability with which draw() returns j (the alias table realises it to within
-  /// about 2^-53 / N absolute: double thresholds, 53-bit coins). Throws Error if j is out of range.
+  /// about 2^-53 / N absolute: 53-bit thresholds and coins; the one cell left unpaired by the table's
+  /// construction also takes what the P_n, rounded, miss 1 by: about 2^-53). Throws Error if j is out
+  /// of range.
   virtual double prob(index_t j) const = 0;
   /// Every P_n(j), j = 0..N-1 (O(N) memory).
   virtual std::vector<double> probs() const = 0;
@@ -149,14 +154,53 @@ class UniformSampler final : public NoiseSampler {
   void draw_next(DrawCursor& cursor, std::span<index_t> ids, std::span<float> log_pn) const override;
 };
 
-/// P_n(j) = w_j / sum(w), drawn in O(1) through a Vose alias table built in O(N).
-/// Memory: 24 bytes per instance in the table (threshold, alias, and both cells' log
-/// probabilities, so a draw and its probability cost one cache line) plus the normalised weights
-/// in double (8 bytes per instance).
+namespace detail {
+
+/// Storage of at least `bytes`; from 2 MiB on, 2 MiB-aligned and advised for transparent huge pages.
+/// Throws std::bad_alloc.
+void* allocate_large(std::size_t bytes);
+void free_large(void* p) noexcept;
+
+/// The allocator of the alias sampler's arrays. Two things make the table fast to build and to
+/// read: resize() default-initialises (no zeroing pass: the constructor's parallel pass touches each
+/// page first), and an array of 2 MiB or more lies on huge pages -- a fresh 4 KiB page costs a page
+/// fault each (about 4 ms a MB where this was measured, more than all the build's arithmetic), and a
+/// random cell read on 4 KiB pages pays a TLB miss as well as the cache miss.
+template <class T>
+struct LargeArrayAllocator {
+  using value_type = T;
+  LargeArrayAllocator() = default;
+  template <class U>
+  LargeArrayAllocator(const LargeArrayAllocator<U>&) noexcept {}  // NOLINT: rebinding is implicit
+  T* allocate(std::size_t n) { return static_cast<T*>(allocate_large(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t) noexcept { free_large(p); }
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;  // default-initialised: no zeroing
+  }
+  template <class U, class... A>
+  void construct(U* p, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+  }
+  friend bool operator==(const LargeArrayAllocator&, const LargeArrayAllocator&) { return true; }
+};
+
+}  // namespace detail
+
+/// P_n(j) = w_j / sum(w), drawn in O(1) through an alias table built in O(N).
+/// Memory: 16 bytes per instance in the table (the upper bits of the threshold, the alias, and both
+/// cells' log probabilities, so that a draw and its probability cost one cache line), 4 bytes for
+/// the threshold's lower bits (read once in 2^32 draws), the normalised weights and the caller's
+/// weights in double (8 bytes each); all on huge pages from 2 MiB on.
 class AliasSampler final : public NoiseSampler {
  public:
+  /// An array of the sampler (a std::vector with LargeArrayAllocator).
+  template <class T>
+  using Array = std::vector<T, detail::LargeArrayAllocator<T>>;
+
   /// Throws Error (naming the first bad index and value) if weights is empty, has more than
   /// 2^32 - 1 entries, or holds a negative, NaN or infinite weight, or if all weights are zero.
+  /// The table is the same bit for bit for any OpenMP thread count.
   explicit AliasSampler(std::span<const double> weights);
   SamplerKind kind() const override { return SamplerKind::alias; }
   double prob(index_t j) const override;
@@ -164,22 +208,31 @@ class AliasSampler final : public NoiseSampler {
   void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override;
   void draw_next(DrawCursor& cursor, std::span<index_t> ids, std::span<float> log_pn) const override;
   /// The weights the sampler was built from, normalised to sum 1 (double precision).
-  const std::vector<double>& normalized_weights() const { return p_; }
+  const Array<double>& normalized_weights() const { return p_; }
   /// The weights exactly as the caller gave them: rebuilding from them gives a bit-identical table
   /// (what snapshots store).
-  const std::vector<double>& weights() const { return w_; }
+  const Array<double>& weights() const { return w_; }
 
+  /// A cell of the table. A draw picks cell j uniformly and a 53-bit coin c; it returns j when
+  /// c < T_j, else the alias. T_j = threshold_hi * 2^21 + (the lower 21 bits, kept apart), at most
+  /// 2^53 - 1: the coin's upper 32 bits decide alone unless they equal threshold_hi.
   struct Cell {
-    double threshold;     ///< keep this cell when a uniform u in [0,1) (53 bits) falls below it
-    std::uint32_t alias;  ///< the other cell's id
-    float log_p_self;     ///< log P_n(cell)
-    float log_p_alias;    ///< log P_n(alias)
+    std::uint32_t threshold_hi;  ///< T_j >> 21
+    std::uint32_t alias;         ///< the other cell's id (j itself for a cell that is never left)
+    float log_p_self;            ///< log P_n(j)
+    float log_p_alias;           ///< log P_n(alias)
   };
+  /// The table, cell j for instance j (for tests and diagnostics).
+  std::span<const Cell> cells() const { return cells_; }
+  /// T_j / 2^53 exactly: the probability that a draw picking cell j keeps j. Throws Error if j is
+  /// out of range.
+  double keep_probability(index_t j) const;
 
  private:
-  std::vector<Cell> cells_;
-  std::vector<double> p_;
-  std::vector<double> w_;
+  Array<Cell> cells_;
+  Array<std::uint32_t> threshold_lo_;  ///< T_j & (2^21 - 1)
+  Array<double> p_;
+  Array<double> w_;
 };
 
 }  // namespace membank
