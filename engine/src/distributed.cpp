@@ -76,7 +76,7 @@ std::uint64_t fingerprint(const NoiseSampler& s) {
   Fingerprint f;
   f << s.kind() << s.size();
   if (const auto* alias = dynamic_cast<const AliasSampler*>(&s)) {  // its weights in place: no O(N) copy
-    const std::vector<double>& w = alias->weights();
+    const auto& w = alias->weights();
     f.bytes(w.data(), w.size() * sizeof(double));
   } else if (s.kind() != SamplerKind::uniform) {
     const std::vector<double> p = s.probs();
