@@ -14,6 +14,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <numeric>
 
 namespace membank {
@@ -31,7 +32,7 @@ namespace {
 
 constexpr int kMaxConsecutiveRejections = 1000000;
 constexpr index_t kAssignTile = 256;  // rows per product in an assignment pass (fixed: any thread count)
-constexpr index_t kQueryBlock = 16;   // queries per product when conditioning
+constexpr index_t kQueryBlock = 64;   // queries per product when conditioning (fixed: any thread count)
 constexpr std::uint32_t kPurposeClusterInit = 5;  // detail::Purpose's next free value
 
 double uniform53(std::uint32_t hi, std::uint32_t lo) {
@@ -132,8 +133,40 @@ RowMatrixf initial_centroids(const BankView& bank, index_t c, std::uint64_t seed
   return out;
 }
 
+}  // namespace
+
+/// A conditioned batch's arrays (ClusterBatch), and the pool that keeps them between batches.
+struct ClusterBuffers {
+  std::vector<double> cdf, pi;
+  std::vector<float> log_q;
+  std::vector<std::int32_t> guide;
+};
+
+struct detail::ClusterBufferPool {
+  static constexpr std::size_t kKept = 4;  // batches conditioned at once: a step's, and a caller's sample()
+  std::mutex mu;
+  std::vector<ClusterBuffers> free;
+  ClusterBuffers take() {
+    const std::lock_guard lock(mu);
+    if (free.empty()) return {};
+    ClusterBuffers b = std::move(free.back());
+    free.pop_back();
+    return b;
+  }
+  void give(ClusterBuffers&& b) noexcept {
+    try {
+      const std::lock_guard lock(mu);
+      if (free.size() < kKept) free.push_back(std::move(b));
+    } catch (...) {  // (a failed push_back only loses the reuse)
+    }
+  }
+};
+
+namespace {
+
 /// The per-query mixtures of one batch: row r (B queries, then their mean) holds, per cluster k, the
-/// cumulative weight the draw searches, pi_k, and log q(j | f_r) of the cluster's rows.
+/// cumulative weight the draw searches, pi_k, and log q(j | f_r) of the cluster's rows. Its arrays go
+/// back to the sampler's pool when it is destroyed.
 struct ClusterBatch final : Conditioned {
   index_t rows = 0, c = 0;
   std::vector<double> cdf, pi;
@@ -141,6 +174,15 @@ struct ClusterBatch final : Conditioned {
   /// A guide table per row (Chen and Asau's): guide[g] is at most the first cluster whose cumulative
   /// weight passes g / C of the total, so a draw's search starts there and moves on a step or two.
   std::vector<std::int32_t> guide;
+  std::shared_ptr<detail::ClusterBufferPool> pool;
+  ClusterBatch(std::shared_ptr<detail::ClusterBufferPool> p, ClusterBuffers b)
+      : cdf(std::move(b.cdf)), pi(std::move(b.pi)), log_q(std::move(b.log_q)), guide(std::move(b.guide)),
+        pool(std::move(p)) {}
+  ClusterBatch(const ClusterBatch&) = delete;
+  ClusterBatch& operator=(const ClusterBatch&) = delete;
+  ~ClusterBatch() override {
+    if (pool) pool->give({std::move(cdf), std::move(pi), std::move(log_q), std::move(guide)});
+  }
   const double* cdf_row(index_t r) const { return cdf.data() + r * c; }
 };
 
@@ -168,6 +210,7 @@ ClusterSampler::ClusterSampler(const BankView& bank, ClusterConfig config)
   config_.validate(bank.rows);
   MEMBANK_CHECK(bank.rows < (index_t{1} << 32), "the bank has N = {} rows: expected fewer than 2^32", bank.rows);
   eps_ = std::ceil(config_.epsilon * 0x1.0p53) * 0x1.0p-53;
+  pool_ = std::make_shared<detail::ClusterBufferPool>();
   centroids_ = initial_centroids(bank, config_.clusters, config_.seed);
   assignment_.resize(static_cast<std::size_t>(bank.rows));
   refresh(bank, 0);
@@ -190,6 +233,7 @@ ClusterSampler::ClusterSampler(ClusterConfig config, RowMatrixf centroids, std::
   }
   MEMBANK_CHECK(refreshed_at >= 0, "refreshed_at = {}: expected a step counter >= 0", refreshed_at);
   eps_ = std::ceil(config_.epsilon * 0x1.0p53) * 0x1.0p-53;
+  pool_ = std::make_shared<detail::ClusterBufferPool>();
   centroids_ = std::move(centroids);
   assignment_ = std::move(assignment);
   refreshed_at_ = refreshed_at;
@@ -259,7 +303,7 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t s
     for (index_t e = 0; e < dim; ++e)
       MEMBANK_CHECK(std::isfinite(f[i * stride + e]), "f({}, {}) = {}: expected finite features", i, e,
                     f[i * stride + e]);
-  auto out = std::make_unique<ClusterBatch>();
+  auto out = std::make_unique<ClusterBatch>(pool_, pool_->take());
   ClusterBatch& b = *out;
   b.rows = batch + 1;
   b.c = c;
@@ -275,6 +319,13 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t s
         size > 0 ? std::log(static_cast<double>(size)) : -std::numeric_limits<double>::infinity();
   }
   const double n = static_cast<double>(n_);
+  Eigen::ArrayXd inv_size(c);  // 1 / n_k (0 for an empty cluster, whose log q is then set to -inf)
+  std::vector<index_t> empty;
+  for (index_t k = 0; k < c; ++k) {
+    const index_t size = sizes_[static_cast<std::size_t>(k)];
+    inv_size(k) = size > 0 ? 1.0 / static_cast<double>(size) : 0.0;
+    if (size == 0) empty.push_back(k);
+  }
   // One row's weights -> its cdf, and pi, log q from the normalised weights.
   const auto finish_row = [&](index_t r) {
     double* cdf = b.cdf.data() + r * c;
@@ -291,12 +342,12 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t s
       while (at < c - 1 && cdf[at] <= edge) ++at;
       guide[g] = static_cast<std::int32_t>(at);
     }
-    for (index_t k = 0; k < c; ++k) {
-      pi[k] /= total;
-      const index_t size = sizes_[static_cast<std::size_t>(k)];
-      log_q[k] = size > 0 ? static_cast<float>(std::log(eps_ / n + (1.0 - eps_) * pi[k] / static_cast<double>(size)))
-                          : -std::numeric_limits<float>::infinity();
-    }
+    // log q of each cluster's rows, vectorised (Eigen's packet log: ~1 ulp, and per row a pure
+    // function of its values and of r C, so the same for any thread count).
+    Eigen::Map<Eigen::ArrayXd> p(pi, c);
+    p /= total;
+    Eigen::Map<Eigen::ArrayXf>(log_q, c) = (eps_ / n + (1.0 - eps_) * p * inv_size).log().cast<float>();
+    for (const index_t k : empty) log_q[k] = -std::numeric_limits<float>::infinity();
   };
   detail::ExceptionCapture errors;
 #pragma omp parallel
@@ -316,7 +367,8 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t s
             w[k] = config_.beta * static_cast<double>(sr[k]) + log_size[static_cast<std::size_t>(k)];
             top = std::max(top, w[k]);
           }
-          for (index_t k = 0; k < c; ++k) w[k] = std::exp(w[k] - top);
+          Eigen::Map<Eigen::ArrayXd> wv(w, c);
+          wv = (wv - top).exp();  // vectorised; exp(-inf) = 0 for the empty clusters
           finish_row(i0 + r);
         }
       });

@@ -31,9 +31,14 @@
 #include <membank/sampler.hpp>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace membank {
+
+namespace detail {
+struct ClusterBufferPool;
+}
 
 struct ClusterConfig {
   index_t clusters = 1024;         ///< C, the number of clusters; 1 <= C <= N
@@ -100,6 +105,10 @@ class ClusterSampler final : public NoiseSampler {
   std::vector<index_t> offsets_;  ///< cluster k's members are members_[offsets_[k], offsets_[k + 1])
   std::vector<std::uint32_t> members_;
   std::int64_t refreshed_at_ = 0;
+  /// The buffers of batches conditioned before, kept for the next one: a fresh batch's 20 C bytes a
+  /// query would be fresh pages each step, whose faults cost more than the conditioning itself.
+  /// Shared by copies of the sampler; guarded by its own mutex.
+  std::shared_ptr<detail::ClusterBufferPool> pool_;
 };
 
 }  // namespace membank
