@@ -3,6 +3,7 @@
 // refused input, thread-count independence, and the engine with a dynamic sampler (loss and gradient
 // against the double reference, caller-set and engine-driven weights, snapshot resume).
 #include "reference.hpp"
+#include "scratch.hpp"
 
 #include <doctest/doctest.h>
 
@@ -11,6 +12,7 @@
 #include <membank/error.hpp>
 #include <membank/snapshot.hpp>
 
+#include <hdf5.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -291,4 +293,337 @@ TEST_CASE("DynamicSampler draws are identical for 1 and 2 threads") {
   const auto a = run(1), b = run(2);
   CHECK(a.first == b.first);
   CHECK(std::memcmp(a.second.data(), b.second.data(), a.second.size() * sizeof(float)) == 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine with a dynamic sampler
+
+namespace {
+
+constexpr index_t kN = 600, kD = 16, kB = 12, kK = 40;
+
+/// An engine over Bank(kN, kD, seed) with a dynamic sampler of random weights (`params` its drive).
+Engine dynamic_engine(const EngineConfig& cfg, std::uint64_t seed, DynamicSampler::Params params = {}) {
+  std::mt19937_64 rng(seed);
+  return Engine(Bank(kN, kD, seed), std::make_unique<DynamicSampler>(random_weights(kN, rng), params), cfg);
+}
+
+const DynamicSampler& dyn(const Engine& e) { return dynamic_cast<const DynamicSampler&>(e.sampler()); }
+
+/// A step's inputs drawn from `rng`: distinct ids, unit features near their rows.
+struct Batch {
+  std::vector<index_t> ids;
+  RowMatrixf f;
+};
+Batch batch_of(const Engine& e, std::mt19937_64& rng) {
+  Batch b;
+  std::vector<index_t> all(static_cast<std::size_t>(kN));
+  for (index_t j = 0; j < kN; ++j) all[static_cast<std::size_t>(j)] = j;
+  std::shuffle(all.begin(), all.end(), rng);
+  b.ids.assign(all.begin(), all.begin() + kB);
+  b.f = near_rows(e.bank().to_matrix(), b.ids, 0.3, rng);
+  return b;
+}
+
+/// A random update of 30 rows' weights.
+std::pair<std::vector<index_t>, std::vector<double>> weight_update(std::mt19937_64& rng) {
+  std::uniform_int_distribution<index_t> row(0, kN - 1);
+  std::uniform_real_distribution<double> value(0.05, 4.0);
+  std::vector<index_t> ids(30);
+  std::vector<double> w(30);
+  for (std::size_t k = 0; k < ids.size(); ++k) {
+    ids[k] = row(rng);
+    w[k] = value(rng);
+  }
+  return {ids, w};
+}
+
+}  // namespace
+
+TEST_CASE("Engine with a dynamic sampler: loss and gradient equal the double reference after weight changes") {
+  // Guards the objectives' use of the exact, current P_n: for NCE (fixed Z) and InfoNCE, per-sample
+  // and shared negatives, with and without exclude_positive, after set_sampler_weights the step's
+  // loss and gradient match reference_sampled on the engine's own draws (sample()) with P_n = the
+  // naive w / sum(w) of the weights set here, to 1e-4 relative.
+  for (const Objective obj : {Objective::nce, Objective::info_nce})
+    for (const NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared})
+      for (const bool exclude : {false, true}) {
+        INFO(to_string(obj) << " " << to_string(mode) << (exclude ? " exclude_positive" : ""));
+        EngineConfig cfg;
+        cfg.k = kK;
+        cfg.objective = obj;
+        cfg.negatives = mode;
+        cfg.exclude_positive = exclude;
+        cfg.z_policy = ZPolicy::fixed;
+        cfg.z_fixed = 50.0;
+        cfg.tau = 0.1;
+        Engine eng = dynamic_engine(cfg, 7);
+        NaiveWeights ref{dyn(eng).weights()};
+        std::mt19937_64 rng(8);
+        for (int s = 0; s < 3; ++s) {
+          const auto [uid, uw] = weight_update(rng);
+          eng.set_sampler_weights(uid, uw);
+          ref.set(uid, uw);
+          const Batch b = batch_of(eng, rng);
+          const RowMatrixf bank0 = eng.bank().to_matrix();
+          const RowMatrixi negs = eng.sample(b.ids, eng.steps_done());
+          RefSpec spec;
+          spec.objective = obj;
+          spec.mode = mode;
+          spec.exclude_positive = exclude;
+          spec.tau = cfg.tau;
+          spec.z = cfg.z_fixed;
+          const RefOut want = reference_sampled(bank0.cast<double>(), b.f.cast<double>(), b.ids, negs, ref.p(), spec);
+          RowMatrixf g(kB, kD);
+          const StepStats st = eng.step(b.f, b.ids, g);
+          CHECK(rel_err(st.loss, want.loss) < 1e-4);
+          CHECK(grad_rel_err(g, want.grad) < 1e-4);
+          CHECK(rel_err(st.mean_p_positive, want.mean_p_pos) < 1e-4);
+        }
+      }
+}
+
+TEST_CASE("Engine set_sampler_weights (dynamic sampler): refusals change nothing, a prefetch in flight is discarded") {
+  // Guards the engine's entry point: a non-dynamic sampler and bad weights are one Error each with the
+  // engine unchanged; a prefetch made before a weight change is dropped (its draws used the old
+  // weights), and the next step equals that of an engine that never prefetched.
+  EngineConfig cfg;
+  cfg.k = kK;
+  std::mt19937_64 rng(9);
+  Engine alias = make_engine(kN, kD, true, cfg, 3);
+  CHECK(mentions(message_of([&] { alias.set_sampler_weights(std::vector<index_t>{1}, std::vector<double>{1.0}); }),
+                 "dynamic"));
+  Engine a = dynamic_engine(cfg, 4), b = dynamic_engine(cfg, 4);
+  const std::vector<double> w0 = dyn(a).weights();
+  CHECK(message_of([&] { a.set_sampler_weights(std::vector<index_t>{1, 2}, std::vector<double>{1.0, -1.0}); })
+            .find("-1") != std::string::npos);
+  CHECK(same_bits(dyn(a).weights(), w0));
+  const Batch x = batch_of(a, rng);
+  CHECK(a.prefetch(x.ids));
+  const auto [uid, uw] = weight_update(rng);
+  a.set_sampler_weights(uid, uw);
+  b.set_sampler_weights(uid, uw);
+  CHECK_FALSE(a.prefetch_pending());
+  RowMatrixf ga(kB, kD), gb(kB, kD);
+  const StepStats sa = a.step(x.f, x.ids, ga), sb = b.step(x.f, x.ids, gb);
+  CHECK(bits_equal(sa.loss, sb.loss));
+  CHECK(bits_equal(ga, gb));
+  // With labels and exclude_same_label, a weight change that leaves one label all of the mass is refused.
+  EngineConfig lc = cfg;
+  lc.exclude_same_label = true;
+  Engine l = dynamic_engine(lc, 5);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(kN));
+  for (index_t j = 0; j < kN; ++j) labels[static_cast<std::size_t>(j)] = j < 300 ? 0 : 1;
+  l.set_labels(labels);
+  std::vector<index_t> half(300);
+  for (index_t j = 0; j < 300; ++j) half[static_cast<std::size_t>(j)] = 300 + j;
+  const std::vector<double> before = dyn(l).weights();
+  CHECK(mentions(message_of([&] { l.set_sampler_weights(half, std::vector<double>(300, 0.0)); }), "label"));
+  CHECK(same_bits(dyn(l).weights(), before));
+}
+
+TEST_CASE("Engine-driven loss_ema weights of a dynamic sampler: each batch row gets floor plus its loss average") {
+  // Guards the engine-driven mode: after a step of distinct rows, each row's EMA is its own query's
+  // loss (first sighting), so sum_b (w_b - floor) / B equals the step's mean loss (NCE losses are
+  // positive); after a second step with the same rows the EMA blends; rows outside the batches keep
+  // their initial weights; the full softmax is refused at construction.
+  EngineConfig cfg;
+  cfg.k = kK;
+  DynamicSampler::Params p;
+  p.drive = DynamicSampler::Drive::loss_ema;
+  p.alpha = 0.5;
+  p.floor = 0.25;
+  Engine eng = dynamic_engine(cfg, 11, p);
+  const std::vector<double> w0 = dyn(eng).weights();
+  std::mt19937_64 rng(12);
+  const Batch x = batch_of(eng, rng);
+  RowMatrixf g(kB, kD);
+  const StepStats s1 = eng.step(x.f, x.ids, g);
+  double sum = 0;
+  for (const index_t j : x.ids) sum += dyn(eng).weights()[static_cast<std::size_t>(j)] - p.floor;
+  CHECK(sum / kB == doctest::Approx(s1.loss).epsilon(1e-12));
+  std::vector<double> ema1(x.ids.size());
+  for (std::size_t b = 0; b < x.ids.size(); ++b) ema1[b] = dyn(eng).ema()[static_cast<std::size_t>(x.ids[b])];
+  const StepStats s2 = eng.step(x.f, x.ids, g);
+  double sum2 = 0;
+  for (std::size_t b = 0; b < x.ids.size(); ++b) {
+    const double e = dyn(eng).ema()[static_cast<std::size_t>(x.ids[b])];
+    sum2 += (e - 0.5 * ema1[b]) / 0.5;  // the second step's own loss of row b
+  }
+  CHECK(sum2 / kB == doctest::Approx(s2.loss).epsilon(1e-9));
+  int untouched = 0, changed = 0;
+  for (index_t j = 0; j < kN; ++j) {
+    const bool in = std::find(x.ids.begin(), x.ids.end(), j) != x.ids.end();
+    if (!in) untouched += dyn(eng).weights()[static_cast<std::size_t>(j)] == w0[static_cast<std::size_t>(j)];
+    if (in) changed += std::isnan(dyn(eng).ema()[static_cast<std::size_t>(j)]) ? 0 : 1;
+  }
+  CHECK(untouched == kN - kB);
+  CHECK(changed == kB);
+  EngineConfig full = cfg;
+  full.objective = Objective::full_softmax;
+  CHECK(mentions(message_of([&] { dynamic_engine(full, 1, p); }), "full_softmax"));
+}
+
+namespace {
+
+/// Runs `steps` engine-driven steps with caller weight changes between them; returns the losses.
+std::vector<double> driven_run(Engine& eng, int first, int steps, RowMatrixf* grad = nullptr) {
+  std::vector<double> losses;
+  for (int s = first; s < first + steps; ++s) {
+    std::mt19937_64 rng(1000 + static_cast<std::uint64_t>(s));
+    const auto [uid, uw] = weight_update(rng);
+    eng.set_sampler_weights(uid, uw);
+    const Batch x = batch_of(eng, rng);
+    RowMatrixf g(kB, kD);
+    losses.push_back(eng.step(x.f, x.ids, g).loss);
+    if (grad) *grad = g;
+  }
+  return losses;
+}
+
+}  // namespace
+
+TEST_CASE("Engine steps with a driven dynamic sampler are bit-identical for 1 and 2 threads") {
+  // Guards thread-count independence of the whole loop (draws, kernels, the EMA and the partial
+  // rebuilds): six steps with caller and engine-driven weight changes, per-sample and shared
+  // negatives, run with 1 and with 2 OpenMP threads, give the same losses, gradients, bank and
+  // sampler state bit for bit.
+  DynamicSampler::Params p;
+  p.drive = DynamicSampler::Drive::loss_ema;
+  for (const NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared}) {
+    EngineConfig cfg;
+    cfg.k = kK;
+    cfg.negatives = mode;
+    cfg.objective = Objective::info_nce;
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    Engine one = dynamic_engine(cfg, 21, p);
+    RowMatrixf g1;
+    const std::vector<double> l1 = driven_run(one, 0, 6, &g1);
+    omp_set_num_threads(2);
+    Engine two = dynamic_engine(cfg, 21, p);
+    RowMatrixf g2;
+    const std::vector<double> l2 = driven_run(two, 0, 6, &g2);
+    omp_set_num_threads(saved);
+    CHECK(same_bits(l1, l2));
+    CHECK(bits_equal(g1, g2));
+    CHECK(bits_equal(one.bank().to_matrix(), two.bank().to_matrix()));
+    CHECK(dyn(one).fingerprint() == dyn(two).fingerprint());
+  }
+}
+
+TEST_CASE("Snapshot of an engine with a dynamic sampler resumes bit-identically") {
+  // Guards the snapshot's sampler state (current weights, loss averages, drive, alpha, floor): an
+  // engine-driven run of 4 steps with weight changes, saved, loaded and continued for 4 more steps,
+  // gives the losses, last gradient, bank and sampler of an uninterrupted 8-step run bit for bit;
+  // read_snapshot_info reports the sampler and its parameters.
+  mbtest::ScratchDir dir("dynamic", "resume");
+  DynamicSampler::Params p;
+  p.drive = DynamicSampler::Drive::loss_ema;
+  p.alpha = 0.8;
+  p.floor = 0.3;
+  for (const Objective obj : {Objective::nce, Objective::info_nce}) {
+    EngineConfig cfg;
+    cfg.k = kK;
+    cfg.objective = obj;
+    cfg.z_policy = ZPolicy::ema;
+    Engine whole = dynamic_engine(cfg, 31, p);
+    RowMatrixf g_whole;
+    std::vector<double> l_whole = driven_run(whole, 0, 8, &g_whole);
+    Engine first = dynamic_engine(cfg, 31, p);
+    std::vector<double> l = driven_run(first, 0, 4);
+    const std::string path = dir / (to_string(obj) + ".h5");
+    save_snapshot(path, first);
+    const SnapshotInfo info = read_snapshot_info(path);
+    CHECK(info.sampler == SamplerKind::dynamic);
+    CHECK(info.sampler_params.drive == DynamicSampler::Drive::loss_ema);
+    CHECK(info.sampler_params.alpha == 0.8);
+    CHECK(info.sampler_params.floor == 0.3);
+    Engine resumed = load_snapshot(path);
+    CHECK(dyn(resumed).fingerprint() == dyn(first).fingerprint());
+    RowMatrixf g;
+    const std::vector<double> rest = driven_run(resumed, 4, 4, &g);
+    l.insert(l.end(), rest.begin(), rest.end());
+    CHECK(same_bits(l, l_whole));
+    CHECK(bits_equal(g, g_whole));
+    CHECK(bits_equal(resumed.bank().to_matrix(), whole.bank().to_matrix()));
+    CHECK(dyn(resumed).fingerprint() == dyn(whole).fingerprint());
+  }
+}
+
+namespace {
+
+void set_root_str(const std::string& path, const char* name, const char* value) {
+  const hid_t f = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+  REQUIRE(f >= 0);
+  if (H5Aexists(f, name) > 0) REQUIRE(H5Adelete(f, name) >= 0);
+  const hid_t t = H5Tcopy(H5T_C_S1);
+  H5Tset_size(t, H5T_VARIABLE);
+  const hid_t sp = H5Screate(H5S_SCALAR);
+  const hid_t a = H5Acreate2(f, name, t, sp, H5P_DEFAULT, H5P_DEFAULT);
+  REQUIRE(a >= 0);
+  REQUIRE(H5Awrite(a, t, &value) >= 0);
+  H5Aclose(a);
+  H5Sclose(sp);
+  H5Tclose(t);
+  H5Fclose(f);
+}
+
+}  // namespace
+
+TEST_CASE("Snapshot loaders refuse a sampler kind they cannot build, and a dynamic sampler's missing state") {
+  // Guards the loaders' sampler dispatch: a file whose sampler attribute says cluster is one Error
+  // naming it from read_snapshot_info, load_snapshot and verify_snapshot (never a uniform sampler);
+  // a dynamic file without its loss averages or with an unknown drive is refused; a multi-view
+  // engine's dynamic sampler (caller-set weights) round-trips bit for bit.
+  mbtest::ScratchDir dir("dynamic", "refuse");
+  DynamicSampler::Params p;
+  p.drive = DynamicSampler::Drive::loss_ema;
+  EngineConfig cfg;
+  cfg.k = kK;
+  Engine eng = dynamic_engine(cfg, 41, p);
+  driven_run(eng, 0, 2);
+  const std::string good = dir / "good.h5";
+  save_snapshot(good, eng);
+  const auto copy = [&](const std::string& name) {
+    const std::string to = dir / name;
+    std::filesystem::copy_file(good, to);
+    return to;
+  };
+  const std::string cluster = copy("cluster.h5");
+  set_root_str(cluster, "sampler", "cluster");
+  CHECK(mentions(message_of([&] { read_snapshot_info(cluster); }), "cluster"));
+  CHECK(mentions(message_of([&] { load_snapshot(cluster); }), "cluster"));
+  CHECK_FALSE(verify_snapshot(cluster).empty());
+  const std::string drive = copy("drive.h5");
+  set_root_str(drive, "sampler_drive", "sideways");
+  CHECK(mentions(message_of([&] { load_snapshot(drive); }), "sideways"));
+  const std::string no_ema = copy("no_ema.h5");
+  {
+    const hid_t f = H5Fopen(no_ema.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    REQUIRE(f >= 0);
+    REQUIRE(H5Ldelete(f, "sampler_ema", H5P_DEFAULT) >= 0);
+    H5Fclose(f);
+  }
+  CHECK(mentions(message_of([&] { load_snapshot(no_ema); }), "sampler_ema"));
+  CHECK(verify_snapshot(good).empty());
+
+  std::mt19937_64 rng(42);
+  std::vector<Bank> banks;
+  banks.emplace_back(kN, kD, 1);
+  banks.emplace_back(kN, kD, 2);
+  MultiViewEngine mv(std::move(banks), std::make_unique<DynamicSampler>(random_weights(kN, rng)), cfg, ViewGraph::full);
+  const auto [uid, uw] = weight_update(rng);
+  mv.set_sampler_weights(uid, uw);
+  const std::string mvp = dir / "mv.h5";
+  save_snapshot(mvp, mv);
+  const MultiViewEngine back = load_multiview_snapshot(mvp);
+  CHECK(dynamic_cast<const DynamicSampler&>(back.sampler()).fingerprint() ==
+        dynamic_cast<const DynamicSampler&>(mv.sampler()).fingerprint());
+  std::vector<Bank> two;
+  two.emplace_back(kN, kD, 1);
+  two.emplace_back(kN, kD, 2);
+  CHECK(mentions(message_of([&] {
+    MultiViewEngine(std::move(two), std::make_unique<DynamicSampler>(random_weights(kN, rng), p), cfg, ViewGraph::full);
+  }), "loss_ema"));
 }

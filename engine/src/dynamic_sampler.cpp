@@ -312,4 +312,18 @@ std::uint64_t DynamicSampler::fingerprint() const {
   return h;
 }
 
+std::string to_string(DynamicSampler::Drive drive) {
+  switch (drive) {
+    case DynamicSampler::Drive::none: return "none";
+    case DynamicSampler::Drive::loss_ema: return "loss_ema";
+  }
+  MEMBANK_THROW("DynamicSampler::Drive {}: not a drive", static_cast<int>(drive));
+}
+
+DynamicSampler::Drive dynamic_drive_from_string(const std::string& s) {
+  for (const auto d : {DynamicSampler::Drive::none, DynamicSampler::Drive::loss_ema})
+    if (s == to_string(d)) return d;
+  MEMBANK_THROW("drive = '{}': expected 'none' or 'loss_ema'", s);
+}
+
 }  // namespace membank

@@ -43,6 +43,10 @@ Engine MultiViewEngine::make_core(std::vector<Bank>& banks, std::unique_ptr<Nois
     MEMBANK_CHECK(banks[v].size() == banks[0].size() && banks[v].dim() == banks[0].dim(),
                   "banks[{}] is N x D = {} x {}: expected banks[0]'s {} x {} (every view holds the same N instances "
                   "in the same dimension)", v, banks[v].size(), banks[v].dim(), banks[0].size(), banks[0].dim());
+  const auto* dynamic = dynamic_cast<const DynamicSampler*>(sampler.get());
+  MEMBANK_CHECK(dynamic == nullptr || dynamic->params().drive == DynamicSampler::Drive::none,
+                "a dynamic sampler with the loss_ema drive: MultiViewEngine does not drive the weights itself; use "
+                "the drive none and set_sampler_weights");
   // The engine checks the sampler, the config (against N and D) and the labels.
   return Engine(std::move(banks[0]), std::move(sampler), config, std::move(labels));
 }

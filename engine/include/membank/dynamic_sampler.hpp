@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace membank {
@@ -111,5 +112,10 @@ class DynamicSampler final : public NoiseSampler {
   double total_ = 0.0;
   double log_total_ = 0.0;
 };
+
+/// "none" or "loss_ema".
+std::string to_string(DynamicSampler::Drive drive);
+/// Parse the names printed by to_string; throws Error naming the value and the choices otherwise.
+DynamicSampler::Drive dynamic_drive_from_string(const std::string& s);
 
 }  // namespace membank

@@ -44,6 +44,7 @@
 // allocate before anything is allocated: OutOfMemory (an Error) with the bytes needed and available.
 // An allocation that fails anyway, inside OpenMP regions too, is OutOfMemory; the engine is unchanged.
 #include <membank/bank.hpp>
+#include <membank/dynamic_sampler.hpp>
 #include <membank/memory.hpp>
 #include <membank/objective.hpp>
 #include <membank/sampler.hpp>
@@ -144,7 +145,9 @@ class Engine {
   /// Takes ownership of the bank and sampler. Throws Error if config.validate(bank.size()) fails,
   /// the sampler is null or its size differs from the bank's, or labels is neither empty nor N long.
   /// supcon, contrastive, triplet and exclude_same_label need labels: given here, or by set_labels()
-  /// before the first step (a step without them throws).
+  /// before the first step (a step without them throws). A DynamicSampler with the loss_ema drive is
+  /// re-weighted after every step from the batch's per-query losses (refused with the full softmax,
+  /// which has no sampled terms).
   Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig config,
          std::vector<std::int64_t> labels = {});
   ~Engine();  ///< waits for a prefetch in flight
@@ -210,6 +213,14 @@ class Engine {
   /// 1 x K (shared). Identical for any thread count.
   RowMatrixi sample(IdsRef ids, std::int64_t step) const;
 
+  /// Changes the weights of a DynamicSampler (dynamic_sampler.hpp): w[ids[k]] = weights[k], P_n exact
+  /// from the next draw on. Waits for and discards a prefetch in flight (its draws used the old
+  /// weights). With labels, the classes' P_n masses (exclude_same_label's conditioning) are summed
+  /// afresh: O(N) per call then. Throws Error, changing nothing, if the sampler is not dynamic, on
+  /// the sampler's own checks (ids in range, finite weights >= 0, a positive sum), or if a label
+  /// would carry all of the noise mass under exclude_same_label.
+  void set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights);
+
   const Bank& bank() const { return bank_; }
   const NoiseSampler& sampler() const { return *sampler_; }
   const EngineConfig& config() const { return config_; }
@@ -229,6 +240,7 @@ class Engine {
     StepStats stats;
     Partition partition;  ///< Z state after the step (initialised = false: no change)
     RowMatrixf normalized;  ///< the unit features used, when the engine normalised them (else empty)
+    std::vector<double> query_losses;  ///< each query's own loss, for a loss-driven DynamicSampler (else empty)
   };
   /// Validate, then compute loss and gradient; changes nothing in the engine. `own_draws`: the
   /// negatives are the engine's own draws for this step (a prefetch), not re-validated.
@@ -253,6 +265,11 @@ class Engine {
   std::unique_ptr<Prefetch> prefetch_;
   /// Waits for a prefetch in flight and drops it.
   void discard_prefetch();
+  /// The sampler as a DynamicSampler whose drive is loss_ema (the engine re-weights the batch's rows
+  /// after each step), else null.
+  DynamicSampler* loss_driven_sampler() const;
+  /// The class masses summed afresh from the sampler (after its weights changed).
+  void refresh_class_mass();
 
   Bank bank_;
   std::unique_ptr<NoiseSampler> sampler_;
