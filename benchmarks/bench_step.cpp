@@ -38,6 +38,7 @@ struct StepOptions {
   int threads = 0;
   std::string negatives = "per-sample";
   std::string sampler = "uniform";
+  std::string drive = "none";  ///< --sampler dynamic: none, or loss_ema (the engine re-weights after each step)
   std::string objective = "nce";
   std::string dtype = "float32";  ///< one type, or a comma-separated list measured in one run
   int repeats = 15;
@@ -72,6 +73,9 @@ StepSetup setup_of(const StepOptions& o, const std::string& dtype) {
   setup.batch = o.batch;
   setup.negatives = negatives_mode_from_string(o.negatives);
   setup.sampler = sampler_kind_from_string(o.sampler);
+  setup.loss_ema = dynamic_drive_from_string(o.drive) == DynamicSampler::Drive::loss_ema;
+  MEMBANK_CHECK(!setup.loss_ema || setup.sampler == SamplerKind::dynamic, "--drive {}: expected --sampler dynamic",
+                o.drive);
   setup.objective = objective_from_string(o.objective);
   setup.dtype = dtype_from_string(dtype);
   setup.seed = o.seed;
@@ -108,10 +112,17 @@ StepFigures run_one(const StepOptions& o) {
       {"median_step_over_median_floor", step_med / floor_med},
       {"floor_gb_per_s", gbytes / (floor_med * 1e-3)},
       {"alias_build_ms", alias_build_ms},
+      {"drive", o.drive},
       {"repeats", o.repeats},     {"cpu", cpu_model()},
       {"build", MEMBANK_BUILD_TYPE}, {"version", MEMBANK_VERSION_STRING},
       {"git", git_revision()},    {"checksum", std::isfinite(checksum)},
       {"isa", to_string(active_isa())}};
+  if (setup.sampler == SamplerKind::dynamic) {
+    // The cost of changing weights: a batch's worth of rows per call (what the loss_ema drive sets
+    // after each step), and a single row.
+    row["weight_update_batch_ms"] = bench.time_weight_updates(o.repeats, o.batch);
+    row["weight_update_one_row_ms"] = bench.time_weight_updates(o.repeats, 1);
+  }
   if (o.overlap_ms >= 0) {
     // The caller's loop: step, announce the next ids, compute (a sleep), step. Steps without and with
     // the announcement alternate; only the steps are timed.
@@ -140,7 +151,11 @@ StepFigures run_one(const StepOptions& o) {
              gbytes / (floor_med * 1e-3));
   fmt::print("  step / floor = {:.2f}   (median of the {} paired ratios; the medians' ratio: {:.2f})\n", ratio,
              step_ms.size(), step_med / floor_med);
-  if (alias_build_ms > 0) fmt::print("  alias table built in {:.1f} ms\n", alias_build_ms);
+  if (alias_build_ms > 0) fmt::print("  {} table built in {:.1f} ms\n", o.sampler, alias_build_ms);
+  if (setup.sampler == SamplerKind::dynamic)
+    fmt::print("  set_sampler_weights: {:.3f} ms for {} rows, {:.3f} ms for one row (drive {})\n",
+               row["weight_update_batch_ms"].get<double>(), o.batch, row["weight_update_one_row_ms"].get<double>(),
+               o.drive);
   if (o.overlap_ms >= 0) {
     const double p = row["step_after_overlap_ms"].get<double>(), a = row["step_after_overlap_prefetched_ms"].get<double>();
     fmt::print("  after {:.1f} ms of caller compute: step {:.2f} ms; with the ids announced first (prefetch) {:.2f} ms: "
@@ -231,10 +246,16 @@ void run_distributed(const StepOptions& o) {
     std::uniform_int_distribution<index_t> any_id(0, o.n - 1);
     std::vector<double> weights;
     auto make_sampler = [&]() -> std::unique_ptr<NoiseSampler> {
-      if (sampler_kind_from_string(o.sampler) == SamplerKind::alias) return std::make_unique<AliasSampler>(weights);
+      const SamplerKind kind = sampler_kind_from_string(o.sampler);
+      if (kind == SamplerKind::alias) return std::make_unique<AliasSampler>(weights);
+      if (kind == SamplerKind::dynamic) {
+        DynamicSampler::Params p;
+        p.drive = dynamic_drive_from_string(o.drive);  // loss_ema: refused by DistributedEngine
+        return std::make_unique<DynamicSampler>(weights, p);
+      }
       return std::make_unique<UniformSampler>(o.n);
     };
-    if (sampler_kind_from_string(o.sampler) == SamplerKind::alias) {
+    if (sampler_kind_from_string(o.sampler) != SamplerKind::uniform) {
       weights.resize(static_cast<std::size_t>(o.n));
       std::uniform_real_distribution<double> u(0.5, 2.0);
       for (auto& w : weights) w = u(rng);
@@ -435,7 +456,12 @@ void add_bench_step(CLI::App& bench) {
       ->check(one_of({"per-sample", "shared", "both"}));
   cmd->add_option("--sampler", o->sampler, "noise distribution: uniform, or alias over random weights")
       ->capture_default_str()
-      ->check(one_of({"uniform", "alias"}));
+      ->check(one_of({"uniform", "alias", "dynamic"}));
+  cmd->add_option("--drive", o->drive,
+                  "--sampler dynamic: none, or loss_ema (the engine re-weights each batch's rows after its step "
+                  "from a per-row loss average)")
+      ->capture_default_str()
+      ->check(one_of({"none", "loss_ema"}));
   cmd->add_option("--objective", o->objective,
                   "nce, infonce, dcl, hcl, dhel, kcl, supcon, contrastive, triplet (the supervised three over ten "
                   "classes, instance j in class j mod 10), full (exact softmax over the bank), or all (every one "

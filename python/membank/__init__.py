@@ -47,6 +47,7 @@ Contrastive multiview coding (CMC) over V banks, one per view::
 from ._membank import (  # noqa: F401
     AliasSampler,
     Bank,
+    DynamicSampler,
     Engine,
     Error,
     InBatch,
@@ -111,7 +112,7 @@ Queue.__new__ = _memory_new("DistributedQueue")
 InBatch.__new__ = _memory_new("DistributedInBatch")
 
 __all__ = [
-    "AliasSampler", "Bank", "Engine", "Error", "InBatch", "KnnResult", "MultiViewEngine", "MultiViewStats",
+    "AliasSampler", "Bank", "DynamicSampler", "Engine", "Error", "InBatch", "KnnResult", "MultiViewEngine", "MultiViewStats",
     "NoiseSampler", "Queue", "StepStats",
     "UniformSampler",
     "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot", "max_num_threads",
