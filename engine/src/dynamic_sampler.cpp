@@ -112,6 +112,7 @@ DynamicSampler::DynamicSampler(std::span<const double> weights, Params params, s
   w_.assign(weights.begin(), weights.end());
   const index_t nb = (n_ + kBlock - 1) / kBlock;
   cells_.resize(static_cast<std::size_t>(n_));
+  for (std::size_t j = 0; j < w_.size(); ++j) cells_[j] = {1.0, static_cast<std::uint32_t>(j), 0, std::log(w_[j]), 0.0};
   mass_.assign(static_cast<std::size_t>(nb), 0.0);
   for (index_t b = 0; b < nb; ++b) build_block(b);
   double total = 0.0;
@@ -127,11 +128,9 @@ void DynamicSampler::build_block(index_t b) {
   double mass = 0.0;
   for (const double x : w) mass += x;  // in row order: the block's mass is a function of its weights
   mass_[static_cast<std::size_t>(b)] = mass;
+  // Each cell's log_w_self is already log w of its row (set by the constructor and by set_weights for
+  // the rows it changes): a rebuild takes no logarithm of the unchanged rows.
   Cell* cells = cells_.data() + first;
-  for (index_t i = 0; i < rows; ++i) {
-    cells[i].log_w_self = std::log(w[static_cast<std::size_t>(i)]);
-    cells[i].unused = 0;
-  }
   if (mass == 0.0) {
     // Never picked by the top level (its threshold there is 0 and no block aliases to it).
     for (index_t i = 0; i < rows; ++i) {
@@ -156,8 +155,8 @@ void DynamicSampler::build_top() {
   total_ = total;
   log_total_ = std::log(total);
   top_.resize(mass_.size());
-  std::vector<std::uint32_t> small, large;
-  std::vector<double> q;
+  thread_local std::vector<std::uint32_t> small, large;  // kept: a call of set_weights allocates less
+  thread_local std::vector<double> q;
   vose(mass_, total, small, large, q, [&](std::uint32_t i, double threshold, std::uint32_t alias) {
     top_[i] = {threshold, alias};
   });
@@ -258,19 +257,27 @@ void DynamicSampler::set_weights(std::span<const index_t> ids, std::span<const d
   std::sort(touched.begin(), touched.end());
   touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
   std::vector<double> old(ids.size());
-  std::vector<double> mass = mass_;
+  std::vector<double> fresh(touched.size());  // the touched blocks' new masses
   for (std::size_t k = 0; k < ids.size(); ++k) old[k] = w_[static_cast<std::size_t>(ids[k])];
   for (std::size_t k = 0; k < ids.size(); ++k) w_[static_cast<std::size_t>(ids[k])] = values[k];
-  for (const index_t b : touched) {
+  for (std::size_t t = 0; t < touched.size(); ++t) {
+    const index_t b = touched[t];
     double m = 0.0;
     for (index_t j = b * kBlock; j < std::min(n_, (b + 1) * kBlock); ++j) m += w_[static_cast<std::size_t>(j)];
-    mass[static_cast<std::size_t>(b)] = m;
+    fresh[t] = m;
   }
   double total = 0.0;
-  for (const double m : mass) total += m;
+  for (std::size_t b = 0, t = 0; b < mass_.size(); ++b) {
+    const bool hit = t < touched.size() && touched[t] == static_cast<index_t>(b);
+    total += hit ? fresh[t++] : mass_[b];
+  }
   if (!(total > 0.0 && std::isfinite(total))) {
     for (std::size_t k = ids.size(); k-- > 0;) w_[static_cast<std::size_t>(ids[k])] = old[k];
     MEMBANK_THROW("the new weights sum to {}: expected a positive finite sum (nothing changed)", total);
+  }
+  for (std::size_t k = 0; k < ids.size(); ++k) {
+    const auto j = static_cast<std::size_t>(ids[k]);
+    cells_[j].log_w_self = std::log(w_[j]);
   }
   for (const index_t b : touched) build_block(b);
   build_top();
