@@ -386,7 +386,8 @@ TEST_CASE("Engine with a dynamic sampler: loss and gradient equal the double ref
 TEST_CASE("Engine set_sampler_weights (dynamic sampler): refusals change nothing, a prefetch in flight is discarded") {
   // Guards the engine's entry point: a non-dynamic sampler and bad weights are one Error each with the
   // engine unchanged; a prefetch made before a weight change is dropped (its draws used the old
-  // weights), and the next step equals that of an engine that never prefetched.
+  // weights), and the next step equals that of an engine that never prefetched; a step with its own
+  // draws equals step_with_negatives with the same draws.
   EngineConfig cfg;
   cfg.k = kK;
   std::mt19937_64 rng(9);
@@ -407,6 +408,13 @@ TEST_CASE("Engine set_sampler_weights (dynamic sampler): refusals change nothing
   RowMatrixf ga(kB, kD), gb(kB, kD);
   const StepStats sa = a.step(x.f, x.ids, ga), sb = b.step(x.f, x.ids, gb);
   CHECK(bits_equal(sa.loss, sb.loss));
+  CHECK(bits_equal(ga, gb));
+  // The engine's own draws and the same ids given back (sample, then step_with_negatives) give the
+  // same step bit for bit: draws and lookup() form log P_n alike.
+  const Batch y = batch_of(a, rng);
+  const RowMatrixi negs = a.sample(y.ids, a.steps_done());
+  const StepStats own = a.step(y.f, y.ids, ga), given = b.step_with_negatives(y.f, y.ids, negs, gb);
+  CHECK(bits_equal(own.loss, given.loss));
   CHECK(bits_equal(ga, gb));
   // With labels and exclude_same_label, a weight change that leaves one label all of the mass is refused.
   EngineConfig lc = cfg;

@@ -22,8 +22,8 @@
 //               refreshes its own rows.
 //
 // Every objective, sampler (uniform: draws independent of R; alias: the table is replicated on every
-// rank, 40 bytes per row), storage type and negatives mode works in both modes. Z (first_batch, ema)
-// comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
+// rank, 40 bytes per row; dynamic: replicated too, its weights changed only by set_sampler_weights),
+// storage type and negatives mode works in both modes. Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
 // every rank returns the same StepStats, bit for bit.
 //
 // Errors: a rank whose input is refused (the single-process checks, plus a slice of the batch that

@@ -20,6 +20,9 @@
 // batch's rows to w_j = floor + max(ema_j, 0). Rows never seen keep their initial weight. The EMA
 // array is part of the sampler's state (snapshots carry it).
 //
+// Memory: 40 bytes per row (a 32-byte cell and the weight), 8 more with the loss_ema drive (the
+// average), 24 bytes per block.
+//
 // Thread safety: the const methods may run concurrently with each other; set_weights() and observe()
 // may not run concurrently with anything (the Engine waits for its prefetch thread first).
 #include <membank/sampler.hpp>
