@@ -536,7 +536,7 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   result["ranks"] = where.ranks;
   if (distributed) {
     // rank 0's bytes sent per step (engine and gradient all-reduce); every rank's, in rank order
-    const double mine_per_step = wire_steps ? static_cast<double>(wire_bytes) / static_cast<double>(wire_steps) : 0.0;
+    [[maybe_unused]] const double mine_per_step = wire_steps ? static_cast<double>(wire_bytes) / static_cast<double>(wire_steps) : 0.0;
     std::vector<double> per_rank(static_cast<std::size_t>(where.ranks));
 #ifdef MEMBANK_WITH_MPI
     collective([&] {
