@@ -194,8 +194,8 @@ class Engine {
   /// pass, and the next step() with exactly these ids at this step counter uses them instead of
   /// drawing its own. Results are bit for bit those without the call (the draws are the same; the
   /// step reads them as step_with_negatives would, without re-validating its own draws). A step with
-  /// other ids, or any other call that changes the step counter or the labels, discards the
-  /// prefetch. Per-sample negatives only: with shared negatives or the full softmax it does nothing
+  /// other ids, or any other call that changes the step counter, the labels or the sampler's weights
+  /// (set_sampler_weights), discards the prefetch. Per-sample negatives only: with shared negatives or the full softmax it does nothing
   /// and returns false. The draws take B K 8 bytes (8 MB at B = 256, K = 4096) and one thread.
   /// The rows themselves are not copied ahead: a staged copy of the B (K + 1) rows is as many bytes
   /// as the gather reads, written and read again (docs/architecture.md).
