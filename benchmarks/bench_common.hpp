@@ -4,6 +4,7 @@
 // resident memory (Linux /proc).
 #include <membank/bank.hpp>
 #include <membank/cluster_sampler.hpp>
+#include <membank/dynamic_sampler.hpp>
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
 #include <membank/sampler.hpp>
@@ -78,7 +79,8 @@ struct StepSetup {
   index_t k = 4096;
   index_t batch = 256;
   NegativesMode negatives = NegativesMode::per_sample;
-  SamplerKind sampler = SamplerKind::uniform;  ///< alias: over weights drawn uniformly in [0.5, 2)
+  SamplerKind sampler = SamplerKind::uniform;  ///< alias, dynamic: over weights drawn uniformly in [0.5, 2)
+  bool loss_ema = false;  ///< dynamic: the engine re-weights each batch's rows after a step (the loss_ema drive)
   index_t clusters = 1024;  ///< cluster sampler: C (fitted with one Lloyd step, timed as cluster_fit_ms)
   Objective objective = Objective::nce;
   DType dtype = DType::float32;  ///< the bank's storage type
@@ -99,12 +101,18 @@ class StepBench {
     cfg.objective = s.objective;
     cfg.seed = s.seed;
     std::unique_ptr<NoiseSampler> sampler;
-    if (s.sampler == SamplerKind::alias) {
+    if (s.sampler == SamplerKind::alias || s.sampler == SamplerKind::dynamic) {
       std::vector<double> w(static_cast<std::size_t>(s.n));
       std::uniform_real_distribution<double> u(0.5, 2.0);
       for (auto& x : w) x = u(rng_);
       const double t0 = now_ms();
-      sampler = std::make_unique<AliasSampler>(w);
+      if (s.sampler == SamplerKind::alias) {
+        sampler = std::make_unique<AliasSampler>(w);
+      } else {
+        DynamicSampler::Params p;
+        if (s.loss_ema) p.drive = DynamicSampler::Drive::loss_ema;
+        sampler = std::make_unique<DynamicSampler>(w, p);
+      }
       alias_build_ms = now_ms() - t0;
     } else {
       sampler = std::make_unique<UniformSampler>(s.n);
@@ -235,7 +243,26 @@ class StepBench {
   }
 
   const Engine& engine() const { return *engine_; }
-  double alias_build_ms = 0.0;  ///< Vose table build (alias sampler only)
+  /// Dynamic sampler: the median time (ms) of `calls` calls of set_sampler_weights, each changing
+  /// `rows` random rows to random weights (generated before the clock starts).
+  double time_weight_updates(int calls, index_t rows) {
+    std::uniform_real_distribution<double> u(0.5, 2.0);
+    std::vector<double> ms;
+    for (int c = 0; c < calls; ++c) {
+      std::vector<index_t> ids(static_cast<std::size_t>(rows));
+      std::vector<double> w(ids.size());
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        ids[i] = any_id_(rng_);
+        w[i] = u(rng_);
+      }
+      const double t0 = now_ms();
+      engine_->set_sampler_weights(ids, w);
+      ms.push_back(now_ms() - t0);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  }
+  double alias_build_ms = 0.0;  ///< the alias or dynamic sampler's table build
   double cluster_fit_ms = 0.0;  ///< k-means fit: one Lloyd step and the assignment (cluster sampler only)
   double bank_build_ms = 0.0;   ///< bank allocation and random initialisation
 

@@ -39,6 +39,7 @@ struct StepOptions {
   std::string negatives = "per-sample";
   std::string sampler = "uniform";
   index_t clusters = 1024;  ///< --sampler cluster: C
+  std::string drive = "none";  ///< --sampler dynamic: none, or loss_ema (the engine re-weights after each step)
   std::string objective = "nce";
   std::string dtype = "float32";  ///< one type, or a comma-separated list measured in one run
   int repeats = 15;
@@ -74,6 +75,9 @@ StepSetup setup_of(const StepOptions& o, const std::string& dtype) {
   setup.negatives = negatives_mode_from_string(o.negatives);
   setup.sampler = sampler_kind_from_string(o.sampler);
   setup.clusters = o.clusters;
+  setup.loss_ema = dynamic_drive_from_string(o.drive) == DynamicSampler::Drive::loss_ema;
+  MEMBANK_CHECK(!setup.loss_ema || setup.sampler == SamplerKind::dynamic, "--drive {}: expected --sampler dynamic",
+                o.drive);
   setup.objective = objective_from_string(o.objective);
   setup.dtype = dtype_from_string(dtype);
   setup.seed = o.seed;
@@ -112,10 +116,17 @@ StepFigures run_one(const StepOptions& o) {
       {"alias_build_ms", alias_build_ms},
       {"clusters", setup.sampler == SamplerKind::cluster ? nlohmann::json(o.clusters) : nlohmann::json(nullptr)},
       {"cluster_fit_ms", bench.cluster_fit_ms},
+      {"drive", o.drive},
       {"repeats", o.repeats},     {"cpu", cpu_model()},
       {"build", MEMBANK_BUILD_TYPE}, {"version", MEMBANK_VERSION_STRING},
       {"git", git_revision()},    {"checksum", std::isfinite(checksum)},
       {"isa", to_string(active_isa())}};
+  if (setup.sampler == SamplerKind::dynamic) {
+    // The cost of changing weights: a batch's worth of rows per call (what the loss_ema drive sets
+    // after each step), and a single row.
+    row["weight_update_batch_ms"] = bench.time_weight_updates(o.repeats, o.batch);
+    row["weight_update_one_row_ms"] = bench.time_weight_updates(o.repeats, 1);
+  }
   if (o.overlap_ms >= 0) {
     // The caller's loop: step, announce the next ids, compute (a sleep), step. Steps without and with
     // the announcement alternate; only the steps are timed.
@@ -144,10 +155,14 @@ StepFigures run_one(const StepOptions& o) {
              gbytes / (floor_med * 1e-3));
   fmt::print("  step / floor = {:.2f}   (median of the {} paired ratios; the medians' ratio: {:.2f})\n", ratio,
              step_ms.size(), step_med / floor_med);
-  if (alias_build_ms > 0) fmt::print("  alias table built in {:.1f} ms\n", alias_build_ms);
+  if (alias_build_ms > 0) fmt::print("  {} table built in {:.1f} ms\n", o.sampler, alias_build_ms);
   if (bench.cluster_fit_ms > 0)
     fmt::print("  {} clusters fitted in {:.1f} s (one Lloyd step and the assignment: 2 N C D multiply-adds each)\n",
                std::min(o.clusters, o.n), bench.cluster_fit_ms * 1e-3);
+  if (setup.sampler == SamplerKind::dynamic)
+    fmt::print("  set_sampler_weights: {:.3f} ms for {} rows, {:.3f} ms for one row (drive {})\n",
+               row["weight_update_batch_ms"].get<double>(), o.batch, row["weight_update_one_row_ms"].get<double>(),
+               o.drive);
   if (o.overlap_ms >= 0) {
     const double p = row["step_after_overlap_ms"].get<double>(), a = row["step_after_overlap_prefetched_ms"].get<double>();
     fmt::print("  after {:.1f} ms of caller compute: step {:.2f} ms; with the ids announced first (prefetch) {:.2f} ms: "
@@ -224,8 +239,8 @@ void run_distributed(const StepOptions& o) {
     cfg.objective = objective_from_string(o.objective);
     cfg.seed = o.seed;
     collective([&] {  // (the same on every rank)
-      MEMBANK_CHECK(o.sampler == "uniform" || o.sampler == "alias", "--sampler {} with --distributed: not supported "
-                    "yet (a DistributedEngine takes uniform or alias)", o.sampler);
+      MEMBANK_CHECK(o.sampler != "cluster", "--sampler {} with --distributed: not supported yet (a DistributedEngine "
+                    "takes uniform, alias or dynamic)", o.sampler);
       MEMBANK_CHECK(o.batch >= ranks, "--batch {} with {} ranks: expected a global batch of at least one query per "
                     "rank", o.batch, ranks);
       MEMBANK_CHECK(o.n >= ranks, "--n {} with {} ranks: expected at least one bank row per rank", o.n, ranks);
@@ -240,10 +255,16 @@ void run_distributed(const StepOptions& o) {
     std::uniform_int_distribution<index_t> any_id(0, o.n - 1);
     std::vector<double> weights;
     auto make_sampler = [&]() -> std::unique_ptr<NoiseSampler> {
-      if (sampler_kind_from_string(o.sampler) == SamplerKind::alias) return std::make_unique<AliasSampler>(weights);
+      const SamplerKind kind = sampler_kind_from_string(o.sampler);
+      if (kind == SamplerKind::alias) return std::make_unique<AliasSampler>(weights);
+      if (kind == SamplerKind::dynamic) {
+        DynamicSampler::Params p;
+        p.drive = dynamic_drive_from_string(o.drive);  // loss_ema: refused by DistributedEngine
+        return std::make_unique<DynamicSampler>(weights, p);
+      }
       return std::make_unique<UniformSampler>(o.n);
     };
-    if (sampler_kind_from_string(o.sampler) == SamplerKind::alias) {
+    if (sampler_kind_from_string(o.sampler) != SamplerKind::uniform) {
       weights.resize(static_cast<std::size_t>(o.n));
       std::uniform_real_distribution<double> u(0.5, 2.0);
       for (auto& w : weights) w = u(rng);
@@ -443,11 +464,16 @@ void add_bench_step(CLI::App& bench) {
       ->capture_default_str()
       ->check(one_of({"per-sample", "shared", "both"}));
   cmd->add_option("--sampler", o->sampler,
-                  "noise distribution: uniform, alias over random weights, or cluster (the query-dependent proposal "
-                  "over --clusters k-means clusters of the bank)")
+                  "noise distribution: uniform, alias or dynamic over random weights, or cluster (the query-dependent "
+                  "proposal over --clusters k-means clusters of the bank)")
       ->capture_default_str()
-      ->check(one_of({"uniform", "alias", "cluster"}));
+      ->check(one_of({"uniform", "alias", "dynamic", "cluster"}));
   cmd->add_option("--clusters", o->clusters, "--sampler cluster: C")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--drive", o->drive,
+                  "--sampler dynamic: none, or loss_ema (the engine re-weights each batch's rows after its step "
+                  "from a per-row loss average)")
+      ->capture_default_str()
+      ->check(one_of({"none", "loss_ema"}));
   cmd->add_option("--objective", o->objective,
                   "nce, infonce, dcl, hcl, dhel, kcl, supcon, contrastive, triplet (the supervised three over ten "
                   "classes, instance j in class j mod 10), full (exact softmax over the bank), or all (every one "

@@ -35,6 +35,7 @@
 #include <membank/distributed.hpp>
 #include <membank/distributed_memories.hpp>
 #include <membank/distributed_snapshot.hpp>
+#include <membank/dynamic_sampler.hpp>
 #endif
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
@@ -368,6 +369,7 @@ std::unique_ptr<NoiseSampler> copy_sampler(const NoiseSampler& s) {
   if (s.kind() == SamplerKind::alias) return std::make_unique<AliasSampler>(static_cast<const AliasSampler&>(s));
   if (s.kind() == SamplerKind::cluster)
     return std::make_unique<ClusterSampler>(static_cast<const ClusterSampler&>(s));
+  if (s.kind() == SamplerKind::dynamic) return std::make_unique<DynamicSampler>(static_cast<const DynamicSampler&>(s));
   return std::make_unique<UniformSampler>(s.size());
 }
 
@@ -1716,7 +1718,37 @@ PYBIND11_MODULE(_membank, m) {
              return py::make_tuple(to_numpy(std::move(ids)), to_numpy(std::move(lp)));
            },
            py::arg("k"), py::arg("seed") = 0, py::arg("step") = 0, py::arg("row") = 0, py::arg("excluded") = py::none(),
-           "k draws of the stream (seed, step, row): (ids int64, log P_n float32).");
+           "k draws of the stream (seed, step, row): (ids int64, log P_n float32).")
+      .def_property_readonly("weights", [](const PySampler& s) -> py::object {
+        if (const auto* d = dynamic_cast<const DynamicSampler*>(s.s.get())) return py::object(to_numpy(std::vector<double>(d->weights())));
+        if (const auto* a = dynamic_cast<const AliasSampler*>(s.s.get())) return py::object(to_numpy(std::vector<double>(a->weights().begin(), a->weights().end())));
+        return py::none();
+      }, "the weights (float64, N) of an alias or dynamic sampler (a copy), or None")
+      .def_property_readonly("dynamic_state", [](const PySampler& s) -> py::object {
+        const auto* d = dynamic_cast<const DynamicSampler*>(s.s.get());
+        if (d == nullptr) return py::none();
+        py::dict out;
+        out["drive"] = to_string(d->params().drive);
+        out["alpha"] = d->params().alpha;
+        out["floor"] = d->params().floor;
+        out["ema"] = d->ema().empty() ? py::object(py::none()) : py::object(to_numpy(std::vector<double>(d->ema())));
+        return py::object(std::move(out));
+      }, "a dynamic sampler's drive, alpha, floor and per-row loss average (NaN: never seen; None: drive none); "
+         "None for the other kinds");
+  m.def("DynamicSampler", [](py::handle weights, const std::string& drive, double alpha, double floor) {
+          auto w = vector_arg<double>(weights, "weights", "float64", "(N,)");
+          DynamicSampler::Params p;
+          p.drive = dynamic_drive_from_string(drive);
+          p.alpha = alpha;
+          p.floor = floor;
+          py::gil_scoped_release nogil;
+          return PySampler{std::make_shared<DynamicSampler>(w.span(), p)};
+        },
+        py::arg("weights"), py::kw_only(), py::arg("drive") = "none", py::arg("alpha") = 0.9, py::arg("floor") = 0.1,
+        "P_n(j) = w_j / sum(w) with weights that change during training (Engine.set_sampler_weights), exact at "
+        "every step: a blocked alias table, O(128) per changed row plus O(N / 128) per call. drive='loss_ema': "
+        "after each step the engine sets each batch row's weight to floor + max(ema, 0), ema its loss average "
+        "(ema <- alpha ema + (1 - alpha) loss).");
   m.def("UniformSampler", [](index_t n) { return PySampler{std::make_shared<UniformSampler>(n)}; }, py::arg("n"),
         "P_n(j) = 1/N.");
   m.def("AliasSampler", [](py::handle weights) {
@@ -1787,6 +1819,13 @@ PYBIND11_MODULE(_membank, m) {
         const auto l = vector_arg<std::int64_t>(labels, "labels", "int64", "(N,)");
         with_engine(pe, [&](Engine& e) { e.set_labels(l.span()); });
       }, py::arg("labels"), "One int64 label per instance (supcon, contrastive, triplet, exclude_same_label).")
+      .def("set_sampler_weights", [](PyEngine& pe, py::handle ids, py::handle weights) {
+        const auto y = vector_arg<index_t>(ids, "ids", "int64", "(M,)");
+        const auto w = vector_arg<double>(weights, "weights", "float64", "(M,)");
+        with_engine(pe, [&](Engine& e) { e.set_sampler_weights(y.span(), w.span()); });
+      }, py::arg("ids"), py::arg("weights"),
+      "A dynamic sampler's weights: w[ids[k]] = weights[k], P_n exact from the next step on (a prefetch in "
+      "flight is discarded). Error, nothing changed, on bad ids or weights or another sampler kind.")
       .def_property_readonly("sampler", [](const PyEngine& pe) {
         // A copy, so that the Python object never outlives what it points to.
         return PySampler{std::shared_ptr<const NoiseSampler>(copy_sampler(pe.engine->sampler()))};
@@ -2268,6 +2307,12 @@ stats.pairs, partitions and the gradient sums.)doc")
         const auto l = vector_arg<std::int64_t>(labels, "labels", "int64", "(N,)");
         with_multiview(pm, [&](MultiViewEngine& mv) { mv.set_labels(l.span()); });
       }, py::arg("labels"), "One int64 label per instance, shared by the views (as Engine.set_labels).")
+      .def("set_sampler_weights", [](PyMultiView& pm, py::handle ids, py::handle weights) {
+        const auto y = vector_arg<index_t>(ids, "ids", "int64", "(M,)");
+        const auto w = vector_arg<double>(weights, "weights", "float64", "(M,)");
+        with_multiview(pm, [&](MultiViewEngine& mv) { mv.set_sampler_weights(y.span(), w.span()); });
+      }, py::arg("ids"), py::arg("weights"), "A dynamic sampler's weights, shared by the views (as "
+      "Engine.set_sampler_weights).")
       .def("__repr__", [](PyMultiView& pm) {
         const auto& c = pm.mv->config();
         const std::int64_t steps = with_multiview(pm, [](MultiViewEngine& mv) { return mv.steps_done(); });
@@ -2340,6 +2385,18 @@ evaluate, sample, update, prefetch, bank (use local_bank or gather_bank).)doc")
         });
         with_engine(pd, [&](DistributedEngine& e) { e.set_labels(l); });
       }, py::arg("labels"), "Collective. One int64 label per instance, N of them, the same on every rank.")
+      .def("set_sampler_weights", [](PyDistEngine& pd, py::handle ids, py::handle weights) {
+        std::vector<index_t> y;
+        std::vector<double> w;
+        all_ranks_agree(pd.guard, "DistributedEngine.set_sampler_weights", [&] {
+          const auto iy = vector_arg<index_t>(ids, "ids", "int64", "(M,)");
+          const auto iw = vector_arg<double>(weights, "weights", "float64", "(M,)");
+          y.assign(iy.span().begin(), iy.span().end());
+          w.assign(iw.span().begin(), iw.span().end());
+        });
+        with_engine(pd, [&](DistributedEngine& e) { e.set_sampler_weights(y, w); });
+      }, py::arg("ids"), py::arg("weights"),
+      "Collective. Engine.set_sampler_weights with the same ids and weights on every rank (checked by a hash).")
       .def_property_readonly("sampler", [](const PyDistEngine& pd) {
         return PySampler{std::shared_ptr<const NoiseSampler>(copy_sampler(pd.engine->sampler()))};
       })
@@ -2806,6 +2863,11 @@ collective; an argument refused on one rank raises on every rank (membank.Error 
           d["z_initialised"] = i.partition.initialised;
           d["log_z"] = i.partition.log_z;
           d["sampler"] = to_string(i.sampler);
+          if (i.sampler == SamplerKind::dynamic) {
+            d["sampler_drive"] = to_string(i.sampler_params.drive);
+            d["sampler_alpha"] = i.sampler_params.alpha;
+            d["sampler_floor"] = i.sampler_params.floor;
+          }
           d["has_labels"] = i.has_labels;
           d["rows_per_chunk"] = i.rows_per_chunk;
           d["compressed"] = i.compressed;

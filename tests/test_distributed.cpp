@@ -8,6 +8,7 @@
 // Over every objective x {replicated, sharded} x {per-sample, shared} x {uniform, alias} x
 // {fp32, fp16, bf16} (the last two cycled with the objective), slices of uneven size, duplicate ids
 // within and across ranks, and a step with caller negatives.
+// `dynamic`: a dynamic sampler with caller-set weights before every step, and its refusals.
 // `failure`: a rank's bad input gives every rank the same error, naming that rank, and changes nothing.
 // A check never throws and never stops a rank early: every rank enters every collective.
 #include <membank/distributed.hpp>
@@ -46,7 +47,22 @@ std::unique_ptr<NoiseSampler> make_sampler(SamplerKind kind, index_t n) {
   if (kind == SamplerKind::uniform) return std::make_unique<UniformSampler>(n);
   std::vector<double> w(static_cast<std::size_t>(n));
   for (index_t j = 0; j < n; ++j) w[static_cast<std::size_t>(j)] = 1.0 + static_cast<double>((j * 7) % 11);
+  if (kind == SamplerKind::dynamic) return std::make_unique<DynamicSampler>(w);
   return std::make_unique<AliasSampler>(w);
+}
+
+/// The caller's weight change before step s of a dynamic-sampler case (the same on every rank):
+/// 9 rows, one of them set to zero, the others in [0.1, 6).
+void weight_change(int step, std::vector<index_t>& ids, std::vector<double>& w) {
+  std::mt19937_64 gen(500 + static_cast<std::uint64_t>(step));
+  std::uniform_int_distribution<index_t> pick(0, 96);
+  std::uniform_real_distribution<double> value(0.1, 6.0);
+  ids.resize(9);
+  w.resize(9);
+  for (std::size_t k = 0; k < ids.size(); ++k) {
+    ids[k] = pick(gen);
+    w[k] = k == 4 ? 0.0 : value(gen);
+  }
 }
 
 /// This rank's slice size: uneven across ranks.
@@ -133,6 +149,16 @@ void run_case(const Case& c) {
     std::vector<index_t> ids, offset;
     RowMatrixf f;
     global_batch(step, ids, f, offset);
+    if (c.sampler == SamplerKind::dynamic) {
+      std::vector<index_t> changed;
+      std::vector<double> w;
+      weight_change(step, changed, w);
+      // A zero weight on a positive of this step would be refused by the step: keep those drawable.
+      for (std::size_t k = 0; k < changed.size(); ++k)
+        if (std::find(ids.begin(), ids.end(), changed[k]) != ids.end()) w[k] = 1.0;
+      ref.set_sampler_weights(changed, w);
+      dist.set_sampler_weights(changed, w);
+    }
     if (c.normalize) f *= 3.0f;
     const index_t total = f.rows();
     const index_t first = offset[static_cast<std::size_t>(g_rank)], mine = slice_size(g_rank);
@@ -296,6 +322,72 @@ void failure() {
   if (g_rank == 0) std::cout << fmt::format("failure: checked at np = {}\n", g_ranks);
 }
 
+/// The dynamic sampler: caller-set weights before every step keep the distributed engine equal to the
+/// single-process one (run_case, both modes and negatives modes, NCE and InfoNCE, with
+/// exclude_same_label once); a weight update that differs on one rank is refused on every rank naming
+/// it, with every rank's sampler unchanged; the loss_ema drive is refused at construction.
+void dynamic() {
+  int cases = 0;
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded})
+    for (const NegativesMode neg : {NegativesMode::per_sample, NegativesMode::shared})
+      for (const Objective obj : {Objective::nce, Objective::info_nce, Objective::supcon}) {
+        Case c{obj, mode, neg, SamplerKind::dynamic, DType::float32, obj == Objective::info_nce};
+        c.exclude_same_label = obj == Objective::supcon;
+        try {
+          run_case(c);
+        } catch (const std::exception& e) {
+          check(false, fmt::format("{}: threw {}", c.name(), e.what()));
+        }
+        ++cases;
+      }
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded}) {
+    EngineConfig cfg;
+    cfg.k = 8;
+    DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, mode, kN, kDim, 3, DType::float32,
+                                                       make_sampler(SamplerKind::dynamic, kN), cfg);
+    const auto& s = dynamic_cast<const DynamicSampler&>(dist.sampler());
+    const std::uint64_t before = s.fingerprint();
+    std::vector<index_t> ids{3, 40, 90};
+    std::vector<double> w{2.0, 0.5, 1.5};
+    const int bad = g_ranks - 1;
+    if (g_rank == bad && g_ranks > 1) w[1] = 0.75;
+    std::string message;
+    try {
+      dist.set_sampler_weights(ids, w);
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    if (g_ranks > 1)
+      check(message.find(fmt::format("rank {}", bad)) != std::string::npos &&
+                message.find("sampler weight update") != std::string::npos,
+            fmt::format("{}: a differing update is refused naming rank {}: '{}'", to_string(mode), bad, message));
+    check(g_ranks == 1 || s.fingerprint() == before, fmt::format("{}: the refused update changed nothing", to_string(mode)));
+    // A bad weight (the same on every rank): one error everywhere, nothing changed.
+    w = {2.0, -1.0, 1.5};
+    message.clear();
+    const std::uint64_t now = s.fingerprint();
+    try {
+      dist.set_sampler_weights(ids, w);
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    check(message.find("-1") != std::string::npos && s.fingerprint() == now,
+          fmt::format("{}: a negative weight is refused: '{}'", to_string(mode), message));
+    DynamicSampler::Params p;
+    p.drive = DynamicSampler::Drive::loss_ema;
+    message.clear();
+    try {
+      DistributedEngine::seeded(MPI_COMM_WORLD, mode, kN, kDim, 3, DType::float32,
+                                std::make_unique<DynamicSampler>(std::vector<double>(kN, 1.0), p), cfg);
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    check(message.find("loss_ema") != std::string::npos,
+          fmt::format("{}: the loss_ema drive is refused: '{}'", to_string(mode), message));
+  }
+  if (g_rank == 0) std::cout << fmt::format("dynamic: {} configurations at np = {}\n", cases, g_ranks);
+}
+
 /// The bytes a step sends, against docs/distributed.md's formulas (per rank, B_r = B / R queries each):
 ///   replicated: (R - 1) [B_r (8 + 4 D) + 96]
 ///   sharded:    B (R - 1) / R [8 + 8 D + 8 (K + 1) / R] + 148 (R - 1)    (sampled objectives, uniform)
@@ -341,5 +433,6 @@ int main(int argc, char** argv) {
   if (what == "steps" || what == "all") steps();
   if (what == "failure" || what == "all") failure();
   if (what == "wire" || what == "all") wire();
+  if (what == "dynamic" || what == "all") dynamic();
   return finish(what);
 }

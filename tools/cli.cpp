@@ -55,6 +55,7 @@ int run_cli(int argc, const char* const* argv, bool parse_only) {
   add_bench_step(*bench);
   add_bench_snapshot(*bench);
   add_bench_knn(*bench);
+  add_bench_sampler(*bench);
   add_bench_scale(*bench);
   add_bench_soak(*bench);
   add_bench_memories(*bench);

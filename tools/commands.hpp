@@ -23,6 +23,7 @@ std::function<void()> command(F f) {
 void add_bench_step(CLI::App& bench);
 void add_bench_snapshot(CLI::App& bench);
 void add_bench_knn(CLI::App& bench);
+void add_bench_sampler(CLI::App& bench);
 void add_bench_scale(CLI::App& bench);
 void add_bench_soak(CLI::App& bench);
 void add_bench_memories(CLI::App& bench);  // queue, multiview

@@ -149,6 +149,28 @@ void inspect_queue(const std::string& file, bool json) {
   for (const auto& [bin, count] : hist) fmt::print("    {:>14}  {}\n", bin, count);
 }
 
+/// A dynamic sampler's state in brief (JSON fields and one printed line); nothing for other kinds.
+std::pair<nlohmann::json, std::string> sampler_summary(const NoiseSampler& sampler) {
+  const auto* d = dynamic_cast<const DynamicSampler*>(&sampler);
+  if (d == nullptr) return {nlohmann::json::object(), ""};
+  const std::vector<double>& w = d->weights();
+  const auto [lo, hi] = std::minmax_element(w.begin(), w.end());
+  const auto zero = std::count(w.begin(), w.end(), 0.0);
+  const auto seen = static_cast<std::int64_t>(
+      std::count_if(d->ema().begin(), d->ema().end(), [](double e) { return !std::isnan(e); }));
+  const DynamicSampler::Params& p = d->params();
+  nlohmann::json j = {{"sampler_drive", to_string(p.drive)}, {"sampler_alpha", p.alpha}, {"sampler_floor", p.floor},
+                      {"sampler_weight_min", *lo}, {"sampler_weight_max", *hi}, {"sampler_weight_sum", d->total()},
+                      {"sampler_zero_weights", zero}, {"sampler_rows_seen", seen}};
+  std::string line = fmt::format("  dynamic sampler: drive {}{}  weights min {:.6g}  max {:.6g}  sum {:.9g}  zero {}",
+                                 to_string(p.drive),
+                                 p.drive == DynamicSampler::Drive::loss_ema
+                                     ? fmt::format(" (alpha {}, floor {}, rows seen {})", p.alpha, p.floor, seen)
+                                     : "",
+                                 *lo, *hi, d->total(), zero);
+  return {j, line};
+}
+
 void inspect_multiview(const std::string& file, bool json) {
   const MultiViewSnapshotInfo info = read_multiview_snapshot_info(file);
   const MultiViewEngine engine = load_multiview_snapshot(file);
@@ -175,6 +197,8 @@ void inspect_multiview(const std::string& file, bool json) {
             {"momentum", c.momentum}, {"negatives", to_string(c.negatives)}, {"z_policy", to_string(c.z_policy)},
             {"sampler", to_string(info.sampler)}, {"labels", info.has_labels}, {"compressed", info.compressed},
             {"pairs", pairs}, {"banks", views}});
+  const auto [sampler_json, sampler_line] = sampler_summary(engine.sampler());
+  j.update(sampler_json);
   if (json) {
     fmt::print("{}\n", j.dump());
     return;
@@ -188,6 +212,7 @@ void inspect_multiview(const std::string& file, bool json) {
              to_string(c.objective), c.k, c.tau, c.momentum, to_string(c.negatives),
              c.exclude_positive ? " (positive excluded)" : "", to_string(info.sampler), c.seed);
   fmt::print("  {}\n", objective_parameters(c));
+  if (!sampler_line.empty()) fmt::print("{}\n", sampler_line);
   fmt::print("  Z policy {}:\n", to_string(c.z_policy));
   for (std::size_t p = 0; p < info.pairs.size(); ++p) {
     const Partition& z = info.partitions[p];
@@ -227,6 +252,8 @@ void inspect(const std::string& file, bool json) {
       {"gamma", c.gamma}, {"margin", c.effective_margin()}, {"exclude_same_label", c.exclude_same_label},
       {"norm_min", lo}, {"norm_max", hi}, {"norm_mean", norms.mean},
       {"staleness_histogram", hist}};
+  const auto [sampler_json, sampler_line] = sampler_summary(engine.sampler());
+  j.update(sampler_json);
   if (json) {
     fmt::print("{}\n", j.dump());
     return;
@@ -242,6 +269,7 @@ void inspect(const std::string& file, bool json) {
   fmt::print("  Z policy {}  Z = {}  sampler {}  seed {}\n", to_string(c.z_policy),
              info.partition.initialised ? fmt::format("{:.6g}", std::exp(info.partition.log_z)) : "(not set)",
              to_string(info.sampler), c.seed);
+  if (!sampler_line.empty()) fmt::print("{}\n", sampler_line);
   fmt::print("  row norms: min {:.9f}  max {:.9f}  mean {:.9f}\n", lo, hi, norms.mean);
   fmt::print("  staleness (steps since a row was last written):\n");
   for (const auto& [bin, count] : hist) fmt::print("    {:>14}  {}\n", bin, count);

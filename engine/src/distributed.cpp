@@ -78,6 +78,12 @@ std::uint64_t fingerprint(const NoiseSampler& s) {
   if (const auto* alias = dynamic_cast<const AliasSampler*>(&s)) {  // its weights in place: no O(N) copy
     const auto& w = alias->weights();
     f.bytes(w.data(), w.size() * sizeof(double));
+  } else if (const auto* dynamic = dynamic_cast<const DynamicSampler*>(&s)) {
+    const std::vector<double>& w = dynamic->weights();
+    f.bytes(w.data(), w.size() * sizeof(double));
+    const DynamicSampler::Params& p = dynamic->params();
+    f << static_cast<int>(p.drive) << p.alpha << p.floor;
+    f.bytes(dynamic->ema().data(), dynamic->ema().size() * sizeof(double));
   } else if (s.kind() != SamplerKind::uniform) {
     const std::vector<double> p = s.probs();
     f.bytes(p.data(), p.size() * sizeof(double));
@@ -213,6 +219,12 @@ DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local
       MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
       MEMBANK_CHECK(!sampler_->query_dependent(), "the {} sampler with a DistributedEngine: not supported yet (its "
                     "clusters span every rank's rows); use uniform or alias", to_string(sampler_->kind()));
+      // The per-query losses of a step live on their ranks (and, sharded, in pieces): engine-driven
+      // weights would need every rank to gather them. Caller-set weights (set_sampler_weights) work.
+      const auto* dynamic = dynamic_cast<const DynamicSampler*>(sampler_.get());
+      MEMBANK_CHECK(dynamic == nullptr || dynamic->params().drive == DynamicSampler::Drive::none,
+                    "a dynamic sampler with the loss_ema drive: DistributedEngine does not drive the weights "
+                    "itself; use the drive none and set_sampler_weights (the same on every rank)");
       config_.validate(n_, bank_.dim());
     });
     std::uint64_t fp[5] = {};
@@ -326,6 +338,42 @@ void DistributedEngine::set_labels(std::span<const std::int64_t> labels) {
   labels_.assign(labels.begin(), labels.end());
   classes_ = std::move(lc.classes);
   class_mass_ = std::move(lc.mass);
+}
+
+void DistributedEngine::set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights) {
+  const Group g{comm_, rank_, ranks_, &wire_};
+  // A hash of the update itself (O(ids) to compute, 8 bytes a rank to compare): ranks that agree on
+  // the weights before and on every update agree after it, without hashing all N weights.
+  std::uint64_t fp = 0;
+  g.check([&] {
+    MEMBANK_CHECK(sampler_->kind() == SamplerKind::dynamic,
+                  "set_sampler_weights: the engine's sampler is {}: expected a dynamic sampler",
+                  to_string(sampler_->kind()));
+    Fingerprint f;
+    f << ids.size() << weights.size();
+    f.bytes(ids.data(), ids.size() * sizeof(index_t));
+    f.bytes(weights.data(), weights.size() * sizeof(double));
+    fp = f.h;
+  });
+  const char* const what[1] = {"sampler weight update (ids, weights)"};
+  check_same(g, std::span<const std::uint64_t>(&fp, 1), what);
+  auto& s = static_cast<DynamicSampler&>(*sampler_);
+  // The same update on every rank: it fails on all of them or on none (nothing changed on failure).
+  g.check([&] {
+    std::vector<double> old(ids.size());
+    for (std::size_t k = 0; k < ids.size(); ++k)
+      if (ids[k] >= 0 && ids[k] < s.size()) old[k] = s.weights()[static_cast<std::size_t>(ids[k])];
+    s.set_weights(ids, weights);
+    if (labels_.empty() || !config_.exclude_same_label) return;
+    try {
+      class_mass_ = detail::label_classes(labels_, *sampler_, config_).mass;
+    } catch (...) {
+      const std::vector<index_t> back(ids.rbegin(), ids.rend());
+      const std::vector<double> values(old.rbegin(), old.rend());
+      s.set_weights(back, values);
+      throw;
+    }
+  });
 }
 
 void DistributedEngine::restore_state(const Partition& partition, std::int64_t step) {

@@ -99,6 +99,9 @@ Engine::Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig co
   if (const auto* cs = dynamic_cast<const ClusterSampler*>(sampler_.get()))
     MEMBANK_CHECK(cs->centroids().cols() == bank_.dim(), "the cluster sampler's centroids have D = {}: expected "
                   "the bank's D = {}", cs->centroids().cols(), bank_.dim());
+  MEMBANK_CHECK(loss_driven_sampler() == nullptr || config_.objective != Objective::full_softmax,
+                "a dynamic sampler with the loss_ema drive needs per-query sampled losses: objective full_softmax "
+                "has none (use the drive none and set_sampler_weights)");
   partition_.policy = config_.z_policy;
   if (config_.z_policy == ZPolicy::fixed) {
     partition_.initialised = true;
@@ -179,6 +182,42 @@ void Engine::set_labels(std::span<const std::int64_t> labels) {
   class_mass_ = std::move(lc.mass);
   classes8_ = std::move(c8);
   classes16_ = std::move(c16);
+}
+
+DynamicSampler* Engine::loss_driven_sampler() const {
+  if (sampler_ == nullptr || sampler_->kind() != SamplerKind::dynamic) return nullptr;
+  auto* s = static_cast<DynamicSampler*>(sampler_.get());
+  return s->params().drive == DynamicSampler::Drive::loss_ema ? s : nullptr;
+}
+
+void Engine::refresh_class_mass() {
+  // Only exclude_same_label reads the masses; they are summed afresh (not adjusted) so that they stay
+  // a pure function of the weights, as a resumed run computes them.
+  if (labels_.empty() || !config_.exclude_same_label) return;
+  class_mass_ = detail::label_classes(labels_, *sampler_, config_).mass;
+}
+
+void Engine::set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights) {
+  MEMBANK_CHECK(sampler_->kind() == SamplerKind::dynamic,
+                "set_sampler_weights: the engine's sampler is {}: expected a dynamic sampler", to_string(sampler_->kind()));
+  auto& s = static_cast<DynamicSampler&>(*sampler_);
+  discard_prefetch();  // its draws used the old weights
+  detail::translate_bad_alloc("Engine::set_sampler_weights", [&] {
+    std::vector<double> old(ids.size());
+    for (std::size_t k = 0; k < ids.size(); ++k)
+      if (ids[k] >= 0 && ids[k] < s.size()) old[k] = s.weights()[static_cast<std::size_t>(ids[k])];
+    s.set_weights(ids, weights);  // checks everything before it changes anything
+    if (labels_.empty() || !config_.exclude_same_label) return;
+    try {
+      refresh_class_mass();
+    } catch (...) {
+      // A label now carries all of the mass: the old weights give back the old sampler, bit for bit.
+      std::vector<index_t> back(ids.rbegin(), ids.rend());
+      std::vector<double> values(old.rbegin(), old.rend());
+      s.set_weights(back, values);
+      throw;
+    }
+  });
 }
 
 void Engine::restore_state(const Partition& partition, std::int64_t step) {
@@ -352,6 +391,10 @@ Engine::Computed Engine::compute_on(const Bank& bank, const Partition& partition
     }
     double loss = 0.0, p_pos = 0.0, sum_exp = 0.0;
     index_t collisions = 0;
+    if (loss_driven_sampler() != nullptr) {
+      result.query_losses.resize(out.size());
+      for (std::size_t b = 0; b < out.size(); ++b) result.query_losses[b] = out[b].loss;
+    }
     for (const auto& q : out) {  // in query order: the same sums for any thread count
       loss += q.loss;
       p_pos += q.p_pos;
@@ -391,6 +434,11 @@ StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negati
                    std::equal(ids.begin(), ids.end(), p->ids.begin(), p->ids.end());
   Computed result = use ? compute(features, ids, &p->negatives, grad, true) : compute(features, ids, negatives, grad);
   result.stats.prefetched = use;
+  DynamicSampler* const driven = loss_driven_sampler();
+  if (driven != nullptr)
+    for (std::size_t b = 0; b < result.query_losses.size(); ++b)
+      MEMBANK_CHECK(std::isfinite(result.query_losses[b]), "query {} (id {}) has loss {}: the loss_ema drive "
+                    "needs finite per-query losses (nothing changed)", b, ids[b], result.query_losses[b]);
   // ---- commit: the bank first (it may still throw, before writing), then Z and the counter.
   // The rows are refreshed with the unit features the loss saw (the engine's copy if it normalised);
   // features that are rows of the bank itself are copied by momentum_update before it writes.
@@ -402,6 +450,12 @@ StepStats Engine::run(FeaturesRef features, IdsRef ids, const RowMatrixi* negati
     partition_.log_z = result.partition.log_z;
   }
   ++step_;
+  if (driven != nullptr) {
+    // O(B) for the averages plus the sampler's partial rebuild (dynamic_sampler.hpp). The weights it
+    // sets are >= floor > 0, so no label can come to carry all of the mass: the refresh cannot throw.
+    driven->observe(ids, result.query_losses);
+    refresh_class_mass();
+  }
   return result.stats;
 }
 

@@ -46,6 +46,10 @@ Engine MultiViewEngine::make_core(std::vector<Bank>& banks, std::unique_ptr<Nois
   MEMBANK_CHECK(sampler == nullptr || !sampler->query_dependent(),
                 "the {} sampler with a MultiViewEngine: not supported yet (every pair would need its own "
                 "q(. | f)); use uniform or alias", to_string(sampler->kind()));
+  const auto* dynamic = dynamic_cast<const DynamicSampler*>(sampler.get());
+  MEMBANK_CHECK(dynamic == nullptr || dynamic->params().drive == DynamicSampler::Drive::none,
+                "a dynamic sampler with the loss_ema drive: MultiViewEngine does not drive the weights itself; use "
+                "the drive none and set_sampler_weights");
   // The engine checks the sampler, the config (against N and D) and the labels.
   return Engine(std::move(banks[0]), std::move(sampler), config, std::move(labels));
 }

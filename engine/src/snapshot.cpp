@@ -738,6 +738,43 @@ EngineConfig read_config_attributes(const AttrReader& a, int version) {
   return c;
 }
 
+/// The sampler kinds this build writes and builds on load; any other kind a file names (a cluster
+/// sampler, say) is refused with one Error rather than loaded as something else.
+void check_loadable_sampler(SamplerKind kind, const std::string& path) {
+  MEMBANK_CHECK(kind == SamplerKind::uniform || kind == SamplerKind::alias || kind == SamplerKind::dynamic ||
+                    kind == SamplerKind::cluster,
+                "{}: sampler = '{}': this build loads uniform, alias, dynamic and cluster samplers only", path,
+                to_string(kind));
+}
+
+/// A dynamic sampler's parameters (root attributes sampler_drive, sampler_alpha, sampler_floor).
+DynamicSampler::Params read_dynamic_params(const AttrReader& a, const std::string& path) {
+  DynamicSampler::Params p;
+  p.drive = dynamic_drive_from_string(a.str("sampler_drive"));
+  p.alpha = a.f64("sampler_alpha");
+  p.floor = a.f64("sampler_floor");
+  try {
+    DynamicSampler(std::vector<double>{1.0}, p);  // the sampler's own checks of the parameters
+  } catch (const Error& e) {
+    MEMBANK_THROW("{}: dynamic sampler: {}", path, e.what());
+  }
+  return p;
+}
+
+/// The sampler datasets the kind needs, checked against N (read_info_checked, the multi-view info).
+void check_sampler_datasets(hid_t file, SamplerKind kind, const DynamicSampler::Params& p, index_t n,
+                            const std::string& path) {
+  if (kind == SamplerKind::alias || kind == SamplerKind::dynamic)
+    check_row_vector(file, "sampler_weights", n, H5T_FLOAT, 8, path);
+  if (kind == SamplerKind::dynamic && p.drive == DynamicSampler::Drive::loss_ema)
+    check_row_vector(file, "sampler_ema", n, H5T_FLOAT, 8, path);
+  if (kind == SamplerKind::cluster) {  // (the centroids' shape and the attributes: read_cluster_sampler)
+    MEMBANK_CHECK(H5Lexists(file, "sampler_cluster", H5P_DEFAULT) > 0,
+                  "{}: the sampler is 'cluster' but the group 'sampler_cluster' is missing", path);
+    check_row_vector(file, "sampler_cluster/assignment", n, H5T_INTEGER, 4, path);
+  }
+}
+
 SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   AttrReader a(file, path);
   SnapshotInfo info;
@@ -770,6 +807,8 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
   MEMBANK_CHECK(!info.partition.initialised || std::isfinite(info.partition.log_z), "{}: log_z = {}: expected finite",
                 path, info.partition.log_z);
   info.sampler = sampler_kind_from_string(a.str("sampler"));
+  check_loadable_sampler(info.sampler, path);
+  if (info.sampler == SamplerKind::dynamic) info.sampler_params = read_dynamic_params(a, path);
   info.has_labels = H5Lexists(file, "labels", H5P_DEFAULT) > 0;
 
   // Datasets: presence, rank, dtype and shape against the attributes, storage against the sizes.
@@ -807,7 +846,7 @@ SnapshotInfo read_info_checked(hid_t file, const std::string& path) {
     check_row_vector(file, name, info.n, cls, size, path);
   };
   if (!is_virtual) check_vector("last_update", H5T_INTEGER, 8);
-  if (info.sampler == SamplerKind::alias) check_vector("sampler_weights", H5T_FLOAT, 8);
+  check_sampler_datasets(file, info.sampler, info.sampler_params, info.n, path);
   if (info.has_labels && !is_virtual) check_vector("labels", H5T_INTEGER, 8);
   MEMBANK_CHECK(info.has_labels || (!needs_labels(c.objective) && !c.exclude_same_label),
                 "{}: the configuration ({}{}) needs labels but the file has no dataset 'labels'", path,
@@ -882,26 +921,22 @@ std::unique_ptr<NoiseSampler> read_cluster_sampler(hid_t file, index_t n, index_
   }
 }
 
-/// The sampler a snapshot stores (write_sampler), of the kind its attribute names.
-std::unique_ptr<NoiseSampler> read_sampler(hid_t file, SamplerKind kind, index_t n, index_t dim,
-                                           const std::string& path) {
-  switch (kind) {
-    case SamplerKind::uniform:
-      return std::make_unique<UniformSampler>(n);
-    case SamplerKind::alias: {
-      const auto w = read_vector<double>(file, "sampler_weights", 0, n, H5T_NATIVE_DOUBLE, path);
-      try {
-        return std::make_unique<AliasSampler>(w);
-      } catch (const Error& e) {
-        MEMBANK_THROW("{}: sampler_weights: {}", path, e.what());
-      }
-    }
-    case SamplerKind::cluster:
-      return read_cluster_sampler(file, n, dim, path);
-    default:
-      break;
+/// The sampler a snapshot holds, built from its datasets (already checked by the info readers).
+std::unique_ptr<NoiseSampler> read_sampler(hid_t file, SamplerKind kind, const DynamicSampler::Params& p, index_t n,
+                                           index_t dim, const std::string& path) {
+  check_loadable_sampler(kind, path);
+  if (kind == SamplerKind::uniform) return std::make_unique<UniformSampler>(n);
+  if (kind == SamplerKind::cluster) return read_cluster_sampler(file, n, dim, path);
+  const auto w = read_vector<double>(file, "sampler_weights", 0, n, H5T_NATIVE_DOUBLE, path);
+  try {
+    if (kind == SamplerKind::alias) return std::make_unique<AliasSampler>(w);
+    std::vector<double> ema;
+    if (p.drive == DynamicSampler::Drive::loss_ema)
+      ema = read_vector<double>(file, "sampler_ema", 0, n, H5T_NATIVE_DOUBLE, path);
+    return std::make_unique<DynamicSampler>(w, p, ema);
+  } catch (const Error& e) {
+    MEMBANK_THROW("{}: sampler_weights: {}", path, e.what());
   }
-  MEMBANK_THROW("{}: sampler '{}': this build cannot load that sampler's state", path, to_string(kind));
 }
 
 /// Rows [first, end) of the (n, dim) rows dataset `name` of type `dtype` (validated before), read
@@ -1070,7 +1105,7 @@ SnapshotRows load_snapshot_rows(const std::string& path,
   for (std::size_t i = 0; i < last.size(); ++i)
     MEMBANK_CHECK(last[i] >= -1 && last[i] <= info.step, "{}: last_update[{}] = {}: expected -1 <= step <= {}",
                   path, first + static_cast<index_t>(i), last[i], info.step);
-  out.sampler = read_sampler(f.get(), info.sampler, info.n, info.dim, path);
+  out.sampler = read_sampler(f.get(), info.sampler, info.sampler_params, info.n, info.dim, path);
   if (info.has_labels) out.labels = read_vector<std::int64_t>(f.get(), "labels", 0, info.n, H5T_NATIVE_INT64, path);
   out.bank.emplace(read_bank(f.get(), info, path, first, end));
   out.bank->set_last_update(std::move(last));
@@ -1308,14 +1343,26 @@ void write_cluster_sampler(hid_t root, const ClusterSampler& s, int deflate, con
   write_attr(g.get(), "refreshed_at", std::int64_t{s.refreshed_at()});
 }
 
-/// The sampler's state: an alias sampler's weights, a cluster sampler's clusters (a uniform sampler
-/// is its N).
+/// The sampler's state: an alias sampler's weights; a cluster sampler's clusters; a dynamic sampler's
+/// current weights, its loss average (loss_ema) and its parameters; nothing for a uniform sampler (its
+/// N). Any other kind is refused (the loaders could not build it): the save fails, the destination
+/// untouched.
 void write_sampler(hid_t root, const NoiseSampler& sampler, index_t n, int deflate, const std::string& path) {
+  check_loadable_sampler(sampler.kind(), path);
   if (sampler.kind() == SamplerKind::alias)
     write_vector(root, "sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE,
                  dynamic_cast<const AliasSampler&>(sampler).weights().data(), n, deflate, path);
   else if (sampler.kind() == SamplerKind::cluster)
     write_cluster_sampler(root, dynamic_cast<const ClusterSampler&>(sampler), deflate, path);
+  if (sampler.kind() == SamplerKind::dynamic) {
+    const auto& d = dynamic_cast<const DynamicSampler&>(sampler);
+    write_vector(root, "sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, d.weights().data(), n, deflate, path);
+    if (d.params().drive == DynamicSampler::Drive::loss_ema)
+      write_vector(root, "sampler_ema", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, d.ema().data(), n, deflate, path);
+    write_attr(root, "sampler_drive", to_string(d.params().drive));
+    write_attr(root, "sampler_alpha", d.params().alpha);
+    write_attr(root, "sampler_floor", d.params().floor);
+  }
 }
 
 /// A virtual dataset `name` of n rows (dim = 0: 1-D) whose rows[i] come from the dataset of the same
@@ -1745,6 +1792,8 @@ MultiViewSnapshotInfo read_multiview_info_checked(hid_t file, const std::string&
     MEMBANK_THROW("{}: invalid configuration: {}", path, e.what());
   }
   info.sampler = sampler_kind_from_string(a.str("sampler"));
+  check_loadable_sampler(info.sampler, path);
+  if (info.sampler == SamplerKind::dynamic) info.sampler_params = read_dynamic_params(a, path);
   info.has_labels = H5Lexists(file, "labels", H5P_DEFAULT) > 0;
 
   // The views: a group view_<v> each, with its bank's type, rows and last-update steps; no more.
@@ -1759,7 +1808,7 @@ MultiViewSnapshotInfo read_multiview_info_checked(hid_t file, const std::string&
   const std::string extra = view_group(info.views);
   MEMBANK_CHECK(H5Lexists(file, extra.c_str(), H5P_DEFAULT) <= 0, "{}: views = {} but the file holds a group '{}'",
                 path, info.views, extra);
-  if (info.sampler == SamplerKind::alias) check_row_vector(file, "sampler_weights", info.n, H5T_FLOAT, 8, path);
+  check_sampler_datasets(file, info.sampler, info.sampler_params, info.n, path);
   if (info.has_labels) check_row_vector(file, "labels", info.n, H5T_INTEGER, 8, path);
   MEMBANK_CHECK(info.has_labels || (!needs_labels(c.objective) && !c.exclude_same_label),
                 "{}: the configuration ({}{}) needs labels but the file has no dataset 'labels'", path,
@@ -1949,7 +1998,7 @@ MultiViewEngine load_multiview_snapshot(const std::string& path) {
     last.push_back(read_vector<std::int64_t>(f.get(), name.c_str(), 0, n, H5T_NATIVE_INT64, path));
     check_last_update(last.back(), info.step, path, fmt::format("dataset '{}'", name));
   }
-  std::unique_ptr<NoiseSampler> sampler = read_sampler(f.get(), info.sampler, n, info.dim, path);
+  std::unique_ptr<NoiseSampler> sampler = read_sampler(f.get(), info.sampler, info.sampler_params, n, info.dim, path);
   std::vector<std::int64_t> labels;
   if (info.has_labels) labels = read_vector<std::int64_t>(f.get(), "labels", 0, n, H5T_NATIVE_INT64, path);
   std::vector<Bank> banks;

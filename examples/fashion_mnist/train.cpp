@@ -38,6 +38,7 @@
 #include "encoders.hpp"
 
 #include <membank/cluster_sampler.hpp>
+#include <membank/dynamic_sampler.hpp>
 #include <membank/error.hpp>
 #include <membank/in_batch.hpp>
 #include <membank/knn.hpp>
@@ -112,7 +113,7 @@ struct TrainOptions {
   index_t queue_size = 4096;    // --memory queue: Q keys
   double key_momentum = 0.999;  // --memory queue: momentum of the key encoder (MoCo's)
   int views = 1;                // 2: CMC, one bank per view (two augmentations, one shared encoder)
-  std::string sampler = "uniform";  // the bank's noise distribution: uniform, or cluster (q(j | f))
+  std::string sampler = "uniform";  // the bank's noise distribution: uniform, cluster (q(j | f)) or dynamic
   index_t clusters = 1024;          // --sampler cluster: C
   double cluster_epsilon = 0.1;     // --sampler cluster: the uniform share
   double cluster_beta = -1.0;       // --sampler cluster: sharpness (< 0: 1 / tau, the scores' own scale)
@@ -131,6 +132,7 @@ std::string describe_run(const TrainOptions& o) {
   const std::string k = o.objective == "full" ? std::string() : fmt::format(" K={}", o.k);
   if (o.views == 2) return fmt::format("{}{}, CMC 2 views (2 banks, shared encoder)", objective, k);
   if (o.sampler == "cluster") return fmt::format("{}{}, cluster sampler C={}", objective, k, o.clusters);
+  if (o.sampler == "dynamic") return fmt::format("{}{}, dynamic sampler (loss average)", objective, k);
   return objective + k;
 }
 
@@ -365,6 +367,12 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
         cc.iterations = o.cluster_iterations;
         cc.seed = o.seed;
         sampler = std::make_unique<ClusterSampler>(bank.view(), cc);
+      } else if (o.sampler == "dynamic") {
+        // Every row starts at weight 1; after each step the engine re-weights the batch's rows to
+        // floor + the average of their own loss (DynamicSampler's loss_ema drive).
+        DynamicSampler::Params dp;
+        dp.drive = DynamicSampler::Drive::loss_ema;
+        sampler = std::make_unique<DynamicSampler>(std::vector<double>(static_cast<std::size_t>(n), 1.0), dp);
       } else {
         sampler = std::make_unique<UniformSampler>(n);
       }
@@ -558,7 +566,7 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   result["ranks"] = where.ranks;
   if (distributed) {
     // rank 0's bytes sent per step (engine and gradient all-reduce); every rank's, in rank order
-    const double mine_per_step = wire_steps ? static_cast<double>(wire_bytes) / static_cast<double>(wire_steps) : 0.0;
+    [[maybe_unused]] const double mine_per_step = wire_steps ? static_cast<double>(wire_bytes) / static_cast<double>(wire_steps) : 0.0;
     std::vector<double> per_rank(static_cast<std::size_t>(where.ranks));
 #ifdef MEMBANK_WITH_MPI
     collective([&] {
@@ -850,12 +858,13 @@ void check_memory_options(TrainOptions& o, const Given& given) {
   if (o.sampler != "uniform") {
     MEMBANK_CHECK(o.has_bank() && o.views == 1 && o.distributed.empty(),
                   "--sampler {} with {}: not supported yet (the cluster sampler conditions one bank's draws on the "
-                  "queries of one process); expected --memory bank, --views 1, no --distributed", o.sampler,
+                  "queries of one process; the dynamic one is driven by one engine's losses); expected --memory bank, "
+                  "--views 1, no --distributed", o.sampler,
                   !o.has_bank() ? "--memory " + o.memory : o.views != 1 ? "--views 2" : "--distributed");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
-    MEMBANK_CHECK(!o.exclude_same_label, "--sampler {} with --exclude-same-label: not supported yet (the label's mass "
-                  "under q(. | f) is not computed)", o.sampler);
+    MEMBANK_CHECK(!o.exclude_same_label || o.sampler != "cluster", "--sampler {} with --exclude-same-label: not "
+                  "supported yet (the label's mass under q(. | f) is not computed)", o.sampler);
   }
   for (const char* name : {"--clusters", "--cluster-epsilon", "--cluster-beta", "--cluster-iterations"})
     MEMBANK_CHECK(o.sampler == "cluster" || !has(name), "{} with --sampler {}: applies to --sampler cluster only",
@@ -1045,9 +1054,11 @@ void add_train(CLI::App& app) {
                   "drawn with their exact probability: spherical k-means of the bank into --clusters clusters "
                   "(refreshed at the start of every epoch), and per image f the mixture q(j | f) = eps / N + "
                   "(1 - eps) pi_k(f) / n_k, pi_k(f) proportional to n_k exp(beta f . c_k); the objective uses q(j | f) "
-                  "where it uses P_n(j). --memory bank, one process, one view")
+                  "where it uses P_n(j). dynamic: weights that follow training, every row starting at 1 and, after "
+                  "each step, the batch's rows re-weighted to 0.1 + the average (alpha 0.9) of their own loss, with the "
+                  "exact P_n. --memory bank, one process, one view")
       ->capture_default_str()
-      ->check(one_of({"uniform", "cluster"}));
+      ->check(one_of({"uniform", "cluster", "dynamic"}));
   cmd->add_option("--clusters", o->clusters, "--sampler cluster: C, the k-means clusters (at most N)")
       ->capture_default_str()
       ->check(integer_in(1));

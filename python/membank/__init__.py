@@ -48,6 +48,7 @@ from ._membank import (  # noqa: F401
     AliasSampler,
     ClusterSampler,
     Bank,
+    DynamicSampler,
     Engine,
     Error,
     InBatch,
@@ -112,7 +113,8 @@ Queue.__new__ = _memory_new("DistributedQueue")
 InBatch.__new__ = _memory_new("DistributedInBatch")
 
 __all__ = [
-    "AliasSampler", "Bank", "ClusterSampler", "Engine", "Error", "InBatch", "KnnResult", "MultiViewEngine", "MultiViewStats",
+    "AliasSampler", "Bank", "ClusterSampler", "DynamicSampler", "Engine", "Error", "InBatch", "KnnResult",
+    "MultiViewEngine", "MultiViewStats",
     "NoiseSampler", "Queue", "StepStats",
     "UniformSampler",
     "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot", "max_num_threads",

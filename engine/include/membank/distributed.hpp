@@ -22,8 +22,8 @@
 //               refreshes its own rows.
 //
 // Every objective, sampler (uniform: draws independent of R; alias: the table is replicated on every
-// rank, 40 bytes per row), storage type and negatives mode works in both modes. Z (first_batch, ema)
-// comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
+// rank, 40 bytes per row; dynamic: replicated too, its weights changed only by set_sampler_weights),
+// storage type and negatives mode works in both modes. Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
 // every rank returns the same StepStats, bit for bit.
 //
 // Errors: a rank whose input is refused (the single-process checks, plus a slice of the batch that
@@ -102,6 +102,11 @@ class DistributedEngine {
 
   /// Collective. Replace the labels (N of them, the same on every rank).
   void set_labels(std::span<const std::int64_t> labels);
+  /// Collective. Engine::set_sampler_weights with the same ids and weights on every rank (checked by a
+  /// hash of the update: an Error on every rank names the first rank that differs, nothing changed).
+  /// A dynamic sampler's loss_ema drive is refused at construction: the engine does not re-weight
+  /// rows itself in distributed mode.
+  void set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights);
   /// Collective. Engine::restore_state (the same values on every rank).
   void restore_state(const Partition& partition, std::int64_t step);
 

@@ -44,6 +44,7 @@
 // allocate before anything is allocated: OutOfMemory (an Error) with the bytes needed and available.
 // An allocation that fails anyway, inside OpenMP regions too, is OutOfMemory; the engine is unchanged.
 #include <membank/bank.hpp>
+#include <membank/dynamic_sampler.hpp>
 #include <membank/memory.hpp>
 #include <membank/objective.hpp>
 #include <membank/sampler.hpp>
@@ -144,7 +145,9 @@ class Engine {
   /// Takes ownership of the bank and sampler. Throws Error if config.validate(bank.size()) fails,
   /// the sampler is null or its size differs from the bank's, or labels is neither empty nor N long.
   /// supcon, contrastive, triplet and exclude_same_label need labels: given here, or by set_labels()
-  /// before the first step (a step without them throws).
+  /// before the first step (a step without them throws). A DynamicSampler with the loss_ema drive is
+  /// re-weighted after every step from the batch's per-query losses (refused with the full softmax,
+  /// which has no sampled terms).
   Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig config,
          std::vector<std::int64_t> labels = {});
   ~Engine();  ///< waits for a prefetch in flight
@@ -191,9 +194,10 @@ class Engine {
   /// pass, and the next step() with exactly these ids at this step counter uses them instead of
   /// drawing its own. Results are bit for bit those without the call (the draws are the same; the
   /// step reads them as step_with_negatives would, without re-validating its own draws). A step with
-  /// other ids, or any other call that changes the step counter or the labels, discards the
-  /// prefetch. Per-sample negatives only: with shared negatives, the full softmax or a
-  /// query-dependent sampler (whose draws need the step's features) it does nothing and returns false. The draws take B K 8 bytes (8 MB at B = 256, K = 4096) and one thread.
+  /// other ids, or any other call that changes the step counter, the labels or the sampler's weights
+  /// (set_sampler_weights), discards the prefetch. Per-sample negatives only: with shared negatives,
+  /// the full softmax or a query-dependent sampler (whose draws need the step's features) it does
+  /// nothing and returns false. The draws take B K 8 bytes (8 MB at B = 256, K = 4096) and one thread.
   /// The rows themselves are not copied ahead: a staged copy of the B (K + 1) rows is as many bytes
   /// as the gather reads, written and read again (docs/architecture.md).
   /// Throws Error (nothing started) on empty or out-of-range ids, or missing labels.
@@ -221,6 +225,14 @@ class Engine {
   /// Error for any other sampler.
   void refresh_sampler();
 
+  /// Changes the weights of a DynamicSampler (dynamic_sampler.hpp): w[ids[k]] = weights[k], P_n exact
+  /// from the next draw on. Waits for and discards a prefetch in flight (its draws used the old
+  /// weights). With labels, the classes' P_n masses (exclude_same_label's conditioning) are summed
+  /// afresh: O(N) per call then. Throws Error, changing nothing, if the sampler is not dynamic, on
+  /// the sampler's own checks (ids in range, finite weights >= 0, a positive sum), or if a label
+  /// would carry all of the noise mass under exclude_same_label.
+  void set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights);
+
   const Bank& bank() const { return bank_; }
   const NoiseSampler& sampler() const { return *sampler_; }
   const EngineConfig& config() const { return config_; }
@@ -240,6 +252,7 @@ class Engine {
     StepStats stats;
     Partition partition;  ///< Z state after the step (initialised = false: no change)
     RowMatrixf normalized;  ///< the unit features used, when the engine normalised them (else empty)
+    std::vector<double> query_losses;  ///< each query's own loss, for a loss-driven DynamicSampler (else empty)
   };
   /// Validate, then compute loss and gradient; changes nothing in the engine. `own_draws`: the
   /// negatives are the engine's own draws for this step (a prefetch), not re-validated.
@@ -264,6 +277,11 @@ class Engine {
   std::unique_ptr<Prefetch> prefetch_;
   /// Waits for a prefetch in flight and drops it.
   void discard_prefetch();
+  /// The sampler as a DynamicSampler whose drive is loss_ema (the engine re-weights the batch's rows
+  /// after each step), else null.
+  DynamicSampler* loss_driven_sampler() const;
+  /// The class masses summed afresh from the sampler (after its weights changed).
+  void refresh_class_mass();
 
   Bank bank_;
   std::unique_ptr<NoiseSampler> sampler_;

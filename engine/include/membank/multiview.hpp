@@ -147,6 +147,11 @@ class MultiViewEngine {
   /// One int64 label per instance, shared by the views (Engine::set_labels: same checks, nothing
   /// changed on an Error).
   void set_labels(std::span<const std::int64_t> labels) { core_.set_labels(labels); }
+  /// Engine::set_sampler_weights (a dynamic sampler, shared by the views). The loss_ema drive is
+  /// refused at construction: a multi-view step has one loss per pair of views, not one per row.
+  void set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights) {
+    core_.set_sampler_weights(ids, weights);
+  }
   const std::vector<std::int64_t>& labels() const { return core_.labels(); }
 
   /// Restore every pair's Z state (in the order of pairs()) and the step counter (resume from a

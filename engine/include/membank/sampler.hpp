@@ -8,8 +8,9 @@
 // (seed, step, stream row, position), so they are identical for any thread count and a resumed
 // run draws exactly what an uninterrupted one would have.
 //
-// Thread safety: a constructed sampler is immutable; every method is const and may run
-// concurrently from any number of threads.
+// Thread safety: every const method may run concurrently from any number of threads. Uniform and
+// alias samplers are immutable once built; a DynamicSampler (dynamic_sampler.hpp) changes only through
+// its non-const methods, which must not run concurrently with anything.
 #include <membank/types.hpp>
 
 #include <cstddef>

@@ -9,7 +9,11 @@
 //                 float type). The dataset's string attribute `dtype` names the type (always written;
 //                 required for bfloat16).
 //   /last_update  int64 (N): the step at which each row was last written (-1: never)
-//   /sampler_weights  float64 (N), alias sampler only: its normalised weights
+//   /sampler_weights  float64 (N), alias and dynamic samplers: the weights as the sampler holds them
+//                 (a dynamic sampler's current ones: rebuilding from them is bit-identical)
+//   /sampler_ema  float64 (N), dynamic sampler with the loss_ema drive: the per-row loss average
+//                 (NaN: a row never seen); its drive, alpha and floor are the root attributes
+//                 sampler_drive, sampler_alpha, sampler_floor (dynamic only)
 //   /labels       int64 (N), optional per-instance labels
 //   root attributes: format, format_version, kind ("engine"; absent in older files), engine_version,
 //   n, dim, step, seed, k, tau, momentum, objective, negatives, exclude_positive, z_policy, z_fixed,
@@ -80,6 +84,7 @@ struct SnapshotInfo {
   EngineConfig config;  ///< config.rounding: nearest for files before version 3
   Partition partition;
   SamplerKind sampler = SamplerKind::uniform;
+  DynamicSampler::Params sampler_params;  ///< a dynamic sampler's drive, alpha and floor (else the defaults)
   bool has_labels = false;
   index_t rows_per_chunk = 0;  ///< a shard set: the rows a load reads at a time
   bool compressed = false;
@@ -205,6 +210,7 @@ struct MultiViewSnapshotInfo {
   std::vector<ViewPair> pairs;           ///< view_pairs(graph, views), as stored
   std::vector<Partition> partitions;     ///< each pair's Z state, in the order of pairs
   SamplerKind sampler = SamplerKind::uniform;
+  DynamicSampler::Params sampler_params;  ///< a dynamic sampler's drive, alpha and floor
   bool has_labels = false;
   bool compressed = false;
 };
