@@ -21,6 +21,7 @@ import tempfile
 SAMPLERS = {
     "uniform": [],
     "cluster": ["--sampler", "cluster"],
+    "dynamic": ["--sampler", "dynamic"],
 }
 
 
@@ -49,13 +50,20 @@ def main():
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--samplers", default=",".join(SAMPLERS))
+    p.add_argument("--add-to", help="an earlier --out of this script: its runs are kept and these added (the table "
+                   "lists them all, the first of them the baseline)")
     args, extra = p.parse_known_args()
     extra = [a for a in extra if a != "--"]
     samplers = args.samplers.split(",")
     runs = {s: [] for s in samplers}
+    if args.add_to:
+        with open(args.add_to) as f:
+            earlier = json.load(f)["runs"]
+        runs = {**earlier, **runs}
     for seed in range(1, args.seeds + 1):
         for s in samplers:
             runs[s].append(run(args.membank, s, seed, args, extra))
+    samplers = list(runs)
     with open(args.out, "w") as f:
         json.dump({"epochs": args.epochs, "train_images": args.train_images, "extra": extra, "runs": runs}, f, indent=1)
 

@@ -5,6 +5,7 @@
 #include <membank/linalg.hpp>
 
 #include "detail/check.hpp"
+#include "detail/draw_checks.hpp"
 #include "detail/parallel.hpp"
 #include "detail/philox.hpp"
 #include "detail/prefetch.hpp"
@@ -30,7 +31,6 @@ void ClusterConfig::validate(index_t n) const {
 
 namespace {
 
-constexpr int kMaxConsecutiveRejections = 1000000;
 constexpr index_t kAssignTile = 256;  // rows per product in an assignment pass (fixed: any thread count)
 constexpr index_t kQueryBlock = 64;   // queries per product when conditioning (fixed: any thread count)
 constexpr std::uint32_t kPurposeClusterInit = 5;  // detail::Purpose's next free value
@@ -194,14 +194,6 @@ const ClusterBatch& batch_of(QueryRef q, index_t n_clusters) {
   return *b;
 }
 
-void check_piece(const DrawCursor& c, std::size_t draws, std::size_t log_pn_size) {
-  MEMBANK_CHECK(draws == log_pn_size, "a piece of {} draws with {} log P_n slots: expected as many of each", draws,
-                log_pn_size);
-  MEMBANK_CHECK(c.drawn >= 0 && c.drawn <= c.total &&
-                    static_cast<std::uint64_t>(draws) <= static_cast<std::uint64_t>(c.total - c.drawn),
-                "a piece of {} draws after {} of a stream of {}: expected at most {}", draws, c.drawn, c.total,
-                c.total - c.drawn);
-}
 
 }  // namespace
 
@@ -385,7 +377,7 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t s
 }
 
 void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::span<float> log_pn) const {
-  check_piece(cur, ids.size(), log_pn.size());
+  detail::check_piece(cur, ids.size(), log_pn.size());
   const ClusterBatch* b = cur.query.batch ? &batch_of(cur.query, config_.clusters) : nullptr;
   const auto n = static_cast<std::uint64_t>(n_);
   const index_t c = config_.clusters;
@@ -457,9 +449,7 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
     detail::Stream redraw(cur.key, 2 * (static_cast<std::uint64_t>(cur.total) + cur.redraws));
     for (std::size_t t = 0; t < k; ++t) {
       for (int rejections = 0; cur.excluded.contains(ids[t]);) {
-        MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
-                      "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of the "
-                      "proposal's mass", rejections);
+        detail::count_rejection(rejections);
         ++cur.redraws;
         const auto r0 = redraw.next();
         const auto r1 = redraw.next();

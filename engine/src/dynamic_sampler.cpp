@@ -4,6 +4,7 @@
 #include <membank/error.hpp>
 
 #include "detail/check.hpp"
+#include "detail/draw_checks.hpp"
 #include "detail/philox.hpp"
 #include "detail/prefetch.hpp"
 
@@ -18,7 +19,6 @@ namespace membank {
 
 namespace {
 
-constexpr int kMaxConsecutiveRejections = 1000000;
 
 /// Vose's alias method over n entries of weights w (summing to `mass` > 0): threshold[i] and alias[i]
 /// (an index in [0, n)) such that picking i uniformly and keeping it when a uniform coin falls below
@@ -229,9 +229,7 @@ void DynamicSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<
     detail::Stream redraw(c.key, static_cast<std::uint64_t>(c.total) + c.redraws);
     for (std::size_t j = 0; j < k; ++j) {
       for (int rejections = 0; c.excluded.contains(ids[j]);) {
-        MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
-                      "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of the "
-                      "sampler's mass", rejections);
+        detail::count_rejection(rejections);
         ++c.redraws;
         resolve(fresh(redraw.next()), ids[j], log_pn[j]);
       }
