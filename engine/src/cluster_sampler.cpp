@@ -256,17 +256,13 @@ void ClusterSampler::refresh(const BankView& bank, std::int64_t step) {
   index_members();
 }
 
-double ClusterSampler::prob(index_t j) const {
-  MEMBANK_CHECK(j >= 0 && j < n_, "j = {} is out of range: expected 0 <= j < N = {}", j, n_);
-  return 1.0 / static_cast<double>(n_);
-}
+// Without a query the mixture is the uniform distribution (beta = 0): the uniform sampler's answers.
+double ClusterSampler::prob(index_t j) const { return UniformSampler(n_).prob(j); }
 
-std::vector<double> ClusterSampler::probs() const {
-  return std::vector<double>(static_cast<std::size_t>(n_), 1.0 / static_cast<double>(n_));
-}
+std::vector<double> ClusterSampler::probs() const { return UniformSampler(n_).probs(); }
 
 void ClusterSampler::lookup(std::span<const index_t> ids, std::span<float> log_pn) const {
-  std::fill_n(log_pn.begin(), ids.size(), static_cast<float>(-std::log(static_cast<double>(n_))));
+  UniformSampler(n_).lookup(ids, log_pn);
 }
 
 double ClusterSampler::prob_given(index_t j, QueryRef query) const {
