@@ -139,6 +139,8 @@ RowMatrixf initial_centroids(const BankView& bank, index_t c, std::uint64_t seed
 struct ClusterBuffers {
   std::vector<double> cdf, pi;
   std::vector<float> log_q;
+  /// A guide table per row (Chen and Asau's): guide[g] is at most the first cluster whose cumulative
+  /// weight passes g / C of the total, so a draw's search starts there and moves on a step or two.
   std::vector<std::int32_t> guide;
 };
 
@@ -167,21 +169,15 @@ namespace {
 /// The per-query mixtures of one batch: row r (B queries, then their mean) holds, per cluster k, the
 /// cumulative weight the draw searches, pi_k, and log q(j | f_r) of the cluster's rows. Its arrays go
 /// back to the sampler's pool when it is destroyed.
-struct ClusterBatch final : Conditioned {
+struct ClusterBatch final : Conditioned, ClusterBuffers {
   index_t rows = 0, c = 0;
-  std::vector<double> cdf, pi;
-  std::vector<float> log_q;
-  /// A guide table per row (Chen and Asau's): guide[g] is at most the first cluster whose cumulative
-  /// weight passes g / C of the total, so a draw's search starts there and moves on a step or two.
-  std::vector<std::int32_t> guide;
   std::shared_ptr<detail::ClusterBufferPool> pool;
   ClusterBatch(std::shared_ptr<detail::ClusterBufferPool> p, ClusterBuffers b)
-      : cdf(std::move(b.cdf)), pi(std::move(b.pi)), log_q(std::move(b.log_q)), guide(std::move(b.guide)),
-        pool(std::move(p)) {}
+      : ClusterBuffers(std::move(b)), pool(std::move(p)) {}
   ClusterBatch(const ClusterBatch&) = delete;
   ClusterBatch& operator=(const ClusterBatch&) = delete;
   ~ClusterBatch() override {
-    if (pool) pool->give({std::move(cdf), std::move(pi), std::move(log_q), std::move(guide)});
+    if (pool) pool->give(std::move(static_cast<ClusterBuffers&>(*this)));
   }
   const double* cdf_row(index_t r) const { return cdf.data() + r * c; }
 };
@@ -300,17 +296,16 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t s
   b.pi.resize(cells);
   b.log_q.resize(cells);
   b.guide.resize(cells);
+  // Per cluster: log n_k (-inf for an empty one, which then weighs 0) and 1 / n_k (0 for an empty
+  // one, whose log q is set to -inf after).
+  const double n = static_cast<double>(n_);
   std::vector<double> log_size(static_cast<std::size_t>(c));
+  Eigen::ArrayXd inv_size(c);
+  std::vector<index_t> empty;
   for (index_t k = 0; k < c; ++k) {
     const index_t size = sizes_[static_cast<std::size_t>(k)];
     log_size[static_cast<std::size_t>(k)] =
         size > 0 ? std::log(static_cast<double>(size)) : -std::numeric_limits<double>::infinity();
-  }
-  const double n = static_cast<double>(n_);
-  Eigen::ArrayXd inv_size(c);  // 1 / n_k (0 for an empty cluster, whose log q is then set to -inf)
-  std::vector<index_t> empty;
-  for (index_t k = 0; k < c; ++k) {
-    const index_t size = sizes_[static_cast<std::size_t>(k)];
     inv_size(k) = size > 0 ? 1.0 / static_cast<double>(size) : 0.0;
     if (size == 0) empty.push_back(k);
   }
