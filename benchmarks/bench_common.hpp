@@ -7,6 +7,7 @@
 #include <membank/dynamic_sampler.hpp>
 #include <membank/engine.hpp>
 #include <membank/error.hpp>
+#include <membank/ring_sampler.hpp>
 #include <membank/sampler.hpp>
 #include <membank/types.hpp>
 
@@ -82,6 +83,7 @@ struct StepSetup {
   SamplerKind sampler = SamplerKind::uniform;  ///< alias, dynamic: over weights drawn uniformly in [0.5, 2)
   bool loss_ema = false;  ///< dynamic: the engine re-weights each batch's rows after a step (the loss_ema drive)
   index_t clusters = 1024;  ///< cluster sampler: C (fitted with one Lloyd step, timed as cluster_fit_ms)
+  index_t ring_upper = 4096;  ///< ring sampler: ranks [1, ring_upper) (past each query's most similar row)
   Objective objective = Objective::nce;
   DType dtype = DType::float32;  ///< the bank's storage type
   std::uint64_t seed = 1;
@@ -100,6 +102,7 @@ class StepBench {
     cfg.negatives = s.negatives;
     cfg.objective = s.objective;
     cfg.seed = s.seed;
+    cfg.allow_biased_sampler = s.sampler == SamplerKind::ring;
     std::unique_ptr<NoiseSampler> sampler;
     if (s.sampler == SamplerKind::alias || s.sampler == SamplerKind::dynamic) {
       std::vector<double> w(static_cast<std::size_t>(s.n));
@@ -114,6 +117,8 @@ class StepBench {
         sampler = std::make_unique<DynamicSampler>(w, p);
       }
       alias_build_ms = now_ms() - t0;
+    } else if (s.sampler == SamplerKind::ring) {
+      sampler = std::make_unique<RingSampler>(s.n, RingConfig{1, std::min(s.ring_upper, s.n)});
     } else {
       sampler = std::make_unique<UniformSampler>(s.n);
     }

@@ -39,6 +39,7 @@ struct StepOptions {
   std::string negatives = "per-sample";
   std::string sampler = "uniform";
   index_t clusters = 1024;  ///< --sampler cluster: C
+  index_t ring_upper = 4096;  ///< --sampler ring: ranks [1, ring_upper)
   std::string drive = "none";  ///< --sampler dynamic: none, or loss_ema (the engine re-weights after each step)
   std::string objective = "nce";
   std::string dtype = "float32";  ///< one type, or a comma-separated list measured in one run
@@ -75,6 +76,7 @@ StepSetup setup_of(const StepOptions& o, const std::string& dtype) {
   setup.negatives = negatives_mode_from_string(o.negatives);
   setup.sampler = sampler_kind_from_string(o.sampler);
   setup.clusters = o.clusters;
+  setup.ring_upper = o.ring_upper;
   setup.loss_ema = dynamic_drive_from_string(o.drive) == DynamicSampler::Drive::loss_ema;
   MEMBANK_CHECK(!setup.loss_ema || setup.sampler == SamplerKind::dynamic, "--drive {}: expected --sampler dynamic",
                 o.drive);
@@ -239,8 +241,8 @@ void run_distributed(const StepOptions& o) {
     cfg.objective = objective_from_string(o.objective);
     cfg.seed = o.seed;
     collective([&] {  // (the same on every rank)
-      MEMBANK_CHECK(o.sampler != "cluster", "--sampler {} with --distributed: not supported yet (a DistributedEngine "
-                    "takes uniform, alias or dynamic)", o.sampler);
+      MEMBANK_CHECK(o.sampler != "cluster" && o.sampler != "ring", "--sampler {} with --distributed: not supported "
+                    "yet (a DistributedEngine takes uniform, alias or dynamic)", o.sampler);
       MEMBANK_CHECK(o.batch >= ranks, "--batch {} with {} ranks: expected a global batch of at least one query per "
                     "rank", o.batch, ranks);
       MEMBANK_CHECK(o.n >= ranks, "--n {} with {} ranks: expected at least one bank row per rank", o.n, ranks);
@@ -464,11 +466,15 @@ void add_bench_step(CLI::App& bench) {
       ->capture_default_str()
       ->check(one_of({"per-sample", "shared", "both"}));
   cmd->add_option("--sampler", o->sampler,
-                  "noise distribution: uniform, alias or dynamic over random weights, or cluster (the query-dependent "
-                  "proposal over --clusters k-means clusters of the bank)")
+                  "noise distribution: uniform, alias or dynamic over random weights, cluster (the query-dependent "
+                  "proposal over --clusters k-means clusters of the bank), or ring (biased: each query's draws uniform "
+                  "over its score ranks [1, --ring-upper), weighed as uniform draws)")
       ->capture_default_str()
-      ->check(one_of({"uniform", "alias", "dynamic", "cluster"}));
+      ->check(one_of({"uniform", "alias", "dynamic", "cluster", "ring"}));
   cmd->add_option("--clusters", o->clusters, "--sampler cluster: C")->capture_default_str()->check(integer_in(1));
+  cmd->add_option("--ring-upper", o->ring_upper, "--sampler ring: one past the ring's last rank (capped at N)")
+      ->capture_default_str()
+      ->check(integer_in(2));
   cmd->add_option("--drive", o->drive,
                   "--sampler dynamic: none, or loss_ema (the engine re-weights each batch's rows after its step "
                   "from a per-row loss average)")

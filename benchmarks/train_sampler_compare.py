@@ -22,6 +22,7 @@ SAMPLERS = {
     "uniform": [],
     "cluster": ["--sampler", "cluster"],
     "dynamic": ["--sampler", "dynamic"],
+    "ring": ["--sampler", "ring", "--allow-biased-sampler"],  # biased hard negatives, ranks [1, N / 10)
 }
 
 

@@ -44,6 +44,7 @@
 #include <membank/memory.hpp>
 #include <membank/multiview.hpp>
 #include <membank/queue.hpp>
+#include <membank/ring_sampler.hpp>
 #include <membank/cluster_sampler.hpp>
 #include <membank/sampler.hpp>
 #include <membank/snapshot.hpp>
@@ -370,6 +371,7 @@ std::unique_ptr<NoiseSampler> copy_sampler(const NoiseSampler& s) {
   if (s.kind() == SamplerKind::cluster)
     return std::make_unique<ClusterSampler>(static_cast<const ClusterSampler&>(s));
   if (s.kind() == SamplerKind::dynamic) return std::make_unique<DynamicSampler>(static_cast<const DynamicSampler&>(s));
+  if (s.kind() == SamplerKind::ring) return std::make_unique<RingSampler>(static_cast<const RingSampler&>(s));
   return std::make_unique<UniformSampler>(s.size());
 }
 
@@ -395,6 +397,7 @@ py::dict config_dict(const EngineConfig& c) {
   d["margin"] = c.effective_margin();
   d["exclude_same_label"] = c.exclude_same_label;
   d["rounding"] = to_string(c.rounding);
+  d["allow_biased_sampler"] = c.allow_biased_sampler;
   return d;
 }
 
@@ -501,6 +504,7 @@ EngineConfig config_from_options(const py::dict& options, const char* who) {
        }},
       {"exclude_same_label", [](EngineConfig& c, py::handle v) { c.exclude_same_label = v.cast<bool>(); }},
       {"rounding", [](EngineConfig& c, py::handle v) { c.rounding = rounding_from_string(v.cast<std::string>()); }},
+      {"allow_biased_sampler", [](EngineConfig& c, py::handle v) { c.allow_biased_sampler = v.cast<bool>(); }},
   };
   EngineConfig c;
   for (const auto& [key, value] : options) {
@@ -528,7 +532,7 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
                                       bool normalize_features, double unit_norm_tolerance, double tau_plus, double beta,
                                       bool detach_weights, double kernel_t, double gamma, py::object margin,
                                       bool exclude_same_label, py::object labels, const std::string& rounding,
-                                      py::object comm, py::object distributed) {
+                                      bool allow_biased_sampler, py::object comm, py::object distributed) {
   // Engine(..., comm=...) is turned into a DistributedEngine by Engine.__new__ (membank/__init__.py)
   // before this runs; here only when the build has no MPI, or when _membank is used on its own.
   if (!comm.is_none() || !distributed.is_none()) throw Error(comm_without_mpi());
@@ -536,15 +540,17 @@ std::shared_ptr<PyEngine> make_engine(const PyBank& bank, py::object sampler, in
     throw Error("Engine(bank): this Bank already belongs to an Engine (each engine owns its bank): make a new Bank, "
                 "or use that engine");
   const EngineOnlyArgs engine_only{k, momentum, &negatives, &z_policy, z_fixed, z_ema};
-  const EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features, unit_norm_tolerance,
-                                     tau_plus, beta, detach_weights, kernel_t, gamma, margin, exclude_same_label,
-                                     rounding, &engine_only);
+  EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features, unit_norm_tolerance,
+                               tau_plus, beta, detach_weights, kernel_t, gamma, margin, exclude_same_label, rounding,
+                               &engine_only);
+  c.allow_biased_sampler = allow_biased_sampler;
   const index_t n = bank.s->owned->size();
   std::vector<std::int64_t> label_values = labels_arg(labels);
   // Validate before the bank is moved: a refused configuration leaves the Python Bank usable.
   c.validate(n, bank.s->owned->dim());  // also: one step's scratch for K fits in memory (MemoryError)
   std::unique_ptr<NoiseSampler> s = sampler_arg(sampler, n, "Engine");
-  if (!labels.is_none()) Engine::check_labels(label_values, *s, c);  // before the bank moves
+  Engine::check_sampler(*s, c);  // before the bank moves
+  if (!labels.is_none()) Engine::check_labels(label_values, *s, c);
   auto pe = std::make_shared<PyEngine>();
   {
     std::lock_guard lk(bank.s->mu);
@@ -1696,6 +1702,13 @@ PYBIND11_MODULE(_membank, m) {
         return d;
       }, "A ClusterSampler's state (copies): centroids float32 (C, D), assignment int32 (N,), epsilon (as "
          "realised), beta, clusters, refresh_every, iterations, refreshed_at; None for other samplers.")
+      .def_property_readonly("ring_ranks", [](const PySampler& s) -> py::object {
+        const auto* r = dynamic_cast<const RingSampler*>(s.s.get());
+        if (!r) return py::none();
+        return py::make_tuple(r->config().lower, r->config().upper);
+      }, "A RingSampler's ranks (lower, upper); None for other samplers.")
+      .def_property_readonly("biased", [](const PySampler& s) { return s.s->biased(); },
+                             "Whether the draws are biased (RingSampler): see Engine's allow_biased_sampler.")
       .def("draw",
            [](const PySampler& s, index_t k, std::uint64_t seed, std::int64_t step, std::uint32_t row, py::object excluded) {
              if (k < 1) throw Error(fmt::format("draw(k = {}): expected k >= 1", k));
@@ -1749,6 +1762,13 @@ PYBIND11_MODULE(_membank, m) {
         "every step: a blocked alias table, O(128) per changed row plus O(N / 128) per call. drive='loss_ema': "
         "after each step the engine sets each batch row's weight to floor + max(ema, 0), ema its loss average "
         "(ema <- alpha ema + (1 - alpha) loss).");
+  m.def("RingSampler",
+        [](index_t n, index_t lower, index_t upper) { return PySampler{std::make_shared<RingSampler>(n, RingConfig{lower, upper})}; },
+        py::arg("n"), py::kw_only(), py::arg("lower") = 0, py::arg("upper") = 4096,
+        "A biased sampler of hard negatives (ring_sampler.hpp): for each query the bank's rows are ranked by "
+        "score (highest first, ties by id) and the draws are uniform over ranks [lower, upper): Ring's "
+        "neighbourhood, top-k sampling with lower = 0. The engine weighs its draws as uniform ones and needs "
+        "allow_biased_sampler=True for every objective but contrastive and triplet.");
   m.def("UniformSampler", [](index_t n) { return PySampler{std::make_shared<UniformSampler>(n)}; }, py::arg("n"),
         "P_n(j) = 1/N.");
   m.def("AliasSampler", [](py::handle weights) {
@@ -1789,12 +1809,14 @@ PYBIND11_MODULE(_membank, m) {
            py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0, py::arg("detach_weights") = false,
            py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0, py::arg("margin") = py::none(),
            py::arg("exclude_same_label") = false, py::arg("labels") = py::none(), py::arg("rounding") = "nearest",
-           py::arg("comm") = py::none(), py::arg("distributed") = py::none(),
+           py::arg("allow_biased_sampler") = false, py::arg("comm") = py::none(), py::arg("distributed") = py::none(),
            "objective: nce, infonce, dcl, hcl, dhel, kcl, supcon, contrastive, triplet or full "
            "(docs/objectives.md); labels: int64 (N,), needed by supcon, contrastive, triplet and "
            "exclude_same_label; margin None: the objective's default (contrastive 1.0, triplet 0.2); "
            "rounding: 'nearest' or 'stochastic', how refreshed rows of a float16 / bfloat16 bank are rounded "
-           "(the bank's dtype is chosen when the Bank is made). comm, distributed: an mpi4py communicator and "
+           "(the bank's dtype is chosen when the Bank is made); allow_biased_sampler: train a biased sampler's "
+           "draws (RingSampler) weighed as uniform ones with an objective that needs a valid P_n (refused "
+           "otherwise; contrastive and triplet take them as they are). comm, distributed: an mpi4py communicator and "
            "'replicated' | 'sharded': membank.Engine then makes a membank.DistributedEngine instead (builds with "
            "MPI only; membank.has_mpi).")
       .def_property_readonly("bank", [](std::shared_ptr<PyEngine> pe) {

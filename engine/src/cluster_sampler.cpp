@@ -276,8 +276,8 @@ void ClusterSampler::lookup_given(QueryRef query, std::span<const index_t> ids, 
     log_pn[t] = log_q[assignment_[static_cast<std::size_t>(ids[t])]];
 }
 
-std::unique_ptr<Conditioned> ClusterSampler::condition(const float* f, index_t stride, index_t batch,
-                                                       index_t dim) const {
+std::unique_ptr<Conditioned> ClusterSampler::condition(const BankView&, const float* f, index_t stride,
+                                                       index_t batch, index_t dim) const {
   const index_t c = config_.clusters;
   MEMBANK_CHECK(batch >= 1, "batch = {}: expected at least one query", batch);
   MEMBANK_CHECK(dim == centroids_.cols(), "the queries have D = {}: expected the centroids' D = {}", dim,

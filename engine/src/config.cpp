@@ -62,6 +62,10 @@ bool reports_mi_bound(Objective o) {
   return o == Objective::info_nce || o == Objective::dcl || o == Objective::hcl;
 }
 
+bool needs_valid_noise(Objective o) {
+  return o != Objective::contrastive && o != Objective::triplet && o != Objective::full_softmax;
+}
+
 std::string to_string(NegativesMode m) { return m == NegativesMode::per_sample ? "per-sample" : "shared"; }
 std::string to_string(ZPolicy p) {
   switch (p) {

@@ -79,6 +79,15 @@ std::vector<T> narrowed(const std::vector<std::int32_t>& classes) {
 
 }  // namespace
 
+void Engine::check_sampler(const NoiseSampler& sampler, const EngineConfig& config) {
+  check_query_dependent(sampler, config);
+  MEMBANK_CHECK(!sampler.biased() || config.allow_biased_sampler || !needs_valid_noise(config.objective),
+                "objective {} with the {} sampler: its estimate needs draws with a valid P_n, and the {} sampler is "
+                "biased (q = 0 outside each query's ring). Set allow_biased_sampler to train on its draws weighed as "
+                "uniform ones (the hard-negative methods' loss), or use contrastive or triplet, or an unbiased sampler",
+                to_string(config.objective), to_string(sampler.kind()), to_string(sampler.kind()));
+}
+
 void Engine::check_labels_present() const {
   MEMBANK_CHECK(!needs_labels(config_.objective) || !labels_.empty(),
                 "objective {} needs labels: give the engine one label per instance (labels=, set_labels)",
@@ -95,7 +104,7 @@ Engine::Engine(Bank bank, std::unique_ptr<NoiseSampler> sampler, EngineConfig co
   MEMBANK_CHECK(sampler_->size() == bank_.size(), "sampler has N = {}: expected the bank's N = {}",
                 sampler_->size(), bank_.size());
   config_.validate(bank_.size(), bank_.dim());
-  check_query_dependent(*sampler_, config_);
+  check_sampler(*sampler_, config_);
   if (const auto* cs = dynamic_cast<const ClusterSampler*>(sampler_.get()))
     MEMBANK_CHECK(cs->centroids().cols() == bank_.dim(), "the cluster sampler's centroids have D = {}: expected "
                   "the bank's D = {}", cs->centroids().cols(), bank_.dim());
@@ -292,7 +301,7 @@ RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step, const FeaturesRef*
     MEMBANK_CHECK(features->rows() == batch, "features has {} rows: expected one per id (B = {})", features->rows(),
                   batch);
     const PreparedFeatures p = prepare_features(*features, batch, bank_.dim(), config_);
-    conditioned = sampler_->condition(p.data, p.stride, batch, bank_.dim());
+    conditioned = sampler_->condition(bank_.view(), p.data, p.stride, batch, bank_.dim());
   }
   if (config_.negatives == NegativesMode::shared) {
     RowMatrixi out(1, k);
@@ -376,7 +385,8 @@ Engine::Computed Engine::compute_on(const Bank& bank, const Partition& partition
     detail::KernelContext cx = make_context(bank, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
     // A query-dependent sampler's q(. | f_i) for this batch's features (and their mean, row B).
     const std::unique_ptr<Conditioned> conditioned =
-        sampler_->query_dependent() ? sampler_->condition(prepared.data, prepared.stride, batch, dim) : nullptr;
+        sampler_->query_dependent() ? sampler_->condition(bank.view(), prepared.data, prepared.stride, batch, dim)
+                                     : nullptr;
     cx.conditioned = conditioned.get();
     const bool nce = config_.objective == Objective::nce;
     const kernels::Table& kt = kernels::table();  // the instruction set, picked once per step

@@ -26,14 +26,16 @@ std::string to_string(SamplerKind kind) {
     case SamplerKind::alias: return "alias";
     case SamplerKind::dynamic: return "dynamic";
     case SamplerKind::cluster: return "cluster";
+    case SamplerKind::ring: return "ring";
   }
   MEMBANK_THROW("SamplerKind {}: not a sampler kind", static_cast<int>(kind));
 }
 
 SamplerKind sampler_kind_from_string(const std::string& s) {
-  for (const SamplerKind k : {SamplerKind::uniform, SamplerKind::alias, SamplerKind::dynamic, SamplerKind::cluster})
+  for (const SamplerKind k :
+       {SamplerKind::uniform, SamplerKind::alias, SamplerKind::dynamic, SamplerKind::cluster, SamplerKind::ring})
     if (s == to_string(k)) return k;
-  MEMBANK_THROW("sampler = '{}': expected 'uniform', 'alias', 'dynamic' or 'cluster'", s);
+  MEMBANK_THROW("sampler = '{}': expected 'uniform', 'alias', 'dynamic', 'cluster' or 'ring'", s);
 }
 
 namespace {
@@ -50,7 +52,8 @@ bool Exclusion::contains(index_t j) const {
   return std::binary_search(ids.begin(), ids.end(), j);
 }
 
-std::unique_ptr<Conditioned> NoiseSampler::condition(const float*, index_t, index_t, index_t) const {
+std::unique_ptr<Conditioned> NoiseSampler::condition(const BankView&, const float*, index_t, index_t,
+                                                     index_t) const {
   MEMBANK_THROW("the {} sampler does not depend on the query: there is nothing to condition", to_string(kind()));
 }
 

@@ -1,5 +1,6 @@
 #include <membank/cluster_sampler.hpp>
 #include <membank/error.hpp>
+#include <membank/ring_sampler.hpp>
 #include <membank/snapshot.hpp>
 #include <membank/version.hpp>
 
@@ -726,6 +727,7 @@ EngineConfig read_config_attributes(const AttrReader& a, int version) {
   c.normalize_features = a.i64("normalize_features") != 0;
   c.unit_norm_tolerance = a.f64("unit_norm_tolerance");
   if (version >= 3) c.rounding = rounding_from_string(a.str("rounding"));
+  if (a.has("allow_biased_sampler")) c.allow_biased_sampler = a.i64("allow_biased_sampler") != 0;  // (false before)
   if (version >= 2) {  // version 1 files predate these: the defaults reproduce them
     c.tau_plus = a.f64("tau_plus");
     c.beta = a.f64("beta");
@@ -742,8 +744,8 @@ EngineConfig read_config_attributes(const AttrReader& a, int version) {
 /// sampler, say) is refused with one Error rather than loaded as something else.
 void check_loadable_sampler(SamplerKind kind, const std::string& path) {
   MEMBANK_CHECK(kind == SamplerKind::uniform || kind == SamplerKind::alias || kind == SamplerKind::dynamic ||
-                    kind == SamplerKind::cluster,
-                "{}: sampler = '{}': this build loads uniform, alias, dynamic and cluster samplers only", path,
+                    kind == SamplerKind::cluster || kind == SamplerKind::ring,
+                "{}: sampler = '{}': this build loads uniform, alias, dynamic, cluster and ring samplers only", path,
                 to_string(kind));
 }
 
@@ -927,6 +929,15 @@ std::unique_ptr<NoiseSampler> read_sampler(hid_t file, SamplerKind kind, const D
   check_loadable_sampler(kind, path);
   if (kind == SamplerKind::uniform) return std::make_unique<UniformSampler>(n);
   if (kind == SamplerKind::cluster) return read_cluster_sampler(file, n, dim, path);
+  if (kind == SamplerKind::ring) {  // its ranks, root attributes sampler_ring_lower and sampler_ring_upper
+    const AttrReader a(file, path);
+    const RingConfig c{a.i64("sampler_ring_lower"), a.i64("sampler_ring_upper")};
+    try {
+      return std::make_unique<RingSampler>(n, c);
+    } catch (const Error& e) {
+      MEMBANK_THROW("{}: ring sampler: {}", path, e.what());
+    }
+  }
   const auto w = read_vector<double>(file, "sampler_weights", 0, n, H5T_NATIVE_DOUBLE, path);
   try {
     if (kind == SamplerKind::alias) return std::make_unique<AliasSampler>(w);
@@ -1286,6 +1297,7 @@ void write_config_attributes(hid_t root, const EngineConfig& c) {
   write_attr(root, "margin", c.effective_margin());
   write_attr(root, "exclude_same_label", std::int64_t{c.exclude_same_label});
   write_attr(root, "rounding", to_string(c.rounding));
+  write_attr(root, "allow_biased_sampler", std::int64_t{c.allow_biased_sampler});
 }
 
 /// format, format_version and kind of a new file, and the membank that writes it.
@@ -1344,8 +1356,8 @@ void write_cluster_sampler(hid_t root, const ClusterSampler& s, int deflate, con
 }
 
 /// The sampler's state: an alias sampler's weights; a cluster sampler's clusters; a dynamic sampler's
-/// current weights, its loss average (loss_ema) and its parameters; nothing for a uniform sampler (its
-/// N). Any other kind is refused (the loaders could not build it): the save fails, the destination
+/// current weights, its loss average (loss_ema) and its parameters; a ring sampler's ranks; nothing
+/// for a uniform sampler (its N). Any other kind is refused (the loaders could not build it): the save fails, the destination
 /// untouched.
 void write_sampler(hid_t root, const NoiseSampler& sampler, index_t n, int deflate, const std::string& path) {
   check_loadable_sampler(sampler.kind(), path);
@@ -1354,6 +1366,10 @@ void write_sampler(hid_t root, const NoiseSampler& sampler, index_t n, int defla
                  dynamic_cast<const AliasSampler&>(sampler).weights().data(), n, deflate, path);
   else if (sampler.kind() == SamplerKind::cluster)
     write_cluster_sampler(root, dynamic_cast<const ClusterSampler&>(sampler), deflate, path);
+  if (sampler.kind() == SamplerKind::ring) {
+    write_attr(root, "sampler_ring_lower", dynamic_cast<const RingSampler&>(sampler).config().lower);
+    write_attr(root, "sampler_ring_upper", dynamic_cast<const RingSampler&>(sampler).config().upper);
+  }
   if (sampler.kind() == SamplerKind::dynamic) {
     const auto& d = dynamic_cast<const DynamicSampler&>(sampler);
     write_vector(root, "sampler_weights", H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, d.weights().data(), n, deflate, path);

@@ -86,7 +86,7 @@ void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef b
     sampler.draw_next(cursor, ids, lw);
   }
   const double log_n = std::log(static_cast<double>(sampler.size()));
-  for (auto& x : lw) x = static_cast<float>(log_kept - log_n - x);  // log P_n in, lw out
+  for (auto& x : lw) x = sampler.biased() ? 0.0f : static_cast<float>(log_kept - log_n - x);  // log P_n in, lw out
 }
 
 QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y, QueryRef query) {
@@ -133,6 +133,8 @@ struct QueryDraws {
     } else {
       d.cx->sampler->draw_next(d.cursor, ids, log_pn);
     }
+    // A biased sampler's draws weigh as uniform ones: lw = lw_shift - log_pn = 0 - 0.
+    if (d.cx->sampler->biased()) std::fill(log_pn.begin(), log_pn.end(), 0.0f);
   }
 };
 
@@ -195,8 +197,8 @@ Lse lse_per_sample(const KernelContext& cx, const StepInput& in, index_t batch, 
         kt.gather_dots(cx.bank.data, cx.bank.dtype, cx.bank.stride, dim, ids_buf.data(), cx.k, in.f + i * in.f_stride,
                        s_buf.data());
         Lse lse;
-        for (std::size_t k = 0; k < static_cast<std::size_t>(cx.k); ++k)
-          lse.add(s_buf[k] * inv_tau + (e.log_kept - log_n - log_pn_buf[k]));
+        const double shift = cx.sampler->biased() ? 0.0 : e.log_kept - log_n;  // (a biased draw's log_pn is 0)
+        for (std::size_t k = 0; k < static_cast<std::size_t>(cx.k); ++k) lse.add(s_buf[k] * inv_tau + (shift - log_pn_buf[k]));
         per_query[static_cast<std::size_t>(i)] = lse;
       });
     }
@@ -212,6 +214,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
                        const kernels::Table& kt) {
   const double log_n = std::log(static_cast<double>(cx.bank.rows));
   const bool positives_first = takes_positives_first(cx.cfg->objective);
+  const bool unweighted = cx.sampler->biased();  // a biased sampler's draws and positive weigh as uniform ones
   kernels::PerSampleQuery base{};
   base.bank = cx.bank.data;
   base.dtype = cx.bank.dtype;
@@ -235,8 +238,8 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
         q.ids = scratch.ids.data();
         q.log_pn = scratch.log_pn.data();
         q.refill = {&QueryDraws::refill, &draws};
-        q.lw_shift = e.log_kept - log_n;
-        q.lw_pos = -log_n - std::log(cx.sampler->prob_for(y, cx.query(i)));
+        q.lw_shift = unweighted ? 0.0 : e.log_kept - log_n;
+        q.lw_pos = unweighted ? 0.0 : -log_n - std::log(cx.sampler->prob_for(y, cx.query(i)));
         q.f = in.f + i * in.f_stride;
         q.g = in.grad + i * in.g_stride;
         q.vy = cx.bank.row_data(y);
@@ -336,7 +339,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
           q.k = k;
           q.y = y;
           q.s_pos = kt.dot(vy, DType::float32, f, dim);
-          q.lw_pos = -log_n - std::log(cx.sampler->prob_for(y, mean));
+          q.lw_pos = cx.sampler->biased() ? 0.0 : -log_n - std::log(cx.sampler->prob_for(y, mean));
           q.coef_scale = 1.0 / static_cast<double>(batch);
           q.rescale = scratch.rescale.data();
           q.scratch = scratch.view();

@@ -44,6 +44,7 @@
 #include <membank/knn.hpp>
 #include <membank/multiview.hpp>
 #include <membank/queue.hpp>
+#include <membank/ring_sampler.hpp>
 #include <membank/snapshot.hpp>
 
 #include <fmt/format.h>
@@ -113,16 +114,24 @@ struct TrainOptions {
   index_t queue_size = 4096;    // --memory queue: Q keys
   double key_momentum = 0.999;  // --memory queue: momentum of the key encoder (MoCo's)
   int views = 1;                // 2: CMC, one bank per view (two augmentations, one shared encoder)
-  std::string sampler = "uniform";  // the bank's noise distribution: uniform, cluster (q(j | f)) or dynamic
+  std::string sampler = "uniform";  // the bank's noise distribution: uniform, cluster (q(j | f)), dynamic or ring
   index_t clusters = 1024;          // --sampler cluster: C
   double cluster_epsilon = 0.1;     // --sampler cluster: the uniform share
   double cluster_beta = -1.0;       // --sampler cluster: sharpness (< 0: 1 / tau, the scores' own scale)
   int cluster_iterations = 3;       // --sampler cluster: Lloyd steps per refresh (once per epoch)
+  index_t ring_lower = 1;           // --sampler ring: the ring's first rank (1: past the image's own row, usually)
+  index_t ring_upper = -1;          // --sampler ring: one past its last rank (< 0: N / 10)
+  bool allow_biased_sampler = false;  // train a biased sampler's draws with an objective that needs a valid P_n
 
   bool has_bank() const { return memory == "bank"; }
   /// Negatives per query: K draws from a bank, the queue's Q keys, or the batch's other 2B - 2 samples.
   index_t negatives() const { return memory == "queue" ? queue_size : memory == "in-batch" ? 2 * batch - 2 : k; }
 };
+
+/// --sampler ring's ranks over n rows (--ring-upper left out: N / 10, past --ring-lower).
+RingConfig ring_ranks(const TrainOptions& o, index_t n) {
+  return {o.ring_lower, o.ring_upper < 0 ? std::max<index_t>(o.ring_lower + 1, n / 10) : o.ring_upper};
+}
 
 /// The objective and the memory, as the header and the progress bar name them.
 std::string describe_run(const TrainOptions& o) {
@@ -133,6 +142,7 @@ std::string describe_run(const TrainOptions& o) {
   if (o.views == 2) return fmt::format("{}{}, CMC 2 views (2 banks, shared encoder)", objective, k);
   if (o.sampler == "cluster") return fmt::format("{}{}, cluster sampler C={}", objective, k, o.clusters);
   if (o.sampler == "dynamic") return fmt::format("{}{}, dynamic sampler (loss average)", objective, k);
+  if (o.sampler == "ring") return fmt::format("{}{}, ring sampler (biased)", objective, k);
   return objective + k;
 }
 
@@ -300,6 +310,7 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   cfg.gamma = o.gamma;
   cfg.margin = o.margin;
   cfg.exclude_same_label = o.exclude_same_label;
+  cfg.allow_biased_sampler = o.allow_biased_sampler;
   cfg.normalize_features = true;
   cfg.z_policy = z_policy_from_string(o.z_policy);
   cfg.seed = o.seed;
@@ -373,6 +384,9 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
         DynamicSampler::Params dp;
         dp.drive = DynamicSampler::Drive::loss_ema;
         sampler = std::make_unique<DynamicSampler>(std::vector<double>(static_cast<std::size_t>(n), 1.0), dp);
+      } else if (o.sampler == "ring") {
+        // Each image's negatives: uniform over the bank rows of score ranks [lower, upper) for it.
+        sampler = std::make_unique<RingSampler>(n, ring_ranks(o, n));
       } else {
         sampler = std::make_unique<UniformSampler>(n);
       }
@@ -549,6 +563,8 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
                                     {"memory", o.memory},
                                     {"sampler", o.sampler},
                                     {"clusters", o.sampler == "cluster" ? nlohmann::json(o.clusters) : nlohmann::json(nullptr)},
+                                    {"ring", o.sampler == "ring" ? nlohmann::json::array({ring_ranks(o, n).lower, ring_ranks(o, n).upper})
+                                                                 : nlohmann::json(nullptr)},
                                     {"views", o.views},
                                     {"queue_size", use_queue ? nlohmann::json(o.queue_size) : nlohmann::json(nullptr)},
                                     {"key_momentum", use_queue ? nlohmann::json(o.key_momentum) : nlohmann::json(nullptr)},
@@ -863,12 +879,22 @@ void check_memory_options(TrainOptions& o, const Given& given) {
                   !o.has_bank() ? "--memory " + o.memory : o.views != 1 ? "--views 2" : "--distributed");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
-    MEMBANK_CHECK(!o.exclude_same_label || o.sampler != "cluster", "--sampler {} with --exclude-same-label: not "
-                  "supported yet (the label's mass under q(. | f) is not computed)", o.sampler);
+    MEMBANK_CHECK(!o.exclude_same_label || (o.sampler != "cluster" && o.sampler != "ring"), "--sampler {} with "
+                  "--exclude-same-label: not supported yet (the label's mass under q(. | f) is not computed)", o.sampler);
   }
   for (const char* name : {"--clusters", "--cluster-epsilon", "--cluster-beta", "--cluster-iterations"})
     MEMBANK_CHECK(o.sampler == "cluster" || !has(name), "{} with --sampler {}: applies to --sampler cluster only",
                   name, o.sampler);
+  MEMBANK_CHECK(o.sampler != "ring" || o.allow_biased_sampler || !needs_valid_noise(objective_from_string(o.objective)),
+                "--sampler ring with --objective {}: the ring sampler is biased (no draw outside each image's ring), "
+                "and {}'s estimate needs a valid P_n; pass --allow-biased-sampler to train on the draws weighed as "
+                "uniform ones (the hard-negative methods' loss), or use --objective contrastive or triplet", o.objective,
+                o.objective);
+  MEMBANK_CHECK(o.ring_upper < 0 || o.ring_upper > o.ring_lower, "--ring-upper {}: expected more than --ring-lower {}",
+                o.ring_upper, o.ring_lower);
+  for (const char* name : {"--ring-lower", "--ring-upper", "--allow-biased-sampler"})
+    MEMBANK_CHECK(o.sampler == "ring" || !has(name), "{} with --sampler {}: applies to --sampler ring only", name,
+                  o.sampler);
   if (!o.has_bank() || o.views != 1) {
     const std::string which = o.has_bank() ? fmt::format("--views {}", o.views) : "--memory " + o.memory;
     MEMBANK_CHECK(!has("--snapshot") || o.snapshot.empty(), "--snapshot with {}: not supported yet (a snapshot holds "
@@ -1056,9 +1082,23 @@ void add_train(CLI::App& app) {
                   "(1 - eps) pi_k(f) / n_k, pi_k(f) proportional to n_k exp(beta f . c_k); the objective uses q(j | f) "
                   "where it uses P_n(j). dynamic: weights that follow training, every row starting at 1 and, after "
                   "each step, the batch's rows re-weighted to 0.1 + the average (alpha 0.9) of their own loss, with the "
-                  "exact P_n. --memory bank, one process, one view")
+                  "exact P_n. ring: biased hard negatives (Ring; top-k with --ring-lower 0): each image's negatives "
+                  "uniform over the bank rows of score ranks [--ring-lower, --ring-upper) for it, weighed as uniform "
+                  "draws; needs --allow-biased-sampler except with --objective contrastive or triplet. --memory bank, "
+                  "one process, one view")
       ->capture_default_str()
-      ->check(one_of({"uniform", "cluster", "dynamic"}));
+      ->check(one_of({"uniform", "cluster", "dynamic", "ring"}));
+  cmd->add_option("--ring-lower", o->ring_lower,
+                  "--sampler ring: the ring's first rank by score (0: the row most similar to the image, usually its "
+                  "own)")
+      ->capture_default_str()
+      ->check(integer_in(0));
+  cmd->add_option("--ring-upper", o->ring_upper,
+                  "--sampler ring: one past the ring's last rank, at most N (default N / 10)")
+      ->check(integer_in(1));
+  cmd->add_flag("--allow-biased-sampler", o->allow_biased_sampler,
+                "--sampler ring: train on its biased draws with an objective whose estimate needs a valid P_n (every "
+                "one but contrastive and triplet), the draws weighed as uniform ones");
   cmd->add_option("--clusters", o->clusters, "--sampler cluster: C, the k-means clusters (at most N)")
       ->capture_default_str()
       ->check(integer_in(1));
@@ -1108,7 +1148,8 @@ void add_train(CLI::App& app) {
     Given given;
     for (const char* name : {"--snapshot", "--k", "--momentum", "--bank-init", "--bank-dtype", "--rounding",
                              "--queue-size", "--key-momentum", "--memory", "--views", "--sampler", "--clusters",
-                             "--cluster-epsilon", "--cluster-beta", "--cluster-iterations"})
+                             "--cluster-epsilon", "--cluster-beta", "--cluster-iterations", "--ring-lower",
+                             "--ring-upper", "--allow-biased-sampler"})
       if (cmd->count(name) > 0) given.insert(name);
     run_train(*o, given);
   }));

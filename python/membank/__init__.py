@@ -57,6 +57,7 @@ from ._membank import (  # noqa: F401
     MultiViewStats,
     NoiseSampler,
     Queue,
+    RingSampler,
     StepStats,
     UniformSampler,
     full_softmax_loss,
@@ -115,7 +116,7 @@ InBatch.__new__ = _memory_new("DistributedInBatch")
 __all__ = [
     "AliasSampler", "Bank", "ClusterSampler", "DynamicSampler", "Engine", "Error", "InBatch", "KnnResult",
     "MultiViewEngine", "MultiViewStats",
-    "NoiseSampler", "Queue", "StepStats",
+    "NoiseSampler", "Queue", "RingSampler", "StepStats",
     "UniformSampler",
     "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot", "max_num_threads",
     "read_snapshot_info", "save_snapshot", "set_num_threads", "time_steps", "verify_snapshot", "has_mpi",

@@ -69,7 +69,12 @@ class ClusterSampler final : public NoiseSampler {
   void lookup(std::span<const index_t> ids, std::span<float> log_pn) const override;
   /// Draws from q(. | cursor.query); a null query draws from prob() (uniform).
   void draw_next(DrawCursor& cursor, std::span<index_t> ids, std::span<float> log_pn) const override;
-  std::unique_ptr<Conditioned> condition(const float* f, index_t stride, index_t batch, index_t dim) const override;
+  /// (The bank is not read: the clusters are the last refresh's.)
+  std::unique_ptr<Conditioned> condition(const BankView& bank, const float* f, index_t stride, index_t batch,
+                                         index_t dim) const override;
+  std::unique_ptr<Conditioned> condition(const float* f, index_t stride, index_t batch, index_t dim) const {
+    return condition(BankView{}, f, stride, batch, dim);
+  }
 
   /// Re-fits the clusters to the bank's current rows (`iterations` Lloyd steps from the current
   /// centroids, then every row assigned); the state is used from step counter `step` on. Throws Error,

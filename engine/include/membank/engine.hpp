@@ -99,6 +99,10 @@ struct EngineConfig {
   /// How a refreshed row of a 2-byte bank is rounded (types.hpp's Rounding; the random bits are
   /// keyed by seed, step and row). No effect on an fp32 bank.
   Rounding rounding = Rounding::nearest;
+  /// Train on a biased sampler's draws (RingSampler) with an objective that needs a valid P_n
+  /// (needs_valid_noise): the draws then weigh as uniform ones, as the hard-negative methods train.
+  /// false: such an engine is refused.
+  bool allow_biased_sampler = false;
 
   /// The margin the objective uses: `margin`, or its default when NaN.
   double effective_margin() const;
@@ -161,6 +165,9 @@ class Engine {
   /// (callers that must not lose their bank to a refused constructor run it first).
   static void check_labels(std::span<const std::int64_t> labels, const NoiseSampler& sampler,
                            const EngineConfig& config);
+  /// The constructor's checks of the sampler against the config (a query-dependent sampler's
+  /// refusals, a biased sampler's): Error naming the objective or option and the sampler.
+  static void check_sampler(const NoiseSampler& sampler, const EngineConfig& config);
   /// The labels (empty when none were given).
   const std::vector<std::int64_t>& labels() const { return labels_; }
 

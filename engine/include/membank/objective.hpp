@@ -28,5 +28,10 @@ const std::vector<Objective>& all_objectives();
 bool needs_labels(Objective o);
 /// infonce, dcl and hcl: the step reports the mutual-information bound log(K + 1) - L.
 bool reports_mi_bound(Objective o);
+/// Every objective but contrastive, triplet and full: its value is an estimate over the draws of a
+/// sum over the bank, which needs draws with a valid P_n (a biased sampler is refused unless
+/// EngineConfig::allow_biased_sampler). The margin losses mine hard negatives as their method; full
+/// draws nothing.
+bool needs_valid_noise(Objective o);
 
 }  // namespace membank

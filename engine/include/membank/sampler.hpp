@@ -23,11 +23,14 @@
 
 namespace membank {
 
+struct BankView;
+
 /// uniform: P_n = 1/N. alias: fixed caller weights. dynamic: weights that change during training.
-/// cluster: a query-dependent proposal q(j|f) over k-means clusters of the bank.
-enum class SamplerKind { uniform, alias, dynamic, cluster };
+/// cluster: a query-dependent proposal q(j|f) over k-means clusters of the bank. ring: a biased one,
+/// uniform over a ring of the query's neighbours (ring_sampler.hpp).
+enum class SamplerKind { uniform, alias, dynamic, cluster, ring };
 std::string to_string(SamplerKind kind);
-/// "uniform", "alias", "dynamic" or "cluster"; throws Error otherwise.
+/// "uniform", "alias", "dynamic", "cluster" or "ring"; throws Error otherwise.
 SamplerKind sampler_kind_from_string(const std::string& s);
 
 /// Names one random stream: draws for `row` (a query of the batch, or 0 for shared negatives) at
@@ -116,10 +119,17 @@ class NoiseSampler {
   /// conditions the sampler on each step's features and passes each query's QueryRef to the draws,
   /// lookups and probabilities, which use q(j | f) wherever a static sampler's use P_n(j).
   virtual bool query_dependent() const { return false; }
+  /// Whether the draws are biased: q is 0 on rows a sum over the bank needs (RingSampler), so no
+  /// importance weight makes the estimates over the draws unbiased. The engine weighs such draws as
+  /// uniform ones and refuses them for the objectives that need a valid P_n unless
+  /// EngineConfig::allow_biased_sampler is set.
+  virtual bool biased() const { return false; }
   /// q(. | f_i) for the B rows of f (B x D unit rows, `stride` floats apart), and in row B their mean
-  /// (1/B) sum_i q(. | f_i): one distribution for negatives the batch shares. Query-dependent samplers
-  /// only (Error otherwise). `f` is read during the call only.
-  virtual std::unique_ptr<Conditioned> condition(const float* f, index_t stride, index_t batch, index_t dim) const;
+  /// (1/B) sum_i q(. | f_i): one distribution for negatives the batch shares. `bank` is the engine's
+  /// (a sampler that ranks its rows reads it during the call). Query-dependent samplers only (Error
+  /// otherwise). `f` is read during the call only.
+  virtual std::unique_ptr<Conditioned> condition(const BankView& bank, const float* f, index_t stride, index_t batch,
+                                                 index_t dim) const;
   /// q(j | query), or P_n(j) for a null query. Throws Error if j is out of range.
   double prob_for(index_t j, QueryRef query) const { return query.batch ? prob_given(j, query) : prob(j); }
   /// lookup() under q(. | query) (P_n for a null query).

@@ -1,0 +1,356 @@
+// The ring sampler (biased, query-dependent): each query's ring against a brute-force ranking in
+// double, the draws against the uniform distribution over it (chi-square), the engine's refusal and
+// its unweighted use of the draws against the double references, threads and snapshots bit for bit.
+#include "objective_reference.hpp"
+#include "reference.hpp"
+#include "scratch.hpp"
+
+#include <doctest/doctest.h>
+
+#include <membank/engine.hpp>
+#include <membank/error.hpp>
+#include <membank/ring_sampler.hpp>
+#include <membank/snapshot.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+using namespace membank;
+using namespace mbtest;
+
+namespace {
+
+constexpr index_t kN = 300;
+constexpr index_t kD = 8;
+
+/// Rows and queries of +-1/2 in D = 4: 16 distinct unit rows, so a bank of kN holds many equal
+/// scores, and every score is exact in fp32, fp16 and bf16 alike (the ties are then the sampler's
+/// tie rule alone).
+RowMatrixf half_rows(index_t rows, std::mt19937_64& rng) {
+  RowMatrixf m(rows, 4);
+  for (index_t i = 0; i < rows; ++i)
+    for (index_t e = 0; e < 4; ++e) m(i, e) = (rng() & 1u) ? 0.5f : -0.5f;
+  return m;
+}
+
+/// The ranks [lower, upper) of the rows by score f . v in double, highest first, equal scores by
+/// ascending id: ascending ids.
+std::vector<std::uint32_t> brute_ring(const RowMatrixf& bank, const Eigen::RowVectorXf& f, RingConfig c) {
+  const index_t n = bank.rows();
+  std::vector<std::pair<double, index_t>> order;
+  for (index_t j = 0; j < n; ++j) order.push_back({-bank.row(j).cast<double>().dot(f.cast<double>()), j});
+  std::sort(order.begin(), order.end());
+  std::vector<std::uint32_t> ring;
+  for (index_t r = c.lower; r < c.upper; ++r) ring.push_back(static_cast<std::uint32_t>(order[static_cast<std::size_t>(r)].second));
+  std::sort(ring.begin(), ring.end());
+  return ring;
+}
+
+double chi2_q999(int df) {
+  const double z = 3.090232306167813;
+  const double a = 2.0 / (9.0 * df);
+  return df * std::pow(1.0 - a + z * std::sqrt(a), 3.0);
+}
+
+Engine ring_engine(const EngineConfig& cfg, RingConfig rc, std::uint64_t seed = 21,
+                   std::vector<std::int64_t> labels = {}) {
+  std::mt19937_64 rng(seed);
+  return Engine(Bank::from_rows(unit_rows(kN, kD, rng)), std::make_unique<RingSampler>(kN, rc), cfg,
+                std::move(labels));
+}
+
+}  // namespace
+
+TEST_CASE("ring sampler: each ring is the ranks lower to upper of a brute-force ranking, ties by id, every dtype") {
+  std::mt19937_64 rng(1);
+  const RowMatrixf rows = half_rows(kN, rng);
+  const RowMatrixf f = half_rows(5, rng);
+  for (const DType dtype : {DType::float32, DType::float16, DType::bfloat16}) {
+    const Bank bank = Bank::from_rows(rows, dtype);
+    for (const RingConfig c : {RingConfig{0, 1}, RingConfig{0, 10}, RingConfig{3, 40}, RingConfig{37, 38},
+                               RingConfig{0, kN}, RingConfig{kN - 1, kN}, RingConfig{100, 250}}) {
+      INFO(to_string(dtype) << " lower " << c.lower << " upper " << c.upper);
+      const RingSampler s(kN, c);
+      const auto cond = s.condition(bank.view(), f.data(), 4, 5, 4);
+      std::vector<double> mean(static_cast<std::size_t>(kN), 0.0);
+      for (index_t i = 0; i < 5; ++i) {
+        const auto ring = s.ring({cond.get(), i});
+        const std::vector<std::uint32_t> want = brute_ring(rows, f.row(i), c);
+        CHECK(std::vector<std::uint32_t>(ring.begin(), ring.end()) == want);
+        for (const auto j : want) mean[j] += 1.0 / (5.0 * static_cast<double>(want.size()));
+      }
+      // q(j | f_i) = 1/M on the ring and 0 elsewhere; the mean row's is their average.
+      const QueryRef q0{cond.get(), 0}, qm{cond.get(), 5};
+      const auto ring0 = brute_ring(rows, f.row(0), c);
+      std::vector<index_t> all(static_cast<std::size_t>(kN));
+      std::iota(all.begin(), all.end(), 0);
+      std::vector<float> log_q(all.size()), log_mean(all.size());
+      s.lookup_for(q0, all, log_q);
+      s.lookup_for(qm, all, log_mean);
+      double total = 0.0;
+      for (index_t j = 0; j < kN; ++j) {
+        const bool in = std::binary_search(ring0.begin(), ring0.end(), static_cast<std::uint32_t>(j));
+        const double want = in ? 1.0 / static_cast<double>(c.upper - c.lower) : 0.0;
+        CHECK(s.prob_for(j, q0) == doctest::Approx(want).epsilon(1e-15));
+        CHECK(std::exp(static_cast<double>(log_q[static_cast<std::size_t>(j)])) == doctest::Approx(want).epsilon(1e-6));
+        const double m = mean[static_cast<std::size_t>(j)];
+        CHECK(s.prob_for(j, qm) == doctest::Approx(m).epsilon(1e-12));
+        CHECK(std::exp(static_cast<double>(log_mean[static_cast<std::size_t>(j)])) == doctest::Approx(m).epsilon(1e-6));
+        total += s.prob_for(j, qm);
+      }
+      CHECK(total == doctest::Approx(1.0).epsilon(1e-12));
+    }
+  }
+  // Scores of random unit rows in D = 8 (no ties): the same ranking as in double.
+  std::mt19937_64 rng2(2);
+  const RowMatrixf r8 = unit_rows(kN, kD, rng2);
+  const RowMatrixf f8 = unit_rows(3, kD, rng2);
+  const RingSampler s(kN, {20, 60});
+  const auto cond = s.condition(Bank::from_rows(r8).view(), f8.data(), kD, 3, kD);
+  for (index_t i = 0; i < 3; ++i) {
+    const auto ring = s.ring({cond.get(), i});
+    CHECK(std::vector<std::uint32_t>(ring.begin(), ring.end()) == brute_ring(r8, f8.row(i), {20, 60}));
+  }
+}
+
+TEST_CASE("ring sampler: draws are uniform over the ring and over the mean (chi-square at a fixed seed)") {
+  std::mt19937_64 rng(3);
+  const RowMatrixf rows = unit_rows(kN, kD, rng);
+  const RowMatrixf f = unit_rows(4, kD, rng);
+  const RingSampler s(kN, {5, 45});
+  const auto cond = s.condition(Bank::from_rows(rows).view(), f.data(), kD, 4, kD);
+  for (const index_t row : {index_t{2}, index_t{4}}) {  // a query's ring, then the batch's mean
+    INFO("row " << row);
+    const QueryRef q{cond.get(), row};
+    constexpr index_t kDraws = 40000;
+    std::vector<index_t> ids(static_cast<std::size_t>(kDraws));
+    std::vector<float> log_pn(ids.size());
+    DrawCursor cur{{7, 1, 0u, 2u}, Exclusion{}, kDraws};
+    cur.query = q;
+    s.draw_next(cur, ids, log_pn);
+    std::vector<double> count(static_cast<std::size_t>(kN), 0.0);
+    for (std::size_t t = 0; t < ids.size(); ++t) {
+      count[static_cast<std::size_t>(ids[t])] += 1.0;
+      CHECK(std::exp(static_cast<double>(log_pn[t])) == doctest::Approx(s.prob_for(ids[t], q)).epsilon(1e-6));
+    }
+    double chi2 = 0.0;
+    int df = -1;
+    for (index_t j = 0; j < kN; ++j) {
+      const double e = s.prob_for(j, q) * kDraws;
+      if (e == 0.0) {
+        CHECK(count[static_cast<std::size_t>(j)] == 0.0);  // never a row outside the rings
+        continue;
+      }
+      chi2 += (count[static_cast<std::size_t>(j)] - e) * (count[static_cast<std::size_t>(j)] - e) / e;
+      ++df;
+    }
+    CAPTURE(chi2);
+    CHECK(df >= 39);
+    CHECK(chi2 < chi2_q999(df));
+  }
+  // Without a query the sampler is uniform over N.
+  std::vector<index_t> ids(3000);
+  std::vector<float> log_pn(ids.size());
+  s.draw({9, 0, 0u, 2u}, Exclusion{}, ids, log_pn);
+  for (const float lp : log_pn) CHECK(lp == doctest::Approx(-std::log(static_cast<double>(kN))).epsilon(1e-6));
+  CHECK(*std::max_element(ids.begin(), ids.end()) > kN / 2);
+}
+
+TEST_CASE("ring sampler: draws in pieces equal one draw, with exclusions") {
+  std::mt19937_64 rng(4);
+  const RowMatrixf rows = unit_rows(kN, kD, rng);
+  const RowMatrixf f = unit_rows(2, kD, rng);
+  const RingSampler s(kN, {0, 6});
+  const auto cond = s.condition(Bank::from_rows(rows).view(), f.data(), kD, 2, kD);
+  const auto ring = s.ring({cond.get(), 1});
+  const std::vector<index_t> excluded = {static_cast<index_t>(ring[0]), static_cast<index_t>(ring[3])};
+  constexpr index_t kK = 150;
+  std::vector<index_t> whole(kK), pieces(kK);
+  std::vector<float> lw(kK), lp(kK);
+  DrawCursor one{{5, 3, 1u, 2u}, Exclusion{excluded}, kK};
+  one.query = {cond.get(), 1};
+  s.draw_next(one, whole, lw);
+  DrawCursor cur{{5, 3, 1u, 2u}, Exclusion{excluded}, kK};
+  cur.query = {cond.get(), 1};
+  for (index_t at = 0; at < kK;) {
+    const index_t m = std::min<index_t>(at % 7 + 1, kK - at);
+    s.draw_next(cur, std::span<index_t>(pieces.data() + at, static_cast<std::size_t>(m)),
+                std::span<float>(lp.data() + at, static_cast<std::size_t>(m)));
+    at += m;
+  }
+  CHECK(whole == pieces);
+  CHECK(lw == lp);
+  CHECK(one.redraws > 0);
+  for (const index_t j : whole) {
+    CHECK(std::find(excluded.begin(), excluded.end(), j) == excluded.end());
+    CHECK(std::binary_search(ring.begin(), ring.end(), static_cast<std::uint32_t>(j)));
+  }
+}
+
+TEST_CASE("ring sampler: refused by the objectives that need a valid P_n unless allowed, one clear error") {
+  for (const Objective o : all_objectives()) {
+    INFO(to_string(o));
+    EngineConfig cfg;
+    cfg.k = 10;
+    cfg.objective = o;
+    std::vector<std::int64_t> labels;
+    if (needs_labels(o))
+      for (index_t j = 0; j < kN; ++j) labels.push_back(j % 3);
+    if (needs_valid_noise(o)) {
+      const std::string msg = message_of<Error>([&] { ring_engine(cfg, {0, 20}, 21, labels); });
+      CHECK(msg.find("allow_biased_sampler") != std::string::npos);
+      CHECK(msg.find(to_string(o)) != std::string::npos);
+      cfg.allow_biased_sampler = true;
+    }
+    CHECK_NOTHROW(ring_engine(cfg, {0, 20}, 21, labels));
+  }
+  CHECK(message_of<Error>([] { RingSampler(kN, {5, 5}); }).find("upper = 5") != std::string::npos);
+  CHECK(message_of<Error>([] { RingSampler(kN, {-1, 5}); }).find("lower = -1") != std::string::npos);
+  CHECK(message_of<Error>([] { RingSampler(kN, {0, kN + 1}); }).find("upper = 301") != std::string::npos);
+  CHECK(message_of<Error>([] { RingSampler(0, {0, 1}); }).find("n = 0") != std::string::npos);
+  // A ring sampler conditioned on another bank, or queries of another D: refused.
+  std::mt19937_64 rng(5);
+  const RingSampler s(kN, {0, 3});
+  const RowMatrixf f = unit_rows(1, kD, rng);
+  CHECK(message_of<Error>([&] { (void)s.condition(Bank::from_rows(unit_rows(kN - 1, kD, rng)).view(), f.data(), kD, 1, kD); })
+            .find("N = 300") != std::string::npos);
+}
+
+TEST_CASE("ring sampler: every objective's loss and dL/df weigh the ring's draws as uniform ones (double reference)") {
+  // Guards the engine's unweighted use of a biased sampler's draws: lw = 0 for the draws and the
+  // positive (per-sample and shared, with and without exclude_positive), and every draw in its ring.
+  std::mt19937_64 rng(6);
+  std::vector<std::int64_t> labels;
+  for (index_t j = 0; j < kN; ++j) labels.push_back(j % 4);
+  for (const Variant& v : all_variants()) {
+    for (const NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared})
+      for (const bool exclude : {false, true}) {
+        INFO(v.name << (mode == NegativesMode::shared ? " shared" : " per-sample") << (exclude ? " exclude_positive" : ""));
+        EngineConfig cfg = objective_config(v);
+        cfg.k = 23;
+        cfg.z_policy = ZPolicy::fixed;
+        cfg.z_fixed = kRefZFixed;
+        cfg.negatives = mode;
+        cfg.exclude_positive = exclude;
+        cfg.allow_biased_sampler = true;
+        cfg.seed = 3;
+        Engine eng = ring_engine(cfg, {0, 12}, 22, needs_labels(v.obj) ? labels : std::vector<std::int64_t>{});
+        const auto& s = dynamic_cast<const RingSampler&>(eng.sampler());
+        const RowMatrixf bank = eng.bank().to_matrix();
+        const std::vector<index_t> ids = {3, 50, 50, 121, 299};
+        const RowMatrixf f = near_rows(bank, ids, 0.4, rng);
+        const RowMatrixi negs = eng.sample(ids, 0, f);
+        const auto cond = s.condition(eng.bank().view(), f.data(), kD, 5, kD);
+        std::vector<Query> queries(5);
+        const double uniform = 1.0 / static_cast<double>(kN);  // N q = 1: the weights of uniform draws
+        for (index_t i = 0; i < 5; ++i) {
+          const index_t y = ids[static_cast<std::size_t>(i)];
+          Query& qq = queries[static_cast<std::size_t>(i)];
+          qq.pos = {y, uniform, false, true};
+          for (index_t k = 0; k < cfg.k; ++k) {
+            const index_t j = mode == NegativesMode::shared ? negs(0, k) : negs(i, k);
+            const QueryRef q{cond.get(), mode == NegativesMode::shared ? 5 : i};
+            CHECK(s.prob_for(j, q) > 0.0);
+            const bool same = needs_labels(v.obj) && labels[static_cast<std::size_t>(j)] == labels[static_cast<std::size_t>(y)];
+            qq.draws.push_back({j, uniform, false, same});
+          }
+        }
+        const RowMatrixd V = bank.cast<double>(), F = f.cast<double>();
+        double ref_loss = 0.0;
+        RowMatrixd ref_grad = RowMatrixd::Zero(5, kD);
+        for (index_t i = 0; i < 5; ++i) {
+          const Query& qq = queries[static_cast<std::size_t>(i)];
+          const double sp = V.row(qq.pos.row).dot(F.row(i));
+          std::vector<double> sc;
+          for (const Entry& e : qq.draws) sc.push_back(V.row(e.row).dot(F.row(i)));
+          ref_loss += query_loss(v, kN, qq, sp, sc, sc) / 5.0;
+          const std::vector<double> g = query_dlds(v, kN, qq, sp, sc);
+          ref_grad.row(i) += g[0] * V.row(qq.pos.row) / 5.0;
+          for (std::size_t k = 0; k < sc.size(); ++k) ref_grad.row(i) += g[k + 1] * V.row(qq.draws[k].row) / 5.0;
+        }
+        RowMatrixf g(5, kD), g2(5, kD);
+        const StepStats st = eng.evaluate(f, ids, negs, g);
+        CAPTURE(st.loss);
+        CAPTURE(ref_loss);
+        CHECK(std::abs(st.loss - ref_loss) <= 1e-5 * std::max(1.0, std::abs(ref_loss)));
+        CHECK(grad_rel_err(g, ref_grad) < 1e-5);
+        const StepStats st2 = eng.step(f, ids, g2, false);
+        CHECK(bits_equal(st.loss, st2.loss));
+        CHECK(bits_equal(g, g2));
+      }
+  }
+}
+
+TEST_CASE("ring sampler: 1 and 2 OpenMP threads give bit-identical rings and steps") {
+  std::vector<RowMatrixf> grads, banks;
+  std::vector<double> losses;
+  std::vector<std::vector<std::uint32_t>> rings;
+  for (const int threads : {1, 2}) {
+    const ThreadCount tc(threads);
+    EngineConfig cfg;
+    cfg.k = 30;
+    cfg.objective = Objective::info_nce;
+    cfg.allow_biased_sampler = true;
+    cfg.seed = 4;
+    Engine eng = ring_engine(cfg, {2, 40});
+    std::mt19937_64 rng(16);
+    RowMatrixf g(40, kD);
+    double loss = 0.0;
+    for (int step = 0; step < 4; ++step) {
+      const std::vector<index_t> ids = random_ids(40, kN, rng);
+      const RowMatrixf f = near_rows(eng.bank().to_matrix(), ids, 0.3, rng);
+      loss += eng.step(f, ids, g, true).loss;
+    }
+    const RowMatrixf f = unit_rows(40, kD, rng);
+    const auto& s = dynamic_cast<const RingSampler&>(eng.sampler());
+    const auto cond = s.condition(eng.bank().view(), f.data(), kD, 40, kD);
+    std::vector<std::uint32_t> all;
+    for (index_t i = 0; i < 40; ++i) {
+      const auto r = s.ring({cond.get(), i});
+      all.insert(all.end(), r.begin(), r.end());
+    }
+    rings.push_back(all);
+    grads.push_back(g);
+    banks.push_back(eng.bank().to_matrix());
+    losses.push_back(loss);
+  }
+  CHECK(rings[0] == rings[1]);
+  CHECK(bits_equal(grads[0], grads[1]));
+  CHECK(bits_equal(banks[0], banks[1]));
+  CHECK(bits_equal(losses[0], losses[1]));
+}
+
+TEST_CASE("ring sampler: a resumed snapshot continues bit for bit and keeps allow_biased_sampler") {
+  const ScratchDir dir("ring", "snapshot");
+  const std::string path = dir / "r.h5";
+  EngineConfig cfg;
+  cfg.k = 16;
+  cfg.objective = Objective::nce;
+  cfg.allow_biased_sampler = true;
+  cfg.seed = 8;
+  Engine a = ring_engine(cfg, {1, 30});
+  std::mt19937_64 rng(18);
+  RowMatrixf g(10, kD), h(10, kD);
+  for (int t = 0; t < 2; ++t) {
+    const std::vector<index_t> ids = random_ids(10, kN, rng);
+    a.step(unit_rows(10, kD, rng), ids, g, true);
+  }
+  save_snapshot(path, a);
+  Engine b = load_snapshot(path);
+  REQUIRE(b.sampler().kind() == SamplerKind::ring);
+  CHECK(b.config().allow_biased_sampler);
+  CHECK(dynamic_cast<const RingSampler&>(b.sampler()).config().lower == 1);
+  CHECK(dynamic_cast<const RingSampler&>(b.sampler()).config().upper == 30);
+  for (int t = 2; t < 5; ++t) {
+    const std::vector<index_t> ids = random_ids(10, kN, rng);
+    const RowMatrixf f = unit_rows(10, kD, rng);
+    const StepStats sa = a.step(f, ids, g, true);
+    const StepStats sb = b.step(f, ids, h, true);
+    CHECK(bits_equal(sa.loss, sb.loss));
+    CHECK(bits_equal(g, h));
+  }
+  CHECK(bits_equal(a.bank().to_matrix(), b.bank().to_matrix()));
+}
