@@ -104,15 +104,24 @@ TEST_CASE("ring sampler: each ring is the ranks lower to upper of a brute-force 
       CHECK(total == doctest::Approx(1.0).epsilon(1e-12));
     }
   }
-  // Scores of random unit rows in D = 8 (no ties): the same ranking as in double.
-  std::mt19937_64 rng2(2);
-  const RowMatrixf r8 = unit_rows(kN, kD, rng2);
-  const RowMatrixf f8 = unit_rows(3, kD, rng2);
-  const RingSampler s(kN, {20, 60});
-  const auto cond = s.condition(Bank::from_rows(r8).view(), f8.data(), kD, 3, kD);
-  for (index_t i = 0; i < 3; ++i) {
-    const auto ring = s.ring({cond.get(), i});
-    CHECK(std::vector<std::uint32_t>(ring.begin(), ring.end()) == brute_ring(r8, f8.row(i), {20, 60}));
+  // Scores of random unit rows (no ties): the same ranking as in double. D = 8 spreads the scores over
+  // many of the selection's buckets; 3,000 rows in D = 64 crowd them into a few (scores near 0), so
+  // the ring's ends share buckets with many rows.
+  for (const index_t d : {index_t{8}, index_t{64}}) {
+    const index_t n = d == 8 ? kN : 3000;
+    std::mt19937_64 rng2(static_cast<std::uint64_t>(d));
+    const RowMatrixf rd = unit_rows(n, d, rng2);
+    const RowMatrixf fd = unit_rows(3, d, rng2);
+    for (const RingConfig c : {RingConfig{0, 1}, RingConfig{20, 60}, RingConfig{1, n / 10}, RingConfig{n / 4, 3 * n / 4},
+                               RingConfig{n - 2, n}}) {
+      INFO("D " << d << " lower " << c.lower << " upper " << c.upper);
+      const RingSampler s(n, c);
+      const auto cond = s.condition(Bank::from_rows(rd).view(), fd.data(), d, 3, d);
+      for (index_t i = 0; i < 3; ++i) {
+        const auto ring = s.ring({cond.get(), i});
+        CHECK(std::vector<std::uint32_t>(ring.begin(), ring.end()) == brute_ring(rd, fd.row(i), c));
+      }
+    }
   }
 }
 

@@ -37,6 +37,59 @@ std::uint64_t rank_key(float score, std::uint32_t id) {
   return (static_cast<std::uint64_t>(~ordered) << 32) | id;
 }
 
+/// Buckets of a radix select over scores: score s falls in bucket floor((1 - s) 2^11), clamped to
+/// [0, 2^12): non-increasing in s, so a lower bucket holds only higher scores, equal scores share one.
+constexpr int kBuckets = 1 << 12;
+std::uint16_t bucket_of(float score) {
+  const float b = std::floor((1.0f - score) * 2048.0f);
+  return static_cast<std::uint16_t>(std::clamp(b, 0.0f, static_cast<float>(kBuckets - 1)));
+}
+
+/// Per-thread scratch of the selection.
+struct SelectScratch {
+  std::vector<std::uint16_t> bucket;    // N: each row's bucket
+  std::vector<std::uint32_t> count;     // kBuckets
+  std::vector<std::uint64_t> boundary;  // the rank keys of the one or two buckets the ring's ends fall in
+  std::vector<std::uint32_t> inner, picked;
+};
+
+/// The ids of ranks [lower, upper) of n scores (ranked by rank_key), ascending, into ring[0, upper - lower).
+/// A radix select: one pass counts the buckets; the ring's ends fall in buckets lo <= hi; a second pass
+/// takes every row of the buckets strictly between, and ranks the rows of lo and hi exactly by key.
+void select_ring(const float* s, index_t n, index_t lower, index_t upper, SelectScratch& x, std::uint32_t* ring) {
+  std::fill(x.count.begin(), x.count.end(), 0u);
+  for (index_t j = 0; j < n; ++j) ++x.count[x.bucket[static_cast<std::size_t>(j)] = bucket_of(s[j])];
+  // before[b]: the rows of the buckets before b. lo holds rank lower, hi rank upper - 1.
+  index_t before = 0, before_lo = 0, before_hi = 0;
+  int lo = -1, hi = -1;
+  for (int b = 0; b < kBuckets && hi < 0; ++b) {
+    const index_t next = before + x.count[static_cast<std::size_t>(b)];
+    if (lo < 0 && next > lower) lo = b, before_lo = before;
+    if (next >= upper) hi = b, before_hi = before;
+    before = next;
+  }
+  x.inner.clear();
+  x.boundary.clear();
+  for (index_t j = 0; j < n; ++j) {
+    const int b = x.bucket[static_cast<std::size_t>(j)];
+    if (b > lo && b < hi)
+      x.inner.push_back(static_cast<std::uint32_t>(j));
+    else if (b == lo || b == hi)
+      x.boundary.push_back(rank_key(s[j], static_cast<std::uint32_t>(j)));
+  }
+  // In key order the boundary rows are lo's (ranks before_lo ...) then hi's (ranks before_hi ...): the
+  // ring takes the contiguous run [lower - before_lo, end) of them.
+  const index_t lo_rows = static_cast<index_t>(x.count[static_cast<std::size_t>(lo)]);
+  const index_t first = lower - before_lo, end = lo == hi ? upper - before_lo : lo_rows + upper - before_hi;
+  const auto k = x.boundary.begin();
+  if (end < static_cast<index_t>(x.boundary.size())) std::nth_element(k, k + end, x.boundary.end());
+  if (first > 0) std::nth_element(k, k + first, k + end);
+  x.picked.clear();
+  for (index_t t = first; t < end; ++t) x.picked.push_back(static_cast<std::uint32_t>(x.boundary[static_cast<std::size_t>(t)]));
+  std::sort(x.picked.begin(), x.picked.end());
+  std::merge(x.inner.begin(), x.inner.end(), x.picked.begin(), x.picked.end(), ring);
+}
+
 /// One batch's rings: row i's M ids ascending at members[i M, (i + 1) M), and how many of the B
 /// rings hold each row (the batch mean's q(j) = count[j] / (B M)).
 struct RingBatch final : Conditioned {
@@ -127,11 +180,12 @@ std::unique_ptr<Conditioned> RingSampler::condition(const BankView& bank, const 
 #pragma omp parallel
   {
     std::vector<float> block, scores;
-    std::vector<std::uint64_t> keys;
+    SelectScratch select;
     errors.run([&] {
       block.resize(static_cast<std::size_t>(kBankBlock * dim));
       scores.resize(static_cast<std::size_t>(kQueryTile * n));
-      keys.resize(static_cast<std::size_t>(n));
+      select.bucket.resize(static_cast<std::size_t>(n));
+      select.count.resize(kBuckets);
     });
 #pragma omp for schedule(dynamic, 1)
     for (index_t i0 = 0; i0 < batch; i0 += kQueryTile) {
@@ -139,22 +193,14 @@ std::unique_ptr<Conditioned> RingSampler::condition(const BankView& bank, const 
         const index_t rows = std::min(kQueryTile, batch - i0);
         for (index_t r0 = 0; r0 < n; r0 += kBankBlock) {
           const index_t count = std::min(kBankBlock, n - r0);
-          bank.widen_rows(r0, count, block.data(), dim);
-          matmul(rows, count, dim, f + i0 * stride, stride, block.data(), dim, true, scores.data() + r0, n);
+          // An fp32 bank is read in place; the other types widened a block at a time.
+          const bool in_place = bank.dtype == DType::float32;
+          if (!in_place) bank.widen_rows(r0, count, block.data(), dim);
+          matmul(rows, count, dim, f + i0 * stride, stride, in_place ? bank.row(r0) : block.data(),
+                 in_place ? bank.stride : dim, true, scores.data() + r0, n);
         }
-        for (index_t r = 0; r < rows; ++r) {
-          const float* s = scores.data() + r * n;
-          for (index_t j = 0; j < n; ++j)
-            keys[static_cast<std::size_t>(j)] = rank_key(s[j], static_cast<std::uint32_t>(j));
-          // Ranks [0, upper) first, then [lower, upper) of them: the ring.
-          const auto first = keys.begin();
-          if (config_.upper < n) std::nth_element(first, first + config_.upper, keys.end());
-          if (config_.lower > 0) std::nth_element(first, first + config_.lower, first + config_.upper);
-          std::uint32_t* ring = b.members.data() + (i0 + r) * m;
-          for (index_t t = 0; t < m; ++t)
-            ring[t] = static_cast<std::uint32_t>(keys[static_cast<std::size_t>(config_.lower + t)]);
-          std::sort(ring, ring + m);
-        }
+        for (index_t r = 0; r < rows; ++r)
+          select_ring(scores.data() + r * n, n, config_.lower, config_.upper, select, b.members.data() + (i0 + r) * m);
       });
     }
   }

@@ -20,10 +20,12 @@
 // the batch's mean (1/B) sum_i q(. | f_i): a query picked uniformly, then a member of its ring.
 //
 // Cost: conditioning a batch scores every query against the whole bank (a B x N x D product, read in
-// fixed blocks: never a B x N matrix in memory) and selects each query's ring in O(N) (two
-// nth_element passes on 64-bit keys), then sorts it (M log M). It is the exact ranking the method
-// defines; at N = 1.28 M it reads the bank once per 16 queries. Memory: 4 B M bytes of rings and 4 N
-// bytes of counts a batch, and per thread 16 N floats of scores and 8 N bytes of keys.
+// fixed blocks: never a B x N matrix in memory) and selects each query's ring in O(N): a radix select
+// (one pass counts 4,096 score buckets, a second takes the buckets strictly inside the ring and ranks
+// the rows of the two buckets its ends fall in exactly), then merges the ids in order. It is the exact
+// ranking the method defines; at N = 1.28 M it reads the bank once per 16 queries. Memory: 4 B M
+// bytes of rings and 4 N bytes of counts a batch, and per thread 16 N floats of scores and 2 N bytes
+// of buckets.
 #include <membank/bank.hpp>
 #include <membank/sampler.hpp>
 
