@@ -377,26 +377,30 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
   const float* log_q = b ? b->log_q.data() + cur.query.row * c : nullptr;
   const double total = b ? cdf[c - 1] : 1.0;
   const std::int32_t* guide = b ? b->guide.data() + cur.query.row * c : nullptr;
-  // Draw t of the stream takes Philox blocks 2t (the branch coin, the cluster's uniform) and 2t + 1
-  // (the row: uniform over N, or over the cluster's members); the r-th redraw of an excluded draw
-  // takes blocks 2(total + r) and 2(total + r) + 1. A draw resolves in two halves: pick() finds the
-  // row's place (a uniform row, or a slot of the member table, whose cluster is then known) and
-  // requests that memory; finish() reads it. Between the two, a chunk's requests are all in flight.
+  // Draw t of the stream takes Philox block t: words 0-1 a 53-bit u that picks the branch (u < eps:
+  // uniform) and otherwise the cluster, from (u - eps) / (1 - eps); words 2-3 the row (uniform over
+  // N, or over the cluster's members). The r-th redraw of an excluded draw takes block total + r.
+  // A draw resolves in two halves: pick() finds the row's place (a uniform row, or a slot of the
+  // member table, whose cluster is then known) and requests that memory; finish() reads it. Between
+  // the two, a chunk's requests are all in flight.
   struct Pick {
     std::uint64_t at;  // the row (uniform branch) or the member table's slot
     std::int32_t cluster;  // -1: the uniform branch (the row's cluster is read in finish)
   };
-  const auto pick = [&](const std::uint32_t* w) -> Pick {
-    if (!b || uniform53(w[0], w[1]) < eps_) {
-      const std::uint64_t j = detail::scale_to(detail::join64(w[4], w[5]), n);
+  const double inv_rest = eps_ < 1.0 ? 1.0 / (1.0 - eps_) : 0.0;
+  const auto pick = [&](std::uint32_t w0, std::uint32_t w1, std::uint32_t w2, std::uint32_t w3) -> Pick {
+    const double coin = uniform53(w0, w1);
+    if (!b || coin < eps_) {
+      const std::uint64_t j = detail::scale_to(detail::join64(w2, w3), n);
       if (b) detail::prefetch_line(assignment_.data() + j);
       return {j, -1};
     }
     // The first cluster whose cumulative weight passes u: from the guide's start, a step or two on
-    // (rounding can leave u at the total: then the last cluster with members).
-    const double u01 = uniform53(w[2], w[3]);
+    // (rounding can leave u at the total: then the last cluster with members). coin - eps is exact
+    // (both multiples of 2^-53), uniform on [0, 1 - eps).
+    const double u01 = std::min((coin - eps_) * inv_rest, 1.0);
     const double u = u01 * total;
-    index_t k = guide[static_cast<index_t>(u01 * static_cast<double>(c))];
+    index_t k = guide[std::min(static_cast<index_t>(u01 * static_cast<double>(c)), c - 1)];
     // Two steps without a branch cover almost every draw (a branch on the count would mispredict);
     // the loop takes the rest.
     k = std::min(k + (cdf[k] <= u ? 1 : 0), c - 1);
@@ -405,7 +409,7 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
     while (sizes_[static_cast<std::size_t>(k)] == 0) --k;
     const auto size = static_cast<std::uint64_t>(sizes_[static_cast<std::size_t>(k)]);
     const std::uint64_t slot = static_cast<std::uint64_t>(offsets_[static_cast<std::size_t>(k)]) +
-                               detail::scale_to(detail::join64(w[6], w[7]), size);
+                               detail::scale_to(detail::join64(w2, w3), size);
     detail::prefetch_line(members_.data() + slot);
     return {slot, static_cast<std::int32_t>(k)};
   };
@@ -420,32 +424,24 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
   };
   const kernels::Table& kt = kernels::table();
   const detail::StreamCounter counter(cur.key);
-  constexpr std::size_t kChunk = 32;  // draws per vectorised Philox call
-  std::array<std::uint32_t, 4 * 2 * kChunk> words;
+  constexpr std::size_t kChunk = 64;  // draws per vectorised Philox call
+  std::array<std::uint32_t, 4 * kChunk> words;
   std::array<Pick, kChunk> picks;
   const std::size_t k = ids.size();
   for (std::size_t t0 = 0; t0 < k; t0 += kChunk) {
     const std::size_t m = std::min(kChunk, k - t0);
-    counter.blocks(kt, 2 * (static_cast<std::uint64_t>(cur.drawn) + t0), static_cast<std::int64_t>(2 * m),
-                   words.data());
-    for (std::size_t t = 0; t < m; ++t) {
-      const auto word = [&](std::size_t wi, std::size_t blk) { return words[wi * 2 * m + blk]; };
-      const std::uint32_t w[8] = {word(0, 2 * t),     word(1, 2 * t),     word(2, 2 * t),     word(3, 2 * t),
-                                  word(0, 2 * t + 1), word(1, 2 * t + 1), word(2, 2 * t + 1), word(3, 2 * t + 1)};
-      picks[t] = pick(w);
-    }
+    counter.blocks(kt, static_cast<std::uint64_t>(cur.drawn) + t0, static_cast<std::int64_t>(m), words.data());
+    for (std::size_t t = 0; t < m; ++t) picks[t] = pick(words[t], words[m + t], words[2 * m + t], words[3 * m + t]);
     for (std::size_t t = 0; t < m; ++t) finish(picks[t], ids[t0 + t], log_pn[t0 + t]);
   }
   if (!cur.excluded.empty()) {
-    detail::Stream redraw(cur.key, 2 * (static_cast<std::uint64_t>(cur.total) + cur.redraws));
+    detail::Stream redraw(cur.key, static_cast<std::uint64_t>(cur.total) + cur.redraws);
     for (std::size_t t = 0; t < k; ++t) {
       for (int rejections = 0; cur.excluded.contains(ids[t]);) {
         detail::count_rejection(rejections);
         ++cur.redraws;
-        const auto r0 = redraw.next();
-        const auto r1 = redraw.next();
-        const std::uint32_t w[8] = {r0.v[0], r0.v[1], r0.v[2], r0.v[3], r1.v[0], r1.v[1], r1.v[2], r1.v[3]};
-        finish(pick(w), ids[t], log_pn[t]);
+        const auto r = redraw.next();
+        finish(pick(r.v[0], r.v[1], r.v[2], r.v[3]), ids[t], log_pn[t]);
       }
     }
   }

@@ -23,7 +23,7 @@
 // seed) and then assigns every row; it is deterministic and the same for any thread count.
 //
 // Cost: conditioning a batch is one B x C x D product, B C exponentials and logarithms (1.1 MFLOP a
-// query at C = 1024, D = 128); a draw is two Philox blocks, a binary search over C cumulative weights
+// query at C = 1024, D = 128); a draw is one Philox block, a guided search over C cumulative weights
 // (L1/L2-resident) and one read of the member table. A refresh is (iterations + 1) N x C x D products.
 // Memory: C D 4 bytes of centroids, 8 bytes a row (assignment and member table), and 20 C bytes a
 // query while a batch is conditioned.
