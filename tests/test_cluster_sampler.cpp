@@ -320,18 +320,92 @@ TEST_CASE("cluster sampler: the label objectives and the engine's refusals") {
   const StepStats st = eng.step(f, ids, g, true);
   CHECK(std::isfinite(st.loss));
   CHECK(g.allFinite());
-  // exclude_same_label needs the label's mass under q(. | f): refused, one clear error.
-  cfg.exclude_same_label = true;
-  CHECK(message_of<Error>([&] {
-          Engine(clustered_bank(13), std::make_unique<ClusterSampler>(clustered_bank(13).view(), small_config()), cfg,
-                 labels);
-        }).find("exclude_same_label") != std::string::npos);
+  // (exclude_same_label under q: the next test.)
   // The draws need the features; prefetch cannot draw ahead.
   CHECK(message_of<Error>([&] { (void)eng.sample(ids, 0); }).find("features") != std::string::npos);
   CHECK_FALSE(eng.prefetch(ids));
   // refresh_sampler belongs to the cluster sampler.
   Engine uniform(clustered_bank(13), std::make_unique<UniformSampler>(kN), engine_config(Objective::info_nce));
   CHECK(message_of<Error>([&] { uniform.refresh_sampler(); }).find("cluster") != std::string::npos);
+}
+
+TEST_CASE("cluster sampler: exclude_same_label conditions each query's draws on its label's mass under q(. | f)") {
+  // Guards ClusterSampler::class_mass_given and its use: no draw of the query's label, the draws'
+  // q(j | f) / (1 - the label's mass under q(. | f)), the positive's unconditioned q(y | f), for the
+  // softmax family, nce and supcon, against the double reference; shared negatives mask the label.
+  std::mt19937_64 rng(30);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(kN));
+  for (index_t j = 0; j < kN; ++j) labels[static_cast<std::size_t>(j)] = (j * 7) % 5;
+  for (const Variant& v : all_variants()) {
+    if (v.obj != Objective::nce && v.obj != Objective::info_nce && v.obj != Objective::dhel && v.obj != Objective::supcon)
+      continue;
+    for (const NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared}) {
+      INFO(v.name << (mode == NegativesMode::shared ? " shared" : " per-sample"));
+      EngineConfig cfg = objective_config(v);
+      cfg.k = 31;
+      cfg.z_policy = ZPolicy::fixed;
+      cfg.z_fixed = kRefZFixed;
+      cfg.negatives = mode;
+      cfg.exclude_same_label = true;
+      cfg.seed = 5;
+      Bank bank = clustered_bank(31);
+      auto sampler = std::make_unique<ClusterSampler>(bank.view(), small_config());
+      Engine eng(std::move(bank), std::move(sampler), cfg, labels);
+      const auto& s = dynamic_cast<const ClusterSampler&>(eng.sampler());
+      const RowMatrixf bank_rows = eng.bank().to_matrix();
+      const std::vector<index_t> ids = {4, 77, 150, 299};
+      const RowMatrixf f = near_rows(bank_rows, ids, 0.4, rng);
+      const RowMatrixi negs = eng.sample(ids, 0, f);
+      std::vector<Query> queries(4);
+      std::vector<double> mean(static_cast<std::size_t>(kN), 0.0);
+      std::vector<std::vector<double>> q;
+      for (index_t i = 0; i < 4; ++i) {
+        q.push_back(naive_q(s, f.row(i).cast<double>()));
+        for (index_t j = 0; j < kN; ++j) mean[static_cast<std::size_t>(j)] += q.back()[static_cast<std::size_t>(j)] / 4.0;
+      }
+      for (index_t i = 0; i < 4; ++i) {
+        const bool shared = mode == NegativesMode::shared;
+        const std::vector<double>& qi = shared ? mean : q[static_cast<std::size_t>(i)];
+        const index_t y = ids[static_cast<std::size_t>(i)];
+        const std::int64_t label = labels[static_cast<std::size_t>(y)];
+        double mass = 0.0;  // the label's mass under the query's q, in double
+        for (index_t j = 0; j < kN; ++j)
+          if (labels[static_cast<std::size_t>(j)] == label) mass += qi[static_cast<std::size_t>(j)];
+        Query& qq = queries[static_cast<std::size_t>(i)];
+        qq.pos = {y, qi[static_cast<std::size_t>(y)], false, true};
+        for (index_t k = 0; k < cfg.k; ++k) {
+          const index_t j = shared ? negs(0, k) : negs(i, k);
+          const bool same = labels[static_cast<std::size_t>(j)] == label;
+          if (!shared) CHECK_FALSE(same);  // per-sample draws avoid the label
+          // Per-sample: q conditioned on the other labels. Shared: unconditioned, the label masked.
+          qq.draws.push_back({j, shared ? qi[static_cast<std::size_t>(j)] : qi[static_cast<std::size_t>(j)] / (1.0 - mass),
+                              shared && same, same});
+        }
+      }
+      const RowMatrixd V = bank_rows.cast<double>(), F = f.cast<double>();
+      double ref_loss = 0.0;
+      RowMatrixd ref_grad = RowMatrixd::Zero(4, kD);
+      for (index_t i = 0; i < 4; ++i) {
+        const Query& qq = queries[static_cast<std::size_t>(i)];
+        const double sp = V.row(qq.pos.row).dot(F.row(i));
+        std::vector<double> sc;
+        for (const Entry& e : qq.draws) sc.push_back(V.row(e.row).dot(F.row(i)));
+        ref_loss += query_loss(v, kN, qq, sp, sc, sc) / 4.0;
+        const std::vector<double> g = query_dlds(v, kN, qq, sp, sc);
+        ref_grad.row(i) += g[0] * V.row(qq.pos.row) / 4.0;
+        for (std::size_t k = 0; k < sc.size(); ++k) ref_grad.row(i) += g[k + 1] * V.row(qq.draws[k].row) / 4.0;
+      }
+      RowMatrixf g(4, kD), g2(4, kD);
+      const StepStats st = eng.evaluate(f, ids, negs, g);
+      CAPTURE(st.loss);
+      CAPTURE(ref_loss);
+      CHECK(rel_err(st.loss, ref_loss) < 1e-5);
+      CHECK(grad_rel_err(g, ref_grad) < 1e-5);
+      const StepStats st2 = eng.step(f, ids, g2, false);
+      CHECK(bits_equal(st.loss, st2.loss));
+      CHECK(bits_equal(g, g2));
+    }
+  }
 }
 
 TEST_CASE("cluster sampler: k-means assignments are the nearest centroids, centroids the normalised means") {

@@ -216,6 +216,17 @@ TEST_CASE("ring sampler: refused by the objectives that need a valid P_n unless 
     }
     CHECK_NOTHROW(ring_engine(cfg, {0, 20}, 21, labels));
   }
+  // exclude_same_label: refused (the ring ranks the query's own label too).
+  {
+    EngineConfig cfg;
+    cfg.k = 10;
+    cfg.objective = Objective::triplet;
+    cfg.exclude_same_label = true;
+    std::vector<std::int64_t> labels;
+    for (index_t j = 0; j < kN; ++j) labels.push_back(j % 3);
+    CHECK(message_of<Error>([&] { ring_engine(cfg, {0, 20}, 21, labels); }).find("exclude_same_label") !=
+          std::string::npos);
+  }
   CHECK(message_of<Error>([] { RingSampler(kN, {5, 5}); }).find("upper = 5") != std::string::npos);
   CHECK(message_of<Error>([] { RingSampler(kN, {-1, 5}); }).find("lower = -1") != std::string::npos);
   CHECK(message_of<Error>([] { RingSampler(kN, {0, kN + 1}); }).find("upper = 301") != std::string::npos);

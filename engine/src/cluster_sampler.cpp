@@ -276,6 +276,35 @@ void ClusterSampler::lookup_given(QueryRef query, std::span<const index_t> ids, 
     log_pn[t] = log_q[assignment_[static_cast<std::size_t>(ids[t])]];
 }
 
+void ClusterSampler::class_mass_given(const Conditioned& batch, const std::int32_t* classes, index_t n_classes,
+                                      std::span<const std::int32_t> query_classes, std::span<double> out) const {
+  const ClusterBatch& b = batch_of({&batch, 0}, config_.clusters);
+  MEMBANK_CHECK(query_classes.size() == out.size() && static_cast<index_t>(out.size()) < b.rows,
+                "{} query classes for {} masses: expected one per query of the batch (at most {})", query_classes.size(),
+                out.size(), b.rows - 1);
+  const index_t c = config_.clusters;
+  // count[k L + l]: the rows of class l in cluster k (in double: sums below stay exact up to 2^53).
+  std::vector<double> count(static_cast<std::size_t>(c * n_classes), 0.0), total(static_cast<std::size_t>(n_classes), 0.0);
+  for (index_t j = 0; j < n_; ++j) {
+    const auto l = classes[j];
+    MEMBANK_CHECK(l >= 0 && l < n_classes, "classes[{}] = {}: expected a class in [0, {})", j, l, n_classes);
+    count[static_cast<std::size_t>(assignment_[static_cast<std::size_t>(j)] * n_classes + l)] += 1.0;
+    total[static_cast<std::size_t>(l)] += 1.0;
+  }
+  const double n = static_cast<double>(n_);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const std::int32_t l = query_classes[i];
+    MEMBANK_CHECK(l >= 0 && l < n_classes, "query_classes[{}] = {}: expected a class in [0, {})", i, l, n_classes);
+    const double* pi = b.pi.data() + static_cast<index_t>(i) * c;
+    double clustered = 0.0;
+    for (index_t k = 0; k < c; ++k) {
+      const index_t size = sizes_[static_cast<std::size_t>(k)];
+      if (size > 0) clustered += pi[k] * count[static_cast<std::size_t>(k * n_classes + l)] / static_cast<double>(size);
+    }
+    out[i] = eps_ * total[static_cast<std::size_t>(l)] / n + (1.0 - eps_) * clustered;
+  }
+}
+
 std::unique_ptr<Conditioned> ClusterSampler::condition(const BankView&, const float* f, index_t stride,
                                                        index_t batch, index_t dim) const {
   const index_t c = config_.clusters;

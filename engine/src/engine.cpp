@@ -63,9 +63,9 @@ void draw_query(const detail::KernelContext& cx, std::int64_t step, index_t i, i
 /// A query-dependent sampler's refusals: what its draws cannot be combined with.
 void check_query_dependent(const NoiseSampler& sampler, const EngineConfig& config) {
   if (!sampler.query_dependent()) return;
-  MEMBANK_CHECK(!config.exclude_same_label,
-                "exclude_same_label with the {} sampler: not supported yet (the mass of the query's label under "
-                "q(. | f) is not computed); use exclude_positive, or a static sampler",
+  MEMBANK_CHECK(!config.exclude_same_label || sampler.kind() == SamplerKind::cluster,
+                "exclude_same_label with the {} sampler: not supported yet (its ring ranks the query's own label "
+                "too, so the draws could find nothing else); use exclude_positive, or another sampler",
                 to_string(sampler.kind()));
 }
 
@@ -388,6 +388,16 @@ Engine::Computed Engine::compute_on(const Bank& bank, const Partition& partition
         sampler_->query_dependent() ? sampler_->condition(bank.view(), prepared.data, prepared.stride, batch, dim)
                                      : nullptr;
     cx.conditioned = conditioned.get();
+    // exclude_same_label under q(. | f): each query's label mass, the conditioning of its draws.
+    std::vector<double> query_class_mass;
+    if (conditioned && config_.exclude_same_label && !shared) {
+      std::vector<std::int32_t> query_classes(static_cast<std::size_t>(batch));
+      for (std::size_t i = 0; i < query_classes.size(); ++i) query_classes[i] = classes_[static_cast<std::size_t>(ids[i])];
+      query_class_mass.resize(query_classes.size());
+      sampler_->class_mass_given(*conditioned, classes_.data(), static_cast<index_t>(class_mass_.size()), query_classes,
+                                 query_class_mass);
+      cx.query_class_mass = query_class_mass.data();
+    }
     const bool nce = config_.objective == Objective::nce;
     const kernels::Table& kt = kernels::table();  // the instruction set, picked once per step
     const detail::StepInput in{prepared.data, prepared.stride, ids, negatives, step_, grad.data(), grad.outerStride()};

@@ -57,6 +57,12 @@ std::unique_ptr<Conditioned> NoiseSampler::condition(const BankView&, const floa
   MEMBANK_THROW("the {} sampler does not depend on the query: there is nothing to condition", to_string(kind()));
 }
 
+void NoiseSampler::class_mass_given(const Conditioned&, const std::int32_t*, index_t, std::span<const std::int32_t>,
+                                    std::span<double>) const {
+  MEMBANK_THROW("the {} sampler cannot condition on a query's label (exclude_same_label): not supported",
+                to_string(kind()));
+}
+
 double NoiseSampler::prob_given(index_t, QueryRef) const {
   MEMBANK_THROW("the {} sampler does not depend on the query: expected a null QueryRef", to_string(kind()));
 }

@@ -95,7 +95,7 @@ QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y, QueryRef 
     const std::int32_t c = cx.classes[y];
     e.exclusion.classes = cx.classes;
     e.exclusion.cls = c;
-    e.log_kept = std::log1p(-cx.class_mass[c]);
+    e.log_kept = std::log1p(-(cx.query_class_mass && query.batch ? cx.query_class_mass[query.row] : cx.class_mass[c]));
   } else if (cx.cfg->exclude_positive) {
     e.exclusion.ids = std::span<const index_t>(&y, 1);
     e.log_kept = std::log1p(-cx.sampler->prob_for(y, query));

@@ -53,6 +53,8 @@ struct KernelContext {
   index_t k;                    ///< draws per query
   /// A query-dependent sampler's q(. | f_i) for this batch (rows 0..B-1, row B their mean), or null.
   const Conditioned* conditioned = nullptr;
+  /// exclude_same_label under q: query i's label mass under q(. | f_i) (per-sample negatives), or null.
+  const double* query_class_mass = nullptr;
   /// Query i's distribution: q(. | f_i), or P_n.
   QueryRef query(index_t i) const { return {conditioned, conditioned ? i : 0}; }
 };

@@ -879,8 +879,8 @@ void check_memory_options(TrainOptions& o, const Given& given) {
                   !o.has_bank() ? "--memory " + o.memory : o.views != 1 ? "--views 2" : "--distributed");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
-    MEMBANK_CHECK(!o.exclude_same_label || (o.sampler != "cluster" && o.sampler != "ring"), "--sampler {} with "
-                  "--exclude-same-label: not supported yet (the label's mass under q(. | f) is not computed)", o.sampler);
+    MEMBANK_CHECK(!o.exclude_same_label || o.sampler != "ring", "--sampler {} with --exclude-same-label: not "
+                  "supported yet (each image's ring ranks its own label too)", o.sampler);
   }
   for (const char* name : {"--clusters", "--cluster-epsilon", "--cluster-beta", "--cluster-iterations"})
     MEMBANK_CHECK(o.sampler == "cluster" || !has(name), "{} with --sampler {}: applies to --sampler cluster only",

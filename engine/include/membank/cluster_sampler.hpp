@@ -75,6 +75,10 @@ class ClusterSampler final : public NoiseSampler {
   std::unique_ptr<Conditioned> condition(const float* f, index_t stride, index_t batch, index_t dim) const {
     return condition(BankView{}, f, stride, batch, dim);
   }
+  /// eps N_c / N + (1 - eps) sum_k pi_k(f_i) n_kc / n_k for each query: O(N + C L) for the table of
+  /// each cluster's class counts n_kc, then O(C) a query.
+  void class_mass_given(const Conditioned& batch, const std::int32_t* classes, index_t n_classes,
+                        std::span<const std::int32_t> query_classes, std::span<double> out) const override;
 
   /// Re-fits the clusters to the bank's current rows (`iterations` Lloyd steps from the current
   /// centroids, then every row assigned); the state is used from step counter `step` on. Throws Error,

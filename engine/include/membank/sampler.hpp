@@ -132,6 +132,11 @@ class NoiseSampler {
                                                  index_t dim) const;
   /// q(j | query), or P_n(j) for a null query. Throws Error if j is out of range.
   double prob_for(index_t j, QueryRef query) const { return query.batch ? prob_given(j, query) : prob(j); }
+  /// exclude_same_label under a query-dependent q: out[i] = the mass of class query_classes[i] under
+  /// q(. | f_i), row i of `batch` (one of this sampler's), for classes[j] in [0, n_classes) the class
+  /// of each of the N rows. Query-dependent samplers that support it (ClusterSampler); Error otherwise.
+  virtual void class_mass_given(const Conditioned& batch, const std::int32_t* classes, index_t n_classes,
+                                std::span<const std::int32_t> query_classes, std::span<double> out) const;
   /// lookup() under q(. | query) (P_n for a null query).
   void lookup_for(QueryRef query, std::span<const index_t> ids, std::span<float> log_pn) const {
     if (query.batch)
