@@ -7,6 +7,7 @@
 #include "detail/draw_checks.hpp"
 #include "detail/philox.hpp"
 #include "detail/prefetch.hpp"
+#include "kernels/kernels.hpp"
 
 #include <algorithm>
 #include <array>
@@ -194,7 +195,7 @@ void DynamicSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<
   // A draw = one Philox block, as AliasSampler's: draw d of the stream takes block d, and a draw
   // rejected by the exclusion takes the next unused block from `total` on. Words 0-1 pick a block
   // and toss its coin in the top table (small: in cache); words 2-3 pick a row of that block and toss
-  // its coin. The row's cell is prefetched a few draws ahead.
+  // its coin.
   const auto fresh = [&](const r123::Philox4x32::ctr_type& r) {
     const auto [b0, coin0] = index_and_coin(detail::join64(r.v[0], r.v[1]), nb);
     const TopCell& t = top[b0];
@@ -209,21 +210,22 @@ void DynamicSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<
     id = keep ? static_cast<index_t>(d.first) : static_cast<index_t>(cell.alias);
     p = static_cast<float>((keep ? cell.log_w_self : cell.log_w_alias) - log_total);
   };
-  constexpr std::size_t kAhead = 16;
+  // The blocks of a chunk come from the vectorised Philox at once; every draw of the chunk requests
+  // its row's cell before any is read, so the cache misses overlap.
+  constexpr std::size_t kChunk = 64;
   const std::size_t k = ids.size();
-  detail::Stream stream(c.key, static_cast<std::uint64_t>(c.drawn));
-  std::array<std::pair<std::uint64_t, double>, kAhead> ring;
-  for (std::size_t j = 0; j < std::min(k, kAhead); ++j) {
-    ring[j] = fresh(stream.next());
-    detail::prefetch_line(cells + ring[j].first);
-  }
-  for (std::size_t j = 0; j < k; ++j) {
-    const auto d = ring[j % kAhead];
-    if (j + kAhead < k) {
-      ring[j % kAhead] = fresh(stream.next());
-      detail::prefetch_line(cells + ring[j % kAhead].first);
+  const kernels::Table& kt = kernels::table();
+  const detail::StreamCounter counter(c.key);
+  std::array<std::uint32_t, 4 * kChunk> words;
+  std::array<std::pair<std::uint64_t, double>, kChunk> picked;
+  for (std::size_t t0 = 0; t0 < k; t0 += kChunk) {
+    const std::size_t m = std::min(kChunk, k - t0);
+    counter.blocks(kt, static_cast<std::uint64_t>(c.drawn) + t0, static_cast<std::int64_t>(m), words.data());
+    for (std::size_t t = 0; t < m; ++t) {
+      picked[t] = fresh({{words[t], words[m + t], words[2 * m + t], words[3 * m + t]}});
+      detail::prefetch_line(cells + picked[t].first);
     }
-    resolve(d, ids[j], log_pn[j]);
+    for (std::size_t t = 0; t < m; ++t) resolve(picked[t], ids[t0 + t], log_pn[t0 + t]);
   }
   if (!c.excluded.empty()) {
     detail::Stream redraw(c.key, static_cast<std::uint64_t>(c.total) + c.redraws);
