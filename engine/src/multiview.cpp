@@ -46,10 +46,6 @@ Engine MultiViewEngine::make_core(std::vector<Bank>& banks, std::unique_ptr<Nois
   MEMBANK_CHECK(sampler == nullptr || !sampler->query_dependent(),
                 "the {} sampler with a MultiViewEngine: not supported yet (every pair would need its own "
                 "q(. | f)); use uniform or alias", to_string(sampler->kind()));
-  const auto* dynamic = dynamic_cast<const DynamicSampler*>(sampler.get());
-  MEMBANK_CHECK(dynamic == nullptr || dynamic->params().drive == DynamicSampler::Drive::none,
-                "a dynamic sampler with the loss_ema drive: MultiViewEngine does not drive the weights itself; use "
-                "the drive none and set_sampler_weights");
   // The engine checks the sampler, the config (against N and D) and the labels.
   return Engine(std::move(banks[0]), std::move(sampler), config, std::move(labels));
 }
@@ -198,9 +194,15 @@ MultiViewStats MultiViewEngine::run(std::span<const FeaturesRef> features, IdsRe
   std::vector<Partition> next = partitions_;
   MultiViewStats out;
   out.pairs.reserve(pairs_.size());
+  // A loss-driven dynamic sampler sees each query's loss averaged over the pairs: one loss per row,
+  // on the single-view step's scale.
+  DynamicSampler* const driven = core_.loss_driven_sampler();
+  std::vector<double> query_losses(driven ? static_cast<std::size_t>(batch) : 0, 0.0);
   for (std::size_t p = 0; p < pairs_.size(); ++p) {
     const auto a = static_cast<std::size_t>(pairs_[p].query);
     Engine::Computed c = core_.compute_on(bank(pairs_[p].bank), partitions_[p], features[a], ids, nullptr, g, false);
+    for (std::size_t b = 0; b < query_losses.size(); ++b)
+      query_losses[b] += c.query_losses[b] / static_cast<double>(pairs_.size());
     if (acc[a].size() == 0)
       acc[a] = g;
     else
@@ -214,6 +216,9 @@ MultiViewStats MultiViewEngine::run(std::span<const FeaturesRef> features, IdsRe
     out.pairs.push_back(c.stats);
   }
 
+  for (std::size_t b = 0; b < query_losses.size(); ++b)
+    MEMBANK_CHECK(std::isfinite(query_losses[b]), "query {} (id {}) has loss {}: the loss_ema drive needs finite "
+                  "per-query losses (nothing changed)", b, ids[b], query_losses[b]);
   // ---- commit: the grads, the banks (validated: only an allocation can still fail), then the Z
   // states and the counter. Every view queries in at least one pair, so every acc (and unit) is set.
   for (index_t v = 0; v < views_n; ++v) grads[static_cast<std::size_t>(v)] = acc[static_cast<std::size_t>(v)];
@@ -231,6 +236,10 @@ MultiViewStats MultiViewEngine::run(std::span<const FeaturesRef> features, IdsRe
   }
   partitions_ = std::move(next);
   ++core_.step_;
+  if (driven != nullptr) {  // as Engine's step: the averages, the partial rebuild, the class masses
+    driven->observe(ids, query_losses);
+    core_.refresh_class_mass();
+  }
   return out;
 }
 

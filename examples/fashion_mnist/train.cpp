@@ -364,7 +364,13 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
       for (index_t v = 0; v < 2; ++v)
         banks.push_back(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
                                                  : Bank(n, o.dim, o.seed + static_cast<std::uint64_t>(v), dtype));
-      multiview.emplace(std::move(banks), std::make_unique<UniformSampler>(n), cfg, ViewGraph::full, std::move(labels));
+      std::unique_ptr<NoiseSampler> shared_sampler = std::make_unique<UniformSampler>(n);
+      if (o.sampler == "dynamic") {  // driven by each image's loss averaged over the pairs of views
+        DynamicSampler::Params dp;
+        dp.drive = DynamicSampler::Drive::loss_ema;
+        shared_sampler = std::make_unique<DynamicSampler>(std::vector<double>(static_cast<std::size_t>(n), 1.0), dp);
+      }
+      multiview.emplace(std::move(banks), std::move(shared_sampler), cfg, ViewGraph::full, std::move(labels));
     } else {
       Bank bank = o.bank_init == "encoder" ? Bank::from_rows(start, dtype) : Bank(n, o.dim, o.seed, dtype);
       std::unique_ptr<NoiseSampler> sampler;
@@ -872,10 +878,10 @@ void check_memory_options(TrainOptions& o, const Given& given) {
                   "sample's negatives are the batch's others)", o.batch);
   }
   if (o.sampler != "uniform") {
-    MEMBANK_CHECK(o.has_bank() && o.views == 1 && o.distributed.empty(),
+    MEMBANK_CHECK(o.has_bank() && (o.views == 1 || o.sampler == "dynamic") && o.distributed.empty(),
                   "--sampler {} with {}: not supported yet (the cluster sampler conditions one bank's draws on the "
-                  "queries of one process; the dynamic one is driven by one engine's losses); expected --memory bank, "
-                  "--views 1, no --distributed", o.sampler,
+                  "queries of one process and one view; the dynamic one is driven by one process's losses); expected "
+                  "--memory bank, --views 1 (dynamic: 1 or 2), no --distributed", o.sampler,
                   !o.has_bank() ? "--memory " + o.memory : o.views != 1 ? "--views 2" : "--distributed");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
@@ -1085,7 +1091,7 @@ void add_train(CLI::App& app) {
                   "exact P_n. ring: biased hard negatives (Ring; top-k with --ring-lower 0): each image's negatives "
                   "uniform over the bank rows of score ranks [--ring-lower, --ring-upper) for it, weighed as uniform "
                   "draws; needs --allow-biased-sampler except with --objective contrastive or triplet. --memory bank, "
-                  "one process, one view")
+                  "one process, one view (dynamic also with --views 2: each image's loss averaged over the pairs)")
       ->capture_default_str()
       ->check(one_of({"uniform", "cluster", "dynamic", "ring"}));
   cmd->add_option("--ring-lower", o->ring_lower,

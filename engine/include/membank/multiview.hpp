@@ -147,8 +147,8 @@ class MultiViewEngine {
   /// One int64 label per instance, shared by the views (Engine::set_labels: same checks, nothing
   /// changed on an Error).
   void set_labels(std::span<const std::int64_t> labels) { core_.set_labels(labels); }
-  /// Engine::set_sampler_weights (a dynamic sampler, shared by the views). The loss_ema drive is
-  /// refused at construction: a multi-view step has one loss per pair of views, not one per row.
+  /// Engine::set_sampler_weights (a dynamic sampler, shared by the views). With the loss_ema drive
+  /// the engine sets them itself after each step, from each query's loss averaged over the pairs.
   void set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights) {
     core_.set_sampler_weights(ids, weights);
   }
