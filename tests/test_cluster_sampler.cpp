@@ -1,6 +1,7 @@
 // The cluster sampler: q(j | f) against a naive double-precision formula, the draws against q
 // (chi-square), Zhat's unbiasedness, every objective's loss and dL/df with query-dependent q against
 // the double reference, k-means against brute force, threads and snapshots bit for bit.
+#include "batch_check.hpp"
 #include "objective_reference.hpp"
 #include "reference.hpp"
 #include "scratch.hpp"
@@ -280,29 +281,7 @@ TEST_CASE("cluster sampler: every objective's loss and dL/df with query-dependen
             qq.draws.push_back({j, qi[static_cast<std::size_t>(j)] / (1.0 - excluded), false, false});
           }
         }
-        const RowMatrixd V = bank.cast<double>(), F = f.cast<double>();
-        double ref_loss = 0.0;
-        RowMatrixd ref_grad = RowMatrixd::Zero(5, kD);
-        for (index_t i = 0; i < 5; ++i) {
-          const Query& qq = queries[static_cast<std::size_t>(i)];
-          const double sp = V.row(qq.pos.row).dot(F.row(i));
-          std::vector<double> sc;
-          for (const Entry& e : qq.draws) sc.push_back(V.row(e.row).dot(F.row(i)));
-          ref_loss += query_loss(v, kN, qq, sp, sc, sc) / 5.0;
-          const std::vector<double> g = query_dlds(v, kN, qq, sp, sc);
-          ref_grad.row(i) += g[0] * V.row(qq.pos.row) / 5.0;
-          for (std::size_t k = 0; k < sc.size(); ++k) ref_grad.row(i) += g[k + 1] * V.row(qq.draws[k].row) / 5.0;
-        }
-        RowMatrixf g(5, kD), g2(5, kD);
-        const StepStats st = eng.evaluate(f, ids, negs, g);
-        CAPTURE(st.loss);
-        CAPTURE(ref_loss);
-        CHECK(rel_err(st.loss, ref_loss) < 1e-5);
-        CHECK(grad_rel_err(g, ref_grad) < 1e-5);
-        // The drawn step is the evaluation of its own draws (sample(ids, step, f)), bit for bit.
-        const StepStats st2 = eng.step(f, ids, g2, false);
-        CHECK(bits_equal(st.loss, st2.loss));
-        CHECK(bits_equal(g, g2));
+        check_against(eng, f, ids, negs, batch_reference(v, kN, queries, bank.cast<double>(), f.cast<double>()));
       }
   }
 }
@@ -382,28 +361,7 @@ TEST_CASE("cluster sampler: exclude_same_label conditions each query's draws on 
                               shared && same, same});
         }
       }
-      const RowMatrixd V = bank_rows.cast<double>(), F = f.cast<double>();
-      double ref_loss = 0.0;
-      RowMatrixd ref_grad = RowMatrixd::Zero(4, kD);
-      for (index_t i = 0; i < 4; ++i) {
-        const Query& qq = queries[static_cast<std::size_t>(i)];
-        const double sp = V.row(qq.pos.row).dot(F.row(i));
-        std::vector<double> sc;
-        for (const Entry& e : qq.draws) sc.push_back(V.row(e.row).dot(F.row(i)));
-        ref_loss += query_loss(v, kN, qq, sp, sc, sc) / 4.0;
-        const std::vector<double> g = query_dlds(v, kN, qq, sp, sc);
-        ref_grad.row(i) += g[0] * V.row(qq.pos.row) / 4.0;
-        for (std::size_t k = 0; k < sc.size(); ++k) ref_grad.row(i) += g[k + 1] * V.row(qq.draws[k].row) / 4.0;
-      }
-      RowMatrixf g(4, kD), g2(4, kD);
-      const StepStats st = eng.evaluate(f, ids, negs, g);
-      CAPTURE(st.loss);
-      CAPTURE(ref_loss);
-      CHECK(rel_err(st.loss, ref_loss) < 1e-5);
-      CHECK(grad_rel_err(g, ref_grad) < 1e-5);
-      const StepStats st2 = eng.step(f, ids, g2, false);
-      CHECK(bits_equal(st.loss, st2.loss));
-      CHECK(bits_equal(g, g2));
+      check_against(eng, f, ids, negs, batch_reference(v, kN, queries, bank_rows.cast<double>(), f.cast<double>()));
     }
   }
 }

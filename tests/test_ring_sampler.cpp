@@ -1,6 +1,7 @@
 // The ring sampler (biased, query-dependent): each query's ring against a brute-force ranking in
 // double, the draws against the uniform distribution over it (chi-square), the engine's refusal and
 // its unweighted use of the draws against the double references, threads and snapshots bit for bit.
+#include "batch_check.hpp"
 #include "objective_reference.hpp"
 #include "reference.hpp"
 #include "scratch.hpp"
@@ -278,28 +279,7 @@ TEST_CASE("ring sampler: every objective's loss and dL/df weigh the ring's draws
             qq.draws.push_back({j, uniform, false, same});
           }
         }
-        const RowMatrixd V = bank.cast<double>(), F = f.cast<double>();
-        double ref_loss = 0.0;
-        RowMatrixd ref_grad = RowMatrixd::Zero(5, kD);
-        for (index_t i = 0; i < 5; ++i) {
-          const Query& qq = queries[static_cast<std::size_t>(i)];
-          const double sp = V.row(qq.pos.row).dot(F.row(i));
-          std::vector<double> sc;
-          for (const Entry& e : qq.draws) sc.push_back(V.row(e.row).dot(F.row(i)));
-          ref_loss += query_loss(v, kN, qq, sp, sc, sc) / 5.0;
-          const std::vector<double> g = query_dlds(v, kN, qq, sp, sc);
-          ref_grad.row(i) += g[0] * V.row(qq.pos.row) / 5.0;
-          for (std::size_t k = 0; k < sc.size(); ++k) ref_grad.row(i) += g[k + 1] * V.row(qq.draws[k].row) / 5.0;
-        }
-        RowMatrixf g(5, kD), g2(5, kD);
-        const StepStats st = eng.evaluate(f, ids, negs, g);
-        CAPTURE(st.loss);
-        CAPTURE(ref_loss);
-        CHECK(std::abs(st.loss - ref_loss) <= 1e-5 * std::max(1.0, std::abs(ref_loss)));
-        CHECK(grad_rel_err(g, ref_grad) < 1e-5);
-        const StepStats st2 = eng.step(f, ids, g2, false);
-        CHECK(bits_equal(st.loss, st2.loss));
-        CHECK(bits_equal(g, g2));
+        check_against(eng, f, ids, negs, batch_reference(v, kN, queries, bank.cast<double>(), f.cast<double>()));
       }
   }
 }

@@ -463,17 +463,10 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
     for (std::size_t t = 0; t < m; ++t) picks[t] = pick(words[t], words[m + t], words[2 * m + t], words[3 * m + t]);
     for (std::size_t t = 0; t < m; ++t) finish(picks[t], ids[t0 + t], log_pn[t0 + t]);
   }
-  if (!cur.excluded.empty()) {
-    detail::Stream redraw(cur.key, static_cast<std::uint64_t>(cur.total) + cur.redraws);
-    for (std::size_t t = 0; t < k; ++t) {
-      for (int rejections = 0; cur.excluded.contains(ids[t]);) {
-        detail::count_rejection(rejections);
-        ++cur.redraws;
-        const auto r = redraw.next();
-        finish(pick(r.v[0], r.v[1], r.v[2], r.v[3]), ids[t], log_pn[t]);
-      }
-    }
-  }
+  detail::redraw_excluded(cur, static_cast<std::uint64_t>(cur.total), ids, log_pn,
+                          [&](const r123::Philox4x32::ctr_type& r, index_t& id, float& lp) {
+                            finish(pick(r.v[0], r.v[1], r.v[2], r.v[3]), id, lp);
+                          });
   cur.drawn += static_cast<index_t>(k);
 }
 

@@ -227,16 +227,8 @@ void DynamicSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<
     }
     for (std::size_t t = 0; t < m; ++t) resolve(picked[t], ids[t0 + t], log_pn[t0 + t]);
   }
-  if (!c.excluded.empty()) {
-    detail::Stream redraw(c.key, static_cast<std::uint64_t>(c.total) + c.redraws);
-    for (std::size_t j = 0; j < k; ++j) {
-      for (int rejections = 0; c.excluded.contains(ids[j]);) {
-        detail::count_rejection(rejections);
-        ++c.redraws;
-        resolve(fresh(redraw.next()), ids[j], log_pn[j]);
-      }
-    }
-  }
+  detail::redraw_excluded(c, static_cast<std::uint64_t>(c.total), ids, log_pn,
+                          [&](const r123::Philox4x32::ctr_type& r, index_t& id, float& lp) { resolve(fresh(r), id, lp); });
   c.drawn += static_cast<index_t>(k);
 }
 

@@ -243,17 +243,8 @@ void RingSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::span<f
     counter.blocks(kt, static_cast<std::uint64_t>(cur.drawn) + t0, static_cast<std::int64_t>(c), words.data());
     for (std::size_t t = 0; t < c; ++t) one(words[t], words[c + t], ids[t0 + t], log_pn[t0 + t]);
   }
-  if (!cur.excluded.empty()) {
-    detail::Stream redraw(cur.key, static_cast<std::uint64_t>(cur.total) + cur.redraws);
-    for (std::size_t t = 0; t < k; ++t) {
-      for (int rejections = 0; cur.excluded.contains(ids[t]);) {
-        detail::count_rejection(rejections);
-        ++cur.redraws;
-        const auto r = redraw.next();
-        one(r.v[0], r.v[1], ids[t], log_pn[t]);
-      }
-    }
-  }
+  detail::redraw_excluded(cur, static_cast<std::uint64_t>(cur.total), ids, log_pn,
+                          [&](const r123::Philox4x32::ctr_type& r, index_t& id, float& lp) { one(r.v[0], r.v[1], id, lp); });
   cur.drawn += static_cast<index_t>(k);
 }
 

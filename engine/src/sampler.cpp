@@ -402,17 +402,10 @@ void AliasSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<fl
     at = next;
     m = m_next;
   }
-  if (!c.excluded.empty()) {
-    detail::Stream redraw(c.key, static_cast<std::uint64_t>(c.total) + c.redraws);
-    for (std::size_t j = 0; j < ids.size(); ++j) {
-      for (int rejections = 0; c.excluded.contains(ids[j]);) {
-        count_rejection(rejections);
-        ++c.redraws;
-        const auto r = redraw.next();
-        resolve(cell_of(r.v[0], r.v[1]), r.v[2], r.v[3], ids[j], log_pn[j]);
-      }
-    }
-  }
+  detail::redraw_excluded(c, static_cast<std::uint64_t>(c.total), ids, log_pn,
+                          [&](const r123::Philox4x32::ctr_type& r, index_t& id, float& lp) {
+                            resolve(cell_of(r.v[0], r.v[1]), r.v[2], r.v[3], id, lp);
+                          });
   c.drawn += static_cast<index_t>(k);
 }
 

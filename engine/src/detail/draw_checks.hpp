@@ -1,8 +1,11 @@
 #pragma once
-// The checks every sampler's draw_next makes (sampler.cpp, dynamic_sampler.cpp, cluster_sampler.cpp):
-// a piece that fits its cursor's stream, and a bound on consecutive redraws of excluded ids.
+// What every sampler's draw_next shares (sampler.cpp, dynamic_sampler.cpp, cluster_sampler.cpp,
+// ring_sampler.cpp): a piece that fits its cursor's stream, a bound on consecutive redraws of
+// excluded ids, and the redraws themselves.
 #include <membank/error.hpp>
 #include <membank/sampler.hpp>
+
+#include "detail/philox.hpp"
 
 #include <cstddef>
 #include <cstdint>
@@ -26,6 +29,23 @@ inline void count_rejection(int& rejections) {
   MEMBANK_CHECK(++rejections < kMaxConsecutiveRejections,
                 "{} consecutive noise draws hit excluded ids: the excluded ids carry almost all of the "
                 "sampler's mass", rejections);
+}
+
+/// Redraws every draw of the piece that the cursor's exclusion holds: the r-th redraw of the stream
+/// takes block first + r, resolved by redraw(block, id, log_pn). Draws excluded 10^6 times in a row
+/// throw (count_rejection).
+template <class Redraw>
+void redraw_excluded(DrawCursor& c, std::uint64_t first, std::span<index_t> ids, std::span<float> log_pn,
+                     Redraw&& redraw) {
+  if (c.excluded.empty()) return;
+  Stream stream(c.key, first + c.redraws);
+  for (std::size_t t = 0; t < ids.size(); ++t) {
+    for (int rejections = 0; c.excluded.contains(ids[t]);) {
+      count_rejection(rejections);
+      ++c.redraws;
+      redraw(stream.next(), ids[t], log_pn[t]);
+    }
+  }
 }
 
 }  // namespace membank::detail
