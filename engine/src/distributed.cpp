@@ -219,12 +219,13 @@ DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local
       MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
       MEMBANK_CHECK(!sampler_->query_dependent(), "the {} sampler with a DistributedEngine: not supported yet (its "
                     "clusters span every rank's rows); use uniform or alias", to_string(sampler_->kind()));
-      // The per-query losses of a step live on their ranks (and, sharded, in pieces): engine-driven
-      // weights would need every rank to gather them. Caller-set weights (set_sampler_weights) work.
+      // The loss_ema drive: every rank gathers the global batch's per-query losses after each step
+      // and re-weights the same rows the same way. The full softmax has no per-query sampled losses.
       const auto* dynamic = dynamic_cast<const DynamicSampler*>(sampler_.get());
-      MEMBANK_CHECK(dynamic == nullptr || dynamic->params().drive == DynamicSampler::Drive::none,
-                    "a dynamic sampler with the loss_ema drive: DistributedEngine does not drive the weights "
-                    "itself; use the drive none and set_sampler_weights (the same on every rank)");
+      MEMBANK_CHECK(dynamic == nullptr || dynamic->params().drive == DynamicSampler::Drive::none ||
+                        config_.objective != Objective::full_softmax,
+                    "a dynamic sampler with the loss_ema drive needs per-query sampled losses: objective "
+                    "full_softmax has none (use the drive none and set_sampler_weights)");
       config_.validate(n_, bank_.dim());
     });
     std::uint64_t fp[5] = {};
@@ -516,6 +517,10 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
 
   Sums mine;
   Partition next;  // the Z state after the step (initialised = false: no change)
+  // A loss-driven dynamic sampler: this rank's queries' losses, gathered in global order after the step.
+  auto* const driven = dynamic_cast<DynamicSampler*>(sampler_.get());
+  const bool drive = driven != nullptr && driven->params().drive == DynamicSampler::Drive::loss_ema && !full;
+  std::vector<double> my_losses;
   const kernels::Table& kt = kernels::table();
   const BankView view = bank_.view();
   double log_z_used = kNaN;
@@ -627,6 +632,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       mine.p_pos += r.p_pos;
       mine.sum_exp += r.sum_exp;
       mine.collisions += static_cast<double>(r.collisions);
+      if (drive) my_losses.push_back(r.loss);
     }
     gsum = gk.cast<double>();
   } else {
@@ -901,6 +907,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       mine.p_pos += r.p_pos;
       mine.sum_exp += r.sum_exp;
       mine.collisions += static_cast<double>(r.collisions);
+      if (drive) my_losses.push_back(r.loss);
     }
 
     // ---- 7. dL/df = c_pos v_y + sum_j (dL/ds_j) v_j
@@ -1019,6 +1026,18 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     }
     if (nce) next = detail::partition_after(config_, partition_, log_z_used, log_z_hat);
   }
+  // Every rank holds the same global losses, so a non-finite one is refused on all of them alike,
+  // before anything changes.
+  std::vector<double> losses;
+  if (drive) {
+    std::vector<index_t> counts(static_cast<std::size_t>(ranks_));
+    for (int r = 0; r < ranks_; ++r)
+      counts[static_cast<std::size_t>(r)] = gb.offset[static_cast<std::size_t>(r) + 1] - gb.offset[static_cast<std::size_t>(r)];
+    losses = g.allgatherv(std::span<const double>(my_losses), counts);
+    for (std::size_t i = 0; i < losses.size(); ++i)
+      MEMBANK_CHECK(std::isfinite(losses[i]), "query {} of the global batch (id {}) has loss {}: the loss_ema drive "
+                    "needs finite per-query losses (nothing changed)", i, gb.ids[i], losses[i]);
+  }
   for (index_t b = 0; b < batch; ++b)
     for (index_t c = 0; c < dim; ++c) grad(b, c) = static_cast<float>(gsum(b, c));
   if (config_.normalize_features) detail::backprop_normalisation(prepared, grad);
@@ -1048,6 +1067,10 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     partition_.log_z = next.log_z;
   }
   ++step_;
+  if (drive) {  // as Engine's step: the same rows re-weighted the same way on every rank
+    driven->observe(gb.ids, losses);
+    if (!labels_.empty() && config_.exclude_same_label) class_mass_ = detail::label_classes(labels_, *sampler_, config_).mass;
+  }
   return stats;
 }
 

@@ -337,13 +337,20 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   if (distributed) {
     const Distributed mode = distributed_from_string(where.mode);
     collective([&] {  // (every rank raises the same errors here)
+      // The dynamic sampler: every rank re-weights the global batch's rows from the gathered losses.
+      std::unique_ptr<NoiseSampler> sampler = std::make_unique<UniformSampler>(n);
+      if (o.sampler == "dynamic") {
+        DynamicSampler::Params dp;
+        dp.drive = DynamicSampler::Drive::loss_ema;
+        sampler = std::make_unique<DynamicSampler>(std::vector<double>(static_cast<std::size_t>(n), 1.0), dp);
+      }
       if (o.bank_init == "encoder") {
         const RowRange held = mode == Distributed::replicated ? RowRange{0, n} : shard_rows(n, where.ranks, where.rank);
         dist.emplace(MPI_COMM_WORLD, mode, Bank::from_rows(start.middleRows(held.begin, held.size()), dtype), n,
-                     std::make_unique<UniformSampler>(n), cfg, std::move(labels));
+                     std::move(sampler), cfg, std::move(labels));
       } else {
-        dist.emplace(DistributedEngine::seeded(MPI_COMM_WORLD, mode, n, o.dim, o.seed, dtype,
-                                               std::make_unique<UniformSampler>(n), cfg, std::move(labels)));
+        dist.emplace(DistributedEngine::seeded(MPI_COMM_WORLD, mode, n, o.dim, o.seed, dtype, std::move(sampler), cfg,
+                                               std::move(labels)));
       }
     });
   }
@@ -878,10 +885,10 @@ void check_memory_options(TrainOptions& o, const Given& given) {
                   "sample's negatives are the batch's others)", o.batch);
   }
   if (o.sampler != "uniform") {
-    MEMBANK_CHECK(o.has_bank() && (o.views == 1 || o.sampler == "dynamic") && o.distributed.empty(),
-                  "--sampler {} with {}: not supported yet (the cluster sampler conditions one bank's draws on the "
-                  "queries of one process and one view; the dynamic one is driven by one process's losses); expected "
-                  "--memory bank, --views 1 (dynamic: 1 or 2), no --distributed", o.sampler,
+    MEMBANK_CHECK(o.has_bank() && (o.sampler == "dynamic" || (o.views == 1 && o.distributed.empty())),
+                  "--sampler {} with {}: not supported yet (it conditions one bank's draws on the queries of one "
+                  "process and one view); expected --memory bank, --views 1, no --distributed (--sampler dynamic "
+                  "takes --views 2 and --distributed too)", o.sampler,
                   !o.has_bank() ? "--memory " + o.memory : o.views != 1 ? "--views 2" : "--distributed");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
