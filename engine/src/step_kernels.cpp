@@ -86,7 +86,10 @@ void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef b
     sampler.draw_next(cursor, ids, lw);
   }
   const double log_n = std::log(static_cast<double>(sampler.size()));
-  for (auto& x : lw) x = sampler.biased() ? 0.0f : static_cast<float>(log_kept - log_n - x);  // log P_n in, lw out
+  if (sampler.biased())  // a biased sampler's draws weigh as uniform ones
+    std::fill(lw.begin(), lw.end(), 0.0f);
+  else
+    for (auto& x : lw) x = static_cast<float>(log_kept - log_n - x);  // log P_n in, lw out
 }
 
 QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y, QueryRef query) {
