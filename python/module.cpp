@@ -1237,12 +1237,14 @@ std::shared_ptr<PyMultiView> make_multiview(py::object n_arg, py::object dim_arg
                                             std::uint64_t seed, bool normalize_features, double unit_norm_tolerance,
                                             double tau_plus, double beta, bool detach_weights, double kernel_t,
                                             double gamma, py::object margin, bool exclude_same_label,
-                                            py::object labels, const std::string& rounding) {
+                                            py::object labels, const std::string& rounding,
+                                            bool allow_biased_sampler) {
   constexpr const char* who = "MultiViewEngine";
   const EngineOnlyArgs engine_only{k, momentum, &negatives, &z_policy, z_fixed, z_ema};
-  const EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features, unit_norm_tolerance,
+  EngineConfig c = make_config(objective, tau, exclude_positive, seed, normalize_features, unit_norm_tolerance,
                                      tau_plus, beta, detach_weights, kernel_t, gamma, margin, exclude_same_label,
                                      rounding, &engine_only);
+  c.allow_biased_sampler = allow_biased_sampler;
   const ViewGraph graph = view_graph_from_string(graph_name);
   std::optional<index_t> n = optional_index(n_arg, who, "n"), dim = optional_index(dim_arg, who, "dim"),
                          views = optional_index(views_arg, who, "views");
@@ -1310,6 +1312,7 @@ std::shared_ptr<PyMultiView> make_multiview(py::object n_arg, py::object dim_arg
   } else {
     s = sampler_arg(sampler, *n, who);
   }
+  Engine::check_sampler(*s, c);  // before V banks are built
   std::vector<std::int64_t> label_values = labels_arg(labels);
   if (!labels.is_none()) Engine::check_labels(label_values, *s, c);
 
@@ -2179,6 +2182,11 @@ L = sum over the pairs of L_ab and dL/df^a = sum over the pairs (a, b) of dL_ab/
 are drawn once per step and shared by every pair (engine.sample(ids, step)); each pair has its own Z
 state (z_policy per pair). Then each bank b is refreshed by momentum with view b's features.
 
+A query-dependent sampler draws per pair: pair (a, b) from q(. | f^a) of its query view, weighed with
+that q (engine.sample(ids, step, features, pair)). A ClusterSampler holds the clusters of view 0's
+bank (fit it to that bank; refresh_sampler() re-fits it), so pairs with the same query view share
+their draws; a RingSampler ranks each pair's own bank b (allow_biased_sampler=True, as for Engine).
+
 graph: 'full' (every ordered pair a != b) or 'core' (view 0 with each other view: (0, b) and (b, 0));
 for V = 2 both are [(0, 1), (1, 0)]. Pairs are listed in lexicographic order: the order of
 stats.pairs, partitions and the gradient sums.)doc")
@@ -2192,6 +2200,7 @@ stats.pairs, partitions and the gradient sums.)doc")
            py::arg("tau_plus") = 0.1, py::arg("beta") = 1.0, py::arg("detach_weights") = false,
            py::arg("kernel_t") = 2.0, py::arg("gamma") = 16.0, py::arg("margin") = py::none(),
            py::arg("exclude_same_label") = false, py::arg("labels") = py::none(), py::arg("rounding") = "nearest",
+           py::arg("allow_biased_sampler") = false,
            "n, dim, views (default 2): without banks=, view v's bank is Bank(n, dim, seed + v, dtype) -- what "
            "membank.Bank(n, dim, seed=seed + v) holds -- so view 0's bank is the one MemoryBankLoss(n, dim, "
            "seed=seed) starts from. banks: instead, a list of V float32 (N, D) arrays (copied, each row normalised, "
@@ -2240,18 +2249,35 @@ stats.pairs, partitions and the gradient sums.)doc")
            "Momentum refresh of every bank v with features[v] at ids (what step does when update=True), recording "
            "the current step counter.")
       .def("sample",
-           [](PyMultiView& pm, py::handle ids, py::object step) {
+           [](PyMultiView& pm, py::handle ids, py::object step, py::object features, py::object pair) {
              auto y = vector_arg<index_t>(ids, "ids", "int64", "(B,)");
              const bool next = step.is_none();
              const std::int64_t at = next ? 0 : step.cast<std::int64_t>();
+             if (features.is_none() != pair.is_none())
+               throw Error("MultiViewEngine.sample: pass features= and pair= together (a query-dependent sampler's "
+                           "draws are pair pair's, conditioned on its query view), or neither");
+             std::vector<Matrix2<float>> f;
+             if (!features.is_none()) f = view_features_arg(features);
+             const bool per_pair = !pair.is_none();
+             const index_t p = per_pair ? pair.cast<index_t>() : 0;
+             if (p < 0) throw Error(fmt::format("MultiViewEngine.sample(pair = {}): expected a pair index >= 0", p));
              RowMatrixi r = with_multiview(pm, [&](MultiViewEngine& mv) {
-               return mv.sample(y.span(), next ? mv.steps_done() : at);
+               const std::int64_t s = next ? mv.steps_done() : at;
+               if (!per_pair) return mv.sample(y.span(), s);
+               std::vector<FeaturesRef> fr;
+               for (const auto& mat : f) fr.emplace_back(mat.cmap());
+               return mv.sample(y.span(), s, fr, static_cast<std::size_t>(p));
              });
              return to_numpy(std::move(r));
            },
-           py::arg("ids"), py::arg("step") = py::none(),
+           py::arg("ids"), py::arg("step") = py::none(), py::arg("features") = py::none(), py::arg("pair") = py::none(),
            "The negatives every pair of a step at `step` (default: the next step) uses: int64 (B, K) or (1, K), "
-           "what Engine.sample draws with the same seed, sampler and configuration.")
+           "what Engine.sample draws with the same seed, sampler and configuration. A query-dependent sampler "
+           "(cluster, ring) draws per pair: pass the step's features (a list of V float32 (B, D)) and pair, an "
+           "index of pairs, for pair's draws.")
+      .def("refresh_sampler",
+           [](PyMultiView& pm) { with_multiview(pm, [](MultiViewEngine& mv) { mv.refresh_sampler(); }); },
+           "Re-fit a ClusterSampler to view 0's bank as it is now (e.g. once per epoch); Error for other samplers.")
       .def("bank",
            [](PyMultiView& pm, index_t v) {
              return to_numpy(with_multiview(pm, [&](MultiViewEngine& mv) { return mv.bank(v).to_matrix(); }));

@@ -1,12 +1,15 @@
 // Multi-view banks (CMC, multiview.hpp): every pair against a plain double reference written here,
-// V = 2 against two single-view Engines bit for bit, per-pair Z states, the banks' refresh, thread
-// counts, refused inputs, and resuming from restored state.
+// V = 2 against two single-view Engines bit for bit (with static and query-dependent samplers),
+// per-pair Z states, the banks' refresh, thread counts, refused inputs, and resuming from restored
+// state.
 #include "reference.hpp"
 
 #include <doctest/doctest.h>
 
+#include <membank/cluster_sampler.hpp>
 #include <membank/engine.hpp>
 #include <membank/multiview.hpp>
+#include <membank/ring_sampler.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -676,5 +679,161 @@ TEST_CASE("multi-view restore_state continues bit-identically to an uninterrupte
       for (std::size_t v = 0; v < 3; ++v) CHECK(bits_equal(g[v], want_g[i][v]));
     }
     check_same(snapshot_of(resumed), snapshot_of(whole));
+  }
+}
+
+namespace {
+
+/// A query-dependent sampler for the multi-view engine over make_banks(2, seed): a cluster sampler
+/// fitted to view 0's bank (refreshed every 2 steps), or a ring of ranks [1, 60).
+std::unique_ptr<NoiseSampler> query_sampler(SamplerKind kind, std::uint64_t seed) {
+  if (kind == SamplerKind::ring) return std::make_unique<RingSampler>(kN, RingConfig{1, 60});
+  ClusterConfig cc;
+  cc.clusters = 8;
+  cc.beta = 5.0;
+  cc.epsilon = 0.2;
+  cc.refresh_every = 2;
+  cc.iterations = 2;
+  cc.seed = seed;
+  return std::make_unique<ClusterSampler>(make_banks(2, seed)[0].view(), cc);
+}
+
+/// A bit-exact copy of an fp32 bank (from_rows would renormalise rows within rounding of unit norm).
+Bank copy_of(const Bank& bank) {
+  const RowMatrixf rows = bank.to_matrix();
+  return Bank::from_blocks(rows.rows(), rows.cols(), rows.rows(),
+                           [&](index_t, index_t, float* dst, index_t ld) {
+                             for (index_t i = 0; i < rows.rows(); ++i)
+                               std::copy_n(rows.row(i).data(), rows.cols(), dst + i * ld);
+                           },
+                           std::numeric_limits<double>::infinity());
+}
+
+/// The state the multi-view engine's sampler will draw with at step s (a cluster sampler due a
+/// refresh re-fitted to view 0's bank first), as a fresh sampler that never refreshes by itself.
+std::unique_ptr<NoiseSampler> sampler_at(const MultiViewEngine& mv, std::int64_t s) {
+  if (mv.sampler().kind() == SamplerKind::ring) {
+    const auto& r = dynamic_cast<const RingSampler&>(mv.sampler());
+    return std::make_unique<RingSampler>(r.size(), r.config());
+  }
+  ClusterSampler now = dynamic_cast<const ClusterSampler&>(mv.sampler());
+  if (now.due(s)) now.refresh(mv.bank(0).view(), s);
+  ClusterConfig cc = now.config();
+  cc.refresh_every = 0;
+  return std::make_unique<ClusterSampler>(cc, now.centroids(), now.assignment(), now.refreshed_at());
+}
+
+}  // namespace
+
+TEST_CASE("V = 2 multi-view with a cluster or ring sampler equals single-view engines bit for bit") {
+  // Guards the query-dependent samplers in the multi-view step: pair (a, b) draws from q(. | f^a)
+  // and weighs its draws with it, so it is exactly a single-view Engine over bank b with the same
+  // sampler state queried with view a (restored to the pair's Z and the counter): the same draws
+  // (sample(ids, step, features, p)), loss, Zhat, Z and gradients, bit for bit. The cluster sampler
+  // re-fits to view 0's bank on its schedule (steps 2 and 4); the ring ranks each pair's own bank.
+  for (const SamplerKind kind : {SamplerKind::cluster, SamplerKind::ring})
+    for (const Objective obj : {Objective::nce, Objective::info_nce, Objective::dhel})
+      for (const NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared}) {
+        INFO(to_string(kind) << " " << to_string(obj) << " " << to_string(mode));
+        EngineConfig cfg = mv_config(obj, mode);
+        cfg.allow_biased_sampler = kind == SamplerKind::ring;
+        MultiViewEngine mv(make_banks(2, 21), query_sampler(kind, 21), cfg, ViewGraph::full);
+        for (std::int64_t s = 0; s < 5; ++s) {
+          CAPTURE(s);
+          const Batch b = make_batch(mv, s, 23);
+          const std::vector<FeaturesRef> f(b.f.begin(), b.f.end());
+          std::vector<StepStats> want;
+          std::vector<RowMatrixf> want_g;
+          std::vector<RowMatrixi> want_draws;
+          for (std::size_t p = 0; p < mv.pairs().size(); ++p) {
+            CAPTURE(p);
+            const ViewPair pair = mv.pairs()[p];
+            Engine e(copy_of(mv.bank(pair.bank)), sampler_at(mv, s), cfg);
+            e.restore_state(mv.partition(p), s);
+            const auto a = static_cast<std::size_t>(pair.query);
+            want_draws.push_back(e.sample(b.ids, s, b.f[a]));
+            // (a ring ranks the bank as it is before the step's refresh of the rows)
+            if (kind == SamplerKind::ring) CHECK(bits_equal(mv.sample(b.ids, s, f, p), want_draws[p]));
+            want_g.push_back(RowMatrixf::Zero(kB, kD));
+            want.push_back(e.step(b.f[a], b.ids, want_g.back(), false));
+          }
+          std::unique_ptr<NoiseSampler> expected_state = sampler_at(mv, s);
+          std::vector<RowMatrixf> g;
+          const MultiViewStats st = run_step(mv, b, g);
+          REQUIRE(st.pairs.size() == want.size());
+          for (std::size_t p = 0; p < want.size(); ++p) {
+            CAPTURE(p);
+            // (after the step: a cluster sampler due a refresh re-fits at the step's start)
+            if (kind == SamplerKind::cluster) CHECK(bits_equal(mv.sample(b.ids, s, f, p), want_draws[p]));
+            CHECK(bits_equal(st.pairs[p].loss, want[p].loss));
+            CHECK(bits_equal(st.pairs[p].z_estimate, want[p].z_estimate));
+            CHECK(bits_equal(st.pairs[p].z, want[p].z));
+            // V = 2: view a queries in pair a only.
+            CHECK(bits_equal(g[static_cast<std::size_t>(mv.pairs()[p].query)], want_g[p]));
+          }
+          if (kind == SamplerKind::cluster) {  // the refresh happened (or not) as predicted
+            const auto& got = dynamic_cast<const ClusterSampler&>(mv.sampler());
+            const auto& exp = dynamic_cast<const ClusterSampler&>(*expected_state);
+            CHECK(got.refreshed_at() == (s / 2) * 2);
+            CHECK(bits_equal(got.centroids(), exp.centroids()));
+            CHECK(got.assignment() == exp.assignment());
+          }
+        }
+      }
+}
+
+TEST_CASE("multi-view with a query-dependent sampler: draws per pair, its errors, and 1 vs 2 threads bit-identical") {
+  // Guards the draws' contract: without the features sample() refuses a query-dependent sampler;
+  // pairs with the same query view draw the same cluster negatives (V = 3, full graph); a ring's
+  // draws differ with the pair's bank; a pair out of range is refused; and whole steps (losses,
+  // gradients, banks, Z states, the refreshed clusters) are bit-identical for 1 and 2 threads.
+  const EngineConfig cfg = mv_config(Objective::nce, NegativesMode::per_sample);
+  {
+    MultiViewEngine mv(make_banks(3, 25), query_sampler(SamplerKind::cluster, 25), cfg, ViewGraph::full);
+    const Batch b = make_batch(mv, 0, 26);
+    const std::vector<FeaturesRef> f(b.f.begin(), b.f.end());
+    CHECK(message_of<Error>([&] { (void)mv.sample(b.ids, 0); }).find("features") != std::string::npos);
+    CHECK(message_of<Error>([&] { (void)mv.sample(b.ids, 0, f, mv.pairs().size()); }).find("pair 6") !=
+          std::string::npos);
+    const std::vector<FeaturesRef> two(f.begin(), f.begin() + 2);
+    CHECK(message_of<Error>([&] { (void)mv.sample(b.ids, 0, two, 0); }).find("features has 2 entries") !=
+          std::string::npos);
+    const std::size_t p01 = mv.pair_index(0, 1), p02 = mv.pair_index(0, 2), p10 = mv.pair_index(1, 0);
+    CHECK(bits_equal(mv.sample(b.ids, 0, f, p01), mv.sample(b.ids, 0, f, p02)));
+    CHECK_FALSE(bits_equal(mv.sample(b.ids, 0, f, p01), mv.sample(b.ids, 0, f, p10)));
+  }
+  {
+    EngineConfig biased = cfg;
+    biased.allow_biased_sampler = true;
+    MultiViewEngine mv(make_banks(3, 27), query_sampler(SamplerKind::ring, 27), biased, ViewGraph::full);
+    const Batch b = make_batch(mv, 0, 28);
+    const std::vector<FeaturesRef> f(b.f.begin(), b.f.end());
+    CHECK_FALSE(bits_equal(mv.sample(b.ids, 0, f, mv.pair_index(0, 1)), mv.sample(b.ids, 0, f, mv.pair_index(0, 2))));
+  }
+  for (const SamplerKind kind : {SamplerKind::cluster, SamplerKind::ring}) {
+    INFO(to_string(kind));
+    EngineConfig c = cfg;
+    c.allow_biased_sampler = true;
+    std::vector<std::vector<double>> losses(2);
+    std::vector<std::vector<RowMatrixf>> grads(2);
+    std::vector<Snapshot> ends;
+    std::vector<RowMatrixf> centroids;
+    for (const int threads : {1, 2}) {
+      const ThreadCount tc(threads);
+      MultiViewEngine mv(make_banks(3, 29), query_sampler(kind, 29), c, ViewGraph::full);
+      for (std::int64_t s = 0; s < 3; ++s) {
+        std::vector<RowMatrixf> g;
+        const MultiViewStats st = run_step(mv, make_batch(mv, s, 30), g);
+        for (const auto& p : st.pairs) losses[static_cast<std::size_t>(threads - 1)].push_back(p.loss);
+        for (auto& m : g) grads[static_cast<std::size_t>(threads - 1)].push_back(m);
+      }
+      ends.push_back(snapshot_of(mv));
+      if (kind == SamplerKind::cluster) centroids.push_back(dynamic_cast<const ClusterSampler&>(mv.sampler()).centroids());
+    }
+    REQUIRE(losses[0].size() == losses[1].size());
+    for (std::size_t i = 0; i < losses[0].size(); ++i) CHECK(bits_equal(losses[0][i], losses[1][i]));
+    for (std::size_t i = 0; i < grads[0].size(); ++i) CHECK(bits_equal(grads[0][i], grads[1][i]));
+    check_same(ends[0], ends[1]);
+    if (kind == SamplerKind::cluster) CHECK(bits_equal(centroids[0], centroids[1]));
   }
 }

@@ -10,8 +10,10 @@
 //   - `membank snapshot inspect` and `verify` on the new kinds (MEMBANK_CLI).
 #include "reference.hpp"
 
+#include <membank/cluster_sampler.hpp>
 #include <membank/error.hpp>
 #include <membank/multiview.hpp>
+#include <membank/ring_sampler.hpp>
 #include <membank/queue.hpp>
 #include <membank/snapshot.hpp>
 
@@ -278,6 +280,9 @@ struct MvCase {
   EngineConfig config;
   bool alias, labels;
   int deflate;
+  /// A query-dependent sampler in place of uniform / alias: a cluster sampler fitted to view 0's
+  /// bank and refreshed every 2 steps, or a ring of ranks [1, 40).
+  SamplerKind query = SamplerKind::uniform;
 };
 
 std::vector<std::int64_t> mv_labels() {
@@ -288,7 +293,16 @@ std::vector<std::int64_t> mv_labels() {
 
 MultiViewEngine make_mv(const MvCase& c, std::uint64_t seed) {
   std::unique_ptr<NoiseSampler> sampler;
-  if (c.alias) {
+  if (c.query == SamplerKind::cluster) {
+    ClusterConfig cc;
+    cc.clusters = 6;
+    cc.refresh_every = 2;
+    cc.iterations = 2;
+    cc.seed = seed;
+    sampler = std::make_unique<ClusterSampler>(make_banks(c.views, seed, c.dtypes)[0].view(), cc);
+  } else if (c.query == SamplerKind::ring) {
+    sampler = std::make_unique<RingSampler>(kN, RingConfig{1, 40});
+  } else if (c.alias) {
     std::mt19937_64 rng(seed ^ 0x5eedULL);
     sampler = std::make_unique<AliasSampler>(random_weights(kN, rng));
   } else {
@@ -351,6 +365,20 @@ void check_same_mv(const MultiViewEngine& a, const MultiViewEngine& b) {
     for (std::size_t i = 0; i < wa.size(); ++i) same &= bits_equal(wa[i], wb[i]);
     CHECK(same);
   }
+  if (a.sampler().kind() == SamplerKind::cluster) {
+    const auto& ca = dynamic_cast<const ClusterSampler&>(a.sampler());
+    const auto& cb = dynamic_cast<const ClusterSampler&>(b.sampler());
+    CHECK(bits_equal(ca.centroids(), cb.centroids()));
+    CHECK(ca.assignment() == cb.assignment());
+    CHECK(ca.refreshed_at() == cb.refreshed_at());
+    CHECK(ca.config().refresh_every == cb.config().refresh_every);
+  }
+  if (a.sampler().kind() == SamplerKind::ring) {
+    CHECK(dynamic_cast<const RingSampler&>(a.sampler()).config().lower ==
+          dynamic_cast<const RingSampler&>(b.sampler()).config().lower);
+    CHECK(dynamic_cast<const RingSampler&>(a.sampler()).config().upper ==
+          dynamic_cast<const RingSampler&>(b.sampler()).config().upper);
+  }
 }
 
 std::vector<MvCase> mv_cases() {
@@ -386,6 +414,14 @@ std::vector<MvCase> mv_cases() {
   fixed.z_fixed = 50.0;
   out.push_back({"V=2 core bf16 x2 nce fixed Z", 2, ViewGraph::core, {DType::bfloat16, DType::bfloat16}, fixed, true,
                  false, 0});
+  // Query-dependent samplers: the resumed run re-fits the clusters at step 4 as the whole one does.
+  out.push_back({"V=2 full fp16/fp32 nce cluster refreshed every 2 steps", 2, ViewGraph::full,
+                 {DType::float16, DType::float32}, nce, false, false, 0, SamplerKind::cluster});
+  EngineConfig biased = labelled;
+  biased.exclude_same_label = false;
+  biased.allow_biased_sampler = true;
+  out.push_back({"V=3 core fp32/bf16/fp32 infonce ring", 3, ViewGraph::core,
+                 {DType::float32, DType::bfloat16, DType::float32}, biased, false, false, 0, SamplerKind::ring});
   return out;
 }
 
@@ -465,10 +501,11 @@ TEST_CASE("snapshot memories: a queue saved, loaded and continued equals the uni
 }
 
 TEST_CASE("snapshot memories: a multi-view engine saved, loaded and continued equals the uninterrupted run") {
-  // Guards the multi-view snapshot: V = 2 and 3, full and core graphs, banks of mixed types, uniform
-  // and alias samplers, labels, every pair's Z state (first_batch, ema, fixed): the loaded engine
-  // equals the saved one field by field, and its next steps give every pair's loss and Z, the
-  // gradients of every view and the banks of an uninterrupted run, bit for bit.
+  // Guards the multi-view snapshot: V = 2 and 3, full and core graphs, banks of mixed types, uniform,
+  // alias, cluster (resumed across a re-fit) and ring samplers, labels, every pair's Z state
+  // (first_batch, ema, fixed): the loaded engine equals the saved one field by field, and its next
+  // steps give every pair's loss and Z, the gradients of every view and the banks of an
+  // uninterrupted run, bit for bit.
   ScratchDir tmp("snapmem", "multiview");
   for (const MvCase& c : mv_cases()) {
     CAPTURE(c.name);
@@ -489,7 +526,7 @@ TEST_CASE("snapshot memories: a multi-view engine saved, loaded and continued eq
     CHECK(info.step == 3);
     CHECK(info.graph == c.graph);
     CHECK(info.pairs == first.pairs());
-    CHECK(info.sampler == (c.alias ? SamplerKind::alias : SamplerKind::uniform));
+    CHECK(info.sampler == (c.query != SamplerKind::uniform ? c.query : c.alias ? SamplerKind::alias : SamplerKind::uniform));
     CHECK(info.has_labels == c.labels);
     CHECK(info.compressed == (c.deflate > 0));
     REQUIRE(info.partitions.size() == first.partitions().size());

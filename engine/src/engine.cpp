@@ -273,11 +273,11 @@ StepStats Engine::evaluate(FeaturesRef features, IdsRef ids, NegativesRef negati
 }
 
 RowMatrixi Engine::sample(IdsRef ids, std::int64_t step) const {
-  return detail::translate_bad_alloc("Engine::sample", [&] { return sample_impl(ids, step, nullptr); });
+  return detail::translate_bad_alloc("Engine::sample", [&] { return sample_impl(bank_, ids, step, nullptr); });
 }
 
 RowMatrixi Engine::sample(IdsRef ids, std::int64_t step, FeaturesRef features) const {
-  return detail::translate_bad_alloc("Engine::sample", [&] { return sample_impl(ids, step, &features); });
+  return detail::translate_bad_alloc("Engine::sample", [&] { return sample_impl(bank_, ids, step, &features); });
 }
 
 void Engine::refresh_sampler() {
@@ -288,9 +288,9 @@ void Engine::refresh_sampler() {
   cs->refresh(bank_.view(), step_);
 }
 
-RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step, const FeaturesRef* features) const {
+RowMatrixi Engine::sample_impl(const Bank& bank, IdsRef ids, std::int64_t step, const FeaturesRef* features) const {
   MEMBANK_CHECK(!ids.empty(), "ids is empty: expected a batch of at least one id");
-  check_ids(ids, bank_.size(), "ids");
+  check_ids(ids, bank.size(), "ids");
   const auto batch = static_cast<index_t>(ids.size());
   const index_t k = config_.k;
   // A query-dependent sampler draws from q(. | f): condition it on the (prepared) features.
@@ -300,8 +300,8 @@ RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step, const FeaturesRef*
                   "to sample(ids, step, features)", to_string(sampler_->kind()));
     MEMBANK_CHECK(features->rows() == batch, "features has {} rows: expected one per id (B = {})", features->rows(),
                   batch);
-    const PreparedFeatures p = prepare_features(*features, batch, bank_.dim(), config_);
-    conditioned = sampler_->condition(bank_.view(), p.data, p.stride, batch, bank_.dim());
+    const PreparedFeatures p = prepare_features(*features, batch, bank.dim(), config_);
+    conditioned = sampler_->condition(bank.view(), p.data, p.stride, batch, bank.dim());
   }
   if (config_.negatives == NegativesMode::shared) {
     RowMatrixi out(1, k);
@@ -315,7 +315,7 @@ RowMatrixi Engine::sample_impl(IdsRef ids, std::int64_t step, const FeaturesRef*
   require_memory(add_sat(mul_sat(batch, mul_sat(k, 8)), mul_sat(omp_get_max_threads(), mul_sat(k, 4))),
                  fmt::format("sample: B x K = {} x {} negatives", batch, k));
   check_labels_present();
-  detail::KernelContext cx = make_context(bank_, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
+  detail::KernelContext cx = make_context(bank, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
   cx.conditioned = conditioned.get();
   RowMatrixi out(batch, k);
   detail::ExceptionCapture errors;

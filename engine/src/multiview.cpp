@@ -1,8 +1,10 @@
 // MultiViewEngine (multiview.hpp): V banks over the same instances, scored pair by pair through the
 // single-view engine's compute path (Engine::compute_on, with the pair's bank and Z state), with one
-// draw of the negatives per step shared by every pair. The validation names the view of each
-// argument; the commit (grads, banks, Z states, counter) runs only once every pair has succeeded.
+// draw of the negatives per step shared by every pair (per query view for a query-dependent
+// sampler). The validation names the view of each argument; the commit (grads, banks, Z states,
+// counter) runs only once every pair has succeeded.
 #include <membank/multiview.hpp>
+#include <membank/cluster_sampler.hpp>
 #include <membank/error.hpp>
 #include <membank/memory.hpp>
 
@@ -43,9 +45,6 @@ Engine MultiViewEngine::make_core(std::vector<Bank>& banks, std::unique_ptr<Nois
     MEMBANK_CHECK(banks[v].size() == banks[0].size() && banks[v].dim() == banks[0].dim(),
                   "banks[{}] is N x D = {} x {}: expected banks[0]'s {} x {} (every view holds the same N instances "
                   "in the same dimension)", v, banks[v].size(), banks[v].dim(), banks[0].size(), banks[0].dim());
-  MEMBANK_CHECK(sampler == nullptr || !sampler->query_dependent(),
-                "the {} sampler with a MultiViewEngine: not supported yet (every pair would need its own "
-                "q(. | f)); use uniform or alias", to_string(sampler->kind()));
   // The engine checks the sampler, the config (against N and D) and the labels.
   return Engine(std::move(banks[0]), std::move(sampler), config, std::move(labels));
 }
@@ -157,6 +156,16 @@ void MultiViewEngine::check_grads(std::span<const FeaturesRef> features, IdsRef 
   }
 }
 
+RowMatrixi MultiViewEngine::sample(IdsRef ids, std::int64_t step, std::span<const FeaturesRef> features,
+                                   std::size_t p) const {
+  MEMBANK_CHECK(p < pairs_.size(), "pair {} is out of range: expected 0 <= p < {} (pairs().size())", p, pairs_.size());
+  check_views(features, ids);
+  return detail::translate_bad_alloc("MultiViewEngine::sample", [&] {
+    const ViewPair& pair = pairs_[p];
+    return core_.sample_impl(bank(pair.bank), ids, step, &features[static_cast<std::size_t>(pair.query)]);
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // step
 
@@ -178,11 +187,15 @@ MultiViewStats MultiViewEngine::run(std::span<const FeaturesRef> features, IdsRe
   const auto batch = static_cast<index_t>(ids.size());
   const index_t dim = core_.bank().dim();
   const EngineConfig& cfg = core_.config();
+  // A cluster sampler due a refresh at this counter re-fits to view 0's bank first (as Engine::run).
+  if (auto* cs = dynamic_cast<ClusterSampler*>(core_.sampler_.get()); cs && cs->due(core_.step_))
+    cs->refresh(core_.bank_.view(), core_.step_);
   require_memory(mul_sat(mul_sat(views_n + 1, batch), mul_sat(dim, 4)),
                  fmt::format("the gradients of V = {} views (B x D = {} x {} floats each, plus one pair's)", views_n,
                              batch, dim));
 
-  // The same negatives for every pair: Engine::sample at this counter. Each pair's kernel draws them
+  // The same negatives for every pair: Engine::sample at this counter (a query-dependent sampler:
+  // each pair conditions it on its own query view inside compute_on, and on its bank for a ring). Each pair's kernel draws them
   // itself (a pure function of seed, counter, query row and id), as the single-view step does, so
   // the draws overlap the gathers; a B x K array drawn first and read by every pair was measured
   // slower (2.49 x the single-view step for V = 2, against 2.0 x).

@@ -133,13 +133,41 @@ RingConfig ring_ranks(const TrainOptions& o, index_t n) {
   return {o.ring_lower, o.ring_upper < 0 ? std::max<index_t>(o.ring_lower + 1, n / 10) : o.ring_upper};
 }
 
+/// The --sampler over n rows: uniform, cluster (fitted to `bank`, the whole n x D bank, which only it
+/// reads; the engine re-fits it at the start of every epoch), dynamic (loss_ema drive) or ring.
+std::unique_ptr<NoiseSampler> make_sampler(const TrainOptions& o, index_t n, const BankView& bank) {
+  if (o.sampler == "cluster") {
+    ClusterConfig cc;
+    cc.clusters = std::min(o.clusters, n);
+    cc.epsilon = o.cluster_epsilon;
+    cc.beta = o.cluster_beta < 0.0 ? 1.0 / o.tau : o.cluster_beta;
+    cc.refresh_every = n / o.batch;
+    cc.iterations = o.cluster_iterations;
+    cc.seed = o.seed;
+    return std::make_unique<ClusterSampler>(bank, cc);
+  }
+  if (o.sampler == "dynamic") {
+    // Every row starts at weight 1; after each step the engine re-weights the batch's rows to floor +
+    // the average of their own loss (DynamicSampler's loss_ema drive; with two views, each image's
+    // loss averaged over the pairs).
+    DynamicSampler::Params dp;
+    dp.drive = DynamicSampler::Drive::loss_ema;
+    return std::make_unique<DynamicSampler>(std::vector<double>(static_cast<std::size_t>(n), 1.0), dp);
+  }
+  // Each image's negatives: uniform over the bank rows of score ranks [lower, upper) for it.
+  if (o.sampler == "ring") return std::make_unique<RingSampler>(n, ring_ranks(o, n));
+  return std::make_unique<UniformSampler>(n);
+}
+
 /// The objective and the memory, as the header and the progress bar name them.
 std::string describe_run(const TrainOptions& o) {
   const std::string objective = o.objective == "full" ? std::string("full softmax") : o.objective;
   if (o.memory == "queue") return fmt::format("{}, queue Q={} (key momentum {})", objective, o.queue_size, o.key_momentum);
   if (o.memory == "in-batch") return fmt::format("{}, in-batch K=2B-2={}", objective, o.negatives());
   const std::string k = o.objective == "full" ? std::string() : fmt::format(" K={}", o.k);
-  if (o.views == 2) return fmt::format("{}{}, CMC 2 views (2 banks, shared encoder)", objective, k);
+  if (o.views == 2)
+    return fmt::format("{}{}, CMC 2 views (2 banks, shared encoder){}", objective, k,
+                       o.sampler == "uniform" ? std::string() : ", " + o.sampler + " sampler");
   if (o.sampler == "cluster") return fmt::format("{}{}, cluster sampler C={}", objective, k, o.clusters);
   if (o.sampler == "dynamic") return fmt::format("{}{}, dynamic sampler (loss average)", objective, k);
   if (o.sampler == "ring") return fmt::format("{}{}, ring sampler (biased)", objective, k);
@@ -337,13 +365,8 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   if (distributed) {
     const Distributed mode = distributed_from_string(where.mode);
     collective([&] {  // (every rank raises the same errors here)
-      // The dynamic sampler: every rank re-weights the global batch's rows from the gathered losses.
-      std::unique_ptr<NoiseSampler> sampler = std::make_unique<UniformSampler>(n);
-      if (o.sampler == "dynamic") {
-        DynamicSampler::Params dp;
-        dp.drive = DynamicSampler::Drive::loss_ema;
-        sampler = std::make_unique<DynamicSampler>(std::vector<double>(static_cast<std::size_t>(n), 1.0), dp);
-      }
+      // uniform or dynamic (every rank re-weights the global batch's rows from the gathered losses)
+      std::unique_ptr<NoiseSampler> sampler = make_sampler(o, n, BankView{});
       if (o.bank_init == "encoder") {
         const RowRange held = mode == Distributed::replicated ? RowRange{0, n} : shard_rows(n, where.ranks, where.rank);
         dist.emplace(MPI_COMM_WORLD, mode, Bank::from_rows(start.middleRows(held.begin, held.size()), dtype), n,
@@ -371,38 +394,14 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
       for (index_t v = 0; v < 2; ++v)
         banks.push_back(o.bank_init == "encoder" ? Bank::from_rows(start, dtype)
                                                  : Bank(n, o.dim, o.seed + static_cast<std::uint64_t>(v), dtype));
-      std::unique_ptr<NoiseSampler> shared_sampler = std::make_unique<UniformSampler>(n);
-      if (o.sampler == "dynamic") {  // driven by each image's loss averaged over the pairs of views
-        DynamicSampler::Params dp;
-        dp.drive = DynamicSampler::Drive::loss_ema;
-        shared_sampler = std::make_unique<DynamicSampler>(std::vector<double>(static_cast<std::size_t>(n), 1.0), dp);
-      }
+      // One sampler for both views; a cluster sampler holds the clusters of view 0's bank, and each
+      // pair draws from its own query view's q (a ring: ranked in the pair's own bank).
+      std::unique_ptr<NoiseSampler> shared_sampler = make_sampler(o, n, banks[0].view());
       multiview.emplace(std::move(banks), std::move(shared_sampler), cfg, ViewGraph::full, std::move(labels));
     } else {
       Bank bank = o.bank_init == "encoder" ? Bank::from_rows(start, dtype) : Bank(n, o.dim, o.seed, dtype);
-      std::unique_ptr<NoiseSampler> sampler;
-      if (o.sampler == "cluster") {
-        // Fitted to the starting bank; the engine refreshes it at the start of every epoch.
-        ClusterConfig cc;
-        cc.clusters = std::min(o.clusters, n);
-        cc.epsilon = o.cluster_epsilon;
-        cc.beta = o.cluster_beta < 0.0 ? 1.0 / o.tau : o.cluster_beta;
-        cc.refresh_every = n / o.batch;
-        cc.iterations = o.cluster_iterations;
-        cc.seed = o.seed;
-        sampler = std::make_unique<ClusterSampler>(bank.view(), cc);
-      } else if (o.sampler == "dynamic") {
-        // Every row starts at weight 1; after each step the engine re-weights the batch's rows to
-        // floor + the average of their own loss (DynamicSampler's loss_ema drive).
-        DynamicSampler::Params dp;
-        dp.drive = DynamicSampler::Drive::loss_ema;
-        sampler = std::make_unique<DynamicSampler>(std::vector<double>(static_cast<std::size_t>(n), 1.0), dp);
-      } else if (o.sampler == "ring") {
-        // Each image's negatives: uniform over the bank rows of score ranks [lower, upper) for it.
-        sampler = std::make_unique<RingSampler>(n, ring_ranks(o, n));
-      } else {
-        sampler = std::make_unique<UniformSampler>(n);
-      }
+      // A cluster sampler is fitted to the starting bank; the engine refreshes it every epoch.
+      std::unique_ptr<NoiseSampler> sampler = make_sampler(o, n, bank.view());
       engine = std::make_unique<Engine>(std::move(bank), std::move(sampler), cfg, std::move(labels));
     }
   }
@@ -885,11 +884,11 @@ void check_memory_options(TrainOptions& o, const Given& given) {
                   "sample's negatives are the batch's others)", o.batch);
   }
   if (o.sampler != "uniform") {
-    MEMBANK_CHECK(o.has_bank() && (o.sampler == "dynamic" || (o.views == 1 && o.distributed.empty())),
-                  "--sampler {} with {}: not supported yet (it conditions one bank's draws on the queries of one "
-                  "process and one view); expected --memory bank, --views 1, no --distributed (--sampler dynamic "
-                  "takes --views 2 and --distributed too)", o.sampler,
-                  !o.has_bank() ? "--memory " + o.memory : o.views != 1 ? "--views 2" : "--distributed");
+    MEMBANK_CHECK(o.has_bank(), "--sampler {} with --memory {}: does not apply (the sampler draws a bank's rows); "
+                  "expected --memory bank", o.sampler, o.memory);
+    MEMBANK_CHECK(o.sampler == "dynamic" || o.distributed.empty(), "--sampler {} with --distributed: not supported "
+                  "yet (it conditions the draws on the queries of one process); --sampler dynamic takes --distributed",
+                  o.sampler);
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
     MEMBANK_CHECK(!o.exclude_same_label || o.sampler != "ring", "--sampler {} with --exclude-same-label: not "
@@ -1097,8 +1096,10 @@ void add_train(CLI::App& app) {
                   "each step, the batch's rows re-weighted to 0.1 + the average (alpha 0.9) of their own loss, with the "
                   "exact P_n. ring: biased hard negatives (Ring; top-k with --ring-lower 0): each image's negatives "
                   "uniform over the bank rows of score ranks [--ring-lower, --ring-upper) for it, weighed as uniform "
-                  "draws; needs --allow-biased-sampler except with --objective contrastive or triplet. --memory bank, "
-                  "one process, one view (dynamic also with --views 2: each image's loss averaged over the pairs)")
+                  "draws; needs --allow-biased-sampler except with --objective contrastive or triplet. --memory bank; "
+                  "with --views 2 each pair of views draws from its query view's q (cluster: view 0's clusters; "
+                  "ring: the pair's own bank; dynamic: each image's loss averaged over the pairs); --distributed "
+                  "with uniform and dynamic only")
       ->capture_default_str()
       ->check(one_of({"uniform", "cluster", "dynamic", "ring"}));
   cmd->add_option("--ring-lower", o->ring_lower,

@@ -5,7 +5,8 @@ the view graph scored) and membank.torch.MultiViewLoss, against references writt
     (engine.sample(ids, step)) and each pair's own Z (z_policy fixed; first_batch: each pair's Zhat of its
     first step, kept): loss, per-pair losses and dL/df^v within 1e-5, the banks' momentum refresh;
   * V = 2 against two single-view membank.Engine objects (bank 1 queried with view 0, bank 0 with view 1,
-    the same seed): loss, gradients, Z and banks within 1e-6 (bit for bit in fact);
+    the same seed): loss, gradients, Z and banks within 1e-6 (bit for bit in fact); with a cluster or
+    ring sampler too (each pair draws from its own query view's q), bit for bit;
   * banks= (arrays, Bank objects), per-view dtypes, evaluate / update / restore_state;
   * MultiViewLoss's gradients against torch autograd of a plain float64 torch CMC (through two encoders);
   * every refused argument, with its message, changing nothing.
@@ -242,6 +243,52 @@ class TestTwoEngines(unittest.TestCase):
                     self.assertAlmostEqual(mv.partitions[1], e10.log_z, delta=1e-6, msg=at)
                     self.assertAlmostEqual(stats.pairs[0].z, s01.z, delta=1e-6 * s01.z, msg=at)
                     self.assertAlmostEqual(stats.pairs[1].z, s10.z, delta=1e-6 * s10.z, msg=at)
+
+    def test_query_dependent_samplers_per_pair(self):
+        """A cluster sampler (fitted to view 0's bank) and a ring sampler: pair (0, 1) is an Engine over bank 1
+        queried with view 0 and pair (1, 0) one over bank 0 queried with view 1, each with the same sampler
+        state: the same draws (sample(ids, features=, pair=)), losses and gradients. refresh_sampler re-fits the
+        clusters to view 0's bank; sample() without the features is refused."""
+        for kind in ("cluster", "ring"):
+            def sampler():
+                if kind == "cluster":  # view 0's bank: Bank(N, D, seed=11)
+                    return mb.ClusterSampler(mb.Bank(N, D, seed=11), clusters=5, epsilon=0.2, beta=5.0, seed=3)
+                return mb.RingSampler(N, lower=1, upper=20)
+            opts = dict(k=K, tau=0.1, momentum=0.5, objective="infonce", seed=11,
+                        allow_biased_sampler=kind == "ring")
+            mv = mb.MultiViewEngine(N, D, 2, sampler=sampler(), **opts)
+            e01 = mb.Engine(mb.Bank(N, D, seed=12), sampler(), **opts)  # pair (0, 1): bank 1 = seed + 1
+            e10 = mb.Engine(mb.Bank(N, D, seed=11), sampler(), **opts)  # pair (1, 0): bank 0 = seed
+            rng = np.random.default_rng(6)
+            for step in range(3):
+                ids = rng.integers(0, N, B)
+                f0, f1 = batch(rng, mv, ids)
+                np.testing.assert_array_equal(mv.sample(ids, features=[f0, f1], pair=0), e01.sample(ids, features=f0))
+                np.testing.assert_array_equal(mv.sample(ids, features=[f0, f1], pair=1), e10.sample(ids, features=f1))
+                loss, (g0, g1), stats = mv.step([f0, f1], ids)
+                l01, h0, _ = e01.step(f0, ids, update=False)
+                l10, h1, _ = e10.step(f1, ids, update=False)
+                e01.update(f1, ids)
+                e10.update(f0, ids)
+                self.assertEqual(stats.pairs[0].loss, l01, kind)
+                self.assertEqual(stats.pairs[1].loss, l10, kind)
+                np.testing.assert_array_equal(g0, h0)
+                np.testing.assert_array_equal(g1, h1)
+            with self.assertRaisesRegex(mb.Error, "features"):
+                mv.sample(ids)
+            with self.assertRaisesRegex(mb.Error, "pair= together"):
+                mv.sample(ids, features=[f0, f1])
+            if kind == "cluster":
+                mv.refresh_sampler()
+                st = mv.sampler.cluster_state
+                self.assertEqual(st["refreshed_at"], 3)
+                dots = mv.bank(0).astype(np.float64) @ st["centroids"].astype(np.float64).T
+                self.assertTrue(np.all(dots[np.arange(N), st["assignment"]] >= dots.max(axis=1) - 1e-5))
+            else:
+                with self.assertRaisesRegex(mb.Error, "cluster sampler"):
+                    mv.refresh_sampler()
+        with self.assertRaisesRegex(mb.Error, "biased"):  # as Engine: the ring needs allow_biased_sampler
+            mb.MultiViewEngine(N, D, 2, sampler=mb.RingSampler(N, lower=1, upper=20), k=K)
 
 
 class TestStateAndArguments(unittest.TestCase):

@@ -271,7 +271,9 @@ class Engine {
   /// `partition` in place of the engine's: one pair of views of a MultiViewEngine.
   Computed compute_on(const Bank& bank, const Partition& partition, FeaturesRef features, IdsRef ids,
                       const RowMatrixi* negatives, GradRef grad, bool own_draws) const;
-  RowMatrixi sample_impl(IdsRef ids, std::int64_t step, const FeaturesRef* features) const;
+  /// sample() with the draws conditioned against `bank` (a query-dependent sampler that reads the
+  /// bank, RingSampler): the engine's own, or one pair's bank of a MultiViewEngine.
+  RowMatrixi sample_impl(const Bank& bank, IdsRef ids, std::int64_t step, const FeaturesRef* features) const;
   /// Error unless the engine holds labels where the objective or exclude_same_label needs them.
   void check_labels_present() const;
   /// compute(), then commit Z, the bank rows (if update) and the counter.

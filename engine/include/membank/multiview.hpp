@@ -24,7 +24,14 @@
 // Shared draws: every pair uses the same negatives (CMC samples its indices once for both
 // memories): they are exactly what Engine::sample(ids, step) draws at the
 // step counter (per-sample B x K or shared 1 x K, with exclude_positive / exclude_same_label as
-// configured), i.e. multiview.sample(ids, steps_done()). Each pair has its own Z state (Partition):
+// configured), i.e. multiview.sample(ids, steps_done()).
+// A query-dependent sampler is the exception: pair (a, b) draws from q(. | f^a_i) conditioned on its
+// own query view and bank, and weighs every draw with that q, so each pair's estimate is exact for
+// its own proposal (sample(ids, step, features, p) returns pair p's draws). A ClusterSampler's
+// clusters are those of view 0's bank (refreshed from it, by refresh_every or refresh_sampler()),
+// so pairs with the same query view draw the same negatives; a RingSampler ranks each pair's own
+// bank b, the hard negatives of that pair. Each pair (a, b) is then what a single-view Engine over
+// bank b, with the same sampler state, returns for view a's features. Each pair has its own Z state (Partition):
 // z_policy applies per pair (first_batch: the pair's own Zhat of its first step; ema: the pair's
 // own average; fixed: z_fixed for every pair).
 //
@@ -126,7 +133,18 @@ class MultiViewEngine {
 
   /// The negatives step() draws at step counter `step` for these ids (Engine::sample): B x K
   /// (per-sample) or 1 x K (shared). Identical for any thread count.
+  /// A query-dependent sampler (cluster, ring) draws per pair: Error here (use the overload below).
   RowMatrixi sample(IdsRef ids, std::int64_t step) const { return core_.sample(ids, step); }
+  /// The negatives pair p (an index of pairs()) draws at step counter `step` for these ids and the
+  /// step's V features: conditioned on features[pairs()[p].query] (and, for a RingSampler, on bank
+  /// pairs()[p].bank). A static sampler ignores the features: every pair gets sample(ids, step).
+  /// Throws Error for p out of range or features that step() would refuse.
+  RowMatrixi sample(IdsRef ids, std::int64_t step, std::span<const FeaturesRef> features, std::size_t p) const;
+
+  /// Re-fits a cluster sampler to view 0's bank as it is now (Engine::refresh_sampler); the engine
+  /// also refreshes by itself at the start of each step that is due (ClusterConfig::refresh_every).
+  /// Throws Error for any other sampler.
+  void refresh_sampler() { core_.refresh_sampler(); }
 
   index_t views() const { return static_cast<index_t>(others_.size()) + 1; }
   /// View v's bank; Error if v is outside [0, V).
