@@ -2445,6 +2445,9 @@ evaluate, sample, update, prefetch, bank (use local_bank or gather_bank).)doc")
         with_engine(pd, [&](DistributedEngine& e) { e.set_sampler_weights(y, w); });
       }, py::arg("ids"), py::arg("weights"),
       "Collective. Engine.set_sampler_weights with the same ids and weights on every rank (checked by a hash).")
+      .def("refresh_sampler", [](PyDistEngine& pd) { with_engine(pd, [](DistributedEngine& e) { e.refresh_sampler(); }); },
+           "Collective. Re-fit a ClusterSampler to the bank as it is now on every rank (replicated mode); Error for "
+           "other samplers.")
       .def_property_readonly("sampler", [](const PyDistEngine& pd) {
         return PySampler{std::shared_ptr<const NoiseSampler>(copy_sampler(pd.engine->sampler()))};
       })

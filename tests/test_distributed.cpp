@@ -9,10 +9,14 @@
 // {fp32, fp16, bf16} (the last two cycled with the objective), slices of uneven size, duplicate ids
 // within and across ranks, and a step with caller negatives.
 // `dynamic`: a dynamic sampler with caller-set weights before every step, and its refusals.
+// `query`: the query-dependent samplers (cluster, re-fitted on its schedule; ring) in replicated mode,
+// the same checks, and sharded mode's refusal.
 // `failure`: a rank's bad input gives every rank the same error, naming that rank, and changes nothing.
 // A check never throws and never stops a rank early: every rank enters every collective.
+#include <membank/cluster_sampler.hpp>
 #include <membank/distributed.hpp>
 #include <membank/error.hpp>
+#include <membank/ring_sampler.hpp>
 
 #include "mpi_check.hpp"
 
@@ -43,8 +47,22 @@ double rel_diff(const RowMatrixf& a, const RowMatrixf& b) {
   return den == 0.0 ? num : num / den;
 }
 
-std::unique_ptr<NoiseSampler> make_sampler(SamplerKind kind, index_t n) {
+/// kN x kDim rows seeded 5 (the banks of run_case): what a cluster sampler is fitted to.
+Bank case_bank(DType dtype);
+
+std::unique_ptr<NoiseSampler> make_sampler(SamplerKind kind, index_t n, DType dtype = DType::float32) {
   if (kind == SamplerKind::uniform) return std::make_unique<UniformSampler>(n);
+  if (kind == SamplerKind::ring) return std::make_unique<RingSampler>(n, RingConfig{1, 30});
+  if (kind == SamplerKind::cluster) {  // re-fitted at the start of step 2 (run_case runs 4)
+    ClusterConfig cc;
+    cc.clusters = 7;
+    cc.beta = 5.0;
+    cc.epsilon = 0.2;
+    cc.refresh_every = 2;
+    cc.iterations = 2;
+    cc.seed = 9;
+    return std::make_unique<ClusterSampler>(case_bank(dtype).view(), cc);
+  }
   std::vector<double> w(static_cast<std::size_t>(n));
   for (index_t j = 0; j < n; ++j) w[static_cast<std::size_t>(j)] = 1.0 + static_cast<double>((j * 7) % 11);
   if (kind == SamplerKind::dynamic) return std::make_unique<DynamicSampler>(w);
@@ -90,6 +108,8 @@ struct Case {
 
 constexpr index_t kN = 97, kDim = 24, kK = 16;
 
+Bank case_bank(DType dtype) { return Bank(kN, kDim, 5, dtype); }
+
 EngineConfig config_of(const Case& c) {
   EngineConfig cfg;
   cfg.k = kK;
@@ -104,6 +124,7 @@ EngineConfig config_of(const Case& c) {
   cfg.exclude_same_label = c.exclude_same_label;
   cfg.normalize_features = c.normalize;
   cfg.rounding = c.rounding;
+  cfg.allow_biased_sampler = c.sampler == SamplerKind::ring;
   return cfg;
 }
 
@@ -141,8 +162,8 @@ void run_case(const Case& c) {
   const std::string name = c.name();
   const EngineConfig cfg = config_of(c);
   const bool labels = needs_labels(c.objective) || c.exclude_same_label;
-  Engine ref(Bank(kN, kDim, 5, c.dtype), make_sampler(c.sampler, kN), cfg, labels ? labels_of(kN) : std::vector<std::int64_t>{});
-  DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, c.mode, kN, kDim, 5, c.dtype, make_sampler(c.sampler, kN),
+  Engine ref(case_bank(c.dtype), make_sampler(c.sampler, kN, c.dtype), cfg, labels ? labels_of(kN) : std::vector<std::int64_t>{});
+  DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, c.mode, kN, kDim, 5, c.dtype, make_sampler(c.sampler, kN, c.dtype),
                                                      cfg, labels ? labels_of(kN) : std::vector<std::int64_t>{});
   const RowRange held = dist.rows();
   for (int step = 0; step < 4; ++step) {
@@ -168,7 +189,7 @@ void run_case(const Case& c) {
     StepStats s_ref, s;
     const bool given = step == 2 && c.objective != Objective::full_softmax;  // caller negatives
     if (given) {
-      const RowMatrixi neg = ref.sample(ids, ref.steps_done());
+      const RowMatrixi neg = ref.sample(ids, ref.steps_done(), f);  // (a static sampler ignores f)
       s_ref = ref.step_with_negatives(f, ids, neg, g_ref);
       const RowMatrixi neg_mine = c.negatives == NegativesMode::shared ? neg : RowMatrixi(neg.middleRows(first, mine));
       s = dist.step_with_negatives(f_mine, ids_mine, neg_mine, g);
@@ -258,6 +279,93 @@ void steps() {
       }
     }
   if (g_rank == 0) std::cout << fmt::format("steps: {} configurations at np = {}\n", cases, g_ranks);
+}
+
+/// The query-dependent samplers in replicated mode: every rank conditions on the whole global batch
+/// (and re-fits the clusters of its copy on the schedule), so each step is the single-process one;
+/// sharded mode refuses them with one Error on every rank.
+void query() {
+  int cases = 0;
+  for (const SamplerKind sampler : {SamplerKind::cluster, SamplerKind::ring})
+    for (const Objective objective : {Objective::nce, Objective::info_nce, Objective::dhel, Objective::supcon,
+                                      Objective::triplet})
+      for (const NegativesMode neg : {NegativesMode::per_sample, NegativesMode::shared}) {
+        Case c{objective, Distributed::replicated, neg, sampler, cases % 3 == 1 ? DType::bfloat16 : DType::float32,
+               cases % 2 == 0};
+        // the cluster sampler's exclude_same_label: each query's label mass under its own q
+        c.exclude_same_label = sampler == SamplerKind::cluster && objective == Objective::supcon;
+        if (c.exclude_same_label) c.exclude_positive = false;
+        try {
+          run_case(c);
+        } catch (const std::exception& e) {
+          check(false, fmt::format("{}: threw {}", c.name(), e.what()));
+        }
+        ++cases;
+      }
+  // The clusters re-fitted on demand, the same on every rank; a ring has none to re-fit.
+  {
+    const Case c{Objective::nce, Distributed::replicated, NegativesMode::per_sample, SamplerKind::cluster,
+                 DType::float32, false};
+    Engine ref(case_bank(DType::float32), make_sampler(SamplerKind::cluster, kN), config_of(c));
+    DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, Distributed::replicated, kN, kDim, 5,
+                                                       DType::float32, make_sampler(SamplerKind::cluster, kN),
+                                                       config_of(c));
+    std::vector<index_t> ids, offset;
+    RowMatrixf f;
+    global_batch(0, ids, f, offset);
+    const index_t first = offset[static_cast<std::size_t>(g_rank)], mine = slice_size(g_rank);
+    RowMatrixf g_ref(f.rows(), kDim), g(mine, kDim);
+    ref.step(f, ids, g_ref);
+    dist.step(f.middleRows(first, mine), std::vector<index_t>(ids.begin() + first, ids.begin() + first + mine), g);
+    ref.refresh_sampler();
+    dist.refresh_sampler();
+    const auto& a = dynamic_cast<const ClusterSampler&>(ref.sampler());
+    const auto& b = dynamic_cast<const ClusterSampler&>(dist.sampler());
+    check(same_bits(a.centroids(), b.centroids()) && a.assignment() == b.assignment() &&
+              a.refreshed_at() == b.refreshed_at() && b.refreshed_at() == 1,
+          "refresh_sampler: the re-fitted clusters differ from the single-process engine's");
+  }
+  {
+    const Case c{Objective::nce, Distributed::replicated, NegativesMode::per_sample, SamplerKind::ring,
+                 DType::float32, false};
+    DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, Distributed::replicated, kN, kDim, 5,
+                                                       DType::float32, make_sampler(SamplerKind::ring, kN),
+                                                       config_of(c));
+    std::string msg;
+    try {
+      dist.refresh_sampler();
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    check(msg.find("expected a cluster sampler") != std::string::npos,
+          fmt::format("refresh_sampler with a ring sampler: got '{}'", msg));
+  }
+  for (const SamplerKind sampler : {SamplerKind::cluster, SamplerKind::ring}) {
+    const Case c{Objective::info_nce, Distributed::sharded, NegativesMode::per_sample, sampler, DType::float32, false};
+    std::string msg;
+    try {
+      DistributedEngine::seeded(MPI_COMM_WORLD, Distributed::sharded, kN, kDim, 5, DType::float32,
+                                make_sampler(sampler, kN), config_of(c));
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    check(msg.find("sharded DistributedEngine: not supported yet") != std::string::npos,
+          fmt::format("{} sampler, sharded: expected the refusal, got '{}'", to_string(sampler), msg));
+  }
+  {  // a biased sampler still needs allow_biased_sampler (as Engine)
+    Case c{Objective::nce, Distributed::replicated, NegativesMode::per_sample, SamplerKind::ring, DType::float32, false};
+    EngineConfig cfg = config_of(c);
+    cfg.allow_biased_sampler = false;
+    std::string msg;
+    try {
+      DistributedEngine::seeded(MPI_COMM_WORLD, Distributed::replicated, kN, kDim, 5, DType::float32,
+                                make_sampler(SamplerKind::ring, kN), cfg);
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    check(msg.find("biased") != std::string::npos, fmt::format("ring without allow_biased_sampler: got '{}'", msg));
+  }
+  if (g_rank == 0) std::cout << fmt::format("query: {} configurations at np = {}\n", cases, g_ranks);
 }
 
 /// Every rank gets the same error, naming the rank whose input was bad; nothing changes.
@@ -461,5 +569,6 @@ int main(int argc, char** argv) {
   if (what == "failure" || what == "all") failure();
   if (what == "wire" || what == "all") wire();
   if (what == "dynamic" || what == "all") dynamic();
+  if (what == "query" || what == "all") query();
   return finish(what);
 }

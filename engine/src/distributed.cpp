@@ -11,7 +11,9 @@
 // The objectives run through the kernels' shared-negatives entry (kernels::Table::shared_query): a
 // query's scores in, its coefficients out, whatever the objective.
 #include <membank/distributed.hpp>
+#include <membank/cluster_sampler.hpp>
 #include <membank/error.hpp>
+#include <membank/ring_sampler.hpp>
 
 #include "detail/check.hpp"
 #include "detail/features.hpp"
@@ -84,6 +86,13 @@ std::uint64_t fingerprint(const NoiseSampler& s) {
     const DynamicSampler::Params& p = dynamic->params();
     f << static_cast<int>(p.drive) << p.alpha << p.floor;
     f.bytes(dynamic->ema().data(), dynamic->ema().size() * sizeof(double));
+  } else if (const auto* cluster = dynamic_cast<const ClusterSampler*>(&s)) {  // its whole state
+    const ClusterConfig& c = cluster->config();
+    f << c.clusters << c.epsilon << c.beta << c.refresh_every << c.iterations << c.seed << cluster->refreshed_at();
+    f.bytes(cluster->centroids().data(), static_cast<std::size_t>(cluster->centroids().size()) * sizeof(float));
+    f.bytes(cluster->assignment().data(), cluster->assignment().size() * sizeof(std::int32_t));
+  } else if (const auto* ring = dynamic_cast<const RingSampler*>(&s)) {
+    f << ring->config().lower << ring->config().upper;
   } else if (s.kind() != SamplerKind::uniform) {
     const std::vector<double> p = s.probs();
     f.bytes(p.data(), p.size() * sizeof(double));
@@ -217,8 +226,14 @@ DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local
                     "of N = {})", bank_.size(), held_.size(), to_string(mode_), held_.begin, held_.end, n_);
       MEMBANK_CHECK(sampler_ != nullptr, "sampler is null: expected a NoiseSampler over the N = {} rows", n_);
       MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
-      MEMBANK_CHECK(!sampler_->query_dependent(), "the {} sampler with a DistributedEngine: not supported yet (its "
-                    "clusters span every rank's rows); use uniform or alias", to_string(sampler_->kind()));
+      MEMBANK_CHECK(!sampler_->query_dependent() || mode_ == Distributed::replicated, "the {} sampler with a "
+                    "sharded DistributedEngine: not supported yet (its {} would span every rank's rows); use "
+                    "replicated mode, or uniform, alias or dynamic", to_string(sampler_->kind()),
+                    sampler_->kind() == SamplerKind::cluster ? "k-means" : "ranking of the bank");
+      Engine::check_sampler(*sampler_, config_);  // biased samplers, exclude_same_label
+      if (const auto* cs = dynamic_cast<const ClusterSampler*>(sampler_.get()))
+        MEMBANK_CHECK(cs->centroids().cols() == bank_.dim(), "the cluster sampler's centroids have D = {}: expected "
+                      "the bank's D = {}", cs->centroids().cols(), bank_.dim());
       // The loss_ema drive: every rank gathers the global batch's per-query losses after each step
       // and re-weights the same rows the same way. The full softmax has no per-query sampled losses.
       const auto* dynamic = dynamic_cast<const DynamicSampler*>(sampler_.get());
@@ -377,6 +392,18 @@ void DistributedEngine::set_sampler_weights(std::span<const index_t> ids, std::s
   });
 }
 
+void DistributedEngine::refresh_sampler() {
+  const Group g{comm_, rank_, ranks_, &wire_};
+  // Every rank holds the whole bank (replicated: the only mode that takes a cluster sampler) and
+  // re-fits the same way: the states stay identical without a message.
+  g.check([&] {
+    auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get());
+    MEMBANK_CHECK(cs != nullptr, "refresh_sampler: the engine's {} sampler has no clusters to refresh: expected a "
+                  "cluster sampler", to_string(sampler_->kind()));
+    cs->refresh(bank_.view(), step_);
+  });
+}
+
 void DistributedEngine::restore_state(const Partition& partition, std::int64_t step) {
   const Group g{comm_, rank_, ranks_, &wire_};
   g.check([&] { detail::check_restored_state(config_, partition_, partition, step); });
@@ -515,6 +542,28 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
   const index_t first = gb.offset[static_cast<std::size_t>(rank_)];
   const index_t k = k_mine;
 
+  // A query-dependent sampler (replicated mode): a cluster sampler due a refresh re-fits first, as
+  // Engine::run does, then every rank conditions it on the whole global batch -- the single-process
+  // engine's conditioning of the same unit features, so query i's q(. | f_i) is the same bit for bit
+  // -- and uses the rows of its own queries (row `total`: the batch mean, for shared negatives).
+  std::unique_ptr<Conditioned> conditioned;
+  std::vector<double> query_class_mass;
+  if (sampler_->query_dependent() && !full) {
+    g.check([&] {
+      if (auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get()); cs && cs->due(step_)) cs->refresh(bank_.view(), step_);
+      conditioned = sampler_->condition(bank_.view(), gb.f.data(), dim, total, dim);
+      if (!config_.exclude_same_label || shared) return;
+      std::vector<std::int32_t> query_classes(static_cast<std::size_t>(total));
+      for (std::size_t i = 0; i < query_classes.size(); ++i) query_classes[i] = classes_[static_cast<std::size_t>(gb.ids[i])];
+      query_class_mass.resize(query_classes.size());
+      sampler_->class_mass_given(*conditioned, classes_.data(), static_cast<index_t>(class_mass_.size()), query_classes,
+                                 query_class_mass);
+    }, &wire_.seconds_draws);
+  }
+  // Global query i's distribution (row `total`: the batch mean), or P_n.
+  const auto query_ref = [&](index_t i) { return conditioned ? QueryRef{conditioned.get(), i} : QueryRef{}; };
+  const bool biased = sampler_->biased();  // its draws and positives weigh as uniform ones (lw = 0)
+
   Sums mine;
   Partition next;  // the Z state after the step (initialised = false: no change)
   // A loss-driven dynamic sampler: this rank's queries' losses, gathered in global order after the step.
@@ -611,9 +660,12 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     // ---- replicated, per-sample negatives: the single-process engine's fused kernel (one pass over the
     // rows) over this rank's queries, their draws keyed by their global rows, 1 / B of the global batch.
     const bool nce = config_.objective == Objective::nce;
-    const detail::KernelContext cx{view, sampler_.get(), &config_, classes_.empty() ? nullptr : classes_.data(),
-                                   classes_.empty() ? kernels::ClassTable{} : kernels::ClassTable{classes_.data(), 4},
-                                   class_mass_.empty() ? nullptr : class_mass_.data(), k};
+    detail::KernelContext cx{view, sampler_.get(), &config_, classes_.empty() ? nullptr : classes_.data(),
+                             classes_.empty() ? kernels::ClassTable{} : kernels::ClassTable{classes_.data(), 4},
+                             class_mass_.empty() ? nullptr : class_mass_.data(), k};
+    cx.conditioned = conditioned.get();  // (the global batch's: this rank's queries from row `first`)
+    cx.query_class_mass = query_class_mass.empty() ? nullptr : query_class_mass.data();
+    cx.query_row0 = first;
     RowMatrixf gk(batch, dim);
     const detail::StepInput in{gb.f.row(first).data(), dim,  std::span<const index_t>(gb.ids).subspan(static_cast<std::size_t>(first), static_cast<std::size_t>(batch)),
                                negatives ? &neg_local : nullptr, step_, gk.data(), dim, first, total};
@@ -668,17 +720,19 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     // engine's own (keyed by the global row i), or the caller's.
     const auto draw_query = [&](index_t i, index_t* out, float* lw, std::vector<float>& log_pn) {
       const index_t y = gb.ids[static_cast<std::size_t>(i)];
-      const detail::QueryExclusion e = detail::exclusion_of(cx, y);
+      const detail::QueryExclusion e = detail::exclusion_of(cx, y, query_ref(i));
       const std::span<index_t> ids_out(out, static_cast<std::size_t>(k));
       if (negatives) {
         const index_t* src = sharded ? neg_all.row(i).data() : neg_local.row(i - first).data();
         std::copy_n(src, k, out);
-        sampler_->lookup(ids_out, log_pn);
+        sampler_->lookup_for(query_ref(i), ids_out, log_pn);
       } else {
-        sampler_->draw({config_.seed, step_, static_cast<std::uint32_t>(i), detail::purpose_negatives}, e.exclusion,
-                       ids_out, log_pn);
+        DrawCursor cursor{{config_.seed, step_, static_cast<std::uint32_t>(i), detail::purpose_negatives}, e.exclusion, k};
+        cursor.query = query_ref(i);
+        sampler_->draw_next(cursor, ids_out, log_pn);
       }
-      for (index_t j = 0; j < k; ++j) lw[j] = static_cast<float>(e.log_kept - log_n - log_pn[static_cast<std::size_t>(j)]);
+      for (index_t j = 0; j < k; ++j)
+        lw[j] = biased ? 0.0f : static_cast<float>(e.log_kept - log_n - log_pn[static_cast<std::size_t>(j)]);
     };
     // Sharded: the draws this rank owns, per global query, as CSR lists (local ids; values: their
     // scores, later their coefficients). Built from blocks of queries drawn at a time, so that only
@@ -693,7 +747,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
       if (shared)
         detail::shared_draws(*sampler_, config_, gb.ids, step_, negatives ? neg_local.data() : nullptr,
                              std::span<index_t>(dr.ids.data(), static_cast<std::size_t>(k)),
-                             std::span<float>(dr.lw.data(), static_cast<std::size_t>(k)));
+                             std::span<float>(dr.lw.data(), static_cast<std::size_t>(k)), query_ref(total));
       if (!sharded) {
         if (shared) return;
         detail::ExceptionCapture errors;
@@ -891,7 +945,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
             q.k = k;
             q.y = y;
             q.s_pos = s_pos[static_cast<std::size_t>(b)];
-            q.lw_pos = -log_n - std::log(sampler_->prob(y));
+            q.lw_pos = biased ? 0.0 : -log_n - std::log(sampler_->prob_for(y, query_ref(shared ? total : i)));
             q.coef_scale = 1.0 / static_cast<double>(total);
             q.rescale = rescale.data();
             q.scratch = {acc2.data(), w.data(), d.data(), iscratch.data()};

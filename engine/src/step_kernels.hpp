@@ -55,8 +55,11 @@ struct KernelContext {
   const Conditioned* conditioned = nullptr;
   /// exclude_same_label under q: query i's label mass under q(. | f_i) (per-sample negatives), or null.
   const double* query_class_mass = nullptr;
+  /// The conditioned row (and query_class_mass entry) of query 0: a rank's slice of a global batch
+  /// conditioned whole (DistributedEngine); 0 otherwise.
+  index_t query_row0 = 0;
   /// Query i's distribution: q(. | f_i), or P_n.
-  QueryRef query(index_t i) const { return {conditioned, conditioned ? i : 0}; }
+  QueryRef query(index_t i) const { return {conditioned, conditioned ? i + query_row0 : 0}; }
 };
 
 /// The objective's parameters for this step (nce's log Z filled in by the caller).

@@ -365,13 +365,19 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   if (distributed) {
     const Distributed mode = distributed_from_string(where.mode);
     collective([&] {  // (every rank raises the same errors here)
-      // uniform or dynamic (every rank re-weights the global batch's rows from the gathered losses)
-      std::unique_ptr<NoiseSampler> sampler = make_sampler(o, n, BankView{});
+      // dynamic: every rank re-weights the global batch's rows from the gathered losses; cluster
+      // (replicated only): every rank fits the same clusters to its whole copy of the bank.
       if (o.bank_init == "encoder") {
         const RowRange held = mode == Distributed::replicated ? RowRange{0, n} : shard_rows(n, where.ranks, where.rank);
-        dist.emplace(MPI_COMM_WORLD, mode, Bank::from_rows(start.middleRows(held.begin, held.size()), dtype), n,
-                     std::move(sampler), cfg, std::move(labels));
+        Bank local = Bank::from_rows(start.middleRows(held.begin, held.size()), dtype);
+        std::unique_ptr<NoiseSampler> sampler = make_sampler(o, n, local.view());
+        dist.emplace(MPI_COMM_WORLD, mode, std::move(local), n, std::move(sampler), cfg, std::move(labels));
       } else {
+        // (the seeded replicated bank, made here too only for a cluster sampler to be fitted to)
+        std::optional<Bank> fit;
+        if (o.sampler == "cluster") fit.emplace(n, o.dim, o.seed, dtype);
+        std::unique_ptr<NoiseSampler> sampler = make_sampler(o, n, fit ? fit->view() : BankView{});
+        fit.reset();
         dist.emplace(DistributedEngine::seeded(MPI_COMM_WORLD, mode, n, o.dim, o.seed, dtype, std::move(sampler), cfg,
                                                std::move(labels)));
       }
@@ -886,9 +892,9 @@ void check_memory_options(TrainOptions& o, const Given& given) {
   if (o.sampler != "uniform") {
     MEMBANK_CHECK(o.has_bank(), "--sampler {} with --memory {}: does not apply (the sampler draws a bank's rows); "
                   "expected --memory bank", o.sampler, o.memory);
-    MEMBANK_CHECK(o.sampler == "dynamic" || o.distributed.empty(), "--sampler {} with --distributed: not supported "
-                  "yet (it conditions the draws on the queries of one process); --sampler dynamic takes --distributed",
-                  o.sampler);
+    MEMBANK_CHECK(o.sampler == "dynamic" || o.distributed != "sharded", "--sampler {} with --distributed sharded: "
+                  "not supported yet (its {} would span every rank's rows); use --distributed replicated", o.sampler,
+                  o.sampler == "cluster" ? "k-means" : "ranking of the bank");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
     MEMBANK_CHECK(!o.exclude_same_label || o.sampler != "ring", "--sampler {} with --exclude-same-label: not "
@@ -1099,7 +1105,7 @@ void add_train(CLI::App& app) {
                   "draws; needs --allow-biased-sampler except with --objective contrastive or triplet. --memory bank; "
                   "with --views 2 each pair of views draws from its query view's q (cluster: view 0's clusters; "
                   "ring: the pair's own bank; dynamic: each image's loss averaged over the pairs); --distributed "
-                  "with uniform and dynamic only")
+                  "sharded with uniform and dynamic only, replicated with every sampler")
       ->capture_default_str()
       ->check(one_of({"uniform", "cluster", "dynamic", "ring"}));
   cmd->add_option("--ring-lower", o->ring_lower,

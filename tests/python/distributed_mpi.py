@@ -7,6 +7,7 @@ distributed result against it:
     bank identical to the reference's after every step (gathered on rank 0, and each rank's own rows),
     in both modes, over objectives, samplers, storage types, negatives modes, uneven slices and ids
     that repeat within and across ranks, with drawn and with caller negatives;
+  * the query-dependent samplers (cluster, ring) in replicated mode, and sharded mode's refusal;
   * DistributedEngine.seeded holds the rows of Bank(n, dim, seed, dtype), each rank only its own;
   * an argument refused on one rank raises on every rank (naming that rank), changes nothing, and the
     next step still agrees with the reference: no rank is left waiting;
@@ -125,6 +126,44 @@ def test_steps_equal_single_process():
                     check(eng.gather_last_update(0) is None, f"{at}: gather_last_update off root")
                 wire = eng.last_wire
                 check(wire["collectives"] > 0 and (wire["bytes_sent"] > 0) == (R > 1), f"{at}: last_wire {wire}")
+
+
+def test_query_dependent_samplers():
+    """Replicated mode with a ClusterSampler (re-fitted at step 2, and by refresh_sampler) and a RingSampler:
+    loss and this rank's dL/df rows against the single-process Engine, the clusters identical; sharded mode
+    refuses them on every rank."""
+    b = 2 * R + 3
+    mine = slices(b, R)[RANK]
+    for kind in ("cluster", "ring"):
+        def sampler():
+            if kind == "cluster":
+                return mb.ClusterSampler(mb.Bank(N, DIM, seed=3), clusters=5, epsilon=0.2, beta=5.0, refresh_every=2,
+                                         seed=1)
+            return mb.RingSampler(N, lower=1, upper=20)
+        opts = dict(k=K, tau=0.1, momentum=0.5, seed=11, objective="infonce", allow_biased_sampler=kind == "ring")
+        ref = mb.Engine(mb.Bank(N, DIM, seed=3), sampler(), **opts)
+        eng = mb.Engine(mb.Bank(N, DIM, seed=3), sampler(), comm=comm, distributed="replicated", **opts)
+        rng = np.random.default_rng(7)
+        for step in range(4):
+            f = unit_rows(rng, b, DIM)
+            ids = rng.integers(0, N, b)
+            lr, gr, _ = ref.step(f, ids)
+            ld, gd, _ = eng.step(np.ascontiguousarray(f[mine]), ids[mine].copy())
+            at = f"{kind} step {step}"
+            check(abs(ld - lr) <= 1e-6 * abs(lr), f"{at}: loss {ld} != {lr}")
+            check(rel(gd, gr[mine]) <= 1e-6, f"{at}: dL/df rows differ by {rel(gd, gr[mine])}")
+            check(np.array_equal(eng.local_bank.to_float32(), ref.bank.to_float32()), f"{at}: the bank")
+        if kind == "cluster":
+            ref.refresh_sampler()
+            eng.refresh_sampler()
+            a, d = ref.sampler.cluster_state, eng.sampler.cluster_state
+            check(a["refreshed_at"] == d["refreshed_at"] == 4 and np.array_equal(a["assignment"], d["assignment"])
+                  and np.array_equal(a["centroids"], d["centroids"]), f"{kind}: refresh_sampler")
+        try:
+            mb.Engine(mb.Bank(N, DIM, seed=3), sampler(), comm=comm, distributed="sharded", **opts)
+            check(False, f"{kind}: sharded mode accepted a query-dependent sampler")
+        except mb.Error as e:
+            check("sharded DistributedEngine: not supported yet" in str(e), f"{kind}: sharded refusal: {e}")
 
 
 def test_seeded_and_bank_handover():
@@ -280,8 +319,8 @@ def test_torch_ddp_gradient():
 
 
 def main():
-    for t in (test_steps_equal_single_process, test_seeded_and_bank_handover, test_refused_argument_raises_everywhere,
-              test_torch_ddp_gradient):
+    for t in (test_steps_equal_single_process, test_query_dependent_samplers, test_seeded_and_bank_handover,
+              test_refused_argument_raises_everywhere, test_torch_ddp_gradient):
         t()
         comm.Barrier()
         if RANK == 0:

@@ -23,7 +23,10 @@
 //
 // Every objective, sampler (uniform: draws independent of R; alias: the table is replicated on every
 // rank, 40 bytes per row; dynamic: replicated too, its weights changed only by set_sampler_weights),
-// storage type and negatives mode works in both modes. Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
+// storage type and negatives mode works in both modes. The query-dependent samplers (cluster, ring)
+// work in replicated mode: every rank re-fits the clusters of its whole copy on the schedule and
+// conditions the sampler on the whole global batch (O(B) a rank, not O(B / R)), so the draws and
+// weights are the single-process engine's; sharded mode refuses them (not supported yet). Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
 // every rank returns the same StepStats, bit for bit.
 //
 // Errors: a rank whose input is refused (the single-process checks, plus a slice of the batch that
@@ -104,9 +107,12 @@ class DistributedEngine {
   void set_labels(std::span<const std::int64_t> labels);
   /// Collective. Engine::set_sampler_weights with the same ids and weights on every rank (checked by a
   /// hash of the update: an Error on every rank names the first rank that differs, nothing changed).
-  /// A dynamic sampler's loss_ema drive is refused at construction: the engine does not re-weight
-  /// rows itself in distributed mode.
+  /// With the loss_ema drive the engine also re-weights the global batch's rows itself after each
+  /// step, the same way on every rank (from the gathered per-query losses).
   void set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights);
+  /// Collective. Engine::refresh_sampler: every rank re-fits its cluster sampler to its whole bank
+  /// (replicated mode), the same way. Error on every rank for any other sampler.
+  void refresh_sampler();
   /// Collective. Engine::restore_state (the same values on every rank).
   void restore_state(const Partition& partition, std::int64_t step);
 
