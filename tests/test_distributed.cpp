@@ -9,8 +9,8 @@
 // {fp32, fp16, bf16} (the last two cycled with the objective), slices of uneven size, duplicate ids
 // within and across ranks, and a step with caller negatives.
 // `dynamic`: a dynamic sampler with caller-set weights before every step, and its refusals.
-// `query`: the query-dependent samplers (cluster, re-fitted on its schedule; ring) in replicated mode,
-// the same checks, and sharded mode's refusal.
+// `query`: the query-dependent samplers (cluster, re-fitted on its schedule, in both modes; ring in
+// replicated mode), the same checks, and sharded mode's refusal of the ring.
 // `failure`: a rank's bad input gives every rank the same error, naming that rank, and changes nothing.
 // A check never throws and never stops a rank early: every rank enters every collective.
 #include <membank/cluster_sampler.hpp>
@@ -281,17 +281,18 @@ void steps() {
   if (g_rank == 0) std::cout << fmt::format("steps: {} configurations at np = {}\n", cases, g_ranks);
 }
 
-/// The query-dependent samplers in replicated mode: every rank conditions on the whole global batch
-/// (and re-fits the clusters of its copy on the schedule), so each step is the single-process one;
-/// sharded mode refuses them with one Error on every rank.
+/// The query-dependent samplers: every rank conditions on the whole global batch and the clusters
+/// are re-fitted on the schedule (sharded: k-means over the shards), so each step is the
+/// single-process one; sharded mode refuses the ring with one Error on every rank.
 void query() {
   int cases = 0;
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded})
   for (const SamplerKind sampler : {SamplerKind::cluster, SamplerKind::ring})
     for (const Objective objective : {Objective::nce, Objective::info_nce, Objective::dhel, Objective::supcon,
                                       Objective::triplet})
       for (const NegativesMode neg : {NegativesMode::per_sample, NegativesMode::shared}) {
-        Case c{objective, Distributed::replicated, neg, sampler, cases % 3 == 1 ? DType::bfloat16 : DType::float32,
-               cases % 2 == 0};
+        if (mode == Distributed::sharded && sampler == SamplerKind::ring) continue;  // (refused below)
+        Case c{objective, mode, neg, sampler, cases % 3 == 1 ? DType::bfloat16 : DType::float32, cases % 2 == 0};
         // the cluster sampler's exclude_same_label: each query's label mass under its own q
         c.exclude_same_label = sampler == SamplerKind::cluster && objective == Objective::supcon;
         if (c.exclude_same_label) c.exclude_positive = false;
@@ -302,14 +303,13 @@ void query() {
         }
         ++cases;
       }
-  // The clusters re-fitted on demand, the same on every rank; a ring has none to re-fit.
-  {
-    const Case c{Objective::nce, Distributed::replicated, NegativesMode::per_sample, SamplerKind::cluster,
-                 DType::float32, false};
+  // The clusters re-fitted on demand: the single-process re-fit on every rank, in both modes (sharded:
+  // k-means over the shards); a ring has none to re-fit.
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded}) {
+    const Case c{Objective::nce, mode, NegativesMode::per_sample, SamplerKind::cluster, DType::float32, false};
     Engine ref(case_bank(DType::float32), make_sampler(SamplerKind::cluster, kN), config_of(c));
-    DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, Distributed::replicated, kN, kDim, 5,
-                                                       DType::float32, make_sampler(SamplerKind::cluster, kN),
-                                                       config_of(c));
+    DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, mode, kN, kDim, 5, DType::float32,
+                                                       make_sampler(SamplerKind::cluster, kN), config_of(c));
     std::vector<index_t> ids, offset;
     RowMatrixf f;
     global_batch(0, ids, f, offset);
@@ -323,7 +323,8 @@ void query() {
     const auto& b = dynamic_cast<const ClusterSampler&>(dist.sampler());
     check(same_bits(a.centroids(), b.centroids()) && a.assignment() == b.assignment() &&
               a.refreshed_at() == b.refreshed_at() && b.refreshed_at() == 1,
-          "refresh_sampler: the re-fitted clusters differ from the single-process engine's");
+          fmt::format("refresh_sampler ({}): the re-fitted clusters differ from the single-process engine's",
+                      to_string(mode)));
   }
   {
     const Case c{Objective::nce, Distributed::replicated, NegativesMode::per_sample, SamplerKind::ring,
@@ -340,17 +341,18 @@ void query() {
     check(msg.find("expected a cluster sampler") != std::string::npos,
           fmt::format("refresh_sampler with a ring sampler: got '{}'", msg));
   }
-  for (const SamplerKind sampler : {SamplerKind::cluster, SamplerKind::ring}) {
-    const Case c{Objective::info_nce, Distributed::sharded, NegativesMode::per_sample, sampler, DType::float32, false};
+  {
+    const Case c{Objective::info_nce, Distributed::sharded, NegativesMode::per_sample, SamplerKind::ring,
+                 DType::float32, false};
     std::string msg;
     try {
       DistributedEngine::seeded(MPI_COMM_WORLD, Distributed::sharded, kN, kDim, 5, DType::float32,
-                                make_sampler(sampler, kN), config_of(c));
+                                make_sampler(SamplerKind::ring, kN), config_of(c));
     } catch (const Error& e) {
       msg = e.what();
     }
     check(msg.find("sharded DistributedEngine: not supported yet") != std::string::npos,
-          fmt::format("{} sampler, sharded: expected the refusal, got '{}'", to_string(sampler), msg));
+          fmt::format("ring sampler, sharded: expected the refusal, got '{}'", msg));
   }
   {  // a biased sampler still needs allow_biased_sampler (as Engine)
     Case c{Objective::nce, Distributed::replicated, NegativesMode::per_sample, SamplerKind::ring, DType::float32, false};

@@ -6,6 +6,7 @@
 
 #include "detail/check.hpp"
 #include "detail/draw_checks.hpp"
+#include "detail/kmeans.hpp"
 #include "detail/parallel.hpp"
 #include "detail/philox.hpp"
 #include "detail/prefetch.hpp"
@@ -39,8 +40,49 @@ double uniform53(std::uint32_t hi, std::uint32_t lo) {
   return static_cast<double>(detail::join64(hi, lo) >> 11) * 0x1.0p-53;
 }
 
-/// Each row's nearest centroid by dot product (ties: the lowest index), rows in fixed tiles.
-void assign_rows(const BankView& bank, const RowMatrixf& centroids, std::vector<std::int32_t>& out) {
+/// Rows sorted by cluster (ascending within), with each cluster's first position and size.
+void sort_members(const std::int32_t* assignment, index_t n, index_t c, std::vector<index_t>& sizes,
+                  std::vector<index_t>& offsets, std::vector<std::uint32_t>& members) {
+  sizes.assign(static_cast<std::size_t>(c), 0);
+  for (index_t j = 0; j < n; ++j) ++sizes[static_cast<std::size_t>(assignment[j])];
+  offsets.assign(static_cast<std::size_t>(c) + 1, 0);
+  for (index_t k = 0; k < c; ++k)
+    offsets[static_cast<std::size_t>(k) + 1] = offsets[static_cast<std::size_t>(k)] + sizes[static_cast<std::size_t>(k)];
+  members.resize(static_cast<std::size_t>(n));
+  std::vector<index_t> next(offsets.begin(), offsets.end() - 1);
+  for (index_t j = 0; j < n; ++j)
+    members[static_cast<std::size_t>(next[static_cast<std::size_t>(assignment[j])]++)] = static_cast<std::uint32_t>(j);
+}
+
+/// The first fit's centroids: the rows kmeans_initial_rows picks, normalised.
+RowMatrixf initial_centroids(const BankView& bank, index_t c, std::uint64_t seed) {
+  const std::vector<std::uint32_t> rows = detail::kmeans_initial_rows(bank.rows, c, seed);
+  RowMatrixf out(c, bank.dim);
+  for (index_t k = 0; k < c; ++k) {
+    bank.widen_rows(rows[static_cast<std::size_t>(k)], 1, out.row(k).data(), bank.dim);
+    const float norm = out.row(k).norm();
+    if (norm > 0.0f) out.row(k) /= norm;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::uint32_t> detail::kmeans_initial_rows(index_t n, index_t c, std::uint64_t seed) {
+  std::vector<std::uint32_t> perm(static_cast<std::size_t>(n));
+  std::iota(perm.begin(), perm.end(), 0u);
+  detail::Stream stream({seed, 0, 0u, kPurposeClusterInit});
+  for (index_t i = 0; i < c; ++i) {
+    const auto r = stream.next();
+    const auto j = i + static_cast<index_t>(detail::scale_to(detail::join64(r.v[0], r.v[1]),
+                                                             static_cast<std::uint64_t>(n - i)));
+    std::swap(perm[static_cast<std::size_t>(i)], perm[static_cast<std::size_t>(j)]);
+  }
+  perm.resize(static_cast<std::size_t>(c));
+  return perm;
+}
+
+void detail::kmeans_assign(const BankView& bank, const RowMatrixf& centroids, std::int32_t* out) {
   const index_t n = bank.rows, d = bank.dim, c = centroids.rows();
   detail::ExceptionCapture errors;
 #pragma omp parallel
@@ -58,7 +100,7 @@ void assign_rows(const BankView& bank, const RowMatrixf& centroids, std::vector<
         matmul(rows, c, d, tile.data(), d, centroids.data(), d, true, scores.data(), c);
         for (index_t r = 0; r < rows; ++r) {
           const float* s = scores.data() + r * c;
-          out[static_cast<std::size_t>(first + r)] = static_cast<std::int32_t>(std::max_element(s, s + c) - s);
+          out[first + r] = static_cast<std::int32_t>(std::max_element(s, s + c) - s);
         }
       });
     }
@@ -66,73 +108,41 @@ void assign_rows(const BankView& bank, const RowMatrixf& centroids, std::vector<
   errors.rethrow("the cluster sampler's assignment pass");
 }
 
-/// Rows sorted by cluster (ascending within), with each cluster's first position and size.
-void sort_members(const std::vector<std::int32_t>& assignment, index_t c, std::vector<index_t>& sizes,
-                  std::vector<index_t>& offsets, std::vector<std::uint32_t>& members) {
-  sizes.assign(static_cast<std::size_t>(c), 0);
-  for (const auto k : assignment) ++sizes[static_cast<std::size_t>(k)];
-  offsets.assign(static_cast<std::size_t>(c) + 1, 0);
-  for (index_t k = 0; k < c; ++k)
-    offsets[static_cast<std::size_t>(k) + 1] = offsets[static_cast<std::size_t>(k)] + sizes[static_cast<std::size_t>(k)];
-  members.resize(assignment.size());
-  std::vector<index_t> next(offsets.begin(), offsets.end() - 1);
-  for (std::size_t j = 0; j < assignment.size(); ++j)
-    members[static_cast<std::size_t>(next[static_cast<std::size_t>(assignment[j])]++)] = static_cast<std::uint32_t>(j);
-}
-
-/// Each centroid becomes its members' normalised mean (summed in row order in double); an empty
-/// cluster, or one whose members cancel, keeps its centroid.
-void update_centroids(const BankView& bank, const std::vector<index_t>& offsets,
-                      const std::vector<std::uint32_t>& members, RowMatrixf& centroids) {
-  const index_t d = bank.dim, c = centroids.rows();
+void detail::kmeans_add_rows(const BankView& bank, const std::int32_t* assignment, RowMatrixd& sums) {
+  const index_t d = bank.dim, c = sums.rows();
+  std::vector<index_t> sizes, offsets;
+  std::vector<std::uint32_t> members;
+  sort_members(assignment, bank.rows, c, sizes, offsets, members);
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
     std::vector<float> row;
-    std::vector<double> sum;
-    errors.run([&] {
-      row.resize(static_cast<std::size_t>(d));
-      sum.resize(static_cast<std::size_t>(d));
-    });
+    errors.run([&] { row.resize(static_cast<std::size_t>(d)); });
 #pragma omp for schedule(dynamic, 8)
     for (index_t k = 0; k < c; ++k) {
       errors.run([&] {
-        std::fill(sum.begin(), sum.end(), 0.0);
+        double* sum = sums.row(k).data();
         for (index_t m = offsets[static_cast<std::size_t>(k)]; m < offsets[static_cast<std::size_t>(k) + 1]; ++m) {
           bank.widen_rows(members[static_cast<std::size_t>(m)], 1, row.data(), d);
-          for (index_t e = 0; e < d; ++e) sum[static_cast<std::size_t>(e)] += row[static_cast<std::size_t>(e)];
+          for (index_t e = 0; e < d; ++e) sum[e] += row[static_cast<std::size_t>(e)];
         }
-        double norm = 0.0;
-        for (const double x : sum) norm += x * x;
-        norm = std::sqrt(norm);
-        if (norm > 0.0 && std::isfinite(norm))
-          for (index_t e = 0; e < d; ++e) centroids(k, e) = static_cast<float>(sum[static_cast<std::size_t>(e)] / norm);
       });
     }
   }
-  errors.rethrow("the cluster sampler's centroid update");
+  errors.rethrow("the cluster sampler's centroid sums");
 }
 
-/// C distinct rows picked by the seed (a partial Fisher-Yates shuffle), normalised.
-RowMatrixf initial_centroids(const BankView& bank, index_t c, std::uint64_t seed) {
-  std::vector<std::uint32_t> perm(static_cast<std::size_t>(bank.rows));
-  std::iota(perm.begin(), perm.end(), 0u);
-  detail::Stream stream({seed, 0, 0u, kPurposeClusterInit});
-  for (index_t i = 0; i < c; ++i) {
-    const auto r = stream.next();
-    const auto j = i + static_cast<index_t>(detail::scale_to(detail::join64(r.v[0], r.v[1]),
-                                                             static_cast<std::uint64_t>(bank.rows - i)));
-    std::swap(perm[static_cast<std::size_t>(i)], perm[static_cast<std::size_t>(j)]);
+void detail::kmeans_centroids(const RowMatrixd& sums, RowMatrixf& centroids) {
+  for (index_t k = 0; k < sums.rows(); ++k) {
+    double norm = 0.0;
+    for (index_t e = 0; e < sums.cols(); ++e) norm += sums(k, e) * sums(k, e);
+    norm = std::sqrt(norm);
+    if (norm > 0.0 && std::isfinite(norm))
+      for (index_t e = 0; e < sums.cols(); ++e) centroids(k, e) = static_cast<float>(sums(k, e) / norm);
   }
-  RowMatrixf out(c, bank.dim);
-  for (index_t k = 0; k < c; ++k) {
-    bank.widen_rows(perm[static_cast<std::size_t>(k)], 1, out.row(k).data(), bank.dim);
-    const float norm = out.row(k).norm();
-    if (norm > 0.0f) out.row(k) /= norm;
-  }
-  return out;
 }
 
+namespace {
 }  // namespace
 
 /// A conditioned batch's arrays (ClusterBatch), and the pool that keeps them between batches.
@@ -228,7 +238,10 @@ ClusterSampler::ClusterSampler(ClusterConfig config, RowMatrixf centroids, std::
   index_members();
 }
 
-void ClusterSampler::index_members() { sort_members(assignment_, config_.clusters, sizes_, offsets_, members_); }
+void ClusterSampler::index_members() {
+  sort_members(assignment_.data(), static_cast<index_t>(assignment_.size()), config_.clusters, sizes_, offsets_,
+               members_);
+}
 
 void ClusterSampler::refresh(const BankView& bank, std::int64_t step) {
   MEMBANK_CHECK(bank.rows == n_ && bank.dim == centroids_.cols(),
@@ -238,14 +251,14 @@ void ClusterSampler::refresh(const BankView& bank, std::int64_t step) {
   // Work on copies: the sampler changes only once the whole refresh has succeeded.
   RowMatrixf centroids = centroids_;
   std::vector<std::int32_t> assignment(assignment_.size());
-  std::vector<index_t> sizes, offsets;
-  std::vector<std::uint32_t> members;
+  RowMatrixd sums(centroids.rows(), centroids.cols());
   for (int it = 0; it < config_.iterations; ++it) {
-    assign_rows(bank, centroids, assignment);
-    sort_members(assignment, config_.clusters, sizes, offsets, members);
-    update_centroids(bank, offsets, members, centroids);
+    detail::kmeans_assign(bank, centroids, assignment.data());
+    sums.setZero();
+    detail::kmeans_add_rows(bank, assignment.data(), sums);
+    detail::kmeans_centroids(sums, centroids);
   }
-  assign_rows(bank, centroids, assignment);
+  detail::kmeans_assign(bank, centroids, assignment.data());
   centroids_ = std::move(centroids);
   assignment_ = std::move(assignment);
   refreshed_at_ = step;

@@ -17,6 +17,7 @@
 
 #include "detail/check.hpp"
 #include "detail/features.hpp"
+#include "detail/kmeans.hpp"
 #include "detail/mpi_group.hpp"
 #include "detail/parallel.hpp"
 #include "detail/philox.hpp"
@@ -179,6 +180,54 @@ Sums sum_in_rank_order(const Group& g, const Sums& mine) {
   return s;
 }
 
+/// ClusterSampler::refresh of a sharded bank, bit for bit the single-process refresh of the whole
+/// bank (detail/kmeans.hpp): each Lloyd step assigns this rank's rows (`local`, global rows `held`),
+/// then the per-cluster sums travel rank 0 -> 1 -> ... -> R - 1, each rank adding its rows (every
+/// cluster's rows in ascending row order, as one process adds them), and every rank makes the same
+/// centroids from the last rank's sums; the final assignment is all-gathered (4 bytes a row). The
+/// re-fitted sampler, used from step counter `step` on; the engine's stays as it was on an Error.
+std::unique_ptr<ClusterSampler> refit_sharded(const Group& g, const ClusterSampler& cs, const BankView& local,
+                                              index_t n, std::int64_t step) {
+  constexpr int kTag = 4242;
+  RowMatrixf centroids = cs.centroids();
+  const index_t c = centroids.rows(), d = centroids.cols();
+  std::vector<std::int32_t> mine;
+  RowMatrixd sums;
+  int count = 0;
+  g.check([&] {
+    mine.resize(static_cast<std::size_t>(local.rows));
+    sums.resize(c, d);
+    count = mpi_count(static_cast<std::size_t>(c * d), "the cluster sums");
+  });
+  for (int it = 0; it < cs.config().iterations; ++it) {
+    g.check([&] { detail::kmeans_assign(local, centroids, mine.data()); });
+    std::exception_ptr error;
+    sums.setZero();
+    const double t0 = MPI_Wtime();
+    if (g.rank > 0)
+      check_mpi(MPI_Recv(sums.data(), count, MPI_DOUBLE, g.rank - 1, kTag, g.comm, MPI_STATUS_IGNORE), "MPI_Recv");
+    try {
+      detail::kmeans_add_rows(local, mine.data(), sums);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    if (g.rank + 1 < g.ranks) {
+      check_mpi(MPI_Send(sums.data(), count, MPI_DOUBLE, g.rank + 1, kTag, g.comm), "MPI_Send");
+      g.sent(static_cast<std::size_t>(sums.size()) * sizeof(double), t0);
+    }
+    g.agree(error);
+    check_mpi(MPI_Bcast(sums.data(), count, MPI_DOUBLE, g.ranks - 1, g.comm), "MPI_Bcast");
+    detail::kmeans_centroids(sums, centroids);
+  }
+  g.check([&] { detail::kmeans_assign(local, centroids, mine.data()); });
+  std::vector<index_t> counts(static_cast<std::size_t>(g.ranks));
+  for (int r = 0; r < g.ranks; ++r) counts[static_cast<std::size_t>(r)] = shard_rows(n, g.ranks, r).size();
+  std::vector<std::int32_t> all = g.allgatherv(std::span<const std::int32_t>(mine), counts);
+  std::unique_ptr<ClusterSampler> out;
+  g.check([&] { out = std::make_unique<ClusterSampler>(cs.config(), std::move(centroids), std::move(all), step); });
+  return out;
+}
+
 }  // namespace
 
 /// A step's large buffers, kept across steps: their pages are touched once, not in every step (a
@@ -226,10 +275,9 @@ DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local
                     "of N = {})", bank_.size(), held_.size(), to_string(mode_), held_.begin, held_.end, n_);
       MEMBANK_CHECK(sampler_ != nullptr, "sampler is null: expected a NoiseSampler over the N = {} rows", n_);
       MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
-      MEMBANK_CHECK(!sampler_->query_dependent() || mode_ == Distributed::replicated, "the {} sampler with a "
-                    "sharded DistributedEngine: not supported yet (its {} would span every rank's rows); use "
-                    "replicated mode, or uniform, alias or dynamic", to_string(sampler_->kind()),
-                    sampler_->kind() == SamplerKind::cluster ? "k-means" : "ranking of the bank");
+      MEMBANK_CHECK(sampler_->kind() != SamplerKind::ring || mode_ == Distributed::replicated, "the ring sampler "
+                    "with a sharded DistributedEngine: not supported yet (its ranking of the bank would span every "
+                    "rank's rows); use replicated mode, or the cluster sampler");
       Engine::check_sampler(*sampler_, config_);  // biased samplers, exclude_same_label
       if (const auto* cs = dynamic_cast<const ClusterSampler*>(sampler_.get()))
         MEMBANK_CHECK(cs->centroids().cols() == bank_.dim(), "the cluster sampler's centroids have D = {}: expected "
@@ -394,14 +442,22 @@ void DistributedEngine::set_sampler_weights(std::span<const index_t> ids, std::s
 
 void DistributedEngine::refresh_sampler() {
   const Group g{comm_, rank_, ranks_, &wire_};
-  // Every rank holds the whole bank (replicated: the only mode that takes a cluster sampler) and
-  // re-fits the same way: the states stay identical without a message.
   g.check([&] {
-    auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get());
-    MEMBANK_CHECK(cs != nullptr, "refresh_sampler: the engine's {} sampler has no clusters to refresh: expected a "
-                  "cluster sampler", to_string(sampler_->kind()));
-    cs->refresh(bank_.view(), step_);
+    MEMBANK_CHECK(sampler_->kind() == SamplerKind::cluster, "refresh_sampler: the engine's {} sampler has no "
+                  "clusters to refresh: expected a cluster sampler", to_string(sampler_->kind()));
   });
+  refit_clusters(g);
+}
+
+void DistributedEngine::refit_clusters(const detail::Group& g) {
+  auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get());
+  if (mode_ == Distributed::replicated) {
+    // Every rank holds the whole bank and re-fits it the same way: the states stay identical
+    // without a message.
+    g.check([&] { cs->refresh(bank_.view(), step_); });
+    return;
+  }
+  sampler_ = refit_sharded(g, *cs, bank_.view(), n_, step_);
 }
 
 void DistributedEngine::restore_state(const Partition& partition, std::int64_t step) {
@@ -549,8 +605,8 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
   std::unique_ptr<Conditioned> conditioned;
   std::vector<double> query_class_mass;
   if (sampler_->query_dependent() && !full) {
+    if (auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get()); cs && cs->due(step_)) refit_clusters(g);
     g.check([&] {
-      if (auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get()); cs && cs->due(step_)) cs->refresh(bank_.view(), step_);
       conditioned = sampler_->condition(bank_.view(), gb.f.data(), dim, total, dim);
       if (!config_.exclude_same_label || shared) return;
       std::vector<std::int32_t> query_classes(static_cast<std::size_t>(total));
@@ -691,6 +747,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     // ---- 3. draws
     detail::KernelContext cx{view, sampler_.get(), &config_, classes_.empty() ? nullptr : classes_.data(), {},
                              class_mass_.empty() ? nullptr : class_mass_.data(), k};
+    cx.query_class_mass = query_class_mass.empty() ? nullptr : query_class_mass.data();  // (global rows)
     if (!scratch_) scratch_ = std::make_unique<Scratch>();
     Scratch& sc = *scratch_;
     Draws& dr = sc.draws;  // this rank's queries' draws (shared: the batch's one row)

@@ -365,15 +365,19 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
   if (distributed) {
     const Distributed mode = distributed_from_string(where.mode);
     collective([&] {  // (every rank raises the same errors here)
-      // dynamic: every rank re-weights the global batch's rows from the gathered losses; cluster
-      // (replicated only): every rank fits the same clusters to its whole copy of the bank.
+      // dynamic: every rank re-weights the global batch's rows from the gathered losses; cluster:
+      // every rank fits the same clusters to the whole starting bank (the engine re-fits them every
+      // epoch, over the shards when sharded).
       if (o.bank_init == "encoder") {
         const RowRange held = mode == Distributed::replicated ? RowRange{0, n} : shard_rows(n, where.ranks, where.rank);
         Bank local = Bank::from_rows(start.middleRows(held.begin, held.size()), dtype);
-        std::unique_ptr<NoiseSampler> sampler = make_sampler(o, n, local.view());
+        std::optional<Bank> whole;  // sharded: the whole starting bank, for a cluster sampler to be fitted to
+        if (o.sampler == "cluster" && mode == Distributed::sharded) whole.emplace(Bank::from_rows(start, dtype));
+        std::unique_ptr<NoiseSampler> sampler = make_sampler(o, n, whole ? whole->view() : local.view());
+        whole.reset();
         dist.emplace(MPI_COMM_WORLD, mode, std::move(local), n, std::move(sampler), cfg, std::move(labels));
       } else {
-        // (the seeded replicated bank, made here too only for a cluster sampler to be fitted to)
+        // (the whole seeded bank, made here too only for a cluster sampler to be fitted to)
         std::optional<Bank> fit;
         if (o.sampler == "cluster") fit.emplace(n, o.dim, o.seed, dtype);
         std::unique_ptr<NoiseSampler> sampler = make_sampler(o, n, fit ? fit->view() : BankView{});
@@ -892,9 +896,9 @@ void check_memory_options(TrainOptions& o, const Given& given) {
   if (o.sampler != "uniform") {
     MEMBANK_CHECK(o.has_bank(), "--sampler {} with --memory {}: does not apply (the sampler draws a bank's rows); "
                   "expected --memory bank", o.sampler, o.memory);
-    MEMBANK_CHECK(o.sampler == "dynamic" || o.distributed != "sharded", "--sampler {} with --distributed sharded: "
-                  "not supported yet (its {} would span every rank's rows); use --distributed replicated", o.sampler,
-                  o.sampler == "cluster" ? "k-means" : "ranking of the bank");
+    MEMBANK_CHECK(o.sampler != "ring" || o.distributed != "sharded", "--sampler ring with --distributed sharded: "
+                  "not supported yet (its ranking of the bank would span every rank's rows); use --distributed "
+                  "replicated");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
     MEMBANK_CHECK(!o.exclude_same_label || o.sampler != "ring", "--sampler {} with --exclude-same-label: not "
@@ -1105,7 +1109,7 @@ void add_train(CLI::App& app) {
                   "draws; needs --allow-biased-sampler except with --objective contrastive or triplet. --memory bank; "
                   "with --views 2 each pair of views draws from its query view's q (cluster: view 0's clusters; "
                   "ring: the pair's own bank; dynamic: each image's loss averaged over the pairs); --distributed "
-                  "sharded with uniform and dynamic only, replicated with every sampler")
+                  "with every sampler (ring: replicated only)")
       ->capture_default_str()
       ->check(one_of({"uniform", "cluster", "dynamic", "ring"}));
   cmd->add_option("--ring-lower", o->ring_lower,

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 CASES = ["sharded_f32", "sharded_f16", "sharded_bf16", "replicated_f32", "replicated_bf16", "replicated_cluster",
-         "replicated_ring"]
+         "sharded_cluster", "replicated_ring"]
 STORED = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 failures = []
 

@@ -23,10 +23,13 @@
 //
 // Every objective, sampler (uniform: draws independent of R; alias: the table is replicated on every
 // rank, 40 bytes per row; dynamic: replicated too, its weights changed only by set_sampler_weights),
-// storage type and negatives mode works in both modes. The query-dependent samplers (cluster, ring)
-// work in replicated mode: every rank re-fits the clusters of its whole copy on the schedule and
-// conditions the sampler on the whole global batch (O(B) a rank, not O(B / R)), so the draws and
-// weights are the single-process engine's; sharded mode refuses them (not supported yet). Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
+// storage type and negatives mode works in both modes. The query-dependent samplers condition on
+// the whole global batch on every rank (O(B) a rank, not O(B / R)), so the draws and weights are the
+// single-process engine's. The cluster sampler works in both modes: replicated, every rank re-fits
+// the clusters of its whole copy; sharded, the re-fit is the single-process k-means over the shards
+// (the per-cluster sums carried from rank to rank in rank order, the assignment all-gathered: every
+// rank holds the whole sampler state, 8 bytes a row). The ring sampler works in replicated mode;
+// sharded mode refuses it (not supported yet). Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
 // every rank returns the same StepStats, bit for bit.
 //
 // Errors: a rank whose input is refused (the single-process checks, plus a slice of the batch that
@@ -45,6 +48,10 @@
 #include <vector>
 
 namespace membank {
+
+namespace detail {
+struct Group;
+}
 
 enum class Distributed { replicated, sharded };
 std::string to_string(Distributed d);
@@ -110,8 +117,9 @@ class DistributedEngine {
   /// With the loss_ema drive the engine also re-weights the global batch's rows itself after each
   /// step, the same way on every rank (from the gathered per-query losses).
   void set_sampler_weights(std::span<const index_t> ids, std::span<const double> weights);
-  /// Collective. Engine::refresh_sampler: every rank re-fits its cluster sampler to its whole bank
-  /// (replicated mode), the same way. Error on every rank for any other sampler.
+  /// Collective. Engine::refresh_sampler: the cluster sampler re-fitted to the whole bank as it is
+  /// now, the same state on every rank (sharded: k-means over the shards, bit for bit the
+  /// single-process re-fit). Error on every rank for any other sampler.
   void refresh_sampler();
   /// Collective. Engine::restore_state (the same values on every rank).
   void restore_state(const Partition& partition, std::int64_t step);
@@ -148,6 +156,8 @@ class DistributedEngine {
   DistributedEngine(MPI_Comm comm, Distributed mode, Bank local, index_t n_total, std::unique_ptr<NoiseSampler> sampler,
                     EngineConfig config, std::vector<std::int64_t> labels, bool checked_bank);
   StepStats run(FeaturesRef features, IdsRef ids, const NegativesRef* negatives, GradRef grad, bool update);
+  /// Collective. Re-fits the cluster sampler at the step counter (refresh_sampler, or a step due one).
+  void refit_clusters(const detail::Group& g);
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   Distributed mode_ = Distributed::replicated;
