@@ -293,8 +293,9 @@ void query() {
       for (const NegativesMode neg : {NegativesMode::per_sample, NegativesMode::shared}) {
         if (mode == Distributed::sharded && sampler == SamplerKind::ring) continue;  // (refused below)
         Case c{objective, mode, neg, sampler, cases % 3 == 1 ? DType::bfloat16 : DType::float32, cases % 2 == 0};
-        // the cluster sampler's exclude_same_label: each query's label mass under its own q
-        c.exclude_same_label = sampler == SamplerKind::cluster && objective == Objective::supcon;
+        // exclude_same_label: the cluster's draws conditioned on each query's label mass under its
+        // own q; each ring ranks the other classes' rows only
+        c.exclude_same_label = objective == Objective::supcon;
         if (c.exclude_same_label) c.exclude_positive = false;
         try {
           run_case(c);

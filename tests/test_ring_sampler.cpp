@@ -217,7 +217,8 @@ TEST_CASE("ring sampler: refused by the objectives that need a valid P_n unless 
     }
     CHECK_NOTHROW(ring_engine(cfg, {0, 20}, 21, labels));
   }
-  // exclude_same_label: refused (the ring ranks the query's own label too).
+  // exclude_same_label: a label that leaves fewer than `upper` rows of other classes (3 classes of
+  // 100 rows: 200 others, a ring up to rank 250) is refused by the step, which changes nothing.
   {
     EngineConfig cfg;
     cfg.k = 10;
@@ -225,8 +226,16 @@ TEST_CASE("ring sampler: refused by the objectives that need a valid P_n unless 
     cfg.exclude_same_label = true;
     std::vector<std::int64_t> labels;
     for (index_t j = 0; j < kN; ++j) labels.push_back(j % 3);
-    CHECK(message_of<Error>([&] { ring_engine(cfg, {0, 20}, 21, labels); }).find("exclude_same_label") !=
-          std::string::npos);
+    Engine eng = ring_engine(cfg, {0, 250}, 21, labels);
+    std::mt19937_64 r(4);
+    const std::vector<index_t> ids = {1, 2};
+    const RowMatrixf f = unit_rows(2, kD, r);
+    RowMatrixf g(2, kD);
+    const RowMatrixf before = eng.bank().to_matrix();
+    const std::string msg = message_of<Error>([&] { eng.step(f, ids, g); });
+    CHECK(msg.find("leaves 200 rows of other classes: expected at least upper = 250") != std::string::npos);
+    CHECK(eng.steps_done() == 0);
+    CHECK(bits_equal(eng.bank().to_matrix(), before));
   }
   CHECK(message_of<Error>([] { RingSampler(kN, {5, 5}); }).find("upper = 5") != std::string::npos);
   CHECK(message_of<Error>([] { RingSampler(kN, {-1, 5}); }).find("lower = -1") != std::string::npos);
@@ -281,6 +290,86 @@ TEST_CASE("ring sampler: every objective's loss and dL/df weigh the ring's draws
         }
         check_against(eng, f, ids, negs, batch_reference(v, kN, queries, bank.cast<double>(), f.cast<double>()));
       }
+  }
+}
+
+TEST_CASE("ring sampler: under exclude_same_label each ring ranks the other classes only (brute force, double reference)") {
+  // Guards the label-excluding rings: each query's ring is ranks [lower, upper) of a brute-force
+  // ranking of the rows of the other classes (ties by id), its label's mass in the ring is 0, no draw
+  // has the query's label, and every objective's step (per-sample; shared: the batch mean's draws of
+  // a query's own label masked) equals the double reference with uniform weights.
+  std::mt19937_64 rng(9);
+  std::vector<std::int64_t> labels;
+  std::vector<std::int32_t> classes;
+  for (index_t j = 0; j < kN; ++j) {
+    labels.push_back((j * 7) % 4);
+    classes.push_back(static_cast<std::int32_t>((j * 7) % 4));
+  }
+  {
+    const Bank bank = Bank::from_rows(unit_rows(kN, kD, rng));
+    const RowMatrixf rows = bank.to_matrix();
+    const std::vector<index_t> ids = {0, 5, 77, 150, 299};
+    const RowMatrixf f = near_rows(rows, ids, 0.3, rng);
+    std::vector<std::int32_t> query_classes;
+    for (const index_t y : ids) query_classes.push_back(classes[static_cast<std::size_t>(y)]);
+    for (const RingConfig rc : {RingConfig{0, 30}, RingConfig{1, 25}, RingConfig{40, 200}}) {
+      CAPTURE(rc.lower);
+      const RingSampler s(kN, rc);
+      const auto cond = s.condition_excluding(bank.view(), f.data(), kD, 5, kD, classes.data(), query_classes);
+      std::vector<double> mass(5);
+      s.class_mass_given(*cond, classes.data(), 4, query_classes, mass);
+      for (index_t i = 0; i < 5; ++i) {
+        CAPTURE(i);
+        // brute force over the other classes' rows only
+        std::vector<index_t> keep;
+        for (index_t j = 0; j < kN; ++j)
+          if (classes[static_cast<std::size_t>(j)] != query_classes[static_cast<std::size_t>(i)]) keep.push_back(j);
+        RowMatrixf sub(static_cast<index_t>(keep.size()), kD);
+        for (std::size_t t = 0; t < keep.size(); ++t) sub.row(static_cast<index_t>(t)) = rows.row(keep[t]);
+        std::vector<std::uint32_t> want = brute_ring(sub, f.row(i), rc);
+        for (auto& j : want) j = static_cast<std::uint32_t>(keep[j]);
+        std::sort(want.begin(), want.end());
+        const auto got = s.ring({cond.get(), i});
+        CHECK(std::vector<std::uint32_t>(got.begin(), got.end()) == want);
+        CHECK(mass[static_cast<std::size_t>(i)] == 0.0);
+      }
+      // Without the exclusion the same queries' rings do hold their labels (the test can fail).
+      const auto plain = s.condition(bank.view(), f.data(), kD, 5, kD);
+      s.class_mass_given(*plain, classes.data(), 4, query_classes, mass);
+      CHECK(*std::max_element(mass.begin(), mass.end()) > 0.0);
+    }
+  }
+  for (const Variant& v : all_variants()) {
+    for (const NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared}) {
+      INFO(v.name << (mode == NegativesMode::shared ? " shared" : " per-sample"));
+      EngineConfig cfg = objective_config(v);
+      cfg.k = 19;
+      cfg.z_policy = ZPolicy::fixed;
+      cfg.z_fixed = kRefZFixed;
+      cfg.negatives = mode;
+      cfg.exclude_same_label = true;
+      cfg.allow_biased_sampler = true;
+      cfg.seed = 4;
+      Engine eng = ring_engine(cfg, {1, 15}, 23, labels);
+      const RowMatrixf bank = eng.bank().to_matrix();
+      const std::vector<index_t> ids = {3, 50, 50, 121, 298};
+      const RowMatrixf f = near_rows(bank, ids, 0.4, rng);
+      const RowMatrixi negs = eng.sample(ids, 0, f);
+      std::vector<Query> queries(5);
+      const double uniform = 1.0 / static_cast<double>(kN);
+      for (index_t i = 0; i < 5; ++i) {
+        const index_t y = ids[static_cast<std::size_t>(i)];
+        Query& qq = queries[static_cast<std::size_t>(i)];
+        qq.pos = {y, uniform, false, true};
+        for (index_t k = 0; k < cfg.k; ++k) {
+          const index_t j = mode == NegativesMode::shared ? negs(0, k) : negs(i, k);
+          const bool same = labels[static_cast<std::size_t>(j)] == labels[static_cast<std::size_t>(y)];
+          if (mode == NegativesMode::per_sample) CHECK_FALSE(same);  // the ring holds no row of its label
+          qq.draws.push_back({j, uniform, same, needs_labels(v.obj) && same});
+        }
+      }
+      check_against(eng, f, ids, negs, batch_reference(v, kN, queries, bank.cast<double>(), f.cast<double>()));
+    }
   }
 }
 

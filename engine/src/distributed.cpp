@@ -607,7 +607,7 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
   if (sampler_->query_dependent() && !full) {
     if (auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get()); cs && cs->due(step_)) refit_clusters(g);
     g.check([&] {
-      conditioned = sampler_->condition(bank_.view(), gb.f.data(), dim, total, dim);
+      conditioned = detail::condition_batch(*sampler_, config_, bank_.view(), gb.f.data(), dim, gb.ids, classes_.data());
       if (!config_.exclude_same_label || shared) return;
       std::vector<std::int32_t> query_classes(static_cast<std::size_t>(total));
       for (std::size_t i = 0; i < query_classes.size(); ++i) query_classes[i] = classes_[static_cast<std::size_t>(gb.ids[i])];

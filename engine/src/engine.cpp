@@ -60,15 +60,6 @@ void draw_query(const detail::KernelContext& cx, std::int64_t step, index_t i, i
   cx.sampler->draw_next(cursor, std::span<index_t>(out, static_cast<std::size_t>(cx.k)), log_pn);
 }
 
-/// A query-dependent sampler's refusals: what its draws cannot be combined with.
-void check_query_dependent(const NoiseSampler& sampler, const EngineConfig& config) {
-  if (!sampler.query_dependent()) return;
-  MEMBANK_CHECK(!config.exclude_same_label || sampler.kind() == SamplerKind::cluster,
-                "exclude_same_label with the {} sampler: not supported yet (its ring ranks the query's own label "
-                "too, so the draws could find nothing else); use exclude_positive, or another sampler",
-                to_string(sampler.kind()));
-}
-
 /// classes narrowed to T, each index < 2^(8 sizeof T).
 template <class T>
 std::vector<T> narrowed(const std::vector<std::int32_t>& classes) {
@@ -80,7 +71,6 @@ std::vector<T> narrowed(const std::vector<std::int32_t>& classes) {
 }  // namespace
 
 void Engine::check_sampler(const NoiseSampler& sampler, const EngineConfig& config) {
-  check_query_dependent(sampler, config);
   MEMBANK_CHECK(!sampler.biased() || config.allow_biased_sampler || !needs_valid_noise(config.objective),
                 "objective {} with the {} sampler: its estimate needs draws with a valid P_n, and the {} sampler is "
                 "biased (q = 0 outside each query's ring). Set allow_biased_sampler to train on its draws weighed as "
@@ -300,8 +290,9 @@ RowMatrixi Engine::sample_impl(const Bank& bank, IdsRef ids, std::int64_t step, 
                   "to sample(ids, step, features)", to_string(sampler_->kind()));
     MEMBANK_CHECK(features->rows() == batch, "features has {} rows: expected one per id (B = {})", features->rows(),
                   batch);
+    check_labels_present();  // (exclude_same_label conditions on the queries' classes)
     const PreparedFeatures p = prepare_features(*features, batch, bank.dim(), config_);
-    conditioned = sampler_->condition(bank.view(), p.data, p.stride, batch, bank.dim());
+    conditioned = detail::condition_batch(*sampler_, config_, bank.view(), p.data, p.stride, ids, classes_.data());
   }
   if (config_.negatives == NegativesMode::shared) {
     RowMatrixi out(1, k);
@@ -385,8 +376,9 @@ Engine::Computed Engine::compute_on(const Bank& bank, const Partition& partition
     detail::KernelContext cx = make_context(bank, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
     // A query-dependent sampler's q(. | f_i) for this batch's features (and their mean, row B).
     const std::unique_ptr<Conditioned> conditioned =
-        sampler_->query_dependent() ? sampler_->condition(bank.view(), prepared.data, prepared.stride, batch, dim)
-                                     : nullptr;
+        sampler_->query_dependent()
+            ? detail::condition_batch(*sampler_, config_, bank.view(), prepared.data, prepared.stride, ids, classes_.data())
+            : nullptr;
     cx.conditioned = conditioned.get();
     // exclude_same_label under q(. | f): each query's label mass, the conditioning of its draws.
     std::vector<double> query_class_mass;

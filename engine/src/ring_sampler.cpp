@@ -15,6 +15,7 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <unordered_map>
 
 namespace membank {
 
@@ -161,6 +162,36 @@ void RingSampler::lookup_given(QueryRef query, std::span<const index_t> ids, std
 
 std::unique_ptr<Conditioned> RingSampler::condition(const BankView& bank, const float* f, index_t stride,
                                                     index_t batch, index_t dim) const {
+  return rank(bank, f, stride, batch, dim, nullptr, {});
+}
+
+std::unique_ptr<Conditioned> RingSampler::condition_excluding(const BankView& bank, const float* f, index_t stride,
+                                                              index_t batch, index_t dim, const std::int32_t* classes,
+                                                              std::span<const std::int32_t> query_classes) const {
+  MEMBANK_CHECK(classes != nullptr && static_cast<index_t>(query_classes.size()) == batch,
+                "{} query classes for a batch of {}: expected one per query, and the rows' classes", query_classes.size(),
+                batch);
+  return rank(bank, f, stride, batch, dim, classes, query_classes);
+}
+
+void RingSampler::class_mass_given(const Conditioned& batch, const std::int32_t* classes, index_t n_classes,
+                                   std::span<const std::int32_t> query_classes, std::span<double> out) const {
+  const RingBatch& b = batch_of({&batch, 0}, config_.upper - config_.lower);
+  MEMBANK_CHECK(query_classes.size() == out.size() && static_cast<index_t>(out.size()) <= b.batch,
+                "{} query classes for {} masses: expected one per query of the batch (at most {})", query_classes.size(),
+                out.size(), b.batch);
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const std::int32_t l = query_classes[i];
+    MEMBANK_CHECK(l >= 0 && l < n_classes, "query_classes[{}] = {}: expected a class in [0, {})", i, l, n_classes);
+    index_t same = 0;
+    for (const std::uint32_t j : b.ring(static_cast<index_t>(i))) same += classes[j] == l ? 1 : 0;
+    out[i] = static_cast<double>(same) / static_cast<double>(b.m);
+  }
+}
+
+std::unique_ptr<Conditioned> RingSampler::rank(const BankView& bank, const float* f, index_t stride, index_t batch,
+                                               index_t dim, const std::int32_t* classes,
+                                               std::span<const std::int32_t> query_classes) const {
   MEMBANK_CHECK(bank.rows == n_, "the bank has N = {} rows: expected the sampler's N = {}", bank.rows, n_);
   MEMBANK_CHECK(batch >= 1, "batch = {}: expected at least one query", batch);
   MEMBANK_CHECK(dim == bank.dim, "the queries have D = {}: expected the bank's D = {}", dim, bank.dim);
@@ -170,6 +201,16 @@ std::unique_ptr<Conditioned> RingSampler::condition(const BankView& bank, const 
       MEMBANK_CHECK(std::isfinite(f[i * stride + e]), "f({}, {}) = {}: expected finite features", i, e,
                     f[i * stride + e]);
   const index_t n = n_, m = config_.upper - config_.lower;
+  if (classes) {  // every query's label must leave a whole ring of other rows
+    std::unordered_map<std::int32_t, index_t> size;
+    for (index_t j = 0; j < n; ++j) ++size[classes[j]];
+    for (index_t i = 0; i < batch; ++i) {
+      const index_t others = n - size[query_classes[static_cast<std::size_t>(i)]];
+      MEMBANK_CHECK(others >= config_.upper, "query {} has class {}, which leaves {} rows of other classes: expected "
+                    "at least upper = {} for its ring to leave its label out (exclude_same_label)", i,
+                    query_classes[static_cast<std::size_t>(i)], others, config_.upper);
+    }
+  }
   auto out = std::make_unique<RingBatch>();
   RingBatch& b = *out;
   b.batch = batch;
@@ -199,8 +240,15 @@ std::unique_ptr<Conditioned> RingSampler::condition(const BankView& bank, const 
           matmul(rows, count, dim, f + i0 * stride, stride, in_place ? bank.row(r0) : block.data(),
                  in_place ? bank.stride : dim, true, scores.data() + r0, n);
         }
-        for (index_t r = 0; r < rows; ++r)
-          select_ring(scores.data() + r * n, n, config_.lower, config_.upper, select, b.members.data() + (i0 + r) * m);
+        for (index_t r = 0; r < rows; ++r) {
+          float* s = scores.data() + r * n;
+          if (classes) {  // the query's own label ranks after every other row, past the ring
+            const std::int32_t own = query_classes[static_cast<std::size_t>(i0 + r)];
+            for (index_t j = 0; j < n; ++j)
+              if (classes[j] == own) s[j] = -std::numeric_limits<float>::infinity();
+          }
+          select_ring(s, n, config_.lower, config_.upper, select, b.members.data() + (i0 + r) * m);
+        }
       });
     }
   }

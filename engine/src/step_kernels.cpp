@@ -92,6 +92,15 @@ void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef b
     for (auto& x : lw) x = static_cast<float>(log_kept - log_n - x);  // log P_n in, lw out
 }
 
+std::unique_ptr<Conditioned> condition_batch(const NoiseSampler& sampler, const EngineConfig& cfg, const BankView& bank,
+                                             const float* f, index_t stride, IdsRef ids, const std::int32_t* classes) {
+  const auto batch = static_cast<index_t>(ids.size());
+  if (!cfg.exclude_same_label) return sampler.condition(bank, f, stride, batch, bank.dim);
+  std::vector<std::int32_t> query_classes(ids.size());
+  for (std::size_t i = 0; i < ids.size(); ++i) query_classes[i] = classes[ids[i]];
+  return sampler.condition_excluding(bank, f, stride, batch, bank.dim, classes, query_classes);
+}
+
 QueryExclusion exclusion_of(const KernelContext& cx, const index_t& y, QueryRef query) {
   QueryExclusion e;
   if (cx.cfg->exclude_same_label) {

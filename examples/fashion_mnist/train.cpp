@@ -901,8 +901,6 @@ void check_memory_options(TrainOptions& o, const Given& given) {
                   "replicated");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
-    MEMBANK_CHECK(!o.exclude_same_label || o.sampler != "ring", "--sampler {} with --exclude-same-label: not "
-                  "supported yet (each image's ring ranks its own label too)", o.sampler);
   }
   for (const char* name : {"--clusters", "--cluster-epsilon", "--cluster-beta", "--cluster-iterations"})
     MEMBANK_CHECK(o.sampler == "cluster" || !has(name), "{} with --sampler {}: applies to --sampler cluster only",

@@ -59,6 +59,20 @@ class RingSamplerTest(unittest.TestCase):
         self.assertEqual(l2, loss)
         np.testing.assert_array_equal(g2, grad)
 
+    def test_exclude_same_label_ranks_the_other_classes(self):
+        """exclude_same_label: each query's draws lie in ranks [2, 30) of the other classes' rows (brute
+        force), never its own label."""
+        labels = (np.arange(N) * 7) % 5
+        e = self.engine(exclude_same_label=True, labels=labels)
+        ids = np.array([4, 90, 333], dtype=np.int64)
+        f = unit_rows(self.rng, 3, D)
+        draws = e.sample(ids, features=f)
+        for i, y in enumerate(ids):
+            others = np.flatnonzero(labels != labels[y])
+            ring = {int(others[j]) for j in brute_ring(self.rows[others], f[i], 2, 30)}
+            self.assertTrue(set(draws[i].tolist()) <= ring)
+            self.assertFalse(np.any(labels[draws[i]] == labels[y]))
+
     def test_refusal_keeps_the_bank_and_snapshot(self):
         bank = mb.Bank.from_array(self.rows)
         with self.assertRaisesRegex(mb.Error, "allow_biased_sampler"):

@@ -16,6 +16,10 @@
 // triplet, whose hard-negative mining is the method itself) unless EngineConfig::allow_biased_sampler
 // is set. Every draw still reports its exact log q(j | f).
 //
+// Under exclude_same_label (condition_excluding) each query's ring ranks only the rows of the other
+// classes: ranks [lower, upper) among them, so the draws never hit the query's label (a query whose
+// label leaves fewer than `upper` rows of other classes is an Error).
+//
 // Without a query (prob(), a null QueryRef) the sampler is uniform. Shared negatives are drawn from
 // the batch's mean (1/B) sum_i q(. | f_i): a query picked uniformly, then a member of its ring.
 //
@@ -59,6 +63,16 @@ class RingSampler final : public NoiseSampler {
   /// from the sampler's, D from dim, or a feature is not finite.
   std::unique_ptr<Conditioned> condition(const BankView& bank, const float* f, index_t stride, index_t batch,
                                          index_t dim) const override;
+  /// The same with each query's ring ranked among the rows of the other classes only (classes: N
+  /// rows' classes, query_classes: B queries'). Throws Error, as condition() does, and if a query's
+  /// label leaves fewer than `upper` rows of other classes.
+  std::unique_ptr<Conditioned> condition_excluding(const BankView& bank, const float* f, index_t stride, index_t batch,
+                                                   index_t dim, const std::int32_t* classes,
+                                                   std::span<const std::int32_t> query_classes) const override;
+  /// The mass of each query's class in its ring (0 for rings conditioned with condition_excluding):
+  /// out[i] = (ring members of class query_classes[i]) / M.
+  void class_mass_given(const Conditioned& batch, const std::int32_t* classes, index_t n_classes,
+                        std::span<const std::int32_t> query_classes, std::span<double> out) const override;
   const RingConfig& config() const { return config_; }
   /// The ring of a conditioned query (its M ids, ascending), for tests and diagnostics.
   std::span<const std::uint32_t> ring(QueryRef query) const;
@@ -68,6 +82,9 @@ class RingSampler final : public NoiseSampler {
   void lookup_given(QueryRef query, std::span<const index_t> ids, std::span<float> log_pn) const override;
 
  private:
+  /// condition() and condition_excluding(): `classes` null, or each query's own class left out.
+  std::unique_ptr<Conditioned> rank(const BankView& bank, const float* f, index_t stride, index_t batch, index_t dim,
+                                    const std::int32_t* classes, std::span<const std::int32_t> query_classes) const;
   RingConfig config_;
 };
 

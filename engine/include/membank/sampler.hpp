@@ -130,6 +130,17 @@ class NoiseSampler {
   /// otherwise). `f` is read during the call only.
   virtual std::unique_ptr<Conditioned> condition(const BankView& bank, const float* f, index_t stride, index_t batch,
                                                  index_t dim) const;
+  /// condition() for a step under exclude_same_label: classes[j] is row j's class (N of them) and
+  /// query_classes[i] query i's (B of them). A sampler whose q can leave each query's label out by
+  /// itself overrides it (RingSampler: each ring ranks the other classes' rows only); by default it
+  /// is condition(), and the draws are conditioned on the label's mass (class_mass_given) instead.
+  virtual std::unique_ptr<Conditioned> condition_excluding(const BankView& bank, const float* f, index_t stride,
+                                                           index_t batch, index_t dim, const std::int32_t* classes,
+                                                           std::span<const std::int32_t> query_classes) const {
+    (void)classes;
+    (void)query_classes;
+    return condition(bank, f, stride, batch, dim);
+  }
   /// q(j | query), or P_n(j) for a null query. Throws Error if j is out of range.
   double prob_for(index_t j, QueryRef query) const { return query.batch ? prob_given(j, query) : prob(j); }
   /// exclude_same_label under a query-dependent q: out[i] = the mass of class query_classes[i] under
