@@ -9,8 +9,8 @@
 // {fp32, fp16, bf16} (the last two cycled with the objective), slices of uneven size, duplicate ids
 // within and across ranks, and a step with caller negatives.
 // `dynamic`: a dynamic sampler with caller-set weights before every step, and its refusals.
-// `query`: the query-dependent samplers (cluster, re-fitted on its schedule, in both modes; ring in
-// replicated mode), the same checks, and sharded mode's refusal of the ring.
+// `query`: the query-dependent samplers (cluster, re-fitted on its schedule; ring) in both modes, the
+// same checks.
 // `failure`: a rank's bad input gives every rank the same error, naming that rank, and changes nothing.
 // A check never throws and never stops a rank early: every rank enters every collective.
 #include <membank/cluster_sampler.hpp>
@@ -281,9 +281,9 @@ void steps() {
   if (g_rank == 0) std::cout << fmt::format("steps: {} configurations at np = {}\n", cases, g_ranks);
 }
 
-/// The query-dependent samplers: every rank conditions on the whole global batch and the clusters
-/// are re-fitted on the schedule (sharded: k-means over the shards), so each step is the
-/// single-process one; sharded mode refuses the ring with one Error on every rank.
+/// The query-dependent samplers: every rank conditions on the whole global batch (a sharded ring:
+/// each rank's candidates merged), the clusters re-fitted on the schedule (sharded: k-means over the
+/// shards), so each step is the single-process one.
 void query() {
   int cases = 0;
   for (const Distributed mode : {Distributed::replicated, Distributed::sharded})
@@ -291,7 +291,6 @@ void query() {
     for (const Objective objective : {Objective::nce, Objective::info_nce, Objective::dhel, Objective::supcon,
                                       Objective::triplet})
       for (const NegativesMode neg : {NegativesMode::per_sample, NegativesMode::shared}) {
-        if (mode == Distributed::sharded && sampler == SamplerKind::ring) continue;  // (refused below)
         Case c{objective, mode, neg, sampler, cases % 3 == 1 ? DType::bfloat16 : DType::float32, cases % 2 == 0};
         // exclude_same_label: the cluster's draws conditioned on each query's label mass under its
         // own q; each ring ranks the other classes' rows only
@@ -341,19 +340,6 @@ void query() {
     }
     check(msg.find("expected a cluster sampler") != std::string::npos,
           fmt::format("refresh_sampler with a ring sampler: got '{}'", msg));
-  }
-  {
-    const Case c{Objective::info_nce, Distributed::sharded, NegativesMode::per_sample, SamplerKind::ring,
-                 DType::float32, false};
-    std::string msg;
-    try {
-      DistributedEngine::seeded(MPI_COMM_WORLD, Distributed::sharded, kN, kDim, 5, DType::float32,
-                                make_sampler(SamplerKind::ring, kN), config_of(c));
-    } catch (const Error& e) {
-      msg = e.what();
-    }
-    check(msg.find("sharded DistributedEngine: not supported yet") != std::string::npos,
-          fmt::format("ring sampler, sharded: expected the refusal, got '{}'", msg));
   }
   {  // a biased sampler still needs allow_biased_sampler (as Engine)
     Case c{Objective::nce, Distributed::replicated, NegativesMode::per_sample, SamplerKind::ring, DType::float32, false};

@@ -74,7 +74,8 @@ const Case kCases[] = {
      false},
     {"replicated_bf16", Distributed::replicated, DType::bfloat16, SamplerKind::alias, Objective::dcl,
      Rounding::stochastic, true},
-    // query-dependent samplers (the ring replicated only): the clusters re-fitted at steps 2 and 4, across the save
+    // query-dependent samplers: the clusters re-fitted at steps 2 and 4, across the save; the ring loaded
+    // sharded too
     {"replicated_cluster", Distributed::replicated, DType::float16, SamplerKind::cluster, Objective::info_nce,
      Rounding::nearest, false},
     {"sharded_cluster", Distributed::sharded, DType::float32, SamplerKind::cluster, Objective::dcl, Rounding::nearest,
@@ -350,19 +351,7 @@ void load(const fs::path& dir) {
         if (s >= kS1) ref_loss.push_back(st.loss);
       }
     }
-    const bool ring = c.sampler == SamplerKind::ring;
-    if (ring) {  // a sharded engine refuses it: one Error on every rank
-      std::string msg;
-      try {
-        load_distributed_snapshot(master, MPI_COMM_WORLD, Distributed::sharded);
-      } catch (const Error& e) {
-        msg = e.what();
-      }
-      check(msg.find("sharded DistributedEngine: not supported yet") != std::string::npos,
-            fmt::format("load {} as sharded: expected the refusal, got '{}'", c.name, msg));
-    }
     for (const Distributed mode : {c.mode, c.mode == Distributed::sharded ? Distributed::replicated : Distributed::sharded}) {
-      if (ring && mode == Distributed::sharded) continue;
       const std::string at = fmt::format("load {} as {} at np = {}", c.name, to_string(mode), g_ranks);
       guarded(at, [&] {
         // The uninterrupted run at this np and mode: the losses a resumed engine must give, bit for bit.

@@ -275,9 +275,6 @@ DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local
                     "of N = {})", bank_.size(), held_.size(), to_string(mode_), held_.begin, held_.end, n_);
       MEMBANK_CHECK(sampler_ != nullptr, "sampler is null: expected a NoiseSampler over the N = {} rows", n_);
       MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
-      MEMBANK_CHECK(sampler_->kind() != SamplerKind::ring || mode_ == Distributed::replicated, "the ring sampler "
-                    "with a sharded DistributedEngine: not supported yet (its ranking of the bank would span every "
-                    "rank's rows); use replicated mode, or the cluster sampler");
       Engine::check_sampler(*sampler_, config_);  // biased samplers, exclude_same_label
       if (const auto* cs = dynamic_cast<const ClusterSampler*>(sampler_.get()))
         MEMBANK_CHECK(cs->centroids().cols() == bank_.dim(), "the cluster sampler's centroids have D = {}: expected "
@@ -606,8 +603,29 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
   std::vector<double> query_class_mass;
   if (sampler_->query_dependent() && !full) {
     if (auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get()); cs && cs->due(step_)) refit_clusters(g);
+    const auto* ring = dynamic_cast<const RingSampler*>(sampler_.get());
+    if (ring && sharded) {
+      // Every rank ranks its shard for every query and keeps its first `upper` as sort keys; the
+      // union of all ranks' holds each query's global ranks up to upper (8 bytes a key).
+      std::vector<std::uint64_t> mine;
+      std::vector<std::int32_t> query_classes;
+      g.check([&] {
+        if (config_.exclude_same_label)
+          for (const index_t y : gb.ids) query_classes.push_back(classes_[static_cast<std::size_t>(y)]);
+        mine = ring->candidates(bank_.view(), held_.begin, gb.f.data(), dim, total, dim,
+                                config_.exclude_same_label ? classes_.data() : nullptr, query_classes);
+      }, &wire_.seconds_draws);
+      std::vector<index_t> per_shard(static_cast<std::size_t>(ranks_)), counts(per_shard.size());
+      for (int r = 0; r < ranks_; ++r) {
+        per_shard[static_cast<std::size_t>(r)] = ring->shard_candidates(shard_rows(n_, ranks_, r).size());
+        counts[static_cast<std::size_t>(r)] = per_shard[static_cast<std::size_t>(r)] * total;
+      }
+      const std::vector<std::uint64_t> all = g.allgatherv(std::span<const std::uint64_t>(mine), counts);
+      g.check([&] { conditioned = ring->from_candidates(all, per_shard, total); }, &wire_.seconds_draws);
+    }
     g.check([&] {
-      conditioned = detail::condition_batch(*sampler_, config_, bank_.view(), gb.f.data(), dim, gb.ids, classes_.data());
+      if (!conditioned)
+        conditioned = detail::condition_batch(*sampler_, config_, bank_.view(), gb.f.data(), dim, gb.ids, classes_.data());
       if (!config_.exclude_same_label || shared) return;
       std::vector<std::int32_t> query_classes(static_cast<std::size_t>(total));
       for (std::size_t i = 0; i < query_classes.size(); ++i) query_classes[i] = classes_[static_cast<std::size_t>(gb.ids[i])];

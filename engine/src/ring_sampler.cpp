@@ -189,42 +189,27 @@ void RingSampler::class_mass_given(const Conditioned& batch, const std::int32_t*
   }
 }
 
-std::unique_ptr<Conditioned> RingSampler::rank(const BankView& bank, const float* f, index_t stride, index_t batch,
-                                               index_t dim, const std::int32_t* classes,
-                                               std::span<const std::int32_t> query_classes) const {
-  MEMBANK_CHECK(bank.rows == n_, "the bank has N = {} rows: expected the sampler's N = {}", bank.rows, n_);
-  MEMBANK_CHECK(batch >= 1, "batch = {}: expected at least one query", batch);
-  MEMBANK_CHECK(dim == bank.dim, "the queries have D = {}: expected the bank's D = {}", dim, bank.dim);
-  MEMBANK_CHECK(stride >= dim, "stride = {}: expected at least D = {}", stride, dim);
-  for (index_t i = 0; i < batch; ++i)
-    for (index_t e = 0; e < dim; ++e)
-      MEMBANK_CHECK(std::isfinite(f[i * stride + e]), "f({}, {}) = {}: expected finite features", i, e,
-                    f[i * stride + e]);
-  const index_t n = n_, m = config_.upper - config_.lower;
-  if (classes) {  // every query's label must leave a whole ring of other rows
-    std::unordered_map<std::int32_t, index_t> size;
-    for (index_t j = 0; j < n; ++j) ++size[classes[j]];
-    for (index_t i = 0; i < batch; ++i) {
-      const index_t others = n - size[query_classes[static_cast<std::size_t>(i)]];
-      MEMBANK_CHECK(others >= config_.upper, "query {} has class {}, which leaves {} rows of other classes: expected "
-                    "at least upper = {} for its ring to leave its label out (exclude_same_label)", i,
-                    query_classes[static_cast<std::size_t>(i)], others, config_.upper);
-    }
-  }
-  auto out = std::make_unique<RingBatch>();
-  RingBatch& b = *out;
-  b.batch = batch;
-  b.m = m;
-  b.members.resize(static_cast<std::size_t>(batch * m));
-  b.count.assign(static_cast<std::size_t>(n), 0u);
+namespace {
+
+/// Each query's ranks [lower, upper) of its scores against `bank` (local rows j, global rows row0 + j;
+/// under `classes`, indexed globally, the query's own class scored -inf: past every other row), handed
+/// to emit(i, scores, ring) with the ring's local ids ascending (upper - lower of them) and the
+/// query's scores of every local row. Queries in fixed tiles: the same for any thread count.
+template <class Emit>
+void select_rings(const BankView& bank, index_t row0, const float* f, index_t stride, index_t batch, index_t dim,
+                  const std::int32_t* classes, std::span<const std::int32_t> query_classes, index_t lower,
+                  index_t upper, Emit&& emit) {
+  const index_t n = bank.rows, m = upper - lower;
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
     std::vector<float> block, scores;
+    std::vector<std::uint32_t> ring;
     SelectScratch select;
     errors.run([&] {
       block.resize(static_cast<std::size_t>(kBankBlock * dim));
       scores.resize(static_cast<std::size_t>(kQueryTile * n));
+      ring.resize(static_cast<std::size_t>(m));
       select.bucket.resize(static_cast<std::size_t>(n));
       select.count.resize(kBuckets);
     });
@@ -241,18 +226,127 @@ std::unique_ptr<Conditioned> RingSampler::rank(const BankView& bank, const float
                  in_place ? bank.stride : dim, true, scores.data() + r0, n);
         }
         for (index_t r = 0; r < rows; ++r) {
-          float* s = scores.data() + r * n;
+          float* sc = scores.data() + r * n;
           if (classes) {  // the query's own label ranks after every other row, past the ring
             const std::int32_t own = query_classes[static_cast<std::size_t>(i0 + r)];
             for (index_t j = 0; j < n; ++j)
-              if (classes[j] == own) s[j] = -std::numeric_limits<float>::infinity();
+              if (classes[row0 + j] == own) sc[j] = -std::numeric_limits<float>::infinity();
           }
-          select_ring(s, n, config_.lower, config_.upper, select, b.members.data() + (i0 + r) * m);
+          select_ring(sc, n, lower, upper, select, ring.data());
+          emit(i0 + r, static_cast<const float*>(sc), static_cast<const std::uint32_t*>(ring.data()));
         }
       });
     }
   }
   errors.rethrow("the ring sampler's conditioning");
+}
+
+}  // namespace
+
+void RingSampler::check_other_rows(const std::int32_t* classes, std::span<const std::int32_t> query_classes) const {
+  std::unordered_map<std::int32_t, index_t> size;
+  for (index_t j = 0; j < n_; ++j) ++size[classes[j]];
+  for (std::size_t i = 0; i < query_classes.size(); ++i) {
+    const index_t others = n_ - size[query_classes[i]];
+    MEMBANK_CHECK(others >= config_.upper, "query {} has class {}, which leaves {} rows of other classes: expected "
+                  "at least upper = {} for its ring to leave its label out (exclude_same_label)", i, query_classes[i],
+                  others, config_.upper);
+  }
+}
+
+std::unique_ptr<Conditioned> RingSampler::rank(const BankView& bank, const float* f, index_t stride, index_t batch,
+                                               index_t dim, const std::int32_t* classes,
+                                               std::span<const std::int32_t> query_classes) const {
+  MEMBANK_CHECK(bank.rows == n_, "the bank has N = {} rows: expected the sampler's N = {}", bank.rows, n_);
+  check_queries(f, stride, batch, dim, bank.dim);
+  if (classes) check_other_rows(classes, query_classes);  // every label must leave a whole ring of other rows
+  const index_t n = n_, m = config_.upper - config_.lower;
+  auto out = std::make_unique<RingBatch>();
+  RingBatch& b = *out;
+  b.batch = batch;
+  b.m = m;
+  b.members.resize(static_cast<std::size_t>(batch * m));
+  b.count.assign(static_cast<std::size_t>(n), 0u);
+  select_rings(bank, 0, f, stride, batch, dim, classes, query_classes, config_.lower, config_.upper,
+               [&](index_t i, const float*, const std::uint32_t* ring) {
+                 std::copy_n(ring, m, b.members.data() + i * m);
+               });
+  for (const std::uint32_t j : b.members) ++b.count[j];
+  return out;
+}
+
+void RingSampler::check_queries(const float* f, index_t stride, index_t batch, index_t dim, index_t bank_dim) const {
+  MEMBANK_CHECK(batch >= 1, "batch = {}: expected at least one query", batch);
+  MEMBANK_CHECK(dim == bank_dim, "the queries have D = {}: expected the bank's D = {}", dim, bank_dim);
+  MEMBANK_CHECK(stride >= dim, "stride = {}: expected at least D = {}", stride, dim);
+  for (index_t i = 0; i < batch; ++i)
+    for (index_t e = 0; e < dim; ++e)
+      MEMBANK_CHECK(std::isfinite(f[i * stride + e]), "f({}, {}) = {}: expected finite features", i, e,
+                    f[i * stride + e]);
+}
+
+index_t RingSampler::shard_candidates(index_t shard_rows) const { return std::min(config_.upper, shard_rows); }
+
+std::vector<std::uint64_t> RingSampler::candidates(const BankView& shard, index_t row0, const float* f, index_t stride,
+                                                   index_t batch, index_t dim, const std::int32_t* classes,
+                                                   std::span<const std::int32_t> query_classes) const {
+  MEMBANK_CHECK(row0 >= 0 && shard.rows >= 1 && row0 + shard.rows <= n_, "shard rows [{}, {}): expected a range of "
+                "[0, N = {})", row0, row0 + shard.rows, n_);
+  check_queries(f, stride, batch, dim, shard.dim);
+  if (classes) check_other_rows(classes, query_classes);
+  const index_t u = shard_candidates(shard.rows);
+  std::vector<std::uint64_t> out(static_cast<std::size_t>(batch * u));
+  select_rings(shard, row0, f, stride, batch, dim, classes, query_classes, 0, u,
+               [&](index_t i, const float* sc, const std::uint32_t* ring) {
+                 std::uint64_t* keys = out.data() + i * u;
+                 for (index_t t = 0; t < u; ++t)
+                   keys[t] = rank_key(sc[ring[t]], static_cast<std::uint32_t>(row0 + ring[t]));
+               });
+  return out;
+}
+
+std::unique_ptr<Conditioned> RingSampler::from_candidates(std::span<const std::uint64_t> all,
+                                                          std::span<const index_t> per_shard, index_t batch) const {
+  index_t total = 0;
+  for (const index_t u : per_shard) total += u;
+  MEMBANK_CHECK(batch >= 1 && static_cast<index_t>(all.size()) == batch * total && total >= config_.upper,
+                "{} candidates for {} queries from {} shards ({} a query): expected B x the shards' candidates, at "
+                "least upper = {} a query", all.size(), batch, per_shard.size(), total, config_.upper);
+  const index_t m = config_.upper - config_.lower;
+  auto out = std::make_unique<RingBatch>();
+  RingBatch& b = *out;
+  b.batch = batch;
+  b.m = m;
+  b.members.resize(static_cast<std::size_t>(batch * m));
+  b.count.assign(static_cast<std::size_t>(n_), 0u);
+  detail::ExceptionCapture errors;
+#pragma omp parallel
+  {
+    std::vector<std::uint64_t> keys;
+    errors.run([&] { keys.resize(static_cast<std::size_t>(total)); });
+#pragma omp for schedule(static)
+    for (index_t i = 0; i < batch; ++i) {
+      errors.run([&] {
+        // query i's candidates from every shard (shard-major in `all`), ranked by key
+        index_t at = 0, offset = 0;
+        for (const index_t u : per_shard) {
+          std::copy_n(all.data() + offset + i * u, u, keys.data() + at);
+          at += u;
+          offset += batch * u;
+        }
+        const auto k = keys.begin();
+        std::nth_element(k, k + config_.upper - 1, keys.end());
+        if (config_.lower > 0) std::nth_element(k, k + config_.lower, k + config_.upper - 1);
+        std::uint32_t* ring = b.members.data() + i * m;
+        for (index_t t = 0; t < m; ++t) ring[t] = static_cast<std::uint32_t>(keys[static_cast<std::size_t>(config_.lower + t)]);
+        std::sort(ring, ring + m);
+        for (index_t t = 0; t < m; ++t)
+          MEMBANK_CHECK(ring[t] < static_cast<std::uint64_t>(n_), "candidate id {} is out of range: expected < N = {}",
+                        ring[t], n_);
+      });
+    }
+  }
+  errors.rethrow("the ring sampler's merge of shard candidates");
   for (const std::uint32_t j : b.members) ++b.count[j];
   return out;
 }

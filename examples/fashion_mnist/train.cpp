@@ -896,9 +896,6 @@ void check_memory_options(TrainOptions& o, const Given& given) {
   if (o.sampler != "uniform") {
     MEMBANK_CHECK(o.has_bank(), "--sampler {} with --memory {}: does not apply (the sampler draws a bank's rows); "
                   "expected --memory bank", o.sampler, o.memory);
-    MEMBANK_CHECK(o.sampler != "ring" || o.distributed != "sharded", "--sampler ring with --distributed sharded: "
-                  "not supported yet (its ranking of the bank would span every rank's rows); use --distributed "
-                  "replicated");
     MEMBANK_CHECK(o.objective != "full", "--sampler {} with --objective full: does not apply (the exact softmax draws "
                   "nothing)", o.sampler);
   }
@@ -1107,7 +1104,7 @@ void add_train(CLI::App& app) {
                   "draws; needs --allow-biased-sampler except with --objective contrastive or triplet. --memory bank; "
                   "with --views 2 each pair of views draws from its query view's q (cluster: view 0's clusters; "
                   "ring: the pair's own bank; dynamic: each image's loss averaged over the pairs); --distributed "
-                  "with every sampler (ring: replicated only)")
+                  "with every sampler")
       ->capture_default_str()
       ->check(one_of({"uniform", "cluster", "dynamic", "ring"}));
   cmd->add_option("--ring-lower", o->ring_lower,

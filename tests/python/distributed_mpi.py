@@ -7,8 +7,7 @@ distributed result against it:
     bank identical to the reference's after every step (gathered on rank 0, and each rank's own rows),
     in both modes, over objectives, samplers, storage types, negatives modes, uneven slices and ids
     that repeat within and across ranks, with drawn and with caller negatives;
-  * the query-dependent samplers (cluster in both modes, ring in replicated mode), the ring's refusal when
-    sharded;
+  * the query-dependent samplers (cluster, ring) in both modes;
   * DistributedEngine.seeded holds the rows of Bank(n, dim, seed, dtype), each rank only its own;
   * an argument refused on one rank raises on every rank (naming that rank), changes nothing, and the
     next step still agrees with the reference: no rank is left waiting;
@@ -130,12 +129,11 @@ def test_steps_equal_single_process():
 
 
 def test_query_dependent_samplers():
-    """A ClusterSampler (re-fitted at step 2, and by refresh_sampler; both modes) and a RingSampler (replicated):
-    loss and this rank's dL/df rows against the single-process Engine, the clusters identical; sharded mode
-    refuses the ring on every rank."""
+    """A ClusterSampler (re-fitted at step 2, and by refresh_sampler) and a RingSampler, in both modes: loss and
+    this rank's dL/df rows against the single-process Engine, the clusters identical."""
     b = 2 * R + 3
     mine = slices(b, R)[RANK]
-    for kind, mode in (("cluster", "replicated"), ("cluster", "sharded"), ("ring", "replicated")):
+    for kind, mode in (("cluster", "replicated"), ("cluster", "sharded"), ("ring", "replicated"), ("ring", "sharded")):
         def sampler():
             if kind == "cluster":
                 return mb.ClusterSampler(mb.Bank(N, DIM, seed=3), clusters=5, epsilon=0.2, beta=5.0, refresh_every=2,
@@ -161,12 +159,6 @@ def test_query_dependent_samplers():
             a, d = ref.sampler.cluster_state, eng.sampler.cluster_state
             check(a["refreshed_at"] == d["refreshed_at"] == 4 and np.array_equal(a["assignment"], d["assignment"])
                   and np.array_equal(a["centroids"], d["centroids"]), f"{kind} {mode}: refresh_sampler")
-        else:
-            try:
-                mb.Engine(mb.Bank(N, DIM, seed=3), sampler(), comm=comm, distributed="sharded", **opts)
-                check(False, f"{kind}: sharded mode accepted the ring sampler")
-            except mb.Error as e:
-                check("sharded DistributedEngine: not supported yet" in str(e), f"{kind}: sharded refusal: {e}")
 
 
 def test_seeded_and_bank_handover():

@@ -28,8 +28,9 @@
 // single-process engine's. The cluster sampler works in both modes: replicated, every rank re-fits
 // the clusters of its whole copy; sharded, the re-fit is the single-process k-means over the shards
 // (the per-cluster sums carried from rank to rank in rank order, the assignment all-gathered: every
-// rank holds the whole sampler state, 8 bytes a row). The ring sampler works in replicated mode;
-// sharded mode refuses it (not supported yet). Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
+// rank holds the whole sampler state, 8 bytes a row). The ring sampler works in both modes:
+// sharded, every rank ranks its own rows for every query and the ranks' first `upper` keys are
+// all-gathered (8 B upper bytes a rank) and merged into the whole bank's rings. Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
 // every rank returns the same StepStats, bit for bit.
 //
 // Errors: a rank whose input is refused (the single-process checks, plus a slice of the batch that

@@ -33,7 +33,10 @@
 #include <membank/bank.hpp>
 #include <membank/sampler.hpp>
 
+#include <cstdint>
 #include <memory>
+#include <span>
+#include <vector>
 
 namespace membank {
 
@@ -73,6 +76,19 @@ class RingSampler final : public NoiseSampler {
   /// out[i] = (ring members of class query_classes[i]) / M.
   void class_mass_given(const Conditioned& batch, const std::int32_t* classes, index_t n_classes,
                         std::span<const std::int32_t> query_classes, std::span<double> out) const override;
+  /// Sharded conditioning (DistributedEngine), in two local halves around one all-gather:
+  /// candidates() ranks a shard -- global rows [row0, row0 + shard.rows) -- for every query and keeps
+  /// its first shard_candidates(shard.rows) = min(upper, rows) as sort keys (the score's order, then
+  /// the global id: the ranking's own tie rule), B of them a query, query-major; from_candidates()
+  /// takes every shard's keys concatenated shard after shard (per_shard: each one's count a query)
+  /// and keeps ranks [lower, upper) of their union, which holds the global ranks up to upper: the
+  /// rings of condition() over the whole bank. `classes` (global, or null): condition_excluding's.
+  std::vector<std::uint64_t> candidates(const BankView& shard, index_t row0, const float* f, index_t stride,
+                                        index_t batch, index_t dim, const std::int32_t* classes,
+                                        std::span<const std::int32_t> query_classes) const;
+  index_t shard_candidates(index_t shard_rows) const;
+  std::unique_ptr<Conditioned> from_candidates(std::span<const std::uint64_t> all, std::span<const index_t> per_shard,
+                                               index_t batch) const;
   const RingConfig& config() const { return config_; }
   /// The ring of a conditioned query (its M ids, ascending), for tests and diagnostics.
   std::span<const std::uint32_t> ring(QueryRef query) const;
@@ -85,6 +101,10 @@ class RingSampler final : public NoiseSampler {
   /// condition() and condition_excluding(): `classes` null, or each query's own class left out.
   std::unique_ptr<Conditioned> rank(const BankView& bank, const float* f, index_t stride, index_t batch, index_t dim,
                                     const std::int32_t* classes, std::span<const std::int32_t> query_classes) const;
+  /// Error unless each query's class leaves at least `upper` rows of other classes.
+  void check_other_rows(const std::int32_t* classes, std::span<const std::int32_t> query_classes) const;
+  /// Error for a batch < 1, D != the bank's, a stride < D or a non-finite feature.
+  void check_queries(const float* f, index_t stride, index_t batch, index_t dim, index_t bank_dim) const;
   RingConfig config_;
 };
 
