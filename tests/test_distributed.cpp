@@ -281,6 +281,17 @@ void steps() {
   if (g_rank == 0) std::cout << fmt::format("steps: {} configurations at np = {}\n", cases, g_ranks);
 }
 
+/// run_case, with an exception turned into a failed check (the same on every rank: the engine agrees
+/// on errors); counts the case.
+void run_guarded(const Case& c, int& cases) {
+  try {
+    run_case(c);
+  } catch (const std::exception& e) {
+    check(false, fmt::format("{}: threw {}", c.name(), e.what()));
+  }
+  ++cases;
+}
+
 /// The query-dependent samplers: every rank conditions on the whole global batch (a sharded ring:
 /// each rank's candidates merged), the clusters re-fitted on the schedule (sharded: k-means over the
 /// shards), so each step is the single-process one.
@@ -296,12 +307,7 @@ void query() {
         // own q; each ring ranks the other classes' rows only
         c.exclude_same_label = objective == Objective::supcon;
         if (c.exclude_same_label) c.exclude_positive = false;
-        try {
-          run_case(c);
-        } catch (const std::exception& e) {
-          check(false, fmt::format("{}: threw {}", c.name(), e.what()));
-        }
-        ++cases;
+        run_guarded(c, cases);
       }
   // The clusters re-fitted on demand: the single-process re-fit on every rank, in both modes (sharded:
   // k-means over the shards); a ring has none to re-fit.
@@ -430,12 +436,7 @@ void dynamic() {
       for (const Objective obj : {Objective::nce, Objective::info_nce, Objective::supcon}) {
         Case c{obj, mode, neg, SamplerKind::dynamic, DType::float32, obj == Objective::info_nce};
         c.exclude_same_label = obj == Objective::supcon;
-        try {
-          run_case(c);
-        } catch (const std::exception& e) {
-          check(false, fmt::format("{}: threw {}", c.name(), e.what()));
-        }
-        ++cases;
+        run_guarded(c, cases);
       }
   for (const Distributed mode : {Distributed::replicated, Distributed::sharded}) {
     EngineConfig cfg;

@@ -56,6 +56,19 @@ double chi2_q999(int df) {
   return df * std::pow(1.0 - a + z * std::sqrt(a), 3.0);
 }
 
+/// Variant v's configuration for a step checked against the double reference: K draws, a fixed Z,
+/// the negatives mode, the ring's draws allowed.
+EngineConfig reference_config(const Variant& v, index_t k, NegativesMode mode, std::uint64_t seed) {
+  EngineConfig cfg = objective_config(v);
+  cfg.k = k;
+  cfg.z_policy = ZPolicy::fixed;
+  cfg.z_fixed = kRefZFixed;
+  cfg.negatives = mode;
+  cfg.allow_biased_sampler = true;
+  cfg.seed = seed;
+  return cfg;
+}
+
 Engine ring_engine(const EngineConfig& cfg, RingConfig rc, std::uint64_t seed = 21,
                    std::vector<std::int64_t> labels = {}) {
   std::mt19937_64 rng(seed);
@@ -259,14 +272,8 @@ TEST_CASE("ring sampler: every objective's loss and dL/df weigh the ring's draws
     for (const NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared})
       for (const bool exclude : {false, true}) {
         INFO(v.name << (mode == NegativesMode::shared ? " shared" : " per-sample") << (exclude ? " exclude_positive" : ""));
-        EngineConfig cfg = objective_config(v);
-        cfg.k = 23;
-        cfg.z_policy = ZPolicy::fixed;
-        cfg.z_fixed = kRefZFixed;
-        cfg.negatives = mode;
+        EngineConfig cfg = reference_config(v, 23, mode, 3);
         cfg.exclude_positive = exclude;
-        cfg.allow_biased_sampler = true;
-        cfg.seed = 3;
         Engine eng = ring_engine(cfg, {0, 12}, 22, needs_labels(v.obj) ? labels : std::vector<std::int64_t>{});
         const auto& s = dynamic_cast<const RingSampler&>(eng.sampler());
         const RowMatrixf bank = eng.bank().to_matrix();
@@ -342,14 +349,8 @@ TEST_CASE("ring sampler: under exclude_same_label each ring ranks the other clas
   for (const Variant& v : all_variants()) {
     for (const NegativesMode mode : {NegativesMode::per_sample, NegativesMode::shared}) {
       INFO(v.name << (mode == NegativesMode::shared ? " shared" : " per-sample"));
-      EngineConfig cfg = objective_config(v);
-      cfg.k = 19;
-      cfg.z_policy = ZPolicy::fixed;
-      cfg.z_fixed = kRefZFixed;
-      cfg.negatives = mode;
+      EngineConfig cfg = reference_config(v, 19, mode, 4);
       cfg.exclude_same_label = true;
-      cfg.allow_biased_sampler = true;
-      cfg.seed = 4;
       Engine eng = ring_engine(cfg, {1, 15}, 23, labels);
       const RowMatrixf bank = eng.bank().to_matrix();
       const std::vector<index_t> ids = {3, 50, 50, 121, 298};

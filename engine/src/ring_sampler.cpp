@@ -97,6 +97,12 @@ struct RingBatch final : Conditioned {
   index_t batch = 0, m = 0;
   std::vector<std::uint32_t> members;
   std::vector<std::uint32_t> count;
+  RingBatch(index_t b, index_t ring) : batch(b), m(ring), members(static_cast<std::size_t>(b * ring)) {}
+  /// count[j] = the rings holding row j, once every ring is in `members`.
+  void count_members(index_t n) {
+    count.assign(static_cast<std::size_t>(n), 0u);
+    for (const std::uint32_t j : members) ++count[j];
+  }
   std::span<const std::uint32_t> ring(index_t i) const {
     return {members.data() + i * m, static_cast<std::size_t>(m)};
   }
@@ -260,18 +266,14 @@ std::unique_ptr<Conditioned> RingSampler::rank(const BankView& bank, const float
   MEMBANK_CHECK(bank.rows == n_, "the bank has N = {} rows: expected the sampler's N = {}", bank.rows, n_);
   check_queries(f, stride, batch, dim, bank.dim);
   if (classes) check_other_rows(classes, query_classes);  // every label must leave a whole ring of other rows
-  const index_t n = n_, m = config_.upper - config_.lower;
-  auto out = std::make_unique<RingBatch>();
+  const index_t m = config_.upper - config_.lower;
+  auto out = std::make_unique<RingBatch>(batch, m);
   RingBatch& b = *out;
-  b.batch = batch;
-  b.m = m;
-  b.members.resize(static_cast<std::size_t>(batch * m));
-  b.count.assign(static_cast<std::size_t>(n), 0u);
   select_rings(bank, 0, f, stride, batch, dim, classes, query_classes, config_.lower, config_.upper,
                [&](index_t i, const float*, const std::uint32_t* ring) {
                  std::copy_n(ring, m, b.members.data() + i * m);
                });
-  for (const std::uint32_t j : b.members) ++b.count[j];
+  b.count_members(n_);
   return out;
 }
 
@@ -313,12 +315,8 @@ std::unique_ptr<Conditioned> RingSampler::from_candidates(std::span<const std::u
                 "{} candidates for {} queries from {} shards ({} a query): expected B x the shards' candidates, at "
                 "least upper = {} a query", all.size(), batch, per_shard.size(), total, config_.upper);
   const index_t m = config_.upper - config_.lower;
-  auto out = std::make_unique<RingBatch>();
+  auto out = std::make_unique<RingBatch>(batch, m);
   RingBatch& b = *out;
-  b.batch = batch;
-  b.m = m;
-  b.members.resize(static_cast<std::size_t>(batch * m));
-  b.count.assign(static_cast<std::size_t>(n_), 0u);
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
@@ -347,7 +345,7 @@ std::unique_ptr<Conditioned> RingSampler::from_candidates(std::span<const std::u
     }
   }
   errors.rethrow("the ring sampler's merge of shard candidates");
-  for (const std::uint32_t j : b.members) ++b.count[j];
+  b.count_members(n_);
   return out;
 }
 
