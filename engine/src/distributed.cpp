@@ -181,8 +181,8 @@ Sums sum_in_rank_order(const Group& g, const Sums& mine) {
 }
 
 /// ClusterSampler::refresh of a sharded bank, bit for bit the single-process refresh of the whole
-/// bank (detail/kmeans.hpp): each Lloyd step assigns this rank's rows (`local`, global rows `held`),
-/// then the per-cluster sums travel rank 0 -> 1 -> ... -> R - 1, each rank adding its rows (every
+/// bank of N = `n` rows (detail/kmeans.hpp): each Lloyd step assigns this rank's rows (`local`, its
+/// shard), then the per-cluster sums travel rank 0 -> 1 -> ... -> R - 1, each rank adding its rows (every
 /// cluster's rows in ascending row order, as one process adds them), and every rank makes the same
 /// centroids from the last rank's sums; the final assignment is all-gathered (4 bytes a row). The
 /// re-fitted sampler, used from step counter `step` on; the engine's stays as it was on an Error.
@@ -275,7 +275,7 @@ DistributedEngine::DistributedEngine(MPI_Comm comm, Distributed mode, Bank local
                     "of N = {})", bank_.size(), held_.size(), to_string(mode_), held_.begin, held_.end, n_);
       MEMBANK_CHECK(sampler_ != nullptr, "sampler is null: expected a NoiseSampler over the N = {} rows", n_);
       MEMBANK_CHECK(sampler_->size() == n_, "sampler has N = {}: expected the bank's N = {}", sampler_->size(), n_);
-      Engine::check_sampler(*sampler_, config_);  // biased samplers, exclude_same_label
+      Engine::check_sampler(*sampler_, config_);  // a biased sampler needs allow_biased_sampler
       if (const auto* cs = dynamic_cast<const ClusterSampler*>(sampler_.get()))
         MEMBANK_CHECK(cs->centroids().cols() == bank_.dim(), "the cluster sampler's centroids have D = {}: expected "
                       "the bank's D = {}", cs->centroids().cols(), bank_.dim());
@@ -595,14 +595,15 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
   const index_t first = gb.offset[static_cast<std::size_t>(rank_)];
   const index_t k = k_mine;
 
-  // A query-dependent sampler (replicated mode): a cluster sampler due a refresh re-fits first, as
-  // Engine::run does, then every rank conditions it on the whole global batch -- the single-process
-  // engine's conditioning of the same unit features, so query i's q(. | f_i) is the same bit for bit
-  // -- and uses the rows of its own queries (row `total`: the batch mean, for shared negatives).
+  // A cluster sampler due a refresh re-fits first, as Engine::run does (whatever the objective).
+  // Then every rank conditions a query-dependent sampler on the whole global batch -- the
+  // single-process engine's conditioning of the same unit features, so query i's q(. | f_i) is the
+  // same bit for bit -- and uses the rows of its own queries (row `total`: the batch mean, for
+  // shared negatives).
+  if (auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get()); cs && cs->due(step_)) refit_clusters(g);
   std::unique_ptr<Conditioned> conditioned;
   std::vector<double> query_class_mass;
   if (sampler_->query_dependent() && !full) {
-    if (auto* cs = dynamic_cast<ClusterSampler*>(sampler_.get()); cs && cs->due(step_)) refit_clusters(g);
     const auto* ring = dynamic_cast<const RingSampler*>(sampler_.get());
     if (ring && sharded) {
       // Every rank ranks its shard for every query and keeps its first `upper` as sort keys; the

@@ -30,7 +30,8 @@
 // (the per-cluster sums carried from rank to rank in rank order, the assignment all-gathered: every
 // rank holds the whole sampler state, 8 bytes a row). The ring sampler works in both modes:
 // sharded, every rank ranks its own rows for every query and the ranks' first `upper` keys are
-// all-gathered (8 B upper bytes a rank) and merged into the whole bank's rings. Z (first_batch, ema) comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
+// all-gathered (8 B upper bytes a rank) and merged into the whole bank's rings. Z (first_batch, ema)
+// comes from the global batch's estimate. Scalar results are combined in rank order on every rank:
 // every rank returns the same StepStats, bit for bit.
 //
 // Errors: a rank whose input is refused (the single-process checks, plus a slice of the batch that
