@@ -31,9 +31,9 @@
 // clusters are those of view 0's bank (refreshed from it, by refresh_every or refresh_sampler()),
 // so pairs with the same query view draw the same negatives; a RingSampler ranks each pair's own
 // bank b, the hard negatives of that pair. Each pair (a, b) is then what a single-view Engine over
-// bank b, with the same sampler state, returns for view a's features. Each pair has its own Z state (Partition):
-// z_policy applies per pair (first_batch: the pair's own Zhat of its first step; ema: the pair's
-// own average; fixed: z_fixed for every pair).
+// bank b, with the same sampler state, returns for view a's features.
+// Each pair has its own Z state (Partition): z_policy applies per pair (first_batch: the pair's own
+// Zhat of its first step; ema: the pair's own average; fixed: z_fixed for every pair).
 //
 // After every pair is computed, each bank b is refreshed by momentum with view b's features at the
 // batch's ids: v^b_{y_i} <- normalise(m v^b_{y_i} + (1 - m) f^b_i) (Bank::momentum_update with the
