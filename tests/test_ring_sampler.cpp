@@ -374,6 +374,50 @@ TEST_CASE("ring sampler: under exclude_same_label each ring ranks the other clas
   }
 }
 
+TEST_CASE("ring sampler: rings merged from shards' candidates equal the whole bank's, every dtype") {
+  // Guards the sharded conditioning's two halves (DistributedEngine, sharded mode) without MPI: the
+  // bank cut into uneven shards, each shard's candidates, concatenated shard after shard, merged into
+  // exactly condition()'s rings -- with crowded exact ties (rows of +-1/2), with the label exclusion,
+  // and with shards smaller than upper.
+  std::mt19937_64 rng(12);
+  const RowMatrixf rows = half_rows(kN, rng);
+  const RowMatrixf f = half_rows(6, rng);
+  std::vector<std::int32_t> classes;
+  for (index_t j = 0; j < kN; ++j) classes.push_back(static_cast<std::int32_t>(j % 3));
+  const std::vector<std::int32_t> query_classes = {0, 1, 2, 0, 1, 2};
+  for (const DType t : {DType::float32, DType::float16, DType::bfloat16})
+    for (const RingConfig rc : {RingConfig{0, 40}, RingConfig{7, 90}, RingConfig{1, 150}})
+      for (const bool exclude : {false, true}) {
+        CAPTURE(to_string(t));
+        CAPTURE(rc.upper);
+        CAPTURE(exclude);
+        const Bank bank = Bank::from_rows(rows, t);
+        const RingSampler s(kN, rc);
+        const auto whole = exclude ? s.condition_excluding(bank.view(), f.data(), 4, 6, 4, classes.data(), query_classes)
+                                   : s.condition(bank.view(), f.data(), 4, 6, 4);
+        std::vector<std::uint64_t> all;
+        std::vector<index_t> per_shard;
+        for (const auto& [begin, end] : {std::pair<index_t, index_t>{0, 37}, {37, 170}, {170, 171}, {171, kN}}) {
+          const Bank shard = Bank::from_rows(rows.middleRows(begin, end - begin), t);
+          const std::vector<std::uint64_t> mine = s.candidates(shard.view(), begin, f.data(), 4, 6, 4,
+                                                               exclude ? classes.data() : nullptr, query_classes);
+          CHECK(static_cast<index_t>(mine.size()) == 6 * s.shard_candidates(end - begin));
+          all.insert(all.end(), mine.begin(), mine.end());
+          per_shard.push_back(s.shard_candidates(end - begin));
+        }
+        const auto merged = s.from_candidates(all, per_shard, 6);
+        for (index_t i = 0; i < 6; ++i) {
+          const auto a = s.ring({whole.get(), i}), b = s.ring({merged.get(), i});
+          CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+        }
+      }
+  // Too few candidates for the ring: refused.
+  const RingSampler s(kN, {0, 40});
+  const std::vector<std::uint64_t> few(6 * 10, 0);
+  const std::vector<index_t> one = {10};
+  CHECK(message_of<Error>([&] { (void)s.from_candidates(few, one, 6); }).find("at least upper = 40") != std::string::npos);
+}
+
 TEST_CASE("ring sampler: 1 and 2 OpenMP threads give bit-identical rings and steps") {
   std::vector<RowMatrixf> grads, banks;
   std::vector<double> losses;
