@@ -604,17 +604,16 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
   std::unique_ptr<Conditioned> conditioned;
   std::vector<double> query_class_mass;
   if (sampler_->query_dependent() && !full) {
+    std::vector<std::int32_t> query_classes;  // (exclude_same_label: every global query's)
+    g.check([&] { query_classes = detail::query_classes_of(config_, gb.ids, classes_.data()); });
     const auto* ring = dynamic_cast<const RingSampler*>(sampler_.get());
     if (ring && sharded) {
       // Every rank ranks its shard for every query and keeps its first `upper` as sort keys; the
       // union of all ranks' holds each query's global ranks up to upper (8 bytes a key).
       std::vector<std::uint64_t> mine;
-      std::vector<std::int32_t> query_classes;
       g.check([&] {
-        if (config_.exclude_same_label)
-          for (const index_t y : gb.ids) query_classes.push_back(classes_[static_cast<std::size_t>(y)]);
         mine = ring->candidates(bank_.view(), held_.begin, gb.f.data(), dim, total, dim,
-                                config_.exclude_same_label ? classes_.data() : nullptr, query_classes);
+                                query_classes.empty() ? nullptr : classes_.data(), query_classes);
       }, &wire_.seconds_draws);
       std::vector<index_t> per_shard(static_cast<std::size_t>(ranks_)), counts(per_shard.size());
       for (int r = 0; r < ranks_; ++r) {
@@ -626,10 +625,9 @@ StepStats DistributedEngine::run(FeaturesRef features, IdsRef ids, const Negativ
     }
     g.check([&] {
       if (!conditioned)
-        conditioned = detail::condition_batch(*sampler_, config_, bank_.view(), gb.f.data(), dim, gb.ids, classes_.data());
-      if (!config_.exclude_same_label || shared) return;
-      std::vector<std::int32_t> query_classes(static_cast<std::size_t>(total));
-      for (std::size_t i = 0; i < query_classes.size(); ++i) query_classes[i] = classes_[static_cast<std::size_t>(gb.ids[i])];
+        conditioned =
+            detail::condition_batch(*sampler_, bank_.view(), gb.f.data(), dim, total, classes_.data(), query_classes);
+      if (query_classes.empty() || shared) return;
       query_class_mass.resize(query_classes.size());
       sampler_->class_mass_given(*conditioned, classes_.data(), static_cast<index_t>(class_mass_.size()), query_classes,
                                  query_class_mass);

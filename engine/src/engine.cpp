@@ -292,7 +292,8 @@ RowMatrixi Engine::sample_impl(const Bank& bank, IdsRef ids, std::int64_t step, 
                   batch);
     check_labels_present();  // (exclude_same_label conditions on the queries' classes)
     const PreparedFeatures p = prepare_features(*features, batch, bank.dim(), config_);
-    conditioned = detail::condition_batch(*sampler_, config_, bank.view(), p.data, p.stride, ids, classes_.data());
+    conditioned = detail::condition_batch(*sampler_, bank.view(), p.data, p.stride, batch, classes_.data(),
+                                          detail::query_classes_of(config_, ids, classes_.data()));
   }
   if (config_.negatives == NegativesMode::shared) {
     RowMatrixi out(1, k);
@@ -375,16 +376,17 @@ Engine::Computed Engine::compute_on(const Bank& bank, const Partition& partition
     const index_t k = negatives ? negatives->cols() : config_.k;
     detail::KernelContext cx = make_context(bank, *sampler_, config_, classes_, class_mass_, classes8_, classes16_, k);
     // A query-dependent sampler's q(. | f_i) for this batch's features (and their mean, row B).
+    const std::vector<std::int32_t> query_classes =
+        sampler_->query_dependent() ? detail::query_classes_of(config_, ids, classes_.data()) : std::vector<std::int32_t>();
     const std::unique_ptr<Conditioned> conditioned =
         sampler_->query_dependent()
-            ? detail::condition_batch(*sampler_, config_, bank.view(), prepared.data, prepared.stride, ids, classes_.data())
+            ? detail::condition_batch(*sampler_, bank.view(), prepared.data, prepared.stride, batch, classes_.data(),
+                                      query_classes)
             : nullptr;
     cx.conditioned = conditioned.get();
     // exclude_same_label under q(. | f): each query's label mass, the conditioning of its draws.
     std::vector<double> query_class_mass;
     if (conditioned && config_.exclude_same_label && !shared) {
-      std::vector<std::int32_t> query_classes(static_cast<std::size_t>(batch));
-      for (std::size_t i = 0; i < query_classes.size(); ++i) query_classes[i] = classes_[static_cast<std::size_t>(ids[i])];
       query_class_mass.resize(query_classes.size());
       sampler_->class_mass_given(*conditioned, classes_.data(), static_cast<index_t>(class_mass_.size()), query_classes,
                                  query_class_mass);

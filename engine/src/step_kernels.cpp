@@ -92,12 +92,18 @@ void shared_draws(const NoiseSampler& sampler, const EngineConfig& cfg, IdsRef b
     for (auto& x : lw) x = static_cast<float>(log_kept - log_n - x);  // log P_n in, lw out
 }
 
-std::unique_ptr<Conditioned> condition_batch(const NoiseSampler& sampler, const EngineConfig& cfg, const BankView& bank,
-                                             const float* f, index_t stride, IdsRef ids, const std::int32_t* classes) {
-  const auto batch = static_cast<index_t>(ids.size());
-  if (!cfg.exclude_same_label) return sampler.condition(bank, f, stride, batch, bank.dim);
-  std::vector<std::int32_t> query_classes(ids.size());
-  for (std::size_t i = 0; i < ids.size(); ++i) query_classes[i] = classes[ids[i]];
+std::vector<std::int32_t> query_classes_of(const EngineConfig& cfg, IdsRef ids, const std::int32_t* classes) {
+  std::vector<std::int32_t> out;
+  if (!cfg.exclude_same_label) return out;
+  out.resize(ids.size());
+  for (std::size_t i = 0; i < ids.size(); ++i) out[i] = classes[ids[i]];
+  return out;
+}
+
+std::unique_ptr<Conditioned> condition_batch(const NoiseSampler& sampler, const BankView& bank, const float* f,
+                                             index_t stride, index_t batch, const std::int32_t* classes,
+                                             std::span<const std::int32_t> query_classes) {
+  if (query_classes.empty()) return sampler.condition(bank, f, stride, batch, bank.dim);
   return sampler.condition_excluding(bank, f, stride, batch, bank.dim, classes, query_classes);
 }
 

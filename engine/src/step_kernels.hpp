@@ -62,11 +62,15 @@ struct KernelContext {
   QueryRef query(index_t i) const { return {conditioned, conditioned ? i + query_row0 : 0}; }
 };
 
-/// A query-dependent sampler conditioned on B prepared rows `f` (the queries of `ids`) against
-/// `bank`: under exclude_same_label with each query's class (classes: every row's), so that a sampler
-/// that can leave the label out of q does (NoiseSampler::condition_excluding).
-std::unique_ptr<Conditioned> condition_batch(const NoiseSampler& sampler, const EngineConfig& cfg, const BankView& bank,
-                                             const float* f, index_t stride, IdsRef ids, const std::int32_t* classes);
+/// Each query's class (classes: every row's) where exclude_same_label needs it; empty otherwise.
+std::vector<std::int32_t> query_classes_of(const EngineConfig& cfg, IdsRef ids, const std::int32_t* classes);
+
+/// A query-dependent sampler conditioned on B prepared rows `f` against `bank`: with each query's
+/// class left out where query_classes (query_classes_of) holds them, so that a sampler that can
+/// leave the label out of q does (NoiseSampler::condition_excluding).
+std::unique_ptr<Conditioned> condition_batch(const NoiseSampler& sampler, const BankView& bank, const float* f,
+                                             index_t stride, index_t batch, const std::int32_t* classes,
+                                             std::span<const std::int32_t> query_classes);
 
 /// The objective's parameters for this step (nce's log Z filled in by the caller).
 kernels::ObjectiveParams objective_params(const EngineConfig& cfg, index_t k, index_t n, double log_z);
