@@ -42,7 +42,7 @@ void run_bench_knn(const KnnBenchOptions& o) {
   for (auto& l : ql) l = static_cast<int>(rng() % 10);
 
   double t0 = now_s();
-  const KnnResult r = knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{o.k, 0.07});
+  const KnnResult r = knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{.k = o.k, .sigma = 0.07});
   const double knn_s = now_s() - t0;
 
   // The ceiling: the same flops as plain GEMM blocks, no top-k, through the engine's dispatched GEMM

@@ -227,11 +227,11 @@ TEST_CASE("every path's kNN matches a double brute force on queries whose answer
     KnnResult r1, r2;
     {
       ThreadCount tc(1);
-      r1 = knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{k, sigma});
+      r1 = knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{.k = k, .sigma = sigma});
     }
     {
       ThreadCount tc(2);
-      r2 = knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{k, sigma});
+      r2 = knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{.k = k, .sigma = sigma});
     }
     CHECK(r1.predictions == r2.predictions);
     CHECK(bits_equal(r1.top1, r2.top1));

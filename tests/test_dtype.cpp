@@ -315,8 +315,8 @@ TEST_CASE("the exact softmax and kNN of a 2-byte bank equal those of its widened
     for (auto& l : bl) l = static_cast<int>(rng() % 5);
     for (auto& l : ql) l = static_cast<int>(rng() % 5);
     const RowMatrixf queries = unit_rows(q, dim, rng);
-    const KnnResult k1 = knn_evaluate(b.view(), bl, queries, ql, KnnOptions{20, 0.1});
-    const KnnResult k2 = knn_evaluate(wide.view(), bl, queries, ql, KnnOptions{20, 0.1});
+    const KnnResult k1 = knn_evaluate(b.view(), bl, queries, ql, KnnOptions{.k = 20, .sigma = 0.1});
+    const KnnResult k2 = knn_evaluate(wide.view(), bl, queries, ql, KnnOptions{.k = 20, .sigma = 0.1});
     CHECK(k1.predictions == k2.predictions);
     CHECK(bits_equal(k1.top1, k2.top1));
     CHECK(bits_equal(k1.top5, k2.top5));

@@ -7,6 +7,8 @@
 
 #include <doctest/doctest.h>
 
+#include <cstring>
+#include <limits>
 #include <numeric>
 
 using namespace mbtest;
@@ -72,7 +74,7 @@ TEST_CASE("weighted kNN equals brute force") {
   const RowMatrixd V = bank.to_matrix().cast<double>();
   for (index_t k : {1, 200, 5000}) {
     CAPTURE(k);
-    const auto got = membank::knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{k, 0.07});
+    const auto got = membank::knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{.k = k, .sigma = 0.07});
     const RefKnn ref = brute_force(V, bl, queries.cast<double>(), k, 0.07, C);
     CHECK(got.predictions == ref.pred);
     double t1 = 0, t5 = 0, nn = 0;
@@ -101,9 +103,241 @@ TEST_CASE("knn_evaluate rejects bad arguments") {
   bl[3] = -1;
   CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, q, ql), Error);
   bl[3] = 1;
-  CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, q, ql, KnnOptions{0, 0.07}), Error);
-  CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, q, ql, KnnOptions{101, 0.07}), Error);
-  CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, q, ql, KnnOptions{10, 0.0}), Error);
+  CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, q, ql, KnnOptions{.k = 0, .sigma = 0.07}), Error);
+  CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, q, ql, KnnOptions{.k = 101, .sigma = 0.07}), Error);
+  CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, q, ql, KnnOptions{.k = 10, .sigma = 0.0}), Error);
   CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, unit_rows(5, 9, rng), ql), Error);
-  CHECK_NOTHROW(membank::knn_evaluate(bank.view(), bl, q, ql, KnnOptions{100, 0.07}));
+  CHECK_NOTHROW(membank::knn_evaluate(bank.view(), bl, q, ql, KnnOptions{.k = 100, .sigma = 0.07}));
+}
+
+namespace {
+
+using membank::DType;
+using membank::knn_search;
+
+/// Brute force in double: every row's score, ranked by (score descending, row ascending).
+struct RefSearch {
+  Eigen::MatrixXd s;  // Q x N scores
+  std::vector<std::vector<index_t>> order;
+};
+RefSearch brute_force_search(const RowMatrixd& V, const RowMatrixd& Q) {
+  RefSearch r;
+  r.s = Q * V.transpose();
+  for (index_t i = 0; i < Q.rows(); ++i) {
+    std::vector<index_t> idx(static_cast<std::size_t>(V.rows()));
+    std::iota(idx.begin(), idx.end(), index_t{0});
+    std::sort(idx.begin(), idx.end(), [&](index_t a, index_t b) {
+      return r.s(i, a) > r.s(i, b) || (r.s(i, a) == r.s(i, b) && a < b);
+    });
+    r.order.push_back(std::move(idx));
+  }
+  return r;
+}
+
+struct SearchOut {
+  std::vector<float> scores;
+  std::vector<index_t> ids;
+};
+SearchOut search(const Bank& bank, const RowMatrixf& queries, index_t k, const membank::CancelHook& cancel = {}) {
+  SearchOut o{std::vector<float>(static_cast<std::size_t>(queries.rows() * k)),
+              std::vector<index_t>(static_cast<std::size_t>(queries.rows() * k))};
+  knn_search(bank.view(), queries, k, o.scores, o.ids, cancel);
+  return o;
+}
+
+/// Unit rows with four entries of +-1/2 and the rest 0 (the bank keeps them as they are): every
+/// product and partial sum is exact in fp32 (and the rows exact in fp16 and bf16), so scores are
+/// multiples of 1/4 and tie exactly and often.
+RowMatrixf coarse_rows(index_t rows, index_t cols, std::mt19937_64& rng) {
+  RowMatrixf m = RowMatrixf::Zero(rows, cols);
+  std::vector<index_t> at(static_cast<std::size_t>(cols));
+  std::iota(at.begin(), at.end(), index_t{0});
+  for (index_t i = 0; i < rows; ++i) {
+    std::shuffle(at.begin(), at.end(), rng);
+    for (std::size_t j = 0; j < 4; ++j) m(i, at[j]) = (rng() & 1) != 0 ? 0.5f : -0.5f;
+  }
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("knn_search equals brute force in double on exact ties, every dtype") {
+  // Guards the tie rule (equal scores: the smaller id first), the threshold's strictness across
+  // tiles, the candidates' settling and the merge of bank parts: scores are exact, so ids and scores
+  // must equal the double reference exactly. Q = 100 is one query block (with 2 threads the bank
+  // splits into parts); Q = 300 two blocks. N = 3001 leaves a partial tile; k = N takes every row.
+  std::mt19937_64 rng(5);
+  constexpr index_t N = 3001, D = 16;
+  const RowMatrixf rows = coarse_rows(N, D, rng);
+  for (const DType dt : {DType::float32, DType::float16, DType::bfloat16}) {
+    CAPTURE(membank::to_string(dt));
+    const Bank bank = Bank::from_rows(rows, dt);
+    REQUIRE(bits_equal(bank.to_matrix(), rows));
+    for (const index_t q : {index_t{100}, index_t{300}}) {
+      const RowMatrixf queries = coarse_rows(q, D, rng);
+      const RefSearch ref = brute_force_search(rows.cast<double>(), queries.cast<double>());
+      for (const index_t k : {index_t{1}, index_t{7}, index_t{200}, index_t{2999}, N}) {
+        CAPTURE(q);
+        CAPTURE(k);
+        const SearchOut got = search(bank, queries, k);
+        std::size_t wrong_id = 0, wrong_score = 0;
+        for (index_t i = 0; i < q; ++i)
+          for (index_t r = 0; r < k; ++r) {
+            const index_t want = ref.order[static_cast<std::size_t>(i)][static_cast<std::size_t>(r)];
+            const auto at = static_cast<std::size_t>(i * k + r);
+            wrong_id += got.ids[at] != want;
+            wrong_score += static_cast<double>(got.scores[at]) != ref.s(i, want);
+          }
+        CHECK(wrong_id == 0);
+        CHECK(wrong_score == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("knn_search equals brute force in double on random rows, k = 1, 200, 5000, every dtype") {
+  // Guards the search on continuous scores: each rank's score equals the double reference's score of
+  // that rank to fp32 accuracy, every id is distinct, belongs to the reference's top k up to a near
+  // tie (its double score within 1e-5 of the k-th), and a rank holds the reference's id unless the two
+  // scores are within 1e-5 (a swap of near-equal neighbours). N = 9001 leaves a partial tile; Q = 300
+  // spans two query blocks.
+  std::mt19937_64 rng(17);
+  constexpr index_t N = 9001, D = 24, Q = 300;
+  const RowMatrixf rows = unit_rows(N, D, rng);
+  const RowMatrixf queries = unit_rows(Q, D, rng);
+  for (const DType dt : {DType::float32, DType::float16, DType::bfloat16}) {
+    CAPTURE(membank::to_string(dt));
+    const Bank bank = Bank::from_rows(rows, dt);
+    const RefSearch ref = brute_force_search(bank.to_matrix().cast<double>(), queries.cast<double>());
+    for (const index_t k : {index_t{1}, index_t{200}, index_t{5000}}) {
+      CAPTURE(k);
+      const SearchOut got = search(bank, queries, k);
+      std::size_t bad_score = 0, bad_id = 0, duplicates = 0, outside = 0;
+      for (index_t i = 0; i < Q; ++i) {
+        const auto& order = ref.order[static_cast<std::size_t>(i)];
+        const double kth = ref.s(i, order[static_cast<std::size_t>(k - 1)]);
+        std::vector<index_t> seen;
+        for (index_t r = 0; r < k; ++r) {
+          const auto at = static_cast<std::size_t>(i * k + r);
+          const index_t id = got.ids[at];
+          const double want = ref.s(i, order[static_cast<std::size_t>(r)]);
+          bad_score += std::abs(static_cast<double>(got.scores[at]) - want) > 1e-5;
+          if (id < 0 || id >= N) {
+            ++outside;
+            continue;
+          }
+          bad_id += id != order[static_cast<std::size_t>(r)] && std::abs(ref.s(i, id) - want) > 1e-5;
+          outside += ref.s(i, id) < kth - 1e-5;
+          seen.push_back(id);
+        }
+        std::sort(seen.begin(), seen.end());
+        duplicates += static_cast<std::size_t>(std::unique(seen.begin(), seen.end()) - seen.begin()) != seen.size();
+      }
+      CHECK(bad_score == 0);
+      CHECK(bad_id == 0);
+      CHECK(duplicates == 0);
+      CHECK(outside == 0);
+    }
+  }
+}
+
+TEST_CASE("knn_search is bit-identical for 1 and 2 threads") {
+  // Guards the split of the work: with 2 threads few queries split the bank into parts merged
+  // afterwards, many queries split into blocks; either way every id and score bit equals 1 thread's.
+  std::mt19937_64 rng(23);
+  constexpr index_t N = 5000, D = 32;
+  const Bank bank = Bank::from_rows(unit_rows(N, D, rng));
+  for (const index_t q : {index_t{3}, index_t{600}}) {
+    CAPTURE(q);
+    const RowMatrixf queries = unit_rows(q, D, rng);
+    for (const index_t k : {index_t{1}, index_t{200}, index_t{5000}}) {
+      CAPTURE(k);
+      SearchOut one, two;
+      {
+        ThreadCount tc(1);
+        one = search(bank, queries, k);
+      }
+      {
+        ThreadCount tc(2);
+        two = search(bank, queries, k);
+      }
+      CHECK(one.ids == two.ids);
+      CHECK(std::memcmp(one.scores.data(), two.scores.data(), one.scores.size() * sizeof(float)) == 0);
+    }
+  }
+}
+
+TEST_CASE("knn_search stops between tiles when cancelled and writes nothing") {
+  // Guards cancellation: the hook is asked between tiles on the calling thread; once it says stop,
+  // it is not asked again, membank::Cancelled is thrown, and the caller's buffers keep their contents.
+  // A hook that never stops changes nothing in the results. knn_evaluate passes its hook on.
+  std::mt19937_64 rng(29);
+  constexpr index_t N = 20 * membank::kKnnTile + 5, D = 8, Q = 40, K = 10;
+  const Bank bank = Bank::from_rows(unit_rows(N, D, rng));
+  const RowMatrixf queries = unit_rows(Q, D, rng);
+  for (const int threads : {1, 2}) {
+    CAPTURE(threads);
+    ThreadCount tc(threads);
+    int calls = 0;
+    std::vector<float> scores(Q * K, -7.0f);
+    std::vector<index_t> ids(Q * K, -7);
+    CHECK_THROWS_AS(knn_search(bank.view(), queries, K, scores, ids, [&] { return ++calls == 3; }),
+                    membank::Cancelled);
+    CHECK(calls == 3);
+    CHECK(std::all_of(scores.begin(), scores.end(), [](float s) { return s == -7.0f; }));
+    CHECK(std::all_of(ids.begin(), ids.end(), [](index_t i) { return i == -7; }));
+
+    int asked = 0;
+    const SearchOut plain = search(bank, queries, K);
+    const SearchOut hooked = search(bank, queries, K, [&] { return ++asked < 0; });
+    CHECK(asked >= 1);
+    CHECK(plain.ids == hooked.ids);
+    CHECK(plain.scores == hooked.scores);
+
+    std::vector<int> bl(N, 0), ql(Q, 0);
+    int evaluate_calls = 0;
+    KnnOptions o{.k = K, .sigma = 0.1, .cancel = [&] { return ++evaluate_calls == 2; }};
+    CHECK_THROWS_AS(membank::knn_evaluate(bank.view(), bl, queries, ql, o), membank::Cancelled);
+    CHECK(evaluate_calls == 2);
+  }
+}
+
+TEST_CASE("knn_search rejects bad arguments and changes nothing") {
+  // Guards validation: k outside [1, N], buffers shorter than Q x k, a query of the wrong width or not
+  // finite, outputs that overlap each other, the queries or the bank. Every refusal is one
+  // membank::Error and leaves the buffers as they were.
+  std::mt19937_64 rng(37);
+  constexpr index_t N = 300, D = 8, Q = 4, K = 5;
+  Bank bank = Bank::from_rows(unit_rows(N, D, rng));
+  RowMatrixf q = unit_rows(Q, D, rng);
+  std::vector<float> scores(Q * K, 3.0f);
+  std::vector<index_t> ids(Q * K, 3);
+  const auto unchanged = [&] {
+    return std::all_of(scores.begin(), scores.end(), [](float s) { return s == 3.0f; }) &&
+           std::all_of(ids.begin(), ids.end(), [](index_t i) { return i == 3; });
+  };
+  const auto refused = [&](auto&& call, const char* word) {
+    const std::string msg = message_of(call);
+    CHECK_MESSAGE(mentions(msg, word), msg);
+    CHECK(unchanged());
+  };
+  refused([&] { knn_search(bank.view(), q, 0, scores, ids); }, "k = 0");
+  refused([&] { knn_search(bank.view(), q, N + 1, scores, ids); }, "k = 301");
+  refused([&] { knn_search(bank.view(), q, K, std::span<float>(scores).first(Q * K - 1), ids); }, "scores");
+  refused([&] { knn_search(bank.view(), q, K, scores, std::span<index_t>(ids).first(Q * K - 1)); }, "ids");
+  refused([&] { knn_search(bank.view(), unit_rows(Q, D + 1, rng), K, scores, ids); }, "queries");
+  RowMatrixf nan_q = q;
+  nan_q(2, 3) = std::numeric_limits<float>::quiet_NaN();
+  refused([&] { knn_search(bank.view(), nan_q, K, scores, ids); }, "queries");
+  // ids written over the scores' memory.
+  std::vector<index_t> shared(Q * K);
+  refused([&] {
+    knn_search(bank.view(), q, K, std::span<float>(reinterpret_cast<float*>(shared.data()), Q * K), shared);
+  }, "share");
+  // scores written over the queries, or over the bank's rows.
+  refused([&] { knn_search(bank.view(), q, K, std::span<float>(q.data(), Q * K), ids); }, "share");
+  float* bank_rows = const_cast<float*>(bank.view().row(0));
+  const RowMatrixf before = bank.to_matrix();
+  refused([&] { knn_search(bank.view(), q, K, std::span<float>(bank_rows, Q * K), ids); }, "share");
+  CHECK(bits_equal(bank.to_matrix(), before));
 }

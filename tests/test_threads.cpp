@@ -188,7 +188,7 @@ TEST_CASE("knn_evaluate is bit-identical for 1 and 2 threads over several query 
     CAPTURE(k);
     const auto run_knn = [&](int threads) {
       ThreadCount tc(threads);
-      return knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{k, 0.07});
+      return knn_evaluate(bank.view(), bl, queries, ql, KnnOptions{.k = k, .sigma = 0.07});
     };
     const KnnResult one = run_knn(1), two = run_knn(2);
     CHECK(one.predictions == two.predictions);

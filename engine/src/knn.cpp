@@ -9,44 +9,225 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <limits>
-#include <queue>
 
 namespace membank {
 
 namespace {
 
-constexpr index_t kQueryBlock = 256;
-constexpr index_t kTile = 1024;
+using kernels::key_row;
+using kernels::key_score;
 
-/// (score, -row): the larger is the better neighbour; ties go to the smaller row id.
-using Neighbour = std::pair<float, index_t>;
+/// The search's result before it is handed out: Q x k rank keys (kernels::rank_key), best first.
+struct Neighbours {
+  index_t k = 0;
+  std::vector<std::uint64_t> keys;
+  std::span<const std::uint64_t> of(index_t query) const {
+    return std::span<const std::uint64_t>(keys).subspan(static_cast<std::size_t>(query * k), static_cast<std::size_t>(k));
+  }
+};
+
+/// One query's running best: a buffer of candidate keys and the score a new candidate must beat.
+/// Rows arrive in ascending order, so a candidate that only ties the k-th best loses to it: once k
+/// are held, the threshold is the k-th best score and the comparison strict.
+struct Candidates {
+  std::uint64_t* keys = nullptr;  // room for 2k + kKnnTile
+  index_t size = 0;
+  float threshold = -std::numeric_limits<float>::infinity();
+
+  /// After a tile's candidates were appended, once there are twice k (or as soon as there are k, to
+  /// set the first threshold): keep those up to a pivot key P with at least k at or below it, and P's
+  /// score becomes the threshold. P comes from a sorted sample of 64 keys, at the rank that leaves
+  /// about 1.25 k; a count confirms it before anything is dropped (else the next sampled key, up to
+  /// an exact selection). Every pass is branch-free: no comparison a random key would mispredict.
+  void settle(index_t k) {
+    if (size < k || (size <= 2 * k && threshold != -std::numeric_limits<float>::infinity())) return;
+    constexpr index_t m = 64;
+    std::array<std::uint64_t, m> sample;
+    for (index_t j = 0; j < m; ++j) sample[static_cast<std::size_t>(j)] = keys[j * size / m];
+    std::sort(sample.begin(), sample.end());
+    for (index_t r = std::min<index_t>(m - 1, (5 * k * m) / (4 * size) + 1); r < m; r = std::max(r + 1, 2 * r)) {
+      const std::uint64_t pivot = sample[static_cast<std::size_t>(r)];
+      index_t below = 0;
+      for (index_t j = 0; j < size; ++j) below += keys[j] <= pivot ? 1 : 0;
+      if (below < k) continue;
+      if (below > 2 * k) break;
+      index_t w = 0;
+      for (index_t j = 0; j < size; ++j) {
+        const std::uint64_t key = keys[j];
+        keys[w] = key;
+        w += key <= pivot ? 1 : 0;
+      }
+      size = w;
+      threshold = key_score(pivot);
+      return;
+    }
+    std::nth_element(keys, keys + (k - 1), keys + size);
+    size = k;
+    threshold = key_score(keys[k - 1]);
+  }
+  /// The k best (fewer when the part held fewer rows), sorted, into out; the rest of out unchanged.
+  void finish(index_t k, std::uint64_t* out) {
+    const index_t m = std::min(k, size);
+    if (m < size) std::nth_element(keys, keys + (m - 1), keys + size);
+    std::sort(keys, keys + m);
+    std::copy(keys, keys + m, out);
+  }
+};
+
+void check_search_args(const BankView& bank, FeaturesRef queries, index_t k) {
+  const index_t n = bank.rows, dim = bank.dim, q = queries.rows();
+  MEMBANK_CHECK(q >= 1 && queries.cols() == dim, "queries has shape {} x {}: expected Q x {} with Q >= 1", q,
+                queries.cols(), dim);
+  check_features(queries, q, dim, "queries");
+  MEMBANK_CHECK(k >= 1 && k <= n, "k = {}: expected 1 <= k <= N = {}", k, n);
+  MEMBANK_CHECK(n <= static_cast<index_t>(std::numeric_limits<std::uint32_t>::max()),
+                "the bank has N = {} rows: the search takes up to 2^32 - 1 rows per bank (shard a larger one)", n);
+}
+
+/// The k best rows of every query as rank keys, staged apart from any caller buffer. The bank splits
+/// into `parts` ranges of whole tiles when there are fewer query blocks than threads; each (block,
+/// part) pair is one unit of work and the parts' bests merge exactly (the keys order totally).
+Neighbours search_keys(const BankView& bank, FeaturesRef queries, index_t k, const CancelHook& cancel) {
+  const index_t n = bank.rows, dim = bank.dim, q = queries.rows();
+  const int threads = omp_get_max_threads();
+  const index_t blocks = (q + kKnnQueryBlock - 1) / kKnnQueryBlock;
+  const index_t tiles = (n + kKnnTile - 1) / kKnnTile;
+  const index_t parts = std::clamp<index_t>((threads + blocks - 1) / blocks, 1, tiles);
+  const index_t tiles_per_part = (tiles + parts - 1) / parts;
+  const index_t cap = 2 * k + kKnnTile;
+  {
+    std::int64_t per_thread = mul_sat(kKnnQueryBlock, mul_sat(kKnnTile, 4));       // scores
+    per_thread = add_sat(per_thread, mul_sat(kKnnQueryBlock, mul_sat(cap, 8)));     // candidates
+    per_thread = add_sat(per_thread, mul_sat(kKnnQueryBlock, mul_sat(dim, 4)));     // the block's queries
+    if (bank.dtype != DType::float32) per_thread = add_sat(per_thread, mul_sat(kKnnTile, mul_sat(dim, 4)));
+    const std::int64_t staged = mul_sat(mul_sat(q, k), mul_sat(parts, 8));
+    require_memory(add_sat(mul_sat(threads, per_thread), mul_sat(staged, parts > 1 ? 2 : 1)),
+                   fmt::format("the kNN search with k = {} for Q = {} queries ({} threads)", k, q, threads));
+  }
+  // Part p's best of query i at staged[(p q + i) k ..]; a part holding fewer than k rows fills the rest
+  // with the worst key, which the merge never keeps.
+  std::vector<std::uint64_t> staged(static_cast<std::size_t>(parts * q * k), std::numeric_limits<std::uint64_t>::max());
+  struct Scratch {
+    RowMatrixf s, block, tile;
+    std::vector<std::uint64_t> keys;
+    std::vector<Candidates> cand;
+  };
+  std::vector<Scratch> scratch(static_cast<std::size_t>(threads));
+  const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
+  detail::ExceptionCapture errors;
+  std::atomic<bool> stop{false};
+#pragma omp parallel
+  {
+    Scratch& t = scratch[static_cast<std::size_t>(omp_get_thread_num())];
+    const bool caller = omp_get_thread_num() == 0;  // the calling thread: the only one that asks `cancel`
+    errors.run([&] {
+      t.s.resize(kKnnQueryBlock, kKnnTile);
+      if (bank.dtype != DType::float32) t.tile.resize(kKnnTile, dim);
+      t.keys.resize(static_cast<std::size_t>(kKnnQueryBlock * cap));
+      t.cand.resize(static_cast<std::size_t>(kKnnQueryBlock));
+    });
+#pragma omp for schedule(dynamic, 1)
+    for (index_t w = 0; w < blocks * parts; ++w) {
+      errors.run([&] {
+        if (stop.load(std::memory_order_relaxed)) return;
+        const index_t b = w / parts, p = w % parts;
+        const index_t q0 = b * kKnnQueryBlock, rows = std::min(kKnnQueryBlock, q - q0);
+        t.block = queries.middleRows(q0, rows);
+        for (index_t i = 0; i < rows; ++i)
+          t.cand[static_cast<std::size_t>(i)] = {t.keys.data() + i * cap, 0, -std::numeric_limits<float>::infinity()};
+        const index_t first = std::min(n, p * tiles_per_part * kKnnTile);
+        const index_t last = std::min(n, (p + 1) * tiles_per_part * kKnnTile);
+        for (index_t t0 = first; t0 < last; t0 += kKnnTile) {
+          const index_t cols = std::min(kKnnTile, last - t0);
+          const float* v = bank.dtype == DType::float32 ? bank.row(t0) : t.tile.data();
+          if (bank.dtype != DType::float32) bank.widen_rows(t0, cols, t.tile.data(), dim);
+          kt.gemm_abt(rows, cols, dim, 1.0f, t.block.data(), dim, v,
+                      bank.dtype == DType::float32 ? bank.stride : dim, t.s.data(), kKnnTile);
+          for (index_t i = 0; i < rows; ++i) {
+            Candidates& c = t.cand[static_cast<std::size_t>(i)];
+            const float* si = t.s.row(i).data();
+            index_t j = 0;
+            if (c.threshold == -std::numeric_limits<float>::infinity() && c.size < k) {
+              // Until the first threshold: take just enough rows to set it, then scan the rest against it.
+              j = std::min(cols, k - c.size);
+              c.size += kt.collect_above(si, j, c.threshold, static_cast<std::uint32_t>(t0), c.keys + c.size);
+              c.settle(k);
+            }
+            c.size += kt.collect_above(si + j, cols - j, c.threshold, static_cast<std::uint32_t>(t0 + j),
+                                       c.keys + c.size);
+            c.settle(k);
+          }
+          if (caller && cancel && cancel()) stop.store(true, std::memory_order_relaxed);
+          if (stop.load(std::memory_order_relaxed)) return;
+        }
+        for (index_t i = 0; i < rows; ++i)
+          t.cand[static_cast<std::size_t>(i)].finish(k, staged.data() + ((p * q + q0 + i) * k));
+      });
+    }
+  }
+  errors.rethrow("the kNN search");
+  if (stop.load()) throw Cancelled("membank: the kNN search was cancelled by its caller; nothing was written");
+  Neighbours r;
+  r.k = k;
+  if (parts == 1) {
+    r.keys = std::move(staged);
+  } else {
+    r.keys.resize(static_cast<std::size_t>(q * k));
+    std::vector<std::uint64_t> merged(static_cast<std::size_t>(parts * k));
+    for (index_t i = 0; i < q; ++i) {
+      for (index_t p = 0; p < parts; ++p)
+        std::copy_n(staged.begin() + (p * q + i) * k, k, merged.begin() + p * k);
+      std::partial_sort(merged.begin(), merged.begin() + k, merged.end());
+      std::copy_n(merged.begin(), k, r.keys.begin() + i * k);
+    }
+  }
+  // A score that is not finite is never collected (inf - inf in a product of huge rows): such a query
+  // comes out with fewer than k neighbours, an error rather than a silent gap.
+  for (index_t i = 0; i < q; ++i)
+    MEMBANK_CHECK(r.keys[static_cast<std::size_t>((i + 1) * k - 1)] != std::numeric_limits<std::uint64_t>::max(),
+                  "queries row {}: fewer than k = {} bank rows have a finite score above -inf (a product overflowed "
+                  "fp32, or a row is not finite)", i, k);
+  return r;
+}
 
 }  // namespace
 
-namespace {
-KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, FeaturesRef queries,
-                   std::span<const int> query_labels, const KnnOptions& o);
-}  // namespace
-
-KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, FeaturesRef queries,
-                       std::span<const int> query_labels, const KnnOptions& o) {
-  return detail::translate_bad_alloc("knn_evaluate", [&] { return knn_impl(bank, bank_labels, queries, query_labels, o); });
+void knn_search(const BankView& bank, FeaturesRef queries, index_t k, std::span<float> scores, std::span<index_t> ids,
+                const CancelHook& cancel) {
+  check_search_args(bank, queries, k);
+  const index_t q = queries.rows();
+  const auto need = static_cast<std::size_t>(mul_no_overflow(q, k, "Q x k"));
+  MEMBANK_CHECK(scores.size() >= need, "scores has {} entries: expected at least Q x k = {} x {} = {}", scores.size(),
+                q, k, need);
+  MEMBANK_CHECK(ids.size() >= need, "ids has {} entries: expected at least Q x k = {} x {} = {}", ids.size(), q, k,
+                need);
+  const MemoryRegion out_s = MemoryRegion::contiguous(scores.data(), static_cast<std::int64_t>(need * sizeof(float)));
+  const MemoryRegion out_i = MemoryRegion::contiguous(ids.data(), static_cast<std::int64_t>(need * sizeof(index_t)));
+  check_no_overlap(out_s, "scores", out_i, "ids");
+  for (const auto& [out, name] : {std::pair{out_s, "scores"}, std::pair{out_i, "ids"}}) {
+    check_no_overlap(out, name, bank.region(), "the bank");
+    check_no_overlap(out, name, MemoryRegion::of_matrix(queries), "queries");
+  }
+  const Neighbours r = detail::translate_bad_alloc("knn_search", [&] { return search_keys(bank, queries, k, cancel); });
+  for (std::size_t j = 0; j < need; ++j) {
+    scores[j] = key_score(r.keys[j]);
+    ids[j] = static_cast<index_t>(key_row(r.keys[j]));
+  }
 }
 
 namespace {
 KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, FeaturesRef queries,
                    std::span<const int> query_labels, const KnnOptions& o) {
-  const index_t n = bank.rows, dim = bank.dim, q = queries.rows();
+  const index_t n = bank.rows, q = queries.rows();
   MEMBANK_CHECK(static_cast<index_t>(bank_labels.size()) == n, "bank_labels has {} entries: expected N = {}",
                 bank_labels.size(), n);
-  MEMBANK_CHECK(q >= 1 && queries.cols() == dim, "queries has shape {} x {}: expected Q x {} with Q >= 1", q,
-                queries.cols(), dim);
-  check_features(queries, q, dim, "queries");
+  check_search_args(bank, queries, o.k);
   MEMBANK_CHECK(static_cast<index_t>(query_labels.size()) == q, "query_labels has {} entries: expected Q = {}",
                 query_labels.size(), q);
-  MEMBANK_CHECK(o.k >= 1 && o.k <= n, "k = {}: expected 1 <= k <= N = {}", o.k, n);
   MEMBANK_CHECK(std::isfinite(o.sigma) && o.sigma > 0.0, "sigma = {}: expected a finite value > 0", o.sigma);
   int classes = 0;
   for (std::size_t i = 0; i < bank_labels.size(); ++i) {
@@ -57,110 +238,40 @@ KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, Featu
   for (std::size_t i = 0; i < query_labels.size(); ++i)
     MEMBANK_CHECK(query_labels[i] >= 0 && query_labels[i] < classes,
                   "query_labels[{}] = {}: expected a class id in [0, {})", i, query_labels[i], classes);
+  require_memory(add_sat(mul_sat(q, 7), mul_sat(omp_get_max_threads(), mul_sat(classes, 12))),
+                 fmt::format("knn_evaluate's votes for Q = {} queries over {} classes", q, classes));
+  const Neighbours nb = search_keys(bank, queries, o.k, o.cancel);
 
-  {
-    // Per thread: a block's scores, its queries, and 256 heaps of up to k (score, row) pairs; plus
-    // the per-query results. Checked before anything is allocated.
-    const int threads = omp_get_max_threads();
-    std::int64_t per_thread = kQueryBlock * kTile * 4;
-    per_thread = add_sat(per_thread, mul_sat(kQueryBlock, mul_sat(dim, 4)));
-    per_thread = add_sat(per_thread, mul_sat(kQueryBlock, mul_sat(o.k, 16)));
-    per_thread = add_sat(per_thread, mul_sat(classes, 12));
-    if (bank.dtype != DType::float32) per_thread = add_sat(per_thread, mul_sat(kTile, mul_sat(dim, 4)));
-    require_memory(add_sat(mul_sat(threads, per_thread), mul_sat(q, 7)),
-                   fmt::format("knn_evaluate with k = {} for Q = {} queries ({} threads)", o.k, q, threads));
-  }
   KnnResult r;
   r.predictions.assign(static_cast<std::size_t>(q), 0);
   std::vector<char> hit1(static_cast<std::size_t>(q)), hit5(static_cast<std::size_t>(q)),
       hitnn(static_cast<std::size_t>(q));
-  const index_t blocks = (q + kQueryBlock - 1) / kQueryBlock;
-  // Per-thread scratch made before the region; no exception escapes it (captured, rethrown after).
-  struct Scratch {
-    RowMatrixf s;
-    RowMatrixf tile;  // a 2-byte bank's tile, widened
-    std::vector<std::priority_queue<Neighbour, std::vector<Neighbour>, std::greater<>>> heaps;
-    std::vector<double> score;
-    std::vector<int> order;
-  };
-  std::vector<Scratch> scratch(static_cast<std::size_t>(omp_get_max_threads()));
-  for (auto& t : scratch) {
-    t.s.resize(kQueryBlock, kTile);
-    if (bank.dtype != DType::float32) t.tile.resize(kTile, dim);
-    t.heaps.resize(kQueryBlock);
-    t.score.resize(static_cast<std::size_t>(classes));
-    t.order.resize(static_cast<std::size_t>(classes));
-  }
-  const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
-  detail::ExceptionCapture errors;
+  const int top = std::min(classes, 5);
+  std::vector<std::vector<double>> scores(static_cast<std::size_t>(omp_get_max_threads()),
+                                         std::vector<double>(static_cast<std::size_t>(classes)));
+  std::vector<std::vector<int>> orders(scores.size(), std::vector<int>(static_cast<std::size_t>(classes)));
 #pragma omp parallel
   {
-    Scratch& t = scratch[static_cast<std::size_t>(omp_get_thread_num())];
-    RowMatrixf& s = t.s;
-    auto& heaps = t.heaps;
-    auto& score = t.score;
-    auto& order = t.order;
-#pragma omp for schedule(dynamic, 1)
-    for (index_t b = 0; b < blocks; ++b) {
-      errors.run([&] {
-        const index_t q0 = b * kQueryBlock, rows = std::min(kQueryBlock, q - q0);
-        const RowMatrixf qb = queries.middleRows(q0, rows);
-        for (auto& h : heaps) h = {};
-        for (index_t t0 = 0; t0 < n; t0 += kTile) {
-          const index_t cols = std::min(kTile, n - t0);
-          if (bank.dtype == DType::float32) {
-            kt.gemm_abt(rows, cols, dim, 1.0f, qb.data(), dim, bank.row(t0), bank.stride, s.data(), kTile);
-          } else {
-            bank.widen_rows(t0, cols, t.tile.data(), dim);
-            kt.gemm_abt(rows, cols, dim, 1.0f, qb.data(), dim, t.tile.data(), dim, s.data(), kTile);
-          }
-          for (index_t i = 0; i < rows; ++i) {
-            auto& h = heaps[static_cast<std::size_t>(i)];
-            const float* si = s.row(i).data();
-            // Most candidates lose to the current k-th score: the kernel skips them (vectorised).
-            float worst = static_cast<index_t>(h.size()) < o.k ? -std::numeric_limits<float>::infinity() : h.top().first;
-            for (index_t j = 0; j < cols; ++j) {
-              j = kt.first_at_least(si, j, cols, worst);
-              if (j == cols) break;
-              const Neighbour cand{si[j], -(t0 + j)};
-              if (static_cast<index_t>(h.size()) < o.k) {
-                h.push(cand);
-              } else if (h.top() < cand) {
-                h.pop();
-                h.push(cand);
-              }
-              if (static_cast<index_t>(h.size()) == o.k) worst = h.top().first;
-            }
-          }
-        }
-        for (index_t i = 0; i < rows; ++i) {
-          auto& h = heaps[static_cast<std::size_t>(i)];
-          std::fill(score.begin(), score.end(), 0.0);
-          Neighbour best = h.top();
-          while (!h.empty()) {
-            const Neighbour nb = h.top();
-            h.pop();
-            best = std::max(best, nb);
-            score[static_cast<std::size_t>(bank_labels[static_cast<std::size_t>(-nb.second)])] +=
-                std::exp(static_cast<double>(nb.first) / o.sigma);
-          }
-          for (int c = 0; c < classes; ++c) order[static_cast<std::size_t>(c)] = c;
-          const int top = std::min(classes, 5);
-          std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int a, int c) {
-            return score[static_cast<std::size_t>(a)] > score[static_cast<std::size_t>(c)] ||
-                   (score[static_cast<std::size_t>(a)] == score[static_cast<std::size_t>(c)] && a < c);
-          });
-          const auto qi = static_cast<std::size_t>(q0 + i);
-          const int label = query_labels[qi];
-          r.predictions[qi] = order[0];
-          hit1[qi] = order[0] == label;
-          hit5[qi] = std::find(order.begin(), order.begin() + top, label) != order.begin() + top;
-          hitnn[qi] = bank_labels[static_cast<std::size_t>(-best.second)] == label;
-        }
+    std::vector<double>& score = scores[static_cast<std::size_t>(omp_get_thread_num())];
+    std::vector<int>& order = orders[static_cast<std::size_t>(omp_get_thread_num())];
+#pragma omp for schedule(static)
+    for (index_t i = 0; i < q; ++i) {
+      std::fill(score.begin(), score.end(), 0.0);
+      for (const std::uint64_t key : nb.of(i))
+        score[static_cast<std::size_t>(bank_labels[key_row(key)])] += std::exp(static_cast<double>(key_score(key)) / o.sigma);
+      for (int c = 0; c < classes; ++c) order[static_cast<std::size_t>(c)] = c;
+      std::partial_sort(order.begin(), order.begin() + top, order.end(), [&](int a, int c) {
+        return score[static_cast<std::size_t>(a)] > score[static_cast<std::size_t>(c)] ||
+               (score[static_cast<std::size_t>(a)] == score[static_cast<std::size_t>(c)] && a < c);
       });
+      const auto qi = static_cast<std::size_t>(i);
+      const int label = query_labels[qi];
+      r.predictions[qi] = order[0];
+      hit1[qi] = order[0] == label;
+      hit5[qi] = std::find(order.begin(), order.begin() + top, label) != order.begin() + top;
+      hitnn[qi] = bank_labels[key_row(nb.of(i)[0])] == label;
     }
   }
-  errors.rethrow("knn_evaluate");
   const auto mean = [&](const std::vector<char>& v) {
     return static_cast<double>(std::count(v.begin(), v.end(), 1)) / static_cast<double>(q);
   };
@@ -170,5 +281,10 @@ KnnResult knn_impl(const BankView& bank, std::span<const int> bank_labels, Featu
   return r;
 }
 }  // namespace
+
+KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, FeaturesRef queries,
+                       std::span<const int> query_labels, const KnnOptions& o) {
+  return detail::translate_bad_alloc("knn_evaluate", [&] { return knn_impl(bank, bank_labels, queries, query_labels, o); });
+}
 
 }  // namespace membank

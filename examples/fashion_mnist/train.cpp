@@ -301,7 +301,7 @@ nlohmann::json with_knn(nlohmann::json j, const KnnResult& r) {
 KnnResult knn_of(const RowMatrixf& train_features, const RowMatrixf& test_features, const Data& d, double sigma) {
   const Bank bank = Bank::from_rows(train_features);
   return knn_evaluate(bank.view(), d.train.labels, test_features.rowwise().normalized(), d.test.labels,
-                      KnnOptions{200, sigma});
+                      KnnOptions{.k = 200, .sigma = sigma});
 }
 
 /// theta_k <- m theta_k + (1 - m) theta_q for every parameter array (MoCo's key encoder update).
@@ -546,7 +546,7 @@ nlohmann::json train_run(const TrainOptions& o, const Data& d, std::unique_ptr<E
                                                    DType::float32}
                             : cmc       ? multiview->bank(0).view()
                                         : engine->bank().view();
-      r = knn_evaluate(bank, d.train.labels, test_features, d.test.labels, KnnOptions{200, o.tau});
+      r = knn_evaluate(bank, d.train.labels, test_features, d.test.labels, KnnOptions{.k = 200, .sigma = o.tau});
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
     const double loss = loss_sum / static_cast<double>(steps);

@@ -32,6 +32,13 @@ class OutOfMemory : public ResourceError {
   using ResourceError::ResourceError;
 };
 
+/// A long call stopped because its caller's cancellation hook asked it to (knn_search's `cancel`;
+/// Python: KeyboardInterrupt). Nothing was written.
+class Cancelled : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 /// Throw Error("membank: <msg> (in <func>)"). The library's own checks (MEMBANK_CHECK, a private
 /// header of the library) and the programs built with it raise their errors through this one function.

@@ -1,24 +1,52 @@
 #pragma once
-// Weighted k-nearest-neighbour evaluation over the bank (Wu et al., Sec. 3.4): for each query, the k
-// most similar bank rows s_j = v_j . q, weights w_j = exp(s_j / sigma), class score = sum of the
-// weights of that class; the prediction is the best class (ties: the smaller class id). Also 1-NN.
+// Nearest-neighbour search over the bank, and the weighted-kNN evaluation built on it (Wu et al.,
+// Sec. 3.4).
 //
-// Cost O(Q N D) as blocked matrix products (queries in blocks of 256, bank in tiles of 1024 rows) with
-// a per-query top-k heap: memory O(Q k + 256 x 1024) per thread, never a Q x N matrix. Deterministic for any
-// thread count (each query's neighbours are found by one thread, ties broken by the smaller row id).
+// knn_search: for each query row, the k bank rows of the highest score s_j = v_j . q, best first;
+// equal scores rank the smaller row id first. Scores are the fp32 products the search computed (a
+// 2-byte bank's rows widened exactly first). The bank is streamed in tiles of kKnnTile rows against
+// blocks of kKnnQueryBlock queries (matrix products); each query keeps its best candidates in a
+// buffer and a threshold, the k-th best so far, so that almost every score is discarded by one
+// vectorised compare. Memory O(Q k) for the results plus per thread O(kKnnQueryBlock (k + kKnnTile)),
+// never a Q x N matrix. Few queries on a large bank split the bank across threads as well. The
+// results are identical for any thread count.
 //
-// Thread safety: pure function of its arguments; may run concurrently with const bank calls.
+// knn_evaluate: weights w_j = exp(s_j / sigma) of the k neighbours, class score = sum of the weights
+// of that class; the prediction is the best class (ties: the smaller class id). Also 1-NN.
+//
+// Cancellation: `cancel`, when set, is called on the calling thread between tiles; when it returns
+// true the search stops at the next tile of every thread and throws membank::Cancelled, leaving the
+// output buffers untouched (results are staged and written only once the search is complete).
+//
+// Thread safety: pure functions of their arguments; may run concurrently with const bank calls.
 #include <membank/bank.hpp>
 #include <membank/types.hpp>
 
+#include <functional>
 #include <span>
 #include <vector>
 
 namespace membank {
 
+/// Queries per block and bank rows per tile of the search's matrix products.
+inline constexpr index_t kKnnQueryBlock = 256;
+inline constexpr index_t kKnnTile = 1024;
+
+/// Returns true to stop a long call between its blocks (Python: a pending Ctrl-C).
+using CancelHook = std::function<bool()>;
+
+/// The k best bank rows of each query into caller-owned, row-major Q x k buffers: scores[i k + r] and
+/// ids[i k + r] for rank r = 0 (best) .. k - 1. Queries are Q x D (any finite rows: scores are plain dot
+/// products; pass unit rows for cosine). Throws Error on shape mismatches, 1 <= k <= N violated, too
+/// small buffers, a bank of 2^32 rows or more; Cancelled when `cancel` asked to stop. The buffers may
+/// not overlap the queries or the bank.
+void knn_search(const BankView& bank, FeaturesRef queries, index_t k, std::span<float> scores,
+                std::span<index_t> ids, const CancelHook& cancel = {});
+
 struct KnnOptions {
   index_t k = 200;       ///< neighbours; 1 <= k <= N
   double sigma = 0.07;   ///< weight temperature; > 0
+  CancelHook cancel = {};  ///< see knn_search
 };
 
 struct KnnResult {
@@ -28,9 +56,8 @@ struct KnnResult {
   std::vector<int> predictions;   ///< weighted-kNN class per query
 };
 
-/// Queries are Q x D (any rows: scores are plain dot products; pass unit rows for cosine).
 /// bank_labels has N entries, query_labels Q, all in [0, classes) with classes = 1 + max label.
-/// Throws Error on shape mismatches, labels out of range, k outside [1, N], sigma <= 0.
+/// Throws Error on shape mismatches, labels out of range, k outside [1, N], sigma <= 0; Cancelled.
 KnnResult knn_evaluate(const BankView& bank, std::span<const int> bank_labels, FeaturesRef queries,
                        std::span<const int> query_labels, const KnnOptions& options = {});
 

@@ -23,9 +23,23 @@
 #include <membank/dtype.hpp>
 #include <membank/objective.hpp>
 
+#include <bit>
 #include <cstdint>
 
 namespace membank::kernels {
+
+/// kNN's order as one integer: the smaller key is the better neighbour, the higher score first and,
+/// among equal scores, the smaller row. -0 counts as +0; scores are finite (a NaN is never collected).
+inline std::uint64_t rank_key(float score, std::uint32_t row) {
+  const auto bits = std::bit_cast<std::uint32_t>(score + 0.0f);
+  const std::uint32_t ascending = (bits & 0x80000000u) != 0 ? ~bits : (bits | 0x80000000u);
+  return (static_cast<std::uint64_t>(~ascending) << 32) | row;
+}
+inline float key_score(std::uint64_t key) {
+  const auto ascending = static_cast<std::uint32_t>(~(key >> 32));
+  return std::bit_cast<float>((ascending & 0x80000000u) != 0 ? (ascending & 0x7fffffffu) : ~ascending);
+}
+inline std::uint32_t key_row(std::uint64_t key) { return static_cast<std::uint32_t>(key); }
 
 using idx = std::int64_t;
 
@@ -168,8 +182,9 @@ struct Table {
   void (*softmax_tile)(const float* f, idx batch, idx dim, const float* v, idx vstride, idx rows, float inv_tau,
                        float* s, idx lds, double* max, double* sum, float* acc);
 
-  /// The first j in [from, n) with !(s[j] < worst), or n (kNN's scan for candidates).
-  idx (*first_at_least)(const float* s, idx from, idx n, float worst);
+  /// kNN's scan of one row of scores: rank_key(s[j], base + j) into out (in order of j) for every j < n
+  /// with s[j] > threshold; returns how many. out must hold n keys (all may be written).
+  idx (*collect_above)(const float* s, idx n, float threshold, std::uint32_t base, std::uint64_t* out);
 
   /// Philox4x32-10 (Salmon et al., SC'11) of the n counters {ctr[0] + j (mod 2^32), ctr[1], ctr[2],
   /// ctr[3]} under key {key[0], key[1]}, j < n: word w of block j into out[w n + j] (four arrays of

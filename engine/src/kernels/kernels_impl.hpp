@@ -18,7 +18,11 @@
 
 #include <Eigen/Core>
 
+#include <bit>
 #include <cmath>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <type_traits>
 
@@ -618,20 +622,60 @@ void k_softmax_tile(const float* f, idx batch, idx dim, const float* v, idx vstr
   Acc.noalias() += S * V;
 }
 
-idx k_first_at_least(const float* s, idx from, idx n, float worst) {
-  idx j = from;
-  for (; j < n && (j & 15) != 0; ++j)
-    if (!(s[j] < worst)) return j;
-  // Whole blocks of 16: one vectorised max rejects 16 losers at once.
-  for (; j + 16 <= n; j += 16) {
-    float m = s[j];
-#pragma omp simd reduction(max : m)
-    for (idx t = 1; t < 16; ++t) m = m > s[j + t] ? m : s[j + t];
-    if (!(m < worst)) break;
+/// Whether one of the 64 floats at p is above t: a vertical max of whole registers, then one compare
+/// (NaN never counts as above).
+__attribute__((always_inline)) inline bool any_above64(const float* p, float t) {
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)),
+                                 _mm512_max_ps(_mm512_loadu_ps(p + 32), _mm512_loadu_ps(p + 48)));
+  return _mm512_cmp_ps_mask(m, _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
+#elif defined(__AVX2__)
+  __m256 m = _mm256_loadu_ps(p);
+  for (int o = 8; o < 64; o += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(p + o));
+  return _mm256_movemask_ps(_mm256_cmp_ps(m, _mm256_set1_ps(t), _CMP_GT_OQ)) != 0;
+#else
+  bool any = false;
+  for (int l = 0; l < 64; ++l) any |= p[l] > t;
+  return any;
+#endif
+}
+
+/// Bit l set for each of the 16 floats p[l] above t.
+__attribute__((always_inline)) inline std::uint32_t above16(const float* p, float t) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(t), _CMP_GT_OQ);
+#elif defined(__AVX2__)
+  const __m256 v = _mm256_set1_ps(t);
+  const auto lo = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), v, _CMP_GT_OQ)));
+  const auto hi = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), v, _CMP_GT_OQ)));
+  return lo | (hi << 8);
+#else
+  std::uint32_t m = 0;
+  for (int l = 0; l < 16; ++l) m |= (p[l] > t ? 1u : 0u) << l;
+  return m;
+#endif
+}
+
+idx k_collect_above(const float* s, idx n, float threshold, std::uint32_t base, std::uint64_t* out) {
+  // Candidates are rare once the threshold has settled: a block of 64 scores without one costs four
+  // loads, three maxima and a compare; in a block that holds some, each candidate costs one step of
+  // a loop over the set bits of its compare mask.
+  idx count = 0;
+  const auto take = [&](idx from, std::uint32_t mask) {
+    for (; mask != 0; mask &= mask - 1) {
+      const idx at = from + std::countr_zero(mask);
+      out[count++] = rank_key(s[at], base + static_cast<std::uint32_t>(at));
+    }
+  };
+  idx j = 0;
+  for (; j + 64 <= n; j += 64) {
+    if (!any_above64(s + j, threshold)) continue;
+    for (idx b = j; b < j + 64; b += 16) take(b, above16(s + b, threshold));
   }
+  for (; j + 16 <= n; j += 16) take(j, above16(s + j, threshold));
   for (; j < n; ++j)
-    if (!(s[j] < worst)) return j;
-  return n;
+    if (s[j] > threshold) out[count++] = rank_key(s[j], base + static_cast<std::uint32_t>(j));
+  return count;
 }
 
 void k_philox(const std::uint32_t* key, const std::uint32_t* ctr, idx n, std::uint32_t* out) {
@@ -713,7 +757,7 @@ void k_unit_normal_row(const std::uint32_t* key, const std::uint32_t* ctr, idx d
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
 const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_gather_axpy, k_widen, k_narrow, k_per_sample_query, k_shared_query,
-                   k_keyed_info_nce,               k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_first_at_least,
+                   k_keyed_info_nce,               k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_collect_above,
                    k_philox,                       k_momentum_row,   k_unit_normal_row};
 
 }  // namespace
