@@ -12,10 +12,12 @@
 // `query`: the query-dependent samplers (cluster, re-fitted on its schedule; ring) in both modes, the
 // same checks.
 // `failure`: a rank's bad input gives every rank the same error, naming that rank, and changes nothing.
+// `knn`: knn_search over the whole bank in both modes against the single-process search.
 // A check never throws and never stops a rank early: every rank enters every collective.
 #include <membank/cluster_sampler.hpp>
 #include <membank/distributed.hpp>
 #include <membank/error.hpp>
+#include <membank/knn.hpp>
 #include <membank/ring_sampler.hpp>
 
 #include "mpi_check.hpp"
@@ -550,6 +552,81 @@ void wire() {
   }
 }
 
+/// knn_search over the whole bank in both modes against the single-process search of that bank: every
+/// rank's slice of the queries (uneven, one rank with none at R >= 3), k = 1, 40 and N, fp32 and bf16;
+/// scores within 1e-6 and ids equal except between such near ties. Then a cancelling rank stops every rank and nothing is written,
+/// and a k that differs on one rank is one Error on every rank.
+void knn() {
+  constexpr index_t n = 1001, dim = 12;
+  EngineConfig cfg;
+  cfg.k = 8;
+  std::vector<index_t> q_of(static_cast<std::size_t>(g_ranks));
+  for (int r = 0; r < g_ranks; ++r) q_of[static_cast<std::size_t>(r)] = r == 2 ? 0 : 5 + 7 * r;
+  index_t total = 0, mine_at = 0;
+  for (int r = 0; r < g_ranks; ++r) {
+    if (r == g_rank) mine_at = total;
+    total += q_of[static_cast<std::size_t>(r)];
+  }
+  const index_t q = q_of[static_cast<std::size_t>(g_rank)];
+  std::mt19937_64 rng(77);
+  std::normal_distribution<float> nd;
+  RowMatrixf all_q(total, dim);
+  for (index_t e = 0; e < all_q.size(); ++e) all_q.data()[e] = nd(rng);
+  const RowMatrixf my_q = all_q.middleRows(mine_at, q);
+  for (const Distributed mode : {Distributed::replicated, Distributed::sharded})
+    for (const DType dt : {DType::float32, DType::bfloat16}) {
+      DistributedEngine dist = DistributedEngine::seeded(MPI_COMM_WORLD, mode, n, dim, 13, dt,
+                                                         std::make_unique<UniformSampler>(n), cfg);
+      const Bank whole(n, dim, 13, dt);
+      for (const index_t k : {index_t{1}, index_t{40}, n}) {
+        const std::string what = fmt::format("knn {} {} k = {}", to_string(mode), to_string(dt), k);
+        guarded(what, [&] {
+          std::vector<float> ref_s(static_cast<std::size_t>(total * k)), got_s(static_cast<std::size_t>(q * k));
+          std::vector<index_t> ref_i(ref_s.size()), got_i(got_s.size());
+          knn_search(whole.view(), all_q, k, ref_s, ref_i);
+          dist.knn_search(my_q, k, got_s, got_i);
+          // Scores to fp32 accuracy (the products are blocked differently); ids equal unless the two
+          // ranks' reference scores are that close (neighbours whose order only the last bits decide).
+          std::size_t bad_score = 0, bad_id = 0;
+          for (std::size_t e = 0; e < got_s.size(); ++e) {
+            const std::size_t r = static_cast<std::size_t>(mine_at * k) + e;
+            bad_score += std::fabs(got_s[e] - ref_s[r]) > 1e-6f;
+            bad_id += got_i[e] != ref_i[r] && std::fabs(got_s[e] - ref_s[r]) > 1e-6f;
+          }
+          check(bad_score == 0, fmt::format("{}: {} scores differ from one process's", what, bad_score));
+          check(bad_id == 0, fmt::format("{}: {} ids differ from one process's", what, bad_id));
+        });
+      }
+      // Cancellation: rank 0 stops at its first tile; every rank throws, nothing written.
+      const std::string what = fmt::format("knn {} {} cancelled", to_string(mode), to_string(dt));
+      std::vector<float> s(static_cast<std::size_t>(q * 3), -5.0f);
+      std::vector<index_t> ids(s.size(), -5);
+      bool cancelled = false;
+      try {
+        dist.knn_search(my_q, 3, s, ids, [&] { return g_rank == 0; });
+      } catch (const Cancelled&) {
+        cancelled = true;
+      } catch (const std::exception& e) {
+        check(false, what + ": threw " + e.what());
+      }
+      check(cancelled, what + ": not cancelled on every rank");
+      check(std::all_of(s.begin(), s.end(), [](float x) { return x == -5.0f; }) &&
+                std::all_of(ids.begin(), ids.end(), [](index_t x) { return x == -5; }),
+            what + ": wrote results");
+      // A k that differs on rank 0 (at R >= 2) or a k > N (at R = 1) is refused on every rank.
+      std::string msg;
+      try {
+        const index_t bad = g_ranks > 1 ? (g_rank == 0 ? 4 : 3) : n + 1;
+        std::vector<float> s4(static_cast<std::size_t>(q * 4));
+        std::vector<index_t> i4(s4.size());
+        dist.knn_search(my_q, bad, s4, i4);
+      } catch (const Error& e) {
+        msg = e.what();
+      }
+      check(msg.find(g_ranks > 1 ? "same k" : "k = 1002") != std::string::npos, what + ": bad k gave '" + msg + "'");
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -560,5 +637,6 @@ int main(int argc, char** argv) {
   if (what == "wire" || what == "all") wire();
   if (what == "dynamic" || what == "all") dynamic();
   if (what == "query" || what == "all") query();
+  if (what == "knn" || what == "all") knn();
   return finish(what);
 }

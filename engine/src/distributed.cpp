@@ -13,6 +13,8 @@
 #include <membank/distributed.hpp>
 #include <membank/cluster_sampler.hpp>
 #include <membank/error.hpp>
+#include <membank/knn.hpp>
+#include <membank/memory.hpp>
 #include <membank/ring_sampler.hpp>
 
 #include "detail/check.hpp"
@@ -502,6 +504,118 @@ std::vector<std::int64_t> DistributedEngine::gather_last_update(int root) const 
                         displ.data(), MPI_INT64_T, root, comm_),
             "MPI_Gatherv");
   return all;
+}
+
+void DistributedEngine::knn_search(FeaturesRef queries, index_t k, std::span<float> scores, std::span<index_t> ids,
+                                   const CancelHook& cancel) {
+  WireStats wire;  // not a step's traffic: last_wire() stays the last step's
+  const detail::Group g{comm_, rank_, ranks_, &wire};
+  const index_t dim = bank_.dim(), q = queries.rows();
+  std::vector<std::uint64_t> mine;
+  g.check([&] {
+    MEMBANK_CHECK(queries.cols() == dim, "queries has shape {} x {}: expected Q_r x {} (Q_r >= 0)", q, queries.cols(),
+                  dim);
+    if (q > 0) check_features(queries, q, dim, "queries");
+    MEMBANK_CHECK(k >= 1 && k <= n_, "k = {}: expected 1 <= k <= N = {}", k, n_);
+    const auto need = static_cast<std::size_t>(mul_no_overflow(q, k, "Q_r x k"));
+    MEMBANK_CHECK(scores.size() >= need && ids.size() >= need,
+                  "scores and ids have {} and {} entries: expected at least Q_r x k = {} x {} = {}", scores.size(),
+                  ids.size(), q, k, need);
+    const MemoryRegion out_s = MemoryRegion::contiguous(scores.data(), static_cast<std::int64_t>(need * sizeof(float)));
+    const MemoryRegion out_i = MemoryRegion::contiguous(ids.data(), static_cast<std::int64_t>(need * sizeof(index_t)));
+    check_no_overlap(out_s, "scores", out_i, "ids");
+    for (const auto& [out, name] : {std::pair{out_s, "scores"}, std::pair{out_i, "ids"}}) {
+      check_no_overlap(out, name, bank_.view().region(), "the bank");
+      if (q > 0) check_no_overlap(out, name, MemoryRegion::of_matrix(queries), "queries");
+    }
+    mine = {static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(q)};
+  });
+  const std::vector<std::uint64_t> all = g.allgather(std::span<const std::uint64_t>(mine));
+  g.check([&] {
+    for (int r = 1; r < ranks_; ++r)
+      MEMBANK_CHECK(all[2 * static_cast<std::size_t>(r)] == all[0], "k = {} on rank {}: expected the same k on every "
+                    "rank (rank 0 passed {})", all[2 * static_cast<std::size_t>(r)], r, all[0]);
+  });
+  // A cancelled rank stops every rank: each finishes (or stops) its own search, then they agree.
+  const auto searched = [&](auto&& search) {
+    int stopped = 0, any = 0;
+    g.check([&] {
+      try {
+        search();
+      } catch (const Cancelled&) {
+        stopped = 1;
+      }
+    });
+    check_mpi(MPI_Allreduce(&stopped, &any, 1, MPI_INT, MPI_MAX, comm_), "MPI_Allreduce");
+    if (any) throw Cancelled(fmt::format("membank: the kNN search was cancelled (on rank {} of {} or another); "
+                                         "nothing was written", rank_, ranks_));
+  };
+  if (mode_ == Distributed::replicated) {  // staged: written once every rank has finished
+    std::vector<float> s_mine;
+    std::vector<index_t> i_mine;
+    searched([&] {
+      s_mine.resize(static_cast<std::size_t>(q * k));
+      i_mine.resize(s_mine.size());
+      if (q > 0) membank::knn_search(bank_.view(), queries, k, s_mine, i_mine, cancel);
+    });
+    std::copy(s_mine.begin(), s_mine.end(), scores.begin());
+    std::copy(i_mine.begin(), i_mine.end(), ids.begin());
+    return;
+  }
+  // Sharded: every rank searches its shard for every rank's queries (all-gathered in rank order),
+  // sends each query's best back to the rank that asked, and that rank merges the R lists.
+  std::vector<index_t> counts(static_cast<std::size_t>(ranks_)), first(static_cast<std::size_t>(ranks_) + 1, 0);
+  for (int r = 0; r < ranks_; ++r) {
+    counts[static_cast<std::size_t>(r)] = static_cast<index_t>(all[2 * static_cast<std::size_t>(r) + 1]) * dim;
+    first[static_cast<std::size_t>(r) + 1] =
+        first[static_cast<std::size_t>(r)] + static_cast<index_t>(all[2 * static_cast<std::size_t>(r) + 1]);
+  }
+  const index_t total = first.back();
+  RowMatrixf mine_q;
+  g.check([&] { mine_q = queries; });
+  const std::vector<float> flat =
+      g.allgatherv(std::span<const float>(mine_q.data(), static_cast<std::size_t>(q * dim)), counts);
+  const index_t kr = std::min(k, held_.size());  // this shard's candidates per query
+  std::vector<float> s_local;
+  std::vector<index_t> i_local;
+  searched([&] {
+    s_local.resize(static_cast<std::size_t>(total * kr));
+    i_local.resize(s_local.size());
+    if (total == 0) return;
+    const Eigen::Map<const RowMatrixf> gq(flat.data(), total, dim);
+    membank::knn_search(bank_.view(), gq, kr, s_local, i_local, cancel);
+    for (index_t& id : i_local) id += held_.begin;
+  });
+  std::vector<int> scount(static_cast<std::size_t>(ranks_)), rcount, rdispl;
+  for (int r = 0; r < ranks_; ++r)
+    scount[static_cast<std::size_t>(r)] = mpi_count(
+        static_cast<std::size_t>((first[static_cast<std::size_t>(r) + 1] - first[static_cast<std::size_t>(r)]) * kr),
+        "the kNN merge");
+  std::vector<float> s_in;
+  std::vector<index_t> i_in;
+  g.exchange(s_local, scount, s_in, rcount, rdispl);
+  g.exchange(i_local, scount, i_in, rcount, rdispl);
+  // Rank r's list for query i: kr_r entries at rdispl[r] + i kr_r, best first (ties: the smaller global
+  // id, as the shard's own order). The merge keeps that order across shards.
+  g.check([&] {
+    std::vector<std::pair<float, index_t>> cand;
+    for (index_t i = 0; i < q; ++i) {
+      cand.clear();
+      for (int r = 0; r < ranks_; ++r) {
+        const index_t kr_r = std::min(k, shard_rows(n_, ranks_, r).size());
+        const auto at = static_cast<std::size_t>(rdispl[static_cast<std::size_t>(r)] + i * kr_r);
+        for (index_t j = 0; j < kr_r; ++j)
+          cand.emplace_back(s_in[at + static_cast<std::size_t>(j)], i_in[at + static_cast<std::size_t>(j)]);
+      }
+      std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), [](const auto& a, const auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      });
+      for (index_t j = 0; j < k; ++j) {
+        scores[static_cast<std::size_t>(i * k + j)] = cand[static_cast<std::size_t>(j)].first;
+        ids[static_cast<std::size_t>(i * k + j)] = cand[static_cast<std::size_t>(j)].second;
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

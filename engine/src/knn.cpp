@@ -130,7 +130,8 @@ Neighbours search_keys(const BankView& bank, FeaturesRef queries, index_t k, con
       t.keys.resize(static_cast<std::size_t>(kKnnQueryBlock * cap));
       t.cand.resize(static_cast<std::size_t>(kKnnQueryBlock));
     });
-#pragma omp for schedule(dynamic, 1)
+    // Cyclic, so that the calling thread, the one that asks `cancel`, always holds the first unit.
+#pragma omp for schedule(static, 1)
     for (index_t w = 0; w < blocks * parts; ++w) {
       errors.run([&] {
         if (stop.load(std::memory_order_relaxed)) return;

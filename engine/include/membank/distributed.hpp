@@ -41,6 +41,7 @@
 //
 // Thread safety: as Engine. All ranks must call the collective methods (marked) in the same order.
 #include <membank/engine.hpp>
+#include <membank/knn.hpp>
 
 #include <mpi.h>
 
@@ -145,6 +146,19 @@ class DistributedEngine {
   const std::vector<std::int64_t>& labels() const { return labels_; }
   /// The last step's traffic from this rank.
   const WireStats& last_wire() const { return wire_; }
+
+  /// Collective. knn_search (knn.hpp) over the whole global bank: this rank passes its Q_r >= 0 queries
+  /// and receives their k best rows as global ids, best first (equal scores: the smaller global id):
+  /// the single-process search of the whole bank, up to the last bits of the fp32 scores (the matrix
+  /// products are blocked differently) and so the order of neighbours whose scores differ only
+  /// there. Every rank passes the same k (checked).
+  /// Replicated: each rank searches its own copy. Sharded: the queries are all-gathered, every rank
+  /// searches its shard for all of them, and each query's per-shard bests travel to its rank, which
+  /// merges them (R min(k, shard) pairs a query). A rank whose hook cancels stops every rank (a
+  /// replicated rank without queries searches nothing and asks its hook nothing)
+  /// (Cancelled everywhere, nothing written); a refused argument is one Error on every rank.
+  void knn_search(FeaturesRef queries, index_t k, std::span<float> scores, std::span<index_t> ids,
+                  const CancelHook& cancel = {});
 
   /// Collective. The whole bank as N x D fp32 rows (widened) on `root` (empty elsewhere): tests and
   /// small banks (N x D < 2^31; larger is one Error on every rank). Every rank passes the same root,

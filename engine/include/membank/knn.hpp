@@ -14,9 +14,10 @@
 // knn_evaluate: weights w_j = exp(s_j / sigma) of the k neighbours, class score = sum of the weights
 // of that class; the prediction is the best class (ties: the smaller class id). Also 1-NN.
 //
-// Cancellation: `cancel`, when set, is called on the calling thread between tiles; when it returns
-// true the search stops at the next tile of every thread and throws membank::Cancelled, leaving the
-// output buffers untouched (results are staged and written only once the search is complete).
+// Cancellation: `cancel`, when set, is called on the calling thread after each tile it searched (the
+// work is dealt out cyclically, so it always searches some); when it returns true the search stops at
+// the next tile of every thread and throws membank::Cancelled, leaving the output buffers untouched
+// (results are staged and written only once the search is complete).
 //
 // Thread safety: pure functions of their arguments; may run concurrently with const bank calls.
 #include <membank/bank.hpp>
