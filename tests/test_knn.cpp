@@ -166,6 +166,7 @@ TEST_CASE("knn_search equals brute force in double on exact ties, every dtype") 
   // tiles, the candidates' settling and the merge of bank parts: scores are exact, so ids and scores
   // must equal the double reference exactly. Q = 100 is one query block (with 2 threads the bank
   // splits into parts); Q = 300 two blocks. N = 3001 leaves a partial tile; k = N takes every row.
+  // Every instruction-set path (the candidate scan is written per path).
   std::mt19937_64 rng(5);
   constexpr index_t N = 3001, D = 16;
   const RowMatrixf rows = coarse_rows(N, D, rng);
@@ -179,17 +180,21 @@ TEST_CASE("knn_search equals brute force in double on exact ties, every dtype") 
       for (const index_t k : {index_t{1}, index_t{7}, index_t{200}, index_t{2999}, N}) {
         CAPTURE(q);
         CAPTURE(k);
-        const SearchOut got = search(bank, queries, k);
-        std::size_t wrong_id = 0, wrong_score = 0;
-        for (index_t i = 0; i < q; ++i)
-          for (index_t r = 0; r < k; ++r) {
-            const index_t want = ref.order[static_cast<std::size_t>(i)][static_cast<std::size_t>(r)];
-            const auto at = static_cast<std::size_t>(i * k + r);
-            wrong_id += got.ids[at] != want;
-            wrong_score += static_cast<double>(got.scores[at]) != ref.s(i, want);
-          }
-        CHECK(wrong_id == 0);
-        CHECK(wrong_score == 0);
+        for (const membank::Isa isa : supported_paths()) {
+          CAPTURE(membank::to_string(isa));
+          IsaScope scope(isa);
+          const SearchOut got = search(bank, queries, k);
+          std::size_t wrong_id = 0, wrong_score = 0;
+          for (index_t i = 0; i < q; ++i)
+            for (index_t r = 0; r < k; ++r) {
+              const index_t want = ref.order[static_cast<std::size_t>(i)][static_cast<std::size_t>(r)];
+              const auto at = static_cast<std::size_t>(i * k + r);
+              wrong_id += got.ids[at] != want;
+              wrong_score += static_cast<double>(got.scores[at]) != ref.s(i, want);
+            }
+          CHECK(wrong_id == 0);
+          CHECK(wrong_score == 0);
+        }
       }
     }
   }

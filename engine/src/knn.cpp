@@ -34,13 +34,13 @@ struct Neighbours {
 /// Rows arrive in ascending order, so a candidate that only ties the k-th best loses to it: once k
 /// are held, the threshold is the k-th best score and the comparison strict.
 struct Candidates {
-  std::uint64_t* keys = nullptr;  // room for 2k + kKnnTile
+  std::uint64_t* keys = nullptr;  // room for 2k + kKnnTile + 16
   index_t size = 0;
   float threshold = -std::numeric_limits<float>::infinity();
 
   /// After a tile's candidates were appended, once there are twice k (or as soon as there are k, to
   /// set the first threshold): keep those up to a pivot key P with at least k at or below it, and P's
-  /// score becomes the threshold. P comes from a sorted sample of 64 keys, at the rank that leaves
+  /// score becomes the threshold. P comes from a sample of 64 keys, at the rank that leaves
   /// about 1.25 k; a count confirms it before anything is dropped (else the next sampled key, up to
   /// an exact selection). Every pass is branch-free: no comparison a random key would mispredict.
   void settle(index_t k) {
@@ -48,8 +48,12 @@ struct Candidates {
     constexpr index_t m = 64;
     std::array<std::uint64_t, m> sample;
     for (index_t j = 0; j < m; ++j) sample[static_cast<std::size_t>(j)] = keys[j * size / m];
-    std::sort(sample.begin(), sample.end());
+    // Only the sampled key of rank r is needed (then, if too few fall below it, one of a higher rank):
+    // a selection among the keys above the last one tried, not a sort.
+    index_t tried = 0;
     for (index_t r = std::min<index_t>(m - 1, (5 * k * m) / (4 * size) + 1); r < m; r = std::max(r + 1, 2 * r)) {
+      std::nth_element(sample.begin() + tried, sample.begin() + r, sample.end());
+      tried = r + 1;
       const std::uint64_t pivot = sample[static_cast<std::size_t>(r)];
       index_t below = 0;
       for (index_t j = 0; j < size; ++j) below += keys[j] <= pivot ? 1 : 0;
@@ -98,7 +102,7 @@ Neighbours search_keys(const BankView& bank, FeaturesRef queries, index_t k, con
   const index_t tiles = (n + kKnnTile - 1) / kKnnTile;
   const index_t parts = std::clamp<index_t>((threads + blocks - 1) / blocks, 1, tiles);
   const index_t tiles_per_part = (tiles + parts - 1) / parts;
-  const index_t cap = 2 * k + kKnnTile;
+  const index_t cap = 2 * k + kKnnTile + 16;  // collect_above may write 16 past what it keeps
   {
     std::int64_t per_thread = mul_sat(kKnnQueryBlock, mul_sat(kKnnTile, 4));       // scores
     per_thread = add_sat(per_thread, mul_sat(kKnnQueryBlock, mul_sat(cap, 8)));     // candidates

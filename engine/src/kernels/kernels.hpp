@@ -31,13 +31,16 @@ namespace membank::kernels {
 /// kNN's order as one integer: the smaller key is the better neighbour, the higher score first and,
 /// among equal scores, the smaller row. -0 counts as +0; scores are finite (a NaN is never collected).
 inline std::uint64_t rank_key(float score, std::uint32_t row) {
+  // The float's bits in an order that sorts as the value: all flipped for a negative, the sign bit
+  // for the others (no branch on the sign).
   const auto bits = std::bit_cast<std::uint32_t>(score + 0.0f);
-  const std::uint32_t ascending = (bits & 0x80000000u) != 0 ? ~bits : (bits | 0x80000000u);
+  const std::uint32_t ascending = bits ^ (static_cast<std::uint32_t>(std::bit_cast<std::int32_t>(bits) >> 31) | 0x80000000u);
   return (static_cast<std::uint64_t>(~ascending) << 32) | row;
 }
 inline float key_score(std::uint64_t key) {
   const auto ascending = static_cast<std::uint32_t>(~(key >> 32));
-  return std::bit_cast<float>((ascending & 0x80000000u) != 0 ? (ascending & 0x7fffffffu) : ~ascending);
+  const auto top = static_cast<std::uint32_t>(std::bit_cast<std::int32_t>(ascending) >> 31);  // all ones: was >= 0
+  return std::bit_cast<float>(ascending ^ (~top | 0x80000000u));
 }
 inline std::uint32_t key_row(std::uint64_t key) { return static_cast<std::uint32_t>(key); }
 
@@ -183,7 +186,7 @@ struct Table {
                        float* s, idx lds, double* max, double* sum, float* acc);
 
   /// kNN's scan of one row of scores: rank_key(s[j], base + j) into out (in order of j) for every j < n
-  /// with s[j] > threshold; returns how many. out must hold n keys (all may be written).
+  /// with s[j] > threshold; returns how many. out must hold n + 16 keys (all may be written).
   idx (*collect_above)(const float* s, idx n, float threshold, std::uint32_t base, std::uint64_t* out);
 
   /// Philox4x32-10 (Salmon et al., SC'11) of the n counters {ctr[0] + j (mod 2^32), ctr[1], ctr[2],

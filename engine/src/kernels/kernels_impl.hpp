@@ -658,15 +658,39 @@ __attribute__((always_inline)) inline std::uint32_t above16(const float* p, floa
 
 idx k_collect_above(const float* s, idx n, float threshold, std::uint32_t base, std::uint64_t* out) {
   // Candidates are rare once the threshold has settled: a block of 64 scores without one costs four
-  // loads, three maxima and a compare; in a block that holds some, each candidate costs one step of
-  // a loop over the set bits of its compare mask.
+  // loads, three maxima and a compare. A block of 16 that holds some writes their keys without a
+  // branch per key: with AVX-512 all 16 keys are built in registers and the kept ones compressed
+  // (in registers: a compressing store is slow on some cores) and stored whole, the count advanced by
+  // their number; elsewhere one step of a loop over the set bits of the compare mask per key.
   idx count = 0;
+#if defined(__AVX512F__)
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const auto take = [&](idx from, std::uint32_t mask) {
+    if (mask == 0) return;
+    const __m512i bits = _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(s + from), _mm512_setzero_ps()));
+    // rank_key's upper half, ~(bits ^ (sign ? all ones : the sign bit)), for 16 lanes at once.
+    const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(INT32_MIN));
+    const __m512i upper = _mm512_xor_si512(_mm512_xor_si512(bits, flip), _mm512_set1_epi32(-1));
+    const __m512i rows = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base + static_cast<std::uint32_t>(from))), lane);
+    const auto keys = [&](__m256i u, __m256i r) {
+      return _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepu32_epi64(u), 32), _mm512_cvtepu32_epi64(r));
+    };
+    const __m512i lo = keys(_mm512_castsi512_si256(upper), _mm512_castsi512_si256(rows));
+    const __m512i hi = keys(_mm512_extracti64x4_epi64(upper, 1), _mm512_extracti64x4_epi64(rows, 1));
+    const auto m0 = static_cast<__mmask8>(mask & 0xffu), m1 = static_cast<__mmask8>(mask >> 8);
+    _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi64(m0, lo));
+    count += std::popcount(static_cast<unsigned>(m0));
+    _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi64(m1, hi));
+    count += std::popcount(static_cast<unsigned>(m1));
+  };
+#else
   const auto take = [&](idx from, std::uint32_t mask) {
     for (; mask != 0; mask &= mask - 1) {
       const idx at = from + std::countr_zero(mask);
       out[count++] = rank_key(s[at], base + static_cast<std::uint32_t>(at));
     }
   };
+#endif
   idx j = 0;
   for (; j + 64 <= n; j += 64) {
     if (!any_above64(s + j, threshold)) continue;
