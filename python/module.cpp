@@ -14,9 +14,11 @@
 //
 // Threads: the GIL is released for all C++ work; each Engine (and each stand-alone Bank) has its
 // own mutex, so two Python threads may share one safely (their calls run one after the other).
-// Ctrl-C: the long calls that split exactly into independent parts (knn_evaluate over query
-// blocks, full_softmax_loss over query blocks) check for signals between the parts and raise
-// KeyboardInterrupt; a single engine step or a snapshot save/load runs to its end first.
+// Ctrl-C: knn_search and knn_evaluate pass the engine a CancelHook (signal_hook) that, between bank
+// tiles, takes the GIL back and runs Python's signal handlers (main thread only, at most every 100 ms);
+// a KeyboardInterrupt stops the search (nothing written) and is raised. full_softmax_loss checks for
+// signals between query blocks (its `out` then holds a partial result). A single engine step or a
+// snapshot save/load runs to its end first.
 //
 // MPI (MEMBANK_PYTHON_MPI, set when the build has MEMBANK_MPI): membank.DistributedEngine, the
 // distributed engine over an mpi4py communicator (its C handle read at run time through
@@ -255,6 +257,42 @@ Matrix2<float> grad_buffer(py::object out, index_t rows, index_t cols, const cha
 /// that Ctrl-C raises KeyboardInterrupt here.
 void check_signals() {
   if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+/// Inside one long engine call made with the GIL released (kNN): the engine's CancelHook, called on this
+/// thread between its tiles. It takes the GIL back and lets Python run its signal handlers, at most every
+/// kSignalPoll: while another Python thread computes, each wait for the GIL costs up to the switch interval
+/// (5 ms): asking after every tile slowed a search by about a fifth here (2 cores, a busy Python thread).
+/// True (stop) once a handler raised (Ctrl-C: KeyboardInterrupt), and from then on. Empty off the main
+/// thread: Python runs signal handlers there only (PyErr_CheckSignals does nothing elsewhere). Call with
+/// the GIL held. A handler runs while the call holds the bank's lock: one that calls membank on the same
+/// bank or engine would wait for itself.
+constexpr std::chrono::milliseconds kSignalPoll{100};
+CancelHook signal_hook() {
+  const py::object main = py::module_::import("threading").attr("main_thread")();
+  if (main.attr("ident").cast<unsigned long>() != PyThread_get_thread_ident()) return {};
+  return [last = std::chrono::steady_clock::now(), raised = false]() mutable {
+    if (raised) return true;
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last < kSignalPoll) return false;
+    last = now;
+    py::gil_scoped_acquire gil;
+    raised = PyErr_CheckSignals() != 0;
+    return raised;
+  };
+}
+
+/// f(hook) for an engine call that takes a CancelHook (call with the GIL held; f releases it): the
+/// engine's Cancelled becomes the Python exception the signal handler raised (KeyboardInterrupt).
+template <class F>
+auto with_signal_hook(F&& f) {
+  const CancelHook hook = signal_hook();
+  try {
+    return f(hook);
+  } catch (const Cancelled&) {
+    if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+    throw;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2809,34 +2847,41 @@ collective; an argument refused on one rank raises on every rank (membank.Error 
           if (static_cast<index_t>(query_l.size()) != q.rows)
             throw Error(fmt::format("query_labels has {} entries: expected Q = {} (one per query row)", query_l.size(),
                                     q.rows));
-          KnnResult total;
-          total.predictions.reserve(query_l.size());
-          double h1 = 0, h5 = 0, hn = 0;
-          // Blocks of 256 queries per thread (the engine's own unit of parallel work): per-query results do not
-          // depend on the blocking, and Ctrl-C is honoured between blocks.
-          const index_t block = std::max<index_t>(1, 256 * static_cast<index_t>(omp_get_max_threads()));
-          for (index_t q0 = 0; q0 < std::max<index_t>(q.rows, 1); q0 += block) {
-            const index_t rows = std::min(block, q.rows - q0);
-            const KnnResult r = with_bank(b, [&](const Bank& bank) {
-              return knn_evaluate(bank.view(), bank_l, q.cmap().middleRows(q0, rows),
-                                  std::span<const int>(query_l).subspan(static_cast<std::size_t>(q0), rows),
-                                  KnnOptions{k, sigma});
+          return with_signal_hook([&](const CancelHook& hook) {
+            return with_bank(b, [&](const Bank& bank) {
+              return knn_evaluate(bank.view(), bank_l, q.cmap(), query_l,
+                                  KnnOptions{.k = k, .sigma = sigma, .cancel = hook});
             });
-            h1 += std::round(r.top1 * static_cast<double>(rows));
-            h5 += std::round(r.top5 * static_cast<double>(rows));
-            hn += std::round(r.nn1 * static_cast<double>(rows));
-            total.predictions.insert(total.predictions.end(), r.predictions.begin(), r.predictions.end());
-            if (q0 + rows < q.rows) check_signals();
-          }
-          const double qn = static_cast<double>(std::max<index_t>(q.rows, 1));
-          total.top1 = h1 / qn;
-          total.top5 = h5 / qn;
-          total.nn1 = hn / qn;
-          return total;
+          });
         },
         py::arg("bank"), py::arg("bank_labels"), py::arg("queries"), py::arg("query_labels"), py::arg("k") = 200,
         py::arg("sigma") = 0.07,
-        "Weighted kNN (Wu et al.): labels int64, queries float32 (Q, D). Stops at Ctrl-C between query blocks.");
+        "Weighted kNN (Wu et al.): labels int64, queries float32 (Q, D). Ctrl-C stops it (KeyboardInterrupt).");
+  m.def("knn_search",
+        [](const PyBank& b, py::handle queries, index_t k) {
+          require_whole_bank(b, "knn_search");
+          auto q = matrix_arg<float>(queries, "queries", "float32", "(Q, D)");
+          // k before the (Q, k) outputs are allocated; the engine checks the rest (Q >= 1, the width D).
+          const index_t n = b.s->get().size();
+          if (k < 1 || k > n)
+            throw Error(fmt::format("knn_search: k = {}: expected 1 <= k <= N = {} (the bank's rows)", k, n));
+          const auto size = static_cast<std::size_t>(mul_no_overflow(q.rows, k, "knn_search's outputs, Q x k"));
+          py::array_t<float> scores({q.rows, k});
+          py::array_t<index_t> ids({q.rows, k});
+          const std::span<float> s(scores.mutable_data(), size);
+          const std::span<index_t> i(ids.mutable_data(), size);
+          with_signal_hook([&](const CancelHook& hook) {
+            with_bank(b, [&](const Bank& bank) { knn_search(bank.view(), q.cmap(), k, s, i, hook); });
+          });
+          return py::make_tuple(std::move(scores), std::move(ids));
+        },
+        py::arg("bank"), py::arg("queries"), py::arg("k"),
+        "(scores, ids): the k bank rows of the highest score s_j = v_j . q for each query row, like faiss's "
+        "IndexFlatIP.search(queries, k). queries: float32 (Q, D) with contiguous rows (unit rows for cosine); the "
+        "bank may be stored as float32, float16 or bfloat16 (its rows widened to float32 exactly). Returns scores "
+        "float32 (Q, k), the float32 products, and ids int64 (Q, k), the rows, each row best first; equal scores "
+        "rank the smaller id first. 1 <= k <= N (membank.Error otherwise). The same results for any thread count. "
+        "Ctrl-C stops it (KeyboardInterrupt).");
 
   // ---- snapshots
   m.def("save_snapshot",

@@ -23,6 +23,11 @@ MoCo's queue and SimCLR's in-batch negatives over the same objectives::
     loss, grad_q, stats = queue.step(q, k, ids)            # scores q vs k and the queue, then enqueues k
     loss, grad_a, grad_b, stats = membank.InBatch(tau=0.5).step(z_a, z_b)   # NT-Xent over 2B samples
 
+Nearest neighbours over a bank (any dtype), and the weighted-kNN evaluation (Wu et al., Sec. 3.4)::
+
+    scores, ids = membank.knn_search(engine.bank, queries, 200)   # float32 / int64 (Q, k), best first
+    result = membank.knn_evaluate(engine.bank, bank_labels, queries, query_labels, k=200, sigma=0.07)
+
 ``membank.torch`` holds the PyTorch face (autograd Function, drop-in NCEAverage / NCECriterion).
 
 Distributed (builds with MPI: ``membank.has_mpi``): one logical bank over the ranks of an mpi4py
@@ -64,6 +69,7 @@ from ._membank import (  # noqa: F401
     get_num_threads,
     import_bank,
     knn_evaluate,
+    knn_search,
     load_snapshot,
     max_num_threads,
     read_snapshot_info,
@@ -118,8 +124,9 @@ __all__ = [
     "MultiViewEngine", "MultiViewStats",
     "NoiseSampler", "Queue", "RingSampler", "StepStats",
     "UniformSampler",
-    "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "load_snapshot", "max_num_threads",
-    "read_snapshot_info", "save_snapshot", "set_num_threads", "time_steps", "verify_snapshot", "has_mpi",
+    "full_softmax_loss", "get_num_threads", "import_bank", "knn_evaluate", "knn_search", "load_snapshot",
+    "max_num_threads", "read_snapshot_info", "save_snapshot", "set_num_threads", "time_steps", "verify_snapshot",
+    "has_mpi",
 ]
 if has_mpi:
     __all__ += ["DistributedEngine", "DistributedInBatch", "DistributedQueue"]
