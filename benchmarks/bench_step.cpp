@@ -13,6 +13,8 @@
 #include <membank/error.hpp>
 #include <membank/isa.hpp>
 
+#include "kernels/kernels.hpp"
+
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <omp.h>
@@ -89,6 +91,33 @@ StepSetup setup_of(const StepOptions& o, const std::string& dtype) {
   return setup;
 }
 
+/// The exact softmax's two matrix products alone, without the exponentials: S = F V^T and
+/// Acc += S V over the bank in tiles of 4,096 rows, a tile per thread at a time (each thread its own
+/// Acc), 4 B N D flops through the engine's dispatched GEMMs. Milliseconds of one pass.
+double time_softmax_products(const BankView& bank, index_t batch, double* checksum) {
+  constexpr index_t kRows = 4096;
+  const index_t n = bank.rows, dim = bank.dim;
+  RowMatrixf f = RowMatrixf::Random(batch, dim);
+  const kernels::Table& kt = kernels::table();
+  double sink = 0.0;
+  const double t0 = now_ms();
+#pragma omp parallel reduction(+ : sink)
+  {
+    RowMatrixf s(batch, kRows);
+    RowMatrixf acc = RowMatrixf::Zero(batch, dim);
+#pragma omp for schedule(static)
+    for (index_t t = 0; t < n; t += kRows) {
+      const index_t rows = std::min(kRows, n - t);
+      kt.gemm_abt(batch, rows, dim, 1.0f, f.data(), dim, bank.row(t), bank.stride, s.data(), kRows);
+      kt.gemm_ab_acc(batch, dim, rows, s.data(), kRows, bank.row(t), bank.stride, acc.data(), dim);
+    }
+    sink += static_cast<double>(acc(0, 0));
+  }
+  const double ms = now_ms() - t0;
+  *checksum += sink;
+  return ms;
+}
+
 StepFigures run_one(const StepOptions& o) {
   const int threads = omp_get_max_threads();
   const StepSetup setup = setup_of(o, o.dtype);
@@ -144,6 +173,16 @@ StepFigures run_one(const StepOptions& o) {
     row["prefetch_saved_ms"] = p - a;
     row["prefetch_saved_over_floor"] = (p - a) / floor_med;
   }
+  if (o.objective == "full" && setup.dtype == DType::float32) {
+    // The rate of the exact softmax against its two products alone, timed right after its steps.
+    std::vector<double> products;
+    for (int r = 0; r < o.repeats; ++r) products.push_back(time_softmax_products(bench.engine().bank().view(), o.batch, &checksum));
+    const double flops = 4.0 * static_cast<double>(o.batch) * static_cast<double>(o.n) * static_cast<double>(o.dim);
+    row["products_ms"] = median(products);
+    row["full_softmax_gflops"] = flops / (step_med * 1e6);
+    row["products_gflops"] = flops / (median(products) * 1e6);
+    row["rate_vs_products"] = median(products) / step_med;
+  }
   if (o.json) {
     fmt::print("{}\n", row.dump());
     return {step_med, floor_med, ratio};
@@ -157,6 +196,11 @@ StepFigures run_one(const StepOptions& o) {
              gbytes / (floor_med * 1e-3));
   fmt::print("  step / floor = {:.2f}   (median of the {} paired ratios; the medians' ratio: {:.2f})\n", ratio,
              step_ms.size(), step_med / floor_med);
+  if (row.contains("products_ms"))
+    fmt::print("  exact softmax {:.1f} GFLOP/s (4 B N D flops a step); its two matrix products alone {:.2f} ms, "
+               "{:.1f} GFLOP/s: step rate / product rate = {:.2f}\n", row["full_softmax_gflops"].get<double>(),
+               row["products_ms"].get<double>(), row["products_gflops"].get<double>(),
+               row["rate_vs_products"].get<double>());
   if (alias_build_ms > 0) fmt::print("  {} table built in {:.1f} ms\n", o.sampler, alias_build_ms);
   if (bench.cluster_fit_ms > 0)
     fmt::print("  {} clusters fitted in {:.1f} s (one Lloyd step and the assignment: 2 N C D multiply-adds each)\n",

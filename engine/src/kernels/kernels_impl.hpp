@@ -580,10 +580,8 @@ void k_gemm_abt(idx m, idx n, idx d, float alpha, const float* a, idx lda, const
   const CMap A(a, m, d, Eigen::OuterStride<>(lda));
   const CMap B(b, n, d, Eigen::OuterStride<>(ldb));
   MMap C(c, m, n, Eigen::OuterStride<>(ldc));
-  if (alpha == 1.0f)
-    C.noalias() = A * B.transpose();
-  else
-    C.noalias() = (A * B.transpose()) * alpha;
+  C.noalias() = A * B.transpose();  // a matrix product (`(A B^T) * alpha` would be coefficient-wise)
+  if (alpha != 1.0f) C *= alpha;
 }
 
 void k_gemm_ab_acc(idx m, idx n, idx kk, const float* a, idx lda, const float* b, idx ldb, float* c, idx ldc) {
@@ -606,9 +604,12 @@ void k_softmax_tile(const float* f, idx batch, idx dim, const float* v, idx vstr
   const CMap V(v, rows, dim, Eigen::OuterStride<>(vstride));
   MMap S(s, batch, rows, Eigen::OuterStride<>(lds));
   MMap Acc(acc, batch, dim, Eigen::OuterStride<>(dim));
-  S.noalias() = (F * V.transpose()) * inv_tau;
+  // The plain product (a matrix product; Eigen evaluates `(F V^T) * inv_tau` coefficient by
+  // coefficient instead), the scale applied in the pass that exponentiates. max(x) inv_tau equals
+  // max(x inv_tau): scaling by a positive number keeps the order through rounding.
+  S.noalias() = F * V.transpose();
   for (idx i = 0; i < batch; ++i) {
-    const double tile_max = static_cast<double>(S.row(i).maxCoeff());
+    const double tile_max = static_cast<double>(S.row(i).maxCoeff() * inv_tau);
     const double m_new = max[i] < tile_max ? tile_max : max[i];
     if (m_new > max[i]) {
       const double scale = std::exp(max[i] - m_new);  // 0 on the first tile
@@ -616,7 +617,7 @@ void k_softmax_tile(const float* f, idx batch, idx dim, const float* v, idx vstr
       Acc.row(i) *= static_cast<float>(scale);
       max[i] = m_new;
     }
-    S.row(i) = (S.row(i).array() - static_cast<float>(m_new)).exp();
+    S.row(i) = (S.row(i).array() * inv_tau - static_cast<float>(m_new)).exp();
     sum[i] += S.row(i).template cast<double>().sum();
   }
   Acc.noalias() += S * V;
