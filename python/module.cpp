@@ -16,9 +16,10 @@
 // own mutex, so two Python threads may share one safely (their calls run one after the other).
 // Ctrl-C: knn_search and knn_evaluate pass the engine a CancelHook (signal_hook) that, between bank
 // tiles, takes the GIL back and runs Python's signal handlers (main thread only, at most every 100 ms);
-// a KeyboardInterrupt stops the search (nothing written) and is raised. full_softmax_loss checks for
-// signals between query blocks (its `out` then holds a partial result). A single engine step or a
-// snapshot save/load runs to its end first.
+// a KeyboardInterrupt stops the search (nothing written) and is raised. DistributedEngine.knn_search
+// too: one rank's KeyboardInterrupt stops every rank, the others raising membank.Error (cancelled on
+// another rank). full_softmax_loss checks for signals between query blocks (its `out` then holds a
+// partial result). A single engine step or a snapshot save/load runs to its end first.
 //
 // MPI (MEMBANK_PYTHON_MPI, set when the build has MEMBANK_MPI): membank.DistributedEngine, the
 // distributed engine over an mpi4py communicator (its C handle read at run time through
@@ -2419,7 +2420,7 @@ passes its own slice (B_r >= 1 rows) and gets its own rows of dL/df and the glob
 distributed: 'replicated' (every rank holds all N rows) or 'sharded' (rank r holds rows
 engine.rows = shard_rows(N, R, r)). Collective calls (marked) must be made by every rank, in the same
 order; an argument refused on one rank raises on every rank (membank.Error naming it) and changes
-nothing. Supported: step, step_with_negatives, set_labels, restore_state, gather_bank,
+nothing. Supported: step, step_with_negatives, set_labels, restore_state, knn_search, gather_bank,
 gather_last_update, the accessors, and snapshots (membank.save_snapshot(path, engine) and
 membank.load_snapshot(path, comm=..., distributed=...), collective); not available (membank.Error):
 evaluate, sample, update, prefetch, bank (use local_bank or gather_bank).)doc")
@@ -2557,6 +2558,60 @@ evaluate, sample, update, prefetch, bank (use local_bank or gather_bank).)doc")
              return to_numpy(std::move(l));
            },
            py::arg("root") = 0, "Collective. Every row's last-update step, int64 (N,), on `root`; None elsewhere.")
+      .def("knn_search",
+           [](PyDistEngine& pd, py::handle queries, py::handle k_arg) {
+             constexpr const char* who = "DistributedEngine.knn_search";
+             std::optional<Matrix2<float>> q;
+             std::optional<py::array_t<float>> scores;
+             std::optional<py::array_t<index_t>> ids;
+             index_t k = 0;
+             std::size_t size = 0;
+             CancelHook hook;
+             all_ranks_agree(pd.guard, who, [&] {
+               // Made here, before the ranks agree: signal_hook() calls into Python, where a pending signal's
+               // handler may raise; past the agreement nothing may raise before the engine's collectives.
+               hook = signal_hook();
+               q = matrix_arg<float>(queries, "queries", "float32", "(Q_r, D)");
+               try {
+                 k = k_arg.cast<index_t>();
+               } catch (py::cast_error&) {
+                 throw py::type_error(fmt::format("{}: k must be an int; got {}", who, type_name(k_arg)));
+               }
+               // k before the (Q_r, k) outputs are allocated; the engine checks the rest (the width D, the same
+               // k on every rank).
+               const index_t n = pd.engine->size();
+               if (k < 1 || k > n)
+                 throw Error(fmt::format("{}: k = {}: expected 1 <= k <= N = {} (the global bank's rows)", who, k, n));
+               size = static_cast<std::size_t>(mul_no_overflow(q->rows, k, "knn_search's outputs, Q_r x k"));
+               scores = py::array_t<float>({q->rows, k});
+               ids = py::array_t<index_t>({q->rows, k});
+             });
+             const std::span<float> s(scores->mutable_data(), size);
+             const std::span<index_t> i(ids->mutable_data(), size);
+             try {
+               with_engine(pd, [&](DistributedEngine& e) { e.knn_search(q->cmap(), k, s, i, hook); });
+             } catch (const Cancelled&) {
+               // This rank's hook stopped it: the KeyboardInterrupt its signal handler raised. Otherwise
+               // another rank's did, and this rank says so (membank.Error).
+               if (PyErr_Occurred() != nullptr) throw py::error_already_set();
+               throw Cancelled(fmt::format("{}: the search was cancelled on another rank (a signal handler, e.g. "
+                                           "Ctrl-C's KeyboardInterrupt, raised there); nothing was written on any "
+                                           "rank", who));
+             }
+             return py::make_tuple(std::move(*scores), std::move(*ids));
+           },
+           py::arg("queries"), py::arg("k"),
+           "Collective. membank.knn_search over the whole global bank: this rank passes its own queries (float32 "
+           "(Q_r, D) with contiguous rows; Q_r may differ between ranks and may be 0: an empty slice such as x[:0] "
+           "-- a fresh np.empty((0, D)) has strides (0, 0) and is refused) and gets (scores float32 (Q_r, k), ids "
+           "int64 (Q_r, k)): each row the k bank rows of the highest v_j . q, as global ids, best first; equal "
+           "scores rank the smaller global id first. Every rank passes the same k, 1 <= k <= N (membank.Error on "
+           "every rank otherwise). The single-process search of the whole bank up to the last bits of the fp32 "
+           "scores (the products are blocked differently), and so the order of neighbours whose scores differ only "
+           "there. Sharded: the queries are all-gathered, every rank searches its rows for all of them and each "
+           "query's per-shard bests are merged on its rank. Ctrl-C (on the main thread) stops every rank, nothing "
+           "written: KeyboardInterrupt on the rank where the signal arrived, membank.Error (the search was "
+           "cancelled on another rank) on the others.")
       .def("restore_state",
            [](PyDistEngine& pd, std::int64_t step, py::object log_z) {
              std::optional<double> lz;

@@ -11,6 +11,11 @@ distributed result against it:
   * DistributedEngine.seeded holds the rows of Bank(n, dim, seed, dtype), each rank only its own;
   * an argument refused on one rank raises on every rank (naming that rank), changes nothing, and the
     next step still agrees with the reference: no rank is left waiting;
+  * DistributedEngine.knn_search in both modes, uneven Q_r (0 included), k beyond a shard: each rank's
+    results against membank.knn_search on the same bank for all ranks' queries concatenated; exact ties
+    (smaller global id first) across shards; a k that differs between ranks, or one refused on a single
+    rank, raises on every rank; a SIGINT on rank 0 mid-call is its KeyboardInterrupt and membank.Error
+    (cancelled on another rank) elsewhere, and the engine then searches as before;
   * membank.torch in a DDP loop (gloo, initialised from the MPI ranks): after DDP averages the ranks'
     parameter gradients, they equal the single-process gradient of the global batch -- the factor R of
     grad_scale -- and grad_scale=1 gives 1/R of it.
@@ -19,7 +24,10 @@ Any failure aborts the whole job (MPI_Abort) with the rank's traceback: no rank 
 Exits 77 (skipped) without mpi4py, torch, or a membank built with MPI."""
 import copy
 import os
+import signal
 import socket
+import threading
+import time
 
 import numpy as np
 
@@ -241,6 +249,196 @@ def test_refused_argument_raises_everywhere():
             check("local_bank" in str(e), str(e))
 
 
+def knn_sizes(ranks, empty_rank):
+    """Uneven query counts per rank (2 r + 1), with 0 on empty_rank (None: no rank without queries)."""
+    return [0 if r == empty_rank else 2 * r + 1 for r in range(ranks)]
+
+
+def check_knn(at, got, ref, rows, queries):
+    """This rank's DistributedEngine.knn_search result `got` against the single-process `ref` (both (scores,
+    ids)) for its queries over the bank `rows` (float32 (N, D), as searched): the shapes and dtypes, scores
+    within 1e-6, each id's score its row's (float64 product), ids distinct per query, and ids equal except
+    where the two rows' scores differ by <= 1e-6 (neighbours ordered by the last fp32 bits)."""
+    (s, i), (rs, ri) = got, ref
+    check(s.shape == rs.shape == i.shape and s.dtype == np.float32 and i.dtype == np.int64,
+          f"{at}: shapes {s.shape} {i.shape} dtypes {s.dtype} {i.dtype}: expected {rs.shape} float32 / int64")
+    if s.size == 0:
+        return
+    check(i.min() >= 0 and i.max() < rows.shape[0], f"{at}: ids out of [0, N): {i.min()} .. {i.max()}")
+    check(np.abs(s - rs).max() <= 1e-6, f"{at}: scores differ from the single process by {np.abs(s - rs).max()}")
+    exact = queries.astype(np.float64) @ rows.astype(np.float64).T  # (Q_r, N)
+    mine, theirs = np.take_along_axis(exact, i, 1), np.take_along_axis(exact, ri, 1)
+    check(np.abs(mine - s).max() <= 1e-5, f"{at}: a returned score is not its row's: off by {np.abs(mine - s).max()}")
+    check(all(len(set(row)) == len(row) for row in i.tolist()), f"{at}: an id repeats within a query's neighbours")
+    differ = i != ri
+    gap = np.abs(mine - theirs)[differ].max() if differ.any() else 0.0
+    check(gap <= 1e-6, f"{at}: {differ.sum()} ids differ from the single process, rows whose scores differ by up to "
+                       f"{gap}")
+
+
+def test_knn_search_equals_single_process():
+    """knn_search in both modes, for each rank's uneven (or no) queries, against membank.knn_search over the
+    same bank for all ranks' queries concatenated; after a step, so the rows are not only the seeded ones."""
+    rng = np.random.default_rng(21)  # the same on every rank
+    for mode in ("replicated", "sharded"):
+        for dtype in ("float32", "bfloat16"):
+            opts = dict(k=K, tau=0.1, momentum=0.5, seed=2)
+            ref = mb.Engine(mb.Bank(N, DIM, seed=6, dtype=dtype), **opts)
+            eng = mb.Engine(mb.Bank(N, DIM, seed=6, dtype=dtype), comm=comm, distributed=mode, **opts)
+            f, ids = unit_rows(rng, 2 * R, DIM), rng.integers(0, N, 2 * R)
+            ref.step(f, ids)
+            eng.step(np.ascontiguousarray(f[2 * RANK:2 * RANK + 2]), ids[2 * RANK:2 * RANK + 2].copy())
+            rows = ref.bank.to_float32()
+            for empty_rank in (None, 0, R - 1):
+                sizes = knn_sizes(R, empty_rank)
+                start = sum(sizes[:RANK])
+                # a slice even when empty (R = 1): a fresh (0, D) array has strides (0, 0), refused as not C order
+                queries = unit_rows(rng, max(sum(sizes), 1), DIM)[:sum(sizes)]
+                if queries.shape[0] > 1:
+                    queries[-1] = rows[N - 1]  # a bank row itself: its own best (score ~1)
+                    queries[0] = queries[-1]   # the same query on the first and last ranks
+                mine = queries[start:start + sizes[RANK]]  # an empty slice on empty_rank
+                for k in sorted({1, 5, min(N // R + 2, N), N}):  # N // R + 2: more than any shard holds (R > 1)
+                    at = f"knn_search {mode} {dtype} Q_r = {sizes} k = {k}"
+                    got = eng.knn_search(mine, k)
+                    if queries.shape[0] == 0:  # R = 1 and its only rank without queries
+                        check(got[0].shape == got[1].shape == (0, k), f"{at}: shapes {got[0].shape}")
+                        continue
+                    whole = mb.knn_search(ref.bank, queries, k)
+                    check_knn(at, got, (whole[0][start:start + sizes[RANK]], whole[1][start:start + sizes[RANK]]),
+                              rows, mine)
+    # DistributedEngine.seeded holds Bank(n, dim, seed)'s rows: the same search
+    for mode in ("replicated", "sharded"):
+        eng = mb.DistributedEngine.seeded(N, DIM, 8, comm=comm, distributed=mode, k=K)
+        bank = mb.Bank(N, DIM, seed=8)
+        sizes = knn_sizes(R, None)
+        start = sum(sizes[:RANK])
+        queries = unit_rows(rng, sum(sizes), DIM)
+        whole = mb.knn_search(bank, queries, 7)
+        check_knn(f"knn_search seeded {mode}", eng.knn_search(queries[start:start + sizes[RANK]], 7),
+                  (whole[0][start:start + sizes[RANK]], whole[1][start:start + sizes[RANK]]), bank.to_float32(),
+                  queries[start:start + sizes[RANK]])
+
+
+def test_knn_search_ties():
+    """Rows and queries of four entries +-0.5: every product is exact in fp32, so many scores tie exactly,
+    within and across shards. The ids must then be those of the single process, bit for bit, and the
+    smaller global id first among equal scores (checked against numpy's order too)."""
+    rng = np.random.default_rng(23)
+
+    def dyadic(rows):
+        x = np.zeros((rows, DIM), np.float32)
+        for r in range(rows):
+            x[r, rng.choice(DIM, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+        return x
+
+    rows = dyadic(N)
+    rows[N - 1] = rows[0]  # the same row at both ends of the bank: on the first and the last shard
+    sizes = knn_sizes(R, None)
+    start = sum(sizes[:RANK])
+    queries = dyadic(sum(sizes))
+    mine = queries[start:start + sizes[RANK]]
+    for mode in ("replicated", "sharded"):
+        eng = mb.Engine(mb.Bank.from_array(rows), comm=comm, distributed=mode, k=K)
+        for k in sorted({1, min(N // R + 2, N), N}):
+            at = f"knn_search ties {mode} k = {k}"
+            s, i = eng.knn_search(mine, k)
+            rs, ri = mb.knn_search(mb.Bank.from_array(rows), queries, k)
+            check(np.array_equal(s, rs[start:start + sizes[RANK]]) and np.array_equal(i, ri[start:start + sizes[RANK]]),
+                  f"{at}: differs from the single process (exact scores: bit for bit)")
+            exact = mine.astype(np.float64) @ rows.astype(np.float64).T
+            order = np.lexsort((np.broadcast_to(np.arange(N), exact.shape), -exact), axis=1)[:, :k]
+            check(np.array_equal(i, order), f"{at}: not the best first, the smaller global id first among ties")
+            check(np.array_equal(s, np.take_along_axis(exact, order, 1).astype(np.float32)), f"{at}: scores")
+
+
+def test_knn_search_refused_everywhere():
+    """A k that differs between ranks raises membank.Error on every rank; a k or queries refused on one rank
+    raise there (its own error) and membank.Error naming it elsewhere; the next search is right."""
+    rng = np.random.default_rng(25)
+    queries = unit_rows(rng, 2 * R, DIM)
+    mine = queries[2 * RANK:2 * RANK + 2]
+    bank = mb.Bank(N, DIM, seed=9)
+    bad = R - 1
+    for mode in ("replicated", "sharded"):
+        eng = mb.DistributedEngine.seeded(N, DIM, 9, comm=comm, distributed=mode, k=K)
+        if R > 1:
+            try:
+                eng.knn_search(mine, 3 if RANK == 0 else 4)
+                check(False, f"{mode}: k = 3 on rank 0 and 4 elsewhere was accepted")
+            except mb.Error as e:
+                check("the same k on every rank" in str(e), f"{mode}: {e}")
+        cases = (("k = 0", lambda: eng.knn_search(mine, 0 if RANK == bad else 3), mb.Error, "expected 1 <= k <= N"),
+                 ("k = N + 1", lambda: eng.knn_search(mine, N + 1 if RANK == bad else 3), mb.Error,
+                  f"expected 1 <= k <= N = {N}"),
+                 ("k = 2.0", lambda: eng.knn_search(mine, 2.0 if RANK == bad else 3), TypeError, "k must be an int"),
+                 ("float64 queries", lambda: eng.knn_search(mine.astype(np.float64) if RANK == bad else mine, 3),
+                  TypeError, "float32"))
+        for what, call, own, says in cases:
+            try:
+                call()
+                check(False, f"{mode}: {what} on rank {bad} was accepted")
+            except mb.Error as e:
+                if RANK == bad:
+                    check(own is mb.Error and says in str(e), f"{mode} {what}: {e}")
+                else:
+                    check(f"rank {bad} refused its arguments" in str(e), f"{mode} {what}: {e}")
+            except TypeError as e:
+                check(RANK == bad and own is TypeError and says in str(e), f"{mode} {what}: {e}")
+        whole = mb.knn_search(bank, queries, 3)
+        check_knn(f"knn_search {mode} after the errors", eng.knn_search(mine, 3),
+                  (whole[0][2 * RANK:2 * RANK + 2], whole[1][2 * RANK:2 * RANK + 2]), bank.to_float32(), mine)
+
+
+def test_knn_search_ctrl_c():
+    """SIGINT on rank 0 while it waits in knn_search for the other ranks (they start only once it was sent):
+    its hook sees it at the search's first tile, rank 0 raises KeyboardInterrupt, every other rank
+    membank.Error (cancelled on another rank); the engine then answers as before on every rank."""
+    if R == 1 or threading.current_thread() is not threading.main_thread():
+        return
+    from mpi4py import MPI
+    side = comm.Dup()  # "the signal was sent", from rank 0's helper thread
+    multiple = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+    queries = unit_rows(np.random.default_rng(27), 3 * R, DIM)
+    mine = queries[3 * RANK:3 * RANK + 3]
+    bank = mb.Bank(N, DIM, seed=10)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for mode in ("replicated", "sharded"):
+            eng = mb.DistributedEngine.seeded(N, DIM, 10, comm=comm, distributed=mode, k=K)
+            if RANK == 0:
+                def interrupt():
+                    time.sleep(0.3)  # rank 0 is inside knn_search by now, waiting for the other ranks
+                    os.kill(os.getpid(), signal.SIGINT)
+                    if multiple:
+                        for r in range(1, R):
+                            side.send(True, dest=r)
+                helper = threading.Thread(target=interrupt)
+                helper.start()
+                try:
+                    eng.knn_search(mine, 3)
+                    check(False, f"{mode}: the interrupted search returned")
+                except KeyboardInterrupt:
+                    pass
+                helper.join()
+            else:
+                if multiple:
+                    side.recv(source=0)
+                else:
+                    time.sleep(1.5)
+                try:
+                    eng.knn_search(mine, 3)
+                    check(False, f"{mode}: the search cancelled on rank 0 returned on rank {RANK}")
+                except mb.Error as e:
+                    check("cancelled on another rank" in str(e), f"{mode}: {e}")
+            whole = mb.knn_search(bank, queries, 3)
+            check_knn(f"knn_search {mode} after Ctrl-C", eng.knn_search(mine, 3),
+                      (whole[0][3 * RANK:3 * RANK + 3], whole[1][3 * RANK:3 * RANK + 3]), bank.to_float32(), mine)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        side.Free()
+
+
 def init_torch_distributed():
     """torch.distributed (gloo) over the MPI ranks: a free port chosen on rank 0, broadcast."""
     import torch.distributed as dist
@@ -315,7 +513,8 @@ def test_torch_ddp_gradient():
 
 def main():
     for t in (test_steps_equal_single_process, test_query_dependent_samplers, test_seeded_and_bank_handover,
-              test_refused_argument_raises_everywhere, test_torch_ddp_gradient):
+              test_refused_argument_raises_everywhere, test_knn_search_equals_single_process, test_knn_search_ties,
+              test_knn_search_refused_everywhere, test_knn_search_ctrl_c, test_torch_ddp_gradient):
         t()
         comm.Barrier()
         if RANK == 0:
