@@ -155,8 +155,11 @@ Matrix2<T> matrix_arg(py::handle obj, const char* arg, const char* np_name, cons
     throw py::value_error(fmt::format("{} must be 2-D {}; got shape {}{}", arg, shape_name, shape_str(a),
                                       a.ndim() == 1 ? fmt::format(": pass {}[None, :] for a single row", arg) : ""));
   const auto es = static_cast<py::ssize_t>(sizeof(T));
-  const bool rows_ok = a.shape(1) <= 1 || a.strides(1) == es;
-  const bool outer_ok = a.shape(0) <= 1 || (a.strides(0) >= 0 && a.strides(0) % es == 0 && a.strides(0) >= a.shape(1) * es);
+  // An array without elements has no layout to check (numpy gives a fresh (0, D) array strides (0, 0)).
+  const bool empty = a.shape(0) == 0 || a.shape(1) == 0;
+  const bool rows_ok = empty || a.shape(1) <= 1 || a.strides(1) == es;
+  const bool outer_ok = empty || a.shape(0) <= 1 ||
+                        (a.strides(0) >= 0 && a.strides(0) % es == 0 && a.strides(0) >= a.shape(1) * es);
   if (!rows_ok || !outer_ok)
     throw py::value_error(fmt::format("{} must have contiguous rows (C order); got shape {} with strides {}: pass "
                                       "np.ascontiguousarray({}){}", arg, shape_str(a), strides_str(a), arg,
@@ -2602,8 +2605,8 @@ evaluate, sample, update, prefetch, bank (use local_bank or gather_bank).)doc")
            },
            py::arg("queries"), py::arg("k"),
            "Collective. membank.knn_search over the whole global bank: this rank passes its own queries (float32 "
-           "(Q_r, D) with contiguous rows; Q_r may differ between ranks and may be 0: an empty slice such as x[:0] "
-           "-- a fresh np.empty((0, D)) has strides (0, 0) and is refused) and gets (scores float32 (Q_r, k), ids "
+           "(Q_r, D) with contiguous rows; Q_r may differ between ranks and may be 0, e.g. np.empty((0, D), np.float32)) "
+           "and gets (scores float32 (Q_r, k), ids "
            "int64 (Q_r, k)): each row the k bank rows of the highest v_j . q, as global ids, best first; equal "
            "scores rank the smaller global id first. Every rank passes the same k, 1 <= k <= N (membank.Error on "
            "every rank otherwise). The single-process search of the whole bank up to the last bits of the fp32 "

@@ -292,12 +292,14 @@ def test_knn_search_equals_single_process():
             for empty_rank in (None, 0, R - 1):
                 sizes = knn_sizes(R, empty_rank)
                 start = sum(sizes[:RANK])
-                # a slice even when empty (R = 1): a fresh (0, D) array has strides (0, 0), refused as not C order
+                # a slice even when empty (R = 1)
                 queries = unit_rows(rng, max(sum(sizes), 1), DIM)[:sum(sizes)]
                 if queries.shape[0] > 1:
                     queries[-1] = rows[N - 1]  # a bank row itself: its own best (score ~1)
                     queries[0] = queries[-1]   # the same query on the first and last ranks
                 mine = queries[start:start + sizes[RANK]]  # an empty slice on empty_rank
+                if sizes[RANK] == 0:
+                    mine = np.empty((0, DIM), np.float32)  # a fresh empty array: strides (0, 0)
                 for k in sorted({1, 5, min(N // R + 2, N), N}):  # N // R + 2: more than any shard holds (R > 1)
                     at = f"knn_search {mode} {dtype} Q_r = {sizes} k = {k}"
                     got = eng.knn_search(mine, k)
