@@ -538,17 +538,18 @@ void DistributedEngine::knn_search(FeaturesRef queries, index_t k, std::span<flo
   });
   // A cancelled rank stops every rank: each finishes (or stops) its own search, then they agree.
   const auto searched = [&](auto&& search) {
-    int stopped = 0, any = 0;
+    int stopped = ranks_, first = ranks_;
     g.check([&] {
       try {
         search();
       } catch (const Cancelled&) {
-        stopped = 1;
+        stopped = rank_;
       }
     });
-    check_mpi(MPI_Allreduce(&stopped, &any, 1, MPI_INT, MPI_MAX, comm_), "MPI_Allreduce");
-    if (any) throw Cancelled(fmt::format("membank: the kNN search was cancelled (on rank {} of {} or another); "
-                                         "nothing was written", rank_, ranks_));
+    check_mpi(MPI_Allreduce(&stopped, &first, 1, MPI_INT, MPI_MIN, comm_), "MPI_Allreduce");
+    if (first < ranks_)
+      throw Cancelled(fmt::format("membank: the kNN search was cancelled by the hook of rank {} of {}; nothing was "
+                                  "written on any rank", first, ranks_));
   };
   if (mode_ == Distributed::replicated) {  // staged: written once every rank has finished
     std::vector<float> s_mine;
@@ -587,17 +588,23 @@ void DistributedEngine::knn_search(FeaturesRef queries, index_t k, std::span<flo
     for (index_t& id : i_local) id += held_.begin;
   });
   std::vector<int> scount(static_cast<std::size_t>(ranks_)), rcount, rdispl;
-  for (int r = 0; r < ranks_; ++r)
-    scount[static_cast<std::size_t>(r)] = mpi_count(
-        static_cast<std::size_t>((first[static_cast<std::size_t>(r) + 1] - first[static_cast<std::size_t>(r)]) * kr),
-        "the kNN merge");
+  g.check([&] {
+    for (int r = 0; r < ranks_; ++r)
+      scount[static_cast<std::size_t>(r)] = mpi_count(
+          static_cast<std::size_t>((first[static_cast<std::size_t>(r) + 1] - first[static_cast<std::size_t>(r)]) * kr),
+          "the kNN merge");
+  });
   std::vector<float> s_in;
   std::vector<index_t> i_in;
   g.exchange(s_local, scount, s_in, rcount, rdispl);
   g.exchange(i_local, scount, i_in, rcount, rdispl);
   // Rank r's list for query i: kr_r entries at rdispl[r] + i kr_r, best first (ties: the smaller global
   // id, as the shard's own order). The merge keeps that order across shards.
-  g.check([&] {
+  std::vector<float> s_out;
+  std::vector<index_t> i_out;
+  g.check([&] {  // staged: the caller's buffers are written only after every rank has merged
+    s_out.resize(static_cast<std::size_t>(q * k));
+    i_out.resize(s_out.size());
     std::vector<std::pair<float, index_t>> cand;
     for (index_t i = 0; i < q; ++i) {
       cand.clear();
@@ -611,11 +618,13 @@ void DistributedEngine::knn_search(FeaturesRef queries, index_t k, std::span<flo
         return a.first > b.first || (a.first == b.first && a.second < b.second);
       });
       for (index_t j = 0; j < k; ++j) {
-        scores[static_cast<std::size_t>(i * k + j)] = cand[static_cast<std::size_t>(j)].first;
-        ids[static_cast<std::size_t>(i * k + j)] = cand[static_cast<std::size_t>(j)].second;
+        s_out[static_cast<std::size_t>(i * k + j)] = cand[static_cast<std::size_t>(j)].first;
+        i_out[static_cast<std::size_t>(i * k + j)] = cand[static_cast<std::size_t>(j)].second;
       }
     }
   });
+  std::copy(s_out.begin(), s_out.end(), scores.begin());
+  std::copy(i_out.begin(), i_out.end(), ids.begin());
 }
 
 // ---------------------------------------------------------------------------------------------
