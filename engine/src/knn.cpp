@@ -30,42 +30,32 @@ struct Neighbours {
   }
 };
 
-/// One query's running best: a buffer of candidate keys and the score a new candidate must beat.
-/// Rows arrive in ascending order, so a candidate that only ties the k-th best loses to it: once k
-/// are held, the threshold is the k-th best score and the comparison strict.
+/// One query's running best, in the search's per-query arrays: a buffer of candidate keys, how many
+/// it holds, and the score a new candidate must beat. Rows arrive in ascending order, so a candidate
+/// that only ties the k-th best loses to it: once k are held, the threshold is the k-th best score and
+/// the comparison strict.
 struct Candidates {
-  std::uint64_t* keys = nullptr;  // room for 2k + kKnnTile + 16
-  index_t size = 0;
-  float threshold = -std::numeric_limits<float>::infinity();
+  std::uint64_t* keys;  // room for 2k + kKnnTile + 16
+  index_t& size;
+  float& threshold;
 
   /// After a tile's candidates were appended, once there are twice k (or as soon as there are k, to
   /// set the first threshold): keep those up to a pivot key P with at least k at or below it, and P's
-  /// score becomes the threshold. P comes from a sample of 64 keys, at the rank that leaves
-  /// about 1.25 k; a count confirms it before anything is dropped (else the next sampled key, up to
-  /// an exact selection). Every pass is branch-free: no comparison a random key would mispredict.
-  void settle(index_t k) {
+  /// score becomes the threshold. P comes from a sample of 32 keys, at the rank that leaves
+  /// about 1.25 k; a count confirms it before anything is dropped (else a sampled key of higher rank,
+  /// up to an exact selection). The pivot's rank, the count and the compaction are branch-free kernels:
+  /// no comparison a random key would mispredict.
+  void settle(const kernels::Table& kt, index_t k) {
     if (size < k || (size <= 2 * k && threshold != -std::numeric_limits<float>::infinity())) return;
-    constexpr index_t m = 64;
+    constexpr index_t m = 32;
     std::array<std::uint64_t, m> sample;
     for (index_t j = 0; j < m; ++j) sample[static_cast<std::size_t>(j)] = keys[j * size / m];
-    // Only the sampled key of rank r is needed (then, if too few fall below it, one of a higher rank):
-    // a selection among the keys above the last one tried, not a sort.
-    index_t tried = 0;
-    for (index_t r = std::min<index_t>(m - 1, (5 * k * m) / (4 * size) + 1); r < m; r = std::max(r + 1, 2 * r)) {
-      std::nth_element(sample.begin() + tried, sample.begin() + r, sample.end());
-      tried = r + 1;
-      const std::uint64_t pivot = sample[static_cast<std::size_t>(r)];
-      index_t below = 0;
-      for (index_t j = 0; j < size; ++j) below += keys[j] <= pivot ? 1 : 0;
+    for (index_t r = std::min<index_t>(m - 1, (5 * k * m) / (4 * size) + 1); r < m; r = r + 1 + r / 4) {
+      const std::uint64_t pivot = kt.order_statistic(sample.data(), m, r);
+      const index_t below = kt.count_at_most(keys, size, pivot);
       if (below < k) continue;
       if (below > 2 * k) break;
-      index_t w = 0;
-      for (index_t j = 0; j < size; ++j) {
-        const std::uint64_t key = keys[j];
-        keys[w] = key;
-        w += key <= pivot ? 1 : 0;
-      }
-      size = w;
+      size = kt.keep_at_most(keys, size, pivot);
       threshold = key_score(pivot);
       return;
     }
@@ -81,6 +71,26 @@ struct Candidates {
     std::copy(keys, keys + m, out);
   }
 };
+
+/// How a search divides its work: blocks of `block` queries (a multiple of the scan's group), each
+/// against `parts` ranges of whole tiles; one (block, part) pair is one unit of work.
+struct Plan {
+  index_t block, blocks, parts, tiles_per_part;
+};
+Plan plan_search(index_t q, index_t n, index_t threads, index_t group) {
+  // A block packs each tile once for all its queries, so blocks are large: up to kKnnQueryBlock
+  // queries, as many per thread, and no fewer than kMinBlock unless the threads then share the bank.
+  constexpr index_t kMinBlock = 256;
+  const index_t tiles = (n + kKnnTile - 1) / kKnnTile;
+  index_t want = (q + kMinBlock - 1) / kMinBlock;
+  if (q >= threads * kMinBlock) want = threads * ((q + threads * kKnnQueryBlock - 1) / (threads * kKnnQueryBlock));
+  Plan p{};
+  p.block = ((q + want - 1) / want + group - 1) / group * group;
+  p.blocks = (q + p.block - 1) / p.block;
+  p.parts = std::clamp<index_t>((threads + p.blocks - 1) / p.blocks, 1, tiles);
+  p.tiles_per_part = (tiles + p.parts - 1) / p.parts;
+  return p;
+}
 
 void check_search_args(const BankView& bank, FeaturesRef queries, index_t k) {
   const index_t n = bank.rows, dim = bank.dim, q = queries.rows();
@@ -98,15 +108,15 @@ void check_search_args(const BankView& bank, FeaturesRef queries, index_t k) {
 Neighbours search_keys(const BankView& bank, FeaturesRef queries, index_t k, const CancelHook& cancel) {
   const index_t n = bank.rows, dim = bank.dim, q = queries.rows();
   const int threads = omp_get_max_threads();
-  const index_t blocks = (q + kKnnQueryBlock - 1) / kKnnQueryBlock;
-  const index_t tiles = (n + kKnnTile - 1) / kKnnTile;
-  const index_t parts = std::clamp<index_t>((threads + blocks - 1) / blocks, 1, tiles);
-  const index_t tiles_per_part = (tiles + parts - 1) / parts;
-  const index_t cap = 2 * k + kKnnTile + 16;  // collect_above may write 16 past what it keeps
+  const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
+  const Plan plan = plan_search(q, n, threads, kt.knn_group);
+  const index_t parts = plan.parts;
+  const index_t cap = 2 * k + kKnnTile + 16;  // the scan may write 8 past what it keeps
+  const index_t packed_rows = (kKnnTile + kt.knn_panel - 1) / kt.knn_panel * kt.knn_panel;
   {
-    std::int64_t per_thread = mul_sat(kKnnQueryBlock, mul_sat(kKnnTile, 4));       // scores
-    per_thread = add_sat(per_thread, mul_sat(kKnnQueryBlock, mul_sat(cap, 8)));     // candidates
-    per_thread = add_sat(per_thread, mul_sat(kKnnQueryBlock, mul_sat(dim, 4)));     // the block's queries
+    std::int64_t per_thread = mul_sat(packed_rows, mul_sat(dim, 4));                // the packed tile
+    per_thread = add_sat(per_thread, mul_sat(plan.block, mul_sat(cap, 8)));          // candidates
+    per_thread = add_sat(per_thread, mul_sat(plan.block, mul_sat(dim, 4)));          // the block's queries
     if (bank.dtype != DType::float32) per_thread = add_sat(per_thread, mul_sat(kKnnTile, mul_sat(dim, 4)));
     const std::int64_t staged = mul_sat(mul_sat(q, k), mul_sat(parts, 8));
     require_memory(add_sat(mul_sat(threads, per_thread), mul_sat(staged, parts > 1 ? 2 : 1)),
@@ -116,12 +126,12 @@ Neighbours search_keys(const BankView& bank, FeaturesRef queries, index_t k, con
   // with the worst key, which the merge never keeps.
   std::vector<std::uint64_t> staged(static_cast<std::size_t>(parts * q * k), std::numeric_limits<std::uint64_t>::max());
   struct Scratch {
-    RowMatrixf s, block, tile;
+    RowMatrixf block, tile;
+    std::vector<float> packed, thresholds;
     std::vector<std::uint64_t> keys;
-    std::vector<Candidates> cand;
+    std::vector<index_t> sizes;
   };
   std::vector<Scratch> scratch(static_cast<std::size_t>(threads));
-  const kernels::Table& kt = kernels::table();  // the instruction set, picked once per call
   detail::ExceptionCapture errors;
   std::atomic<bool> stop{false};
 #pragma omp parallel
@@ -129,48 +139,47 @@ Neighbours search_keys(const BankView& bank, FeaturesRef queries, index_t k, con
     Scratch& t = scratch[static_cast<std::size_t>(omp_get_thread_num())];
     const bool caller = omp_get_thread_num() == 0;  // the calling thread: the only one that asks `cancel`
     errors.run([&] {
-      t.s.resize(kKnnQueryBlock, kKnnTile);
+      t.block.resize(plan.block, dim);
+      t.packed.resize(static_cast<std::size_t>(packed_rows * dim));
       if (bank.dtype != DType::float32) t.tile.resize(kKnnTile, dim);
-      t.keys.resize(static_cast<std::size_t>(kKnnQueryBlock * cap));
-      t.cand.resize(static_cast<std::size_t>(kKnnQueryBlock));
+      t.keys.resize(static_cast<std::size_t>(plan.block * cap));
+      t.thresholds.resize(static_cast<std::size_t>(plan.block));
+      t.sizes.resize(static_cast<std::size_t>(plan.block));
     });
     // Cyclic, so that the calling thread, the one that asks `cancel`, always holds the first unit.
 #pragma omp for schedule(static, 1)
-    for (index_t w = 0; w < blocks * parts; ++w) {
+    for (index_t w = 0; w < plan.blocks * parts; ++w) {
       errors.run([&] {
         if (stop.load(std::memory_order_relaxed)) return;
         const index_t b = w / parts, p = w % parts;
-        const index_t q0 = b * kKnnQueryBlock, rows = std::min(kKnnQueryBlock, q - q0);
-        t.block = queries.middleRows(q0, rows);
-        for (index_t i = 0; i < rows; ++i)
-          t.cand[static_cast<std::size_t>(i)] = {t.keys.data() + i * cap, 0, -std::numeric_limits<float>::infinity()};
-        const index_t first = std::min(n, p * tiles_per_part * kKnnTile);
-        const index_t last = std::min(n, (p + 1) * tiles_per_part * kKnnTile);
+        const index_t q0 = b * plan.block, rows = std::min(plan.block, q - q0);
+        const index_t padded = (rows + kt.knn_group - 1) / kt.knn_group * kt.knn_group;
+        t.block.topRows(rows) = queries.middleRows(q0, rows);
+        t.block.middleRows(rows, padded - rows).setZero();
+        std::fill_n(t.thresholds.begin(), rows, -std::numeric_limits<float>::infinity());
+        std::fill(t.thresholds.begin() + rows, t.thresholds.begin() + padded, std::numeric_limits<float>::infinity());
+        std::fill_n(t.sizes.begin(), padded, index_t{0});
+        const auto candidates = [&](index_t i) {
+          const auto at = static_cast<std::size_t>(i);
+          return Candidates{t.keys.data() + i * cap, t.sizes[at], t.thresholds[at]};
+        };
+        const index_t first = std::min(n, p * plan.tiles_per_part * kKnnTile);
+        const index_t last = std::min(n, (p + 1) * plan.tiles_per_part * kKnnTile);
         for (index_t t0 = first; t0 < last; t0 += kKnnTile) {
           const index_t cols = std::min(kKnnTile, last - t0);
-          const float* v = bank.dtype == DType::float32 ? bank.row(t0) : t.tile.data();
-          if (bank.dtype != DType::float32) bank.widen_rows(t0, cols, t.tile.data(), dim);
-          kt.gemm_abt(rows, cols, dim, 1.0f, t.block.data(), dim, v,
-                      bank.dtype == DType::float32 ? bank.stride : dim, t.s.data(), kKnnTile);
-          for (index_t i = 0; i < rows; ++i) {
-            Candidates& c = t.cand[static_cast<std::size_t>(i)];
-            const float* si = t.s.row(i).data();
-            index_t j = 0;
-            if (c.threshold == -std::numeric_limits<float>::infinity() && c.size < k) {
-              // Until the first threshold: take just enough rows to set it, then scan the rest against it.
-              j = std::min(cols, k - c.size);
-              c.size += kt.collect_above(si, j, c.threshold, static_cast<std::uint32_t>(t0), c.keys + c.size);
-              c.settle(k);
-            }
-            c.size += kt.collect_above(si + j, cols - j, c.threshold, static_cast<std::uint32_t>(t0 + j),
-                                       c.keys + c.size);
-            c.settle(k);
+          if (bank.dtype == DType::float32) {
+            kt.knn_pack(bank.row(t0), cols, dim, bank.stride, t.packed.data());
+          } else {
+            bank.widen_rows(t0, cols, t.tile.data(), dim);
+            kt.knn_pack(t.tile.data(), cols, dim, dim, t.packed.data());
           }
+          kt.knn_scan(t.block.data(), padded, dim, t.packed.data(), cols, static_cast<std::uint32_t>(t0),
+                      t.thresholds.data(), t.keys.data(), cap, t.sizes.data());
+          for (index_t i = 0; i < rows; ++i) candidates(i).settle(kt, k);
           if (caller && cancel && cancel()) stop.store(true, std::memory_order_relaxed);
           if (stop.load(std::memory_order_relaxed)) return;
         }
-        for (index_t i = 0; i < rows; ++i)
-          t.cand[static_cast<std::size_t>(i)].finish(k, staged.data() + ((p * q + q0 + i) * k));
+        for (index_t i = 0; i < rows; ++i) candidates(i).finish(k, staged.data() + ((p * q + q0 + i) * k));
       });
     }
   }

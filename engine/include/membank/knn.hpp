@@ -4,12 +4,13 @@
 //
 // knn_search: for each query row, the k bank rows of the highest score s_j = v_j . q, best first;
 // equal scores rank the smaller row id first. Scores are the fp32 products the search computed (a
-// 2-byte bank's rows widened exactly first). The bank is streamed in tiles of kKnnTile rows against
-// blocks of kKnnQueryBlock queries (matrix products); each query keeps its best candidates in a
-// buffer and a threshold, the k-th best so far, so that almost every score is discarded by one
-// vectorised compare. Memory O(Q k) for the results plus per thread O(kKnnQueryBlock (k + kKnnTile)),
-// never a Q x N matrix. Few queries on a large bank split the bank across threads as well. The
-// results are identical for any thread count.
+// 2-byte bank's rows widened exactly first). The bank is streamed in tiles of kKnnTile rows, each
+// laid out once for a block of up to kKnnQueryBlock queries; a register tile of queries x rows is
+// scored and compared with each query's threshold, the k-th best so far, before any score reaches
+// memory, so almost every score is discarded by one vectorised compare. Each query keeps its best
+// candidates in a buffer. Memory O(Q k) for the results plus per thread O(kKnnQueryBlock (k +
+// kKnnTile)), never a Q x N matrix. Few queries on a large bank split the bank across threads as
+// well. The results are identical for any thread count.
 //
 // knn_evaluate: weights w_j = exp(s_j / sigma) of the k neighbours, class score = sum of the weights
 // of that class; the prediction is the best class (ties: the smaller class id). Also 1-NN.
@@ -29,8 +30,8 @@
 
 namespace membank {
 
-/// Queries per block and bank rows per tile of the search's matrix products.
-inline constexpr index_t kKnnQueryBlock = 256;
+/// The most queries per block (fewer when that balances the threads) and the bank rows per tile.
+inline constexpr index_t kKnnQueryBlock = 512;
 inline constexpr index_t kKnnTile = 1024;
 
 /// Returns true to stop a long call between its blocks (Python: a pending Ctrl-C).

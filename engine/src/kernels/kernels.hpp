@@ -185,9 +185,27 @@ struct Table {
   void (*softmax_tile)(const float* f, idx batch, idx dim, const float* v, idx vstride, idx rows, float inv_tau,
                        float* s, idx lds, double* max, double* sum, float* acc);
 
-  /// kNN's scan of one row of scores: rank_key(s[j], base + j) into out (in order of j) for every j < n
-  /// with s[j] > threshold; returns how many. out must hold n + 16 keys (all may be written).
-  idx (*collect_above)(const float* s, idx n, float threshold, std::uint32_t base, std::uint64_t* out);
+  /// kNN's fused scan. knn_pack lays `rows` bank rows (v, ld) out as panels of knn_panel rows, each
+  /// dim x knn_panel floats column by column, the rows past `rows` zero: ceil(rows / knn_panel)
+  /// knn_panel dim floats in out.
+  idx knn_panel;
+  /// Queries knn_scan scores together: its query count is a multiple of this.
+  idx knn_group;
+  void (*knn_pack)(const float* v, idx rows, idx dim, idx ld, float* out);
+  /// For each of `queries` queries (row-major q, ld dim) and each of `cols` packed rows: the score
+  /// s_ij = sum_d q_id v_jd, accumulated over d in order with one multiply-add each (the same score
+  /// whichever group and panel hold i and j), and when s_ij > thresholds[i] (a NaN never is) the key
+  /// rank_key(s_ij, base + j) appended to query i's buffer keys + i cap at counts[i], in order of j,
+  /// counts[i] advanced. Pad the queries to a multiple of knn_group with threshold +inf. A buffer must
+  /// hold cols + 8 keys past its count (up to 8 past the last kept may be written).
+  void (*knn_scan)(const float* q, idx queries, idx dim, const float* packed, idx cols, std::uint32_t base,
+                   const float* thresholds, std::uint64_t* keys, idx cap, idx* counts);
+  /// The r-th smallest (from 0) of v[0 .. m), r < m.
+  std::uint64_t (*order_statistic)(const std::uint64_t* v, idx m, idx r);
+  /// How many of keys[0 .. n) are <= pivot.
+  idx (*count_at_most)(const std::uint64_t* keys, idx n, std::uint64_t pivot);
+  /// Keeps, in order, the keys <= pivot at the front of keys[0 .. n); returns how many.
+  idx (*keep_at_most)(std::uint64_t* keys, idx n, std::uint64_t pivot);
 
   /// Philox4x32-10 (Salmon et al., SC'11) of the n counters {ctr[0] + j (mod 2^32), ctr[1], ctr[2],
   /// ctr[3]} under key {key[0], key[1]}, j < n: word w of block j into out[w n + j] (four arrays of

@@ -623,84 +623,236 @@ void k_softmax_tile(const float* f, idx batch, idx dim, const float* v, idx vstr
   Acc.noalias() += S * V;
 }
 
-/// Whether one of the 64 floats at p is above t: a vertical max of whole registers, then one compare
-/// (NaN never counts as above).
-__attribute__((always_inline)) inline bool any_above64(const float* p, float t) {
+// kNN's fused scan (k_knn_pack, k_knn_scan). A register tile of kKnnGroup queries x kKnnPanel bank
+// rows is accumulated over d with one multiply-add per element, then each query's scores are
+// compared with its threshold while still in registers: the scores reach memory only when one beats
+// its threshold. Per path: the vector, how many queries share a loaded panel, how many vectors make
+// a panel (the accumulators fill most of the registers, with room for the panel and one broadcast).
 #if defined(__AVX512F__)
-  const __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)),
-                                 _mm512_max_ps(_mm512_loadu_ps(p + 32), _mm512_loadu_ps(p + 48)));
-  return _mm512_cmp_ps_mask(m, _mm512_set1_ps(t), _CMP_GT_OQ) != 0;
+using KVec = __m512;
+constexpr int kLanes = 16, kKnnGroup = 12, kPanelVecs = 2;  // 24 accumulators of 32 registers
+inline KVec kv_zero() { return _mm512_setzero_ps(); }
+inline KVec kv_load(const float* p) { return _mm512_loadu_ps(p); }
+inline KVec kv_splat(float x) { return _mm512_set1_ps(x); }
+inline KVec kv_fma(KVec a, KVec b, KVec c) { return _mm512_fmadd_ps(a, b, c); }
+inline std::uint32_t kv_above(KVec s, float t) { return _mm512_cmp_ps_mask(s, _mm512_set1_ps(t), _CMP_GT_OQ); }
 #elif defined(__AVX2__)
-  __m256 m = _mm256_loadu_ps(p);
-  for (int o = 8; o < 64; o += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(p + o));
-  return _mm256_movemask_ps(_mm256_cmp_ps(m, _mm256_set1_ps(t), _CMP_GT_OQ)) != 0;
-#else
-  bool any = false;
-  for (int l = 0; l < 64; ++l) any |= p[l] > t;
-  return any;
-#endif
+using KVec = __m256;
+constexpr int kLanes = 8, kKnnGroup = 4, kPanelVecs = 3;  // 12 accumulators of 16 registers
+inline KVec kv_zero() { return _mm256_setzero_ps(); }
+inline KVec kv_load(const float* p) { return _mm256_loadu_ps(p); }
+inline KVec kv_splat(float x) { return _mm256_set1_ps(x); }
+inline KVec kv_fma(KVec a, KVec b, KVec c) { return _mm256_fmadd_ps(a, b, c); }
+inline std::uint32_t kv_above(KVec s, float t) {
+  return static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(t), _CMP_GT_OQ)));
 }
-
-/// Bit l set for each of the 16 floats p[l] above t.
-__attribute__((always_inline)) inline std::uint32_t above16(const float* p, float t) {
-#if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(t), _CMP_GT_OQ);
-#elif defined(__AVX2__)
-  const __m256 v = _mm256_set1_ps(t);
-  const auto lo = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), v, _CMP_GT_OQ)));
-  const auto hi = static_cast<std::uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), v, _CMP_GT_OQ)));
-  return lo | (hi << 8);
 #else
+typedef float KVec __attribute__((vector_size(16)));  // the compiler's generic vectors (SSE2 on x86-64)
+constexpr int kLanes = 4, kKnnGroup = 4, kPanelVecs = 2;  // 8 accumulators of 16 registers
+inline KVec kv_zero() { return KVec{}; }
+inline KVec kv_load(const float* p) { return KVec{p[0], p[1], p[2], p[3]}; }
+inline KVec kv_splat(float x) { return KVec{x, x, x, x}; }
+inline KVec kv_fma(KVec a, KVec b, KVec c) { return a * b + c; }  // ISO C++: never contracted
+inline std::uint32_t kv_above(KVec s, float t) {
   std::uint32_t m = 0;
-  for (int l = 0; l < 16; ++l) m |= (p[l] > t ? 1u : 0u) << l;
+  for (int l = 0; l < kLanes; ++l) m |= (s[l] > t ? 1u : 0u) << l;  // NaN never counts as above
   return m;
+}
+#endif
+constexpr idx kKnnPanel = kLanes * kPanelVecs;
+
+/// The keys of the lanes set in `mask` of one vector of scores (lane l: row row0 + l), in lane
+/// order, appended at out + count. AVX-512 builds all the lane's keys in registers and stores them
+/// compressed (in registers: a compressing store is slow on some cores), writing up to 8 keys past
+/// the last kept; elsewhere one step of a loop over the mask's bits per key.
+__attribute__((always_inline)) inline void kv_take(KVec s, std::uint32_t mask, std::uint32_t row0, std::uint64_t* out,
+                                                   idx& count) {
+#if defined(__AVX512F__)
+  const __m512i bits = _mm512_castps_si512(_mm512_add_ps(s, _mm512_setzero_ps()));  // -0 as +0
+  // rank_key's upper half, ~(bits ^ (sign ? all ones : the sign bit)), for 16 lanes at once.
+  const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(INT32_MIN));
+  const __m512i upper = _mm512_xor_si512(_mm512_xor_si512(bits, flip), _mm512_set1_epi32(-1));
+  const __m512i rows = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(row0)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const auto keys = [](__m256i u, __m256i r) {
+    return _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepu32_epi64(u), 32), _mm512_cvtepu32_epi64(r));
+  };
+  const __m512i lo = keys(_mm512_castsi512_si256(upper), _mm512_castsi512_si256(rows));
+  const __m512i hi = keys(_mm512_extracti64x4_epi64(upper, 1), _mm512_extracti64x4_epi64(rows, 1));
+  const auto m0 = static_cast<__mmask8>(mask & 0xffu), m1 = static_cast<__mmask8>(mask >> 8);
+  _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi64(m0, lo));
+  count += std::popcount(static_cast<unsigned>(m0));
+  _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi64(m1, hi));
+  count += std::popcount(static_cast<unsigned>(m1));
+#else
+  alignas(32) float lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = s[l];
+  for (; mask != 0; mask &= mask - 1) {
+    const int l = std::countr_zero(mask);
+    out[count++] = rank_key(lane[l], row0 + static_cast<std::uint32_t>(l));
+  }
 #endif
 }
 
-idx k_collect_above(const float* s, idx n, float threshold, std::uint32_t base, std::uint64_t* out) {
-  // Candidates are rare once the threshold has settled: a block of 64 scores without one costs four
-  // loads, three maxima and a compare. A block of 16 that holds some writes their keys without a
-  // branch per key: with AVX-512 all 16 keys are built in registers and the kept ones compressed
-  // (in registers: a compressing store is slow on some cores) and stored whole, the count advanced by
-  // their number; elsewhere one step of a loop over the set bits of the compare mask per key.
-  idx count = 0;
 #if defined(__AVX512F__)
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const auto take = [&](idx from, std::uint32_t mask) {
-    if (mask == 0) return;
-    const __m512i bits = _mm512_castps_si512(_mm512_add_ps(_mm512_loadu_ps(s + from), _mm512_setzero_ps()));
-    // rank_key's upper half, ~(bits ^ (sign ? all ones : the sign bit)), for 16 lanes at once.
-    const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(INT32_MIN));
-    const __m512i upper = _mm512_xor_si512(_mm512_xor_si512(bits, flip), _mm512_set1_epi32(-1));
-    const __m512i rows = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base + static_cast<std::uint32_t>(from))), lane);
-    const auto keys = [&](__m256i u, __m256i r) {
-      return _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepu32_epi64(u), 32), _mm512_cvtepu32_epi64(r));
-    };
-    const __m512i lo = keys(_mm512_castsi512_si256(upper), _mm512_castsi512_si256(rows));
-    const __m512i hi = keys(_mm512_extracti64x4_epi64(upper, 1), _mm512_extracti64x4_epi64(rows, 1));
-    const auto m0 = static_cast<__mmask8>(mask & 0xffu), m1 = static_cast<__mmask8>(mask >> 8);
-    _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi64(m0, lo));
-    count += std::popcount(static_cast<unsigned>(m0));
-    _mm512_storeu_si512(out + count, _mm512_maskz_compress_epi64(m1, hi));
-    count += std::popcount(static_cast<unsigned>(m1));
-  };
-#else
-  const auto take = [&](idx from, std::uint32_t mask) {
-    for (; mask != 0; mask &= mask - 1) {
-      const idx at = from + std::countr_zero(mask);
-      out[count++] = rank_key(s[at], base + static_cast<std::uint32_t>(at));
-    }
-  };
-#endif
-  idx j = 0;
-  for (; j + 64 <= n; j += 64) {
-    if (!any_above64(s + j, threshold)) continue;
-    for (idx b = j; b < j + 64; b += 16) take(b, above16(s + b, threshold));
+/// Columns 0 .. 15 of 16 rows (src, ld) to out + c kKnnPanel for column c, 16 floats each (one per
+/// row): a 16 x 16 transpose in registers. Unpacking pairs of rows, then pairs of pairs, leaves in
+/// 128-bit lane j of u[4 b + m] column 4 j + m of rows 4 b .. 4 b + 3; two rounds of lane shuffles
+/// gather each column's four lanes.
+__attribute__((always_inline)) inline void transpose16(const float* src, idx ld, float* out) {
+  __m512 r[16], u[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld);
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d t1 = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b], r[4 * b + 1]));
+    const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(r[4 * b + 2], r[4 * b + 3]));
+    const __m512d t3 = _mm512_castps_pd(_mm512_unpackhi_ps(r[4 * b + 2], r[4 * b + 3]));
+    u[4 * b] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
   }
-  for (; j + 16 <= n; j += 16) take(j, above16(s + j, threshold));
-  for (; j < n; ++j)
-    if (s[j] > threshold) out[count++] = rank_key(s[j], base + static_cast<std::uint32_t>(j));
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    // 0x88 takes lanes 0 and 2 of each operand, 0xdd lanes 1 and 3.
+    const __m512 lo0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88), hi0 = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xdd);
+    const __m512 lo1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 hi1 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xdd);
+    _mm512_storeu_ps(out + m * kKnnPanel, _mm512_shuffle_f32x4(lo0, lo1, 0x88));
+    _mm512_storeu_ps(out + (8 + m) * kKnnPanel, _mm512_shuffle_f32x4(lo0, lo1, 0xdd));
+    _mm512_storeu_ps(out + (4 + m) * kKnnPanel, _mm512_shuffle_f32x4(hi0, hi1, 0x88));
+    _mm512_storeu_ps(out + (12 + m) * kKnnPanel, _mm512_shuffle_f32x4(hi0, hi1, 0xdd));
+  }
+}
+#endif
+
+void k_knn_pack(const float* v, idx rows, idx dim, idx ld, float* out) {
+  for (idx p0 = 0; p0 < rows; p0 += kKnnPanel) {
+    float* o = out + p0 * dim;
+    const idx n = min_idx(kKnnPanel, rows - p0);
+    idx r = 0;
+#if defined(__AVX512F__)
+    // Whole groups of 16 rows by 16 x 16 transposes, the columns past a multiple of 16 one by one.
+    const idx whole = dim / 16 * 16;
+    for (; r + 16 <= n; r += 16) {
+      for (idx d0 = 0; d0 < whole; d0 += 16) transpose16(v + (p0 + r) * ld + d0, ld, o + d0 * kKnnPanel + r);
+      for (idx i = r; i < r + 16; ++i)
+        for (idx d = whole; d < dim; ++d) o[d * kKnnPanel + i] = v[(p0 + i) * ld + d];
+    }
+#endif
+    for (; r < kKnnPanel; ++r) {
+      const float* src = v + (p0 + r) * ld;
+      if (r < n)
+        for (idx d = 0; d < dim; ++d) o[d * kKnnPanel + r] = src[d];
+      else
+        for (idx d = 0; d < dim; ++d) o[d * kKnnPanel + r] = 0.0f;
+    }
+  }
+}
+
+void k_knn_scan(const float* q, idx queries, idx dim, const float* packed, idx cols, std::uint32_t base,
+                const float* thresholds, std::uint64_t* keys, idx cap, idx* counts) {
+  for (idx g = 0; g < queries; g += kKnnGroup) {
+    const float* qg = q + g * dim;
+    for (idx p0 = 0; p0 < cols; p0 += kKnnPanel) {
+      const float* panel = packed + p0 * dim;
+      KVec acc[kKnnGroup][kPanelVecs];
+#pragma GCC unroll 16
+      for (int i = 0; i < kKnnGroup; ++i)
+#pragma GCC unroll 4
+        for (int v = 0; v < kPanelVecs; ++v) acc[i][v] = kv_zero();
+      for (idx d = 0; d < dim; ++d) {
+        KVec b[kPanelVecs];
+#pragma GCC unroll 4
+        for (int v = 0; v < kPanelVecs; ++v) b[v] = kv_load(panel + d * kKnnPanel + v * kLanes);
+#pragma GCC unroll 16
+        for (int i = 0; i < kKnnGroup; ++i) {
+          const KVec a = kv_splat(qg[i * dim + d]);
+#pragma GCC unroll 4
+          for (int v = 0; v < kPanelVecs; ++v) acc[i][v] = kv_fma(a, b[v], acc[i][v]);
+        }
+      }
+      // The last panel's zero rows never count. One branch for the whole register tile: mid-search
+      // a tile holds some candidate almost surely, late in the search almost surely none, while a
+      // branch per vector would mispredict in between; each vector's keys are then stored whole, its
+      // count advanced by how many it kept (perhaps none).
+      const idx valid = min_idx(kKnnPanel, cols - p0);
+      std::uint32_t mask[kKnnGroup][kPanelVecs];
+      std::uint32_t any = 0;
+#pragma GCC unroll 16
+      for (int i = 0; i < kKnnGroup; ++i) {
+        const float t = thresholds[g + i];
+#pragma GCC unroll 4
+        for (int v = 0; v < kPanelVecs; ++v) {
+          const idx lanes = valid - v * kLanes;
+          mask[i][v] = lanes <= 0 ? 0u : kv_above(acc[i][v], t) & (lanes >= kLanes ? ~0u : (1u << lanes) - 1u);
+          any |= mask[i][v];
+        }
+      }
+      if (any == 0) continue;
+#pragma GCC unroll 16
+      for (int i = 0; i < kKnnGroup; ++i) {
+        idx count = counts[g + i];
+#pragma GCC unroll 4
+        for (int v = 0; v < kPanelVecs; ++v)
+          kv_take(acc[i][v], mask[i][v], base + static_cast<std::uint32_t>(p0 + v * kLanes), keys + (g + i) * cap, count);
+        counts[g + i] = count;
+      }
+    }
+  }
+}
+
+std::uint64_t k_order_statistic(const std::uint64_t* v, idx m, idx r) {
+  // The r-th smallest is the largest value with at most r values below it: m^2 compares in vector
+  // lanes instead of a selection's branches, which mispredict on random keys.
+  std::uint64_t best = 0;
+  for (idx a = 0; a < m; ++a) {
+    idx below = 0;
+    for (idx b = 0; b < m; ++b) below += v[b] < v[a] ? 1 : 0;
+    best = below <= r && v[a] > best ? v[a] : best;
+  }
+  return best;
+}
+
+idx k_count_at_most(const std::uint64_t* keys, idx n, std::uint64_t pivot) {
+  idx count = 0, j = 0;
+#if defined(__AVX512F__)
+  const __m512i p = _mm512_set1_epi64(static_cast<long long>(pivot));
+  for (; j + 8 <= n; j += 8)
+    count += std::popcount(static_cast<unsigned>(_mm512_cmple_epu64_mask(_mm512_loadu_si512(keys + j), p)));
+#elif defined(__AVX2__)
+  // No unsigned 64-bit compare: flip the sign bits and compare signed, key > pivot counted against n.
+  const __m256i sign = _mm256_set1_epi64x(INT64_MIN);
+  const __m256i p = _mm256_xor_si256(_mm256_set1_epi64x(static_cast<long long>(pivot)), sign);
+  for (; j + 4 <= n; j += 4) {
+    const __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j)), sign);
+    count += 4 - std::popcount(static_cast<unsigned>(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(x, p)))));
+  }
+#endif
+  for (; j < n; ++j) count += keys[j] <= pivot ? 1 : 0;
   return count;
+}
+
+idx k_keep_at_most(std::uint64_t* keys, idx n, std::uint64_t pivot) {
+  idx w = 0, j = 0;
+#if defined(__AVX512F__)
+  // Compressed in registers and stored whole: a store at w <= j overwrites only keys already read.
+  const __m512i p = _mm512_set1_epi64(static_cast<long long>(pivot));
+  for (; j + 8 <= n; j += 8) {
+    const __m512i x = _mm512_loadu_si512(keys + j);
+    const __mmask8 m = _mm512_cmple_epu64_mask(x, p);
+    _mm512_storeu_si512(keys + w, _mm512_maskz_compress_epi64(m, x));
+    w += std::popcount(static_cast<unsigned>(m));
+  }
+#endif
+  for (; j < n; ++j) {
+    const std::uint64_t key = keys[j];
+    keys[w] = key;
+    w += key <= pivot ? 1 : 0;
+  }
+  return w;
 }
 
 void k_philox(const std::uint32_t* key, const std::uint32_t* ctr, idx n, std::uint32_t* out) {
@@ -782,7 +934,7 @@ void k_unit_normal_row(const std::uint32_t* key, const std::uint32_t* ctr, idx d
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
 const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_gather_axpy, k_widen, k_narrow, k_per_sample_query, k_shared_query,
-                   k_keyed_info_nce,               k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     k_collect_above,
+                   k_keyed_info_nce,               k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     kKnnPanel, kKnnGroup, k_knn_pack, k_knn_scan, k_order_statistic, k_count_at_most, k_keep_at_most,
                    k_philox,                       k_momentum_row,   k_unit_normal_row};
 
 }  // namespace
