@@ -55,7 +55,7 @@ RefKnn brute_force(const RowMatrixd& V, const std::vector<int>& vl, const RowMat
 TEST_CASE("weighted kNN equals brute force") {
   // Guards the blocked top-k: predictions, top-1, top-5 and 1-NN accuracy equal a brute-force
   // double reference, for k below, inside and beyond one 1024-row tile, Q not a multiple of the
-  // 256-query block, on clustered data (so the classifier is informative).
+  // scan's query group, on clustered data (so the classifier is informative).
   std::mt19937_64 rng(31);
   constexpr index_t N = 9001, D = 24, Q = 150;
   constexpr int C = 7;

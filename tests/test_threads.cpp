@@ -162,8 +162,8 @@ TEST_CASE("the library does not change the caller's thread setting") {
 }
 
 TEST_CASE("knn_evaluate is bit-identical for 1 and 2 threads over several query blocks and bank tiles") {
-  // Guards thread-count independence of the blocked kNN (256-query blocks, 1024-row bank tiles):
-  // Q = 700 spans three query blocks (the last partial), N = 5000 five tiles (the last partial);
+  // Guards thread-count independence of the blocked kNN (query blocks, 1024-row bank tiles):
+  // Q = 700 spans two query blocks (the last partial), N = 5000 five tiles (the last partial);
   // predictions and the top-1 / top-5 / 1-NN accuracies are bit-identical for k inside one tile and
   // beyond it. Rows 4096.. repeat rows 0.. with other labels: exact score ties, broken by row id.
   constexpr index_t N = 5000, D = 24, Q = 700;
