@@ -19,6 +19,7 @@
 
 #include "detail/check.hpp"
 #include "detail/features.hpp"
+#include "detail/knn_outputs.hpp"
 #include "detail/kmeans.hpp"
 #include "detail/mpi_group.hpp"
 #include "detail/parallel.hpp"
@@ -517,17 +518,7 @@ void DistributedEngine::knn_search(FeaturesRef queries, index_t k, std::span<flo
                   dim);
     if (q > 0) check_features(queries, q, dim, "queries");
     MEMBANK_CHECK(k >= 1 && k <= n_, "k = {}: expected 1 <= k <= N = {}", k, n_);
-    const auto need = static_cast<std::size_t>(mul_no_overflow(q, k, "Q_r x k"));
-    MEMBANK_CHECK(scores.size() >= need && ids.size() >= need,
-                  "scores and ids have {} and {} entries: expected at least Q_r x k = {} x {} = {}", scores.size(),
-                  ids.size(), q, k, need);
-    const MemoryRegion out_s = MemoryRegion::contiguous(scores.data(), static_cast<std::int64_t>(need * sizeof(float)));
-    const MemoryRegion out_i = MemoryRegion::contiguous(ids.data(), static_cast<std::int64_t>(need * sizeof(index_t)));
-    check_no_overlap(out_s, "scores", out_i, "ids");
-    for (const auto& [out, name] : {std::pair{out_s, "scores"}, std::pair{out_i, "ids"}}) {
-      check_no_overlap(out, name, bank_.view().region(), "the bank");
-      if (q > 0) check_no_overlap(out, name, MemoryRegion::of_matrix(queries), "queries");
-    }
+    detail::check_search_outputs(bank_.view(), queries, q, k, scores, ids, "Q_r");
     mine = {static_cast<std::uint64_t>(k), static_cast<std::uint64_t>(q)};
   });
   const std::vector<std::uint64_t> all = g.allgather(std::span<const std::uint64_t>(mine));

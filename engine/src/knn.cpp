@@ -3,6 +3,7 @@
 #include <membank/memory.hpp>
 
 #include "detail/check.hpp"
+#include "detail/knn_outputs.hpp"
 #include "detail/parallel.hpp"
 #include "kernels/kernels.hpp"
 
@@ -213,19 +214,8 @@ Neighbours search_keys(const BankView& bank, FeaturesRef queries, index_t k, con
 void knn_search(const BankView& bank, FeaturesRef queries, index_t k, std::span<float> scores, std::span<index_t> ids,
                 const CancelHook& cancel) {
   check_search_args(bank, queries, k);
-  const index_t q = queries.rows();
-  const auto need = static_cast<std::size_t>(mul_no_overflow(q, k, "Q x k"));
-  MEMBANK_CHECK(scores.size() >= need, "scores has {} entries: expected at least Q x k = {} x {} = {}", scores.size(),
-                q, k, need);
-  MEMBANK_CHECK(ids.size() >= need, "ids has {} entries: expected at least Q x k = {} x {} = {}", ids.size(), q, k,
-                need);
-  const MemoryRegion out_s = MemoryRegion::contiguous(scores.data(), static_cast<std::int64_t>(need * sizeof(float)));
-  const MemoryRegion out_i = MemoryRegion::contiguous(ids.data(), static_cast<std::int64_t>(need * sizeof(index_t)));
-  check_no_overlap(out_s, "scores", out_i, "ids");
-  for (const auto& [out, name] : {std::pair{out_s, "scores"}, std::pair{out_i, "ids"}}) {
-    check_no_overlap(out, name, bank.region(), "the bank");
-    check_no_overlap(out, name, MemoryRegion::of_matrix(queries), "queries");
-  }
+  detail::check_search_outputs(bank, queries, queries.rows(), k, scores, ids, "Q");
+  const auto need = static_cast<std::size_t>(queries.rows() * k);
   const Neighbours r = detail::translate_bad_alloc("knn_search", [&] { return search_keys(bank, queries, k, cancel); });
   for (std::size_t j = 0; j < need; ++j) {
     scores[j] = key_score(r.keys[j]);
