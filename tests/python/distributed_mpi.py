@@ -12,7 +12,7 @@ distributed result against it:
   * an argument refused on one rank raises on every rank (naming that rank), changes nothing, and the
     next step still agrees with the reference: no rank is left waiting;
   * DistributedEngine.knn_search in both modes, uneven Q_r (0 included), k beyond a shard: each rank's
-    results against membank.knn_search on the same bank for all ranks' queries concatenated; exact ties
+    results equal bit for bit to membank.knn_search on the same bank for all ranks' queries concatenated; exact ties
     (smaller global id first) across shards; a k that differs between ranks, or one refused on a single
     rank, raises on every rank; a SIGINT on rank 0 mid-call is its KeyboardInterrupt and membank.Error
     (cancelled on another rank) elsewhere, and the engine then searches as before;
@@ -257,23 +257,21 @@ def knn_sizes(ranks, empty_rank):
 def check_knn(at, got, ref, rows, queries):
     """This rank's DistributedEngine.knn_search result `got` against the single-process `ref` (both (scores,
     ids)) for its queries over the bank `rows` (float32 (N, D), as searched): the shapes and dtypes, scores
-    within 1e-6, each id's score its row's (float64 product), ids distinct per query, and ids equal except
-    where the two rows' scores differ by <= 1e-6 (neighbours ordered by the last fp32 bits)."""
+    and ids equal bit for bit (a score is one chain of multiply-adds wherever its query and row fall), each
+    id's score its row's (float64 product), ids distinct per query."""
     (s, i), (rs, ri) = got, ref
     check(s.shape == rs.shape == i.shape and s.dtype == np.float32 and i.dtype == np.int64,
           f"{at}: shapes {s.shape} {i.shape} dtypes {s.dtype} {i.dtype}: expected {rs.shape} float32 / int64")
     if s.size == 0:
         return
     check(i.min() >= 0 and i.max() < rows.shape[0], f"{at}: ids out of [0, N): {i.min()} .. {i.max()}")
-    check(np.abs(s - rs).max() <= 1e-6, f"{at}: scores differ from the single process by {np.abs(s - rs).max()}")
+    check(np.array_equal(s.view(np.uint32), rs.view(np.uint32)),
+          f"{at}: {(s != rs).sum()} scores differ from the single process's, by up to {np.abs(s - rs).max()}")
+    check(np.array_equal(i, ri), f"{at}: {(i != ri).sum()} ids differ from the single process's")
     exact = queries.astype(np.float64) @ rows.astype(np.float64).T  # (Q_r, N)
-    mine, theirs = np.take_along_axis(exact, i, 1), np.take_along_axis(exact, ri, 1)
+    mine = np.take_along_axis(exact, i, 1)
     check(np.abs(mine - s).max() <= 1e-5, f"{at}: a returned score is not its row's: off by {np.abs(mine - s).max()}")
     check(all(len(set(row)) == len(row) for row in i.tolist()), f"{at}: an id repeats within a query's neighbours")
-    differ = i != ri
-    gap = np.abs(mine - theirs)[differ].max() if differ.any() else 0.0
-    check(gap <= 1e-6, f"{at}: {differ.sum()} ids differ from the single process, rows whose scores differ by up to "
-                       f"{gap}")
 
 
 def test_knn_search_equals_single_process():
