@@ -2609,7 +2609,8 @@ evaluate, sample, update, prefetch, bank (use local_bank or gather_bank).)doc")
            "and gets (scores float32 (Q_r, k), ids "
            "int64 (Q_r, k)): each row the k bank rows of the highest v_j . q, as global ids, best first; equal "
            "scores rank the smaller global id first. Every rank passes the same k, 1 <= k <= N (membank.Error on "
-           "every rank otherwise). The single-process search of the whole bank, bit for bit. Sharded: the queries are all-gathered, every rank searches its rows for all of them and each "
+           "every rank otherwise). The single-process search of the whole bank, bit for bit (where every rank runs "
+           "the same instruction-set path). Sharded: the queries are all-gathered, every rank searches its rows for all of them and each "
            "query's per-shard bests are merged on its rank. Ctrl-C (on the main thread) stops every rank, nothing "
            "written: KeyboardInterrupt on the rank where the signal arrived, membank.Error (the search was "
            "cancelled on another rank) on the others.")

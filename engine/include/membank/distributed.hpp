@@ -149,8 +149,9 @@ class DistributedEngine {
 
   /// Collective. knn_search (knn.hpp) over the whole global bank: this rank passes its Q_r >= 0 queries
   /// and receives their k best rows as global ids, best first (equal scores: the smaller global id):
-  /// the single-process search of the whole bank, bit for bit (a score is the same chain of
-  /// multiply-adds wherever its query and row fall). Every rank passes the same k (checked).
+  /// the single-process search of the whole bank, bit for bit where every rank runs the same
+  /// instruction-set path (a score is the same chain of multiply-adds wherever its query and row
+  /// fall; membank/isa.hpp). Every rank passes the same k (checked).
   /// Replicated: each rank searches its own copy. Sharded: the queries are all-gathered, every rank
   /// searches its shard for all of them, and each query's per-shard bests travel to its rank, which
   /// merges them (R min(k, shard) pairs a query). A rank whose hook cancels stops every rank (a
