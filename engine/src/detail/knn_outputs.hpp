@@ -5,8 +5,10 @@
 
 #include "detail/check.hpp"
 
+#include <fmt/format.h>
+
 #include <span>
-#include <string_view>
+#include <string>
 #include <utility>
 
 namespace membank::detail {
@@ -15,7 +17,8 @@ namespace membank::detail {
 /// queries (the queries are not consulted when q = 0). `count` names q in the messages ("Q", "Q_r").
 inline void check_search_outputs(const BankView& bank, FeaturesRef queries, index_t q, index_t k,
                                  std::span<const float> scores, std::span<const index_t> ids, const char* count) {
-  const auto need = static_cast<std::size_t>(mul_no_overflow(q, k, count == std::string_view("Q") ? "Q x k" : "Q_r x k"));
+  const std::string product = fmt::format("{} x k", count);
+  const auto need = static_cast<std::size_t>(mul_no_overflow(q, k, product.c_str()));
   MEMBANK_CHECK(scores.size() >= need, "scores has {} entries: expected at least {} x k = {} x {} = {}", scores.size(),
                 count, q, k, need);
   MEMBANK_CHECK(ids.size() >= need, "ids has {} entries: expected at least {} x k = {} x {} = {}", ids.size(), count,

@@ -193,8 +193,8 @@ struct Table {
   idx knn_group;
   void (*knn_pack)(const float* v, idx rows, idx dim, idx ld, float* out);
   /// For each of `queries` queries (row-major q, ld dim) and each of `cols` packed rows: the score
-  /// s_ij = sum_d q_id v_jd, accumulated over d in order with one multiply-add each (the same score
-  /// whichever group and panel hold i and j), and when s_ij > thresholds[i] (a NaN never is) the key
+  /// s_ij = sum_d q_id v_jd, accumulated over d in order with one multiply-add each, fused where the
+  /// path has FMA (the same score whichever group and panel hold i and j), and when s_ij > thresholds[i] (a NaN never is) the key
   /// rank_key(s_ij, base + j) appended to query i's buffer keys + i cap at counts[i], in order of j,
   /// counts[i] advanced. Pad the queries to a multiple of knn_group with threshold +inf. A buffer must
   /// hold cols + 8 keys past its count (up to 8 past the last kept may be written).
