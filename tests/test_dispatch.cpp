@@ -11,6 +11,8 @@
 #include <membank/knn.hpp>
 #include <membank/sampler.hpp>
 
+#include "kernels/kernels.hpp"
+
 #include <Random123/philox.h>
 
 #include <omp.h>
@@ -124,6 +126,32 @@ TEST_CASE("every path's Philox gives Random123's words: uniform draws equal an i
       uni.draw_next(cursor, std::span(got).subspan(at, piece), std::span(log_pn).subspan(at, piece));
     }
     CHECK(got == want);
+  }
+}
+
+TEST_CASE("every path's Philox kernel equals Random123 block for block, at every length and across the counter's wrap") {
+  // kernels::Table::philox takes 64 blocks at a time on the vector paths (four vectors of lanes),
+  // then single vectors, then one block at a time: every length up to 200 ends in each of them.
+  // Word 0 of the counter starts 70 below 2^32 and wraps inside the vectors (no carry into word 1).
+  const std::uint32_t key[2] = {0x9abcdef0u, 0x12345678u};
+  const std::uint32_t ctr[4] = {0xFFFFFFFFu - 69u, 7u, 0x80000001u, 2u << 24};
+  r123::Philox4x32 philox;
+  const r123::Philox4x32::key_type pkey{{key[0], key[1]}};
+  for (const Isa isa : supported_paths()) {
+    CAPTURE(to_string(isa));
+    IsaScope is(isa);
+    const kernels::Table& kt = kernels::table();
+    for (std::int64_t n = 1; n <= 200; ++n) {
+      CAPTURE(n);
+      std::vector<std::uint32_t> out(static_cast<std::size_t>(4 * n));
+      kt.philox(key, ctr, n, out.data());
+      std::int64_t wrong = 0;
+      for (std::int64_t j = 0; j < n; ++j) {
+        const auto w = philox({{ctr[0] + static_cast<std::uint32_t>(j), ctr[1], ctr[2], ctr[3]}}, pkey);
+        for (std::int64_t v = 0; v < 4; ++v) wrong += out[static_cast<std::size_t>(v * n + j)] != w.v[v];
+      }
+      CHECK(wrong == 0);
+    }
   }
 }
 

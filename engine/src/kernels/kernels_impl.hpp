@@ -855,34 +855,115 @@ idx k_keep_at_most(std::uint64_t* keys, idx n, std::uint64_t pivot) {
   return w;
 }
 
-void k_philox(const std::uint32_t* key, const std::uint32_t* ctr, idx n, std::uint32_t* out) {
-  // The published constants: multipliers, and the Weyl sequence that bumps the key between rounds.
-  constexpr std::uint64_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr std::uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-  std::uint32_t* const out0 = out;
-  std::uint32_t* const out1 = out + n;
-  std::uint32_t* const out2 = out + 2 * n;
-  std::uint32_t* const out3 = out + 3 * n;
+/// Philox4x32-10 on blocks [ctr[0], ctr[0] + n) (word 0 of the counter wraps, without carry) into
+/// out, word w of block j at out[w n + j]. The published constants: multipliers, and the Weyl
+/// sequence that bumps the key between rounds.
+constexpr std::uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr std::uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+void philox_blocks(const std::uint32_t* key, const std::uint32_t* ctr, idx from, idx to, idx n, std::uint32_t* out) {
   const std::uint32_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3], key0 = key[0], key1 = key[1];
-  for (idx j = 0; j < n; ++j) {
+  for (idx j = from; j < to; ++j) {
     std::uint32_t x0 = c0 + static_cast<std::uint32_t>(j), x1 = c1, x2 = c2, x3 = c3, k0 = key0, k1 = key1;
 #pragma GCC unroll 10
     for (int round = 0; round < 10; ++round) {
-      const std::uint64_t p0 = kM0 * x0, p1 = kM1 * x2;
+      const std::uint64_t p0 = std::uint64_t{kPhiloxM0} * x0, p1 = std::uint64_t{kPhiloxM1} * x2;
       const std::uint32_t y0 = static_cast<std::uint32_t>(p1 >> 32) ^ x1 ^ k0;
       const std::uint32_t y2 = static_cast<std::uint32_t>(p0 >> 32) ^ x3 ^ k1;
       x1 = static_cast<std::uint32_t>(p1);
       x3 = static_cast<std::uint32_t>(p0);
       x0 = y0;
       x2 = y2;
-      k0 += kW0;
-      k1 += kW1;
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
     }
-    out0[j] = x0;
-    out1[j] = x1;
-    out2[j] = x2;
-    out3[j] = x3;
+    out[j] = x0;
+    out[n + j] = x1;
+    out[2 * n + j] = x2;
+    out[3 * n + j] = x3;
   }
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+/// Philox in vector lanes, one block per 32-bit lane. A lane's 32 x 32 -> 64-bit products come from
+/// two even-lane multiplies (the odd lanes shifted down for the second), their halves blended back.
+namespace philox_lanes {
+#if defined(__AVX512F__)
+using V = __m512i;
+constexpr idx kLanes = 16;
+inline V set1(std::uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+inline V lane_index() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline V add(V a, V b) { return _mm512_add_epi32(a, b); }
+inline V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+inline void mul(V x, V m, V& hi, V& lo) {
+  const V even = _mm512_mul_epu32(x, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+inline void store(std::uint32_t* p, V v) { _mm512_storeu_si512(p, v); }
+#else
+using V = __m256i;
+constexpr idx kLanes = 8;
+inline V set1(std::uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
+inline V lane_index() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+inline V add(V a, V b) { return _mm256_add_epi32(a, b); }
+inline V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+inline void mul(V x, V m, V& hi, V& lo) {
+  const V even = _mm256_mul_epu32(x, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+inline void store(std::uint32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+#endif
+
+/// Blocks [j, j + kVectors kLanes): kVectors independent vectors per round, so that one's
+/// multiplies run while another's wait (a single vector's rounds are one chain of latencies).
+template <int kVectors>
+inline void blocks(const std::uint32_t* key, const std::uint32_t* ctr, idx j, idx n, std::uint32_t* out) {
+  const V m0 = set1(kPhiloxM0), m1 = set1(kPhiloxM1);
+  V x0[kVectors], x1[kVectors], x2[kVectors], x3[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    x0[v] = add(set1(ctr[0] + static_cast<std::uint32_t>(j + v * kLanes)), lane_index());
+    x1[v] = set1(ctr[1]);
+    x2[v] = set1(ctr[2]);
+    x3[v] = set1(ctr[3]);
+  }
+  std::uint32_t k0 = key[0], k1 = key[1];
+  for (int round = 0; round < 10; ++round) {
+    const V key0 = set1(k0), key1 = set1(k1);
+    for (int v = 0; v < kVectors; ++v) {
+      V hi0, lo0, hi1, lo1;
+      mul(x0[v], m0, hi0, lo0);
+      mul(x2[v], m1, hi1, lo1);
+      x0[v] = xor3(hi1, x1[v], key0);
+      x2[v] = xor3(hi0, x3[v], key1);
+      x1[v] = lo1;
+      x3[v] = lo0;
+    }
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    const idx at = j + v * kLanes;
+    store(out + at, x0[v]);
+    store(out + n + at, x1[v]);
+    store(out + 2 * n + at, x2[v]);
+    store(out + 3 * n + at, x3[v]);
+  }
+}
+}  // namespace philox_lanes
+#endif
+
+void k_philox(const std::uint32_t* key, const std::uint32_t* ctr, idx n, std::uint32_t* out) {
+  idx j = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  // Four vectors at a time: about a third of the time per block of the compiler's vectorisation of
+  // philox_blocks (its 64-bit products), measured on AVX-512.
+  constexpr idx kWide = 4 * philox_lanes::kLanes;
+  for (; j + kWide <= n; j += kWide) philox_lanes::blocks<4>(key, ctr, j, n, out);
+  for (; j + philox_lanes::kLanes <= n; j += philox_lanes::kLanes) philox_lanes::blocks<1>(key, ctr, j, n, out);
+#endif
+  philox_blocks(key, ctr, j, n, n, out);
 }
 
 void k_momentum_row(float* v, const float* f, float m, float one_minus_m, float* tmp, idx dim) {
