@@ -382,8 +382,9 @@ void AliasSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<fl
     if (ahead.m == m && ahead.first == first && ahead.stream == tag)
       std::copy_n(ahead.words.begin(), 4 * m, words[0].begin());
     else {
+      const std::uint32_t* const w = words[0].data();
       make(0, m, words[0].data());
-      for (std::int64_t i = 0; i < m; ++i) detail::prefetch_line(cells + cell_of(words[0][i], words[0][m + i]));
+      for (std::int64_t i = 0; i < m; ++i) detail::prefetch_line(cells + cell_of(w[i], w[m + i]));
     }
   }
   for (std::int64_t at = 0, chunk = 0; at < k; ++chunk) {
