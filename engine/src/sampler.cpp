@@ -357,13 +357,12 @@ void AliasSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<fl
   // requested at each draw resolved, not the chunk's 64 at once: a core holds only a few dozen
   // lines in flight, and a burst stalls it until there is room (a draw alone 8.2 to 8.5 ns before,
   // 6.9 to 7.0 after; the step 1.85 to 1.94 x its floor before, 1.76 to 1.80 after, builds
-  // alternated). After the
-  // piece's last chunk, the draws that follow it (as many as this piece had, up to a chunk) are made
-  // and their cells prefetched too: the engine draws a piece just before it requests the piece's
-  // rows, so the next piece finds its cells in cache. Those blocks are kept for this thread's next
-  // call (made_ahead), which takes them if it continues the same stream with a chunk of that size
-  // (the engine's pieces are one chunk): a block is then made once, not twice -- making the blocks
-  // was most of a draw's work with the table in cache.
+  // alternated). After the piece's last chunk, the draws that follow it (as many as this piece had,
+  // up to a chunk) are made and their cells prefetched too: the engine draws a piece just before it
+  // requests the piece's rows, so the next piece finds its cells in cache. Those blocks are kept for
+  // this thread's next call (made_ahead), which takes them if it continues the same stream with a
+  // chunk of that size (the engine's pieces are one chunk): a block is then made once, not twice --
+  // making the blocks was most of a draw's work with the table in cache.
   constexpr std::int64_t kChunk = kAliasChunk;
   std::array<std::array<std::uint32_t, 4 * kChunk>, 2> words;
   const kernels::Table& kt = kernels::table();
