@@ -375,15 +375,18 @@ void AliasSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<fl
   const auto make = [&](std::int64_t at, std::int64_t m, std::uint32_t* w) {
     counter.blocks(kt, first + static_cast<std::uint64_t>(at), m, w);
   };
+  // Requests the cell of draw i of the m whose blocks are in w.
+  const auto request_cell = [&](const std::uint32_t* w, std::int64_t m, std::int64_t i) {
+    detail::prefetch_line(cells + cell_of(w[i], w[m + i]));
+  };
   MadeAhead& ahead = made_ahead;
   std::int64_t m = std::min(kChunk, k);
   if (m > 0) {
     if (ahead.m == m && ahead.first == first && ahead.stream == tag)
       std::copy_n(ahead.words.begin(), 4 * m, words[0].begin());
     else {
-      const std::uint32_t* const w = words[0].data();
       make(0, m, words[0].data());
-      for (std::int64_t i = 0; i < m; ++i) detail::prefetch_line(cells + cell_of(w[i], w[m + i]));
+      for (std::int64_t i = 0; i < m; ++i) request_cell(words[0].data(), m, i);
     }
   }
   for (std::int64_t at = 0, chunk = 0; at < k; ++chunk) {
@@ -401,11 +404,11 @@ void AliasSampler::draw_next(DrawCursor& c, std::span<index_t> ids, std::span<fl
     const std::uint32_t* const w = words[b].data();
     const std::uint32_t* const wn = next < k ? words[b ^ 1].data() : ahead.words.data();
     for (std::int64_t i = 0; i < m; ++i) {
-      if (i < m_next) detail::prefetch_line(cells + cell_of(wn[i], wn[m_next + i]));
+      if (i < m_next) request_cell(wn, m_next, i);
       const auto d = static_cast<std::size_t>(at + i);
       resolve(cell_of(w[i], w[m + i]), w[2 * m + i], w[3 * m + i], ids[d], log_pn[d]);
     }
-    for (std::int64_t i = m; i < m_next; ++i) detail::prefetch_line(cells + cell_of(wn[i], wn[m_next + i]));
+    for (std::int64_t i = m; i < m_next; ++i) request_cell(wn, m_next, i);
     at = next;
     m = m_next;
   }

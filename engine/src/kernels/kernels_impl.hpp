@@ -67,6 +67,12 @@ float k_dot(const void* a, DType t, const float* b, idx n) {
   return with_dtype(t, [&](auto tag) { return dot(static_cast<const decltype(tag)*>(a), b, n); });
 }
 
+/// Requests rows [from, min(to, k)).
+template <class RowFn>
+inline void prefetch_rows(RowFn row, idx from, idx to, idx k, idx dim) {
+  for (idx r = from; r < min_idx(to, k); ++r) prefetch_row(row(r), dim);
+}
+
 /// Random rows are read a block of kBlock at a time, and every block's rows are requested one block
 /// ahead: at the start of block [k0, k0 + kBlock) the next block's rows are prefetched, so that all
 /// the work on a block (its scores, its weights, its accumulation) overlaps the next block's loads.
@@ -75,13 +81,7 @@ float k_dot(const void* a, DType t, const float* b, idx n) {
 /// stream requests its next block of 4-byte rows in quarters (stream_draws).
 template <class RowFn>
 inline void prefetch_block(RowFn row, idx k0, idx k, idx dim) {
-  for (idx r = k0; r < min_idx(k0 + kBlock, k); ++r) prefetch_row(row(r), dim);
-}
-
-/// Requests rows [from, min(to, k)).
-template <class RowFn>
-inline void prefetch_rows(RowFn row, idx from, idx to, idx k, idx dim) {
-  for (idx r = from; r < min_idx(to, k); ++r) prefetch_row(row(r), dim);
+  prefetch_rows(row, k0, k0 + kBlock, k, dim);
 }
 
 template <class T>
