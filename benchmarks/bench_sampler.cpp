@@ -8,6 +8,7 @@
 #include "machine_info.hpp"
 #include "options.hpp"
 
+#include <membank/cluster_sampler.hpp>
 #include <membank/dynamic_sampler.hpp>
 
 #include <fmt/format.h>
@@ -59,14 +60,37 @@ class SumTree {
   std::vector<double> t_;
 };
 
-/// Nanoseconds per draw of `draws` draws in streams of k (one thread).
-double ns_per_draw(const NoiseSampler& s, index_t draws, index_t k, std::int64_t step) {
+/// Nanoseconds per draw of `draws` draws in streams of k (one thread); a query-dependent sampler
+/// draws stream r from q(. | f_(r mod B)) of `batch`, B = batch_rows.
+double ns_per_draw(const NoiseSampler& s, index_t draws, index_t k, std::int64_t step,
+                   const Conditioned* batch = nullptr, index_t batch_rows = 1) {
   std::vector<index_t> ids(static_cast<std::size_t>(k));
   std::vector<float> lp(ids.size());
   const double t0 = now_ms();
-  for (index_t r = 0; r < draws / k; ++r)
-    s.draw(StreamKey{1, step, static_cast<std::uint32_t>(r), 0}, std::span<const index_t>{}, ids, lp);
+  for (index_t r = 0; r < draws / k; ++r) {
+    DrawCursor cur{StreamKey{1, step, static_cast<std::uint32_t>(r), 0}, Exclusion{}, k};
+    cur.query = QueryRef{batch, r % batch_rows};
+    s.draw_next(cur, ids, lp);
+  }
   return (now_ms() - t0) * 1e6 / static_cast<double>(draws / k * k);
+}
+
+/// A cluster sampler over n rows without a bank: C random unit centroids of dimension `dim` and each
+/// row in a random cluster (the draw's memory traffic is that of a fitted one: one random read of
+/// the member table a draw).
+ClusterSampler random_cluster_sampler(index_t n, index_t c, index_t dim, std::mt19937_64& rng) {
+  std::normal_distribution<float> g;
+  RowMatrixf centroids(c, dim);
+  for (index_t k = 0; k < c; ++k) {
+    for (index_t e = 0; e < dim; ++e) centroids(k, e) = g(rng);
+    centroids.row(k).normalize();
+  }
+  std::uniform_int_distribution<std::int32_t> pick(0, static_cast<std::int32_t>(c - 1));
+  std::vector<std::int32_t> assignment(static_cast<std::size_t>(n));
+  for (auto& a : assignment) a = pick(rng);
+  ClusterConfig config;
+  config.clusters = c;
+  return ClusterSampler(config, std::move(centroids), std::move(assignment), 0);
 }
 
 void run_bench_sampler(const SamplerBenchOptions& o) {
@@ -90,7 +114,17 @@ void run_bench_sampler(const SamplerBenchOptions& o) {
   const AliasSampler alias(w);
   DynamicSampler dyn(w);
   const SumTree tree(w);
-  std::vector<double> d_uni, d_alias, d_dyn, d_tree;
+  // The cluster sampler: C = 1024 clusters of D = 128 (the step's reference sizes), conditioned on B
+  // = 256 random unit queries; its draws are those of the batch's queries in turn.
+  constexpr index_t kClusters = 1024, kDim = 128, kBatch = 256;
+  const ClusterSampler cluster = random_cluster_sampler(o.n, std::min(kClusters, o.n), kDim, rng);
+  std::vector<float> queries(static_cast<std::size_t>(kBatch * kDim));
+  {
+    std::normal_distribution<float> g;
+    for (auto& x : queries) x = g(rng);
+    for (index_t i = 0; i < kBatch; ++i) Eigen::Map<Eigen::VectorXf>(queries.data() + i * kDim, kDim).normalize();
+  }
+  std::vector<double> d_uni, d_alias, d_dyn, d_tree, d_cluster, cluster_condition;
   std::vector<double> coins(static_cast<std::size_t>(o.draws));
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   for (auto& c : coins) c = unit(rng);
@@ -99,7 +133,11 @@ void run_bench_sampler(const SamplerBenchOptions& o) {
     d_uni.push_back(ns_per_draw(uni, o.draws, o.k, r));
     d_alias.push_back(ns_per_draw(alias, o.draws, o.k, r));
     d_dyn.push_back(ns_per_draw(dyn, o.draws, o.k, r));
-    const double t0 = now_ms();
+    double t0 = now_ms();
+    const auto conditioned = cluster.condition(queries.data(), kDim, kBatch, kDim);
+    cluster_condition.push_back(now_ms() - t0);
+    d_cluster.push_back(ns_per_draw(cluster, o.draws, o.k, r, conditioned.get(), kBatch));
+    t0 = now_ms();
     for (const double c : coins) sink += tree.draw(c);  // uniforms made beforehand: the tree's walk only
     d_tree.push_back((now_ms() - t0) * 1e6 / static_cast<double>(coins.size()));
   }
@@ -132,7 +170,9 @@ void run_bench_sampler(const SamplerBenchOptions& o) {
                         {"alias_build_ms", median(alias_build)}, {"dynamic_build_ms", median(dynamic_build)},
                         {"sum_tree_build_ms", median(tree_build)},
                         {"uniform_ns_per_draw", median(d_uni)}, {"alias_ns_per_draw", median(d_alias)},
-                        {"dynamic_ns_per_draw", median(d_dyn)}, {"sum_tree_ns_per_draw", median(d_tree)},
+                        {"dynamic_ns_per_draw", median(d_dyn)},
+                        {"cluster_ns_per_draw", median(d_cluster)}, {"cluster_condition_ms", median(cluster_condition)},
+                        {"cluster_clusters", cluster.config().clusters}, {"cluster_batch", kBatch}, {"sum_tree_ns_per_draw", median(d_tree)},
                         {"updates", updates}, {"cpu", cpu_model()}, {"sink", sink % 2}};
   if (o.json) {
     fmt::print("{}\n", row.dump());
@@ -144,6 +184,8 @@ void run_bench_sampler(const SamplerBenchOptions& o) {
              median(dynamic_build), median(tree_build));
   fmt::print("  draw      uniform {:6.1f} ns   alias {:6.1f} ns   dynamic {:6.1f} ns   sum tree {:6.1f} ns (walk only)\n",
              median(d_uni), median(d_alias), median(d_dyn), median(d_tree));
+  fmt::print("  cluster   C = {}, D = {}: conditioning a batch of {} queries {:.2f} ms, a draw {:.1f} ns\n",
+             cluster.config().clusters, kDim, kBatch, median(cluster_condition), median(d_cluster));
   for (const auto& x : updates)
     fmt::print("  update {:5} rows: dynamic {:8.3f} ms a call ({:6.2f} us a row)   sum tree {:8.3f} ms ({:6.3f} us a row)\n",
                x["rows"].get<index_t>(), x["dynamic_ms_per_call"].get<double>(), x["dynamic_us_per_row"].get<double>(),

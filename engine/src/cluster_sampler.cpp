@@ -149,6 +149,7 @@ namespace {
 struct ClusterBuffers {
   std::vector<double> cdf, pi;
   std::vector<float> log_q;
+  std::vector<float> scores;  ///< f_i . c_k (B x C): conditioning's scratch, kept with the rest
   /// A guide table per row (Chen and Asau's): guide[g] is at most the first cluster whose cumulative
   /// weight passes g / C of the total, so a draw's search starts there and moves on a step or two.
   std::vector<std::int32_t> guide;
@@ -338,74 +339,56 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const BankView&, const fl
   b.pi.resize(cells);
   b.log_q.resize(cells);
   b.guide.resize(cells);
+  b.scores.resize(static_cast<std::size_t>(batch * c));
   // Per cluster: log n_k (-inf for an empty one, which then weighs 0) and 1 / n_k (0 for an empty
   // one, whose log q is set to -inf after).
   const double n = static_cast<double>(n_);
   std::vector<double> log_size(static_cast<std::size_t>(c));
-  Eigen::ArrayXd inv_size(c);
+  std::vector<double> inv_size(static_cast<std::size_t>(c));
   std::vector<index_t> empty;
   for (index_t k = 0; k < c; ++k) {
     const index_t size = sizes_[static_cast<std::size_t>(k)];
     log_size[static_cast<std::size_t>(k)] =
         size > 0 ? std::log(static_cast<double>(size)) : -std::numeric_limits<double>::infinity();
-    inv_size(k) = size > 0 ? 1.0 / static_cast<double>(size) : 0.0;
+    inv_size[static_cast<std::size_t>(k)] = size > 0 ? 1.0 / static_cast<double>(size) : 0.0;
     if (size == 0) empty.push_back(k);
   }
-  // One row's weights -> its cdf, and pi, log q from the normalised weights.
-  const auto finish_row = [&](index_t r) {
-    double* cdf = b.cdf.data() + r * c;
-    double* pi = b.pi.data() + r * c;
+  // One row's weights (in w) -> its cdf, guide, pi and log q.
+  const kernels::Table& kt = kernels::table();
+  const auto finish_row = [&](index_t r, const double* w) {
     float* log_q = b.log_q.data() + r * c;
-    double total = 0.0;
-    for (index_t k = 0; k < c; ++k) cdf[k] = total += pi[k];  // pi holds the weights until here
-    // The guide's edges are shrunk by 2^-40 so that rounding never puts a start past the cluster a
-    // draw's u selects: the forward scan from it then finds exactly the first cdf[k] > u.
-    std::int32_t* guide = b.guide.data() + r * c;
-    index_t at = 0;
-    for (index_t g = 0; g < c; ++g) {
-      const double edge = total * (static_cast<double>(g) / static_cast<double>(c)) * (1.0 - 0x1.0p-40);
-      while (at < c - 1 && cdf[at] <= edge) ++at;
-      guide[g] = static_cast<std::int32_t>(at);
-    }
-    // log q of each cluster's rows, vectorised (Eigen's packet log: ~1 ulp, and per row a pure
-    // function of its values and of r C, so the same for any thread count).
-    Eigen::Map<Eigen::ArrayXd> p(pi, c);
-    p /= total;
-    Eigen::Map<Eigen::ArrayXf>(log_q, c) = (eps_ / n + (1.0 - eps_) * p * inv_size).log().cast<float>();
+    kt.cluster_mixture(w, inv_size.data(), eps_ / n, 1.0 - eps_, c, b.cdf.data() + r * c, b.guide.data() + r * c,
+                       b.pi.data() + r * c, log_q);
     for (const index_t k : empty) log_q[k] = -std::numeric_limits<float>::infinity();
   };
   detail::ExceptionCapture errors;
 #pragma omp parallel
   {
-    std::vector<float> s;
-    errors.run([&] { s.resize(static_cast<std::size_t>(kQueryBlock * c)); });
+    std::vector<double> w;
+    errors.run([&] { w.resize(static_cast<std::size_t>(c)); });
 #pragma omp for schedule(dynamic, 1)
     for (index_t i0 = 0; i0 < batch; i0 += kQueryBlock) {
       errors.run([&] {
         const index_t rows = std::min(kQueryBlock, batch - i0);
-        matmul(rows, c, dim, f + i0 * stride, stride, centroids_.data(), dim, true, s.data(), c);
+        float* s = b.scores.data() + i0 * c;
+        matmul(rows, c, dim, f + i0 * stride, stride, centroids_.data(), dim, true, s, c);
         for (index_t r = 0; r < rows; ++r) {
-          const float* sr = s.data() + r * c;
-          double* w = b.pi.data() + (i0 + r) * c;
-          double top = -std::numeric_limits<double>::infinity();
-          for (index_t k = 0; k < c; ++k) {
-            w[k] = config_.beta * static_cast<double>(sr[k]) + log_size[static_cast<std::size_t>(k)];
-            top = std::max(top, w[k]);
-          }
-          Eigen::Map<Eigen::ArrayXd> wv(w, c);
-          wv = (wv - top).exp();  // vectorised; exp(-inf) = 0 for the empty clusters
-          finish_row(i0 + r);
+          kt.cluster_weights(s + r * c, config_.beta, log_size.data(), c, w.data());
+          finish_row(i0 + r, w.data());
         }
       });
     }
   }
   errors.rethrow("the cluster sampler's conditioning");
-  // Row B: the batch's mean mixture, summed over the queries in order.
-  double* mean = b.pi.data() + batch * c;
-  std::fill(mean, mean + c, 0.0);
-  for (index_t i = 0; i < batch; ++i)
-    for (index_t k = 0; k < c; ++k) mean[k] += b.pi[static_cast<std::size_t>(i * c + k)];
-  finish_row(batch);
+  // Row B: the batch's mean mixture, each cluster's pi summed over the queries in order.
+  std::vector<double> mean(static_cast<std::size_t>(c), 0.0);
+  constexpr index_t kColumns = 128;
+#pragma omp parallel for schedule(static)
+  for (index_t k0 = 0; k0 < c; k0 += kColumns)
+    for (index_t i = 0; i < batch; ++i)
+      for (index_t k = k0; k < std::min(k0 + kColumns, c); ++k)
+        mean[static_cast<std::size_t>(k)] += b.pi[static_cast<std::size_t>(i * c + k)];
+  finish_row(batch, mean.data());
   return out;
 }
 

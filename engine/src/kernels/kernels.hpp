@@ -221,6 +221,18 @@ struct Table {
   /// Box-Muller in float on its word pairs (0, 1) and (2, 3), 23 and 24 random bits per uniform.
   /// The same on every thread; paths differ in the last bits of the transcendental functions.
   void (*unit_normal_row)(const std::uint32_t* key, const std::uint32_t* ctr, idx dim, float* out);
+
+  /// The cluster sampler's mixture for one query (cluster_sampler.cpp), in double, every element a
+  /// function of its own inputs and its position alone (vectorised in aligned chunks of 1024):
+  /// w[k] = exp(beta s[k] + log_size[k] - m), m the largest of those exponents (-inf log sizes, of
+  /// empty clusters, weigh 0).
+  void (*cluster_weights)(const float* s, double beta, const double* log_size, idx c, double* w);
+  /// Then, from the weights w (kept): cdf[k] = w[0] + ... + w[k] in order; guide[g] (g < c) the number
+  /// of clusters k < c - 1 with cdf[k] below g / c of the total by a margin (2^-40 relative), so that a
+  /// draw with u in bucket g starts its search at or before the cluster it selects; pi[k] = w[k] / total;
+  /// log_q[k] = log(a + b pi[k] inv_size[k]) rounded to fp32.
+  void (*cluster_mixture)(const double* w, const double* inv_size, double a, double b, idx c, double* cdf,
+                          std::int32_t* guide, double* pi, float* log_q);
 };
 
 /// The table of the active path (see membank/isa.hpp). Throws membank::Error on the first call if

@@ -1038,12 +1038,55 @@ void k_unit_normal_row(const std::uint32_t* key, const std::uint32_t* ctr, idx d
   for (idx c = 0; c < dim; ++c) out[c] = static_cast<float>(out[c] * inv);
 }
 
+void k_cluster_weights(const float* s, double beta, const double* log_size, idx c, double* w) {
+  for (idx k = 0; k < c; ++k) w[k] = beta * static_cast<double>(s[k]) + log_size[k];
+  const double top = Eigen::Map<const Eigen::ArrayXd>(w, c).maxCoeff();  // exact in any order
+  // Through an aligned buffer: Eigen's loops over an unaligned row start with scalar elements up to
+  // the first aligned one, and its scalar and vector exponentials differ in the last bit. (Its
+  // exponential of -inf is 2^-1022 or so, not 0: the empty clusters are set apart.)
+  constexpr idx kChunk = 1024;
+  alignas(64) double buf[kChunk];
+  for (idx c0 = 0; c0 < c; c0 += kChunk) {
+    const idx n = min_idx(kChunk, c - c0);
+    Eigen::Map<Eigen::ArrayXd, Eigen::Aligned64> chunk(buf, n);
+    chunk = Eigen::Map<const Eigen::ArrayXd>(w + c0, n) - top;
+    chunk = chunk.exp();
+    for (idx k = 0; k < n; ++k) w[c0 + k] = log_size[c0 + k] == -objectives::kInf ? 0.0 : buf[k];
+  }
+}
+
+void k_cluster_mixture(const double* w, const double* inv_size, double a, double b, idx c, double* cdf,
+                       std::int32_t* guide, double* pi, float* log_q) {
+  double total = 0.0;
+  for (idx k = 0; k < c; ++k) cdf[k] = total += w[k];
+  // guide[g] = #{k < c - 1 : g_k <= g}, g_k = floor(cdf[k] / step) + 1 with step = total (1 - 2^-40) / c:
+  // every such k has cdf[k] < g step (1 - 2^-52) <= any u = u01 total with floor(u01 c) = g, so the
+  // counted clusters (a prefix, as cdf ascends) all lie before the one u selects.
+  const double inv_step = static_cast<double>(c) / (total * (1.0 - 0x1.0p-40));
+  for (idx g = 0; g < c; ++g) guide[g] = 0;
+  for (idx k = 0; k < c - 1; ++k) {
+    const double at = cdf[k] * inv_step;  // in [0, c (1 + 2^-39)]
+    if (at < static_cast<double>(c - 1)) ++guide[static_cast<idx>(at) + 1];
+  }
+  for (idx g = 1; g < c; ++g) guide[g] += guide[g - 1];
+  constexpr idx kChunk = 1024;
+  alignas(64) double buf[kChunk];
+  for (idx c0 = 0; c0 < c; c0 += kChunk) {
+    const idx n = min_idx(kChunk, c - c0);
+    Eigen::Map<Eigen::ArrayXd, Eigen::Aligned64> chunk(buf, n);
+    for (idx k = 0; k < n; ++k) buf[k] = w[c0 + k] / total;
+    Eigen::Map<Eigen::ArrayXd>(pi + c0, n) = chunk;
+    chunk = (a + b * chunk * Eigen::Map<const Eigen::ArrayXd>(inv_size + c0, n)).log();
+    for (idx k = 0; k < n; ++k) log_q[c0 + k] = static_cast<float>(buf[k]);
+  }
+}
+
 #define MEMBANK_STR2(x) #x
 #define MEMBANK_STR(x) MEMBANK_STR2(x)
 
 const Table kTable{MEMBANK_STR(MEMBANK_KERNEL_NS), k_dot,      k_gather_dots,  k_gather_axpy, k_widen, k_narrow, k_per_sample_query, k_shared_query,
                    k_keyed_info_nce,               k_gemm_abt,                     k_gemm_ab_acc, k_gemm_atb,   k_softmax_tile,     kKnnPanel, kKnnGroup, k_knn_pack, k_knn_scan, k_order_statistic, k_count_at_most, k_keep_at_most,
-                   k_philox,                       k_momentum_row,   k_unit_normal_row};
+                   k_philox,                       k_momentum_row,   k_unit_normal_row, k_cluster_weights, k_cluster_mixture};
 
 }  // namespace
 
