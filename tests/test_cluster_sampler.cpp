@@ -180,8 +180,9 @@ TEST_CASE("cluster sampler: every draw is the documented function of its Philox 
   // peaked mixtures, so that many clusters share a guide bucket and many buckets none. The reference
   // takes block t = Philox4x32-10(counter {t, row, step, purpose << 24}, key seed) of the stream,
   // picks the branch with the 53-bit coin, the cluster as the first whose cumulative pi passes the
-  // rescaled coin (the last one with members if rounding leaves none), and the member by the 64-bit
-  // word scaled to the cluster's size over its rows in ascending order.
+  // rescaled coin (the last one with weight, and so with members, if rounding leaves none), and the
+  // member by the 64-bit word scaled to the cluster's size over its rows in ascending order. On every
+  // instruction-set path (the mixtures and the draws are per-path kernels).
   constexpr index_t n = 3000, c = 97, d = 8;
   std::mt19937_64 rng(12);
   RowMatrixf centroids = unit_rows(c, d, rng);
@@ -196,52 +197,60 @@ TEST_CASE("cluster sampler: every draw is the documented function of its Philox 
   std::vector<std::vector<index_t>> members(static_cast<std::size_t>(c));
   for (index_t j = 0; j < n; ++j) members[static_cast<std::size_t>(assignment[static_cast<std::size_t>(j)])].push_back(j);
   const RowMatrixf f = unit_rows(3, d, rng);
-  const auto cond = s.condition(f.data(), d, 3, d);
   const double eps = s.epsilon();
-  constexpr index_t kDraws = 20000;
+  constexpr index_t kDraws = 19997;  // pieces of 64 and one of 29: vector lanes, then the scalar rest
   std::vector<index_t> ids(static_cast<std::size_t>(kDraws));
   std::vector<float> log_q(ids.size());
-  index_t mismatches = 0, clustered = 0;
-  for (std::uint32_t r = 0; r < 3; ++r) {
-    // pi_k from q(j | f) of one member: (q - eps / N) n_k / (1 - eps), to ~1e-16 absolute.
-    std::vector<double> cum(static_cast<std::size_t>(c));
-    double run = 0.0;
-    for (index_t k = 0; k < c; ++k) {
-      const auto& m = members[static_cast<std::size_t>(k)];
-      if (!m.empty())
-        run += (s.prob_for(m[0], {cond.get(), r}) - eps / n) * static_cast<double>(m.size()) / (1.0 - eps);
-      cum[static_cast<std::size_t>(k)] = run;
-    }
-    const StreamKey key{0x9e3779b97f4a7c15ull, 7, r, 2};
-    DrawCursor cur{key, Exclusion{}, kDraws};
-    cur.query = {cond.get(), r};
-    s.draw_next(cur, ids, log_q);
-    const r123::Philox4x32::key_type pkey{{static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32)}};
-    r123::Philox4x32 philox;
-    for (index_t t = 0; t < kDraws; ++t) {
-      const auto w = philox({{static_cast<std::uint32_t>(t), r, 7u, 2u << 24}}, pkey);
-      const double coin = static_cast<double>(((static_cast<std::uint64_t>(w.v[0]) << 32) | w.v[1]) >> 11) * 0x1.0p-53;
-      const std::uint64_t bits = (static_cast<std::uint64_t>(w.v[2]) << 32) | w.v[3];
-      const auto scaled = [&](std::size_t size) {
-        return static_cast<std::size_t>((static_cast<unsigned __int128>(bits) * size) >> 64);
-      };
-      index_t want;
-      if (coin < eps) {
-        want = static_cast<index_t>(scaled(static_cast<std::size_t>(n)));
-      } else {
-        const double u = std::min((coin - eps) * (1.0 / (1.0 - eps)), 1.0);
-        index_t k = 0;
-        while (k < c - 1 && cum[static_cast<std::size_t>(k)] <= u) ++k;
-        while (members[static_cast<std::size_t>(k)].empty()) --k;
+  for (const Isa isa : supported_paths()) {
+    CAPTURE(to_string(isa));
+    IsaScope is(isa);
+    const auto cond = s.condition(f.data(), d, 3, d);
+    index_t mismatches = 0, clustered = 0;
+    for (std::uint32_t r = 0; r < 3; ++r) {
+      // pi_k from q(j | f) of one member: (q - eps / N) n_k / (1 - eps), to ~1e-16 absolute.
+      std::vector<double> cum(static_cast<std::size_t>(c));
+      double run = 0.0;
+      for (index_t k = 0; k < c; ++k) {
         const auto& m = members[static_cast<std::size_t>(k)];
-        want = m[scaled(m.size())];
-        ++clustered;
+        if (!m.empty())
+          run += (s.prob_for(m[0], {cond.get(), r}) - eps / n) * static_cast<double>(m.size()) / (1.0 - eps);
+        cum[static_cast<std::size_t>(k)] = run;
       }
-      mismatches += ids[static_cast<std::size_t>(t)] != want;
+      const StreamKey key{0x9e3779b97f4a7c15ull, 7, r, 2};
+      DrawCursor cur{key, Exclusion{}, kDraws};
+      cur.query = {cond.get(), r};
+      for (index_t t = 0; t < kDraws; t += 64) {
+        const auto m = static_cast<std::size_t>(std::min<index_t>(64, kDraws - t));
+        s.draw_next(cur, std::span(ids).subspan(static_cast<std::size_t>(t), m),
+                    std::span(log_q).subspan(static_cast<std::size_t>(t), m));
+      }
+      const r123::Philox4x32::key_type pkey{{static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32)}};
+      r123::Philox4x32 philox;
+      for (index_t t = 0; t < kDraws; ++t) {
+        const auto w = philox({{static_cast<std::uint32_t>(t), r, 7u, 2u << 24}}, pkey);
+        const double coin = static_cast<double>(((static_cast<std::uint64_t>(w.v[0]) << 32) | w.v[1]) >> 11) * 0x1.0p-53;
+        const std::uint64_t bits = (static_cast<std::uint64_t>(w.v[2]) << 32) | w.v[3];
+        const auto scaled = [&](std::size_t size) {
+          return static_cast<std::size_t>((static_cast<unsigned __int128>(bits) * size) >> 64);
+        };
+        index_t want;
+        if (coin < eps) {
+          want = static_cast<index_t>(scaled(static_cast<std::size_t>(n)));
+        } else {
+          const double u = std::min((coin - eps) * (1.0 / (1.0 - eps)), 1.0);
+          index_t k = 0;
+          while (k < c - 1 && cum[static_cast<std::size_t>(k)] <= u) ++k;
+          while (members[static_cast<std::size_t>(k)].empty()) --k;
+          const auto& m = members[static_cast<std::size_t>(k)];
+          want = m[scaled(m.size())];
+          ++clustered;
+        }
+        mismatches += ids[static_cast<std::size_t>(t)] != want;
+      }
     }
+    CHECK(mismatches == 0);
+    CHECK(clustered > 50000);  // both branches ran, the clustered one the most
   }
-  CHECK(mismatches == 0);
-  CHECK(clustered > 50000);  // both branches ran, the clustered one the most
 }
 
 TEST_CASE("cluster sampler: draws in pieces equal one draw, with exclusions") {

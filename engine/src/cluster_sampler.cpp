@@ -36,9 +36,6 @@ constexpr index_t kAssignTile = 256;  // rows per product in an assignment pass 
 constexpr index_t kQueryBlock = 64;   // queries per product when conditioning (fixed: any thread count)
 constexpr std::uint32_t kPurposeClusterInit = 5;  // detail::Purpose's next free value
 
-double uniform53(std::uint32_t hi, std::uint32_t lo) {
-  return static_cast<double>(detail::join64(hi, lo) >> 11) * 0x1.0p-53;
-}
 
 /// Rows sorted by cluster (ascending within), with each cluster's first position and size.
 void sort_members(const std::int32_t* assignment, index_t n, index_t c, std::vector<index_t>& sizes,
@@ -150,8 +147,10 @@ struct ClusterBuffers {
   std::vector<double> cdf, pi;
   std::vector<float> log_q;
   std::vector<float> scores;  ///< f_i . c_k (B x C): conditioning's scratch, kept with the rest
+  std::vector<double> totals;  ///< per row, its cdf's total
   /// A guide table per row (Chen and Asau's): guide[g] is at most the first cluster whose cumulative
   /// weight passes g / C of the total, so a draw's search starts there and moves on a step or two.
+  /// (4 C buckets, the start then mostly the answer, measured no faster.)
   std::vector<std::int32_t> guide;
 };
 
@@ -191,6 +190,8 @@ struct ClusterBatch final : Conditioned, ClusterBuffers {
     if (pool) pool->give(std::move(static_cast<ClusterBuffers&>(*this)));
   }
   const double* cdf_row(index_t r) const { return cdf.data() + r * c; }
+  const std::int32_t* guide_row(index_t r) const { return guide.data() + r * c; }
+  std::int32_t* guide_row(index_t r) { return guide.data() + r * c; }
 };
 
 const ClusterBatch& batch_of(QueryRef q, index_t n_clusters) {
@@ -242,6 +243,9 @@ ClusterSampler::ClusterSampler(ClusterConfig config, RowMatrixf centroids, std::
 void ClusterSampler::index_members() {
   sort_members(assignment_.data(), static_cast<index_t>(assignment_.size()), config_.clusters, sizes_, offsets_,
                members_);
+  spans_.resize(sizes_.size());
+  for (std::size_t k = 0; k < sizes_.size(); ++k)
+    spans_[k] = (static_cast<std::uint64_t>(offsets_[k]) << 32) | static_cast<std::uint64_t>(sizes_[k]);
 }
 
 void ClusterSampler::refresh(const BankView& bank, std::int64_t step) {
@@ -339,6 +343,7 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const BankView&, const fl
   b.pi.resize(cells);
   b.log_q.resize(cells);
   b.guide.resize(cells);
+  b.totals.resize(static_cast<std::size_t>(b.rows));
   b.scores.resize(static_cast<std::size_t>(batch * c));
   // Per cluster: log n_k (-inf for an empty one, which then weighs 0) and 1 / n_k (0 for an empty
   // one, whose log q is set to -inf after).
@@ -357,8 +362,8 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const BankView&, const fl
   const kernels::Table& kt = kernels::table();
   const auto finish_row = [&](index_t r, const double* w) {
     float* log_q = b.log_q.data() + r * c;
-    kt.cluster_mixture(w, inv_size.data(), eps_ / n, 1.0 - eps_, c, b.cdf.data() + r * c, b.guide.data() + r * c,
-                       b.pi.data() + r * c, log_q);
+    kt.cluster_mixture(w, inv_size.data(), eps_ / n, 1.0 - eps_, c, c, b.cdf.data() + r * c,
+                       &b.totals[static_cast<std::size_t>(r)], b.guide_row(r), b.pi.data() + r * c, log_q);
     for (const index_t k : empty) log_q[k] = -std::numeric_limits<float>::infinity();
   };
   detail::ExceptionCapture errors;
@@ -400,68 +405,49 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
   const float log_uniform = static_cast<float>(-std::log(static_cast<double>(n_)));
   const double* cdf = b ? b->cdf_row(cur.query.row) : nullptr;
   const float* log_q = b ? b->log_q.data() + cur.query.row * c : nullptr;
-  const double total = b ? cdf[c - 1] : 1.0;
-  const std::int32_t* guide = b ? b->guide.data() + cur.query.row * c : nullptr;
+  const double total = b ? b->totals[static_cast<std::size_t>(cur.query.row)] : 1.0;
+  const std::int32_t* guide = b ? b->guide_row(cur.query.row) : nullptr;
   // Draw t of the stream takes Philox block t: words 0-1 a 53-bit u that picks the branch (u < eps:
   // uniform) and otherwise the cluster, from (u - eps) / (1 - eps); words 2-3 the row (uniform over
   // N, or over the cluster's members). The r-th redraw of an excluded draw takes block total + r.
-  // A draw resolves in two halves: pick() finds the row's place (a uniform row, or a slot of the
-  // member table, whose cluster is then known) and requests that memory; finish() reads it. Between
-  // the two, a chunk's requests are all in flight.
-  struct Pick {
-    std::uint64_t at;  // the row (uniform branch) or the member table's slot
-    std::int32_t cluster;  // -1: the uniform branch (the row's cluster is read in finish)
-  };
+  // A draw resolves in two halves: the kernel finds a chunk's places (a uniform row, or a slot of the
+  // member table, whose cluster is then known) and that memory is requested; finish() reads it.
+  // Between the two, the chunk's requests are all in flight.
   const double inv_rest = eps_ < 1.0 ? 1.0 / (1.0 - eps_) : 0.0;
-  const auto pick = [&](std::uint32_t w0, std::uint32_t w1, std::uint32_t w2, std::uint32_t w3) -> Pick {
-    const double coin = uniform53(w0, w1);
-    if (!b || coin < eps_) {
-      const std::uint64_t j = detail::scale_to(detail::join64(w2, w3), n);
-      if (b) detail::prefetch_line(assignment_.data() + j);
-      return {j, -1};
-    }
-    // The first cluster whose cumulative weight passes u: from the guide's start, a step or two on
-    // (rounding can leave u at the total: then the last cluster with members). coin - eps is exact
-    // (both multiples of 2^-53), uniform on [0, 1 - eps).
-    const double u01 = std::min((coin - eps_) * inv_rest, 1.0);
-    const double u = u01 * total;
-    index_t k = guide[std::min(static_cast<index_t>(u01 * static_cast<double>(c)), c - 1)];
-    // Two steps without a branch cover almost every draw (a branch on the count would mispredict);
-    // the loop takes the rest.
-    k = std::min(k + (cdf[k] <= u ? 1 : 0), c - 1);
-    k = std::min(k + (cdf[k] <= u ? 1 : 0), c - 1);
-    while (cdf[k] <= u && k < c - 1) ++k;
-    while (sizes_[static_cast<std::size_t>(k)] == 0) --k;
-    const auto size = static_cast<std::uint64_t>(sizes_[static_cast<std::size_t>(k)]);
-    const std::uint64_t slot = static_cast<std::uint64_t>(offsets_[static_cast<std::size_t>(k)]) +
-                               detail::scale_to(detail::join64(w2, w3), size);
-    detail::prefetch_line(members_.data() + slot);
-    return {slot, static_cast<std::int32_t>(k)};
-  };
-  const auto finish = [&](const Pick& p, index_t& id, float& lp) {
-    if (p.cluster < 0) {
-      id = static_cast<index_t>(p.at);
-      lp = b ? log_q[assignment_[p.at]] : log_uniform;
-    } else {
-      id = members_[p.at];
-      lp = log_q[p.cluster];
-    }
-  };
+  const double eps = b ? eps_ : 2.0;  // no query: every draw uniform
+  const std::uint64_t* spans = spans_.data();
   const kernels::Table& kt = kernels::table();
+  const auto finish = [&](std::uint64_t at, std::int32_t cluster, index_t& id, float& lp) {
+    if (cluster < 0) {
+      id = static_cast<index_t>(at);
+      lp = b ? log_q[assignment_[at]] : log_uniform;
+    } else {
+      id = members_[at];
+      lp = log_q[cluster];
+    }
+  };
   const detail::StreamCounter counter(cur.key);
   constexpr std::size_t kChunk = 64;  // draws per vectorised Philox call
   std::array<std::uint32_t, 4 * kChunk> words;
-  std::array<Pick, kChunk> picks;
+  std::array<std::uint64_t, kChunk> at;
+  std::array<std::int32_t, kChunk> cluster;
   const std::size_t k = ids.size();
   for (std::size_t t0 = 0; t0 < k; t0 += kChunk) {
     const std::size_t m = std::min(kChunk, k - t0);
     counter.blocks(kt, static_cast<std::uint64_t>(cur.drawn) + t0, static_cast<std::int64_t>(m), words.data());
-    for (std::size_t t = 0; t < m; ++t) picks[t] = pick(words[t], words[m + t], words[2 * m + t], words[3 * m + t]);
-    for (std::size_t t = 0; t < m; ++t) finish(picks[t], ids[t0 + t], log_pn[t0 + t]);
+    kt.cluster_picks(words.data(), static_cast<std::int64_t>(m), eps, inv_rest, n, cdf, total, guide, c, spans,
+                     at.data(), cluster.data());
+    if (b)
+      for (std::size_t t = 0; t < m; ++t)
+        detail::prefetch_line(cluster[t] < 0 ? static_cast<const void*>(assignment_.data() + at[t])
+                                             : static_cast<const void*>(members_.data() + at[t]));
+    for (std::size_t t = 0; t < m; ++t) finish(at[t], cluster[t], ids[t0 + t], log_pn[t0 + t]);
   }
   detail::redraw_excluded(cur, static_cast<std::uint64_t>(cur.total), ids, log_pn,
                           [&](const r123::Philox4x32::ctr_type& r, index_t& id, float& lp) {
-                            finish(pick(r.v[0], r.v[1], r.v[2], r.v[3]), id, lp);
+                            kt.cluster_picks(r.v, 1, eps, inv_rest, n, cdf, total, guide, c, spans, at.data(),
+                                             cluster.data());
+                            finish(at[0], cluster[0], id, lp);
                           });
   cur.drawn += static_cast<index_t>(k);
 }

@@ -113,6 +113,8 @@ class ClusterSampler final : public NoiseSampler {
   std::vector<index_t> sizes_;    ///< n_k
   std::vector<index_t> offsets_;  ///< cluster k's members are members_[offsets_[k], offsets_[k + 1])
   std::vector<std::uint32_t> members_;
+  /// Per cluster, its first slot in members_ (high 32 bits) and n_k (low): what a draw reads, in one word.
+  std::vector<std::uint64_t> spans_;
   std::int64_t refreshed_at_ = 0;
   /// The buffers of batches conditioned before, kept for the next one: a fresh batch's 20 C bytes a
   /// query would be fresh pages each step, whose faults cost more than the conditioning itself.
