@@ -170,9 +170,9 @@ void run_bench_sampler(const SamplerBenchOptions& o) {
                         {"alias_build_ms", median(alias_build)}, {"dynamic_build_ms", median(dynamic_build)},
                         {"sum_tree_build_ms", median(tree_build)},
                         {"uniform_ns_per_draw", median(d_uni)}, {"alias_ns_per_draw", median(d_alias)},
-                        {"dynamic_ns_per_draw", median(d_dyn)},
+                        {"dynamic_ns_per_draw", median(d_dyn)}, {"sum_tree_ns_per_draw", median(d_tree)},
                         {"cluster_ns_per_draw", median(d_cluster)}, {"cluster_condition_ms", median(cluster_condition)},
-                        {"cluster_clusters", cluster.config().clusters}, {"cluster_batch", kBatch}, {"sum_tree_ns_per_draw", median(d_tree)},
+                        {"cluster_clusters", cluster.config().clusters}, {"cluster_batch", kBatch},
                         {"updates", updates}, {"cpu", cpu_model()}, {"sink", sink % 2}};
   if (o.json) {
     fmt::print("{}\n", row.dump());

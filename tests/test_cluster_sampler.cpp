@@ -195,10 +195,11 @@ TEST_CASE("cluster sampler: every draw is the documented function of its Philox 
   cfg.beta = 25.0;
   const ClusterSampler s(cfg, centroids, assignment, 0);
   std::vector<std::vector<index_t>> members(static_cast<std::size_t>(c));
-  for (index_t j = 0; j < n; ++j) members[static_cast<std::size_t>(assignment[static_cast<std::size_t>(j)])].push_back(j);
+  for (index_t j = 0; j < n; ++j)
+    members[static_cast<std::size_t>(assignment[static_cast<std::size_t>(j)])].push_back(j);
   const RowMatrixf f = unit_rows(3, d, rng);
   const double eps = s.epsilon();
-  constexpr index_t kDraws = 19997;  // pieces of 64 and one of 29: vector lanes, then the scalar rest
+  constexpr index_t kDraws = 19997;  // pieces of 64 and one of 29
   std::vector<index_t> ids(static_cast<std::size_t>(kDraws));
   std::vector<float> log_q(ids.size());
   for (const Isa isa : supported_paths()) {
@@ -224,11 +225,13 @@ TEST_CASE("cluster sampler: every draw is the documented function of its Philox 
         s.draw_next(cur, std::span(ids).subspan(static_cast<std::size_t>(t), m),
                     std::span(log_q).subspan(static_cast<std::size_t>(t), m));
       }
-      const r123::Philox4x32::key_type pkey{{static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32)}};
+      const r123::Philox4x32::key_type pkey{
+          {static_cast<std::uint32_t>(key.seed), static_cast<std::uint32_t>(key.seed >> 32)}};
       r123::Philox4x32 philox;
       for (index_t t = 0; t < kDraws; ++t) {
         const auto w = philox({{static_cast<std::uint32_t>(t), r, 7u, 2u << 24}}, pkey);
-        const double coin = static_cast<double>(((static_cast<std::uint64_t>(w.v[0]) << 32) | w.v[1]) >> 11) * 0x1.0p-53;
+        const double coin =
+            static_cast<double>(((static_cast<std::uint64_t>(w.v[0]) << 32) | w.v[1]) >> 11) * 0x1.0p-53;
         const std::uint64_t bits = (static_cast<std::uint64_t>(w.v[2]) << 32) | w.v[3];
         const auto scaled = [&](std::size_t size) {
           return static_cast<std::size_t>((static_cast<unsigned __int128>(bits) * size) >> 64);

@@ -410,12 +410,13 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
   // Draw t of the stream takes Philox block t: words 0-1 a 53-bit u that picks the branch (u < eps:
   // uniform) and otherwise the cluster, from (u - eps) / (1 - eps); words 2-3 the row (uniform over
   // N, or over the cluster's members). The r-th redraw of an excluded draw takes block total + r.
-  // A draw resolves in two halves: the kernel finds a chunk's places (a uniform row, or a slot of the
-  // member table, whose cluster is then known) and that memory is requested; finish() reads it.
-  // Between the two, the chunk's requests are all in flight.
+  // A draw resolves in two halves: the kernel finds its place (a uniform row, or a slot of the member
+  // table, whose cluster is then known) and requests that memory; finish() reads it. Between the
+  // two, a chunk's requests are all in flight.
   const double inv_rest = eps_ < 1.0 ? 1.0 / (1.0 - eps_) : 0.0;
   const double eps = b ? eps_ : 2.0;  // no query: every draw uniform
   const std::uint64_t* spans = spans_.data();
+  const std::int32_t* row_cluster = b ? assignment_.data() : nullptr;  // read on the uniform branch
   const kernels::Table& kt = kernels::table();
   const auto finish = [&](std::uint64_t at, std::int32_t cluster, index_t& id, float& lp) {
     if (cluster < 0) {
@@ -436,17 +437,13 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
     const std::size_t m = std::min(kChunk, k - t0);
     counter.blocks(kt, static_cast<std::uint64_t>(cur.drawn) + t0, static_cast<std::int64_t>(m), words.data());
     kt.cluster_picks(words.data(), static_cast<std::int64_t>(m), eps, inv_rest, n, cdf, total, guide, c, spans,
-                     at.data(), cluster.data());
-    if (b)
-      for (std::size_t t = 0; t < m; ++t)
-        detail::prefetch_line(cluster[t] < 0 ? static_cast<const void*>(assignment_.data() + at[t])
-                                             : static_cast<const void*>(members_.data() + at[t]));
+                     members_.data(), row_cluster, at.data(), cluster.data());
     for (std::size_t t = 0; t < m; ++t) finish(at[t], cluster[t], ids[t0 + t], log_pn[t0 + t]);
   }
   detail::redraw_excluded(cur, static_cast<std::uint64_t>(cur.total), ids, log_pn,
                           [&](const r123::Philox4x32::ctr_type& r, index_t& id, float& lp) {
-                            kt.cluster_picks(r.v, 1, eps, inv_rest, n, cdf, total, guide, c, spans, at.data(),
-                                             cluster.data());
+                            kt.cluster_picks(r.v, 1, eps, inv_rest, n, cdf, total, guide, c, spans, members_.data(),
+                                             row_cluster, at.data(), cluster.data());
                             finish(at[0], cluster[0], id, lp);
                           });
   cur.drawn += static_cast<index_t>(k);
