@@ -69,14 +69,14 @@ double paired_ratio(const std::vector<double>& step_ms, const std::vector<double
 
 /// One configuration: prints its figures, returns the median step and floor times.
 /// The options' configuration with a bank of type `dtype` (announced on stderr in text mode).
-StepSetup setup_of(const StepOptions& o, const std::string& dtype) {
+StepSetup setup_of(const StepOptions& o, const std::string& dtype, const std::string& sampler) {
   StepSetup setup;
   setup.n = o.n;
   setup.dim = o.dim;
   setup.k = o.k;
   setup.batch = o.batch;
   setup.negatives = negatives_mode_from_string(o.negatives);
-  setup.sampler = sampler_kind_from_string(o.sampler);
+  setup.sampler = sampler_kind_from_string(sampler);
   setup.clusters = o.clusters;
   setup.ring_upper = o.ring_upper;
   setup.loss_ema = dynamic_drive_from_string(o.drive) == DynamicSampler::Drive::loss_ema;
@@ -120,7 +120,7 @@ double time_softmax_products(const BankView& bank, index_t batch, double* checks
 
 StepFigures run_one(const StepOptions& o) {
   const int threads = omp_get_max_threads();
-  const StepSetup setup = setup_of(o, o.dtype);
+  const StepSetup setup = setup_of(o, o.dtype, o.sampler);
   StepBench bench(setup, o.overlap_ms >= 0 ? 3 * o.repeats : o.repeats);
   const double alias_build_ms = bench.alias_build_ms;
   // The floor, same count of rows: K + 1 per query (per-sample) -- the whole B x (K + 1) reads --
@@ -218,35 +218,42 @@ StepFigures run_one(const StepOptions& o) {
   return {step_med, floor_med, ratio};
 }
 
-/// Several storage types in one run: one engine per type, all alive at once, timed round by round
-/// (each round: every type's floor pass, then its step), so that every type sees the same background
-/// load. Prints each type's figures (one JSON object each with --json) and, against the first type,
-/// the paired ratios of the steps and of the floors.
-void run_dtypes(const StepOptions& o, const std::vector<std::string>& types) {
+/// One configuration of a round-robin run: a storage type and a sampler.
+struct Variant {
+  std::string dtype, sampler;
+};
+
+/// Several storage types, or several samplers, in one run: one engine each, all alive at once, timed
+/// round by round (each round: every variant's floor pass, then its step), so that every variant
+/// sees the same background load. Prints each variant's figures (one JSON object each with --json)
+/// and, against the first variant, the paired ratios of the steps and of the floors.
+void run_round_robin(const StepOptions& o, const std::vector<Variant>& variants, bool by_sampler) {
   const int threads = omp_get_max_threads();
+  const auto label = [&](const Variant& v) { return by_sampler ? v.sampler : v.dtype; };
   std::vector<std::unique_ptr<StepBench>> benches;
-  for (const auto& t : types) benches.push_back(std::make_unique<StepBench>(setup_of(o, t), o.repeats));
+  for (const auto& v : variants) benches.push_back(std::make_unique<StepBench>(setup_of(o, v.dtype, v.sampler), o.repeats));
   double checksum = 0.0;
   for (auto& b : benches) b->begin(&checksum);
-  std::vector<std::vector<double>> step_ms(types.size()), floor_ms(types.size());
+  std::vector<std::vector<double>> step_ms(variants.size()), floor_ms(variants.size());
   for (int r = 1; r < o.repeats; ++r)
-    for (std::size_t t = 0; t < types.size(); ++t) {
+    for (std::size_t t = 0; t < variants.size(); ++t) {
       floor_ms[t].push_back(benches[t]->floor_once(&checksum));
       step_ms[t].push_back(benches[t]->step_once());
     }
   if (!o.json)
-    fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {} threads, {} "
-               "kernels, {} rounds\n", o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.objective, threads,
-               to_string(active_isa()), o.repeats - 1);
-  for (std::size_t t = 0; t < types.size(); ++t) {
+    fmt::print("membank bench step: N = {}, D = {}, K = {}, B = {}, {} negatives, {} sampler, {}, {}, {} threads, "
+               "{} kernels, {} rounds\n", o.n, o.dim, o.k, o.batch, o.negatives, o.sampler, o.dtype, o.objective,
+               threads, to_string(active_isa()), o.repeats - 1);
+  const std::string first = label(variants.front());
+  for (std::size_t t = 0; t < variants.size(); ++t) {
     const double step_med = median(step_ms[t]), floor_med = median(floor_ms[t]);
     const double ratio = paired_ratio(step_ms[t], floor_ms[t]);
     const double step_vs = paired_ratio(step_ms[t], step_ms[0]), floor_vs = paired_ratio(floor_ms[t], floor_ms[0]);
     nlohmann::json row = {{"bench", "step"}, {"n", o.n}, {"dim", o.dim}, {"k", o.k}, {"batch", o.batch},
-                          {"threads", threads}, {"negatives", o.negatives}, {"sampler", o.sampler},
-                          {"objective", o.objective}, {"dtype", types[t]}, {"step_ms", step_med},
+                          {"threads", threads}, {"negatives", o.negatives}, {"sampler", variants[t].sampler},
+                          {"objective", o.objective}, {"dtype", variants[t].dtype}, {"step_ms", step_med},
                           {"floor_ms", floor_med}, {"step_over_floor", ratio},
-                          {"step_vs_" + types[0], step_vs}, {"floor_vs_" + types[0], floor_vs},
+                          {"step_vs_" + first, step_vs}, {"floor_vs_" + first, floor_vs},
                           {"rounds", o.repeats - 1}, {"cpu", cpu_model()}, {"build", MEMBANK_BUILD_TYPE},
                           {"version", MEMBANK_VERSION_STRING}, {"git", git_revision()},
                           {"checksum", std::isfinite(checksum)}, {"isa", to_string(active_isa())}};
@@ -255,7 +262,7 @@ void run_dtypes(const StepOptions& o, const std::vector<std::string>& types) {
       continue;
     }
     fmt::print("  {:9} step {:7.2f} ms  floor {:7.2f} ms  step / floor {:5.2f}   against {}: step {:5.2f}, "
-               "floor {:5.2f}\n", types[t], step_med, floor_med, ratio, types[0], step_vs, floor_vs);
+               "floor {:5.2f}\n", label(variants[t]), step_med, floor_med, ratio, first, step_vs, floor_vs);
   }
   if (!o.json)
     fmt::print("  (medians over the rounds; ratios are medians of the per-round ratios)\n");
@@ -441,26 +448,39 @@ void run_bench_step(StepOptions o) {
   if (!o.distributed.empty()) {
     MEMBANK_CHECK(kBuiltWithMpi, "--distributed: {}", no_mpi_message());
     MEMBANK_CHECK(o.objective != "all" && o.negatives != "both" && o.dtype.find(',') == std::string::npos &&
-                      o.overlap_ms < 0,
-                  "--distributed: expected one --objective (not all), one --negatives (not both), one --dtype and no "
-                  "--overlap-ms");
+                      o.sampler.find(',') == std::string::npos && o.overlap_ms < 0,
+                  "--distributed: expected one --objective (not all), one --negatives (not both), one --dtype, one "
+                  "--sampler and no --overlap-ms");
     o.dtype = to_string(dtype_from_string(o.dtype));
 #ifdef MEMBANK_WITH_MPI
     run_distributed(o);
 #endif
     return;
   }
-  if (o.dtype.find(',') != std::string::npos) {
-    std::vector<std::string> types;
-    for (std::size_t at = 0; at <= o.dtype.size();) {
-      const std::size_t end = std::min(o.dtype.find(',', at), o.dtype.size());
-      types.push_back(to_string(dtype_from_string(o.dtype.substr(at, end - at))));
+  const auto split = [](const std::string& list) {
+    std::vector<std::string> items;
+    for (std::size_t at = 0; at <= list.size();) {
+      const std::size_t end = std::min(list.find(',', at), list.size());
+      items.push_back(list.substr(at, end - at));
       at = end + 1;
     }
-    MEMBANK_CHECK(o.objective != "all" && o.negatives != "both", "--dtype with a list: expected one --objective "
-                  "(not all) and one --negatives (not both)");
-    MEMBANK_CHECK(o.repeats >= 2, "--dtype with a list: expected --repeats >= 2 (the first step is the check)");
-    run_dtypes(o, types);
+    return items;
+  };
+  const bool dtypes = o.dtype.find(',') != std::string::npos, samplers = o.sampler.find(',') != std::string::npos;
+  if (dtypes || samplers) {
+    MEMBANK_CHECK(!(dtypes && samplers), "--dtype {} with --sampler {}: expected a list in one of them, not both",
+                  o.dtype, o.sampler);
+    const char* option = dtypes ? "--dtype" : "--sampler";
+    MEMBANK_CHECK(o.objective != "all" && o.negatives != "both" && o.overlap_ms < 0, "{} with a list: expected one "
+                  "--objective (not all), one --negatives (not both) and no --overlap-ms", option);
+    MEMBANK_CHECK(o.repeats >= 2, "{} with a list: expected --repeats >= 2 (the first step is the check)", option);
+    MEMBANK_CHECK(!samplers || o.drive == "none", "--sampler with a list: expected --drive none (got {})", o.drive);
+    std::vector<Variant> variants;
+    if (dtypes)
+      for (const auto& t : split(o.dtype)) variants.push_back({to_string(dtype_from_string(t)), o.sampler});
+    else
+      for (const auto& name : split(o.sampler)) variants.push_back({to_string(dtype_from_string(o.dtype)), name});
+    run_round_robin(o, variants, samplers);
     return;
   }
   o.dtype = to_string(dtype_from_string(o.dtype));
@@ -512,9 +532,11 @@ void add_bench_step(CLI::App& bench) {
   cmd->add_option("--sampler", o->sampler,
                   "noise distribution: uniform, alias or dynamic over random weights, cluster (the query-dependent "
                   "proposal over --clusters k-means clusters of the bank), or ring (biased: each query's draws uniform "
-                  "over its score ranks [1, --ring-upper), weighed as uniform draws)")
+                  "over its score ranks [1, --ring-upper), weighed as uniform draws); or a comma-separated list (e.g. "
+                  "uniform,cluster): one engine of each, all in memory at once, timed round by round, with each "
+                  "sampler's step and floor against the first's")
       ->capture_default_str()
-      ->check(one_of({"uniform", "alias", "dynamic", "cluster", "ring"}));
+      ->check(list_of(one_of({"uniform", "alias", "dynamic", "cluster", "ring"}), "sampler names"));
   cmd->add_option("--clusters", o->clusters, "--sampler cluster: C")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--ring-upper", o->ring_upper, "--sampler ring: one past the ring's last rank (capped at N)")
       ->capture_default_str()
