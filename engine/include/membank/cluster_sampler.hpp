@@ -25,8 +25,8 @@
 // Cost: conditioning a batch is one B x C x D product, B C exponentials and logarithms (1.1 MFLOP a
 // query at C = 1024, D = 128); a draw is one Philox block, a guided search over C cumulative weights
 // (L1/L2-resident) and one read of the member table. A refresh is (iterations + 1) N x C x D products.
-// Memory: C D 4 bytes of centroids, 8 bytes a row (assignment and member table), and 20 C bytes a
-// query while a batch is conditioned.
+// Memory: C D 4 bytes of centroids, 8 bytes a row (assignment and member table), 8 bytes a cluster,
+// and 28 C bytes a query while a batch is conditioned.
 #include <membank/bank.hpp>
 #include <membank/sampler.hpp>
 
@@ -116,7 +116,7 @@ class ClusterSampler final : public NoiseSampler {
   /// Per cluster, its first slot in members_ (high 32 bits) and n_k (low): what a draw reads, in one word.
   std::vector<std::uint64_t> spans_;
   std::int64_t refreshed_at_ = 0;
-  /// The buffers of batches conditioned before, kept for the next one: a fresh batch's 20 C bytes a
+  /// The buffers of batches conditioned before, kept for the next one: a fresh batch's 28 C bytes a
   /// query would be fresh pages each step, whose faults cost more than the conditioning itself.
   /// Shared by copies of the sampler; guarded by its own mutex.
   std::shared_ptr<detail::ClusterBufferPool> pool_;
