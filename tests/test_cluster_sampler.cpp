@@ -502,6 +502,15 @@ TEST_CASE("cluster sampler: the config and state are checked, one clear error ea
   nan_c(1, 1) = std::nanf("");
   CHECK(message_of<Error>([&] { ClusterSampler(small_config(), nan_c, s.assignment(), 0); }).find("finite") !=
         std::string::npos);
+  // Features whose scores times beta overflow: one error naming the query, no NaN mixture.
+  ClusterConfig huge = small_config();
+  huge.beta = 1e307;
+  const ClusterSampler h(huge, s.centroids(), s.assignment(), 0);
+  RowMatrixf f = RowMatrixf::Zero(2, kD);
+  f(1, 0) = 1e3f;
+  f(1, 1) = -1e3f;
+  CHECK(message_of<Error>([&] { h.condition(f.data(), kD, 2, kD); }).find("query 1's cluster weights are not finite") !=
+        std::string::npos);
   // A refresh against a bank of another shape changes nothing.
   ClusterSampler t = s;
   const Bank other(kN, kD + 1, 3);

@@ -36,7 +36,6 @@ constexpr index_t kAssignTile = 256;  // rows per product in an assignment pass 
 constexpr index_t kQueryBlock = 64;   // queries per product when conditioning (fixed: any thread count)
 constexpr std::uint32_t kPurposeClusterInit = 5;  // detail::Purpose's next free value
 
-
 /// Rows sorted by cluster (ascending within), with each cluster's first position and size.
 void sort_members(const std::int32_t* assignment, index_t n, index_t c, std::vector<index_t>& sizes,
                   std::vector<index_t>& offsets, std::vector<std::uint32_t>& members) {
@@ -385,6 +384,10 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const BankView&, const fl
     }
   }
   errors.rethrow("the cluster sampler's conditioning");
+  for (index_t i = 0; i < batch; ++i)
+    MEMBANK_CHECK(std::isfinite(b.totals[static_cast<std::size_t>(i)]),
+                  "query {}'s cluster weights are not finite (beta = {} times its scores f . c_k overflows): expected "
+                  "features whose scores times beta stay finite", i, config_.beta);
   // Row B: the batch's mean mixture, each cluster's pi summed over the queries in order.
   std::vector<double> mean(static_cast<std::size_t>(c), 0.0);
   constexpr index_t kColumns = 128;
