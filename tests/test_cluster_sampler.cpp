@@ -509,8 +509,8 @@ TEST_CASE("cluster sampler: the config and state are checked, one clear error ea
   RowMatrixf f = RowMatrixf::Zero(2, kD);
   f(1, 0) = 1e3f;
   f(1, 1) = -1e3f;
-  CHECK(message_of<Error>([&] { h.condition(f.data(), kD, 2, kD); }).find("query 1's cluster weights are not finite") !=
-        std::string::npos);
+  const std::string overflow = message_of<Error>([&] { h.condition(f.data(), kD, 2, kD); });
+  CHECK(overflow.find("query 1's cluster weights are not finite") != std::string::npos);
   // A refresh against a bank of another shape changes nothing.
   ClusterSampler t = s;
   const Bank other(kN, kD + 1, 3);
