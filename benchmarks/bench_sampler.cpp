@@ -2,7 +2,8 @@
 // figures are comparable as ratios on a shared machine: table build time (alias, dynamic), draw
 // time per id (uniform, alias, dynamic, and a plain sum tree as the design alternative the dynamic
 // sampler was measured against), and the dynamic sampler's set_weights cost per call and per changed
-// row at several batch sizes (against the sum tree's O(log N) point update).
+// row at several batch sizes (against the sum tree's O(log N) point update), and the cluster
+// sampler's conditioning of a batch and its draws.
 #include "bench_common.hpp"
 #include "commands.hpp"
 #include "machine_info.hpp"

@@ -231,7 +231,8 @@ void run_round_robin(const StepOptions& o, const std::vector<Variant>& variants,
   const int threads = omp_get_max_threads();
   const auto label = [&](const Variant& v) { return by_sampler ? v.sampler : v.dtype; };
   std::vector<std::unique_ptr<StepBench>> benches;
-  for (const auto& v : variants) benches.push_back(std::make_unique<StepBench>(setup_of(o, v.dtype, v.sampler), o.repeats));
+  for (const auto& v : variants)
+    benches.push_back(std::make_unique<StepBench>(setup_of(o, v.dtype, v.sampler), o.repeats));
   double checksum = 0.0;
   for (auto& b : benches) b->begin(&checksum);
   std::vector<std::vector<double>> step_ms(variants.size()), floor_ms(variants.size());
