@@ -149,7 +149,7 @@ struct ClusterBuffers {
   std::vector<double> totals;  ///< per row, its cdf's total
   /// A guide table per row (Chen and Asau's): guide[g] is at most the first cluster whose cumulative
   /// weight passes g / C of the total, so a draw's search starts there and moves on a step or two.
-  /// (4 C buckets, the start then mostly the answer, measured no faster.)
+  /// (4 C buckets, the start then mostly the answer, measured no faster.) Built by cluster_mixture.
   std::vector<std::int32_t> guide;
 };
 
@@ -240,11 +240,12 @@ ClusterSampler::ClusterSampler(ClusterConfig config, RowMatrixf centroids, std::
 }
 
 void ClusterSampler::index_members() {
-  sort_members(assignment_.data(), static_cast<index_t>(assignment_.size()), config_.clusters, sizes_, offsets_,
+  std::vector<index_t> offsets;
+  sort_members(assignment_.data(), static_cast<index_t>(assignment_.size()), config_.clusters, sizes_, offsets,
                members_);
   spans_.resize(sizes_.size());
   for (std::size_t k = 0; k < sizes_.size(); ++k)
-    spans_[k] = (static_cast<std::uint64_t>(offsets_[k]) << 32) | static_cast<std::uint64_t>(sizes_[k]);
+    spans_[k] = (static_cast<std::uint64_t>(offsets[k]) << 32) | static_cast<std::uint64_t>(sizes_[k]);
 }
 
 void ClusterSampler::refresh(const BankView& bank, std::int64_t step) {
@@ -361,7 +362,7 @@ std::unique_ptr<Conditioned> ClusterSampler::condition(const BankView&, const fl
   const kernels::Table& kt = kernels::table();
   const auto finish_row = [&](index_t r, const double* w) {
     float* log_q = b.log_q.data() + r * c;
-    kt.cluster_mixture(w, inv_size.data(), eps_ / n, 1.0 - eps_, c, c, b.cdf.data() + r * c,
+    kt.cluster_mixture(w, inv_size.data(), eps_ / n, 1.0 - eps_, c, b.cdf.data() + r * c,
                        &b.totals[static_cast<std::size_t>(r)], b.guide_row(r), b.pi.data() + r * c, log_q);
     for (const index_t k : empty) log_q[k] = -std::numeric_limits<float>::infinity();
   };

@@ -103,7 +103,7 @@ class ClusterSampler final : public NoiseSampler {
   void lookup_given(QueryRef query, std::span<const index_t> ids, std::span<float> log_pn) const override;
 
  private:
-  /// The member table (rows sorted by cluster, ascending within) and sizes from assignment_.
+  /// The member table (rows sorted by cluster, ascending within), sizes and spans from assignment_.
   void index_members();
 
   ClusterConfig config_;
@@ -111,7 +111,6 @@ class ClusterSampler final : public NoiseSampler {
   RowMatrixf centroids_;
   std::vector<std::int32_t> assignment_;
   std::vector<index_t> sizes_;    ///< n_k
-  std::vector<index_t> offsets_;  ///< cluster k's members are members_[offsets_[k], offsets_[k + 1])
   std::vector<std::uint32_t> members_;
   /// Per cluster, its first slot in members_ (high 32 bits) and n_k (low): what a draw reads, in one word.
   std::vector<std::uint64_t> spans_;

@@ -229,12 +229,12 @@ struct Table {
   void (*cluster_weights)(const float* s, double beta, const double* log_size, idx c, double* w);
   /// Then, from the weights w (kept; w may be pi): *total = w[0] + ... + w[c - 1] in order and cdf[k]
   /// the running sum up to k, except from the last cluster with w > 0 on, which hold +inf (a search
-  /// for the first cdf[k] > u, u <= *total, stops there); guide[g] (g < buckets) the number of
-  /// clusters k with cdf[k] below g / buckets of the total by a margin (2^-40 relative), so that a
+  /// for the first cdf[k] > u, u <= *total, stops there); guide[g] (g < c) the number of
+  /// clusters k with cdf[k] below g / c of the total by a margin (2^-40 relative), so that a
   /// draw with u in bucket g starts its search at or before the cluster it selects; pi[k] = w[k] /
   /// total; log_q[k] = log(a + b pi[k] inv_size[k]) rounded to fp32.
-  void (*cluster_mixture)(const double* w, const double* inv_size, double a, double b, idx c, idx buckets,
-                          double* cdf, double* total, std::int32_t* guide, double* pi, float* log_q);
+  void (*cluster_mixture)(const double* w, const double* inv_size, double a, double b, idx c, double* cdf,
+                          double* total, std::int32_t* guide, double* pi, float* log_q);
   /// The cluster sampler's draws of m Philox blocks (word v of block i at words[v m + i]), resolved up
   /// to the memory they read: with coin = (w0:w1 >> 11) 2^-53 and x = w2:w3, a draw with coin < eps
   /// is the uniform row x n / 2^64 (at[i], cluster[i] = -1); another takes u01 = min((coin - eps)

@@ -1055,8 +1055,8 @@ void k_cluster_weights(const float* s, double beta, const double* log_size, idx 
   }
 }
 
-void k_cluster_mixture(const double* w, const double* inv_size, double a, double b, idx c, idx buckets,
-                       double* cdf, double* total_out, std::int32_t* guide, double* pi, float* log_q) {
+void k_cluster_mixture(const double* w, const double* inv_size, double a, double b, idx c, double* cdf,
+                       double* total_out, std::int32_t* guide, double* pi, float* log_q) {
   double total = 0.0;
   idx last = 0;  // the last cluster with w > 0 (there is one: the total is positive)
   for (idx k = 0; k < c; ++k) {
@@ -1065,16 +1065,15 @@ void k_cluster_mixture(const double* w, const double* inv_size, double a, double
   }
   *total_out = total;
   // guide[g] = #{k < last : g_k <= g}, g_k = floor(cdf[k] / step) + 1 with step = total (1 - 2^-40) /
-  // buckets: every such k has cdf[k] < g step (1 - 2^-52) <= any u = u01 total with
-  // floor(u01 buckets) = g, so the counted clusters (a prefix, as cdf ascends) all lie before the
-  // one u selects.
-  const double inv_step = static_cast<double>(buckets) / (total * (1.0 - 0x1.0p-40));
-  for (idx g = 0; g < buckets; ++g) guide[g] = 0;
+  // c: every such k has cdf[k] < g step (1 - 2^-52) <= any u = u01 total with floor(u01 c) = g, so
+  // the counted clusters (a prefix, as cdf ascends) all lie before the one u selects.
+  const double inv_step = static_cast<double>(c) / (total * (1.0 - 0x1.0p-40));
+  for (idx g = 0; g < c; ++g) guide[g] = 0;
   for (idx k = 0; k < last; ++k) {
-    const double at = cdf[k] * inv_step;  // in [0, buckets (1 + 2^-39)]
-    if (at < static_cast<double>(buckets - 1)) ++guide[static_cast<idx>(at) + 1];
+    const double at = cdf[k] * inv_step;  // in [0, c (1 + 2^-39)]
+    if (at < static_cast<double>(c - 1)) ++guide[static_cast<idx>(at) + 1];
   }
-  for (idx g = 1; g < buckets; ++g) guide[g] += guide[g - 1];
+  for (idx g = 1; g < c; ++g) guide[g] += guide[g - 1];
   for (idx k = last; k < c; ++k) cdf[k] = objectives::kInf;
   constexpr idx kChunk = 1024;
   alignas(64) double buf[kChunk];
