@@ -241,7 +241,8 @@ struct Table {
   /// inv_rest, 1), the first cluster k whose cdf passes u01 total, searched from guide[min(u01 c,
   /// c - 1)] (a mixture of cluster_mixture), and the member slot at[i] = (spans[k] >> 32) + x (spans[k]
   /// & (2^32 - 1)) / 2^64 (cluster[i] = k). Exact integer and double arithmetic, the same on every
-  /// path (compiled per path, the same loop: with the path's flags it measured 0.8 of the baseline's).
+  /// path (compiled per path: the branch, u01 and bucket of a piece in the path's vector lanes, then
+  /// the search draw by draw).
   /// Each draw's line is requested as soon as it is known: members + at[i], or row_cluster + at[i]
   /// on the uniform branch (none where row_cluster is null).
   void (*cluster_picks)(const std::uint32_t* words, idx m, double eps, double inv_rest, std::uint64_t n,

@@ -1093,32 +1093,50 @@ void k_cluster_picks(const std::uint32_t* words, idx m, double eps, double inv_r
                      const double* cdf, double total, const std::int32_t* guide, idx c, const std::uint64_t* spans,
                      const std::uint32_t* members, const std::int32_t* row_cluster, std::uint64_t* at,
                      std::int32_t* cluster) {
-  // One draw at a time: eight in vector lanes, each step of the search a gather, measured 17 ns a draw
-  // against 13 for this loop (a draw alone, one thread).
   const auto mul_hi = [](std::uint64_t x, std::uint64_t y) {
     return static_cast<std::uint64_t>((static_cast<u128>(x) * y) >> 64);
   };
-  for (idx i = 0; i < m; ++i) {
-    const std::uint64_t x = (static_cast<std::uint64_t>(words[2 * m + i]) << 32) | words[3 * m + i];
-    const double coin =
-        static_cast<double>(((static_cast<std::uint64_t>(words[i]) << 32) | words[m + i]) >> 11) * 0x1.0p-53;
-    if (coin < eps) {
-      at[i] = mul_hi(x, n);
-      cluster[i] = -1;
-      if (row_cluster) detail::prefetch_line(row_cluster + at[i]);
-      continue;
+  // Two passes over pieces of kPiece draws. The first is arithmetic alone, in vector lanes: each
+  // draw's branch, u01 and guide bucket. The second, one draw at a time, searches and requests the
+  // draw's line. (Eight whole draws in AVX-512 lanes, each step of the search a gather, measured 17
+  // ns a draw against 13 for the scalar loop, a draw alone, one thread.)
+  constexpr idx kPiece = 64;
+  alignas(64) double u01s[kPiece];
+  alignas(64) std::int64_t buckets[kPiece];
+  alignas(64) std::int64_t uniform[kPiece];
+  const double cd = static_cast<double>(c);
+  for (idx p0 = 0; p0 < m; p0 += kPiece) {
+    const idx pm = min_idx(kPiece, m - p0);
+#pragma omp simd
+    for (idx i = 0; i < pm; ++i) {
+      const std::uint64_t hi = (static_cast<std::uint64_t>(words[p0 + i]) << 32) | words[m + p0 + i];
+      const double coin = static_cast<double>(static_cast<std::int64_t>(hi >> 11)) * 0x1.0p-53;
+      const double u01 = std::min((coin - eps) * inv_rest, 1.0);
+      u01s[i] = u01;
+      const std::int64_t g = static_cast<std::int64_t>(u01 * cd);
+      buckets[i] = g < c - 1 ? g : c - 1;
+      uniform[i] = coin < eps ? 1 : 0;
     }
-    const double u01 = std::min((coin - eps) * inv_rest, 1.0);
-    const double u = u01 * total;
-    idx k = guide[std::min(static_cast<idx>(u01 * static_cast<double>(c)), c - 1)];
-    // Two steps without a branch cover almost every draw (a branch on each would mispredict), the
-    // loop the rest; cdf holds +inf from the last cluster with weight on, where every search stops.
-    k += cdf[k] <= u ? 1 : 0;
-    k += cdf[k] <= u ? 1 : 0;
-    while (cdf[k] <= u) ++k;
-    at[i] = (spans[k] >> 32) + mul_hi(x, spans[k] & 0xFFFFFFFFu);
-    cluster[i] = static_cast<std::int32_t>(k);
-    detail::prefetch_line(members + at[i]);
+    for (idx i = 0; i < pm; ++i) {
+      const idx j = p0 + i;
+      const std::uint64_t x = (static_cast<std::uint64_t>(words[2 * m + j]) << 32) | words[3 * m + j];
+      if (uniform[i]) {
+        at[j] = mul_hi(x, n);
+        cluster[j] = -1;
+        if (row_cluster) detail::prefetch_line(row_cluster + at[j]);
+        continue;
+      }
+      const double u = u01s[i] * total;
+      idx k = guide[buckets[i]];
+      // Two steps without a branch cover almost every draw (a branch on each would mispredict), the
+      // loop the rest; cdf holds +inf from the last cluster with weight on, where every search stops.
+      k += cdf[k] <= u ? 1 : 0;
+      k += cdf[k] <= u ? 1 : 0;
+      while (cdf[k] <= u) ++k;
+      at[j] = (spans[k] >> 32) + mul_hi(x, spans[k] & 0xFFFFFFFFu);
+      cluster[j] = static_cast<std::int32_t>(k);
+      detail::prefetch_line(members + at[j]);
+    }
   }
 }
 
