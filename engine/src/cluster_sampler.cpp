@@ -431,6 +431,11 @@ void ClusterSampler::draw_next(DrawCursor& cur, std::span<index_t> ids, std::spa
       lp = log_q[cluster];
     }
   };
+  if (b && cur.drawn == 0) {
+    detail::prefetch_row(guide, c);
+    detail::prefetch_row(cdf, c);
+    detail::prefetch_row(log_q, c);
+  }
   const detail::StreamCounter counter(cur.key);
   constexpr std::size_t kChunk = 64;  // draws per vectorised Philox call
   std::array<std::uint32_t, 4 * kChunk> words;
