@@ -547,6 +547,29 @@ TEST_CASE("cluster sampler: 1 and 2 OpenMP threads give bit-identical clusters a
   CHECK(bits_equal(losses[0], losses[1]));
 }
 
+TEST_CASE("cluster sampler: a step whose draws come a chunk of queries at a time equals the step given them") {
+  // The engine makes a cluster sampler's draws for a chunk of queries (about 4 MiB of draws) before
+  // their rows; with K = 2^17 a chunk holds two or three queries, so this batch of 7 spans several.
+  // evaluate() takes the same draws from sample() through the other path (each block drawn just
+  // before its rows): the results must agree bit for bit, at 1 and 2 threads.
+  for (const int threads : {1, 2}) {
+    const ThreadCount tc(threads);
+    INFO("threads " << threads);
+    EngineConfig cfg = engine_config(Objective::nce);
+    cfg.k = index_t{1} << 17;
+    Engine eng = cluster_engine(cfg);
+    std::mt19937_64 rng(17);
+    const std::vector<index_t> ids = random_ids(7, kN, rng);
+    const RowMatrixf f = near_rows(eng.bank().to_matrix(), ids, 0.3, rng);
+    const RowMatrixi negs = eng.sample(ids, 0, f);
+    RowMatrixf g(7, kD), g2(7, kD);
+    const StepStats given = eng.evaluate(f, ids, negs, g);
+    const StepStats drawn = eng.step(f, ids, g2, false);
+    CHECK(bits_equal(given.loss, drawn.loss));
+    CHECK(bits_equal(g, g2));
+  }
+}
+
 TEST_CASE("cluster sampler: a resumed snapshot continues bit for bit across a centroid refresh") {
   // Guards the snapshot's sampler_cluster group (centroids, assignment, config, refreshed_at) and the
   // engine's refresh schedule: save after step 2, refresh due at step 3.

@@ -241,31 +241,75 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
   base.k = cx.k;
   base.classes = cx.class_table;
   base.coef_scale = 1.0 / static_cast<double>(in.scale_batch > 0 ? in.scale_batch : batch);
+  // Query i's pass, its draws made by `refill` into ids and log_pn (or made before, refill a no-op).
+  const auto run_query = [&](index_t i, const QueryExclusion& e, index_t* ids, float* log_pn,
+                             kernels::Refill refill, ThreadScratch& scratch) {
+    const index_t y = in.ids[static_cast<std::size_t>(i)];
+    kernels::PerSampleQuery q = base;
+    q.ids = ids;
+    q.log_pn = log_pn;
+    q.refill = refill;
+    q.lw_shift = unweighted ? 0.0 : e.log_kept - log_n;
+    q.lw_pos = unweighted ? 0.0 : -log_n - std::log(cx.sampler->prob_for(y, cx.query(i)));
+    q.f = in.f + i * in.f_stride;
+    q.g = in.grad + i * in.g_stride;
+    q.vy = cx.bank.row_data(y);
+    q.y = y;
+    q.cls = cx.classes ? cx.classes[y] : 0;
+    q.scratch = scratch.view();
+    kt.per_sample_query(params, q, out[static_cast<std::size_t>(i)]);
+  };
   ExceptionCapture errors;
+  if (!cx.sampler->draws_before_rows() || in.negatives) {
 #pragma omp parallel
-  {
-    ThreadScratch scratch;
-    errors.run([&] { scratch.allocate(cx, positives_first, false); });  // inside the capture
+    {
+      ThreadScratch scratch;
+      errors.run([&] { scratch.allocate(cx, positives_first, false); });  // inside the capture
 #pragma omp for schedule(dynamic, 1)
-    for (index_t i = 0; i < batch; ++i) {
-      errors.run([&] {
-        const index_t y = in.ids[static_cast<std::size_t>(i)];
-        const QueryExclusion e = exclusion_of(cx, y, cx.query(i));
-        QueryDraws draws(cx, in, i, e.exclusion, scratch.ids.data(), scratch.log_pn.data());
-        kernels::PerSampleQuery q = base;
-        q.ids = scratch.ids.data();
-        q.log_pn = scratch.log_pn.data();
-        q.refill = {&QueryDraws::refill, &draws};
-        q.lw_shift = unweighted ? 0.0 : e.log_kept - log_n;
-        q.lw_pos = unweighted ? 0.0 : -log_n - std::log(cx.sampler->prob_for(y, cx.query(i)));
-        q.f = in.f + i * in.f_stride;
-        q.g = in.grad + i * in.g_stride;
-        q.vy = cx.bank.row_data(y);
-        q.y = y;
-        q.cls = cx.classes ? cx.classes[y] : 0;
-        q.scratch = scratch.view();
-        kt.per_sample_query(params, q, out[static_cast<std::size_t>(i)]);
-      });
+      for (index_t i = 0; i < batch; ++i) {
+        errors.run([&] {
+          const QueryExclusion e = exclusion_of(cx, in.ids[static_cast<std::size_t>(i)], cx.query(i));
+          QueryDraws draws(cx, in, i, e.exclusion, scratch.ids.data(), scratch.log_pn.data());
+          run_query(i, e, scratch.ids.data(), scratch.log_pn.data(), {&QueryDraws::refill, &draws}, scratch);
+        });
+      }
+    }
+  } else {
+    // NoiseSampler::draws_before_rows: a chunk of queries at a time, first all their draws (about 4
+    // MiB, at least a query per thread), then their rows.
+    const auto k = static_cast<std::size_t>(cx.k);
+    constexpr std::size_t kChunkBytes = std::size_t{4} << 20;
+    const auto chunk = std::min<index_t>(
+        batch, std::max<index_t>(omp_get_max_threads(),
+                                 static_cast<index_t>(kChunkBytes / (k * (sizeof(index_t) + sizeof(float))))));
+    std::vector<index_t> ids(static_cast<std::size_t>(chunk) * k);
+    std::vector<float> log_pn(ids.size());
+    std::vector<QueryExclusion> exclusions(static_cast<std::size_t>(chunk));
+    const kernels::Refill drawn{[](void*, kernels::idx, kernels::idx) {}, nullptr};
+#pragma omp parallel
+    {
+      ThreadScratch scratch;
+      errors.run([&] { scratch.allocate(cx, positives_first, false); });  // inside the capture
+      for (index_t c0 = 0; c0 < batch; c0 += chunk) {
+        const index_t c1 = std::min(batch, c0 + chunk);
+#pragma omp for schedule(dynamic, 1)
+        for (index_t i = c0; i < c1; ++i) {
+          errors.run([&] {
+            const auto at = static_cast<std::size_t>(i - c0);
+            // in.ids[i] by reference: the exclusion keeps a view of it
+            exclusions[at] = exclusion_of(cx, in.ids[static_cast<std::size_t>(i)], cx.query(i));
+            QueryDraws draws(cx, in, i, exclusions[at].exclusion, ids.data() + at * k, log_pn.data() + at * k);
+            QueryDraws::refill(&draws, 0, cx.k);
+          });
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (index_t i = c0; i < c1; ++i) {
+          errors.run([&] {
+            const auto at = static_cast<std::size_t>(i - c0);
+            run_query(i, exclusions[at], ids.data() + at * k, log_pn.data() + at * k, drawn, scratch);
+          });
+        }
+      }
     }
   }
   errors.rethrow("the engine's per-sample kernel");

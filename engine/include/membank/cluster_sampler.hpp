@@ -63,6 +63,7 @@ class ClusterSampler final : public NoiseSampler {
 
   SamplerKind kind() const override { return SamplerKind::cluster; }
   bool query_dependent() const override { return true; }
+  bool draws_before_rows() const override { return true; }
   /// 1/N: the mixture of a query that says nothing (beta = 0).
   double prob(index_t j) const override;
   std::vector<double> probs() const override;

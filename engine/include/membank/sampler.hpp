@@ -124,6 +124,12 @@ class NoiseSampler {
   /// uniform ones and refuses them for the objectives that need a valid P_n unless
   /// EngineConfig::allow_biased_sampler is set.
   virtual bool biased() const { return false; }
+  /// A hint to the engine's per-sample step: make every draw of a chunk of queries before reading
+  /// their rows, instead of each block of draws just before its rows. For a sampler whose draws read
+  /// large tables of their own (ClusterSampler's member table): those stay in cache while a chunk is
+  /// drawn, and their reads do not compete with the rows' for the core's line requests. The draws
+  /// and every result are the same either way.
+  virtual bool draws_before_rows() const { return false; }
   /// q(. | f_i) for the B rows of f (B x D unit rows, `stride` floats apart), and in row B their mean
   /// (1/B) sum_i q(. | f_i): one distribution for negatives the batch shares. `bank` is the engine's
   /// (a sampler that ranks its rows reads it during the call). Query-dependent samplers only (Error

@@ -69,8 +69,9 @@ struct QueryScratch {
 };
 
 /// Fills draws [from, to) of a query's ids and log_pn, in order: the kernel draws each block of
-/// negatives just before it requests their rows (the engine's function, over a sampler's DrawCursor).
-/// May throw (the engine's errors pass through the kernel).
+/// negatives just before it requests their rows (the engine's function, over a sampler's DrawCursor;
+/// a no-op where the engine made every draw before the call). May throw (the engine's errors pass
+/// through the kernel).
 struct Refill {
   void (*fn)(void* context, idx from, idx to);
   void* context;
