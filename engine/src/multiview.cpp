@@ -197,8 +197,9 @@ MultiViewStats MultiViewEngine::run(std::span<const FeaturesRef> features, IdsRe
   // The same negatives for every pair: Engine::sample at this counter (a query-dependent sampler:
   // each pair conditions it on its own query view inside compute_on, and on its bank for a ring).
   // Each pair's kernel draws them itself (a pure function of seed, counter, query row and id), as the
-  // single-view step does, so the draws overlap the gathers; a B x K array drawn first and read by
-  // every pair was measured slower (2.49 x the single-view step for V = 2, against 2.0 x).
+  // single-view step does (a block ahead of its gathers, or a chunk of queries ahead for a sampler
+  // that draws_before_rows); a B x K array drawn first and read by every pair was measured slower
+  // (2.49 x the single-view step for V = 2, against 2.0 x).
 
   // ---- every pair, in pair order: nothing of the engine or the caller's grads changes here
   std::vector<RowMatrixf> acc(static_cast<std::size_t>(views_n));   // dL/df^a, summed in pair order
