@@ -138,9 +138,6 @@ void detail::kmeans_centroids(const RowMatrixd& sums, RowMatrixf& centroids) {
   }
 }
 
-namespace {
-}  // namespace
-
 /// A conditioned batch's arrays (ClusterBatch), and the pool that keeps them between batches.
 struct ClusterBuffers {
   std::vector<double> cdf, pi;
