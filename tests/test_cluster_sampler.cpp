@@ -549,9 +549,10 @@ TEST_CASE("cluster sampler: 1 and 2 OpenMP threads give bit-identical clusters a
 
 TEST_CASE("cluster sampler: a step whose draws come a chunk of queries at a time equals the step given them") {
   // The engine makes a cluster sampler's draws for a chunk of queries (about 4 MiB of draws) before
-  // their rows; with K = 2^17 a chunk holds two or three queries, so this batch of 7 spans several.
-  // evaluate() takes the same draws from sample() through the other path (each block drawn just
-  // before its rows): the results must agree bit for bit, at 1 and 2 threads.
+  // their rows; with K = 2^17 a chunk holds two queries, so this batch of 7 spans four chunks.
+  // evaluate() takes the same draws, from sample(), through the other path (each block of them taken
+  // and its log q looked up just before its rows): the results must agree bit for bit, at 1 and 2
+  // threads.
   for (const int threads : {1, 2}) {
     const ThreadCount tc(threads);
     INFO("threads " << threads);
