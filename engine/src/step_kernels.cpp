@@ -159,16 +159,19 @@ struct QueryDraws {
 
 /// Per-thread scratch of the kernels (allocated inside an ExceptionCapture).
 struct ThreadScratch {
+  /// What the thread's kernel needs beyond the common part: a query's draws (per-sample negatives
+  /// drawn block by block), nothing more (draws made beforehand), or the shared kernel's weights.
+  enum class Kind { own_draws, given_draws, shared };
   std::vector<index_t> ids;
   std::vector<float> log_pn, lw, acc2, w;
   std::vector<double> d, rescale;
   std::vector<index_t> i;
-  void allocate(const KernelContext& cx, bool positives_first, bool shared) {
+  void allocate(const KernelContext& cx, bool positives_first, Kind kind) {
     const auto k = static_cast<std::size_t>(cx.k);
-    if (!shared) {
+    if (kind == Kind::own_draws) {
       ids.resize(k);
       log_pn.resize(k);
-    } else {
+    } else if (kind == Kind::shared) {
       lw.resize(k);
       rescale.resize(2 * ((k + 15) / 16));
     }
@@ -283,7 +286,7 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
 #pragma omp parallel
     {
       ThreadScratch scratch;
-      errors.run([&] { scratch.allocate(cx, positives_first, false); });  // inside the capture
+      errors.run([&] { scratch.allocate(cx, positives_first, ThreadScratch::Kind::own_draws); });  // inside the capture
 #pragma omp for schedule(dynamic, 1)
       for (index_t i = 0; i < batch; ++i) {
         errors.run([&] {
@@ -310,7 +313,8 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
 #pragma omp parallel
     {
       ThreadScratch scratch;
-      errors.run([&] { scratch.allocate(cx, positives_first, false); });  // inside the capture
+      // inside the capture
+      errors.run([&] { scratch.allocate(cx, positives_first, ThreadScratch::Kind::given_draws); });
       for (index_t c0 = 0; c0 < batch; c0 += chunk) {
         const index_t c1 = std::min(batch, c0 + chunk);
 #pragma omp for schedule(dynamic, 1)
@@ -401,7 +405,7 @@ double shared_kernel(const KernelContext& cx, const StepInput& in, index_t batch
     ThreadScratch scratch;
     std::vector<float> vy_row;  // the positive's row, widened
     errors.run([&] {  // inside the capture
-      scratch.allocate(cx, positives_first, true);
+      scratch.allocate(cx, positives_first, ThreadScratch::Kind::shared);
       vy_row.resize(static_cast<std::size_t>(dim));
     });
 #pragma omp for schedule(dynamic, 1)
