@@ -286,7 +286,8 @@ void per_sample_kernel(const KernelContext& cx, const StepInput& in, index_t bat
 #pragma omp parallel
     {
       ThreadScratch scratch;
-      errors.run([&] { scratch.allocate(cx, positives_first, ThreadScratch::Kind::own_draws); });  // inside the capture
+      // inside the capture
+      errors.run([&] { scratch.allocate(cx, positives_first, ThreadScratch::Kind::own_draws); });
 #pragma omp for schedule(dynamic, 1)
       for (index_t i = 0; i < batch; ++i) {
         errors.run([&] {
