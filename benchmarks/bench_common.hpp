@@ -12,6 +12,7 @@
 #include <membank/types.hpp>
 
 #include "check.hpp"
+#include "detail/prefetch.hpp"
 #include "kernels/kernels.hpp"
 #include "options.hpp"
 
@@ -69,6 +70,64 @@ inline double floor_pass(const BankView& bank, const RowMatrixi& rows, const Row
       for (const float x : s) acc += x;
       checksum += acc;
     }
+  }
+  return checksum;
+}
+
+/// Bytes per instance of the table an exact draw of `kind` reads at a random place, one line a draw
+/// (0: none): the alias cell; the dynamic sampler's cell; the cluster sampler's member slot (or, on
+/// its uniform branch, the row's cluster), 4 bytes.
+inline std::size_t draw_table_bytes(SamplerKind kind) {
+  switch (kind) {
+    case SamplerKind::alias:
+      return 16;
+    case SamplerKind::dynamic:
+      return 32;
+    case SamplerKind::cluster:
+      return 4;
+    default:
+      return 0;
+  }
+}
+
+/// The cost of a line a draw, measured on its own: a gather of the B x (K + 1) rows named by `rows`
+/// (a dot with each, a block of 32 rows requested a block ahead), and with `table`, also the line of
+/// `table` named by `lines` for each draw (`lines`: B x K, the lines of the block after next
+/// requested with the rows, each read before its row's dot). The same loop with and without the
+/// lines, so their ratio is what the lines add to the reads, overlapped as well as a loop can.
+inline double table_gather_pass(const BankView& bank, const RowMatrixi& rows, const RowMatrixf& f,
+                                const std::uint64_t* table, const RowMatrixi& lines) {
+  const index_t batch = rows.rows(), cols = rows.cols(), dim = bank.dim, k = lines.cols();
+  constexpr index_t kBlock = 32;
+  constexpr index_t kWords = 8;  // a line of 64 bytes
+  const auto row_bytes = static_cast<std::size_t>(dim * dtype_bytes(bank.dtype));
+  const kernels::Table& kt = kernels::table();
+  double checksum = 0.0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : checksum)
+  for (index_t i = 0; i < batch; ++i) {
+    const index_t* id = rows.row(i).data();
+    const index_t* line = lines.row(i).data();
+    const auto request = [&](index_t b0) {
+      for (index_t j = b0; j < std::min(b0 + kBlock, cols); ++j) {
+        const char* r = static_cast<const char*>(bank.row_data(id[j]));
+        for (std::size_t off = 0; off < row_bytes; off += 64) detail::prefetch_line(r + off);
+      }
+      if (table)
+        for (index_t j = b0 + kBlock; j < std::min(b0 + 2 * kBlock, k); ++j) detail::prefetch_line(table + line[j] * kWords);
+    };
+    if (table)
+      for (index_t j = 0; j < std::min(kBlock, k); ++j) detail::prefetch_line(table + line[j] * kWords);
+    request(0);
+    std::uint64_t read = 0;
+    float acc = 0.0f;
+    for (index_t b0 = 0; b0 < cols; b0 += kBlock) {
+      request(b0 + kBlock);
+      for (index_t j = b0; j < std::min(b0 + kBlock, cols); ++j) {
+        if (table && j < k) read += table[line[j] * kWords];
+        acc += kt.dot(bank.row_data(id[j]), bank.dtype, f.row(i).data(), dim);
+      }
+    }
+    checksum += static_cast<double>(acc) + static_cast<double>(read & 1);
   }
   return checksum;
 }
@@ -230,6 +289,36 @@ class StepBench {
   /// One timed floor pass (ms).
   double floor_once(double* checksum) { return time_gather_floor(1, checksum).front(); }
 
+  /// Whether the sampler's draws each read a line of a table (draw_table_bytes): then
+  /// time_table_lines() times what those reads add.
+  bool has_draw_table() const { return draw_table_bytes(s_.sampler) > 0; }
+  /// table_gather_pass without and with the lines of a table of the sampler's size (made at the first
+  /// call, on huge pages like the samplers' own tables), on fresh rows and lines. Returns {ms without,
+  /// ms with}.
+  std::pair<double, double> time_table_lines(double* checksum) {
+    const auto words = static_cast<std::size_t>(s_.n) * draw_table_bytes(s_.sampler) / sizeof(std::uint64_t);
+    MEMBANK_CHECK(words > 0, "StepBench::time_table_lines: the {} sampler reads no table a draw", to_string(s_.sampler));
+    const auto n_lines = static_cast<index_t>((words + 7) / 8);
+    if (table_.empty()) {
+      table_.resize(static_cast<std::size_t>(n_lines) * 8);
+      for (std::size_t w = 0; w < table_.size(); ++w) table_[w] = w;
+    }
+    RowMatrixi rows(s_.batch, s_.k + 1), lines(s_.batch, s_.k);
+    std::uniform_int_distribution<index_t> any_line(0, n_lines - 1);
+    const RowMatrixf fq = random_unit_rows(s_.batch, s_.dim, rng_);
+    double ms[2];
+    for (int pass = 0; pass < 2; ++pass) {
+      const int with = (pass + table_calls_) % 2;  // which goes first alternates from call to call
+      for (index_t i = 0; i < rows.size(); ++i) rows.data()[i] = any_id_(rng_);
+      for (index_t i = 0; i < lines.size(); ++i) lines.data()[i] = any_line(rng_);
+      const double t0 = now_ms();
+      *checksum += table_gather_pass(engine_->bank().view(), rows, fq, with ? table_.data() : nullptr, lines);
+      ms[with] = now_ms() - t0;
+    }
+    ++table_calls_;
+    return {ms[0], ms[1]};
+  }
+
   /// time_steps() and time_gather_floor() alternated pass by pass (step, floor, step, floor ...), so
   /// that on a shared machine both see the same background load. Returns {step ms, floor ms}.
   std::pair<std::vector<double>, std::vector<double>> time_interleaved(int steps, double* checksum) {
@@ -280,6 +369,8 @@ class StepBench {
   std::vector<RowMatrixf> feats_;
   RowMatrixf grad_;
   std::size_t next_ = 0;
+  std::vector<std::uint64_t, detail::LargeArrayAllocator<std::uint64_t>> table_;  ///< time_table_lines's table
+  int table_calls_ = 0;
 };
 
 /// Reset the kernel's peak-RSS mark of this process to its current RSS (Linux >= 4.0; ignored elsewhere).

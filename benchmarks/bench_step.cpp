@@ -152,6 +152,15 @@ StepFigures run_one(const StepOptions& o) {
       {"build", MEMBANK_BUILD_TYPE}, {"version", MEMBANK_VERSION_STRING},
       {"git", git_revision()},    {"checksum", std::isfinite(checksum)},
       {"isa", to_string(active_isa())}};
+  if (bench.has_draw_table()) {  // what the table lines of its draws add to a gather (time_table_lines)
+    std::vector<double> plain, lines;
+    for (int r = 0; r < o.repeats; ++r) {
+      const auto [p, l] = bench.time_table_lines(&checksum);
+      plain.push_back(p);
+      lines.push_back(l);
+    }
+    row["table_lines_factor"] = paired_ratio(lines, plain);
+  }
   if (setup.sampler == SamplerKind::dynamic) {
     // The cost of changing weights: a batch's worth of rows per call (what the loss_ema drive sets
     // after each step), and a single row.
@@ -196,6 +205,11 @@ StepFigures run_one(const StepOptions& o) {
              gbytes / (floor_med * 1e-3));
   fmt::print("  step / floor = {:.2f}   (median of the {} paired ratios; the medians' ratio: {:.2f})\n", ratio,
              step_ms.size(), step_med / floor_med);
+  if (row.contains("table_lines_factor"))
+    fmt::print("  a draw's table line ({:.1f} MB, a random line each, what an exact draw of the {} sampler reads): a "
+               "gather of the rows x {:.2f} with them (one loop, without and with the lines, alternated)\n",
+               1e-6 * static_cast<double>(o.n) * static_cast<double>(draw_table_bytes(setup.sampler)), o.sampler,
+               row["table_lines_factor"].get<double>());
   if (row.contains("products_ms"))
     fmt::print("  exact softmax {:.1f} GFLOP/s (4 B N D flops a step); its two matrix products alone {:.2f} ms, "
                "{:.1f} GFLOP/s: step rate / product rate = {:.2f}\n", row["full_softmax_gflops"].get<double>(),
@@ -236,9 +250,15 @@ void run_round_robin(const StepOptions& o, const std::vector<Variant>& variants,
   double checksum = 0.0;
   for (auto& b : benches) b->begin(&checksum);
   std::vector<std::vector<double>> step_ms(variants.size()), floor_ms(variants.size());
+  std::vector<std::vector<double>> plain_ms(variants.size()), lines_ms(variants.size());  // time_table_lines
   for (int r = 1; r < o.repeats; ++r)
     for (std::size_t t = 0; t < variants.size(); ++t) {
       floor_ms[t].push_back(benches[t]->floor_once(&checksum));
+      if (benches[t]->has_draw_table()) {
+        const auto [plain, lines] = benches[t]->time_table_lines(&checksum);
+        plain_ms[t].push_back(plain);
+        lines_ms[t].push_back(lines);
+      }
       step_ms[t].push_back(benches[t]->step_once());
     }
   if (!o.json)
@@ -258,15 +278,23 @@ void run_round_robin(const StepOptions& o, const std::vector<Variant>& variants,
                           {"rounds", o.repeats - 1}, {"cpu", cpu_model()}, {"build", MEMBANK_BUILD_TYPE},
                           {"version", MEMBANK_VERSION_STRING}, {"git", git_revision()},
                           {"checksum", std::isfinite(checksum)}, {"isa", to_string(active_isa())}};
+    if (!lines_ms[t].empty()) row["table_lines_factor"] = paired_ratio(lines_ms[t], plain_ms[t]);
     if (o.json) {
       fmt::print("{}\n", row.dump());
       continue;
     }
     fmt::print("  {:9} step {:7.2f} ms  floor {:7.2f} ms  step / floor {:5.2f}   against {}: step {:5.2f}, "
                "floor {:5.2f}\n", label(variants[t]), step_med, floor_med, ratio, first, step_vs, floor_vs);
+    if (row.contains("table_lines_factor"))
+      fmt::print("  {:9} its draws' table lines ({:.1f} MB): a gather x {:.2f} with them\n", "",
+                 1e-6 * static_cast<double>(o.n) *
+                     static_cast<double>(draw_table_bytes(sampler_kind_from_string(variants[t].sampler))),
+                 row["table_lines_factor"].get<double>());
   }
   if (!o.json)
-    fmt::print("  (medians over the rounds; ratios are medians of the per-round ratios)\n");
+    fmt::print("  (medians over the rounds; ratios are medians of the per-round ratios. Table lines: an exact draw of\n"
+               "  the sampler reads a random line of a table of its size; one gather loop over the rows, timed without\n"
+               "  and with a line a draw)\n");
 }
 
 #ifdef MEMBANK_WITH_MPI
@@ -519,7 +547,9 @@ void add_bench_step(CLI::App& bench) {
       "step",
       "Median time of one whole training step (sample, score, loss, gradient, update) and floor_ms, the "
       "time of reading the same B x (K+1) random bank rows with one dot product each, timed alternately in the "
-      "same run; step / floor is the median of the ratios of each step to the floor pass right after it.");
+      "same run; step / floor is the median of the ratios of each step to the floor pass right after it. For the "
+      "alias, dynamic and cluster samplers, whose exact draws each read a random line of a table (16, 32 and 4 "
+      "bytes a row), also what those lines add to a gather of the rows: one loop timed without and with them.");
   cmd->add_option("--n", o->n, "bank size N (instances)")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--dim", o->dim, "embedding dimension D")->capture_default_str()->check(integer_in(1));
   cmd->add_option("--k", o->k, "noise draws per query K")->capture_default_str()->check(integer_in(1));
