@@ -113,7 +113,8 @@ inline double table_gather_pass(const BankView& bank, const RowMatrixi& rows, co
         for (std::size_t off = 0; off < row_bytes; off += 64) detail::prefetch_line(r + off);
       }
       if (table)
-        for (index_t j = b0 + kBlock; j < std::min(b0 + 2 * kBlock, k); ++j) detail::prefetch_line(table + line[j] * kWords);
+        for (index_t j = b0 + kBlock; j < std::min(b0 + 2 * kBlock, k); ++j)
+          detail::prefetch_line(table + line[j] * kWords);
     };
     if (table)
       for (index_t j = 0; j < std::min(kBlock, k); ++j) detail::prefetch_line(table + line[j] * kWords);
@@ -296,9 +297,10 @@ class StepBench {
   /// call, on huge pages like the samplers' own tables), on fresh rows and lines. Returns {ms without,
   /// ms with}.
   std::pair<double, double> time_table_lines(double* checksum) {
-    const auto words = static_cast<std::size_t>(s_.n) * draw_table_bytes(s_.sampler) / sizeof(std::uint64_t);
-    MEMBANK_CHECK(words > 0, "StepBench::time_table_lines: the {} sampler reads no table a draw", to_string(s_.sampler));
-    const auto n_lines = static_cast<index_t>((words + 7) / 8);
+    MEMBANK_CHECK(has_draw_table(), "StepBench::time_table_lines: the {} sampler reads no table a draw",
+                  to_string(s_.sampler));
+    const std::size_t bytes = static_cast<std::size_t>(s_.n) * draw_table_bytes(s_.sampler);
+    const auto n_lines = static_cast<index_t>((bytes + 63) / 64);
     if (table_.empty()) {
       table_.resize(static_cast<std::size_t>(n_lines) * 8);
       for (std::size_t w = 0; w < table_.size(); ++w) table_[w] = w;
