@@ -35,6 +35,6 @@ case "$mode" in
     ;;
   test)
     echo "== tests"
-    ctest --test-dir build --output-on-failure --timeout 900 -j"$(nproc)"
+    ctest --test-dir build --output-on-failure --timeout 900
     ;;
 esac
