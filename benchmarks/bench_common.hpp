@@ -293,14 +293,15 @@ class StepBench {
   /// Whether the sampler's draws each read a line of a table (draw_table_bytes): then
   /// time_table_lines() times what those reads add.
   bool has_draw_table() const { return draw_table_bytes(s_.sampler) > 0; }
+  /// The size in bytes of that table, for this bank.
+  std::size_t draw_table_size() const { return static_cast<std::size_t>(s_.n) * draw_table_bytes(s_.sampler); }
   /// table_gather_pass without and with the lines of a table of the sampler's size (made at the first
   /// call, on huge pages like the samplers' own tables), on fresh rows and lines. Returns {ms without,
   /// ms with}.
   std::pair<double, double> time_table_lines(double* checksum) {
     MEMBANK_CHECK(has_draw_table(), "StepBench::time_table_lines: the {} sampler reads no table a draw",
                   to_string(s_.sampler));
-    const std::size_t bytes = static_cast<std::size_t>(s_.n) * draw_table_bytes(s_.sampler);
-    const auto n_lines = static_cast<index_t>((bytes + 63) / 64);
+    const auto n_lines = static_cast<index_t>((draw_table_size() + 63) / 64);
     if (table_.empty()) {
       table_.resize(static_cast<std::size_t>(n_lines) * 8);
       for (std::size_t w = 0; w < table_.size(); ++w) table_[w] = w;
@@ -312,7 +313,8 @@ class StepBench {
     for (int pass = 0; pass < 2; ++pass) {
       const int with = (pass + table_calls_) % 2;  // which goes first alternates from call to call
       for (index_t i = 0; i < rows.size(); ++i) rows.data()[i] = any_id_(rng_);
-      for (index_t i = 0; i < lines.size(); ++i) lines.data()[i] = any_line(rng_);
+      if (with)
+        for (index_t i = 0; i < lines.size(); ++i) lines.data()[i] = any_line(rng_);
       const double t0 = now_ms();
       *checksum += table_gather_pass(engine_->bank().view(), rows, fq, with ? table_.data() : nullptr, lines);
       ms[with] = now_ms() - t0;

@@ -208,7 +208,7 @@ StepFigures run_one(const StepOptions& o) {
   if (row.contains("table_lines_factor"))
     fmt::print("  a draw's table line ({:.1f} MB, a random line each, what an exact draw of the {} sampler reads): a "
                "gather of the rows x {:.2f} with them (one loop, without and with the lines, alternated)\n",
-               1e-6 * static_cast<double>(o.n) * static_cast<double>(draw_table_bytes(setup.sampler)), o.sampler,
+               1e-6 * static_cast<double>(bench.draw_table_size()), o.sampler,
                row["table_lines_factor"].get<double>());
   if (row.contains("products_ms"))
     fmt::print("  exact softmax {:.1f} GFLOP/s (4 B N D flops a step); its two matrix products alone {:.2f} ms, "
@@ -287,8 +287,7 @@ void run_round_robin(const StepOptions& o, const std::vector<Variant>& variants,
                "floor {:5.2f}\n", label(variants[t]), step_med, floor_med, ratio, first, step_vs, floor_vs);
     if (row.contains("table_lines_factor"))
       fmt::print("  {:9} its draws' table lines ({:.1f} MB): a gather x {:.2f} with them\n", "",
-                 1e-6 * static_cast<double>(o.n) *
-                     static_cast<double>(draw_table_bytes(sampler_kind_from_string(variants[t].sampler))),
+                 1e-6 * static_cast<double>(benches[t]->draw_table_size()),
                  row["table_lines_factor"].get<double>());
   }
   if (!o.json)
