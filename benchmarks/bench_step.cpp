@@ -291,9 +291,9 @@ void run_round_robin(const StepOptions& o, const std::vector<Variant>& variants,
                  row["table_lines_factor"].get<double>());
   }
   if (!o.json)
-    fmt::print("  (medians over the rounds; ratios are medians of the per-round ratios. Table lines: an exact draw of\n"
-               "  the sampler reads a random line of a table of its size; one gather loop over the rows, timed without\n"
-               "  and with a line a draw)\n");
+    fmt::print("  (medians over the rounds; ratios are medians of the per-round ratios. Table lines: an exact "
+               "draw of\n  the sampler reads a random line of a table of its size; one gather loop over the rows, "
+               "timed without\n  and with a line a draw)\n");
 }
 
 #ifdef MEMBANK_WITH_MPI
